@@ -1,0 +1,3 @@
+from agi_bitrix.cli import main
+
+raise SystemExit(main())
