@@ -1,0 +1,251 @@
+"""Server side of one FastAGI connection as a state machine that never touches a socket.
+
+Strategy (after h11): the caller feeds whatever bytes arrived (`receive_data`, `b""` for EOF)
+and pulls events (`next_event`) until it gets NEED_DATA. The connection goes through two
+phases: the header block Asterisk sends first (`agi_*: value` lines ended by an empty line),
+then replies to the commands we send. Asterisk may write `HANGUP` on its own at any moment
+after the header; it is reported as an event and never mistaken for a reply.
+
+Hostile input is bounded here and only here: the header block and every reply line have a
+named size limit. Anything that is not FastAGI becomes a PeerError, after which the
+connection refuses to go on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+# Asterisk 22 sends ~25 header lines of well under 100 bytes each; arguments and long
+# channel names push a real header to a couple of KiB. 16 KiB leaves ample room while a
+# client streaming junk without a blank line is cut off early.
+MAX_HEADER_BYTES = 16 * 1024
+# A reply line is "200 result=N (data)"; the longest legitimate ones carry a variable's
+# value (GET VARIABLE), bounded by Asterisk's own buffers of a few KiB.
+MAX_REPLY_LINE_BYTES = 8 * 1024
+# A 520 usage text is a few dozen lines; bound it so a peer cannot keep us reading forever.
+MAX_USAGE_LINES = 200
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+
+
+class PeerError(Exception):
+    """The client broke the protocol (or went away too early); the connection is finished."""
+
+
+@dataclass(frozen=True)
+class AgiRequest:
+    """The header block: what Asterisk tells us about the channel before any command."""
+
+    env: dict[str, str]
+    args: tuple[str, ...] = ()
+
+    @property
+    def script(self) -> str:
+        """Script path without leading slash and without query: `route` for agi://h:p/route?x=y."""
+        return urlsplit("/" + self.env.get("agi_network_script", "")).path.strip("/")
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(urlsplit("/" + self.env.get("agi_network_script", "")).query))
+
+    def get(self, key: str) -> str:
+        """A header value, with Asterisk's "unknown" placeholder read as empty."""
+        value = self.env.get(key, "")
+        return "" if value == "unknown" else value
+
+
+@dataclass(frozen=True)
+class CommandReply:
+    """Asterisk's answer to one command: `200 result=1 (data)`, `510 ...`, a multi-line 520."""
+
+    code: int
+    result: str | None = None
+    data: str | None = None
+    text: str = ""
+    usage: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 200 and self.result is not None and not self.result.startswith("-")
+
+
+@dataclass(frozen=True)
+class HangUp:
+    """Asterisk says the channel hung up (it sends this line whenever it happens)."""
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The client closed its side cleanly after the header."""
+
+
+_HEADER_LINE = re.compile(r"^(agi_[a-z0-9_]+):\s?(.*)$")
+_ARG_KEY = re.compile(r"^agi_arg_(\d+)$")
+_REPLY_LINE = re.compile(r"^(\d{3})([ -])(.*)$")
+_RESULT = re.compile(r"^result=(\S*)(?:\s+\((.*)\))?")
+
+
+def _decode(raw: bytes) -> str:
+    # Caller names and CRM-fed values may be in any encoding; never let bytes kill a call.
+    return raw.decode("utf-8", errors="replace").rstrip("\r")
+
+
+class ServerConnection:
+    """Protocol state for the server end of one FastAGI connection."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._eof = False
+        self._header_done = False
+        self._header_lines: list[str] = []
+        self._header_bytes = 0
+        self._pending_replies = 0
+        self._usage: list[str] | None = None  # inside a multi-line 520
+        self._failed = False
+
+    # -- bytes in -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self._eof and data:
+            raise RuntimeError("data received after EOF")
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    # -- commands out ---------------------------------------------------------------------
+
+    def send(self, command_line: bytes) -> bytes:
+        """Account for one command being sent; returns the bytes to write."""
+        if not self._header_done:
+            raise RuntimeError("cannot send a command before the AGI header block is complete")
+        if self._failed:
+            raise RuntimeError("connection already failed")
+        if not command_line.endswith(b"\n") or b"\n" in command_line[:-1]:
+            raise ValueError("a command is exactly one line ending in a newline")
+        self._pending_replies += 1
+        return command_line
+
+    @property
+    def awaiting_reply(self) -> bool:
+        return self._pending_replies > 0
+
+    # -- events out -----------------------------------------------------------------------
+
+    def next_event(self):
+        if self._failed:
+            raise RuntimeError("connection already failed")
+        try:
+            return self._next_event()
+        except PeerError:
+            self._failed = True
+            raise
+
+    def _next_event(self):
+        if not self._header_done:
+            return self._next_header_event()
+        while True:
+            line = self._take_line(MAX_REPLY_LINE_BYTES)
+            if line is None:
+                if self._eof and not self._buffer:
+                    if self._pending_replies:
+                        raise PeerError("connection closed while a command was waiting for its reply")
+                    return EndOfStream()
+                if self._eof:
+                    raise PeerError("connection closed in the middle of a line")
+                return NEED_DATA
+            text = _decode(line)
+            event = self._reply_event(text)
+            if event is not None:
+                return event
+
+    def _next_header_event(self):
+        while True:
+            line = self._take_line(MAX_HEADER_BYTES - self._header_bytes)
+            if line is None:
+                if self._eof:
+                    raise PeerError("connection closed before the end of the AGI header block")
+                return NEED_DATA
+            self._header_bytes += len(line) + 1
+            text = _decode(line)
+            if text == "":
+                if not self._header_lines:
+                    raise PeerError("empty AGI header block")
+                self._header_done = True
+                return self._build_request()
+            self._header_lines.append(text)
+
+    def _build_request(self) -> AgiRequest:
+        env: dict[str, str] = {}
+        args: dict[int, str] = {}
+        for text in self._header_lines:
+            match = _HEADER_LINE.match(text)
+            if match is None:
+                raise PeerError(f"not an AGI header line: {text[:60]!r}")
+            key, value = match.groups()
+            env[key] = value
+            arg = _ARG_KEY.match(key)
+            if arg:
+                args[int(arg.group(1))] = value
+        ordered_args = tuple(args[n] for n in sorted(args))
+        return AgiRequest(env=env, args=ordered_args)
+
+    def _reply_event(self, text: str):
+        if self._usage is not None:
+            # Inside "520-...": collect until the closing "520 End of proper usage."
+            if text.startswith("520 "):
+                usage = tuple(self._usage)
+                self._usage = None
+                return self._complete_reply(CommandReply(code=520, text=text[4:], usage=usage))
+            if len(self._usage) >= MAX_USAGE_LINES:
+                raise PeerError("520 usage text is too long")
+            self._usage.append(text)
+            return None
+        if text == "HANGUP":
+            return HangUp()
+        match = _REPLY_LINE.match(text)
+        if match is None:
+            raise PeerError(f"not an AGI reply: {text[:60]!r}")
+        code, separator, rest = int(match.group(1)), match.group(2), match.group(3)
+        if code == 100:
+            # "100 result=0 Trying..." precedes the real reply of some commands.
+            return None
+        if not self._pending_replies:
+            raise PeerError(f"reply without a command: {text[:60]!r}")
+        if separator == "-":
+            if code != 520:
+                raise PeerError(f"unexpected multi-line reply: {text[:60]!r}")
+            self._usage = []
+            return None
+        result = _RESULT.match(rest)
+        if result:
+            return self._complete_reply(CommandReply(code, result.group(1), result.group(2), rest))
+        return self._complete_reply(CommandReply(code, text=rest))
+
+    def _complete_reply(self, reply: CommandReply) -> CommandReply:
+        if not self._pending_replies:
+            raise PeerError("reply without a command")
+        self._pending_replies -= 1
+        return reply
+
+    def _take_line(self, limit: int) -> bytes | None:
+        limit = max(limit, 0)
+        end = self._buffer.find(b"\n", 0, limit + 1)
+        if end < 0:
+            if len(self._buffer) > limit:
+                raise PeerError(f"line or header block longer than {limit} bytes")
+            return None
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        return line

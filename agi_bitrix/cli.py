@@ -1,0 +1,134 @@
+"""The `agi-bitrix` command: serve, check, route, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from agi_bitrix import __version__
+from agi_bitrix.config import Config, ConfigError, load_config, parse_listen
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_MISMATCH = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agi-bitrix",
+        description="FastAGI server that routes incoming Asterisk calls to the Bitrix24 owner of the caller.",
+    )
+    parser.add_argument("--version", action="version", version=f"agi-bitrix {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the FastAGI server")
+    serve.add_argument("-c", "--config", required=True, metavar="FILE")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="override server.listen from the config")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check", help="check a config file; exit 0 when it is valid")
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+
+    route = commands.add_parser("route", help="dry run: look a number up and explain the routing")
+    route.add_argument("-c", "--config", required=True, metavar="FILE")
+    route.add_argument("phone", metavar="PHONE")
+    route.add_argument("--did", default="", metavar="NUMBER", help="the dialled number (DID)")
+
+    demo = commands.add_parser(
+        "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
+    demo.add_argument("--listen", default="127.0.0.1:4573", metavar="HOST:PORT")
+    demo.add_argument("--once", action="store_true", help="show the sample calls and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _check(args.config)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "route":
+        return _route(args)
+    if args.command == "demo":
+        from agi_bitrix.demo import run_demo
+
+        return asyncio.run(run_demo(args.listen, once=args.once))
+    raise AssertionError(args.command)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        print(f"{path}: {len(error.problems)} problem(s); nothing was started", file=sys.stderr)
+        return None
+
+
+def _check(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    print(f"{path}: OK ({len(config.policy.rules)} rules, fallback queue {config.policy.fallback_queue},"
+          f" listen {config.server.host}:{config.server.port})")
+    if config.bitrix.is_placeholder:
+        print(f"{path}: note: bitrix.webhook_url is still the shipped example; set yours there or in"
+              " AGI_BITRIX_WEBHOOK_URL", file=sys.stderr)
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    host, port = config.server.host, config.server.port
+    if args.listen:
+        try:
+            host, port = parse_listen(args.listen)
+        except ValueError as error:
+            print(f"--listen: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+    return asyncio.run(_run_server(config, host, port))
+
+
+async def _run_server(config: Config, host: str, port: int) -> int:
+    from agi_bitrix.bitrix.client import PortalClient, make_session
+    from agi_bitrix.server import AgiServer
+    from agi_bitrix.service import RoutingService
+
+    log = logging.getLogger("agi_bitrix")
+    async with make_session() as session:
+        portal = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
+        server = AgiServer(RoutingService(config, portal), header_timeout=config.server.header_timeout)
+        try:
+            bound = await server.start(host, port)
+        except OSError as error:
+            log.error("cannot listen on %s:%s: %s", host, port, error.strerror)
+            return 1
+        log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)",
+                 __version__, bound[0], bound[1], portal.redacted_url, config.path, config.digest[:12])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        await server.close()
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from agi_bitrix.explain import explain_call
+
+    print(asyncio.run(explain_call(config, args.phone, args.did)))
+    return EXIT_OK

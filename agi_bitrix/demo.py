@@ -1,0 +1,90 @@
+"""`agi-bitrix demo`: the real server against a built-in Bitrix24 emulator, no account needed.
+
+It starts the emulator with the sample CRM, starts the FastAGI server with the shipped default
+config pointed at it, plays the sample callers through a FastAGI client that speaks exactly like
+Asterisk, prints what each call would dial, then keeps serving so a real Asterisk can be
+pointed at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from importlib import resources
+
+from agi_bitrix.agi.fake_asterisk import fake_call
+from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.emulator import PortalEmulator
+from agi_bitrix.bitrix.sample_data import SAMPLE_CALLS, SAMPLE_CRM
+from agi_bitrix.config import Config, parse_config, parse_listen
+from agi_bitrix.server import AgiServer
+from agi_bitrix.service import RoutingService
+
+
+def default_config(webhook_url: str) -> Config:
+    text = resources.files("agi_bitrix").joinpath("default-config.yaml").read_text(encoding="utf-8")
+    return parse_config(text, "built-in default config", {"AGI_BITRIX_WEBHOOK_URL": webhook_url})
+
+
+def _pretty(phone: str) -> str:
+    if len(phone) == 11 and phone.startswith("7"):
+        return f"+7 {phone[1:4]} {phone[4:7]}-{phone[7:9]}-{phone[9:]}"
+    return phone
+
+
+async def run_demo(listen: str, *, once: bool = False) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    host, port = parse_listen(listen)
+    emulator = PortalEmulator(SAMPLE_CRM)
+    webhook_url = await emulator.start()
+    config = default_config(webhook_url)
+    try:
+        async with make_session() as session:
+            portal = PortalClient(webhook_url, session, timeout=config.bitrix.deadline)
+            server = AgiServer(RoutingService(config, portal), header_timeout=config.server.header_timeout)
+            try:
+                host, port = await server.start(host, port)
+            except OSError:
+                print(f"{listen} is taken; using a free port instead")
+                host, port = await server.start(host, 0)
+            print(f"Bitrix24 emulator: {portal.redacted_url} ({len(SAMPLE_CRM)} sample clients)")
+            print(f"FastAGI server:    agi://{host}:{port}/route (shipped default rules)\n")
+            matched = await _play_samples(host, port, config.variable_prefix)
+            print(f"\n{matched} of {len(SAMPLE_CALLS)} calls went where the default policy says.")
+            if once:
+                await server.close()
+                return 0 if matched == len(SAMPLE_CALLS) else 1
+            print(f"\nServing until Ctrl-C. In the dialplan: AGI(agi://{host}:{port}/route), e.g. caller"
+                  " ID 89161234567 reaches extension 101.")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            await server.close()
+    finally:
+        await emulator.stop()
+    return 0
+
+
+async def _play_samples(host: str, port: int, prefix: str) -> int:
+    print(f"{'caller':18} {'status':10} {'route':10} {'target':12} {'rule':16} story")
+    matched = 0
+    for index, sample in enumerate(SAMPLE_CALLS, start=1):
+        # Present the number as a PBX often does: national format with the trunk prefix 8.
+        callerid = "8" + sample.phone[1:] if sample.phone.startswith("7") else sample.phone
+        result = await fake_call(host, port, callerid=callerid, extension="74950000000",
+                                 uniqueid=f"demo.{index}")
+        v = result.variables
+        route, target = v.get(prefix + "ROUTE", "?"), v.get(prefix + "TARGET", "?")
+        ok = (route, target) == (sample.route, sample.target)
+        matched += ok
+        mark = "" if ok else f"  [expected {sample.route} {sample.target}]"
+        print(f"{_pretty(callerid):18} {v.get(prefix + 'STATUS', '?'):10} {route:10} {target:12}"
+              f" {v.get(prefix + 'RULE', '?'):16} {sample.story}{mark}")
+    anonymous = await fake_call(host, port, callerid="anonymous", uniqueid="demo.anon")
+    v = anonymous.variables
+    print(f"{'anonymous':18} {v.get(prefix + 'STATUS', '?'):10} {v.get(prefix + 'ROUTE', '?'):10}"
+          f" {v.get(prefix + 'TARGET', '?'):12} {v.get(prefix + 'RULE', '?'):16} No caller ID: the portal is not asked.")
+    return matched

@@ -1,0 +1,51 @@
+"""`agi-bitrix route`: one call routed for real (the portal is asked) and explained step by step."""
+
+from __future__ import annotations
+
+from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.config import Config
+from agi_bitrix.service import RoutedCall, RoutingService
+
+
+def render(routed: RoutedCall, portal_url: str) -> str:
+    lines = []
+    call, answer, decision = routed.call, routed.answer, routed.decision
+    lines.append(f"number:   {call.phone or '(no usable caller ID)'}    DID: {call.did or '(none)'}")
+    lines.append(f"portal:   {portal_url}")
+    if answer.status == "ERROR":
+        lines.append(f"answer:   ERROR {answer.error} after {routed.seconds * 1000:.0f} ms")
+    elif answer.status == "NO_CALLERID":
+        lines.append("answer:   not asked (no usable caller ID)")
+    else:
+        lines.append(f"answer:   {answer.status}, {len(answer.entities)} CRM object(s) in {routed.seconds * 1000:.0f} ms")
+    for index, entity in enumerate(answer.entities, start=1):
+        owner = entity.owner
+        if owner is None:
+            lines.append(f"  {index}. {entity.entity_type} {entity.entity_id}, no owner")
+            continue
+        lines.append(
+            f"  {index}. {entity.entity_type} {entity.entity_id}, owner {owner.user_id}"
+            f" TIMEMAN_STATUS={owner.timeman_status or '(empty)'}"
+            f" inner={owner.inner_phone or '-'!r} mobile={owner.personal_mobile or '-'!r}"
+            f" work={owner.work_phone or '-'!r} personal={owner.personal_phone or '-'!r}"
+        )
+    lines.append("rules:")
+    for step in decision.trace:
+        mark = "=>" if step.decided else "  "
+        lines.append(f"  {mark} {step.rule}: {step.reason}")
+    lines.append("variables:")
+    width = max(len(name) for name in routed.variables)
+    for name, value in routed.variables.items():
+        lines.append(f"  {name.ljust(width)} = {value}")
+    return "\n".join(lines)
+
+
+async def explain_call(config: Config, phone: str, did: str = "") -> str:
+    request = AgiRequest(env={"agi_network_script": "route", "agi_callerid": phone,
+                              "agi_extension": did, "agi_uniqueid": "dry-run"},
+                         args=(phone, did))
+    async with make_session() as session:
+        portal = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
+        routed = await RoutingService(config, portal).route(request)
+        return render(routed, portal.redacted_url)

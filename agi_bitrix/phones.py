@@ -1,0 +1,49 @@
+"""Phone numbers as the portal and the dialplan need them: international digits, or nothing.
+
+Caller IDs and CRM fields are free text. Only characters that people actually type into a
+phone number are accepted (digits, spaces, `+ - . ( )`); anything else — letters, `&`, `/`,
+`@`, quotes, newlines — means "not a number" rather than "a number with junk", so a value like
+`120&Local/666@evil` can never become something to dial. The digits are then read by
+phonenumbers (Google's libphonenumber metadata), which knows each country's trunk prefix
+(Russia's 8) and lengths, instead of a hand-written rule for every country.
+"""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+
+_TYPED_NUMBER = re.compile(r"^\+?[0-9 ()\-.]+$")
+_DIGITS = re.compile(r"^[0-9]+$")
+# E.164 allows at most 15 digits; anything longer is not a phone number.
+_MAX_DIGITS = 15
+
+
+def normalize_number(raw: str, default_country: str) -> str | None:
+    """`+7 916 123-45-67`, `89161234567`, `9161234567` (RU) -> `79161234567`; junk -> None.
+
+    Digit strings that libphonenumber cannot read as a possible number (short service numbers,
+    internal extensions) come back as their bare digits, so they are still looked up as typed.
+    """
+    text = raw.strip()
+    if not text or not _TYPED_NUMBER.match(text):
+        return None
+    digits = re.sub(r"[^0-9]", "", text)
+    if not digits or len(digits) > _MAX_DIGITS:
+        return None
+    try:
+        parsed = phonenumbers.parse(text, default_country)
+    except phonenumbers.NumberParseException:
+        return digits
+    if not phonenumbers.is_possible_number(parsed):
+        return digits
+    return f"{parsed.country_code}{parsed.national_number}"
+
+
+def normalize_extension(raw: str) -> str | None:
+    """An inner number is dialled as it is: plain digits only, anything else is missing."""
+    text = raw.strip()
+    if _DIGITS.match(text) and len(text) <= _MAX_DIGITS:
+        return text
+    return None

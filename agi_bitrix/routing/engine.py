@@ -1,0 +1,220 @@
+"""decide(): the routing decision for one call, as a pure function.
+
+Rules are tried in order. A rule decides when its call conditions hold, a CRM object passes
+its object conditions (only the first object, unless the rule says `objects: all`), and one
+of its targets is available for that object — an owner's mobile that is missing or not a
+plain number is not available. A rule that matches but has nothing to dial lets the next
+rule try. When no rule decides, the call goes to the fallback queue. Every step is recorded
+in the trace so that `agi-bitrix route` can explain the outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from agi_bitrix.bitrix.models import CrmEntity
+from agi_bitrix.phones import normalize_extension, normalize_number
+from agi_bitrix.routing.rules import Match, Rule, RoutingPolicy, Target
+
+FALLBACK_RULE = "fallback"
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What the PBX told us: the number as looked up (None when there is no usable caller ID)."""
+
+    phone: str | None
+    did: str = ""
+
+
+@dataclass(frozen=True)
+class CrmAnswer:
+    """The outcome of the portal lookup: a status, the objects in portal order, an error reason."""
+
+    status: str
+    entities: tuple[CrmEntity, ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class OwnerPhones:
+    """The owner's phones as dialable digits; "" where missing or unusable."""
+
+    extension: str = ""
+    mobile: str = ""
+    work_phone: str = ""
+    personal_phone: str = ""
+
+    def get(self, name: str) -> str:
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class RuleTrace:
+    rule: str
+    decided: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str
+    route: str  # extension | mobile | queue
+    target: str
+    rule: str
+    phone: str
+    fallback_queue: str
+    entity: CrmEntity | None = None
+    owner_phones: OwnerPhones = OwnerPhones()
+    error: str = ""
+    trace: tuple[RuleTrace, ...] = ()
+
+
+def owner_phones(entity: CrmEntity | None, default_country: str) -> OwnerPhones:
+    if entity is None or entity.owner is None:
+        return OwnerPhones()
+    owner = entity.owner
+    return OwnerPhones(
+        extension=normalize_extension(owner.inner_phone) or "",
+        mobile=normalize_number(owner.personal_mobile, default_country) or "",
+        work_phone=normalize_number(owner.work_phone, default_country) or "",
+        personal_phone=normalize_number(owner.personal_phone, default_country) or "",
+    )
+
+
+def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: datetime) -> Decision:
+    local_now = now.astimezone(policy.timezone)
+    trace: list[RuleTrace] = []
+    for rule in policy.rules:
+        refusal = _call_refusal(rule.match, call, answer, policy, local_now)
+        if refusal:
+            trace.append(RuleTrace(rule.name, False, refusal))
+            continue
+        outcome = _pick(rule, answer, policy)
+        if isinstance(outcome, str):
+            trace.append(RuleTrace(rule.name, False, outcome))
+            continue
+        entity, phones, target = outcome
+        route, dial = _resolve(target, phones, policy)
+        trace.append(RuleTrace(rule.name, True, f"matched; dials {target.describe()}"))
+        return Decision(
+            status=answer.status,
+            route=route,
+            target=dial,
+            rule=rule.name,
+            phone=call.phone or "",
+            fallback_queue=policy.fallback_queue,
+            entity=entity,
+            owner_phones=phones,
+            error=answer.error,
+            trace=tuple(trace),
+        )
+    first = answer.entities[0] if answer.entities else None
+    trace.append(RuleTrace(FALLBACK_RULE, True, "no rule decided; fallback queue"))
+    return Decision(
+        status=answer.status,
+        route="queue",
+        target=policy.fallback_queue,
+        rule=FALLBACK_RULE,
+        phone=call.phone or "",
+        fallback_queue=policy.fallback_queue,
+        entity=first,
+        owner_phones=owner_phones(first, policy.default_country),
+        error=answer.error,
+        trace=tuple(trace),
+    )
+
+
+def _call_refusal(
+    match: Match, call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: datetime
+) -> str:
+    """Why the call-level conditions do not hold ("" when they do)."""
+    if match.status is not None and answer.status not in match.status:
+        return f"status {answer.status} not in {sorted(match.status)}"
+    if match.did is not None and call.did not in match.did:
+        return f"DID {call.did or '(none)'} not in {sorted(match.did)}"
+    if match.did_regex is not None and not match.did_regex.fullmatch(call.did):
+        return f"DID {call.did or '(none)'} does not match /{match.did_regex.pattern}/"
+    phone = call.phone or ""
+    if match.caller is not None and phone not in match.caller:
+        return f"caller {phone or '(none)'} not in {sorted(match.caller)}"
+    if match.caller_regex is not None and not match.caller_regex.fullmatch(phone):
+        return f"caller {phone or '(none)'} does not match /{match.caller_regex.pattern}/"
+    for name in match.during:
+        if not any(i.contains(now) for i in policy.time_intervals[name]):
+            return f"{now:%a %H:%M} is outside {name}"
+    for name in match.outside:
+        if any(i.contains(now) for i in policy.time_intervals[name]):
+            return f"{now:%a %H:%M} is during {name}"
+    return ""
+
+
+def _candidates(rule: Rule, entities: tuple[CrmEntity, ...]) -> list[CrmEntity]:
+    if rule.objects == "first":
+        return list(entities[:1])
+    if not rule.prefer:
+        return list(entities)
+    rank = {entity_type: i for i, entity_type in enumerate(rule.prefer)}
+    return sorted(entities, key=lambda e: rank.get(e.entity_type, len(rank)))
+
+
+def _object_refusal(match: Match, entity: CrmEntity, phones: OwnerPhones) -> str:
+    owner = entity.owner
+    label = f"{entity.entity_type} {entity.entity_id}"
+    if match.entity_type is not None and entity.entity_type not in match.entity_type:
+        return f"{label}: type not in {sorted(match.entity_type)}"
+    if match.owner is not None and (owner is None or owner.user_id not in match.owner):
+        return f"{label}: owner {owner.user_id if owner else '(none)'} not in {sorted(match.owner)}"
+    timeman = owner.timeman_status if owner else ""
+    if match.timeman is not None and timeman not in match.timeman:
+        return f"{label}: TIMEMAN_STATUS {timeman or '(empty)'} not in {sorted(match.timeman)}"
+    missing = [name for name in sorted(match.has) if not phones.get(name)]
+    if missing:
+        return f"{label}: owner has no usable {', '.join(missing)}"
+    return ""
+
+
+def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy):
+    """(entity, phones, target) for the first candidate that passes and has a target, or why not."""
+    uses_object = rule.match.about_crm_object or any(t.kind == "owner" for t in rule.route)
+    if not uses_object:
+        first = answer.entities[0] if answer.entities else None
+        return first, owner_phones(first, policy.default_country), rule.route[0]
+    candidates = _candidates(rule, answer.entities)
+    if not candidates and rule.match.about_crm_object:
+        return f"no CRM object (status {answer.status})"
+    if not candidates:
+        candidates = [None]
+    reasons = []
+    for entity in candidates:
+        phones = owner_phones(entity, policy.default_country)
+        if entity is not None:
+            refusal = _object_refusal(rule.match, entity, phones)
+            if refusal:
+                reasons.append(refusal)
+                continue
+        target = next((t for t in rule.route if _available(t, phones)), None)
+        if target is None:
+            wanted = ", ".join(t.describe() for t in rule.route)
+            label = f"{entity.entity_type} {entity.entity_id}: " if entity else ""
+            reasons.append(f"{label}nothing to dial ({wanted} unavailable)")
+            continue
+        return entity, phones, target
+    return "; ".join(reasons)
+
+
+def _available(target: Target, phones: OwnerPhones) -> bool:
+    return target.kind != "owner" or bool(phones.get(target.value))
+
+
+def _resolve(target: Target, phones: OwnerPhones, policy: RoutingPolicy) -> tuple[str, str]:
+    """(B24_ROUTE, B24_TARGET) for a target known to be available."""
+    if target.kind == "owner":
+        route = "extension" if target.value == "extension" else "mobile"
+        return route, phones.get(target.value)
+    if target.kind == "queue":
+        return "queue", target.value or policy.fallback_queue
+    if target.kind == "extension":
+        return "extension", target.value
+    return "mobile", target.value

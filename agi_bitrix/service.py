@@ -1,0 +1,82 @@
+"""The routing service: wires the portal lookup and the clock around the pure routing function.
+
+One instance per process. It turns an AGI request into the channel variables for that call
+and guarantees the guide's promise: whatever happens — no caller ID, a slow or broken portal,
+a bug — the call gets the full set of variables and a route, within the lookup deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.config import Config
+from agi_bitrix.phones import normalize_number
+from agi_bitrix.routing.engine import FALLBACK_RULE, CallInfo, CrmAnswer, Decision, decide
+from agi_bitrix.routing.variables import channel_variables
+
+log = logging.getLogger("agi_bitrix.calls")
+
+
+@dataclass(frozen=True)
+class RoutedCall:
+    request: AgiRequest
+    call: CallInfo
+    answer: CrmAnswer
+    decision: Decision
+    variables: dict[str, str]
+    seconds: float
+
+
+def call_info(request: AgiRequest, default_country: str) -> CallInfo:
+    """The number to look up (first AGI argument, else the caller ID) and the dialled number."""
+    raw_number = request.args[0] if request.args and request.args[0].strip() else request.get("agi_callerid")
+    raw_did = request.args[1] if len(request.args) > 1 and request.args[1].strip() else request.get("agi_extension")
+    did = normalize_number(raw_did, default_country) or raw_did.strip()
+    return CallInfo(phone=normalize_number(raw_number, default_country), did=did)
+
+
+class RoutingService:
+    def __init__(self, config: Config, portal: PortalClient,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self.config = config
+        self.portal = portal
+        self.clock = clock
+
+    async def lookup(self, phone: str | None) -> CrmAnswer:
+        if phone is None:
+            return CrmAnswer("NO_CALLERID")
+        try:
+            async with asyncio.timeout(self.config.bitrix.deadline):
+                entities = await self.portal.search_crm_entities(phone)
+        except TimeoutError:
+            return CrmAnswer("ERROR", error="timeout")
+        except PortalError as error:
+            log.warning("portal lookup for %s failed: %s (%s)", phone, error.reason, error.detail)
+            return CrmAnswer("ERROR", error=error.reason)
+        return CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities))
+
+    async def route(self, request: AgiRequest) -> RoutedCall:
+        started = time.monotonic()
+        config = self.config  # one config for the whole call, even if a reload swaps it meanwhile
+        policy = config.policy
+        call = call_info(request, policy.default_country)
+        answer = await self.lookup(call.phone)
+        decision = decide(call, answer, policy, self.clock())
+        variables = channel_variables(decision, config.variable_prefix)
+        return RoutedCall(request, call, answer, decision, variables, time.monotonic() - started)
+
+    def fallback_variables(self, reason: str) -> dict[str, str]:
+        """Variables for a call we could not route normally (an internal failure)."""
+        # Built by hand, not by the rules: this path must work even if deciding is what failed.
+        policy = self.config.policy
+        decision = Decision(status="ERROR", route="queue", target=policy.fallback_queue,
+                            rule=FALLBACK_RULE, phone="", fallback_queue=policy.fallback_queue,
+                            error=reason)
+        return channel_variables(decision, self.config.variable_prefix)
