@@ -112,7 +112,8 @@ class _Checker:
         value = parent.get(key) if isinstance(parent, Mapping) else None
         if value is None:
             empty = LocatedDict()
-            empty.line = _line(parent, key)
+            present = isinstance(parent, LocatedDict) and key in parent
+            empty.line = _line(parent, key) if present else 0
             return empty
         if not isinstance(value, LocatedDict):
             self.problem(_line(parent, key), path, f"expected a mapping of {', '.join(allowed)}")
@@ -247,7 +248,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         data, "routing", "routing", ("timezone", "fallback_queue", "time_intervals", "rules"))
     policy = _routing(check, routing, country)
     if check.problems:
-        raise ConfigError(check.problems)
+        # In file order, as an admin reads the file; the sort is stable within a line.
+        raise ConfigError(sorted(check.problems, key=lambda p: p.line))
     return Config(file, server, bitrix, prefix, policy, digest)
 
 
@@ -405,7 +407,8 @@ def _rules(check: _Checker, section: LocatedDict, country: str,
                           f"{name!r} is already used (line {seen[name]})" if name in seen
                           else "'fallback' is reserved for calls no rule decides")
         seen.setdefault(name, item.lines.get("name", line))
-        path = f"routing.rules[{name}]" if name else path
+        if "name" in item:
+            path = f"routing.rules[{name}]"
         match = _match(check, item, path, country, intervals)
         route = _route(check, item, path, country)
         objects = (check.text(item, "objects", path, "first") or "first").lower()
@@ -489,7 +492,10 @@ def _regex(check: _Checker, section: LocatedDict, key: str, path: str) -> re.Pat
 
 
 def _route(check: _Checker, rule: LocatedDict, path: str, country: str) -> tuple[Target, ...]:
-    items = check.items(rule, "route", path)
+    if isinstance(rule.get("route"), LocatedDict):  # a single {queue: NAME} without a list
+        items = [(rule.lines["route"], f"{path}.route", rule["route"])]
+    else:
+        items = check.items(rule, "route", path)
     if not items:
         check.problem(rule.lines.get("route", rule.line), f"{path}.route",
                       "missing; say what to dial, e.g. [extension, mobile, queue]")

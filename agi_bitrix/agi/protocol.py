@@ -53,11 +53,16 @@ class AgiRequest:
     @property
     def script(self) -> str:
         """Script path without leading slash and without query: `route` for agi://h:p/route?x=y."""
-        return urlsplit("/" + self.env.get("agi_network_script", "")).path.strip("/")
+        return self._script_url.path.strip("/")
 
     @property
     def query(self) -> dict[str, str]:
-        return dict(parse_qsl(urlsplit("/" + self.env.get("agi_network_script", "")).query))
+        return dict(parse_qsl(self._script_url.query))
+
+    @property
+    def _script_url(self):
+        # A leading "//" would make urlsplit read the path as a host name.
+        return urlsplit("/" + self.env.get("agi_network_script", "").lstrip("/"))
 
     def get(self, key: str) -> str:
         """A header value, with Asterisk's "unknown" placeholder read as empty."""

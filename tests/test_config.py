@@ -1,0 +1,160 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agi_bitrix.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "config" / "agi-bitrix.yaml"
+
+BASE = """\
+bitrix:
+  webhook_url: https://portal.example/rest/1/secretcode/
+routing:
+  fallback_queue: support
+"""
+
+
+def problems(text: str, environ=None) -> list[str]:
+    with pytest.raises(ConfigError) as error:
+        parse_config(textwrap.dedent(text), "test.yaml", environ or {})
+    return [str(p) for p in error.value.problems]
+
+
+def test_shipped_config_is_valid_and_is_the_packaged_default():
+    config = load_config(SHIPPED, environ={})
+    assert [r.name for r in config.policy.rules] == ["owner-on-break", "owner-at-work", "owner-day-over"]
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 4573)
+    assert config.bitrix.deadline == 2.0
+    assert config.policy.default_country == "RU"
+    assert config.variable_prefix == "B24_"
+    assert config.bitrix.is_placeholder
+    assert SHIPPED.resolve() == (ROOT / "agi_bitrix" / "default-config.yaml").resolve()
+
+
+def test_minimal_config_gets_defaults():
+    config = parse_config(BASE)
+    assert config.policy.rules == ()
+    assert config.policy.fallback_queue == "support"
+    assert str(config.policy.timezone) == "UTC"
+
+
+def test_environment_overrides_webhook_url():
+    config = parse_config(BASE, environ={"AGI_BITRIX_WEBHOOK_URL": "https://other.example/rest/2/zzz"})
+    assert config.bitrix.webhook_url == "https://other.example/rest/2/zzz"
+    config = parse_config("routing: {fallback_queue: q}\n", environ={"AGI_BITRIX_WEBHOOK_URL": "https://x.example/rest/1/c/"})
+    assert config.bitrix.webhook_url.startswith("https://x.example")
+
+
+def test_missing_required_values():
+    assert problems("server: {listen: '127.0.0.1:4573'}\n") == [
+        "test.yaml: bitrix.webhook_url: missing; set it here or in the environment variable AGI_BITRIX_WEBHOOK_URL",
+        "test.yaml: routing.fallback_queue: missing; every call that no rule decides goes to this queue",
+    ]
+
+
+def test_bad_webhook_is_reported_without_the_secret():
+    found = problems("bitrix:\n  webhook_url: ftp://portal/rest/1/topsecret/\nrouting: {fallback_queue: q}\n")
+    assert found == ["test.yaml:2: bitrix.webhook_url: expected an http(s) URL like https://PORTAL/rest/USER_ID/CODE/"]
+    assert "topsecret" not in "".join(found)
+
+
+def test_every_problem_is_reported_with_line_and_key():
+    found = problems(BASE + """\
+  timezone: Mars/Olympus
+  time_intervals:
+    office:
+      - weekdays: [mon-fri, funday]
+        times: ["09:00-18:00", "25:00-26:00", 18:00]
+  rules:
+    - name: vip
+      match:
+        timeman: [OPEND]
+        owner: [42, abc]
+        did: [not-a-number]
+        caller_regex: "([0-9"
+        during: [ofice]
+        hass: [mobile]
+      route: [mobile, {queue: "bad queue"}, teleport]
+    - name: vip
+      route: queue
+    - match: {status: [FOUND]}
+server:
+  listen: localhost
+  header_timeout: -1
+phones:
+  default_country: NO
+variables:
+  prefix: "1bad"
+""")
+    assert found == [
+        "test.yaml:5: routing.timezone: unknown time zone 'Mars/Olympus' (expected a name like Europe/Moscow)",
+        "test.yaml:8: routing.time_intervals.office[0].weekdays[1]: 'funday' is not a weekday or range like mon-fri",
+        "test.yaml:9: routing.time_intervals.office[0].times[1]: '25:00-26:00' is not a time range like \"09:00-18:00\"",
+        "test.yaml:9: routing.time_intervals.office[0].times[2]: write time ranges in quotes, like \"09:00-18:00\"",
+        "test.yaml:13: routing.rules[vip].match.timeman[0]: 'OPEND' is not one of: OPENED, PAUSED, CLOSED, EXPIRED, UNAVAILABLE, NOT_INSTALLED, \"\"",
+        "test.yaml:14: routing.rules[vip].match.owner[1]: 'abc' is not a Bitrix24 user id (a number)",
+        "test.yaml:15: routing.rules[vip].match.did[0]: 'not-a-number' is not a phone number",
+        "test.yaml:16: routing.rules[vip].match.caller_regex: bad regular expression '([0-9': unterminated character set at position 1",
+        "test.yaml:17: routing.rules[vip].match.during[0]: no time interval 'ofice' in routing.time_intervals (office)",
+        "test.yaml:18: routing.rules[vip].match.hass: unknown key; did you mean 'has'?",
+        "test.yaml:19: routing.rules[vip].route[1]: queue name 'bad queue' must be letters, digits, '_', '.', '-'",
+        "test.yaml:19: routing.rules[vip].route[2]: 'teleport': expected extension, mobile, work_phone, personal_phone, queue, {queue: NAME}, {extension: NUMBER} or {number: PHONE}",
+        "test.yaml:20: routing.rules[1].name: 'vip' is already used (line 11)",
+        "test.yaml:22: routing.rules[2].name: missing; every rule needs a name (it is B24_RULE)",
+        "test.yaml:22: routing.rules[2].route: missing; say what to dial, e.g. [extension, mobile, queue]",
+        "test.yaml:24: server.listen: expected HOST:PORT, got 'localhost'",
+        "test.yaml:25: server.header_timeout: expected a number of seconds above 0 and at most 60, got -1",
+        "test.yaml:27: phones.default_country: YAML read this as False; put the value in quotes",
+        "test.yaml:29: variables.prefix: '1bad' must be letters, digits and _ (at most 20), not starting with a digit",
+    ]
+
+
+def test_unknown_top_level_key_and_duplicates():
+    found = problems(BASE + "routng: {}\nbitrix: {deadline: 1}\n")
+    assert "test.yaml:5: routng: unknown key; did you mean 'routing'?" in found
+    assert any("key 'bitrix' appears twice (first on line 1)" in p for p in found)
+
+
+def test_yaml_syntax_error_has_a_line():
+    found = problems("bitrix:\n  webhook_url: [unclosed\nrouting: {}\n")
+    assert len(found) == 1 and found[0].startswith("test.yaml:3: YAML syntax")
+
+
+def test_file_problems(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"routing: {fallback_queue: \xe9}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+
+
+def test_rule_forms():
+    config = parse_config(BASE + """\
+  timezone: Europe/Moscow
+  time_intervals:
+    nights: [{times: ["22:00-06:00"]}]
+  rules:
+    - name: sales-did
+      match: {did: "+7 (495) 111-22-33", status: [found, NOT_FOUND]}
+      route: {queue: sales}
+    - name: contacts-first
+      objects: all
+      prefer: [CONTACT, LEAD]
+      match: {entity_type: [contact, lead], has: [extension], owner: 42}
+      route: [extension, {extension: "100"}, {number: "8 800 555-35-35"}]
+""")
+    did_rule, contacts = config.policy.rules
+    assert did_rule.match.did == frozenset({"74951112233"})
+    assert did_rule.match.status == frozenset({"FOUND", "NOT_FOUND"})
+    assert contacts.prefer == ("CONTACT", "LEAD")
+    assert contacts.match.owner == frozenset({"42"})
+    assert [t.kind for t in contacts.route] == ["owner", "extension", "number"]
+    assert contacts.route[2].value == "78005553535"
+
+
+def test_prefer_needs_objects_all():
+    assert problems(BASE + "  rules:\n    - {name: a, prefer: [LEAD], route: queue}\n") == [
+        "test.yaml:6: routing.rules[a].prefer: only makes sense with objects: all"]
