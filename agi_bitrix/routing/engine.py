@@ -95,9 +95,11 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
         if isinstance(outcome, str):
             trace.append(RuleTrace(rule.name, False, outcome))
             continue
-        entity, phones, target = outcome
+        entity, phones, target, skipped = outcome
         route, dial = _resolve(target, phones, policy)
-        trace.append(RuleTrace(rule.name, True, f"matched; dials {target.describe()}"))
+        chosen = f" {entity.entity_type} {entity.entity_id}" if entity else ""
+        passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+        trace.append(RuleTrace(rule.name, True, f"matched{chosen}{passed_over}; dials {target.describe()}"))
         return Decision(
             status=answer.status,
             route=route,
@@ -176,11 +178,12 @@ def _object_refusal(match: Match, entity: CrmEntity, phones: OwnerPhones) -> str
 
 
 def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy):
-    """(entity, phones, target) for the first candidate that passes and has a target, or why not."""
+    """(entity, phones, target, passed-over reasons) for the first candidate that passes and
+    has something to dial; or, when none does, the reasons as one string."""
     uses_object = rule.match.about_crm_object or any(t.kind == "owner" for t in rule.route)
     if not uses_object:
         first = answer.entities[0] if answer.entities else None
-        return first, owner_phones(first, policy.default_country), rule.route[0]
+        return first, owner_phones(first, policy.default_country), rule.route[0], []
     candidates = _candidates(rule, answer.entities)
     if not candidates and rule.match.about_crm_object:
         return f"no CRM object (status {answer.status})"
@@ -200,7 +203,7 @@ def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy):
             label = f"{entity.entity_type} {entity.entity_id}: " if entity else ""
             reasons.append(f"{label}nothing to dial ({wanted} unavailable)")
             continue
-        return entity, phones, target
+        return entity, phones, target, reasons
     return "; ".join(reasons)
 
 

@@ -1,0 +1,229 @@
+"""The routing decision as a pure function: every branch of the default policy and each rule feature."""
+
+import textwrap
+from datetime import datetime, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from agi_bitrix.bitrix.models import parse_search_result
+from agi_bitrix.bitrix.sample_data import SAMPLE_CALLS, SAMPLE_CRM
+from agi_bitrix.config import load_config, parse_config
+from agi_bitrix.routing.engine import CallInfo, CrmAnswer, decide
+from agi_bitrix.routing.variables import NAMES, channel_variables
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agi-bitrix.yaml"
+POLICY = load_config(SHIPPED, environ={}).policy
+NOON = datetime(2026, 11, 26, 9, 0, tzinfo=timezone.utc)  # Thursday 12:00 in Moscow
+
+
+def entity(entity_type="CONTACT", entity_id=1, user="1", timeman="OPENED", inner="101", mobile="79161110101",
+           work="", personal=""):
+    return {"CRM_ENTITY_TYPE": entity_type, "CRM_ENTITY_ID": entity_id, "ASSIGNED_BY_ID": int(user),
+            "ASSIGNED_BY": {"ID": user, "TIMEMAN_STATUS": timeman, "USER_PHONE_INNER": inner,
+                            "WORK_PHONE": work, "PERSONAL_PHONE": personal, "PERSONAL_MOBILE": mobile}}
+
+
+def found(*entities):
+    return CrmAnswer("FOUND", tuple(parse_search_result(list(entities))))
+
+
+def route(answer, policy=POLICY, phone="79161234567", did="74950000000", now=NOON):
+    d = decide(CallInfo(phone, did), answer, policy, now)
+    return d.route, d.target, d.rule
+
+
+@pytest.mark.parametrize("timeman, inner, mobile, expected", [
+    ("PAUSED", "101", "79161110101", ("queue", "support", "owner-on-break")),
+    ("OPENED", "101", "79161110101", ("extension", "101", "owner-at-work")),
+    ("OPENED", "", "79161110101", ("mobile", "79161110101", "owner-at-work")),
+    ("OPENED", None, None, ("queue", "support", "owner-at-work")),
+    ("UNAVAILABLE", "105", "", ("extension", "105", "owner-at-work")),
+    ("NOT_INSTALLED", "106", "", ("extension", "106", "owner-at-work")),
+    ("", "107", "", ("extension", "107", "owner-at-work")),
+    (None, "107", "", ("extension", "107", "owner-at-work")),
+    ("CLOSED", "103", "+7 (903) 555-12-34", ("mobile", "79035551234", "owner-day-over")),
+    ("CLOSED", "103", "", ("queue", "support", "owner-day-over")),
+    ("EXPIRED", "112", "8 905 765-43-21", ("mobile", "79057654321", "owner-day-over")),
+    ("EXPIRED", "112", None, ("queue", "support", "owner-day-over")),
+    ("SOMETHING_NEW", "101", "79161110101", ("queue", "support", "fallback")),
+])
+def test_default_policy_branches(timeman, inner, mobile, expected):
+    assert route(found(entity(timeman=timeman, inner=inner, mobile=mobile))) == expected
+
+
+@pytest.mark.parametrize("answer", [CrmAnswer("NOT_FOUND"), CrmAnswer("NO_CALLERID"),
+                                    CrmAnswer("ERROR", error="timeout")])
+def test_no_crm_object_goes_to_the_fallback_queue(answer):
+    decision = decide(CallInfo(None), answer, POLICY, NOON)
+    assert (decision.route, decision.target, decision.rule) == ("queue", "support", "fallback")
+    assert decision.status == answer.status and decision.error == answer.error
+
+
+def test_missing_timeman_key_counts_as_not_in_use():
+    raw = entity()
+    del raw["ASSIGNED_BY"]["TIMEMAN_STATUS"]
+    assert route(found(raw)) == ("extension", "101", "owner-at-work")
+
+
+@pytest.mark.parametrize("sample", SAMPLE_CALLS, ids=lambda s: s.phone)
+def test_sample_crm_routes_as_the_demo_promises(sample):
+    entities = SAMPLE_CRM.get(sample.phone)
+    answer = found(*entities) if entities else CrmAnswer("NOT_FOUND")
+    assert route(answer, phone=sample.phone)[:2] == (sample.route, sample.target)
+
+
+def test_first_object_decides_by_default():
+    answer = found(entity("LEAD", 5, user="8", inner="108"), entity("CONTACT", 6, user="1", inner="101"))
+    d = decide(CallInfo("79201112233"), answer, POLICY, NOON)
+    assert (d.target, d.entity.entity_type, d.entity.owner.user_id) == ("108", "LEAD", "8")
+
+
+@pytest.mark.parametrize("hostile", ["120&Local/666@evil", "101,30,D(1)", "101\nEXEC Dial x", "1 01", '"101"'])
+def test_hostile_extension_is_never_a_target(hostile):
+    d = decide(CallInfo("79161234567"), found(entity(inner=hostile, mobile="")), POLICY, NOON)
+    assert (d.route, d.target) == ("queue", "support")
+    variables = channel_variables(d)
+    assert variables["B24_EXTENSION"] == "" and variables["B24_TARGET"] == "support"
+
+
+def test_hostile_mobile_falls_back_to_the_next_target():
+    d = decide(CallInfo("1"), found(entity(timeman="CLOSED", mobile='+7916\nEXEC Dial "SIP/x"')), POLICY, NOON)
+    assert (d.route, d.target) == ("queue", "support")
+
+
+def policy(rules: str, extra: str = ""):
+    text = textwrap.dedent("""\
+        bitrix: {webhook_url: "https://p.example/rest/1/x/"}
+        routing:
+          fallback_queue: support
+          timezone: Europe/Moscow
+          time_intervals:
+            business-hours:
+              - weekdays: [mon-fri]
+                times: ["09:00-18:00"]
+            nights: [{times: ["22:00-06:00"]}]
+          rules:
+        """) + textwrap.indent(textwrap.dedent(rules), "    ") + extra
+    return parse_config(text).policy
+
+
+VIP = policy("""\
+    - name: vip-after-hours
+      match: {owner: [42], caller_regex: "7916.*", outside: [business-hours]}
+      route: [mobile]
+    - name: sales-did
+      match: {did: ["74951112233"]}
+      route: {queue: sales}
+    - name: contact-before-lead
+      objects: all
+      prefer: [CONTACT, LEAD]
+      match: {entity_type: [CONTACT, LEAD], timeman: [OPENED], has: [extension]}
+      route: [extension]
+    - name: anyone-with-work-phone
+      objects: all
+      route: [work_phone, personal_phone]
+    - name: night-desk
+      match: {during: [nights]}
+      route: [{extension: "500"}]
+    - name: hotline
+      match: {status: [ERROR, NOT_FOUND]}
+      route: [{number: "8 800 555-35-35"}]
+""")
+
+
+def at(local: str) -> datetime:
+    """A Moscow wall-clock time on Thursday 26 or Saturday 28 November 2026."""
+    day, clock = local.split()
+    hour, minute = map(int, clock.split(":"))
+    return datetime(2026, 11, {"thu": 26, "sat": 28}[day], hour, minute, tzinfo=ZoneInfo("Europe/Moscow"))
+
+
+def test_vip_owner_goes_to_mobile_out_of_hours_only():
+    vip = found(entity(user="42", mobile="79260004242", inner="142"))
+    assert route(vip, VIP, now=at("thu 20:00")) == ("mobile", "79260004242", "vip-after-hours")
+    assert route(vip, VIP, now=at("sat 11:00")) == ("mobile", "79260004242", "vip-after-hours")
+    assert route(vip, VIP, now=at("thu 12:00"))[2] == "contact-before-lead"
+    assert route(vip, VIP, phone="74990000000", now=at("thu 20:00"))[2] == "contact-before-lead"
+    other = found(entity(user="7", mobile="79260007777"))
+    assert route(other, VIP, now=at("thu 20:00"))[2] == "contact-before-lead"
+
+
+def test_vip_rule_without_a_mobile_lets_the_next_rule_decide():
+    d = decide(CallInfo("79161234567", "1"), found(entity(user="42", mobile="")), VIP, at("thu 20:00"))
+    assert d.rule == "contact-before-lead"
+    assert d.trace[0].reason.endswith("nothing to dial (owner's mobile unavailable)")
+
+
+def test_did_rule_applies_even_when_the_portal_fails():
+    for answer in (CrmAnswer("ERROR", error="timeout"), CrmAnswer("NOT_FOUND"), found(entity(user="3"))):
+        assert route(answer, VIP, did="74951112233") == ("queue", "sales", "sales-did")
+
+
+def test_preferred_entity_type_picks_a_later_object():
+    answer = found(entity("COMPANY", 1, user="5", inner="105"), entity("LEAD", 2, user="6", inner="106"),
+                   entity("CONTACT", 3, user="7", inner="107"))
+    d = decide(CallInfo("79161234567", "1"), answer, VIP, at("thu 12:00"))
+    assert (d.route, d.target, d.rule, d.entity.entity_id) == ("extension", "107", "contact-before-lead", "3")
+
+
+def test_all_objects_skips_owners_on_a_break_or_without_extension():
+    answer = found(entity("CONTACT", 1, user="5", timeman="PAUSED", inner="105"),
+                   entity("CONTACT", 2, user="6", inner=""),
+                   entity("LEAD", 3, user="7", inner="107"))
+    d = decide(CallInfo("79161234567", "1"), answer, VIP, at("thu 12:00"))
+    assert (d.target, d.entity.entity_id) == ("107", "3")
+    assert "CONTACT 1: TIMEMAN_STATUS PAUSED not in" in d.trace[2].reason
+    assert "CONTACT 2: owner has no usable extension" in d.trace[2].reason
+
+
+def test_other_owner_phones_in_the_rule_order():
+    answer = found(entity(timeman="CLOSED", inner="", mobile="", work="", personal="+7 916 000-11-22"),
+                   entity(timeman="CLOSED", inner="", mobile="", work="84951230000"))
+    assert route(answer, VIP, now=at("thu 12:00")) == ("mobile", "79160001122", "anyone-with-work-phone")
+
+
+def test_time_interval_over_midnight_and_fixed_extension():
+    nobody = found(entity(timeman="CLOSED", inner="", mobile=""))
+    assert route(nobody, VIP, now=at("thu 23:30")) == ("extension", "500", "night-desk")
+    assert route(nobody, VIP, now=at("thu 05:59")) == ("extension", "500", "night-desk")
+    assert route(nobody, VIP, now=at("thu 06:00")) == ("queue", "support", "fallback")
+
+
+def test_fixed_number_for_errors():
+    assert route(CrmAnswer("ERROR", error="http_502"), VIP, now=at("thu 12:00")) == ("mobile", "78005553535", "hotline")
+
+
+def test_trace_explains_every_rule_tried():
+    d = decide(CallInfo("79161234567", "1"), CrmAnswer("NOT_FOUND"), VIP, at("thu 12:00"))
+    reasons = [(t.rule, t.decided) for t in d.trace]
+    assert reasons == [("vip-after-hours", False), ("sales-did", False), ("contact-before-lead", False),
+                       ("anyone-with-work-phone", False), ("night-desk", False), ("hotline", True)]
+
+
+def test_every_variable_is_always_set():
+    for answer in (CrmAnswer("NO_CALLERID"), CrmAnswer("ERROR", error="QUERY_LIMIT_EXCEEDED"), found(entity())):
+        variables = channel_variables(decide(CallInfo(None), answer, POLICY, NOON), "PFX_")
+        assert list(variables) == ["PFX_" + name for name in NAMES]
+
+
+def test_variables_for_a_found_call():
+    d = decide(CallInfo("79161234567"), found(entity(entity_id=12, user="1", work="+7 495 123-00-03")), POLICY, NOON)
+    assert channel_variables(d) == {
+        "B24_STATUS": "FOUND", "B24_ROUTE": "extension", "B24_TARGET": "101", "B24_QUEUE": "support",
+        "B24_EXTENSION": "101", "B24_MOBILE": "79161110101", "B24_WORK_PHONE": "74951230003",
+        "B24_PERSONAL_PHONE": "", "B24_USER_ID": "1", "B24_ENTITY_TYPE": "CONTACT", "B24_ENTITY_ID": "12",
+        "B24_TIMEMAN": "OPENED", "B24_PHONE": "79161234567", "B24_RULE": "owner-at-work", "B24_ERROR": "",
+    }
+
+
+def test_hostile_crm_text_never_reaches_variables():
+    raw = entity(timeman='OPENED"\nEXEC Dial x', user="1")
+    raw["CRM_ENTITY_TYPE"] = "CONTACT,B24_ROUTE=evil"
+    raw["ASSIGNED_BY"]["ID"] = "1&2"
+    d = decide(CallInfo("79161234567"), found(raw), POLICY, NOON)
+    variables = channel_variables(d)
+    assert variables["B24_TIMEMAN"] == "" and variables["B24_ENTITY_TYPE"] == "" and variables["B24_USER_ID"] == ""
+    error = channel_variables(decide(CallInfo(None), CrmAnswer("ERROR", error="bad code\n,x"), POLICY, NOON))
+    assert error["B24_ERROR"] == "portal_error"
