@@ -27,12 +27,6 @@ def default_config(webhook_url: str) -> Config:
     return parse_config(text, "built-in default config", {"AGI_BITRIX_WEBHOOK_URL": webhook_url})
 
 
-def _pretty(phone: str) -> str:
-    if len(phone) == 11 and phone.startswith("7"):
-        return f"+7 {phone[1:4]} {phone[4:7]}-{phone[7:9]}-{phone[9:]}"
-    return phone
-
-
 async def run_demo(listen: str, *, once: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)
@@ -69,7 +63,7 @@ async def run_demo(listen: str, *, once: bool = False) -> int:
 
 
 async def _play_samples(host: str, port: int, prefix: str) -> int:
-    print(f"{'caller':18} {'status':10} {'route':10} {'target':12} {'rule':16} story")
+    print(f"{'caller':18} {'status':12} {'route':10} {'target':12} {'rule':16} story")
     matched = 0
     for index, sample in enumerate(SAMPLE_CALLS, start=1):
         # Present the number as a PBX often does: national format with the trunk prefix 8.
@@ -81,10 +75,10 @@ async def _play_samples(host: str, port: int, prefix: str) -> int:
         ok = (route, target) == (sample.route, sample.target)
         matched += ok
         mark = "" if ok else f"  [expected {sample.route} {sample.target}]"
-        print(f"{_pretty(callerid):18} {v.get(prefix + 'STATUS', '?'):10} {route:10} {target:12}"
+        print(f"{callerid:18} {v.get(prefix + 'STATUS', '?'):12} {route:10} {target:12}"
               f" {v.get(prefix + 'RULE', '?'):16} {sample.story}{mark}")
     anonymous = await fake_call(host, port, callerid="anonymous", uniqueid="demo.anon")
     v = anonymous.variables
-    print(f"{'anonymous':18} {v.get(prefix + 'STATUS', '?'):10} {v.get(prefix + 'ROUTE', '?'):10}"
+    print(f"{'anonymous':18} {v.get(prefix + 'STATUS', '?'):12} {v.get(prefix + 'ROUTE', '?'):10}"
           f" {v.get(prefix + 'TARGET', '?'):12} {v.get(prefix + 'RULE', '?'):16} No caller ID: the portal is not asked.")
     return matched

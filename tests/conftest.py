@@ -1,0 +1,59 @@
+"""Fixtures shared by the tests that run the real server against the portal emulator."""
+
+import textwrap
+
+import pytest
+
+from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.emulator import PortalEmulator
+from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
+from agi_bitrix.config import parse_config
+from agi_bitrix.server import AgiServer
+from agi_bitrix.service import RoutingService
+
+TEST_RULES = """\
+  - name: sales-did
+    match: {did: ["74951112233"]}
+    route: {queue: sales}
+  - name: owner-on-break
+    match: {timeman: [PAUSED]}
+    route: [queue]
+  - name: owner-at-work
+    match: {timeman: [OPENED, UNAVAILABLE, NOT_INSTALLED, ""]}
+    route: [extension, mobile, queue]
+  - name: owner-day-over
+    match: {timeman: [CLOSED, EXPIRED]}
+    route: [mobile, queue]
+"""
+
+
+def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float = 1.0):
+    text = textwrap.dedent(f"""\
+        server: {{listen: "127.0.0.1:4573", header_timeout: {header_timeout}}}
+        bitrix: {{webhook_url: "{webhook_url}", deadline: {deadline}}}
+        routing:
+          fallback_queue: support
+          timezone: Europe/Moscow
+          rules:
+        """) + textwrap.indent(TEST_RULES, "    ")
+    return parse_config(text, "test-config.yaml")
+
+
+@pytest.fixture
+async def portal():
+    emulator = PortalEmulator(SAMPLE_CRM)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+async def agi_server(portal):
+    """A running AgiServer on a free port; yields (host, port, server)."""
+    config = make_config(portal.webhook_url)
+    async with make_session() as session:
+        client = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
+        server = AgiServer(RoutingService(config, client), header_timeout=config.server.header_timeout)
+        host, port = await server.start("127.0.0.1", 0)
+        yield host, port, server
+        await server.close()
