@@ -1,0 +1,210 @@
+"""The portal client on the call path: one POST per method call, every failure a PortalError.
+
+A caller is waiting while this runs, so each request carries one explicit deadline covering
+connection, pool wait and body, and every way the portal (or what stands in front of it) can
+fail maps to a short machine-readable reason the routing layer can act on and log. The webhook
+code in the URL is a password: it never appears in an error, a detail or a chained traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from agi_bitrix import __version__
+from agi_bitrix.bitrix.models import CrmEntity, MalformedAnswer, parse_search_result
+
+SEARCH_CRM_ENTITIES = "telephony.externalCall.searchCrmEntities"
+
+# A searchCrmEntities answer is at most 150 objects of a few hundred bytes; anything near this
+# size is not a portal answer, and reading it whole would let a proxy exhaust our memory.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+# Idle pooled connections are dropped before common front ends (nginx: 60-75 s) close them, so a
+# request rarely lands on a socket the server is closing at that very moment.
+KEEPALIVE_SECONDS = 10.0
+
+# The portal's error codes are identifiers; anything else (a sentence, a newline, a number) is
+# not trusted as a reason because reasons end up in channel variables and logs.
+_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_WEBHOOK_PATH = re.compile(r"^(?P<prefix>[^?#\s]*/rest/[^/?#\s]+/)(?P<code>[^/?#\s]+)/?$")
+# Stops at whitespace and quotes too, so it can also clean URLs quoted inside free text.
+_WEBHOOK_CODE_IN_URL = re.compile(r"(/rest/[^/?#\s\"'<>]+/)[^/?#\s\"'<>]+")
+_SECRET_QUERY_PARAM = re.compile(
+    r"([?&](?:auth|access_token|refresh_token|client_secret)=)[^&#\s\"'<>]*", re.IGNORECASE
+)
+_URL_PASSWORD = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
+_DETAIL_EXCERPT = 160
+
+
+class PortalError(Exception):
+    """The portal could not be asked, or did not answer usefully.
+
+    `reason` is short and machine-readable: "timeout", "connect", "bad_http" (the answer was not
+    valid HTTP), "http_<status>", "bad_json", "bad_result", "too_large", "portal_error" (an error
+    body without a code on HTTP 200) or the portal's own error code ("QUERY_LIMIT_EXCEEDED",
+    "expired_token", ...). `detail` is for humans and logs, and never holds the webhook code.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def redact(url: str) -> str:
+    """Hide the secrets a portal URL can carry: the webhook code, auth tokens, a URL password.
+
+    "https://x.bitrix24.ru/rest/1/abc123/" -> "https://x.bitrix24.ru/rest/1/***/"
+    """
+    url = _WEBHOOK_CODE_IN_URL.sub(r"\1***", url)
+    url = _SECRET_QUERY_PARAM.sub(r"\1***", url)
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def make_session(*, pool_size: int = 20) -> aiohttp.ClientSession:
+    """The one HTTP session of the process: a bounded keep-alive pool. Call it inside the loop."""
+    connector = aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=KEEPALIVE_SECONDS)
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": f"agi-bitrix/{__version__}"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+class PortalClient:
+    def __init__(self, webhook_url: str, session: aiohttp.ClientSession, *, timeout: float) -> None:
+        """`webhook_url` is the inbound webhook, https://PORTAL/rest/USER_ID/CODE/ (slash optional);
+        `timeout` bounds each whole request in seconds."""
+        match = _WEBHOOK_PATH.match(webhook_url)
+        if not webhook_url.startswith(("https://", "http://")) or match is None:
+            # Do not echo the URL: it holds the secret code.
+            raise ValueError("webhook URL must look like https://PORTAL/rest/USER_ID/CODE/")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._base = match["prefix"] + match["code"] + "/"
+        self._code = match["code"]
+        self._session = session
+        self._timeout_seconds = float(timeout)
+        self._timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
+
+    @property
+    def redacted_url(self) -> str:
+        return redact(self._base)
+
+    async def call(self, method: str, params: Mapping[str, Any]) -> Any:
+        """POST `params` form-encoded to METHOD.json and return the answer's `result`."""
+        status, body = await self._post(method, params)
+        return self._result(method, status, body)
+
+    async def search_crm_entities(self, phone: str) -> list[CrmEntity]:
+        """The CRM objects carrying `phone`, best first. `phone` is sent exactly as given."""
+        result = await self.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone})
+        try:
+            return parse_search_result(result)
+        except MalformedAnswer as error:
+            raise self._error("bad_result", SEARCH_CRM_ENTITIES, str(error)) from None
+
+    async def _post(self, method: str, params: Mapping[str, Any]) -> tuple[int, bytes]:
+        # Chained exceptions are dropped (`from None`): aiohttp's messages can quote the full URL.
+        try:
+            async with self._session.post(
+                f"{self._base}{method}.json",
+                data=list(_form_fields(params)),
+                timeout=self._timeout,
+                # A redirect would turn the POST into a GET and lose the parameters.
+                allow_redirects=False,
+            ) as response:
+                return response.status, await self._read_body(method, response)
+        except asyncio.TimeoutError:
+            # Before ClientConnectionError: aiohttp's ServerTimeoutError is both.
+            raise self._error("timeout", method, f"no answer within {self._timeout_seconds:g} s") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
+            raise self._error("connect", method, self._clean(f"{type(error).__name__}: {error}")) from None
+        except aiohttp.ClientResponseError as error:
+            # Raised only when the answer is not parseable HTTP (statuses are not raised here).
+            detail = self._clean(f"{type(error).__name__}: {error.message}")
+            raise self._error("bad_http", method, detail) from None
+        except aiohttp.ClientError as error:
+            raise self._error("connect", method, type(error).__name__) from None
+
+    async def _read_body(self, method: str, response: aiohttp.ClientResponse) -> bytes:
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise self._error(
+                    "too_large", method, f"HTTP {response.status} body over {MAX_BODY_BYTES} bytes"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _result(self, method: str, status: int, body: bytes) -> Any:
+        try:
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            # ValueError covers bad UTF-8 and oversized integers too; RecursionError deep nesting.
+            reason = "bad_json" if status == 200 else f"http_{status}"
+            raise self._error(reason, method, f"HTTP {status}, not JSON: {self._excerpt(body)}") from None
+
+        if isinstance(answer, dict) and ("error" in answer or "error_description" in answer):
+            code = answer.get("error")
+            description = answer.get("error_description")
+            if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
+                reason = code
+            else:
+                reason = f"http_{status}" if status != 200 else "portal_error"
+            detail = f"HTTP {status}, error {self._clean(repr(code))}: {self._clean(str(description))}"
+            raise self._error(reason, method, detail)
+        if status != 200:
+            detail = f"HTTP {status} without an error code: {self._excerpt(body)}"
+            raise self._error(f"http_{status}", method, detail)
+        if not isinstance(answer, dict) or "result" not in answer:
+            raise self._error("bad_result", method, f"HTTP 200 without a result: {self._excerpt(body)}")
+        return answer["result"]
+
+    def _error(self, reason: str, method: str, detail: str) -> PortalError:
+        # `detail` parts from outside went through _clean; this is a last guard for our own text.
+        text = f"{method} at {self.redacted_url}: {detail}"
+        return PortalError(reason, text.replace(self._code, "***"))
+
+    def _clean(self, text: str) -> str:
+        """Text from a peer or a library, fit for one log line and with every secret hidden.
+
+        Secrets are hidden in the whole text before it is cut, so a code straddling the cut
+        cannot leak in part; the whole-text steps run at C speed even on a 4 MiB body.
+        """
+        text = " ".join(redact(text).replace(self._code, "***").split())
+        cut = text[:_DETAIL_EXCERPT]
+        return "".join(char if char.isprintable() else "?" for char in cut) + ("..." if cut != text else "")
+
+    def _excerpt(self, body: bytes) -> str:
+        if not body:
+            return "empty body"
+        return f"{len(body)} bytes: {self._clean(body.decode('utf-8', errors='replace'))}"
+
+
+def _form_fields(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Form fields as PHP reads them: nested values as KEY[SUB], booleans as 1/0, None as ""."""
+    for key, value in params.items():
+        name = f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, Mapping):
+            yield from _form_fields(value, name)
+        elif isinstance(value, (list, tuple)):
+            yield from _form_fields(dict(enumerate(value)), name)
+        elif isinstance(value, bool):
+            yield name, "1" if value else "0"
+        elif value is None:
+            yield name, ""
+        else:
+            yield name, str(value)
