@@ -129,7 +129,8 @@ async def test_empty_phone_number_is_error_core(http, portal, data):
 @pytest.mark.asyncio
 async def test_json_body_that_is_not_json_is_refused(http, portal):
     status, body = await post(
-        http, f"{portal.webhook_url}{SEARCH}.json", data=b"{oops", headers={"Content-Type": "application/json"}
+        http, f"{portal.webhook_url}{SEARCH}.json", data=b"{oops",
+        headers={"Content-Type": "application/json"},
     )
     assert (status, body["error"]) == (400, "INVALID_REQUEST")
 
@@ -147,7 +148,9 @@ def test_normalise_phone_like_the_portal(raw, digits):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("phone, found", [("89161234567", True), ("+7 (916) 123-45-67", True), ("9161234567", False)])
+@pytest.mark.parametrize(
+    "phone, found", [("89161234567", True), ("+7 (916) 123-45-67", True), ("9161234567", False)]
+)
 async def test_search_matches_through_the_normaliser(http, portal, phone, found):
     _, body = await search(http, portal, phone)
     assert bool(body["result"]) is found
@@ -292,7 +295,8 @@ def register_params(**overrides):
 
 
 async def register(http, portal, **overrides):
-    return await post(http, f"{portal.webhook_url}telephony.externalcall.register", data=register_params(**overrides))
+    url = f"{portal.webhook_url}telephony.externalcall.register"
+    return await post(http, url, data=register_params(**overrides))
 
 
 async def finish(http, portal, **params):
@@ -391,13 +395,12 @@ def test_sample_calls_refer_to_the_sample_crm():
 
 
 def test_command_line_serves_the_sample_data():
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "agi_bitrix.bitrix.emulator", "--port", "0", "--rate-limit"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        first_line = process.stdout.readline()
-    finally:
-        process.terminate()
-        process.wait(timeout=5)
+    ) as process:
+        try:
+            first_line = process.stdout.readline()
+        finally:
+            process.terminate()
     assert re.search(r"webhook URL http://127\.0\.0\.1:\d+/rest/1/emulator-secret/", first_line)

@@ -1,10 +1,11 @@
 """An in-process Bitrix24 portal, faithful where this project depends on the portal's behaviour.
 
 It serves inbound-webhook URLs (/rest/USER_ID/CODE/METHOD[.json]) over real HTTP so the real
-client, timeouts and connection handling are exercised, and it answers the way the portal does
-(see docs in /work/shared/reference): numbers as JSON numbers, string user ids, `{"result", "time"}`
-on success, `{"error", "error_description"}` with the portal's HTTP statuses on failure, method
-names in any case, parameters from the query string, a form or a JSON body.
+client, timeouts and connection handling are exercised, and it answers the way the REST
+documentation and the portal's code say the portal does: numbers as JSON numbers, string user
+ids, `{"result", "time"}` on success, `{"error", "error_description"}` with the portal's HTTP
+statuses on failure, method names in any case, parameters from the query string, a form or a
+JSON body.
 
 Tests and the demo steer it in-process: `set_client` edits the CRM, `fail` injects faults (a
 slow or hung portal, a proxy's HTML page, garbage, a dropped connection) and `requests` records
@@ -322,7 +323,8 @@ class PortalEmulator:
         if fault.kind == "bad_json":
             return web.Response(status=200, body=options["body"], content_type="application/json")
         if fault.kind == "malformed":
-            return _json_response(200, {"result": options["result"], "time": _time_block(time.time(), time.time())})
+            now = time.time()
+            return _json_response(200, {"result": options["result"], "time": _time_block(now, now)})
         # disconnect: drop the connection; aiohttp then quietly skips writing the response.
         transport = request.transport
         assert transport is not None
@@ -401,7 +403,11 @@ class PortalEmulator:
     def _user_get(self, params: dict[str, Any]) -> dict[str, Any]:
         # user.get takes its filter as FILTER[...] or, in the older form, as the parameters themselves.
         conditions = params.get("FILTER") if isinstance(params.get("FILTER"), dict) else params
-        conditions = {key.upper(): value for key, value in conditions.items() if key.upper() not in ("SORT", "ORDER", "START")}
+        conditions = {
+            key.upper(): value
+            for key, value in conditions.items()
+            if key.upper() not in ("SORT", "ORDER", "START")
+        }
         users = [
             user
             for user in (self._user_record(user_id) for user_id in sorted(self._users, key=_numeric_first))
@@ -592,8 +598,8 @@ async def _serve(host: str, port: int, rate_limit: tuple[float, int] | None) -> 
     emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, rate_limit=rate_limit)
     url = await emulator.start(host, port)
     print(f"Bitrix24 portal emulator: webhook URL {url}", flush=True)
-    print(f"Try: curl '{url}telephony.externalCall.searchCrmEntities.json?PHONE_NUMBER={SAMPLE_CALLS[0].phone}'",
-          flush=True)
+    example = f"{url}telephony.externalCall.searchCrmEntities.json?PHONE_NUMBER={SAMPLE_CALLS[0].phone}"
+    print(f"Try: curl '{example}'", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
