@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -99,28 +98,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_server(config: Config, host: str, port: int) -> int:
-    from agi_bitrix.bitrix.client import PortalClient, make_session
-    from agi_bitrix.server import AgiServer
-    from agi_bitrix.service import RoutingService
+    from agi_bitrix.app import Application, until_stopped
 
     log = logging.getLogger("agi_bitrix")
-    async with make_session() as session:
-        portal = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
-        server = AgiServer(RoutingService(config, portal), header_timeout=config.server.header_timeout)
-        try:
-            bound = await server.start(host, port)
-        except OSError as error:
-            log.error("cannot listen on %s:%s: %s", host, port, error.strerror)
-            return 1
-        log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)",
-                 __version__, bound[0], bound[1], portal.redacted_url, config.path, config.digest[:12])
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping")
-        await server.close()
+    app = Application(config)
+    try:
+        await app.start(host, port)
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", host, port, error.strerror)
+        return 1
+    await until_stopped()
+    log.info("stopping")
+    await app.stop()
     return 0
 
 

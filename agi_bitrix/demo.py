@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from importlib import resources
 
 from agi_bitrix.agi.fake_asterisk import fake_call
-from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.app import Application, until_stopped
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.sample_data import SAMPLE_CALLS, SAMPLE_CRM
 from agi_bitrix.config import Config, parse_config, parse_listen
-from agi_bitrix.server import AgiServer
-from agi_bitrix.service import RoutingService
 
 
 def default_config(webhook_url: str) -> Config:
@@ -33,33 +30,26 @@ async def run_demo(listen: str, *, once: bool = False) -> int:
     emulator = PortalEmulator(SAMPLE_CRM)
     webhook_url = await emulator.start()
     config = default_config(webhook_url)
+    app = Application(config)
     try:
-        async with make_session() as session:
-            portal = PortalClient(webhook_url, session, timeout=config.bitrix.deadline)
-            server = AgiServer(RoutingService(config, portal), header_timeout=config.server.header_timeout)
-            try:
-                host, port = await server.start(host, port)
-            except OSError:
-                print(f"{listen} is taken; using a free port instead")
-                host, port = await server.start(host, 0)
-            print(f"Bitrix24 emulator: {portal.redacted_url} ({len(SAMPLE_CRM)} sample clients)")
-            print(f"FastAGI server:    agi://{host}:{port}/route (shipped default rules)\n")
-            matched = await _play_samples(host, port, config.variable_prefix)
-            print(f"\n{matched} of {len(SAMPLE_CALLS)} calls went where the default policy says.")
-            if once:
-                await server.close()
-                return 0 if matched == len(SAMPLE_CALLS) else 1
-            print(f"\nServing until Ctrl-C. In the dialplan: AGI(agi://{host}:{port}/route), e.g. caller"
-                  " ID 89161234567 reaches extension 101.")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            await server.close()
+        try:
+            host, port = await app.start(host, port)
+        except OSError:
+            print(f"{listen} is taken; using a free port instead")
+            host, port = await app.start(host, 0)
+        print(f"Bitrix24 emulator: {app.portal.redacted_url} ({len(SAMPLE_CRM)} sample clients)")
+        print(f"FastAGI server:    agi://{host}:{port}/route (shipped default rules)\n")
+        matched = await _play_samples(host, port, config.variable_prefix)
+        print(f"\n{matched} of {len(SAMPLE_CALLS)} calls went where the default policy says.")
+        if once:
+            return 0 if matched == len(SAMPLE_CALLS) else 1
+        print(f"\nServing until Ctrl-C. In the dialplan: AGI(agi://{host}:{port}/route), e.g. caller"
+              " ID 89161234567 reaches extension 101.")
+        await until_stopped()
+        return 0
     finally:
+        await app.stop()
         await emulator.stop()
-    return 0
 
 
 async def _play_samples(host: str, port: int, prefix: str) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.server import AgiChannel
 from agi_bitrix.bitrix.client import PortalClient, PortalError
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
@@ -72,6 +73,26 @@ class RoutingService:
         variables = channel_variables(decision, config.variable_prefix)
         return RoutedCall(request, call, answer, decision, variables, time.monotonic() - started)
 
+    async def handle_route(self, request: AgiRequest, channel: AgiChannel) -> None:
+        """The `route` script: decide and set the variables; a bug still yields the fallback route."""
+        uniqueid = request.get("agi_uniqueid") or "-"
+        try:
+            routed = await self.route(request)
+        except Exception:
+            log.exception("call %s: routing failed; sending the fallback route", uniqueid)
+            variables = self.fallback_variables("internal")
+        else:
+            variables = routed.variables
+            _log_call(uniqueid, routed)
+        if not await channel.set_variables(variables):
+            log.info("call %s: the channel went away before its variables were set", uniqueid)
+
+    async def handle_unknown_script(self, request: AgiRequest, channel: AgiChannel) -> None:
+        """A typo in the dialplan's AGI path must not leave the call without a route."""
+        log.warning("call %s asked for unknown script %r; sending the fallback route",
+                    request.get("agi_uniqueid") or "-", request.script)
+        await channel.set_variables(self.fallback_variables("unknown_script"))
+
     def fallback_variables(self, reason: str) -> dict[str, str]:
         """Variables for a call we could not route normally (an internal failure)."""
         # Built by hand, not by the rules: this path must work even if deciding is what failed.
@@ -80,3 +101,12 @@ class RoutingService:
                             rule=FALLBACK_RULE, phone="", fallback_queue=policy.fallback_queue,
                             error=reason)
         return channel_variables(decision, self.config.variable_prefix)
+
+
+def _log_call(uniqueid: str, routed: RoutedCall) -> None:
+    d = routed.decision
+    log.info(
+        "call %s phone=%s status=%s route=%s target=%s rule=%s error=%s latency_ms=%.0f",
+        uniqueid, d.phone or "-", d.status, d.route, d.target, d.rule, d.error or "-",
+        routed.seconds * 1000,
+    )

@@ -4,12 +4,10 @@ import textwrap
 
 import pytest
 
-from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.app import Application
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
 from agi_bitrix.config import parse_config
-from agi_bitrix.server import AgiServer
-from agi_bitrix.service import RoutingService
 
 TEST_RULES = """\
   - name: sales-did
@@ -49,11 +47,8 @@ async def portal():
 
 @pytest.fixture
 async def agi_server(portal):
-    """A running AgiServer on a free port; yields (host, port, server)."""
-    config = make_config(portal.webhook_url)
-    async with make_session() as session:
-        client = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
-        server = AgiServer(RoutingService(config, client), header_timeout=config.server.header_timeout)
-        host, port = await server.start("127.0.0.1", 0)
-        yield host, port, server
-        await server.close()
+    """The whole application on a free port, against the emulator; yields (host, port, app)."""
+    app = Application(make_config(portal.webhook_url))
+    host, port = await app.start("127.0.0.1", 0)
+    yield host, port, app
+    await app.stop()

@@ -4,7 +4,9 @@ import asyncio
 import time
 
 import pytest
+from tests.conftest import make_config
 
+from agi_bitrix.app import Application
 from agi_bitrix.agi.fake_asterisk import asterisk_header, command_words, fake_call, mset_pairs
 
 
@@ -98,20 +100,12 @@ async def test_rules_that_need_no_crm_still_apply_when_the_portal_fails(agi_serv
 
 
 async def test_refused_connection_is_connect_error(unused_tcp_port):
-    from tests.conftest import make_config
-    from agi_bitrix.bitrix.client import PortalClient, make_session
-    from agi_bitrix.server import AgiServer
-    from agi_bitrix.service import RoutingService
-
-    config = make_config(f"http://127.0.0.1:{unused_tcp_port}/rest/1/code/")
-    async with make_session() as session:
-        server = AgiServer(RoutingService(config, PortalClient(config.bitrix.webhook_url, session, timeout=1.0)),
-                           header_timeout=1.0)
-        host, port = await server.start("127.0.0.1", 0)
-        try:
-            v = (await fake_call(host, port, callerid="89161234567")).variables
-        finally:
-            await server.close()
+    app = Application(make_config(f"http://127.0.0.1:{unused_tcp_port}/rest/1/code/"))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        v = (await fake_call(host, port, callerid="89161234567")).variables
+    finally:
+        await app.stop()
     assert (v["B24_STATUS"], v["B24_ERROR"], v["B24_TARGET"]) == ("ERROR", "connect", "support")
 
 
