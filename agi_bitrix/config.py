@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import time
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,21 +63,55 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 4573
     header_timeout: float = 5.0
+    session_timeout: float = 30.0
+    max_sessions: int = 1000
+    allowed_clients: tuple[IPv4Network | IPv6Network, ...] = LOOPBACK
 
 
 @dataclass(frozen=True)
 class BitrixSettings:
     webhook_url: str
     deadline: float = 2.0
+    # The portal's leaky bucket drains 2 requests/s and blocks at 50 (Enterprise: 5 and 250);
+    # the default burst leaves room for the portal's other integrations.
+    rate_per_second: float = 2.0
+    rate_burst: int = 40
+    pool_size: int = 10
+    breaker_failures: int = 5
+    breaker_cool_down: float = 10.0
 
     @property
     def is_placeholder(self) -> bool:
         return _PLACEHOLDER_CODE in self.webhook_url
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    found_ttl: float = 60.0
+    not_found_ttl: float = 30.0
+    stale_for: float = 3600.0  # on a portal failure, an answer up to this old is used instead
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    port: int = 9573
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class CallLogSettings:
+    format: str = "plain"  # plain | json
+    mask_numbers: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +122,9 @@ class Config:
     variable_prefix: str
     policy: RoutingPolicy
     digest: str  # sha256 of the file, to tell which version is loaded
+    cache: CacheSettings = CacheSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    call_log: CallLogSettings = CallLogSettings()
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -129,15 +167,37 @@ class _Checker:
                 self.problem(mapping.lines.get(key, mapping.line), _join(path, key), f"unknown key; {advice}")
 
     def number(self, mapping: LocatedDict, key: str, path: str, default: float,
-               low: float, high: float) -> float:
+               low: float, high: float, unit: str = "seconds", zero_allowed: bool = False) -> float:
+        """A number in (low, high]; with zero_allowed, 0 too (it switches something off)."""
         if key not in mapping:
             return default
         value = mapping[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or not (low < value <= high or (zero_allowed and value == 0)):
+            bounds = f"from {low:g} to {high:g}" if zero_allowed else f"above {low:g} and at most {high:g}"
             self.problem(mapping.lines[key], _join(path, key),
-                         f"expected a number of seconds above {low:g} and at most {high:g}, got {value!r}")
+                         f"expected a number of {unit} {bounds}, got {value!r}")
             return default
         return float(value)
+
+    def integer(self, mapping: LocatedDict, key: str, path: str, default: int, low: int, high: int) -> int:
+        if key not in mapping:
+            return default
+        value = mapping[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.problem(mapping.lines[key], _join(path, key),
+                         f"expected a whole number from {low} to {high}, got {value!r}")
+            return default
+        return value
+
+    def flag(self, mapping: LocatedDict, key: str, path: str, default: bool) -> bool:
+        if key not in mapping:
+            return default
+        value = mapping[key]
+        if not isinstance(value, bool):
+            self.problem(mapping.lines[key], _join(path, key), f"expected true or false, got {value!r}")
+            return default
+        return value
 
     def text(self, mapping: LocatedDict, key: str, path: str, default: str | None = None) -> str | None:
         if key not in mapping:
@@ -228,10 +288,16 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         data = LocatedDict()
     if not isinstance(data, LocatedDict):
         raise ConfigError([Problem(file, 1, "", "the file must be a mapping of sections")])
-    check.unknown_keys(data, "", ("server", "bitrix", "phones", "variables", "routing"))
+    check.unknown_keys(data, "", _SECTIONS)
 
-    server = _server(check, check.section(data, "server", "server", ("listen", "header_timeout")))
-    bitrix = _bitrix(check, check.section(data, "bitrix", "bitrix", ("webhook_url", "deadline")), environ)
+    server = _server(check, check.section(data, "server", "server", (
+        "listen", "header_timeout", "session_timeout", "max_sessions", "allowed_clients")))
+    bitrix = _bitrix(check, check.section(data, "bitrix", "bitrix", (
+        "webhook_url", "deadline", "rate_limit", "pool_size", "breaker")), environ)
+    cache = _cache(check, check.section(data, "cache", "cache", (
+        "found_ttl", "not_found_ttl", "stale_for", "max_entries")))
+    metrics = _metrics(check, check.section(data, "metrics", "metrics", ("listen",)))
+    call_log = _call_log(check, check.section(data, "call_log", "call_log", ("format", "mask_numbers")))
     phones = check.section(data, "phones", "phones", ("default_country",))
     country = (check.text(phones, "default_country", "phones") or "RU").upper()
     if country not in phonenumbers.SUPPORTED_REGIONS:
@@ -250,7 +316,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if check.problems:
         # In file order, as an admin reads the file; the sort is stable within a line.
         raise ConfigError(sorted(check.problems, key=lambda p: p.line))
-    return Config(file, server, bitrix, prefix, policy, digest)
+    return Config(file, server, bitrix, prefix, policy, digest, cache, metrics, call_log)
+
+
+_SECTIONS = ("server", "bitrix", "phones", "variables", "routing", "cache", "metrics", "call_log")
 
 
 def _server(check: _Checker, section: LocatedDict) -> ServerSettings:
@@ -261,8 +330,18 @@ def _server(check: _Checker, section: LocatedDict) -> ServerSettings:
             host, port = parse_listen(listen)
         except ValueError as error:
             check.problem(section.lines["listen"], "server.listen", str(error))
-    timeout = check.number(section, "header_timeout", "server", 5.0, 0, 60)
-    return ServerSettings(host, port, timeout)
+    header_timeout = check.number(section, "header_timeout", "server", 5.0, 0, 60)
+    session_timeout = check.number(section, "session_timeout", "server", 30.0, 0, 3600)
+    max_sessions = check.integer(section, "max_sessions", "server", 1000, 1, 100_000)
+    allowed: list[IPv4Network | IPv6Network] = []
+    items = check.items(section, "allowed_clients", "server")
+    for line, item_path, value in items or []:
+        try:
+            allowed.append(ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            check.problem(line, item_path, f"{value!r} is not an address or network like 10.0.0.0/24")
+    return ServerSettings(host, port, header_timeout, session_timeout, max_sessions,
+                          tuple(allowed) if items is not None else LOOPBACK)
 
 
 def _bitrix(check: _Checker, section: LocatedDict, environ: Mapping[str, str]) -> BitrixSettings:
@@ -279,7 +358,43 @@ def _bitrix(check: _Checker, section: LocatedDict, environ: Mapping[str, str]) -
             check.problem(section.lines.get("webhook_url", section.line), where,
                           "expected an http(s) URL like https://PORTAL/rest/USER_ID/CODE/")
     deadline = check.number(section, "deadline", "bitrix", 2.0, 0, 30)
-    return BitrixSettings(url, deadline)
+    rate = check.section(section, "rate_limit", "bitrix.rate_limit", ("per_second", "burst"))
+    per_second = check.number(rate, "per_second", "bitrix.rate_limit", 2.0, 0, 10_000, "requests per second")
+    burst = check.integer(rate, "burst", "bitrix.rate_limit", 40, 1, 100_000)
+    pool_size = check.integer(section, "pool_size", "bitrix", 10, 1, 1000)
+    breaker = check.section(section, "breaker", "bitrix.breaker", ("failures", "cool_down"))
+    failures = check.integer(breaker, "failures", "bitrix.breaker", 5, 1, 1000)
+    cool_down = check.number(breaker, "cool_down", "bitrix.breaker", 10.0, 0, 3600)
+    return BitrixSettings(url, deadline, per_second, burst, pool_size, failures, cool_down)
+
+
+def _cache(check: _Checker, section: LocatedDict) -> CacheSettings:
+    # 0 switches that part of the cache off.
+    found = check.number(section, "found_ttl", "cache", 60.0, 0, 86400, zero_allowed=True)
+    not_found = check.number(section, "not_found_ttl", "cache", 30.0, 0, 86400, zero_allowed=True)
+    stale = check.number(section, "stale_for", "cache", 3600.0, 0, 7 * 86400, zero_allowed=True)
+    entries = check.integer(section, "max_entries", "cache", 100_000, 0, 10_000_000)
+    return CacheSettings(found, not_found, stale, entries)
+
+
+def _metrics(check: _Checker, section: LocatedDict) -> MetricsSettings:
+    listen = section.get("listen", "127.0.0.1:9573")
+    if listen in (None, False, "", "off"):  # YAML reads an unquoted off as false
+        return MetricsSettings(enabled=False)
+    try:
+        host, port = parse_listen(str(listen))
+    except ValueError as error:
+        check.problem(section.lines.get("listen", section.line), "metrics.listen", f"{error}, or off")
+        return MetricsSettings()
+    return MetricsSettings(host, port)
+
+
+def _call_log(check: _Checker, section: LocatedDict) -> CallLogSettings:
+    log_format = (check.text(section, "format", "call_log", "plain") or "plain").lower()
+    if log_format not in ("plain", "json"):
+        check.problem(section.lines["format"], "call_log.format", f"{log_format!r} is not plain or json")
+        log_format = "plain"
+    return CallLogSettings(log_format, check.flag(section, "mask_numbers", "call_log", False))
 
 
 def _routing(check: _Checker, section: LocatedDict, country: str) -> RoutingPolicy:

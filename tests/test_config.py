@@ -158,3 +158,44 @@ def test_rule_forms():
 def test_prefer_needs_objects_all():
     assert problems(BASE + "  rules:\n    - {name: a, prefer: [LEAD], route: queue}\n") == [
         "test.yaml:6: routing.rules[a].prefer: only makes sense with objects: all"]
+
+
+def test_operational_settings():
+    config = parse_config(BASE + textwrap.dedent("""\
+        server:
+          session_timeout: 20
+          max_sessions: 500
+          allowed_clients: [10.0.0.5, "192.168.1.0/24", "::1"]
+        cache: {found_ttl: 0, not_found_ttl: 10, stale_for: 600, max_entries: 1000}
+        metrics: {listen: off}
+        call_log: {format: json, mask_numbers: true}
+        """))
+    assert [str(n) for n in config.server.allowed_clients] == ["10.0.0.5/32", "192.168.1.0/24", "::1/128"]
+    assert (config.server.session_timeout, config.server.max_sessions) == (20.0, 500)
+    assert (config.cache.found_ttl, config.cache.not_found_ttl, config.cache.stale_for) == (0.0, 10.0, 600.0)
+    assert not config.metrics.enabled
+    assert (config.call_log.format, config.call_log.mask_numbers) == ("json", True)
+    defaults = parse_config(BASE)
+    assert [str(n) for n in defaults.server.allowed_clients] == ["127.0.0.0/8", "::1/128"]
+    assert (defaults.bitrix.rate_per_second, defaults.bitrix.rate_burst) == (2.0, 40)
+    assert (defaults.metrics.host, defaults.metrics.port) == ("127.0.0.1", 9573)
+
+
+def test_operational_mistakes():
+    text = BASE.replace("bitrix:\n", "bitrix:\n  rate_limit: {per_second: 0, burst: 2.5}\n  breaker: {failures: 0}\n") + textwrap.dedent("""\
+        server: {allowed_clients: [everyone], max_sessions: 0}
+        cache: {found_ttl: -1}
+        metrics: {listen: nowhere}
+        call_log: {format: xml, mask_numbers: "yes"}
+        """)
+    assert problems(text) == [
+        "test.yaml:2: bitrix.rate_limit.per_second: expected a number of requests per second above 0 and at most 10000, got 0",
+        "test.yaml:2: bitrix.rate_limit.burst: expected a whole number from 1 to 100000, got 2.5",
+        "test.yaml:3: bitrix.breaker.failures: expected a whole number from 1 to 1000, got 0",
+        "test.yaml:7: server.max_sessions: expected a whole number from 1 to 100000, got 0",
+        "test.yaml:7: server.allowed_clients[0]: 'everyone' is not an address or network like 10.0.0.0/24",
+        "test.yaml:8: cache.found_ttl: expected a number of seconds from 0 to 86400, got -1",
+        "test.yaml:9: metrics.listen: expected HOST:PORT, got 'nowhere', or off",
+        "test.yaml:10: call_log.format: 'xml' is not plain or json",
+        "test.yaml:10: call_log.mask_numbers: expected true or false, got 'yes'",
+    ]
