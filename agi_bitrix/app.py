@@ -9,6 +9,7 @@ import signal
 
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.config import Config
 from agi_bitrix.server import AgiServer
 from agi_bitrix.service import RoutingService
@@ -21,16 +22,18 @@ class Application:
         self.config = config
         self.session = None
         self.portal: PortalClient | None = None
+        self.lookup: CrmLookup | None = None
         self.service: RoutingService | None = None
         self.server: AgiServer | None = None
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         config = self.config
-        self.session = make_session()
+        self.session = make_session(pool_size=config.bitrix.pool_size)
         try:
             self.portal = PortalClient(config.bitrix.webhook_url, self.session, timeout=config.bitrix.deadline)
-            self.service = RoutingService(config, self.portal)
+            self.lookup = CrmLookup(self.portal, config.bitrix, config.cache)
+            self.service = RoutingService(config, self.lookup)
             handlers = {"route": self.service.handle_route, "": self.service.handle_route}
             self.server = AgiServer(handlers, self.service.handle_unknown_script,
                                     header_timeout=config.server.header_timeout)

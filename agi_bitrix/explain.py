@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.config import Config
 from agi_bitrix.service import RoutedCall, RoutingService
 
@@ -47,5 +48,6 @@ async def explain_call(config: Config, phone: str, did: str = "") -> str:
                          args=(phone, did))
     async with make_session() as session:
         portal = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
-        routed = await RoutingService(config, portal).route(request)
+        lookup = CrmLookup(portal, config.bitrix, config.cache)
+        routed = await RoutingService(config, lookup).route(request)
         return render(routed, portal.redacted_url)

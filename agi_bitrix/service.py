@@ -7,7 +7,6 @@ a bug — the call gets the full set of variables and a route, within the lookup
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -16,10 +15,11 @@ from datetime import datetime, timezone
 
 from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.server import AgiChannel
-from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
-from agi_bitrix.routing.engine import FALLBACK_RULE, CallInfo, CrmAnswer, Decision, decide
+from agi_bitrix.routing.engine import FALLBACK_RULE, CallInfo, Decision, decide
 from agi_bitrix.routing.variables import channel_variables
 
 log = logging.getLogger("agi_bitrix.calls")
@@ -44,31 +44,18 @@ def call_info(request: AgiRequest, default_country: str) -> CallInfo:
 
 
 class RoutingService:
-    def __init__(self, config: Config, portal: PortalClient,
+    def __init__(self, config: Config, lookup: CrmLookup,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self.config = config
-        self.portal = portal
+        self.lookup = lookup
         self.clock = clock
-
-    async def lookup(self, phone: str | None) -> CrmAnswer:
-        if phone is None:
-            return CrmAnswer("NO_CALLERID")
-        try:
-            async with asyncio.timeout(self.config.bitrix.deadline):
-                entities = await self.portal.search_crm_entities(phone)
-        except TimeoutError:
-            return CrmAnswer("ERROR", error="timeout")
-        except PortalError as error:
-            log.warning("portal lookup for %s failed: %s (%s)", phone, error.reason, error.detail)
-            return CrmAnswer("ERROR", error=error.reason)
-        return CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities))
 
     async def route(self, request: AgiRequest) -> RoutedCall:
         started = time.monotonic()
         config = self.config  # one config for the whole call, even if a reload swaps it meanwhile
         policy = config.policy
         call = call_info(request, policy.default_country)
-        answer = await self.lookup(call.phone)
+        answer = CrmAnswer("NO_CALLERID") if call.phone is None else await self.lookup.lookup(call.phone)
         decision = decide(call, answer, policy, self.clock())
         variables = channel_variables(decision, config.variable_prefix)
         return RoutedCall(request, call, answer, decision, variables, time.monotonic() - started)

@@ -91,7 +91,7 @@ async def test_serve_routes_a_call_and_never_logs_the_webhook_code(portal):
         result = await fake_call("127.0.0.1", port, callerid="89161234567")
         assert result.variables["B24_TARGET"] == "101"
         portal.fail("error", status=401, code="INVALID_CREDENTIALS", description="Invalid request credentials")
-        result = await fake_call("127.0.0.1", port, callerid="89161234567")
+        result = await fake_call("127.0.0.1", port, callerid="89262345678")  # not cached yet
         assert result.variables["B24_ERROR"] == "INVALID_CREDENTIALS"
     finally:
         process.send_signal(signal.SIGTERM)

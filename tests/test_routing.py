@@ -215,6 +215,7 @@ def test_variables_for_a_found_call():
         "B24_EXTENSION": "101", "B24_MOBILE": "79161110101", "B24_WORK_PHONE": "74951230003",
         "B24_PERSONAL_PHONE": "", "B24_USER_ID": "1", "B24_ENTITY_TYPE": "CONTACT", "B24_ENTITY_ID": "12",
         "B24_TIMEMAN": "OPENED", "B24_PHONE": "79161234567", "B24_RULE": "owner-at-work", "B24_ERROR": "",
+        "B24_CACHE": "",
     }
 
 

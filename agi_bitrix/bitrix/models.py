@@ -37,6 +37,21 @@ class CrmEntity:
     owner: Owner | None
 
 
+@dataclass(frozen=True)
+class CrmAnswer:
+    """The outcome of a lookup, as routing sees it.
+
+    status: FOUND | NOT_FOUND | NO_CALLERID | ERROR. error: why the portal could not answer
+    (also set when a stale cached answer stands in). cache: "hit", "miss", "stale", or "" when
+    nothing was looked up.
+    """
+
+    status: str
+    entities: tuple[CrmEntity, ...] = ()
+    error: str = ""
+    cache: str = ""
+
+
 def _text(value: Any) -> str:
     """Portal scalars as text: None -> "", 42 -> "42", " x " -> "x"; lists/dicts are not scalars."""
     if value is None or isinstance(value, bool):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from agi_bitrix.bitrix.models import CrmEntity
+from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
 from agi_bitrix.phones import normalize_extension, normalize_number
 from agi_bitrix.routing.rules import Match, Rule, RoutingPolicy, Target
 
@@ -26,15 +26,6 @@ class CallInfo:
 
     phone: str | None
     did: str = ""
-
-
-@dataclass(frozen=True)
-class CrmAnswer:
-    """The outcome of the portal lookup: a status, the objects in portal order, an error reason."""
-
-    status: str
-    entities: tuple[CrmEntity, ...] = ()
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +59,7 @@ class Decision:
     entity: CrmEntity | None = None
     owner_phones: OwnerPhones = OwnerPhones()
     error: str = ""
+    cache: str = ""
     trace: tuple[RuleTrace, ...] = ()
 
 
@@ -110,6 +102,7 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
             entity=entity,
             owner_phones=phones,
             error=answer.error,
+            cache=answer.cache,
             trace=tuple(trace),
         )
     first = answer.entities[0] if answer.entities else None
@@ -124,6 +117,7 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
         entity=first,
         owner_phones=owner_phones(first, policy.default_country),
         error=answer.error,
+        cache=answer.cache,
         trace=tuple(trace),
     )
 

@@ -33,6 +33,7 @@ NAMES = (
     "PHONE",
     "RULE",
     "ERROR",
+    "CACHE",
 )
 
 
@@ -60,5 +61,6 @@ def channel_variables(decision: Decision, prefix: str = "B24_") -> dict[str, str
         "PHONE": _only(_DIGITS, decision.phone),
         "RULE": _only(_TOKEN, decision.rule),
         "ERROR": _only(_TOKEN, decision.error) or ("portal_error" if decision.error else ""),
+        "CACHE": decision.cache,
     }
     return {prefix + name: values[name] for name in NAMES}

@@ -1,0 +1,212 @@
+"""Cache, rate limiter, circuit breaker and the lookup that combines them."""
+
+import asyncio
+import time
+
+import pytest
+
+from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from agi_bitrix.bitrix.cache import AnswerCache
+from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.models import CrmAnswer
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.config import BitrixSettings, CacheSettings
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+FOUND = CrmAnswer("FOUND", ())
+NOT_FOUND = CrmAnswer("NOT_FOUND")
+
+
+def test_cache_ttls_and_stale_age():
+    clock = Clock()
+    cache = AnswerCache(CacheSettings(found_ttl=60, not_found_ttl=10, stale_for=600), clock)
+    cache.store("1", FOUND)
+    cache.store("2", NOT_FOUND)
+    cache.store("3", CrmAnswer("ERROR", error="timeout"))  # failures are never cached
+    assert cache.fresh("1") is FOUND and cache.fresh("2") is NOT_FOUND and cache.fresh("3") is None
+    clock.now += 30
+    assert cache.fresh("1") is FOUND and cache.fresh("2") is None
+    assert cache.stale("2") is NOT_FOUND
+    clock.now += 600
+    assert cache.fresh("1") is None and cache.stale("1") is None and len(cache) == 1
+
+
+def test_cache_is_bounded_least_recently_used_first():
+    cache = AnswerCache(CacheSettings(max_entries=2), Clock())
+    cache.store("1", FOUND)
+    cache.store("2", FOUND)
+    cache.fresh("1")
+    cache.store("3", FOUND)
+    assert cache.fresh("2") is None and cache.fresh("1") and cache.fresh("3")
+    off = AnswerCache(CacheSettings(max_entries=0), Clock())
+    off.store("1", FOUND)
+    assert len(off) == 0
+
+
+def test_limiter_allows_a_burst_then_the_drain_rate():
+    clock = Clock()
+    limiter = RateLimiter(per_second=2, burst=5, clock=clock)
+    assert [limiter.reserve(max_wait=0) for _ in range(5)] == [0.0] * 5
+    assert limiter.reserve(max_wait=0) is None  # the bucket is full and we cannot wait
+    assert limiter.reserve(max_wait=1.0) == pytest.approx(0.5)
+    assert limiter.reserve(max_wait=1.0) == pytest.approx(1.0)
+    assert limiter.reserve(max_wait=1.0) is None  # 1.5 s away: not booked
+    clock.now += 10
+    assert limiter.reserve(max_wait=0) == 0.0
+
+
+def test_limiter_never_exceeds_the_portal_bucket():
+    """Simulate the portal's own leaky bucket and check we never overflow it."""
+    clock = Clock()
+    limiter = RateLimiter(per_second=2, burst=50, clock=clock)
+    level, sent = 0.0, 0
+    for step in range(2000):  # 200 s of offered load at 10 requests/s
+        clock.now += 0.1
+        level = max(0.0, level - 0.2)
+        wait = limiter.reserve(max_wait=0)
+        if wait is not None:
+            level += 1
+            sent += 1
+            assert level <= 50
+    assert 390 <= sent <= 460  # ~2/s plus the initial burst
+
+
+def test_limiter_backs_off_longer_each_time_and_recovers():
+    clock = Clock()
+    limiter = RateLimiter(per_second=2, burst=10, clock=clock)
+    assert limiter.back_off() == 2.0
+    assert limiter.reserve(max_wait=1.9) is None
+    assert limiter.back_off() == 4.0
+    clock.now += 4
+    assert limiter.reserve(max_wait=0) == 0.0
+    limiter.succeeded()
+    assert limiter.back_off() == 2.0
+
+
+def test_breaker_opens_probes_and_recovers():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=3, cool_down=10, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failed()
+    breaker.succeeded()  # a success resets the count
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.failed()
+    assert breaker.state == OPEN and not breaker.allow()
+    clock.now += 10
+    assert breaker.allow() and breaker.state == HALF_OPEN
+    assert not breaker.allow()  # one probe at a time
+    breaker.failed()
+    assert breaker.state == OPEN and not breaker.allow()
+    clock.now += 10
+    assert breaker.allow()
+    breaker.abandoned()
+    assert breaker.allow()
+    breaker.succeeded()
+    assert breaker.state == CLOSED and breaker.allow()
+
+
+def settings(**bitrix):
+    defaults = dict(webhook_url="", deadline=0.5, rate_per_second=1000.0, rate_burst=1000,
+                    breaker_failures=3, breaker_cool_down=0.3)
+    defaults.update(bitrix)
+    return BitrixSettings(**defaults)
+
+
+@pytest.fixture
+async def make_lookup(portal):
+    async with make_session() as session:
+        def build(cache=CacheSettings(), **bitrix):
+            client = PortalClient(portal.webhook_url, session, timeout=bitrix.get("deadline", 0.5))
+            return CrmLookup(client, settings(**bitrix), cache)
+        yield build
+
+
+async def test_cache_hit_spares_the_portal(make_lookup, portal):
+    lookup = make_lookup()
+    first = await lookup.lookup("79161234567")
+    second = await lookup.lookup("79161234567")
+    assert (first.status, first.cache, second.status, second.cache) == ("FOUND", "miss", "FOUND", "hit")
+    assert len(portal.requests) == 1
+    missing = [await lookup.lookup("79990000000") for _ in range(3)]
+    assert [a.cache for a in missing] == ["miss", "hit", "hit"] and len(portal.requests) == 2
+
+
+async def test_single_flight_shares_one_request(make_lookup, portal):
+    lookup = make_lookup()
+    portal.fail("slow", delay=0.2)
+    answers = await asyncio.gather(*(lookup.lookup("79161234567") for _ in range(50)))
+    assert {a.status for a in answers} == {"FOUND"}
+    assert len(portal.requests) == 1
+
+
+async def test_stale_answer_when_the_portal_fails(make_lookup, portal):
+    lookup = make_lookup(cache=CacheSettings(found_ttl=0.01, stale_for=60))
+    await lookup.lookup("79161234567")
+    await asyncio.sleep(0.02)
+    portal.fail("html", status=502)
+    answer = await lookup.lookup("79161234567")
+    assert (answer.status, answer.cache, answer.error) == ("FOUND", "stale", "http_502")
+    assert answer.entities[0].entity_id == "12"
+    unknown = await lookup.lookup("79262345678")
+    assert (unknown.status, unknown.error) == ("ERROR", "http_502")
+
+
+async def test_stale_answer_stands_in_for_a_hung_portal_at_the_deadline(make_lookup, portal):
+    lookup = make_lookup(cache=CacheSettings(found_ttl=0.01), deadline=0.3)
+    await lookup.lookup("79161234567")
+    await asyncio.sleep(0.02)
+    portal.fail("hang")
+    started = time.monotonic()
+    answer = await lookup.lookup("79161234567")
+    assert (answer.cache, answer.error) == ("stale", "timeout")
+    assert time.monotonic() - started < 0.3 + 0.2
+
+
+async def test_breaker_fails_fast_then_recovers_by_itself(make_lookup, portal):
+    lookup = make_lookup(breaker_failures=3, breaker_cool_down=0.3)
+    portal.fail("error", status=500, code="INTERNAL_SERVER_ERROR", description="down")
+    for n in range(3):
+        assert (await lookup.lookup(f"7916000000{n}")).error == "INTERNAL_SERVER_ERROR"
+    assert lookup.breaker.state == OPEN
+    asked = len(portal.requests)
+    answers = [await lookup.lookup(f"7926000000{n}") for n in range(5)]
+    assert {a.error for a in answers} == {"circuit_open"} and len(portal.requests) == asked
+    portal.reset_faults()
+    await asyncio.sleep(0.35)
+    assert (await lookup.lookup("79161234567")).status == "FOUND"  # the probe
+    assert lookup.breaker.state == CLOSED
+
+
+async def test_limiter_sends_calls_to_fallback_instead_of_overloading_the_portal(make_lookup, portal):
+    lookup = make_lookup(rate_per_second=2, rate_burst=3, deadline=0.2)
+    answers = await asyncio.gather(*(lookup.lookup(f"7916000{n:04d}") for n in range(10)))
+    assert sum(a.status == "NOT_FOUND" for a in answers) == 3
+    assert sum(a.error == "rate_limited" for a in answers) == 7
+    assert len(portal.requests) == 3
+
+
+async def test_query_limit_exceeded_pauses_requests(make_lookup, portal):
+    lookup = make_lookup(breaker_failures=100)
+    portal.fail("error", status=503, code="QUERY_LIMIT_EXCEEDED", description="Too many requests", times=1)
+    assert (await lookup.lookup("79161234567")).error == "QUERY_LIMIT_EXCEEDED"
+    answer = await lookup.lookup("79262345678")  # the portal would answer, but we hold back 2 s
+    assert answer.error == "rate_limited" and len(portal.requests) == 1
+
+
+async def test_repeated_callers_inside_one_ttl_cost_one_request_each(make_lookup, portal):
+    lookup = make_lookup()
+    numbers = ["79161234567", "79262345678", "74957654321", "79031234567", "79857778899",
+               "79104445566", "78123334455", "79201112233", "79651239876", "79990001122"]
+    await asyncio.gather(*(lookup.lookup(numbers[i % 10]) for i in range(1000)))
+    assert len(portal.requests) <= 10
