@@ -1,0 +1,136 @@
+"""Fixtures for the tests against a real Asterisk 22 (marker `asterisk`: `pytest -m asterisk`).
+
+One Asterisk runs for the whole session, with a dialplan made of the shipped sample
+(asterisk-samples/extensions.conf, #included unchanged) and the test contexts below. Tests
+place calls over AMI (`calls`), and read channel variables back with a FastAGI reader that the
+test dialplan runs after the step under test (`variable_reader`).
+
+When Asterisk cannot be provisioned or started, the tests fail under CI=true and are skipped
+otherwise, with the reason printed at the end of the run.
+"""
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from .ami_calls import CallDriver
+from .fastagi_stub import VariableReader
+from .pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root
+
+B24_NAMES = ("STATUS", "ROUTE", "TARGET", "QUEUE", "EXTENSION", "MOBILE", "WORK_PHONE",
+             "PERSONAL_PHONE", "USER_ID", "ENTITY_TYPE", "ENTITY_ID", "TIMEMAN", "PHONE", "RULE",
+             "ERROR")
+B24_VARIABLES = tuple(f"B24_{name}" for name in B24_NAMES)
+
+# Contexts the tests enter. A call starts in agi-bitrix-test-caller (see ami_calls.py).
+TEST_DIALPLAN = r"""
+[general]
+autofallthrough = yes
+
+#include "asterisk-samples/extensions.conf"
+
+[globals](+)
+; The sample's dial steps lead to the stand-ins below instead of real phones and trunks.
+AGI_BITRIX_EXTENSION_CONTEXT=agi-bitrix-test-phones
+AGI_BITRIX_OUTBOUND_CONTEXT=agi-bitrix-test-outbound
+
+[agi-bitrix-test-caller]
+exten => _X.,1,Set(TIMEOUT(absolute)=90)        ; no test call outlives a broken test for long
+ same => n,Set(CALLERID(num)=${TEST_CALLERID})
+ same => n,Goto(${TEST_ENTRY_CONTEXT},${EXTEN},1)
+
+; A FastAGI server of the test's own drives the whole session (AGI argument: the call id).
+[agi-bitrix-test-scripted-agi]
+exten => _X.,1,AGI(${TEST_AGI_URL},${TEST_CALL_ID})
+ same => n,Hangup()
+
+; The product's AGI step alone; then the reader reports the channel variables it left.
+[agi-bitrix-test-route]
+exten => _X.,1,AGI(${TEST_AGI_URL})
+ same => n,AGI(${TEST_READER_URL},${TEST_CALL_ID})
+ same => n,Hangup()
+
+; Stand-ins for the phones and the trunk: they report each ring, and answer only when the test
+; named the number in TEST_ANSWERING; otherwise they ring until the caller gives up.
+[agi-bitrix-test-phones]
+exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: extension,Number: ${EXTEN})
+ same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)
+
+[agi-bitrix-test-outbound]
+exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: outbound,Number: ${EXTEN})
+ same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)
+
+[agi-bitrix-test-answer]
+exten => _X.,1,GotoIf($["${TEST_ANSWERING}" = "${EXTEN}"]?answer)
+ same => n,Wait(120)
+ same => n(answer),Answer()
+ same => n,UserEvent(AgiBitrixTestAnswered,Number: ${EXTEN})
+ same => n,Wait(1)
+ same => n,Hangup()
+"""
+
+# No members: a call that reaches Queue() waits there (QueueCallerJoin) until the test hangs up.
+TEST_QUEUES = """
+[general]
+[support]
+[sales]
+"""
+
+_unavailable_reasons: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "asterisk: runs against a real Asterisk 22 (scripts/provision-asterisk.sh)")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for reason in dict.fromkeys(_unavailable_reasons):
+        terminalreporter.write_line(f"Asterisk tests skipped: {reason}", yellow=True)
+
+
+def asterisk_unavailable(reason: str) -> None:
+    """Fails (CI) or skips (elsewhere) the requesting test, saying why."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the Asterisk tests must run under CI=true, but: {reason}", pytrace=False)
+    _unavailable_reasons.append(reason)
+    pytest.skip(f"Asterisk not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def asterisk_root() -> Path:
+    try:
+        return provision_root()
+    except AsteriskUnavailable as error:
+        asterisk_unavailable(str(error))
+
+
+@pytest.fixture(scope="session")
+def pbx(asterisk_root: Path) -> Iterator[AsteriskPbx]:
+    pbx = AsteriskPbx(asterisk_root)
+    pbx.write_config(TEST_DIALPLAN, TEST_QUEUES)
+    try:
+        pbx.start()
+    except AsteriskUnavailable as error:
+        pbx.stop()
+        asterisk_unavailable(str(error))
+    yield pbx
+    pbx.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def calls(pbx: AsteriskPbx) -> AsyncIterator[CallDriver]:
+    driver = await CallDriver.connect(pbx.ami_port, pbx.ami_username, pbx.ami_secret)
+    yield driver
+    driver.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def variable_reader() -> AsyncIterator[VariableReader]:
+    reader = VariableReader((*B24_VARIABLES, "AGISTATUS"))
+    await reader.stub.start()
+    yield reader
+    await reader.stub.close()

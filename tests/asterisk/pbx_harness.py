@@ -1,0 +1,181 @@
+"""A real Asterisk 22 for the tests.
+
+scripts/provision-asterisk.sh builds (once, then cached) a Debian sid root file system that
+contains Asterisk; here we give every test run its own configuration directory inside that
+root, start Asterisk in it with chroot, and stop it again. Asterisk shares the machine's
+loopback network, so it reaches FastAGI servers the tests start on 127.0.0.1, and the tests
+reach its AMI port.
+"""
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PROVISION_SCRIPT = REPO / "scripts" / "provision-asterisk.sh"
+SAMPLES_DIR = REPO / "asterisk-samples"
+
+# Only what the tests use. res_speech comes first: res_agi needs its symbols. Local channels,
+# the manager (AMI) and MSet are built into Asterisk 22; app_queue is for the sample dialplan.
+MODULES = (
+    "res_speech", "res_agi", "pbx_config", "app_verbose", "app_userevent", "app_dial",
+    "app_queue", "app_stack", "func_callerid", "func_channel", "func_strings", "func_logic",
+    "func_global", "func_base64", "func_timeout", "res_clioriginate", "bridge_simple", "bridge_native_rtp",
+    "bridge_builtin_features", "chan_bridge_media",
+)
+
+
+class AsteriskUnavailable(Exception):
+    """Asterisk could not be provisioned or started here; the message says why."""
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def provision_root() -> Path:
+    """Runs the provisioning script (fast when the cached root is fine); returns the root."""
+    if os.geteuid() != 0:
+        raise AsteriskUnavailable("the Asterisk tests need root (Asterisk runs in a chroot)")
+    for tool in ("chroot", "flock"):
+        if shutil.which(tool) is None:
+            raise AsteriskUnavailable(f"'{tool}' is not installed")
+    try:
+        run = subprocess.run([str(PROVISION_SCRIPT)], capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired:
+        raise AsteriskUnavailable(f"{PROVISION_SCRIPT} did not finish within 20 minutes") from None
+    if run.returncode != 0:
+        raise AsteriskUnavailable(
+            f"{PROVISION_SCRIPT} failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
+    print(run.stderr, end="")
+    return Path(run.stdout.strip().splitlines()[-1])
+
+
+class AsteriskPbx:
+    """One Asterisk process with a configuration of its own inside the provisioned root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        # Paths as Asterisk sees them (inside the chroot) and as the tests see them.
+        self.home = f"/tmp/agi-bitrix-test-{os.getpid()}"
+        self.host_home = root / self.home.lstrip("/")
+        self.ami_port = free_tcp_port()
+        self.ami_username = "agi-bitrix-test"
+        self.ami_secret = secrets.token_hex(12)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def etc(self) -> Path:
+        return self.host_home / "etc"
+
+    def write_config(self, extensions: str, queues: str = "") -> None:
+        """Writes asterisk.conf & co.; extensions.conf and queues.conf come from the caller.
+
+        The sample dialplans are copied unchanged to etc/asterisk-samples/, so that the
+        caller's extensions.conf can #include them as they are shipped."""
+        if self.host_home.exists():
+            shutil.rmtree(self.host_home)
+        for sub in ("etc", "run", "log", "lib", "spool", "db", "keys"):
+            (self.host_home / sub).mkdir(parents=True)
+        shutil.copytree(SAMPLES_DIR, self.etc / "asterisk-samples")
+        home = self.home
+        files = {
+            "asterisk.conf": f"""\
+[directories]
+astetcdir => {home}/etc
+astmoddir => /usr/lib/x86_64-linux-gnu/asterisk/modules
+astvarlibdir => {home}/lib
+astdbdir => {home}/db
+astkeydir => {home}/keys
+astdatadir => /usr/share/asterisk
+astagidir => {home}/lib
+astspooldir => {home}/spool
+astrundir => {home}/run
+astlogdir => {home}/log
+astcachedir => {home}/lib
+astsbindir => /usr/sbin
+[options]
+documentation_language = en_US
+""",
+            "modules.conf": "[modules]\nautoload = no\n"
+                            + "".join(f"load => {name}.so\n" for name in MODULES),
+            "logger.conf": "[general]\n[logfiles]\nmessages.log => notice,warning,error,verbose(3)\n",
+            # channelvars: every channel event (UserEvent, QueueCallerJoin, ...) names the
+            # test call it belongs to.
+            "manager.conf": f"""\
+[general]
+enabled = yes
+bindaddr = 127.0.0.1
+port = {self.ami_port}
+channelvars = TEST_CALL_ID
+
+[{self.ami_username}]
+secret = {self.ami_secret}
+deny = 0.0.0.0/0.0.0.0
+permit = 127.0.0.1/255.255.255.255
+read = all
+write = all
+""",
+            "extensions.conf": extensions,
+            "queues.conf": queues,
+        }
+        for name, text in files.items():
+            (self.etc / name).write_text(text)
+
+    def _asterisk(self, *args: str) -> list[str]:
+        return ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", f"{self.home}/etc/asterisk.conf", *args]
+
+    def cli(self, command: str, timeout: float = 30) -> str:
+        """Runs one CLI command through Asterisk's control socket; returns its output."""
+        run = subprocess.run(self._asterisk("-rx", command), capture_output=True, text=True,
+                             timeout=timeout)
+        if run.returncode != 0:
+            raise RuntimeError(f"asterisk -rx {command!r} failed: {run.stdout}{run.stderr}")
+        return run.stdout
+
+    def start(self, timeout: float = 60) -> None:
+        with open(self.host_home / "log" / "stdout.log", "wb") as out:
+            self.process = subprocess.Popen(self._asterisk("-f", "-n"), stdin=subprocess.DEVNULL,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        # The control socket appears a moment after start; until then -rx fails.
+        while True:
+            if self.process.poll() is not None:
+                raise AsteriskUnavailable(
+                    f"Asterisk exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                self.cli("core waitfullybooted", timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise AsteriskUnavailable(
+                        f"Asterisk did not boot within {timeout} s:\n{self.log_tail()}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stops Asterisk (gracefully, then by force) and removes its configuration."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.cli("core stop now", timeout=10)
+                self.process.wait(timeout=10)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+        shutil.rmtree(self.host_home, ignore_errors=True)
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = ""
+        for name in ("stdout.log", "messages.log"):
+            path = self.host_home / "log" / name
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                text += f"--- {name} ---\n" + "\n".join(tail) + "\n"
+        return text
