@@ -1,16 +1,18 @@
-"""The running product: one HTTP session, the portal client, the routing service and the
-FastAGI server, wired together and started or stopped as one."""
+"""The running product: one HTTP session, the portal client, the lookup, the routing service
+and the FastAGI server, wired together; started, reloaded and stopped as one."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import CrmLookup
-from agi_bitrix.config import Config
+from agi_bitrix.config import Config, ConfigError, load_config
 from agi_bitrix.server import AgiServer
 from agi_bitrix.service import RoutingService
 
@@ -26,6 +28,7 @@ class Application:
         self.service: RoutingService | None = None
         self.server: AgiServer | None = None
         self.address: tuple[str, int] | None = None
+        self.reloads = {"success": 0, "failure": 0}
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         config = self.config
@@ -35,8 +38,7 @@ class Application:
             self.lookup = CrmLookup(self.portal, config.bitrix, config.cache)
             self.service = RoutingService(config, self.lookup)
             handlers = {"route": self.service.handle_route, "": self.service.handle_route}
-            self.server = AgiServer(handlers, self.service.handle_unknown_script,
-                                    header_timeout=config.server.header_timeout)
+            self.server = AgiServer(handlers, self.service.handle_unknown_script, config.server)
             self.address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
         except BaseException:
@@ -46,17 +48,56 @@ class Application:
                  self.address[0], self.address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return self.address
 
+    def reload(self, path: str | Path | None = None) -> bool:
+        """Load the config again; a broken one is refused and the running one keeps serving."""
+        path = path or self.config.path
+        try:
+            new = load_config(path)
+        except ConfigError as error:
+            self.reloads["failure"] += 1
+            for problem in error.problems:
+                log.error("reload refused: %s", problem)
+            log.error("reload refused: %d problem(s) in %s; still serving with sha256 %s",
+                      len(error.problems), path, self.config.digest[:12])
+            return False
+        old = self.config
+        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
+            log.warning("server.listen changed to %s:%s; it takes effect after a restart",
+                        new.server.host, new.server.port)
+        if new.bitrix.pool_size != old.bitrix.pool_size:
+            log.warning("bitrix.pool_size changed; it takes effect after a restart")
+        self.portal = PortalClient(new.bitrix.webhook_url, self.session, timeout=new.bitrix.deadline)
+        self.lookup.portal = self.portal
+        self.lookup.configure(new.bitrix, new.cache)
+        if new.bitrix.webhook_url != old.bitrix.webhook_url:
+            self.lookup.cache.clear()  # answers of another portal
+        self.service.config = new
+        self.server.settings = new.server
+        self.config = new
+        self.reloads["success"] += 1
+        log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
+        return True
+
     async def stop(self) -> None:
+        """Stop accepting calls, let those in flight finish (up to server.session_timeout), close."""
         if self.server is not None:
-            await self.server.close()
+            await self.server.close(grace=self.config.server.session_timeout)
         if self.session is not None:
             await self.session.close()
 
 
-async def until_stopped() -> None:
-    """Wait for SIGINT or SIGTERM."""
+async def until_stopped(on_sighup: Callable[[], object] | None = None) -> None:
+    """Wait for SIGINT or SIGTERM; call `on_sighup` (the config reload) on SIGHUP."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = [signal.SIGINT, signal.SIGTERM]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    if on_sighup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        signals.append(signal.SIGHUP)
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

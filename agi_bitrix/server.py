@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from ipaddress import ip_address
 
 from agi_bitrix.agi.protocol import NEED_DATA, AgiRequest, CommandReply, EndOfStream, HangUp, PeerError, ServerConnection
 from agi_bitrix.agi.quoting import mset_commands
+from agi_bitrix.config import ServerSettings
 
 log = logging.getLogger("agi_bitrix.server")
 
@@ -66,11 +69,14 @@ Handler = Callable[[AgiRequest, AgiChannel], Awaitable[None]]
 
 
 class AgiServer:
-    def __init__(self, handlers: Mapping[str, Handler], unknown_script: Handler, *,
-                 header_timeout: float) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], unknown_script: Handler,
+                 settings: ServerSettings) -> None:
         self.handlers = dict(handlers)
         self.unknown_script = unknown_script
-        self.header_timeout = header_timeout
+        self.settings = settings
+        self.sessions: set[asyncio.Task] = set()
+        self.refused = 0
+        self._last_refusal_log = 0.0
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -78,19 +84,63 @@ class AgiServer:
         bound = self._server.sockets[0].getsockname()
         return bound[0], bound[1]
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; give the sessions in flight up to `grace` seconds to finish."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self.sessions and grace > 0:
+            log.info("waiting up to %.0f s for %d call(s) in flight", grace, len(self.sessions))
+            await asyncio.wait(set(self.sessions), timeout=grace)
+        for task in list(self.sessions):
+            task.cancel()
+        if self.sessions:
+            await asyncio.wait(set(self.sessions))
+        await self._server.wait_closed()
+
+    def _refuse(self, peer, why: str) -> None:
+        # One log line per 10 s at most: a scan or a flood must not also flood the log.
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10.0:
+            self._last_refusal_log = now
+            log.warning("refused connection from %s: %s (%d refused so far)", peer, why, self.refused)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        settings = self.settings
+        if not _allowed(peer, settings.allowed_clients):
+            self._refuse(peer, "address not in server.allowed_clients")
+            writer.transport.abort()
+            return
+        if len(self.sessions) >= settings.max_sessions:
+            self._refuse(peer, f"{settings.max_sessions} sessions already open (server.max_sessions)")
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        self.sessions.add(task)
+        try:
+            async with asyncio.timeout(settings.session_timeout):
+                await self._serve(peer, reader, writer)
+        except TimeoutError:
+            log.warning("session from %s exceeded server.session_timeout (%.0f s); closed",
+                        peer, settings.session_timeout)
+        finally:
+            self.sessions.discard(task)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _serve(self, peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = ServerConnection()
+        header_timeout = self.settings.header_timeout
         try:
             try:
-                request = await asyncio.wait_for(next_event(reader, conn), self.header_timeout)
+                request = await asyncio.wait_for(next_event(reader, conn), header_timeout)
             except TimeoutError:
-                log.info("client %s sent no complete AGI header in %.1fs; closing", peer, self.header_timeout)
+                log.info("client %s sent no complete AGI header in %.1fs; closing", peer, header_timeout)
                 return
             if not isinstance(request, AgiRequest):
                 return
@@ -104,12 +154,16 @@ class AgiServer:
             log.warning("client %s did not answer a command within %.0fs", peer, REPLY_TIMEOUT)
         except Exception:
             log.exception("unexpected failure serving %s", peer)
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+
+
+def _allowed(peer, networks) -> bool:
+    try:
+        address = ip_address(peer[0].split("%")[0])
+    except (TypeError, ValueError, IndexError):
+        return False  # not an IP peer (a Unix socket is never configured here)
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 async def next_event(reader: asyncio.StreamReader, conn: ServerConnection):

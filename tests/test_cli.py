@@ -128,3 +128,45 @@ def test_demo_once_shows_every_sample_call():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "14 of 14 calls went where the default policy says." in result.stdout
     assert "NO_CALLERID" in result.stdout
+
+
+async def test_sighup_reloads_and_sigterm_finishes_calls_in_flight(portal, tmp_path):
+    path = tmp_path / "agi-bitrix.yaml"
+    base = "bitrix: {deadline: 1.5}\nrouting:\n  fallback_queue: support\n  rules:\n"
+    path.write_text(base + "    - {name: to-sales, route: {queue: sales}}\n")
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bitrix", "serve", "-c", str(path), "--listen", f"127.0.0.1:{port}",
+        env={**os.environ, "AGI_BITRIX_WEBHOOK_URL": portal.webhook_url}, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        assert (await fake_call("127.0.0.1", port, callerid="1")).variables["B24_TARGET"] == "sales"
+        path.write_text(base + "    - {name: to-desk, route: {extension: '100'}}\n")
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert (await fake_call("127.0.0.1", port, callerid="1")).variables["B24_TARGET"] == "100"
+        path.write_text("routing: [broken\n")
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert (await fake_call("127.0.0.1", port, callerid="1")).variables["B24_TARGET"] == "100"
+        portal.fail("slow", delay=0.8)
+        in_flight = asyncio.create_task(fake_call("127.0.0.1", port, callerid="89161234567"))
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        assert (await in_flight).variables["B24_STATUS"] == "FOUND"
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        output = (await asyncio.wait_for(process.communicate(), 10))[0].decode()
+    assert process.returncode == 0, output
+    assert "config reloaded from" in output
+    assert "reload refused: " in output and "still serving with sha256" in output
+    assert "finishing the calls in flight" in output

@@ -1,0 +1,132 @@
+"""Running it for real: client filtering, session caps and timeouts, graceful stop, reload."""
+
+import asyncio
+import dataclasses
+from ipaddress import ip_network
+
+from agi_bitrix.agi.fake_asterisk import asterisk_header, fake_call
+from agi_bitrix.app import Application
+from agi_bitrix.server import _allowed
+from tests.conftest import TEST_RULES, make_config
+
+
+def with_server(config, **changes):
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, **changes))
+
+
+async def started(config):
+    app = Application(config)
+    host, port = await app.start("127.0.0.1", 0)
+    return app, host, port
+
+
+async def closed_at_once(host, port) -> bool:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(asterisk_header(callerid="89161234567"))
+    try:
+        data = await asyncio.wait_for(reader.read(), 2)
+    except ConnectionError:
+        data = b""
+    writer.close()
+    return data == b""
+
+
+def test_allowed_addresses():
+    loopback = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
+    assert _allowed(("127.0.0.1", 5000), loopback)
+    assert _allowed(("::1", 5000, 0, 0), loopback)
+    assert _allowed(("::ffff:127.0.0.1", 5000, 0, 0), loopback)
+    assert not _allowed(("10.1.2.3", 5000), loopback)
+    assert not _allowed(("fe80::1%eth0", 5000, 0, 2), loopback)
+    assert not _allowed(None, loopback)
+
+
+async def test_clients_outside_allowed_networks_are_refused(portal):
+    app, host, port = await started(with_server(make_config(portal.webhook_url),
+                                                allowed_clients=(ip_network("10.0.0.0/8"),)))
+    try:
+        assert await closed_at_once(host, port)
+        assert app.server.refused == 1 and portal.requests == []
+    finally:
+        await app.stop()
+
+
+async def test_session_cap_refuses_extra_connections_and_recovers(portal):
+    app, host, port = await started(with_server(make_config(portal.webhook_url, header_timeout=0.5),
+                                                max_sessions=5))
+    try:
+        silent = [await asyncio.open_connection(host, port) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert await closed_at_once(host, port)
+        await asyncio.sleep(0.6)  # the silent ones hit the header timeout and free their places
+        assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "101"
+        for _, writer in silent:
+            writer.close()
+    finally:
+        await app.stop()
+
+
+async def test_session_timeout_bounds_a_client_that_never_replies(portal):
+    app, host, port = await started(with_server(make_config(portal.webhook_url), session_timeout=0.5))
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(asterisk_header(callerid="89161234567"))
+        assert (await reader.readline()).startswith(b"EXEC MSet")
+        # No "200 result=0": without session_timeout the server would wait REPLY_TIMEOUT (10 s).
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+        assert not app.server.sessions
+    finally:
+        await app.stop()
+
+
+async def test_graceful_stop_finishes_calls_in_flight(portal):
+    app, host, port = await started(make_config(portal.webhook_url))
+    portal.fail("slow", delay=0.4)
+    calls = [asyncio.create_task(fake_call(host, port, callerid=c, uniqueid=str(i)))
+             for i, c in enumerate(["89161234567", "89262345678", "84957654321"] * 3)]
+    await asyncio.sleep(0.1)
+    assert len(app.server.sessions) == 9
+    await app.stop()
+    results = await asyncio.gather(*calls)
+    assert [r.variables["B24_STATUS"] for r in results] == ["FOUND"] * 9
+    try:
+        await asyncio.open_connection(host, port)
+        raise AssertionError("still accepting after stop")
+    except OSError:
+        pass
+
+
+async def test_reload_applies_a_good_config_and_refuses_a_bad_one(portal, tmp_path):
+    path = tmp_path / "agi-bitrix.yaml"
+    text = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
+            "routing:\n  fallback_queue: support\n  rules:\n")
+    path.write_text(text + "    - {name: everyone-to-sales, route: {queue: sales}}\n")
+    from agi_bitrix.config import load_config
+
+    app, host, port = await started(load_config(path))
+    try:
+        assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "sales"
+        path.write_text(text + "    - {name: everyone-to-desk, route: {extension: '100'}}\n")
+        assert app.reload()
+        v = (await fake_call(host, port, callerid="89161234567")).variables
+        assert (v["B24_TARGET"], v["B24_RULE"], v["B24_CACHE"]) == ("100", "everyone-to-desk", "hit")
+        path.write_text(text + "    - {name: broken, route: [teleport]}\n")
+        assert not app.reload()
+        assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "100"
+        assert app.reloads == {"success": 1, "failure": 1}
+    finally:
+        await app.stop()
+
+
+async def test_many_stalled_sockets_do_not_delay_calls(portal):
+    app, host, port = await started(make_config(portal.webhook_url, header_timeout=2.0))
+    try:
+        stalled = [await asyncio.open_connection(host, port) for _ in range(300)]
+        results = await asyncio.gather(*(fake_call(host, port, callerid="89161234567", uniqueid=str(i))
+                                         for i in range(30)))
+        assert all(r.variables["B24_TARGET"] == "101" for r in results)
+        for _, writer in stalled:
+            writer.close()
+    finally:
+        await app.stop()
