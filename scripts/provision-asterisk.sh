@@ -18,8 +18,9 @@ PACKAGES="asterisk,asterisk-modules"
 MODULE_DIR="usr/lib/x86_64-linux-gnu/asterisk/modules"
 # Modules tests/asterisk/conftest.py loads; a root without any of them counts as broken.
 REQUIRED_MODULES="res_speech res_agi pbx_config app_verbose app_userevent app_dial app_queue
-  app_stack func_callerid func_channel func_strings func_logic func_global func_base64
-  res_clioriginate chan_bridge_media bridge_simple bridge_native_rtp"
+  app_stack app_exec func_callerid func_channel func_strings func_logic func_global func_base64
+  func_timeout res_clioriginate bridge_simple bridge_native_rtp bridge_builtin_features
+  chan_bridge_media"
 
 say() { echo "provision-asterisk: $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from panoramisk import Manager
@@ -20,12 +21,17 @@ _call_numbers = itertools.count(1)
 
 
 @dataclass
-class TestCall:
+class PlacedCall:
     call_id: str
     originated_at: float  # time.monotonic() when the Originate was sent
     # Resolves when Asterisk reports how the Originate ended (answered or not); for errors.
     originate_outcome: asyncio.Future
     events: list[Message] = field(default_factory=list)
+
+
+def event_name_of(event: Message) -> str:
+    """The event's name; for a UserEvent, the name the dialplan gave it."""
+    return event.get("UserEvent") if event.event == "UserEvent" else event.event
 
 
 def _call_id_of(event: Message) -> str | None:
@@ -67,7 +73,7 @@ class CallDriver:
                 self._changed.notify_all()
 
     def originate(self, dialled: str, callerid: str, entry_context: str,
-                        variables: dict[str, str] | None = None) -> TestCall:
+                        variables: dict[str, str] | None = None) -> PlacedCall:
         """Places a call from `callerid` to `dialled` that enters `entry_context`.
 
         `variables` become channel variables of the call (AMI splits them on commas, so
@@ -89,16 +95,17 @@ class CallDriver:
             "Async": "true",
             "Variable": [f"{name}={value}" for name, value in variables.items()],
         })
-        call = self.calls[call_id] = TestCall(call_id, originated_at, outcome)
+        call = self.calls[call_id] = PlacedCall(call_id, originated_at, outcome)
         return call
 
-    async def wait_for(self, call: TestCall, event_name: str, timeout: float, **headers: str) -> Message:
+    async def wait_for(self, call: PlacedCall, event_name: str, timeout: float,
+                       where: Callable[[Message], bool] = lambda event: True, **headers: str) -> Message:
         """The first event of `call` named `event_name` (for UserEvent: its UserEvent name)
-        whose headers have the given values."""
+        whose headers have the given values and for which `where` holds."""
         def match() -> Message | None:
             for event in call.events:
-                name = event.get("UserEvent") if event.event == "UserEvent" else event.event
-                if name == event_name and all(event.get(k) == v for k, v in headers.items()):
+                if (event_name_of(event) == event_name and where(event)
+                        and all(event.get(k) == v for k, v in headers.items())):
                     return event
             return None
 
@@ -110,7 +117,7 @@ class CallDriver:
         try:
             return await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
-            seen = [event.get("UserEvent") or event.event for event in call.events]
+            seen = [event_name_of(event) for event in call.events]
             outcome = call.originate_outcome.result() if call.originate_outcome.done() else "pending"
             raise AssertionError(
                 f"call {call.call_id}: no {event_name} {headers or ''} within {timeout} s; "
@@ -118,3 +125,7 @@ class CallDriver:
 
     async def hangup(self, channel: str) -> None:
         await self.manager.send_action({"Action": "Hangup", "Channel": channel})
+
+    async def getvar(self, channel: str, name: str) -> str:
+        reply = await self.manager.send_action({"Action": "Getvar", "Channel": channel, "Variable": name})
+        return reply.get("Value", "")

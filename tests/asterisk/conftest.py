@@ -10,20 +10,29 @@ otherwise, with the reason printed at the end of the run.
 """
 
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from .ami_calls import CallDriver
+from agi_bitrix.bitrix.emulator import PortalEmulator
+from agi_bitrix.routing.variables import NAMES
+
+from .ami_calls import CallDriver, PlacedCall
 from .fastagi_stub import VariableReader
 from .pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root
+from .product_server import ProductServer
 
-B24_NAMES = ("STATUS", "ROUTE", "TARGET", "QUEUE", "EXTENSION", "MOBILE", "WORK_PHONE",
-             "PERSONAL_PHONE", "USER_ID", "ENTITY_TYPE", "ENTITY_ID", "TIMEMAN", "PHONE", "RULE",
-             "ERROR")
-B24_VARIABLES = tuple(f"B24_{name}" for name in B24_NAMES)
+B24_VARIABLES = tuple(f"B24_{name}" for name in NAMES)
+# The lookup deadline of the servers under test, and what the tests allow on top of it for
+# Asterisk, the network and a busy CI machine.
+DEADLINE = 1.5
+DEADLINE_MARGIN = 1.5
+# The dialled number (DID) of test calls, unless a test needs another.
+DID = "74951230000"
 
 # Contexts the tests enter. A call starts in agi-bitrix-test-caller (see ami_calls.py).
 TEST_DIALPLAN = r"""
@@ -134,3 +143,78 @@ async def variable_reader() -> AsyncIterator[VariableReader]:
     await reader.stub.start()
     yield reader
     await reader.stub.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def portal() -> AsyncIterator[PortalEmulator]:
+    """The Bitrix24 portal emulator; tests add clients under numbers of their own."""
+    emulator = PortalEmulator()
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server(portal: PortalEmulator, tmp_path_factory) -> Iterator[Callable[[], ProductServer]]:
+    """Starts agi-bitrix servers against the emulator; all are stopped after the session."""
+    workdir = tmp_path_factory.mktemp("agi-bitrix")
+    started: list[ProductServer] = []
+
+    def start() -> ProductServer:
+        server = ProductServer(portal.webhook_url, workdir, DEADLINE)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ProductServer:
+    """The agi-bitrix server most tests share."""
+    return start_server()
+
+
+@dataclass
+class RoutedCall:
+    call: PlacedCall
+    variables: dict[str, str | None]  # after the AGI step; None: not set
+    seconds: float  # from the Originate to the variables being read back
+
+    def __getitem__(self, name: str) -> str | None:
+        return self.variables[name]
+
+
+    async def agi_commands(self, calls: CallDriver) -> list[str]:
+        """The AGI commands the server under test made Asterisk run for this call."""
+        # AMI events come in order: once the reader's first command is seen, all are here.
+        await calls.wait_for(self.call, "AGIExecStart", timeout=10, where=_is_reader_command)
+        return [event["Command"] for event in self.call.events
+                if event.event == "AGIExecStart" and not _is_reader_command(event)]
+
+
+def _is_reader_command(event) -> bool:
+    return event["Command"].startswith("GET VARIABLE")
+
+
+class CallRouter:
+    """Places calls through the product's AGI step alone (context agi-bitrix-test-route)."""
+
+    def __init__(self, calls: CallDriver, reader: VariableReader, server: ProductServer):
+        self.calls = calls
+        self.reader = reader
+        self.server = server
+
+    async def route(self, callerid: str, dialled: str = DID) -> RoutedCall:
+        call = self.calls.originate(dialled, callerid, "agi-bitrix-test-route", {
+            "TEST_AGI_URL": self.server.url, "TEST_READER_URL": self.reader.url})
+        values = await self.reader.result(call.call_id, timeout=30)
+        seconds = time.monotonic() - call.originated_at
+        return RoutedCall(call, {name: None if value is None else value.decode(errors="replace")
+                                 for name, value in values.items()}, seconds)
+
+
+@pytest.fixture(scope="session")
+def router(calls: CallDriver, variable_reader: VariableReader, server: ProductServer) -> CallRouter:
+    return CallRouter(calls, variable_reader, server)

@@ -23,7 +23,7 @@ SAMPLES_DIR = REPO / "asterisk-samples"
 # the manager (AMI) and MSet are built into Asterisk 22; app_queue is for the sample dialplan.
 MODULES = (
     "res_speech", "res_agi", "pbx_config", "app_verbose", "app_userevent", "app_dial",
-    "app_queue", "app_stack", "func_callerid", "func_channel", "func_strings", "func_logic",
+    "app_queue", "app_stack", "app_exec", "func_callerid", "func_channel", "func_strings", "func_logic",
     "func_global", "func_base64", "func_timeout", "res_clioriginate", "bridge_simple", "bridge_native_rtp",
     "bridge_builtin_features", "chan_bridge_media",
 )
