@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -94,7 +95,15 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"--listen: {error}", file=sys.stderr)
             return EXIT_CONFIG
+    _raise_open_files_limit()
     return asyncio.run(_run_server(config, host, port))
+
+
+def _raise_open_files_limit() -> None:
+    """Each session is a socket; the usual soft limit of 1024 files is below server.max_sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _run_server(config: Config, host: str, port: int) -> int:

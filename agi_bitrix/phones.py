@@ -10,6 +10,7 @@ phonenumbers (Google's libphonenumber metadata), which knows each country's trun
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -20,6 +21,9 @@ _DIGITS = re.compile(r"^[0-9]+$")
 _MAX_DIGITS = 15
 
 
+# Callers repeat (that is what the answer cache is for too), and parsing is the costliest step
+# of a cached call; the function is pure, so remember recent results.
+@functools.lru_cache(maxsize=16384)
 def normalize_number(raw: str, default_country: str) -> str | None:
     """`+7 916 123-45-67`, `89161234567`, `9161234567` (RU) -> `79161234567`; junk -> None.
 

@@ -11,6 +11,7 @@ and nothing else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,9 +24,6 @@ from agi_bitrix.config import ServerSettings
 log = logging.getLogger("agi_bitrix.server")
 
 READ_SIZE = 4096
-# Asterisk answers a command like MSet in microseconds; a reply that takes longer than this
-# means the PBX is wedged or the peer is not Asterisk, and holding the socket helps nobody.
-REPLY_TIMEOUT = 10.0
 
 
 class AgiChannel:
@@ -42,7 +40,7 @@ class AgiChannel:
         """Send one command line and return Asterisk's reply (None if the session ended)."""
         self._writer.write(self._conn.send(line))
         await self._writer.drain()
-        return await asyncio.wait_for(self._next_reply(), REPLY_TIMEOUT)
+        return await self._next_reply()
 
     async def set_variables(self, variables: Mapping[str, str]) -> bool:
         """Set channel variables in as few commands as possible (normally one EXEC MSet)."""
@@ -80,7 +78,8 @@ class AgiServer:
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        # A PBX opens many sessions at once during a burst; the default backlog (100) drops SYNs.
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True, backlog=1024)
         bound = self._server.sockets[0].getsockname()
         return bound[0], bound[1]
 
@@ -119,48 +118,47 @@ class AgiServer:
             return
         task = asyncio.current_task()
         self.sessions.add(task)
+        # One timer per session: first the header deadline, then moved to the session deadline.
+        deadline = asyncio.get_running_loop().time() + settings.session_timeout
+        phase = "header"
         try:
-            async with asyncio.timeout(settings.session_timeout):
-                await self._serve(peer, reader, writer)
+            async with asyncio.timeout(min(settings.header_timeout, settings.session_timeout)) as timer:
+                conn = ServerConnection()
+                request = await next_event(reader, conn)
+                if isinstance(request, AgiRequest):
+                    phase = "call"
+                    timer.reschedule(deadline)
+                    handler = self.handlers.get(request.script, self.unknown_script)
+                    await handler(request, AgiChannel(reader, writer, conn))
         except TimeoutError:
-            log.warning("session from %s exceeded server.session_timeout (%.0f s); closed",
-                        peer, settings.session_timeout)
-        finally:
-            self.sessions.discard(task)
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
-
-    async def _serve(self, peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = ServerConnection()
-        header_timeout = self.settings.header_timeout
-        try:
-            try:
-                request = await asyncio.wait_for(next_event(reader, conn), header_timeout)
-            except TimeoutError:
-                log.info("client %s sent no complete AGI header in %.1fs; closing", peer, header_timeout)
-                return
-            if not isinstance(request, AgiRequest):
-                return
-            handler = self.handlers.get(request.script, self.unknown_script)
-            await handler(request, AgiChannel(reader, writer, conn))
+            if phase == "header":
+                log.info("client %s sent no complete AGI header in %.1f s; closed", peer, settings.header_timeout)
+            else:
+                log.warning("session from %s exceeded server.session_timeout (%.0f s); closed",
+                            peer, settings.session_timeout)
         except PeerError as error:
             log.info("client %s broke the AGI protocol: %s", peer, error)
         except (ConnectionError, OSError) as error:
             log.info("client %s connection lost: %s", peer, error)
-        except TimeoutError:
-            log.warning("client %s did not answer a command within %.0fs", peer, REPLY_TIMEOUT)
         except Exception:
             log.exception("unexpected failure serving %s", peer)
+        finally:
+            self.sessions.discard(task)
+            writer.close()
 
 
 def _allowed(peer, networks) -> bool:
-    try:
-        address = ip_address(peer[0].split("%")[0])
-    except (TypeError, ValueError, IndexError):
+    if not peer:
         return False  # not an IP peer (a Unix socket is never configured here)
+    return _host_allowed(peer[0], networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_allowed(host: str, networks) -> bool:
+    try:
+        address = ip_address(host.split("%")[0])
+    except ValueError:
+        return False
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)

@@ -13,6 +13,7 @@ connection refuses to go on.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -95,10 +96,14 @@ class EndOfStream:
     """The client closed its side cleanly after the header."""
 
 
-_HEADER_LINE = re.compile(r"^(agi_[a-z0-9_]+):\s?(.*)$")
-_ARG_KEY = re.compile(r"^agi_arg_(\d+)$")
 _REPLY_LINE = re.compile(r"^(\d{3})([ -])(.*)$")
 _RESULT = re.compile(r"^result=(\S*)(?:\s+\((.*)\))?")
+
+
+@functools.lru_cache(maxsize=256)
+def _is_header_key(key: str) -> bool:
+    # Runs for every line of every header, with the same two dozen keys: remember the answers.
+    return key.startswith("agi_") and key.isascii() and key[4:].replace("_", "").isalnum()
 
 
 def _decode(raw: bytes) -> str:
@@ -114,7 +119,6 @@ class ServerConnection:
         self._eof = False
         self._header_done = False
         self._header_lines: list[str] = []
-        self._header_bytes = 0
         self._pending_replies = 0
         self._usage: list[str] | None = None  # inside a multi-line 520
         self._failed = False
@@ -176,33 +180,37 @@ class ServerConnection:
                 return event
 
     def _next_header_event(self):
-        while True:
-            line = self._take_line(MAX_HEADER_BYTES - self._header_bytes)
-            if line is None:
-                if self._eof:
-                    raise PeerError("connection closed before the end of the AGI header block")
-                return NEED_DATA
-            self._header_bytes += len(line) + 1
-            text = _decode(line)
-            if text == "":
-                if not self._header_lines:
-                    raise PeerError("empty AGI header block")
-                self._header_done = True
-                return self._build_request()
-            self._header_lines.append(text)
+        # The block ends at the first empty line. It is cut out whole and decoded in one go: the
+        # header is the bulk of what a session reads, so it is worth not walking it line by line.
+        buffer = self._buffer
+        if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
+            raise PeerError("empty AGI header block")
+        ends = [i for i in (buffer.find(b"\n\n", 0, MAX_HEADER_BYTES + 1),
+                            buffer.find(b"\n\r\n", 0, MAX_HEADER_BYTES + 2)) if i >= 0]
+        if not ends:
+            if len(buffer) > MAX_HEADER_BYTES:
+                raise PeerError(f"header block longer than {MAX_HEADER_BYTES} bytes")
+            if self._eof:
+                raise PeerError("connection closed before the end of the AGI header block")
+            return NEED_DATA
+        end = min(ends)
+        block = bytes(buffer[:end])
+        del buffer[: end + (2 if buffer[end + 1:end + 2] == b"\n" else 3)]
+        self._header_lines = [line.rstrip("\r") for line in _decode(block).split("\n")]
+        self._header_done = True
+        return self._build_request()
 
     def _build_request(self) -> AgiRequest:
         env: dict[str, str] = {}
         args: dict[int, str] = {}
         for text in self._header_lines:
-            match = _HEADER_LINE.match(text)
-            if match is None:
+            key, colon, value = text.partition(":")
+            if not colon or not _is_header_key(key):
                 raise PeerError(f"not an AGI header line: {text[:60]!r}")
-            key, value = match.groups()
+            value = value[1:] if value.startswith(" ") else value
             env[key] = value
-            arg = _ARG_KEY.match(key)
-            if arg:
-                args[int(arg.group(1))] = value
+            if key.startswith("agi_arg_") and key[8:].isdigit():
+                args[int(key[8:])] = value
         ordered_args = tuple(args[n] for n in sorted(args))
         return AgiRequest(env=env, args=ordered_args)
 

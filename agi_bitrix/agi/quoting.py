@@ -18,6 +18,7 @@ digits only long before it gets here).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -31,6 +32,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Characters that Asterisk's standard argument parser treats specially inside MSet's argument.
 _MSET_SPECIAL = set('\\,"()[]=' + "'{}$")  # see tests/asterisk/ESCAPING.md for the proof
+_NEEDS_ESCAPE = re.compile("[" + re.escape("".join(sorted(_MSET_SPECIAL))) + "]")
 
 
 def clean_value(value: str) -> str:
@@ -54,28 +56,41 @@ def agi_command(*words: str) -> bytes:
     return line
 
 
+# Most values repeat from call to call (statuses, routes, queues, the same owners), so the
+# escaped pairs are remembered; the function is pure.
+@functools.lru_cache(maxsize=8192)
 def _mset_pair(name: str, value: str) -> str:
+    """NAME=value escaped for MSet, then for parse_args (without the surrounding quotes)."""
     if not _VARIABLE_NAME.match(name):
         raise ValueError(f"not a channel variable name: {name!r}")
-    escaped = "".join("\\" + ch if ch in _MSET_SPECIAL else ch for ch in clean_value(value))
-    return f"{name}={escaped}"
+    value = clean_value(value)
+    if not _NEEDS_ESCAPE.search(value):
+        return f"{name}={value}"  # the common case: digits and plain words
+    escaped = "".join("\\" + ch if ch in _MSET_SPECIAL else ch for ch in value)
+    return f"{name}={escaped}".replace("\\", "\\\\").replace('"', '\\"')
 
 
 def mset_commands(variables: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[bytes]:
-    """`EXEC MSet` lines setting all variables, as few as fit under MAX_COMMAND_BYTES (normally one)."""
+    """`EXEC MSet` lines setting all variables, as few as fit under MAX_COMMAND_BYTES (normally one).
+
+    Both escapings work character by character, so the pairs are escaped once each and joined;
+    a comma between pairs means nothing to parse_args.
+    """
     items = variables.items() if isinstance(variables, Mapping) else variables
     commands: list[bytes] = []
-    batch: list[str] = []
+    batch: list[bytes] = []
+    size = len(_MSET_HEAD) + len(_MSET_TAIL)
     for name, value in items:
-        pair = _mset_pair(name, value)
-        if batch and len(_mset_line(batch + [pair])) > MAX_COMMAND_BYTES:
-            commands.append(_mset_line(batch))
-            batch = []
+        pair = _mset_pair(name, value).encode()
+        if batch and size + 1 + len(pair) > MAX_COMMAND_BYTES:
+            commands.append(_MSET_HEAD + b",".join(batch) + _MSET_TAIL)
+            batch, size = [], len(_MSET_HEAD) + len(_MSET_TAIL)
+        size += len(pair) + (1 if batch else 0)
         batch.append(pair)
     if batch:
-        commands.append(_mset_line(batch))
+        commands.append(_MSET_HEAD + b",".join(batch) + _MSET_TAIL)
     return commands
 
 
-def _mset_line(pairs: list[str]) -> bytes:
-    return ("EXEC MSet " + _agi_quote(",".join(pairs)) + "\n").encode("utf-8")
+_MSET_HEAD = b'EXEC MSet "'
+_MSET_TAIL = b'"\n'

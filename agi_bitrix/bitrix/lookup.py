@@ -43,7 +43,7 @@ class CrmLookup:
     async def lookup(self, phone: str) -> CrmAnswer:
         cached = self.cache.fresh(phone)
         if cached is not None:
-            return replace(cached, cache="hit")
+            return cached
         flight = self._flights.get(phone)
         if flight is None:
             flight = asyncio.create_task(self._fetch(phone), name=f"lookup {phone}")
@@ -107,5 +107,5 @@ class CrmLookup:
         self.breaker.succeeded()
         self.limiter.succeeded()
         answer = CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities), cache="miss")
-        self.cache.store(phone, answer)
+        self.cache.store(phone, replace(answer, cache="hit"))  # as later calls will see it
         return answer
