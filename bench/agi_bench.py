@@ -1,0 +1,260 @@
+"""Benchmark: agi-bitrix against the no-logic floor, with a load generator that speaks FastAGI
+exactly like Asterisk (full header block, `200 result=0` to every command).
+
+Every server runs in a process of its own; the load generator is this process. Run:
+
+    .venv/bin/python bench/agi_bench.py            # everything, ~1 minute
+    .venv/bin/python bench/agi_bench.py --quick    # smaller counts
+
+It prints one line per scenario and a verdict against the targets of the issue; the figures in
+README.md come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agi_bitrix.agi.fake_asterisk import asterisk_header  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+@dataclass
+class Result:
+    name: str
+    sessions: int
+    seconds: float
+    latencies: list[float]
+    failures: int
+    portal_requests: int | None = None
+    peak_rss_mib: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.sessions / self.seconds
+
+    def line(self) -> str:
+        lat = sorted(self.latencies)
+        p50 = statistics.median(lat) * 1000
+        p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+        extra = ""
+        if self.portal_requests is not None:
+            extra += f"  portal req/call {self.portal_requests / self.sessions:.3f}"
+        if self.peak_rss_mib is not None:
+            extra += f"  peak RSS {self.peak_rss_mib:.1f} MiB"
+        return (f"{self.name:34} {self.rate:8.0f} sessions/s  p50 {p50:6.1f} ms  p99 {p99:7.1f} ms"
+                f"  failures {self.failures}{extra}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+class Process:
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.popen = subprocess.Popen([PYTHON, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True, env={**os.environ, **(env or {})})
+
+    def first_line(self) -> str:
+        return self.popen.stdout.readline().strip()
+
+    def stop(self) -> str:
+        self.popen.send_signal(signal.SIGTERM)
+        out, _ = self.popen.communicate(timeout=30)
+        return out.strip()
+
+
+def wait_for_port(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+async def one_session(port: int, callerid: str, index: int) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(asterisk_header(callerid=callerid, port=port, uniqueid=f"bench.{index}"))
+    commands = 0
+    while line := await reader.readline():
+        commands += 1
+        writer.write(b"200 result=0\n")
+    writer.close()
+    if commands != 1:
+        raise RuntimeError(f"expected one command, got {commands}")
+    return time.perf_counter() - started
+
+
+async def load(port: int, sessions: int, concurrency: int, callerid) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(sessions))
+
+    async def worker() -> None:
+        nonlocal failures
+        for index in counter:
+            try:
+                latencies.append(await one_session(port, callerid(index), index))
+            except (OSError, RuntimeError):
+                failures += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, failures
+
+
+def bench_config(webhook_url: str, port: int, deadline: float = 2.0, ttl: float = 60.0) -> Path:
+    shipped = (BENCH.parent / "config" / "agi-bitrix.yaml").read_text(encoding="utf-8")
+    routing = shipped[shipped.index("\nrouting:") + 1:]
+    path = Path(tempfile.mkdtemp(prefix="agi-bench-")) / "bench.yaml"
+    path.write_text(
+        f"server: {{listen: '127.0.0.1:{port}', max_sessions: 5000, header_timeout: 10}}\n"
+        f"bitrix: {{webhook_url: '{webhook_url}', deadline: {deadline},"
+        " rate_limit: {per_second: 10000, burst: 100000}, pool_size: 50}\n"
+        f"cache: {{found_ttl: {ttl}, not_found_ttl: {ttl}}}\n" + routing, encoding="utf-8")
+    return path
+
+
+def start_agi_bitrix(webhook_url: str, **config) -> tuple[Process, int]:
+    port = free_port()
+    path = bench_config(webhook_url, port, **config)
+    server = Process("-m", "agi_bitrix", "serve", "-c", str(path), "--log-level", "warning")
+    wait_for_port(port)
+    return server, port
+
+
+REPEATED = ["8916123456" + str(n) for n in range(10)]
+
+
+def repeated(index: int) -> str:
+    return REPEATED[index % 10]
+
+
+def new_caller(index: int) -> str:
+    return f"8926{index:07d}"
+
+
+async def scenario_throughput(sessions: int, concurrency: int) -> list[Result]:
+    results = []
+    floor_port = free_port()
+    floor = Process(str(BENCH / "floor_server.py"), str(floor_port))
+    wait_for_port(floor_port)
+    await load(floor_port, 500, concurrency, repeated)  # warm-up
+    seconds, lat, failures = await load(floor_port, sessions, concurrency, repeated)
+    results.append(Result("floor (no-logic server)", sessions, seconds, lat, failures,
+                          peak_rss_mib=peak_rss_mib(floor.popen.pid)))
+    floor.stop()
+
+    for name, callerid, count in (("agi-bitrix, repeated callers", repeated, sessions),
+                                  ("agi-bitrix, new caller every call", new_caller, sessions // 2)):
+        portal = Process(str(BENCH / "portal_process.py"))
+        url = portal.first_line()
+        server, port = start_agi_bitrix(url)
+        await load(port, 500, concurrency, repeated)  # warm-up, fills the cache for repeated callers
+        seconds, lat, failures = await load(port, count, concurrency, callerid)
+        rss = peak_rss_mib(server.popen.pid)
+        server.stop()
+        requests = int(portal.stop().splitlines()[-1])
+        warmup_requests = len(REPEATED)
+        results.append(Result(name, count, seconds, lat, failures, requests - warmup_requests, rss))
+    return results
+
+
+async def scenario_concurrent_sessions(count: int) -> Result:
+    """`count` sessions open at once (the portal takes 2 s to answer): the server's memory."""
+    portal = Process(str(BENCH / "portal_process.py"), "--fault", "slow", "--delay", "2")
+    url = portal.first_line()
+    server, port = start_agi_bitrix(url, deadline=5.0)
+    seconds, lat, failures = await load(port, count, count, new_caller)
+    rss = peak_rss_mib(server.popen.pid)
+    server.stop()
+    portal.stop()
+    return Result(f"{count} concurrent sessions", count, seconds, lat, failures, peak_rss_mib=rss)
+
+
+async def scenario_hung_portal(count: int, deadline: float) -> Result:
+    portal = Process(str(BENCH / "portal_process.py"), "--fault", "hang")
+    url = portal.first_line()
+    server, port = start_agi_bitrix(url, deadline=deadline)
+    seconds, lat, failures = await load(port, count, count, new_caller)
+    server.stop()
+    portal.stop()
+    return Result(f"portal hung, {count} at once", count, seconds, lat, failures)
+
+
+async def scenario_ten_numbers(count: int) -> Result:
+    portal = Process(str(BENCH / "portal_process.py"), "--fault", "slow", "--delay", "0.3")
+    url = portal.first_line()
+    server, port = start_agi_bitrix(url)
+    seconds, lat, failures = await load(port, count, 100, repeated)
+    server.stop()
+    requests = int(portal.stop().splitlines()[-1])
+    return Result(f"{count} calls from 10 numbers", count, seconds, lat, failures, requests)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    parser.add_argument("--concurrency", type=int, default=20)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sessions = 4000 if args.quick else 20000
+
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, concurrency {args.concurrency}")
+    floor, repeated_result, new_result = await scenario_throughput(sessions, args.concurrency)
+    for result in (floor, repeated_result, new_result):
+        print(result.line(), flush=True)
+    held = await scenario_concurrent_sessions(1000)
+    print(held.line(), flush=True)
+    hung = await scenario_hung_portal(500, deadline=2.0)
+    print(hung.line(), flush=True)
+    ten = await scenario_ten_numbers(1000)
+    print(ten.line(), flush=True)
+
+    checks = [
+        (f"repeated callers >= 75% of floor: {repeated_result.rate / floor.rate:.0%}",
+         repeated_result.rate >= 0.75 * floor.rate),
+        (f"new caller every call >= 50% of floor: {new_result.rate / floor.rate:.0%}",
+         new_result.rate >= 0.5 * floor.rate),
+        (f"1000 concurrent sessions under 100 MiB: {held.peak_rss_mib:.1f} MiB",
+         held.peak_rss_mib < 100 and held.failures == 0),
+        (f"portal hung: 500 calls by fallback within deadline + 0.5 s: max {max(hung.latencies):.2f} s",
+         max(hung.latencies) <= 2.5 and hung.failures == 0),
+        (f"1000 calls from 10 numbers: {ten.portal_requests} portal requests (<= 10)",
+         ten.portal_requests <= 10),
+    ]
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
