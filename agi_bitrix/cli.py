@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("-c", "--config", required=True, metavar="FILE")
     route.add_argument("phone", metavar="PHONE")
     route.add_argument("--did", default="", metavar="NUMBER", help="the dialled number (DID)")
+    route.add_argument("--record", metavar="FILE",
+                       help="save the portal's answer to FILE, for a case of `agi-bitrix test` (crm_file)")
+
+    test = commands.add_parser("test", help="run example calls through the rules; exit 1 on a mismatch")
+    test.add_argument("-c", "--config", required=True, metavar="FILE")
+    test.add_argument("cases", metavar="CASES.yaml")
 
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
@@ -53,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "route":
         return _route(args)
+    if args.command == "test":
+        return _test(args)
     if args.command == "demo":
         from agi_bitrix.demo import run_demo
 
@@ -129,5 +137,22 @@ def _route(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from agi_bitrix.explain import explain_call
 
-    print(asyncio.run(explain_call(config, args.phone, args.did)))
+    print(asyncio.run(explain_call(config, args.phone, args.did, record=args.record)))
     return EXIT_OK
+
+
+def _test(args: argparse.Namespace) -> int:
+    from agi_bitrix.ruletest import load_cases, report, run_cases
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        cases = load_cases(args.cases, config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    outcomes = run_cases(cases, config)
+    print(report(outcomes, args.cases))
+    return EXIT_OK if all(o.passed for o in outcomes) else EXIT_MISMATCH

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
 from agi_bitrix.agi.protocol import AgiRequest
-from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.client import SEARCH_CRM_ENTITIES, PortalClient, PortalError, make_session
+from agi_bitrix.bitrix.models import MalformedAnswer, parse_search_result
 from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.config import Config
 from agi_bitrix.service import RoutedCall, RoutingService
@@ -42,12 +47,39 @@ def render(routed: RoutedCall, portal_url: str) -> str:
     return "\n".join(lines)
 
 
-async def explain_call(config: Config, phone: str, did: str = "") -> str:
+class RecordingPortal:
+    """The portal client, keeping the raw `result` it received for `--record`."""
+
+    def __init__(self, portal: PortalClient) -> None:
+        self.portal = portal
+        self.raw_result = None
+
+    async def search_crm_entities(self, phone: str):
+        self.raw_result = await self.portal.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone})
+        try:
+            return parse_search_result(self.raw_result)
+        except MalformedAnswer as error:
+            raise PortalError("bad_result", str(error)) from None
+
+
+async def explain_call(config: Config, phone: str, did: str = "", record: str | None = None) -> str:
     request = AgiRequest(env={"agi_network_script": "route", "agi_callerid": phone,
                               "agi_extension": did, "agi_uniqueid": "dry-run"},
                          args=(phone, did))
     async with make_session() as session:
         portal = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
-        lookup = CrmLookup(portal, config.bitrix, config.cache)
+        recorder = RecordingPortal(portal)
+        lookup = CrmLookup(recorder, config.bitrix, config.cache)
         routed = await RoutingService(config, lookup).route(request)
-        return render(routed, portal.redacted_url)
+        text = render(routed, portal.redacted_url)
+    if record:
+        if routed.answer.status not in ("FOUND", "NOT_FOUND"):
+            return text + f"\nnothing recorded: the portal gave no answer ({routed.answer.status})"
+        Path(record).write_text(json.dumps({
+            "phone": routed.call.phone,
+            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "portal": portal.redacted_url,
+            "result": recorder.raw_result,
+        }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        text += f"\nrecorded the portal's answer to {record} (use it as crm_file in a test case)"
+    return text

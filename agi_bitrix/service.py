@@ -17,6 +17,7 @@ from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.server import AgiChannel
 from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.bitrix.models import CrmAnswer
+from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.routing.engine import FALLBACK_RULE, CallInfo, Decision, decide
@@ -45,10 +46,12 @@ def call_info(request: AgiRequest, default_country: str) -> CallInfo:
 
 class RoutingService:
     def __init__(self, config: Config, lookup: CrmLookup,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 users: UserDirectory | None = None) -> None:
         self.config = config
         self.lookup = lookup
         self.clock = clock
+        self.users = users
 
     async def route(self, request: AgiRequest) -> RoutedCall:
         started = time.monotonic()
@@ -56,7 +59,13 @@ class RoutingService:
         policy = config.policy
         call = call_info(request, policy.default_country)
         answer = CrmAnswer("NO_CALLERID") if call.phone is None else await self.lookup.lookup(call.phone)
-        decision = decide(call, answer, policy, self.clock())
+        inactive = frozenset()
+        if self.users is not None:
+            inactive = self.users.inactive_among(e.owner.user_id for e in answer.entities if e.owner)
+            if inactive:
+                log.info("call %s: deactivated owner(s) %s skipped", request.get("agi_uniqueid") or "-",
+                         ", ".join(sorted(inactive)))
+        decision = decide(call, answer, policy, self.clock(), inactive)
         variables = channel_variables(decision, config.variable_prefix)
         return RoutedCall(request, call, answer, decision, variables, time.monotonic() - started)
 

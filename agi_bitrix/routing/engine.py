@@ -10,7 +10,7 @@ in the trace so that `agi-bitrix route` can explain the outcome.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
@@ -75,7 +75,10 @@ def owner_phones(entity: CrmEntity | None, default_country: str) -> OwnerPhones:
     )
 
 
-def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: datetime) -> Decision:
+def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: datetime,
+           inactive_owners: frozenset[str] = frozenset()) -> Decision:
+    """`inactive_owners`: user ids known to be deactivated; their objects decide no rule, and a
+    decision never names such an owner (no user id, no phones to dial)."""
     local_now = now.astimezone(policy.timezone)
     trace: list[RuleTrace] = []
     for rule in policy.rules:
@@ -83,7 +86,7 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
         if refusal:
             trace.append(RuleTrace(rule.name, False, refusal))
             continue
-        outcome = _pick(rule, answer, policy)
+        outcome = _pick(rule, answer, policy, inactive_owners)
         if isinstance(outcome, str):
             trace.append(RuleTrace(rule.name, False, outcome))
             continue
@@ -106,7 +109,10 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
             trace=tuple(trace),
         )
     first = answer.entities[0] if answer.entities else None
-    trace.append(RuleTrace(FALLBACK_RULE, True, "no rule decided; fallback queue"))
+    inactive = _inactive_owner(first, inactive_owners)
+    why = f" (the owner of {first.entity_type} {first.entity_id} is deactivated)" if inactive else ""
+    first = _without_inactive_owner(first, inactive_owners)
+    trace.append(RuleTrace(FALLBACK_RULE, True, f"no rule decided{why}; fallback queue"))
     return Decision(
         status=answer.status,
         route="queue",
@@ -171,12 +177,12 @@ def _object_refusal(match: Match, entity: CrmEntity, phones: OwnerPhones) -> str
     return ""
 
 
-def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy):
+def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners: frozenset[str]):
     """(entity, phones, target, passed-over reasons) for the first candidate that passes and
     has something to dial; or, when none does, the reasons as one string."""
     uses_object = rule.match.about_crm_object or any(t.kind == "owner" for t in rule.route)
     if not uses_object:
-        first = answer.entities[0] if answer.entities else None
+        first = _without_inactive_owner(answer.entities[0] if answer.entities else None, inactive_owners)
         return first, owner_phones(first, policy.default_country), rule.route[0], []
     candidates = _candidates(rule, answer.entities)
     if not candidates and rule.match.about_crm_object:
@@ -186,6 +192,9 @@ def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy):
     reasons = []
     for entity in candidates:
         phones = owner_phones(entity, policy.default_country)
+        if _inactive_owner(entity, inactive_owners):
+            reasons.append(f"{entity.entity_type} {entity.entity_id}: owner {entity.owner.user_id} is deactivated")
+            continue
         if entity is not None:
             refusal = _object_refusal(rule.match, entity, phones)
             if refusal:
@@ -199,6 +208,17 @@ def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy):
             continue
         return entity, phones, target, reasons
     return "; ".join(reasons)
+
+
+def _inactive_owner(entity: CrmEntity | None, inactive_owners: frozenset[str]) -> bool:
+    return entity is not None and entity.owner is not None and entity.owner.user_id in inactive_owners
+
+
+def _without_inactive_owner(entity: CrmEntity | None, inactive_owners: frozenset[str]) -> CrmEntity | None:
+    """The object as routing may use it: a deactivated owner is no owner."""
+    if _inactive_owner(entity, inactive_owners):
+        return replace(entity, owner=None)
+    return entity
 
 
 def _available(target: Target, phones: OwnerPhones) -> bool:

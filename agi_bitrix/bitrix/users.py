@@ -1,0 +1,172 @@
+"""The portal's users, loaded with user.get at start and refreshed in the background.
+
+Two things need them: routing, to skip owners whose account is deactivated (the portal still
+names fired employees as owners), and finish, to turn the extension or mobile that answered a
+call into the Bitrix24 user who took it. A failed refresh keeps the last good snapshot; before
+the first load nobody is known to be inactive, so routing works as if there were no directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.phones import normalize_extension, normalize_number
+
+log = logging.getLogger("agi_bitrix.users")
+
+USER_GET = "user.get"
+# user.get answers 50 users per page and takes the offset of the next page as `start`.
+PAGE_SIZE = 50
+# 500 pages are 25,000 users, far beyond any portal this serves; a portal that ignores `start`
+# would otherwise keep us paging forever.
+MAX_PAGES = 500
+# After a failed load, try again sooner than the regular refresh, but not in a tight loop.
+RETRY_AFTER_FAILURE = 30.0
+
+# Channel names as Asterisk writes them: TECH/RESOURCE-SUFFIX or Local/EXTEN@CONTEXT-SUFFIX;N.
+_CHANNEL_SUFFIX = re.compile(r"-[0-9a-f]{8}(;[12])?$")
+# [TECH/][PEER/]NUMBER[@CONTEXT]: a channel, a dial string or Dial's DIALEDPEERNUMBER.
+_ANSWERED_BY = re.compile(r"^(?:[A-Za-z0-9_.-]+/){0,2}(?P<number>\+?[0-9]{1,32})(?:@[A-Za-z0-9_.-]*)?$")
+
+
+@dataclass(frozen=True)
+class User:
+    user_id: str
+    active: bool
+    extension: str = ""  # UF_PHONE_INNER, digits only; "" when missing or not a plain number
+    mobile: str = ""  # PERSONAL_MOBILE in international digits, or ""
+
+
+def parse_user(item: Any, default_country: str) -> User | None:
+    """One user.get record, or None when it has no usable ID."""
+    if not isinstance(item, Mapping):
+        return None
+    user_id = str(item.get("ID") or "").strip()
+    if not user_id.isdigit():
+        return None
+    active = item.get("ACTIVE")
+    # JSON true/false from the REST API; "Y"/"N" from older portals and proxies.
+    is_active = active if isinstance(active, bool) else str(active).strip().upper() in ("Y", "1", "TRUE")
+    return User(
+        user_id=user_id,
+        active=is_active,
+        extension=normalize_extension(_scalar(item.get("UF_PHONE_INNER"))) or "",
+        mobile=normalize_number(_scalar(item.get("PERSONAL_MOBILE")), default_country) or "",
+    )
+
+
+def _scalar(value: Any) -> str:
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+
+
+def answering_number(answered_by: str) -> str:
+    """The number in what the dialplan reports as having answered, or "".
+
+    "101", "101@internal" (Dial's DIALEDPEERNUMBER), "PJSIP/101-0000001a",
+    "Local/79161110101@outbound-00000003;1" -> "101" / "79161110101".
+    """
+    match = _ANSWERED_BY.match(_CHANNEL_SUFFIX.sub("", answered_by.strip()))
+    return match["number"] if match else ""
+
+
+class UserDirectory:
+    def __init__(self, portal: PortalClient, *, refresh: float, default_country: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.portal = portal
+        self.refresh = refresh
+        self.default_country = default_country
+        self._clock = clock
+        self._users: dict[str, User] = {}
+        self._by_extension: dict[str, User] = {}
+        self._by_mobile: dict[str, User] = {}
+        self.loaded_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what the calls ask ------------------------------------------------------------------
+
+    def get(self, user_id: str) -> User | None:
+        return self._users.get(user_id)
+
+    def inactive_among(self, user_ids: Iterable[str]) -> frozenset[str]:
+        """Those of `user_ids` whose account is known to be deactivated."""
+        return frozenset(uid for uid in user_ids if (user := self._users.get(uid)) is not None and not user.active)
+
+    def by_number(self, number: str) -> User | None:
+        """The active user whose extension, else whose mobile, is `number`."""
+        extension = normalize_extension(number)
+        user = self._by_extension.get(extension) if extension else None
+        if user is None:
+            mobile = normalize_number(number, self.default_country)
+            user = self._by_mobile.get(mobile) if mobile else None
+        return user
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load every user; the snapshot changes only when the whole load succeeds."""
+        users: dict[str, User] = {}
+        # Listed by state: portals differ on whether an unfiltered user.get includes
+        # deactivated accounts, and those are the ones routing must know about.
+        for active in (True, False):
+            for item in await self._list({"FILTER": {"ACTIVE": active}}):
+                user = parse_user(item, self.default_country)
+                if user is not None:
+                    users[user.user_id] = user
+        self._install(users)
+
+    async def _list(self, params: dict[str, Any]) -> list[Any]:
+        items: list[Any] = []
+        seen: set[str] = set()
+        for page in range(MAX_PAGES):
+            result = await self.portal.call(USER_GET, {**params, "start": page * PAGE_SIZE})
+            if not isinstance(result, list):
+                raise PortalError("bad_result", f"{USER_GET}: result is {type(result).__name__}, expected a list")
+            fresh = [item for item in result if isinstance(item, Mapping) and str(item.get("ID")) not in seen]
+            seen.update(str(item.get("ID")) for item in fresh)
+            items.extend(fresh)
+            if len(result) < PAGE_SIZE or not fresh:
+                break
+        return items
+
+    def _install(self, users: dict[str, User]) -> None:
+        active = [user for user in users.values() if user.active]
+        self._users = users
+        self._by_extension = {user.extension: user for user in active if user.extension}
+        self._by_mobile = {user.mobile: user for user in active if user.mobile}
+        self.loaded_at = self._clock()
+        log.info("user directory: %d users, %d deactivated", len(users), len(users) - len(active))
+
+    # -- background refresh ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever(), name="user directory")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.load()
+                wait = self.refresh
+            except PortalError as error:
+                wait = min(self.refresh, RETRY_AFTER_FAILURE)
+                hint = " (the webhook needs the 'user' scope)" if error.reason in (
+                    "insufficient_scope", "ACCESS_DENIED") else ""
+                log.warning("user directory not refreshed: %s%s; keeping %s; next try in %.0f s",
+                            error, hint, "the last snapshot" if self.loaded_at is not None else "no users",
+                            wait)
+            await asyncio.sleep(wait)

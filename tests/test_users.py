@@ -1,0 +1,207 @@
+"""The user directory (user.get) and what routing does with deactivated owners."""
+
+import asyncio
+import logging
+import textwrap
+
+import pytest
+from tests.conftest import TEST_RULES
+from tests.test_routing import NOON, POLICY, entity, found
+
+from agi_bitrix.agi.fake_asterisk import fake_call
+from agi_bitrix.app import Application
+from agi_bitrix.bitrix.client import PortalError
+from agi_bitrix.bitrix.emulator import PortalEmulator
+from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
+from agi_bitrix.bitrix.users import User, UserDirectory, answering_number, parse_user
+from agi_bitrix.config import parse_config
+from agi_bitrix.routing.engine import CallInfo, decide
+from agi_bitrix.routing.variables import channel_variables
+
+USER_GET = "user.get"
+ANDREY = "74991112233"  # COMPANY 12, owner 13 (deactivated), CLOSED, mobile 79268889900
+
+
+@pytest.mark.parametrize("item, expected", [
+    ({"ID": "5", "ACTIVE": True, "UF_PHONE_INNER": "105", "PERSONAL_MOBILE": "+7 (916) 111-01-01"},
+     User("5", True, "105", "79161110101")),
+    ({"ID": "6", "ACTIVE": False, "UF_PHONE_INNER": 106, "PERSONAL_MOBILE": None}, User("6", False, "106", "")),
+    ({"ID": "7", "ACTIVE": "N", "UF_PHONE_INNER": "120&Local/666@evil"}, User("7", False, "", "")),
+    ({"ID": "8", "ACTIVE": "Y", "PERSONAL_MOBILE": "8 905 765-43-21\nEXEC x"}, User("8", True, "", "")),
+    ({"ID": "", "ACTIVE": True}, None),
+    ({"ID": "admin"}, None),
+    ("Array", None),
+])
+def test_user_records_are_read_strictly(item, expected):
+    assert parse_user(item, "RU") == expected
+
+
+@pytest.mark.parametrize("answered_by, number", [
+    ("101", "101"), ("101@internal", "101"), ("PJSIP/101-0000001a", "101"), ("SIP/102-00000003", "102"),
+    ("Local/79161110101@outbound-00000003;1", "79161110101"), ("79161110101@outbound", "79161110101"),
+    ("SIP/trunk/79161110101", "79161110101"), ("PJSIP/trunk-0000001a", ""), ("", ""), ("101&Local/666", ""),
+])
+def test_answering_number_from_what_the_dialplan_reports(answered_by, number):
+    assert answering_number(answered_by) == number
+
+
+@pytest.fixture
+async def portal():
+    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+async def directory(portal):
+    from agi_bitrix.bitrix.client import PortalClient, make_session
+
+    async with make_session() as session:
+        users = UserDirectory(PortalClient(portal.webhook_url, session, timeout=1.0), refresh=600,
+                              default_country="RU")
+        yield users
+        await users.close()
+
+
+async def test_directory_knows_who_is_deactivated_and_whose_number_is_whose(directory, portal):
+    await directory.load()
+    assert directory.inactive_among(["1", "13", "999"]) == {"13"}
+    assert directory.by_number("101").user_id == "1"
+    assert directory.by_number("8 (916) 111-01-01").user_id == "1"  # Anna's mobile
+    assert directory.by_number("113") is None  # Andrey's extension: he can take no call
+    assert directory.by_number("555") is None
+    # Listed by state, so a portal that leaves deactivated users out of a plain list still tells.
+    assert [r.params["FILTER"] for r in portal.requests_for(USER_GET)] == [{"ACTIVE": "1"}, {"ACTIVE": "0"}]
+
+
+class PagedPortal:
+    """user.get as the portal pages it: 50 per page, the offset as `start`."""
+
+    def __init__(self, count, honour_start=True):
+        self.users = [{"ID": str(n), "ACTIVE": n % 10 != 0, "UF_PHONE_INNER": str(100 + n)} for n in range(1, count + 1)]
+        self.honour_start = honour_start
+        self.asked = []
+
+    async def call(self, method, params):
+        self.asked.append((params["FILTER"]["ACTIVE"], params["start"]))
+        wanted = [u for u in self.users if u["ACTIVE"] == params["FILTER"]["ACTIVE"]]
+        start = params["start"] if self.honour_start else 0
+        return wanted[start:start + 50]
+
+
+async def test_directory_reads_every_page():
+    portal = PagedPortal(120)
+    directory = UserDirectory(portal, refresh=600, default_country="RU")
+    await directory.load()
+    assert portal.asked == [(True, 0), (True, 50), (True, 100), (False, 0)]
+    assert len(directory.inactive_among(str(n) for n in range(1, 121))) == 12
+    assert directory.by_number("217").user_id == "117"
+
+
+async def test_a_portal_that_ignores_start_does_not_page_forever():
+    portal = PagedPortal(200, honour_start=False)
+    directory = UserDirectory(portal, refresh=600, default_country="RU")
+    await directory.load()
+    assert portal.asked == [(True, 0), (True, 50), (False, 0)]
+
+
+async def test_a_failed_refresh_keeps_the_last_snapshot(directory, portal):
+    await directory.load()
+    portal.fail("error", method=USER_GET, status=503, code="QUERY_LIMIT_EXCEEDED", description="Too many")
+    with pytest.raises(PortalError):
+        await directory.load()
+    assert directory.inactive_among(["13"]) == {"13"} and directory.by_number("101").user_id == "1"
+
+
+async def test_background_refresh_picks_up_changes_and_explains_a_missing_scope(directory, portal, caplog):
+    directory.refresh = 0.05
+    portal.fail("error", method=USER_GET, times=1, status=401, code="insufficient_scope",
+                description="The request requires higher privileges than provided by the webhook token")
+    directory.start()
+    while directory.loaded_at is None:
+        await asyncio.sleep(0.01)
+    assert "the webhook needs the 'user' scope" in caplog.text
+    assert directory.inactive_among(["13"]) == {"13"}
+    portal._user_extras["13"]["ACTIVE"] = True  # Andrey is taken back
+    loaded = directory.loaded_at
+    while directory.loaded_at == loaded:
+        await asyncio.sleep(0.01)
+    assert directory.inactive_among(["13"]) == frozenset()
+
+
+# -- routing ----------------------------------------------------------------------------------
+
+
+def test_a_deactivated_owner_sends_the_call_to_the_fallback_with_the_reason():
+    answer = found(entity(entity_type="COMPANY", entity_id=12, user="13", timeman="CLOSED", inner="113",
+                          mobile="79268889900"))
+    assert decide(CallInfo("74991112233"), answer, POLICY, NOON).target == "79268889900"
+    decision = decide(CallInfo("74991112233"), answer, POLICY, NOON, frozenset({"13"}))
+    assert (decision.route, decision.target, decision.rule) == ("queue", "support", "fallback")
+    assert [step.reason for step in decision.trace] == [
+        "COMPANY 12: owner 13 is deactivated", "COMPANY 12: owner 13 is deactivated",
+        "COMPANY 12: owner 13 is deactivated",
+        "no rule decided (the owner of COMPANY 12 is deactivated); fallback queue"]
+    variables = channel_variables(decision)
+    # The call card goes to the default user, and nothing dials the former employee.
+    assert (variables["B24_USER_ID"], variables["B24_EXTENSION"], variables["B24_MOBILE"],
+            variables["B24_ENTITY_TYPE"], variables["B24_ENTITY_ID"]) == ("", "", "", "COMPANY", "12")
+
+
+def test_with_objects_all_the_next_object_with_an_active_owner_decides():
+    policy = parse_config(textwrap.dedent("""\
+        bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/c/"}
+        routing:
+          fallback_queue: support
+          rules:
+            - name: any-object
+              objects: all
+              match: {timeman: [OPENED]}
+              route: [extension]
+        """)).policy
+    answer = found(entity(user="13", inner="113"), entity(entity_id=2, user="1", inner="101"))
+    decision = decide(CallInfo("79161234567"), answer, policy, NOON, frozenset({"13"}))
+    assert (decision.target, decision.rule, decision.entity.owner.user_id) == ("101", "any-object", "1")
+
+
+def test_a_rule_that_ignores_the_crm_still_never_names_a_deactivated_owner():
+    policy = parse_config(textwrap.dedent("""\
+        bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/c/"}
+        routing:
+          fallback_queue: support
+          rules:
+            - {name: sales-did, match: {did: ["74951112233"]}, route: {queue: sales}}
+        """)).policy
+    decision = decide(CallInfo("79161234567", "74951112233"), found(entity(user="13")), policy, NOON, frozenset({"13"}))
+    assert (decision.target, decision.rule) == ("sales", "sales-did")
+    assert channel_variables(decision)["B24_USER_ID"] == ""
+
+
+def app_config(webhook_url, users):
+    text = textwrap.dedent(f"""\
+        bitrix: {{webhook_url: "{webhook_url}"}}
+        {users}
+        routing:
+          fallback_queue: support
+          rules:
+        """) + textwrap.indent(TEST_RULES, "    ")
+    return parse_config(text)
+
+
+@pytest.mark.parametrize("users, expected", [
+    ("", ("mobile", "79268889900", "owner-day-over", "13")),
+    ("users: {refresh: 600}", ("queue", "support", "fallback", "")),
+])
+async def test_the_server_skips_deactivated_owners_when_the_directory_is_on(portal, users, expected, caplog):
+    caplog.set_level(logging.INFO)
+    app = Application(app_config(portal.webhook_url, users))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        if app.users is not None:
+            await app.users.load()
+        v = (await fake_call(host, port, callerid="8" + ANDREY[1:], uniqueid="7.1")).variables
+    finally:
+        await app.stop()
+    assert (v["B24_ROUTE"], v["B24_TARGET"], v["B24_RULE"], v["B24_USER_ID"]) == expected
+    assert ("call 7.1: deactivated owner(s) 13 skipped" in caplog.text) == bool(users)
