@@ -12,6 +12,10 @@ from pathlib import Path
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.callcard.finish import FinishSender, FinishService
+from agi_bitrix.callcard.outbox import Outbox, RetryPolicy
+from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.config import Config, ConfigError, load_config
 from agi_bitrix.server import AgiServer
 from agi_bitrix.service import RoutingService
@@ -26,6 +30,11 @@ class Application:
         self.portal: PortalClient | None = None
         self.lookup: CrmLookup | None = None
         self.service: RoutingService | None = None
+        self.users: UserDirectory | None = None
+        self.register: RegisterService | None = None
+        self.finish_sender: FinishSender | None = None
+        self.outbox: Outbox | None = None
+        self.finish: FinishService | None = None
         self.server: AgiServer | None = None
         self.address: tuple[str, int] | None = None
         self.reloads = {"success": 0, "failure": 0}
@@ -36,17 +45,42 @@ class Application:
         try:
             self.portal = PortalClient(config.bitrix.webhook_url, self.session, timeout=config.bitrix.deadline)
             self.lookup = CrmLookup(self.portal, config.bitrix, config.cache)
-            self.service = RoutingService(config, self.lookup)
-            handlers = {"route": self.service.handle_route, "": self.service.handle_route}
+            if config.users.refresh > 0:
+                self.users = UserDirectory(self.portal, refresh=config.users.refresh,
+                                           default_country=config.policy.default_country)
+            self.service = RoutingService(config, self.lookup, users=self.users)
+            await self._start_callcard(config)
+            handlers = {"route": self.service.handle_route, "": self.service.handle_route,
+                        "register": self.register.handle_register, "finish": self.finish.handle_finish}
             self.server = AgiServer(handlers, self.service.handle_unknown_script, config.server)
             self.address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
         except BaseException:
+            await self._stop_background()
             await self.session.close()
             raise
+        if self.users is not None:
+            self.users.start()
         log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)", __version__,
                  self.address[0], self.address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return self.address
+
+    async def _start_callcard(self, config: Config) -> None:
+        self.register = RegisterService(config, self.portal)
+        if config.callcard.enabled:
+            finish = config.callcard.finish
+            self.finish_sender = FinishSender(self.portal)
+            self.outbox = Outbox(config.callcard.outbox, self.finish_sender,
+                                 RetryPolicy(finish.retry_first, finish.retry_max, finish.give_up_after))
+            await self.outbox.open()
+            self.outbox.start()
+        self.finish = FinishService(config, self.outbox, self.users)
+
+    async def _stop_background(self) -> None:
+        if self.outbox is not None:
+            await self.outbox.close()
+        if self.users is not None:
+            await self.users.close()
 
     def reload(self, path: str | Path | None = None) -> bool:
         """Load the config again; a broken one is refused and the running one keeps serving."""
@@ -72,16 +106,29 @@ class Application:
         if new.bitrix.webhook_url != old.bitrix.webhook_url:
             self.lookup.cache.clear()  # answers of another portal
         self.service.config = new
+        self._reload_callcard(old, new)
         self.server.settings = new.server
         self.config = new
         self.reloads["success"] += 1
         log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
         return True
 
+    def _reload_callcard(self, old: Config, new: Config) -> None:
+        if (new.callcard.enabled, new.callcard.outbox) != (old.callcard.enabled, old.callcard.outbox):
+            log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
+        if new.users.refresh != old.users.refresh:
+            log.warning("users.refresh changed; it takes effect after a restart")
+        for holder in (self.register, self.finish_sender, self.users):
+            if holder is not None:
+                holder.portal = self.portal
+        self.register.config = new
+        self.finish.config = new
+
     async def stop(self) -> None:
         """Stop accepting calls, let those in flight finish (up to server.session_timeout), close."""
         if self.server is not None:
             await self.server.close(grace=self.config.server.session_timeout)
+        await self._stop_background()
         if self.session is not None:
             await self.session.close()
 

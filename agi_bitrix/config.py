@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import os
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import time
@@ -115,6 +116,38 @@ class CallLogSettings:
 
 
 @dataclass(frozen=True)
+class RegisterSettings:
+    deadline: float = 2.0
+    default_user: str = ""  # Bitrix24 user id for calls without an (active) owner; "" = skip them
+    crm_create: bool = False
+    crm_source: str = ""
+    show: bool = True
+    line_number: str = ""  # "" = the dialled number (DID)
+
+
+@dataclass(frozen=True)
+class FinishSettings:
+    record_url: str = ""  # template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL
+    retry_first: float = 5.0
+    retry_max: float = 600.0
+    give_up_after: float = 86400.0
+
+
+@dataclass(frozen=True)
+class CallCardSettings:
+    enabled: bool = False  # on when the config has a callcard section
+    outbox: str = "/var/lib/agi-bitrix/outbox.sqlite3"
+    register: RegisterSettings = RegisterSettings()
+    finish: FinishSettings = FinishSettings()
+
+
+@dataclass(frozen=True)
+class UsersSettings:
+    # Seconds between user.get loads; 0 = no user directory (the default without a users section).
+    refresh: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerSettings
@@ -125,6 +158,8 @@ class Config:
     cache: CacheSettings = CacheSettings()
     metrics: MetricsSettings = MetricsSettings()
     call_log: CallLogSettings = CallLogSettings()
+    callcard: CallCardSettings = CallCardSettings()
+    users: UsersSettings = UsersSettings()
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -313,13 +348,19 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     routing = check.section(
         data, "routing", "routing", ("timezone", "fallback_queue", "time_intervals", "rules"))
     policy = _routing(check, routing, country)
+    callcard = _callcard(check, data)
+    users = check.section(data, "users", "users", ("refresh",))
+    users_refresh = check.number(users, "refresh", "users", USERS_REFRESH, 0, 86400,
+                                 zero_allowed=True) if "users" in data else 0.0
     if check.problems:
         # In file order, as an admin reads the file; the sort is stable within a line.
         raise ConfigError(sorted(check.problems, key=lambda p: p.line))
-    return Config(file, server, bitrix, prefix, policy, digest, cache, metrics, call_log)
+    return Config(file, server, bitrix, prefix, policy, digest, cache, metrics, call_log, callcard,
+                  UsersSettings(users_refresh))
 
 
-_SECTIONS = ("server", "bitrix", "phones", "variables", "routing", "cache", "metrics", "call_log")
+_SECTIONS = ("server", "bitrix", "phones", "variables", "routing", "cache", "metrics", "call_log",
+             "callcard", "users")
 
 
 def _server(check: _Checker, section: LocatedDict) -> ServerSettings:
@@ -395,6 +436,77 @@ def _call_log(check: _Checker, section: LocatedDict) -> CallLogSettings:
         check.problem(section.lines["format"], "call_log.format", f"{log_format!r} is not plain or json")
         log_format = "plain"
     return CallLogSettings(log_format, check.flag(section, "mask_numbers", "call_log", False))
+
+
+USERS_REFRESH = 600.0
+RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
+_CRM_SOURCE = re.compile(r"^[A-Za-z0-9_.|-]{1,50}$")
+_LINE_NUMBER = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
+
+
+def _callcard(check: _Checker, data: LocatedDict) -> CallCardSettings:
+    if "callcard" not in data:
+        return CallCardSettings()
+    section = check.section(data, "callcard", "callcard", ("outbox", "register", "finish"))
+    outbox = check.text(section, "outbox", "callcard", CallCardSettings.outbox) or ""
+    if not outbox.startswith("/"):
+        check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
+                      f"{outbox!r} must be an absolute path to the SQLite file")
+    path = "callcard.register"
+    register = check.section(section, "register", path, (
+        "deadline", "default_user", "crm_create", "crm_source", "show", "line_number"))
+    default_user = check.text(register, "default_user", path, "") or ""
+    if default_user and not default_user.isdigit():
+        check.problem(register.lines["default_user"], f"{path}.default_user",
+                      f"{default_user!r} is not a Bitrix24 user id (a number)")
+    crm_source = check.text(register, "crm_source", path, "") or ""
+    if crm_source and not _CRM_SOURCE.match(crm_source):
+        check.problem(register.lines["crm_source"], f"{path}.crm_source",
+                      f"{crm_source!r} is not a CRM source id like CALL")
+    line_number = check.text(register, "line_number", path, "") or ""
+    if line_number and not _LINE_NUMBER.match(line_number):
+        check.problem(register.lines["line_number"], f"{path}.line_number",
+                      f"{line_number!r} must be digits, letters, '+', '_', '.', '-'")
+    register_settings = RegisterSettings(
+        deadline=check.number(register, "deadline", path, RegisterSettings.deadline, 0, 30),
+        default_user=default_user,
+        crm_create=check.flag(register, "crm_create", path, RegisterSettings.crm_create),
+        crm_source=crm_source,
+        show=check.flag(register, "show", path, RegisterSettings.show),
+        line_number=line_number,
+    )
+    path = "callcard.finish"
+    finish = check.section(section, "finish", path, ("record_url", "retry"))
+    record_url = check.text(finish, "record_url", path, "") or ""
+    if record_url:
+        problem = _record_url_problem(record_url)
+        if problem:
+            check.problem(finish.lines["record_url"], f"{path}.record_url", problem)
+    retry = check.section(finish, "retry", f"{path}.retry", ("first", "max", "give_up_after"))
+    first = check.number(retry, "first", f"{path}.retry", FinishSettings.retry_first, 0, 3600)
+    most = check.number(retry, "max", f"{path}.retry", FinishSettings.retry_max, 0, 86400)
+    if most < first:
+        check.problem(retry.lines.get("max", retry.line), f"{path}.retry.max",
+                      f"{most:g} is shorter than retry.first ({first:g})")
+    give_up = check.number(retry, "give_up_after", f"{path}.retry", FinishSettings.give_up_after,
+                           0, 30 * 86400)
+    return CallCardSettings(True, outbox, register_settings,
+                            FinishSettings(record_url, first, most, give_up))
+
+
+def _record_url_problem(template: str) -> str:
+    """Why a RECORD_URL template is unusable ("" when it is fine)."""
+    parts = urlsplit(template)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"{template!r} must be an http(s) URL"
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        return f"bad template {template!r}: {error} (write a literal brace as {{{{ or }}}})"
+    unknown = [name for name in names if name not in RECORD_URL_FIELDS]
+    if unknown:
+        return f"unknown field {{{unknown[0]}}}; expected {', '.join('{' + f + '}' for f in RECORD_URL_FIELDS)}"
+    return ""
 
 
 def _routing(check: _Checker, section: LocatedDict, country: str) -> RoutingPolicy:

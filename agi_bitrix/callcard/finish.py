@@ -1,0 +1,174 @@
+"""The `finish` script: telephony.externalcall.finish after hangup, through the durable outbox.
+
+Dialplan (in the `h` extension or a hangup handler of the caller's channel):
+AGI(agi://HOST:PORT/finish,${B24_CALL_ID},${B24_USER_ID},${DIALSTATUS},${SHARED(B24_ANSWERED_AT)},
+${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}])
+
+The answer stamp (B24_ANSWERED_AT, B24_ANSWERED_BY) is written by the [agi-bitrix-answered]
+subroutine that Dial's U() and Queue's gosub run on the channel that answered; talk time is
+hangup minus answer, both read from Asterisk's clock. The session sends Asterisk nothing: the
+finish is stored durably and the hangup goes on; the portal is asked in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.bitrix.users import UserDirectory, answering_number
+from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
+from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN
+from agi_bitrix.callcard.status import status_code
+from agi_bitrix.config import Config
+from agi_bitrix.server import AgiChannel
+
+log = logging.getLogger("agi_bitrix.callcard")
+
+FINISH = "telephony.externalcall.finish"
+
+# Failures that say nothing about this finish: the portal (or the way to it) is down, busy or
+# not letting us in right now. An admin fixes credentials and scopes without touching the
+# queued finishes, so those are retried too, until callcard.finish.retry.give_up_after.
+RETRYABLE = frozenset({
+    "timeout", "connect", "bad_http", "bad_json", "bad_result", "too_large",
+    "QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT", "OPERATION_TIME_LIMIT", "INTERNAL_SERVER_ERROR",
+    "PORTAL_DELETED", "expired_token", "invalid_token", "NO_AUTH_FOUND", "INVALID_CREDENTIALS",
+    "insufficient_scope", "ACCESS_DENIED", "user_access_error", "WRONG_AUTH_TYPE", "http_429",
+})
+_SERVER_ERROR = re.compile(r"^http_5[0-9][0-9]$")
+# The portal's answer to a finish for a call it does not have open (any more).
+_CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FinishArguments:
+    call_id: str
+    owner: str
+    dialstatus: str
+    answered_at: float | None
+    answered_by: str
+    hangup_at: float | None
+    recording: str
+
+
+def finish_arguments(request: AgiRequest) -> FinishArguments:
+    args = [arg.strip() for arg in request.args] + [""] * 7
+    return FinishArguments(
+        call_id=args[0] if CALL_ID_PATTERN.match(args[0]) else "",
+        owner=args[1] if USER_ID_PATTERN.match(args[1]) else "",
+        dialstatus=args[2].upper() if re.fullmatch(r"[A-Za-z]{1,20}", args[2]) else "",
+        answered_at=_epoch(args[3]),
+        answered_by=args[4],
+        hangup_at=_epoch(args[5]),
+        recording=os.path.basename(args[6]),
+    )
+
+
+def _epoch(text: str) -> float | None:
+    """Seconds since 1970 as Asterisk prints them (${EPOCH}, ${STRFTIME(,,%s.%3q)}), or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+class FinishService:
+    def __init__(self, config: Config, outbox: Outbox | None, users: UserDirectory | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.users = users
+        self.clock = clock
+
+    async def handle_finish(self, request: AgiRequest, channel: AgiChannel) -> None:
+        """Store the finish and close the session: the hangup never waits for the portal."""
+        uniqueid = request.get("agi_uniqueid") or "-"
+        if self.outbox is None:
+            log.info("call %s: finish asked for, but there is no callcard section in the config", uniqueid)
+            return
+        arguments = finish_arguments(request)
+        if not arguments.call_id:
+            log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
+            return
+        params = self.finish_params(arguments, uniqueid)
+        if params is None:
+            return
+        if await self.outbox.add(arguments.call_id, params):
+            log.info("call %s: finish %s queued: user %s, %s s, status %s", uniqueid, arguments.call_id,
+                     params["USER_ID"], params["DURATION"], params["STATUS_CODE"])
+        else:
+            log.info("call %s: finish %s was already queued; this one is ignored", uniqueid, arguments.call_id)
+
+    def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
+        settings = self.config.callcard
+        answered = arguments.answered_at is not None or arguments.dialstatus == "ANSWER"
+        duration = 0
+        if arguments.answered_at is not None:
+            hangup_at = arguments.hangup_at if arguments.hangup_at is not None else self.clock()
+            duration = max(0, round(hangup_at - arguments.answered_at))
+        user_id = self.taken_by(arguments) if answered else ""
+        user_id = user_id or arguments.owner or settings.register.default_user
+        if not user_id:
+            log.warning("call %s: finish %s has no user (no owner, no default_user); not sent",
+                        uniqueid, arguments.call_id)
+            return None
+        params: dict[str, Any] = {
+            "CALL_ID": arguments.call_id,
+            "USER_ID": user_id,
+            "DURATION": duration,
+            "STATUS_CODE": status_code(answered, arguments.dialstatus),
+        }
+        record_url = self.record_url(arguments, uniqueid) if answered else ""
+        if record_url:
+            params["RECORD_URL"] = record_url
+        return params
+
+    def taken_by(self, arguments: FinishArguments) -> str:
+        """The Bitrix24 user whose extension or mobile answered, or "" when unknown."""
+        number = answering_number(arguments.answered_by)
+        user = self.users.by_number(number) if number and self.users is not None else None
+        return user.user_id if user is not None else ""
+
+    def record_url(self, arguments: FinishArguments, uniqueid: str) -> str:
+        template = self.config.callcard.finish.record_url
+        if not template or ("{recording}" in template and not arguments.recording):
+            return ""
+        return template.format(call_id=quote(arguments.call_id, safe=""), uniqueid=quote(uniqueid, safe=""),
+                               recording=quote(arguments.recording, safe=""))
+
+
+class FinishSender:
+    """Delivers one queued finish; tells the outbox whether it is done, worth retrying, or lost."""
+
+    def __init__(self, portal: PortalClient) -> None:
+        self.portal = portal
+
+    async def __call__(self, entry: Entry) -> Outcome:
+        try:
+            await self.portal.call(FINISH, entry.params)
+        except PortalError as error:
+            return finish_outcome(error, entry.attempt)
+        log.info("finish %s delivered (attempt %d)", entry.key, entry.attempt)
+        return Outcome("delivered")
+
+
+def finish_outcome(error: PortalError, attempt: int) -> Outcome:
+    detail = f"{error.reason}: {error.detail}"
+    if error.reason in RETRYABLE or _SERVER_ERROR.match(error.reason):
+        return Outcome("retry", detail)
+    if attempt > 1 and _CALL_NOT_FOUND.search(error.detail):
+        # An earlier attempt whose answer was lost (a timeout, a crash) did finish the call:
+        # the portal closes a call once and then no longer knows it.
+        log.info("finish of an earlier attempt went through; the portal no longer has the call open")
+        return Outcome("delivered", "finished by an earlier attempt")
+    return Outcome("failed", detail)

@@ -1,0 +1,141 @@
+"""The `register` script: telephony.externalcall.register while the call is being put through.
+
+Dialplan: AGI(agi://HOST:PORT/register,${B24_PHONE},${B24_USER_ID},${CHANNEL(linkedid)},${EXTEN},
+${B24_ENTITY_TYPE},${B24_ENTITY_ID}) after the route step. Everything comes in as arguments, so
+the session costs one round trip: the EXEC MSet that sets B24_CALL_ID and B24_REGISTER_ERROR.
+A failed or slow register never holds the call beyond its own deadline; the call goes on
+without a call card and B24_REGISTER_ERROR says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.config import Config
+from agi_bitrix.phones import normalize_number
+from agi_bitrix.server import AgiChannel
+
+log = logging.getLogger("agi_bitrix.callcard")
+
+REGISTER = "telephony.externalcall.register"
+INCOMING = 2
+ENTITY_TYPES = ("CONTACT", "COMPANY", "LEAD")
+USER_ID_PATTERN = re.compile(r"^[0-9]{1,20}$")
+# Asterisk's linkedid/uniqueid ("1700000000.42", or a custom id) and the portal's CALL_ID
+# ("externalCall.<hex>.<unix time>").
+CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ERROR = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class RegisterArguments:
+    phone: str | None  # international digits; None: nothing usable to register
+    owner: str  # the routed owner's user id, or ""
+    external_call_id: str
+    did: str
+    entity_type: str
+    entity_id: str
+
+
+def register_arguments(request: AgiRequest, default_country: str) -> RegisterArguments:
+    """The AGI arguments, each checked, with the AGI header filling in what the dialplan left out."""
+    args = [arg.strip() for arg in request.args] + [""] * 6
+    owner, entity_type, entity_id = args[1], args[4].upper(), args[5]
+    has_entity = entity_type in ENTITY_TYPES and entity_id.isdigit()
+    call_ids = [text for text in (args[2], request.get("agi_uniqueid")) if CALL_ID_PATTERN.match(text)]
+    return RegisterArguments(
+        phone=normalize_number(args[0] or request.get("agi_callerid"), default_country),
+        owner=owner if USER_ID_PATTERN.match(owner) else "",
+        external_call_id=call_ids[0] if call_ids else "",
+        did=normalize_number(args[3], default_country) or normalize_number(request.get("agi_extension"),
+                                                                           default_country) or "",
+        entity_type=entity_type if has_entity else "",
+        entity_id=entity_id if has_entity else "",
+    )
+
+
+class RegisterService:
+    def __init__(self, config: Config, portal: PortalClient,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self.config = config
+        self.portal = portal
+        self.clock = clock
+
+    async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
+        uniqueid = request.get("agi_uniqueid") or "-"
+        try:
+            call_id, error = await self.register(request)
+        except Exception:
+            log.exception("call %s: register failed unexpectedly", uniqueid)
+            call_id, error = "", "internal"
+        prefix = self.config.variable_prefix
+        if not await channel.set_variables({f"{prefix}CALL_ID": call_id, f"{prefix}REGISTER_ERROR": error}):
+            log.info("call %s: the channel went away before B24_CALL_ID was set", uniqueid)
+
+    async def register(self, request: AgiRequest) -> tuple[str, str]:
+        """(CALL_ID, "") on success, ("", reason) otherwise."""
+        config = self.config
+        settings = config.callcard.register
+        uniqueid = request.get("agi_uniqueid") or "-"
+        if not config.callcard.enabled:
+            return "", "disabled"
+        arguments = register_arguments(request, config.policy.default_country)
+        user_id = arguments.owner or settings.default_user
+        if arguments.phone is None:
+            log.info("call %s: no usable number; not registered", uniqueid)
+            return "", "no_number"
+        if not user_id:
+            log.info("call %s: no owner and no callcard.register.default_user; not registered", uniqueid)
+            return "", "no_user"
+        params = self.register_params(arguments, user_id)
+        try:
+            async with asyncio.timeout(settings.deadline):
+                result = await self.portal.call(REGISTER, params)
+        except TimeoutError:
+            log.warning("call %s: register took longer than %.1f s; the call goes on without a card",
+                        uniqueid, settings.deadline)
+            return "", "timeout"
+        except PortalError as error:
+            log.warning("call %s: register failed: %s", uniqueid, error)
+            return "", error.reason if _ERROR.match(error.reason) else "portal_error"
+        call_id = result.get("CALL_ID") if isinstance(result, dict) else None
+        if not isinstance(call_id, str) or not CALL_ID_PATTERN.match(call_id):
+            log.warning("call %s: register answered without a usable CALL_ID: %.200r", uniqueid, result)
+            return "", "bad_result"
+        log.info("call %s: registered as %s for user %s (external id %s)%s", uniqueid, call_id, user_id,
+                 arguments.external_call_id or "-", _created(result))
+        return call_id, ""
+
+    def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
+        settings = self.config.callcard.register
+        params: dict[str, Any] = {
+            "USER_ID": user_id,
+            "PHONE_NUMBER": arguments.phone,
+            "TYPE": INCOMING,
+            "CALL_START_DATE": self.clock().isoformat(timespec="seconds"),
+            "CRM_CREATE": settings.crm_create,
+            "SHOW": settings.show,
+            "LINE_NUMBER": settings.line_number or arguments.did,
+            # Without a value unique to the call the portal merges this call into an earlier one
+            # from the same number to the same user within 30 minutes.
+            "EXTERNAL_CALL_ID": arguments.external_call_id,
+        }
+        if settings.crm_source:
+            params["CRM_SOURCE"] = settings.crm_source
+        if arguments.entity_type:
+            params["CRM_ENTITY_TYPE"] = arguments.entity_type
+            params["CRM_ENTITY_ID"] = arguments.entity_id
+        return params
+
+
+def _created(result: dict[str, Any]) -> str:
+    lead = result.get("CRM_CREATED_LEAD")
+    return f"; created lead {lead}" if lead else ""

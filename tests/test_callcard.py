@@ -1,0 +1,362 @@
+"""register and finish end to end: the whole application over real TCP, spoken to like Asterisk
+does, against the portal emulator over real HTTP, with the outbox in a real SQLite file."""
+
+import asyncio
+import textwrap
+import time
+
+import pytest
+from tests.conftest import TEST_RULES
+
+from agi_bitrix.agi.fake_asterisk import fake_call
+from agi_bitrix.app import Application
+from agi_bitrix.bitrix.emulator import PortalEmulator
+from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
+from agi_bitrix.config import parse_config
+
+REGISTER = "telephony.externalcall.register"
+FINISH = "telephony.externalcall.finish"
+ANNA = "79161234567"  # CONTACT 12 of Anna (user 1, extension 101)
+ANDREY = "74991112233"  # COMPANY 12 of Andrey (user 13), whose account is deactivated
+UNKNOWN = "79990001122"
+DID = "74950000000"
+
+
+def callcard_config(webhook_url, outbox, callcard="", users="users: {refresh: 600}", deadline=1.0,
+                    retry="{first: 0.05, max: 0.2}"):
+    text = textwrap.dedent(f"""\
+        bitrix: {{webhook_url: "{webhook_url}", deadline: {deadline}}}
+        routing:
+          fallback_queue: support
+          timezone: Europe/Moscow
+          rules:
+        """) + textwrap.indent(TEST_RULES, "    ") + textwrap.dedent(f"""\
+        {users}
+        callcard:
+          outbox: {outbox}
+          finish:
+            record_url: "https://pbx.example.com/records/{{uniqueid}}/{{recording}}"
+            retry: {retry}
+        """) + textwrap.indent(textwrap.dedent(callcard), "  ")
+    return parse_config(text, "callcard-test.yaml")
+
+
+@pytest.fixture
+async def portal():
+    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+class Running:
+    """An Application that a test can stop and start again on the same outbox."""
+
+    def __init__(self, config):
+        self.config = config
+        self.app = None
+        self.address = None
+
+    async def start(self):
+        self.app = Application(self.config)
+        self.address = await self.app.start("127.0.0.1", 0)
+        if self.app.users is not None:
+            await self.app.users.load()
+        return self
+
+    async def stop(self):
+        await self.app.stop()
+
+    async def call(self, script, args=(), **header):
+        host, port = self.address
+        return await fake_call(host, port, script=script, args=args, **header)
+
+    async def register(self, phone=ANNA, owner="1", linkedid="1700000000.1", did=DID, entity=("CONTACT", "12")):
+        result = await self.call("register", (phone, owner, linkedid, did, *entity), uniqueid=linkedid)
+        assert len(result.commands) == 1, result.commands
+        return result.variables
+
+    async def finish(self, call_id, owner="1", dialstatus="ANSWER", answered_at="", answered_by="",
+                     hangup_at="", recording="", uniqueid="1700000000.1"):
+        result = await self.call("finish", (call_id, owner, dialstatus, answered_at, answered_by, hangup_at,
+                                            recording), uniqueid=uniqueid)
+        # The hangup never waits for the portal: the server sends Asterisk nothing.
+        assert result.commands == []
+
+
+@pytest.fixture
+async def server(portal, tmp_path):
+    running = await Running(callcard_config(portal.webhook_url, tmp_path / "outbox.sqlite3")).start()
+    yield running
+    await running.stop()
+
+
+async def until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def delivered_finishes(portal):
+    return [call.finish_params for call in portal.calls.values() if call.finish_params is not None]
+
+
+# -- register ---------------------------------------------------------------------------------
+
+
+async def test_register_sends_the_call_and_sets_the_call_id(server, portal):
+    variables = await server.register()
+    call_id = variables["B24_CALL_ID"]
+    assert variables == {"B24_CALL_ID": call_id, "B24_REGISTER_ERROR": ""}
+    registered = portal.calls[call_id]
+    params = registered.params
+    assert params["CALL_START_DATE"].endswith("+00:00")
+    assert {k: v for k, v in params.items() if k != "CALL_START_DATE"} == {
+        "USER_ID": "1", "PHONE_NUMBER": ANNA, "TYPE": "2", "CRM_CREATE": "0", "SHOW": "1",
+        "LINE_NUMBER": DID, "EXTERNAL_CALL_ID": "1700000000.1",
+        "CRM_ENTITY_TYPE": "CONTACT", "CRM_ENTITY_ID": "12",
+    }
+    assert (registered.user_id, registered.crm_entity_type, registered.crm_entity_id) == ("1", "CONTACT", 12)
+
+
+async def test_two_calls_from_one_client_are_two_calls(server, portal):
+    # Same number, user and line within 30 minutes: only EXTERNAL_CALL_ID keeps them apart.
+    first = await server.register(linkedid="1700000000.1")
+    second = await server.register(linkedid="1700000000.7")
+    assert first["B24_CALL_ID"] != second["B24_CALL_ID"]
+    assert len(portal.calls) == 2
+
+
+async def test_register_without_owner_uses_the_default_user_and_config(portal, tmp_path):
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", """\
+        register:
+          default_user: 2
+          crm_create: true
+          crm_source: CALL
+          show: false
+          line_number: sales-line
+        """)
+    running = await Running(config).start()
+    try:
+        variables = await running.register(phone="8 (999) 000-11-22", owner="", entity=("", ""))
+    finally:
+        await running.stop()
+    params = portal.calls[variables["B24_CALL_ID"]].params
+    assert (params["USER_ID"], params["PHONE_NUMBER"], params["CRM_CREATE"], params["CRM_SOURCE"],
+            params["SHOW"], params["LINE_NUMBER"]) == ("2", UNKNOWN, "1", "CALL", "0", "sales-line")
+    assert "CRM_ENTITY_TYPE" not in params
+    # CRM_CREATE made a lead of the unknown number, as the portal does.
+    assert portal.calls[variables["B24_CALL_ID"]].crm_entity_type == "LEAD"
+
+
+async def test_register_without_any_user_asks_nobody(server, portal):
+    variables = await server.register(owner="", entity=("", ""))
+    assert variables == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "no_user"}
+    assert portal.requests_for(REGISTER) == []
+
+
+async def test_register_without_a_number_asks_nobody(server, portal):
+    result = await server.call("register", ("", "1", "1.2", DID), callerid="anonymous")
+    assert result.variables == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "no_number"}
+    assert portal.requests_for(REGISTER) == []
+
+
+async def test_arguments_that_are_not_what_they_claim_are_dropped(server, portal):
+    # A user id that is not a number is no owner, and there is no default user here.
+    assert await server.register(owner="1&USER_ID=2") == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "no_user"}
+    result = await server.call("register", (ANNA, "1", "1.1 x", "nonsense", "CONTACT", "12 OR 1"),
+                               uniqueid="1700000000.9", extension="74951112233")
+    params = portal.calls[result.variables["B24_CALL_ID"]].params
+    # The AGI header stands in for what is unusable: the channel's uniqueid, the dialled number.
+    assert (params["EXTERNAL_CALL_ID"], params["LINE_NUMBER"]) == ("1700000000.9", "74951112233")
+    assert "CRM_ENTITY_TYPE" not in params and "CRM_ENTITY_ID" not in params
+
+
+@pytest.mark.parametrize("fault, options, reason", [
+    ("error", {"status": 503, "code": "QUERY_LIMIT_EXCEEDED", "description": "Too many requests"},
+     "QUERY_LIMIT_EXCEEDED"),
+    ("error", {"status": 400, "code": "", "description": "Some failure"}, "http_400"),
+    ("html", {}, "http_502"),
+    ("disconnect", {}, "connect"),
+])
+async def test_register_failure_is_reported_and_the_call_goes_on(server, portal, fault, options, reason):
+    portal.fail(fault, method=REGISTER, **options)
+    assert await server.register() == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": reason}
+
+
+async def test_register_has_its_own_deadline(portal, tmp_path):
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", "register: {deadline: 0.3}\n",
+                             deadline=5.0)
+    running = await Running(config).start()
+    portal.fail("hang", method=REGISTER)
+    try:
+        started = time.monotonic()
+        variables = await running.register()
+        took = time.monotonic() - started
+    finally:
+        portal.reset_faults()
+        await running.stop()
+    assert variables == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "timeout"}
+    assert 0.3 <= took < 0.8
+
+
+async def test_without_a_callcard_section_register_and_finish_do_nothing(portal):
+    from tests.conftest import make_config
+
+    app = Application(make_config(portal.webhook_url))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        registered = await fake_call(host, port, script="register", args=(ANNA, "1", "1.1", DID))
+        finished = await fake_call(host, port, script="finish", args=("externalCall.x.1", "1", "ANSWER"))
+    finally:
+        await app.stop()
+    assert registered.variables == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "disabled"}
+    assert finished.commands == [] and portal.requests == []
+
+
+# -- finish -----------------------------------------------------------------------------------
+
+
+async def test_answered_call_is_finished_with_who_took_it_talk_time_and_recording(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    # Anna's call was taken at Igor's extension 102 (user 2) after ringing: 42.6 s of talk.
+    await server.finish(call_id, owner="1", dialstatus="ANSWER", answered_at="1700000010.250",
+                        answered_by="102@internal", hangup_at="1700000052.851",
+                        recording="/var/spool/asterisk/monitor/1700000000.1.wav")
+    await until(lambda: delivered_finishes(portal))
+    assert delivered_finishes(portal) == [{
+        "CALL_ID": call_id, "USER_ID": "2", "DURATION": "43", "STATUS_CODE": "200",
+        "RECORD_URL": "https://pbx.example.com/records/1700000000.1/1700000000.1.wav",
+    }]
+
+
+async def test_answer_on_the_owners_mobile_is_the_owner(server, portal):
+    call_id = (await server.register(phone="79201112233", owner="8", entity=("LEAD", "95")))["B24_CALL_ID"]
+    await server.finish(call_id, owner="8", answered_at="100.0", answered_by="79208880808@outbound",
+                        hangup_at="105.0")
+    await until(lambda: delivered_finishes(portal))
+    assert delivered_finishes(portal)[0]["USER_ID"] == "8"
+
+
+async def test_unknown_answerer_falls_back_to_the_owner(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    await server.finish(call_id, owner="1", answered_at="100.0", answered_by="PJSIP/trunk-0000001a",
+                        hangup_at="101.2")
+    await until(lambda: delivered_finishes(portal))
+    finished = delivered_finishes(portal)[0]
+    assert (finished["USER_ID"], finished["DURATION"], finished["STATUS_CODE"]) == ("1", "1", "200")
+
+
+@pytest.mark.parametrize("dialstatus, code", [
+    ("NOANSWER", "304"), ("CANCEL", "304"), ("", "304"), ("BUSY", "486"), ("CONGESTION", "503"),
+    ("CHANUNAVAIL", "480"),
+])
+async def test_unanswered_call_is_finished_with_the_status_of_the_dial(server, portal, dialstatus, code):
+    call_id = (await server.register())["B24_CALL_ID"]
+    await server.finish(call_id, owner="1", dialstatus=dialstatus, hangup_at="1700000030.0")
+    await until(lambda: delivered_finishes(portal))
+    # No talk, no recording, the owner missed it.
+    assert delivered_finishes(portal) == [{"CALL_ID": call_id, "USER_ID": "1", "DURATION": "0", "STATUS_CODE": code}]
+
+
+async def test_queue_answer_after_a_failed_dial_counts_as_answered(server, portal):
+    # The extension rang in vain (DIALSTATUS=NOANSWER), then a queue member took the call.
+    call_id = (await server.register())["B24_CALL_ID"]
+    await server.finish(call_id, dialstatus="NOANSWER", answered_at="50.0", answered_by="PJSIP/101-000000a2",
+                        hangup_at="80.4")
+    await until(lambda: delivered_finishes(portal))
+    finished = delivered_finishes(portal)[0]
+    assert (finished["USER_ID"], finished["DURATION"], finished["STATUS_CODE"]) == ("1", "30", "200")
+
+
+async def test_a_call_that_was_not_registered_is_not_finished(server, portal):
+    await server.finish("", owner="1", dialstatus="NOANSWER")
+    await asyncio.sleep(0.1)
+    assert portal.requests_for(FINISH) == []
+    assert await server.app.outbox.count("pending") == 0
+
+
+async def test_duplicate_finish_from_the_dialplan_is_sent_once(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    # Both the h extension and a hangup handler run finish for the same call.
+    await asyncio.gather(*(server.finish(call_id, dialstatus="NOANSWER") for _ in range(3)))
+    await until(lambda: delivered_finishes(portal))
+    await asyncio.sleep(0.2)
+    assert len(portal.requests_for(FINISH)) == 1
+
+
+async def test_hangup_never_waits_for_a_hung_portal(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    portal.fail("hang", method=FINISH)
+    started = time.monotonic()
+    await server.finish(call_id, dialstatus="NOANSWER")
+    assert time.monotonic() - started < 0.2
+    portal.reset_faults()
+    await until(lambda: delivered_finishes(portal))
+
+
+async def test_finishes_refused_while_the_portal_is_down_are_delivered_after_recovery(server, portal):
+    call_ids = [(await server.register(linkedid=f"1.{n}"))["B24_CALL_ID"] for n in range(3)]
+    portal.fail("error", method=FINISH, status=503, code="QUERY_LIMIT_EXCEEDED", description="Too many requests")
+    for call_id in call_ids:
+        await server.finish(call_id, dialstatus="NOANSWER")
+    await until(lambda: len(portal.requests_for(FINISH)) >= 4)  # retried, with backoff
+    assert delivered_finishes(portal) == []
+    portal.reset_faults()
+    refused = len(portal.requests_for(FINISH))
+    await until(lambda: len(delivered_finishes(portal)) == 3)
+    await asyncio.sleep(0.3)
+    # Each call finished, and none asked twice once the portal took them.
+    assert sorted(p["CALL_ID"] for p in delivered_finishes(portal)) == sorted(call_ids)
+    assert len(portal.requests_for(FINISH)) == refused + 3
+    assert await server.app.outbox.count("delivered") == 3 and await server.app.outbox.count("pending") == 0
+
+
+async def test_queued_finish_survives_a_restart_and_is_delivered_once(portal, tmp_path):
+    config = callcard_config(portal.webhook_url, tmp_path / "outbox.sqlite3")
+    running = await Running(config).start()
+    call_id = (await running.register())["B24_CALL_ID"]
+    portal.fail("html", method=FINISH, status=502)
+    await running.finish(call_id, dialstatus="NOANSWER")
+    await until(lambda: len(portal.requests_for(FINISH)) >= 1)
+    await running.stop()
+    assert delivered_finishes(portal) == []
+
+    portal.reset_faults()
+    before = len(portal.requests_for(FINISH))
+    restarted = await Running(config).start()
+    try:
+        await until(lambda: delivered_finishes(portal))
+        await asyncio.sleep(0.3)
+        assert len(portal.requests_for(FINISH)) == before + 1
+        assert (await restarted.app.outbox.row(call_id))["state"] == "delivered"
+    finally:
+        await restarted.stop()
+
+
+async def test_a_finish_the_portal_refuses_for_good_is_kept_and_not_retried(server, portal):
+    await server.finish("externalCall.never.registered", owner="1", dialstatus="NOANSWER")
+    await until(lambda: portal.requests_for(FINISH))
+    await asyncio.sleep(0.3)
+    assert len(portal.requests_for(FINISH)) == 1
+    row = await server.app.outbox.row("externalCall.never.registered")
+    assert row["state"] == "failed" and "Call is not found" in row["last_error"]
+
+
+async def test_a_lost_answer_is_not_a_second_finish(portal, tmp_path):
+    # The portal finishes the call but its answer comes after our deadline; the retry then
+    # hears "Call is not found": delivered, not failed.
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", deadline=0.3, retry="{first: 0.5}")
+    server = await Running(config).start()
+    call_id = (await server.register())["B24_CALL_ID"]
+    portal.fail("slow", method=FINISH, times=1, delay=0.5)
+    try:
+        await server.finish(call_id, dialstatus="NOANSWER")
+        await until(lambda: len(portal.requests_for(FINISH)) >= 2, timeout=5)
+        await asyncio.sleep(0.2)
+        row = await server.app.outbox.row(call_id)
+    finally:
+        await server.stop()
+    assert row["state"] == "delivered" and row["attempts"] == 2
+    assert row["last_error"] == "finished by an earlier attempt"
