@@ -12,6 +12,7 @@ from pathlib import Path
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.finish import FinishSender, FinishService
 from agi_bitrix.callcard.outbox import Outbox, RetryPolicy
@@ -43,7 +44,7 @@ class Application:
         config = self.config
         self.session = make_session(pool_size=config.bitrix.pool_size)
         try:
-            self.portal = PortalClient(config.bitrix.webhook_url, self.session, timeout=config.bitrix.deadline)
+            self.portal = portal_client(config.bitrix, self.session)
             self.lookup = CrmLookup(self.portal, config.bitrix, config.cache)
             if config.users.refresh > 0:
                 self.users = UserDirectory(self.portal, refresh=config.users.refresh,
@@ -100,7 +101,7 @@ class Application:
                         new.server.host, new.server.port)
         if new.bitrix.pool_size != old.bitrix.pool_size:
             log.warning("bitrix.pool_size changed; it takes effect after a restart")
-        self.portal = PortalClient(new.bitrix.webhook_url, self.session, timeout=new.bitrix.deadline)
+        self.portal = portal_client(new.bitrix, self.session, previous=self.portal)
         self.lookup.portal = self.portal
         self.lookup.configure(new.bitrix, new.cache)
         if new.bitrix.webhook_url != old.bitrix.webhook_url:

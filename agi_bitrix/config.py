@@ -40,6 +40,7 @@ from agi_bitrix.routing.rules import (
 from agi_bitrix.yamlsource import LocatedDict, LocatedList, YamlProblem, load_located
 
 WEBHOOK_ENV = "AGI_BITRIX_WEBHOOK_URL"
+CLIENT_SECRET_ENV = "AGI_BITRIX_CLIENT_SECRET"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
 _TIME_RANGE = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
@@ -78,6 +79,15 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class OAuthSettings:
+    portal_url: str  # https://PORTAL/rest/
+    client_id: str
+    client_secret: str
+    token_file: str  # JSON with the refresh token; rewritten on every refresh
+    token_url: str = "https://oauth.bitrix.info/oauth/token/"
+
+
+@dataclass(frozen=True)
 class BitrixSettings:
     webhook_url: str
     deadline: float = 2.0
@@ -88,6 +98,7 @@ class BitrixSettings:
     pool_size: int = 10
     breaker_failures: int = 5
     breaker_cool_down: float = 10.0
+    oauth: OAuthSettings | None = None  # an OAuth application instead of the webhook
 
     @property
     def is_placeholder(self) -> bool:
@@ -328,7 +339,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     server = _server(check, check.section(data, "server", "server", (
         "listen", "header_timeout", "session_timeout", "max_sessions", "allowed_clients")))
     bitrix = _bitrix(check, check.section(data, "bitrix", "bitrix", (
-        "webhook_url", "deadline", "rate_limit", "pool_size", "breaker")), environ)
+        "webhook_url", "deadline", "rate_limit", "pool_size", "breaker", "oauth")), environ)
     cache = _cache(check, check.section(data, "cache", "cache", (
         "found_ttl", "not_found_ttl", "stale_for", "max_entries")))
     metrics = _metrics(check, check.section(data, "metrics", "metrics", ("listen",)))
@@ -388,7 +399,13 @@ def _server(check: _Checker, section: LocatedDict) -> ServerSettings:
 def _bitrix(check: _Checker, section: LocatedDict, environ: Mapping[str, str]) -> BitrixSettings:
     url = environ.get(WEBHOOK_ENV) or check.text(section, "webhook_url", "bitrix")
     where = "environment AGI_BITRIX_WEBHOOK_URL" if environ.get(WEBHOOK_ENV) else "bitrix.webhook_url"
-    if not url:
+    oauth = _oauth(check, section, environ) if "oauth" in section else None
+    if oauth is not None and url:
+        check.problem(section.lines.get("webhook_url", section.lines["oauth"]), where,
+                      "set either a webhook or bitrix.oauth (an application), not both")
+    if oauth is not None:
+        url = ""
+    elif not url:
         check.problem(section.line, "bitrix.webhook_url",
                       f"missing; set it here or in the environment variable {WEBHOOK_ENV}")
         url = ""
@@ -406,7 +423,33 @@ def _bitrix(check: _Checker, section: LocatedDict, environ: Mapping[str, str]) -
     breaker = check.section(section, "breaker", "bitrix.breaker", ("failures", "cool_down"))
     failures = check.integer(breaker, "failures", "bitrix.breaker", 5, 1, 1000)
     cool_down = check.number(breaker, "cool_down", "bitrix.breaker", 10.0, 0, 3600)
-    return BitrixSettings(url, deadline, per_second, burst, pool_size, failures, cool_down)
+    return BitrixSettings(url, deadline, per_second, burst, pool_size, failures, cool_down, oauth)
+
+
+def _oauth(check: _Checker, bitrix: LocatedDict, environ: Mapping[str, str]) -> OAuthSettings:
+    path = "bitrix.oauth"
+    section = check.section(bitrix, "oauth", path, (
+        "portal_url", "client_id", "client_secret", "token_file", "token_url"))
+    values = {}
+    for key in ("portal_url", "client_id", "client_secret", "token_file"):
+        value = check.text(section, key, path) or ""
+        if key == "client_secret":
+            value = environ.get(CLIENT_SECRET_ENV) or value
+        if not value:
+            extra = f" (or the environment variable {CLIENT_SECRET_ENV})" if key == "client_secret" else ""
+            check.problem(section.line, f"{path}.{key}", f"missing; an OAuth application needs it{extra}")
+        values[key] = value
+    token_url = check.text(section, "token_url", path, OAuthSettings.token_url) or ""
+    for key, url, example in (("portal_url", values["portal_url"], "https://PORTAL/rest/"),
+                              ("token_url", token_url, OAuthSettings.token_url)):
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname
+                    or (key == "portal_url" and not parts.path.endswith("/rest/"))):
+            check.problem(section.lines.get(key, section.line), f"{path}.{key}", f"expected a URL like {example}")
+    if values["token_file"] and not values["token_file"].startswith("/"):
+        check.problem(section.lines["token_file"], f"{path}.token_file", "must be an absolute path")
+    return OAuthSettings(values["portal_url"], values["client_id"], values["client_secret"],
+                         values["token_file"], token_url)
 
 
 def _cache(check: _Checker, section: LocatedDict) -> CacheSettings:

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
@@ -35,6 +35,7 @@ KEEPALIVE_SECONDS = 10.0
 # not trusted as a reason because reasons end up in channel variables and logs.
 _ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _WEBHOOK_PATH = re.compile(r"^(?P<prefix>[^?#\s]*/rest/[^/?#\s]+/)(?P<code>[^/?#\s]+)/?$")
+_REST_BASE = re.compile(r"^(?P<prefix>[^?#\s]*/rest/)$")
 # Stops at whitespace and quotes too, so it can also clean URLs quoted inside free text.
 _WEBHOOK_CODE_IN_URL = re.compile(r"(/rest/[^/?#\s\"'<>]+/)[^/?#\s\"'<>]+")
 _SECRET_QUERY_PARAM = re.compile(
@@ -83,18 +84,32 @@ def make_session(*, pool_size: int = 20) -> aiohttp.ClientSession:
     )
 
 
+class AccessTokens(Protocol):
+    """What an OAuth application gives the client (agi_bitrix.bitrix.oauth.OAuthTokens)."""
+
+    async def access_token(self) -> str: ...
+
+    async def refresh(self, rejected: str) -> str: ...
+
+    def secrets(self) -> tuple[str, ...]: ...
+
+
 class PortalClient:
-    def __init__(self, webhook_url: str, session: aiohttp.ClientSession, *, timeout: float) -> None:
+    def __init__(self, webhook_url: str, session: aiohttp.ClientSession, *, timeout: float,
+                 auth: AccessTokens | None = None) -> None:
         """`webhook_url` is the inbound webhook, https://PORTAL/rest/USER_ID/CODE/ (slash optional);
+        with `auth` (an OAuth application) it is the portal's REST URL, https://PORTAL/rest/.
         `timeout` bounds each whole request in seconds."""
-        match = _WEBHOOK_PATH.match(webhook_url)
+        match = _REST_BASE.match(webhook_url) if auth is not None else _WEBHOOK_PATH.match(webhook_url)
         if not webhook_url.startswith(("https://", "http://")) or match is None:
             # Do not echo the URL: it holds the secret code.
-            raise ValueError("webhook URL must look like https://PORTAL/rest/USER_ID/CODE/")
+            raise ValueError("portal URL must look like https://PORTAL/rest/" if auth is not None
+                             else "webhook URL must look like https://PORTAL/rest/USER_ID/CODE/")
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self._base = match["prefix"] + match["code"] + "/"
-        self._code = match["code"]
+        self.auth = auth
+        self._base = match["prefix"] + (match["code"] + "/" if auth is None else "")
+        self._code = match["code"] if auth is None else ""
         self._session = session
         self._timeout_seconds = float(timeout)
         self._timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
@@ -105,7 +120,19 @@ class PortalClient:
 
     async def call(self, method: str, params: Mapping[str, Any]) -> Any:
         """POST `params` form-encoded to METHOD.json and return the answer's `result`."""
-        status, body = await self._post(method, params)
+        if self.auth is None:
+            status, body = await self._post(method, params)
+            return self._result(method, status, body)
+        token = await self.auth.access_token()
+        try:
+            status, body = await self._post(method, {**params, "auth": token})
+            return self._result(method, status, body)
+        except PortalError as error:
+            if error.reason not in ("expired_token", "invalid_token"):
+                raise
+        # The token expired before we knew: one refresh (shared with concurrent callers), one retry.
+        token = await self.auth.refresh(rejected=token)
+        status, body = await self._post(method, {**params, "auth": token})
         return self._result(method, status, body)
 
     async def search_crm_entities(self, phone: str) -> list[CrmEntity]:
@@ -180,7 +207,12 @@ class PortalClient:
     def _error(self, reason: str, method: str, detail: str) -> PortalError:
         # `detail` parts from outside went through _clean; this is a last guard for our own text.
         text = f"{method} at {self.redacted_url}: {detail}"
-        return PortalError(reason, text.replace(self._code, "***"))
+        return PortalError(reason, self._hide_secrets(text))
+
+    def _hide_secrets(self, text: str) -> str:
+        for secret in (self._code,) if self.auth is None else self.auth.secrets():
+            text = text.replace(secret, "***")
+        return text
 
     def _clean(self, text: str) -> str:
         """Text from a peer or a library, fit for one log line and with every secret hidden.
@@ -188,7 +220,7 @@ class PortalClient:
         Secrets are hidden in the whole text before it is cut, so a code straddling the cut
         cannot leak in part; the whole-text steps run at C speed even on a 4 MiB body.
         """
-        text = " ".join(redact(text).replace(self._code, "***").split())
+        text = " ".join(self._hide_secrets(redact(text)).split())
         cut = text[:_DETAIL_EXCERPT]
         return "".join(char if char.isprintable() else "?" for char in cut) + ("..." if cut != text else "")
 

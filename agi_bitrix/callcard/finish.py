@@ -43,6 +43,8 @@ RETRYABLE = frozenset({
     "QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT", "OPERATION_TIME_LIMIT", "INTERNAL_SERVER_ERROR",
     "PORTAL_DELETED", "expired_token", "invalid_token", "NO_AUTH_FOUND", "INVALID_CREDENTIALS",
     "insufficient_scope", "ACCESS_DENIED", "user_access_error", "WRONG_AUTH_TYPE", "http_429",
+    "refresh_token_rejected", "oauth_client_rejected", "oauth_token_file", "oauth_timeout",
+    "oauth_connect", "oauth_bad_answer",
 })
 _SERVER_ERROR = re.compile(r"^http_5[0-9][0-9]$")
 # The portal's answer to a finish for a call it does not have open (any more).
