@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.finish import FinishSender, FinishService
 from agi_bitrix.callcard.outbox import Outbox, RetryPolicy
 from agi_bitrix.callcard.register import RegisterService
+from agi_bitrix.calllog import CallLog
 from agi_bitrix.config import Config, ConfigError, load_config
+from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
 from agi_bitrix.server import AgiServer
 from agi_bitrix.service import RoutingService
 
@@ -39,23 +42,30 @@ class Application:
         self.server: AgiServer | None = None
         self.address: tuple[str, int] | None = None
         self.reloads = {"success": 0, "failure": 0}
+        self.metrics = Metrics()
+        self.call_log = CallLog(config.call_log)
+        self.monitoring: MonitoringServer | None = None
+        self.started_at = time.monotonic()
+        self.config_loaded_at = time.monotonic()
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         config = self.config
         self.session = make_session(pool_size=config.bitrix.pool_size)
         try:
             self.portal = portal_client(config.bitrix, self.session)
-            self.lookup = CrmLookup(self.portal, config.bitrix, config.cache)
+            self.lookup = CrmLookup(self.portal, config.bitrix, config.cache, metrics=self.metrics)
             if config.users.refresh > 0:
                 self.users = UserDirectory(self.portal, refresh=config.users.refresh,
                                            default_country=config.policy.default_country)
-            self.service = RoutingService(config, self.lookup, users=self.users)
+            self.service = RoutingService(config, self.lookup, users=self.users, metrics=self.metrics,
+                                          call_log=self.call_log)
             await self._start_callcard(config)
             handlers = {"route": self.service.handle_route, "": self.service.handle_route,
                         "register": self.register.handle_register, "finish": self.finish.handle_finish}
-            self.server = AgiServer(handlers, self.service.handle_unknown_script, config.server)
+            self.server = AgiServer(handlers, self.service.handle_unknown_script, config.server, self.metrics)
             self.address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
+            await self._start_monitoring(config)
         except BaseException:
             await self._stop_background()
             await self.session.close()
@@ -77,6 +87,54 @@ class Application:
             self.outbox.start()
         self.finish = FinishService(config, self.outbox, self.users)
 
+    async def _start_monitoring(self, config: Config) -> None:
+        lookup, server = self.lookup, self.server
+        self.metrics.watch(sessions=lambda: len(server.sessions), breaker_state=lambda: lookup.breaker.state,
+                           cache_entries=lambda: len(lookup.cache))
+        if not config.metrics.enabled:
+            return
+        self.monitoring = MonitoringServer(self.metrics, self.health)
+        try:
+            host, port = await self.monitoring.start(config.metrics.host, config.metrics.port)
+        except OSError as error:
+            # Calls matter more than graphs: keep routing, say loudly what is missing.
+            log.error("metrics and /healthz are OFF: cannot listen on %s:%s: %s",
+                      config.metrics.host, config.metrics.port, error.strerror)
+            self.monitoring = None
+            return
+        log.info("metrics on http://%s:%s/metrics, health on /healthz", host, port)
+
+    def health(self) -> tuple[bool, dict]:
+        """Whether calls can be routed by the CRM now, and why, for /healthz."""
+        lookup = self.lookup
+        breaker = lookup.breaker.state
+        failing = lookup.last_failure is not None and (
+            lookup.last_success is None or lookup.last_failure > lookup.last_success)
+        if breaker == "open":
+            portal = "circuit open: not asked until the cool-down ends"
+        elif failing:
+            portal = "failing: the last request failed"
+        elif lookup.last_success is None:
+            portal = "not asked yet"
+        else:
+            portal = "answering"
+        healthy = breaker != "open" and not failing
+        config = self.config
+        return healthy, {
+            "status": "ok" if healthy else "degraded",
+            "portal": {
+                "state": portal,
+                "breaker": breaker,
+                "last_success_seconds_ago": seconds_since(lookup.last_success),
+                "last_failure_seconds_ago": seconds_since(lookup.last_failure),
+            },
+            "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
+                       "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
+            "sessions_in_flight": len(self.server.sessions),
+            "uptime_seconds": seconds_since(self.started_at),
+            "version": __version__,
+        }
+
     async def _stop_background(self) -> None:
         if self.outbox is not None:
             await self.outbox.close()
@@ -90,6 +148,7 @@ class Application:
             new = load_config(path)
         except ConfigError as error:
             self.reloads["failure"] += 1
+            self.metrics.reloads.labels("failure").inc()
             for problem in error.problems:
                 log.error("reload refused: %s", problem)
             log.error("reload refused: %d problem(s) in %s; still serving with sha256 %s",
@@ -111,6 +170,11 @@ class Application:
         self.server.settings = new.server
         self.config = new
         self.reloads["success"] += 1
+        self.metrics.reloads.labels("success").inc()
+        self.call_log.configure(new.call_log)
+        self.config_loaded_at = time.monotonic()
+        if new.metrics != old.metrics:
+            log.warning("metrics.listen changed; it takes effect after a restart")
         log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
         return True
 
@@ -130,8 +194,11 @@ class Application:
         if self.server is not None:
             await self.server.close(grace=self.config.server.session_timeout)
         await self._stop_background()
+        if self.monitoring is not None:
+            await self.monitoring.close()
         if self.session is not None:
             await self.session.close()
+        self.call_log.close()
 
 
 async def until_stopped(on_sighup: Callable[[], object] | None = None) -> None:

@@ -20,6 +20,7 @@ from ipaddress import ip_address
 from agi_bitrix.agi.protocol import NEED_DATA, AgiRequest, CommandReply, EndOfStream, HangUp, PeerError, ServerConnection
 from agi_bitrix.agi.quoting import mset_commands
 from agi_bitrix.config import ServerSettings
+from agi_bitrix.monitoring import Metrics
 
 log = logging.getLogger("agi_bitrix.server")
 
@@ -68,12 +69,13 @@ Handler = Callable[[AgiRequest, AgiChannel], Awaitable[None]]
 
 class AgiServer:
     def __init__(self, handlers: Mapping[str, Handler], unknown_script: Handler,
-                 settings: ServerSettings) -> None:
+                 settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.handlers = dict(handlers)
         self.unknown_script = unknown_script
         self.settings = settings
         self.sessions: set[asyncio.Task] = set()
         self.refused = 0
+        self.metrics = metrics or Metrics()
         self._last_refusal_log = 0.0
         self._server: asyncio.Server | None = None
 
@@ -97,9 +99,10 @@ class AgiServer:
             await asyncio.wait(set(self.sessions))
         await self._server.wait_closed()
 
-    def _refuse(self, peer, why: str) -> None:
+    def _refuse(self, peer, reason: str, why: str) -> None:
         # One log line per 10 s at most: a scan or a flood must not also flood the log.
         self.refused += 1
+        self.metrics.refused.labels(reason).inc()
         now = time.monotonic()
         if now - self._last_refusal_log >= 10.0:
             self._last_refusal_log = now
@@ -109,11 +112,11 @@ class AgiServer:
         peer = writer.get_extra_info("peername")
         settings = self.settings
         if not _allowed(peer, settings.allowed_clients):
-            self._refuse(peer, "address not in server.allowed_clients")
+            self._refuse(peer, "not_allowed", "address not in server.allowed_clients")
             writer.transport.abort()
             return
         if len(self.sessions) >= settings.max_sessions:
-            self._refuse(peer, f"{settings.max_sessions} sessions already open (server.max_sessions)")
+            self._refuse(peer, "max_sessions", f"{settings.max_sessions} sessions already open (server.max_sessions)")
             writer.transport.abort()
             return
         task = asyncio.current_task()

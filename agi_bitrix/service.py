@@ -18,12 +18,14 @@ from agi_bitrix.server import AgiChannel
 from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.calllog import CallLog
 from agi_bitrix.config import Config
+from agi_bitrix.monitoring import Metrics
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.routing.engine import FALLBACK_RULE, CallInfo, Decision, decide
 from agi_bitrix.routing.variables import channel_variables
 
-log = logging.getLogger("agi_bitrix.calls")
+log = logging.getLogger("agi_bitrix.routing")
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,14 @@ def call_info(request: AgiRequest, default_country: str) -> CallInfo:
 class RoutingService:
     def __init__(self, config: Config, lookup: CrmLookup,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 users: UserDirectory | None = None) -> None:
+                 users: UserDirectory | None = None, metrics: Metrics | None = None,
+                 call_log: CallLog | None = None) -> None:
         self.config = config
         self.lookup = lookup
         self.clock = clock
         self.users = users
+        self.metrics = metrics or Metrics()
+        self.call_log = call_log or CallLog(config.call_log)
 
     async def route(self, request: AgiRequest) -> RoutedCall:
         started = time.monotonic()
@@ -72,22 +77,32 @@ class RoutingService:
     async def handle_route(self, request: AgiRequest, channel: AgiChannel) -> None:
         """The `route` script: decide and set the variables; a bug still yields the fallback route."""
         uniqueid = request.get("agi_uniqueid") or "-"
+        started = time.monotonic()
         try:
-            routed = await self.route(request)
+            variables = (await self.route(request)).variables
         except Exception:
             log.exception("call %s: routing failed; sending the fallback route", uniqueid)
             variables = self.fallback_variables("internal")
-        else:
-            variables = routed.variables
-            _log_call(uniqueid, routed)
+        self._account(uniqueid, variables, time.monotonic() - started)
         if not await channel.set_variables(variables):
             log.info("call %s: the channel went away before its variables were set", uniqueid)
 
     async def handle_unknown_script(self, request: AgiRequest, channel: AgiChannel) -> None:
         """A typo in the dialplan's AGI path must not leave the call without a route."""
-        log.warning("call %s asked for unknown script %r; sending the fallback route",
-                    request.get("agi_uniqueid") or "-", request.script)
-        await channel.set_variables(self.fallback_variables("unknown_script"))
+        uniqueid = request.get("agi_uniqueid") or "-"
+        log.warning("call %s asked for unknown script %r; sending the fallback route", uniqueid, request.script)
+        variables = self.fallback_variables("unknown_script")
+        self._account(uniqueid, variables, 0.0)
+        await channel.set_variables(variables)
+
+    def _account(self, uniqueid: str, variables: dict[str, str], seconds: float) -> None:
+        """The call's line in the call log and its place in the metrics, from what was sent."""
+        prefix = self.config.variable_prefix
+        v = {name[len(prefix):]: value for name, value in variables.items()}
+        self.metrics.calls.labels(v["STATUS"], v["ROUTE"], v["RULE"]).inc()
+        self.metrics.call_seconds.observe(seconds)
+        self.call_log.record(uniqueid, v["PHONE"], v["STATUS"], v["ROUTE"], v["TARGET"], v["RULE"],
+                             v["ERROR"], v["CACHE"], seconds)
 
     def fallback_variables(self, reason: str) -> dict[str, str]:
         """Variables for a call we could not route normally (an internal failure)."""
@@ -98,11 +113,3 @@ class RoutingService:
                             error=reason)
         return channel_variables(decision, self.config.variable_prefix)
 
-
-def _log_call(uniqueid: str, routed: RoutedCall) -> None:
-    d = routed.decision
-    log.info(
-        "call %s phone=%s status=%s route=%s target=%s rule=%s error=%s latency_ms=%.0f",
-        uniqueid, d.phone or "-", d.status, d.route, d.target, d.rule, d.error or "-",
-        routed.seconds * 1000,
-    )

@@ -25,8 +25,11 @@ TEST_RULES = """\
 """
 
 
-def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float = 1.0):
+def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float = 1.0,
+                metrics: str = "off", extra: str = ""):
     text = textwrap.dedent(f"""\
+        metrics: {{listen: {metrics}}}
+        {extra}
         server: {{listen: "127.0.0.1:4573", header_timeout: {header_timeout}}}
         bitrix: {{webhook_url: "{webhook_url}", deadline: {deadline}}}
         routing:

@@ -21,6 +21,7 @@ from agi_bitrix.bitrix.client import PortalClient, PortalError
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import BitrixSettings, CacheSettings
+from agi_bitrix.monitoring import Metrics
 
 log = logging.getLogger("agi_bitrix.lookup")
 
@@ -30,8 +31,12 @@ LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERL
 
 class CrmLookup:
     def __init__(self, portal: PortalClient, bitrix: BitrixSettings, cache: CacheSettings,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
         self.portal = portal
+        self.metrics = metrics or Metrics()
+        # When the portal last answered / last failed (clock time), for /healthz.
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
         self._clock = clock
         self.deadline = bitrix.deadline
         self.cache = AnswerCache(cache, clock)
@@ -41,6 +46,11 @@ class CrmLookup:
         self.portal_requests = 0
 
     async def lookup(self, phone: str) -> CrmAnswer:
+        answer = await self._lookup(phone)
+        self.metrics.lookups.labels(answer.cache if answer.status != "ERROR" else "error").inc()
+        return answer
+
+    async def _lookup(self, phone: str) -> CrmAnswer:
         cached = self.cache.fresh(phone)
         if cached is not None:
             return cached
@@ -91,8 +101,14 @@ class CrmLookup:
             if wait:
                 await asyncio.sleep(wait)
             self.portal_requests += 1
-            entities = await self.portal.search_crm_entities(phone)
+            started = self._clock()
+            try:
+                entities = await self.portal.search_crm_entities(phone)
+            finally:
+                self.metrics.portal_seconds.observe(self._clock() - started)
         except PortalError as error:
+            self.last_failure = self._clock()
+            self.metrics.portal_errors.labels(error.reason).inc()
             log.warning("portal lookup for %s failed: %s (%s)", phone, error.reason, error.detail)
             self._breaker_failed(error.reason)
             if error.reason in LIMIT_ERRORS:
@@ -106,6 +122,7 @@ class CrmLookup:
             log.warning("portal answered again; circuit closed")
         self.breaker.succeeded()
         self.limiter.succeeded()
+        self.last_success = self._clock()
         answer = CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities), cache="miss")
         self.cache.store(phone, replace(answer, cache="hit"))  # as later calls will see it
         return answer

@@ -1,0 +1,91 @@
+"""What Grafana and a load balancer see: Prometheus metrics and a health check over HTTP.
+
+Counters and histograms are pushed by the parts that see the events (calls, portal requests,
+reloads); gauges (sessions in flight, breaker state, cache size) are read when scraped. Each
+Application has its own registry, so several can run in one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("agi_bitrix.monitoring")
+
+BREAKER_STATES = ("closed", "half_open", "open")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.calls = Counter("agi_bitrix_calls", "Calls routed, by outcome.",
+                             ["status", "route", "rule"], registry=r)
+        self.call_seconds = Histogram("agi_bitrix_call_seconds", "Time to decide a call's route.", registry=r)
+        self.lookups = Counter("agi_bitrix_lookups", "Number lookups by where the answer came from.",
+                               ["result"], registry=r)  # hit, miss, stale, error
+        self.portal_seconds = Histogram("agi_bitrix_portal_request_seconds",
+                                        "Latency of searchCrmEntities requests.", registry=r)
+        self.portal_errors = Counter("agi_bitrix_portal_errors", "Failed portal requests by reason.",
+                                     ["reason"], registry=r)
+        self.reloads = Counter("agi_bitrix_config_reloads", "Config reloads by result.", ["result"], registry=r)
+        self.refused = Counter("agi_bitrix_refused_connections", "Connections dropped before a session.",
+                               ["reason"], registry=r)
+        self.sessions = Gauge("agi_bitrix_sessions_in_flight", "FastAGI sessions open now.", registry=r)
+        self.breaker = Gauge("agi_bitrix_portal_breaker_state",
+                             "1 for the circuit breaker's current state.", ["state"], registry=r)
+        self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    def watch(self, sessions: Callable[[], int], breaker_state: Callable[[], str],
+              cache_entries: Callable[[], int]) -> None:
+        """Gauges read at scrape time from the running parts."""
+        self.sessions.set_function(sessions)
+        self.cache_entries.set_function(cache_entries)
+        for state in BREAKER_STATES:
+            self.breaker.labels(state).set_function(lambda state=state: float(breaker_state() == state))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MonitoringServer:
+    """/metrics (Prometheus text format) and /healthz (JSON; 503 when calls cannot be routed by CRM)."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]]) -> None:
+        self.metrics = metrics
+        self.health = health
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.address = self._runner.addresses[0][:2]
+        return self.address
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        healthy, body = self.health()
+        return web.json_response(body, status=200 if healthy else 503)
+
+
+def seconds_since(moment: float | None) -> float | None:
+    return None if moment is None else round(time.monotonic() - moment, 3)
