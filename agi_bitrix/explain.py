@@ -14,6 +14,11 @@ from agi_bitrix.config import Config
 from agi_bitrix.service import RoutedCall, RoutingService
 
 
+def _shown(value: str) -> str:
+    """A CRM field as typed (quoted, so stray spaces or junk show), or - when empty."""
+    return repr(value) if value else "-"
+
+
 def render(routed: RoutedCall, portal_url: str) -> str:
     lines = []
     call, answer, decision = routed.call, routed.answer, routed.decision
@@ -33,8 +38,8 @@ def render(routed: RoutedCall, portal_url: str) -> str:
         lines.append(
             f"  {index}. {entity.entity_type} {entity.entity_id}, owner {owner.user_id}"
             f" TIMEMAN_STATUS={owner.timeman_status or '(empty)'}"
-            f" inner={owner.inner_phone or '-'!r} mobile={owner.personal_mobile or '-'!r}"
-            f" work={owner.work_phone or '-'!r} personal={owner.personal_phone or '-'!r}"
+            f" inner={_shown(owner.inner_phone)} mobile={_shown(owner.personal_mobile)}"
+            f" work={_shown(owner.work_phone)} personal={_shown(owner.personal_phone)}"
         )
     lines.append("rules:")
     for step in decision.trace:
