@@ -1,0 +1,201 @@
+"""The call card on a real Asterisk 22: the shipped sample dialplan routes, registers, dials and,
+when the caller's channel hangs up, finishes the call through agi-bitrix running as its own
+process (`agi-bitrix serve`, restartable) against the portal emulator.
+
+What is proven here and nowhere else: the talk time and the answering number the sample's
+[agi-bitrix-answered] stamp records (Dial's U(), Queue's gosub) reach the hangup handler on
+this Asterisk; STATUS_CODE follows the real DIALSTATUS; finishes survive a portal outage and a
+server restart and none is delivered twice.
+"""
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+import pytest_asyncio
+import yaml
+
+from .ami_calls import CallDriver, PlacedCall
+from .conftest import DEADLINE
+from .crm import crm_object, fresh_phone
+from .product_server import ProductServer
+from .sample_calls import WAIT, is_sample_channel, sample_call
+
+pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
+
+FINISH = "telephony.externalcall.finish"
+REGISTER = "telephony.externalcall.register"
+DEFAULT_USER = "90"
+
+
+class CallCardServer(ProductServer):
+    """The shipped config plus a callcard section (outbox in the test's folder) and users."""
+
+    def __init__(self, webhook_url, workdir):
+        super().__init__(webhook_url, workdir, DEADLINE)
+        self.outbox = workdir / f"outbox-{self.port}.sqlite3"
+        config = yaml.safe_load(self.config_path.read_text())
+        config["users"] = {"refresh": 0.5}
+        config["callcard"] = {"outbox": str(self.outbox),
+                              "register": {"default_user": int(DEFAULT_USER)},
+                              "finish": {"retry": {"first": 0.2, "max": 0.5}}}
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @property
+    def callcard_url(self) -> str:
+        return f"agi://127.0.0.1:{self.port}"
+
+    def outbox_rows(self) -> dict[str, tuple[str, int]]:
+        with sqlite3.connect(self.outbox) as db:
+            return {key: (state, attempts) for key, state, attempts in
+                    db.execute("SELECT key, state, attempts FROM outbox")}
+
+
+@pytest.fixture(scope="module")
+def callcard_server(portal, tmp_path_factory):
+    # The default user must be known to the portal for register to accept it.
+    portal.set_client(fresh_phone(), [crm_object(int(DEFAULT_USER), "OPENED", extension="190")])
+    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("callcard"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def portal_faults(portal):
+    yield portal
+    portal.reset_faults()
+
+
+def callcard_call(calls: CallDriver, server: CallCardServer, callerid: str, answering: str = "", **settings):
+    return sample_call(calls, "agi-bitrix-incoming", server.url, callerid, answering,
+                       AGI_BITRIX_CALLCARD=server.callcard_url, **settings)
+
+
+async def until(predicate, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def registered_call(portal, phone):
+    """The portal's record of the one call registered for `phone`."""
+    found = [call for call in portal.calls.values() if call.params.get("PHONE_NUMBER") == phone]
+    return found[0] if len(found) == 1 else None
+
+
+async def finished(portal, phone, timeout=WAIT):
+    await until(lambda: (call := registered_call(portal, phone)) is not None and call.finish_params is not None,
+                timeout)
+    return registered_call(portal, phone)
+
+
+async def user_directory_refreshed(portal):
+    """Waits for a user.get that started after now, then for its answer to be read."""
+    asked = len(portal.requests_for("user.get"))
+    await until(lambda: len(portal.requests_for("user.get")) > asked + 1)
+    await asyncio.sleep(0.2)
+
+
+async def test_answered_call_is_registered_and_finished_with_talk_time(calls, portal, callcard_server):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(71, "OPENED", entity_id=710, extension="171", mobile="79160000171")])
+
+    call = callcard_call(calls, callcard_server, phone, answering="171")
+    await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="171")
+    hangup = await calls.wait_for(call, "Hangup", WAIT, where=is_sample_channel)
+    card = await finished(portal, phone)
+
+    assert card.params["USER_ID"] == "71" and card.params["TYPE"] == "2"
+    assert card.params["EXTERNAL_CALL_ID"] == hangup["Linkedid"]
+    assert (card.params["CRM_ENTITY_TYPE"], card.params["CRM_ENTITY_ID"]) == ("CONTACT", "710")
+    finish = card.finish_params
+    # The stand-in talks for one second (Answer, Wait(1), Hangup).
+    assert (finish["CALL_ID"], finish["USER_ID"], finish["STATUS_CODE"]) == (card.call_id, "71", "200")
+    assert 1 <= int(finish["DURATION"]) <= 2
+
+
+async def test_call_nobody_answers_is_a_missed_call_for_the_owner(calls, portal, callcard_server):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(72, "CLOSED", extension="172", mobile="79160000172")])
+
+    # The mobile rings unanswered, the call waits in the queue, and the caller gives up there.
+    call = callcard_call(calls, callcard_server, phone)
+    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+    await calls.hangup(joined["Channel"])
+    finish = (await finished(portal, phone)).finish_params
+
+    assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == ("72", "0", "304")
+
+
+async def test_queue_member_who_takes_the_call_is_its_user(calls, portal, callcard_server, pbx):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(73, "PAUSED", extension="173", mobile="79160000173")])
+    # Another employee, extension 174, answers the queue.
+    portal.set_client(fresh_phone(), [crm_object(74, "OPENED", extension="174")])
+    await user_directory_refreshed(portal)
+    pbx.cli("queue add member Local/174@agi-bitrix-test-phones/n to support")
+    try:
+        call = callcard_call(calls, callcard_server, phone, answering="174")
+        await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="174")
+        finish = (await finished(portal, phone)).finish_params
+    finally:
+        pbx.cli("queue remove member Local/174@agi-bitrix-test-phones/n from support")
+
+    assert (finish["USER_ID"], finish["STATUS_CODE"]) == ("74", "200")
+    assert 1 <= int(finish["DURATION"]) <= 2
+
+
+async def test_a_caller_without_owner_is_registered_to_the_default_user(calls, portal, callcard_server):
+    phone = fresh_phone()  # not in the CRM
+    call = callcard_call(calls, callcard_server, phone)
+    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+    await calls.hangup(joined["Channel"])
+    card = await finished(portal, phone)
+    assert card.params["USER_ID"] == DEFAULT_USER and card.finish_params["STATUS_CODE"] == "304"
+
+
+async def test_a_failed_register_lets_the_call_go_on_without_a_finish(calls, portal_faults, callcard_server):
+    portal = portal_faults
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(75, "OPENED", extension="175")])
+    portal.fail("error", method=REGISTER, status=500, code="INTERNAL_SERVER_ERROR", description="Internal error")
+
+    call = callcard_call(calls, callcard_server, phone, answering="175")
+    await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="175")
+    await calls.wait_for(call, "Hangup", WAIT, where=is_sample_channel)
+    await asyncio.sleep(0.5)
+    assert registered_call(portal, phone) is None
+    assert [r for r in portal.requests_for(FINISH) if r.params.get("USER_ID") == "75"] == []
+
+
+async def test_finishes_refused_by_the_portal_arrive_after_it_recovers_and_a_restart_once_each(
+        calls, portal_faults, callcard_server):
+    portal = portal_faults
+    phones = [fresh_phone(), fresh_phone()]
+    for n, phone in enumerate(phones):
+        portal.set_client(phone, [crm_object(76 + n, "OPENED", extension=f"17{6 + n}")])
+    portal.fail("error", method=FINISH, status=503, code="QUERY_LIMIT_EXCEEDED", description="Too many requests")
+
+    for n, phone in enumerate(phones):
+        call = callcard_call(calls, callcard_server, phone, answering=f"17{6 + n}")
+        await calls.wait_for(call, "Hangup", WAIT, where=is_sample_channel)
+    call_ids = [registered_call(portal, phone).call_id for phone in phones]
+    # Both finishes were offered and refused (and retried), and wait on disk.
+    await until(lambda: {r.params["CALL_ID"] for r in portal.requests_for(FINISH)} >= set(call_ids))
+    callcard_server.stop()
+    assert all(registered_call(portal, phone).finish_params is None for phone in phones)
+    assert {key: state for key, (state, _) in callcard_server.outbox_rows().items() if key in call_ids} == {
+        call_id: "pending" for call_id in call_ids}
+
+    portal.reset_faults()
+    refused = len(portal.requests_for(FINISH))
+    callcard_server.start()
+    cards = [await finished(portal, phone) for phone in phones]
+    await asyncio.sleep(1.0)  # time for a second delivery, if there were going to be one
+
+    assert [card.finish_params["STATUS_CODE"] for card in cards] == ["200", "200"]
+    assert sorted(r.params["CALL_ID"] for r in portal.requests_for(FINISH)[refused:]) == sorted(call_ids)
+    assert all(callcard_server.outbox_rows()[call_id][0] == "delivered" for call_id in call_ids)
