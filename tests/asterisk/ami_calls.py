@@ -117,11 +117,16 @@ class CallDriver:
         try:
             return await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
-            seen = [event_name_of(event) for event in call.events]
-            outcome = call.originate_outcome.result() if call.originate_outcome.done() else "pending"
             raise AssertionError(
-                f"call {call.call_id}: no {event_name} {headers or ''} within {timeout} s; "
-                f"its events: {seen}; originate: {outcome}") from None
+                f"no {event_name} {headers or ''} within {timeout} s; {self.describe(call)}") from None
+
+    def describe(self, call: PlacedCall) -> str:
+        """What AMI told about the call: for messages of failed tests."""
+        seen = [event_name_of(event) for event in call.events]
+        agi_status = [event["Value"] for event in call.events
+                      if event.event == "VarSet" and event["Variable"] == "AGISTATUS"]
+        outcome = call.originate_outcome.result() if call.originate_outcome.done() else "pending"
+        return f"call {call.call_id}: AGISTATUS {agi_status}, events {seen}, originate {outcome}"
 
     async def hangup(self, channel: str) -> None:
         await self.manager.send_action({"Action": "Hangup", "Channel": channel})

@@ -34,33 +34,12 @@ DEADLINE_MARGIN = 1.5
 # The dialled number (DID) of test calls, unless a test needs another.
 DID = "74951230000"
 
-# Contexts the tests enter. A call starts in agi-bitrix-test-caller (see ami_calls.py).
-TEST_DIALPLAN = r"""
-[general]
-autofallthrough = yes
-
-#include "asterisk-samples/extensions.conf"
-
-[globals](+)
-; The sample's dial steps lead to the stand-ins below instead of real phones and trunks.
-AGI_BITRIX_EXTENSION_CONTEXT=agi-bitrix-test-phones
-AGI_BITRIX_OUTBOUND_CONTEXT=agi-bitrix-test-outbound
-
+# Contexts every test Asterisk has. A call starts in agi-bitrix-test-caller (ami_calls.py).
+STAND_IN_CONTEXTS = r"""
 [agi-bitrix-test-caller]
 exten => _X.,1,Set(TIMEOUT(absolute)=90)        ; no test call outlives a broken test for long
  same => n,Set(CALLERID(num)=${TEST_CALLERID})
  same => n,Goto(${TEST_ENTRY_CONTEXT},${EXTEN},1)
-
-; A FastAGI server of the test's own drives the whole session (AGI argument: the call id).
-[agi-bitrix-test-scripted-agi]
-exten => _X.,1,AGI(${TEST_AGI_URL},${TEST_CALL_ID})
- same => n,Hangup()
-
-; The product's AGI step alone; then the reader reports the channel variables it left.
-[agi-bitrix-test-route]
-exten => _X.,1,AGI(${TEST_AGI_URL})
- same => n,AGI(${TEST_READER_URL},${TEST_CALL_ID})
- same => n,Hangup()
 
 ; Stand-ins for the phones and the trunk: they report each ring, and answer only when the test
 ; named the number in TEST_ANSWERING; otherwise they ring until the caller gives up.
@@ -80,6 +59,30 @@ exten => _X.,1,GotoIf($["${TEST_ANSWERING}" = "${EXTEN}"]?answer)
  same => n,Wait(1)
  same => n,Hangup()
 """
+
+# The session's Asterisk: the plain-Asterisk sample as shipped, and the test contexts.
+TEST_DIALPLAN = r"""
+[general]
+autofallthrough = yes
+
+#include "asterisk-samples/extensions.conf"
+
+[globals](+)
+; The sample's dial steps lead to the stand-ins instead of real phones and trunks.
+AGI_BITRIX_EXTENSION_CONTEXT=agi-bitrix-test-phones
+AGI_BITRIX_OUTBOUND_CONTEXT=agi-bitrix-test-outbound
+
+; A FastAGI server of the test's own drives the whole session (AGI argument: the call id).
+[agi-bitrix-test-scripted-agi]
+exten => _X.,1,AGI(${TEST_AGI_URL},${TEST_CALL_ID})
+ same => n,Hangup()
+
+; The product's AGI step alone; then the reader reports the channel variables it left.
+[agi-bitrix-test-route]
+exten => _X.,1,AGI(${TEST_AGI_URL})
+ same => n,AGI(${TEST_READER_URL},${TEST_CALL_ID})
+ same => n,Hangup()
+""" + STAND_IN_CONTEXTS
 
 # No members: a call that reaches Queue() waits there (QueueCallerJoin) until the test hangs up.
 TEST_QUEUES = """
@@ -117,10 +120,10 @@ def asterisk_root() -> Path:
         asterisk_unavailable(str(error))
 
 
-@pytest.fixture(scope="session")
-def pbx(asterisk_root: Path) -> Iterator[AsteriskPbx]:
-    pbx = AsteriskPbx(asterisk_root)
-    pbx.write_config(TEST_DIALPLAN, TEST_QUEUES)
+def running_pbx(root: Path, name: str, extensions: str, queues: str) -> Iterator[AsteriskPbx]:
+    """An Asterisk with this configuration for as long as the generator runs."""
+    pbx = AsteriskPbx(root, name)
+    pbx.write_config(extensions, queues)
     try:
         pbx.start()
     except AsteriskUnavailable as error:
@@ -128,6 +131,11 @@ def pbx(asterisk_root: Path) -> Iterator[AsteriskPbx]:
         asterisk_unavailable(str(error))
     yield pbx
     pbx.stop()
+
+
+@pytest.fixture(scope="session")
+def pbx(asterisk_root: Path) -> Iterator[AsteriskPbx]:
+    yield from running_pbx(asterisk_root, "main", TEST_DIALPLAN, TEST_QUEUES)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -155,13 +163,13 @@ async def portal() -> AsyncIterator[PortalEmulator]:
 
 
 @pytest.fixture(scope="session")
-def start_server(portal: PortalEmulator, tmp_path_factory) -> Iterator[Callable[[], ProductServer]]:
+def start_server(portal: PortalEmulator, tmp_path_factory) -> Iterator[Callable[..., ProductServer]]:
     """Starts agi-bitrix servers against the emulator; all are stopped after the session."""
     workdir = tmp_path_factory.mktemp("agi-bitrix")
     started: list[ProductServer] = []
 
-    def start() -> ProductServer:
-        server = ProductServer(portal.webhook_url, workdir, DEADLINE)
+    def start(fallback_queue: str | None = None) -> ProductServer:
+        server = ProductServer(portal.webhook_url, workdir, DEADLINE, fallback_queue)
         started.append(server)
         return server.start()
 
@@ -209,7 +217,11 @@ class CallRouter:
     async def route(self, callerid: str, dialled: str = DID) -> RoutedCall:
         call = self.calls.originate(dialled, callerid, "agi-bitrix-test-route", {
             "TEST_AGI_URL": self.server.url, "TEST_READER_URL": self.reader.url})
-        values = await self.reader.result(call.call_id, timeout=30)
+        try:
+            values = await self.reader.result(call.call_id, timeout=30)
+        except TimeoutError:
+            raise AssertionError(f"the reader was not called: {self.calls.describe(call)}\n"
+                                 f"server log:\n{self.server.log()}") from None
         seconds = time.monotonic() - call.originated_at
         return RoutedCall(call, {name: None if value is None else value.decode(errors="replace")
                                  for name, value in values.items()}, seconds)

@@ -60,10 +60,10 @@ def provision_root() -> Path:
 class AsteriskPbx:
     """One Asterisk process with a configuration of its own inside the provisioned root."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, name: str):
         self.root = root
         # Paths as Asterisk sees them (inside the chroot) and as the tests see them.
-        self.home = f"/tmp/agi-bitrix-test-{os.getpid()}"
+        self.home = f"/tmp/agi-bitrix-test-{os.getpid()}-{name}"
         self.host_home = root / self.home.lstrip("/")
         self.ami_port = free_tcp_port()
         self.ami_username = "agi-bitrix-test"

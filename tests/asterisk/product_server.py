@@ -18,10 +18,11 @@ SHIPPED_CONFIG = REPO / "config" / "agi-bitrix.yaml"
 
 
 class ProductServer:
-    def __init__(self, webhook_url: str, workdir: Path, deadline: float):
+    def __init__(self, webhook_url: str, workdir: Path, deadline: float, fallback_queue: str | None = None):
         self.webhook_url = webhook_url
         self.port = free_tcp_port()
         self.deadline = deadline
+        self.fallback_queue = fallback_queue
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"agi-bitrix-{self.port}.yaml"
         self.log_path = workdir / f"agi-bitrix-{self.port}.log"
@@ -42,6 +43,8 @@ class ProductServer:
         bitrix["breaker"] = {"failures": 1000}
         # Several servers run at once in this suite; none needs a metrics port.
         config["metrics"] = {"listen": "off"}
+        if self.fallback_queue is not None:
+            config["routing"]["fallback_queue"] = self.fallback_queue
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def start(self, timeout: float = 30) -> "ProductServer":

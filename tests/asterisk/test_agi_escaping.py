@@ -71,7 +71,11 @@ class ScriptedSessions:
                                         {"TEST_AGI_URL": self.stub.url("script")})
             outcome = asyncio.get_running_loop().create_future()
             self.scripts[call.call_id] = (script, outcome)
-            return await asyncio.wait_for(outcome, 20)
+            try:
+                return await asyncio.wait_for(outcome, 20)
+            except TimeoutError:
+                raise AssertionError(f"the script did not finish: {self.calls.describe(call)}; "
+                                     f"stub errors {self.stub.errors}") from None
 
     async def run_all(self, scripts: list[Script]) -> list:
         return await asyncio.gather(*(self.run(script) for script in scripts))

@@ -9,45 +9,22 @@ import asyncio
 
 import pytest
 
-from .ami_calls import CallDriver, PlacedCall, event_name_of
-from .conftest import DID
+from .ami_calls import CallDriver, PlacedCall
 from .crm import crm_object, fresh_phone
+from .sample_calls import WAIT, is_sample_channel, joined_queue, rings, route_agi_status, sample_call
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
-SAMPLE_CONTEXT = "agi-bitrix-incoming"
-SHORT_RING = "2"  # seconds; the sample's defaults (20 s, 30 s) would make the tests slow
-WAIT = 20  # seconds any awaited event may take
 
-
-def sample_call(calls: CallDriver, agi_url: str, callerid: str, answering: str = "", **settings: str) -> PlacedCall:
-    return calls.originate(DID, callerid, SAMPLE_CONTEXT, {
-        "AGI_BITRIX_URL": agi_url, "AGI_BITRIX_EXTENSION_RING": SHORT_RING,
-        "AGI_BITRIX_MOBILE_RING": SHORT_RING, "__TEST_ANSWERING": answering, **settings})
-
-
-async def joined_queue(calls: CallDriver, call: PlacedCall) -> str:
-    """Waits until the call waits in a queue; hangs it up; returns the queue's name."""
-    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
-    await calls.hangup(joined["Channel"])
-    return joined["Queue"]
-
-
-def rings(call: PlacedCall) -> list[tuple[str, str]]:
-    return [(event["Kind"], event["Number"]) for event in call.events
-            if event_name_of(event) == "AgiBitrixTestRing"]
-
-
-def is_sample_channel(event) -> bool:
-    """The channel that runs the sample (the ;2 half of the originated Local channel)."""
-    return event["Channel"].startswith(f"Local/{DID}@agi-bitrix-test-caller") and event["Channel"].endswith(";2")
+def incoming_call(calls: CallDriver, agi_url: str, callerid: str, answering: str = "", **settings: str) -> PlacedCall:
+    return sample_call(calls, "agi-bitrix-incoming", agi_url, callerid, answering, **settings)
 
 
 async def test_route_extension_rings_the_owners_extension(calls, portal, server):
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(61, "OPENED", extension="161", mobile="79160000161")])
 
-    call = sample_call(calls, server.url, phone, answering="161")
+    call = incoming_call(calls, server.url, phone, answering="161")
     await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="161")
     await calls.wait_for(call, "Hangup", WAIT, where=is_sample_channel)
 
@@ -59,7 +36,7 @@ async def test_route_mobile_dials_the_mobile_through_the_outbound_context(calls,
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(62, "CLOSED", extension="162", mobile="+7 (903) 555-01-62")])
 
-    call = sample_call(calls, server.url, phone, answering="79035550162")
+    call = incoming_call(calls, server.url, phone, answering="79035550162")
     await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="79035550162")
 
     assert rings(call) == [("outbound", "79035550162")]
@@ -70,7 +47,7 @@ async def test_route_queue_puts_the_call_into_the_queue_the_server_named(calls, 
     portal.set_client(phone, [crm_object(63, "PAUSED", extension="163", mobile="79160000163")])
 
     # The sample's own default queue differs, so the queue joined is the server's choice.
-    call = sample_call(calls, server.url, phone, AGI_BITRIX_QUEUE="sales")
+    call = incoming_call(calls, server.url, phone, AGI_BITRIX_QUEUE="sales")
 
     assert await joined_queue(calls, call) == "support"
     assert rings(call) == []
@@ -80,7 +57,7 @@ async def test_an_extension_not_answering_falls_through_to_the_mobile_then_the_q
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(64, "OPENED", extension="164", mobile="79160000164")])
 
-    call = sample_call(calls, server.url, phone)
+    call = incoming_call(calls, server.url, phone)
 
     assert await joined_queue(calls, call) == "support"
     assert rings(call) == [("extension", "164"), ("outbound", "79160000164")]
@@ -90,7 +67,7 @@ async def test_an_extension_not_answering_without_a_mobile_falls_through_to_the_
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(65, "OPENED", extension="165")])
 
-    call = sample_call(calls, server.url, phone)
+    call = incoming_call(calls, server.url, phone)
 
     assert await joined_queue(calls, call) == "support"
     assert rings(call) == [("extension", "165")]
@@ -100,7 +77,7 @@ async def test_a_hostile_extension_in_the_crm_rings_nothing_and_reaches_the_queu
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(66, "OPENED", extension="166&Local/666@agi-bitrix-test-phones")])
 
-    call = sample_call(calls, server.url, phone)
+    call = incoming_call(calls, server.url, phone)
 
     assert await joined_queue(calls, call) == "support"
     assert rings(call) == []
@@ -112,12 +89,10 @@ async def test_with_the_server_stopped_the_safe_defaults_send_the_call_to_the_qu
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(67, "OPENED", extension="167")])
 
-    call = sample_call(calls, stopped.url, phone, AGI_BITRIX_QUEUE="sales")
-    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
-    agi_status = await calls.getvar(joined["Channel"], "AGISTATUS")
-    await calls.hangup(joined["Channel"])
+    call = incoming_call(calls, stopped.url, phone, AGI_BITRIX_QUEUE="sales")
 
-    assert (agi_status, joined["Queue"]) == ("FAILURE", "sales")
+    assert await joined_queue(calls, call) == "sales"
+    assert route_agi_status(call) == "FAILURE"
     assert rings(call) == []
 
 
@@ -128,7 +103,7 @@ async def test_with_the_server_crashing_mid_call_the_safe_defaults_send_the_call
     portal.set_client(phone, [crm_object(68, "OPENED", extension="168")])
     portal.fail("hang", phone=phone)
     try:
-        call = sample_call(calls, doomed.url, phone, AGI_BITRIX_QUEUE="sales")
+        call = incoming_call(calls, doomed.url, phone, AGI_BITRIX_QUEUE="sales")
         # The server is in the middle of this call once the portal has the question.
         async with asyncio.timeout(WAIT):
             while not any(phone in str(request.params) for request in portal.requests):
@@ -137,9 +112,8 @@ async def test_with_the_server_crashing_mid_call_the_safe_defaults_send_the_call
         joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
     finally:
         portal.reset_faults()
-    agi_status = await calls.getvar(joined["Channel"], "AGISTATUS")
     b24_status = await calls.getvar(joined["Channel"], "B24_STATUS")
     await calls.hangup(joined["Channel"])
 
-    assert (agi_status, b24_status, joined["Queue"]) == ("SUCCESS", "ERROR", "sales")
+    assert (route_agi_status(call), b24_status, joined["Queue"]) == ("SUCCESS", "ERROR", "sales")
     assert rings(call) == []
