@@ -82,6 +82,12 @@ exten => _X.,1,AGI(${TEST_AGI_URL},${TEST_CALL_ID})
 exten => _X.,1,AGI(${TEST_AGI_URL})
  same => n,AGI(${TEST_READER_URL},${TEST_CALL_ID})
  same => n,Hangup()
+
+; The same, with the AGI arguments the server takes: the number to look up, the DID.
+[agi-bitrix-test-route-with-arguments]
+exten => _X.,1,AGI(${TEST_AGI_URL},${TEST_AGI_NUMBER},${TEST_AGI_DID})
+ same => n,AGI(${TEST_READER_URL},${TEST_CALL_ID})
+ same => n,Hangup()
 """ + STAND_IN_CONTEXTS
 
 # No members: a call that reaches Queue() waits there (QueueCallerJoin) until the test hangs up.
@@ -168,8 +174,8 @@ def start_server(portal: PortalEmulator, tmp_path_factory) -> Iterator[Callable[
     workdir = tmp_path_factory.mktemp("agi-bitrix")
     started: list[ProductServer] = []
 
-    def start(fallback_queue: str | None = None) -> ProductServer:
-        server = ProductServer(portal.webhook_url, workdir, DEADLINE, fallback_queue)
+    def start(fallback_queue: str | None = None, first_rules: list[dict] = ()) -> ProductServer:
+        server = ProductServer(portal.webhook_url, workdir, DEADLINE, fallback_queue, first_rules)
         started.append(server)
         return server.start()
 
@@ -214,9 +220,19 @@ class CallRouter:
         self.reader = reader
         self.server = server
 
-    async def route(self, callerid: str, dialled: str = DID) -> RoutedCall:
-        call = self.calls.originate(dialled, callerid, "agi-bitrix-test-route", {
-            "TEST_AGI_URL": self.server.url, "TEST_READER_URL": self.reader.url})
+    def place(self, callerid: str, dialled: str = DID, agi_url: str | None = None,
+              arguments: tuple[str, str] | None = None) -> PlacedCall:
+        """Starts the call; `arguments` (number to look up, DID) are passed to the AGI step."""
+        variables = {"TEST_AGI_URL": agi_url or self.server.url, "TEST_READER_URL": self.reader.url}
+        if arguments is not None:
+            variables.update(TEST_AGI_NUMBER=arguments[0], TEST_AGI_DID=arguments[1])
+        context = "agi-bitrix-test-route" if arguments is None else "agi-bitrix-test-route-with-arguments"
+        return self.calls.originate(dialled, callerid, context, variables)
+
+    async def route(self, callerid: str, dialled: str = DID, agi_url: str | None = None,
+                    arguments: tuple[str, str] | None = None) -> RoutedCall:
+        """Places the call and waits for the variables the server left on it."""
+        call = self.place(callerid, dialled, agi_url, arguments)
         try:
             values = await self.reader.result(call.call_id, timeout=30)
         except TimeoutError:

@@ -18,11 +18,14 @@ SHIPPED_CONFIG = REPO / "config" / "agi-bitrix.yaml"
 
 
 class ProductServer:
-    def __init__(self, webhook_url: str, workdir: Path, deadline: float, fallback_queue: str | None = None):
+    def __init__(self, webhook_url: str, workdir: Path, deadline: float, fallback_queue: str | None = None,
+                 first_rules: list[dict] = ()):
+        """`fallback_queue` replaces the shipped one; `first_rules` go before the shipped rules."""
         self.webhook_url = webhook_url
         self.port = free_tcp_port()
         self.deadline = deadline
         self.fallback_queue = fallback_queue
+        self.first_rules = list(first_rules)
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"agi-bitrix-{self.port}.yaml"
         self.log_path = workdir / f"agi-bitrix-{self.port}.log"
@@ -45,6 +48,7 @@ class ProductServer:
         config["metrics"] = {"listen": "off"}
         if self.fallback_queue is not None:
             config["routing"]["fallback_queue"] = self.fallback_queue
+        config["routing"]["rules"] = self.first_rules + config["routing"]["rules"]
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def start(self, timeout: float = 30) -> "ProductServer":

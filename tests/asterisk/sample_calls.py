@@ -8,10 +8,10 @@ WAIT = 20  # seconds any awaited event may take
 
 
 def sample_call(calls: CallDriver, entry_context: str, agi_url: str, callerid: str,
-                answering: str = "", **settings: str) -> PlacedCall:
-    """A call to DID from `callerid` entering `entry_context`; the stand-in whose number is
-    `answering` answers. `settings` override the sample's globals for this call."""
-    return calls.originate(DID, callerid, entry_context, {
+                answering: str = "", *, dialled: str = DID, **settings: str) -> PlacedCall:
+    """A call to `dialled` from `callerid` entering `entry_context`; the stand-in whose number
+    is `answering` answers. `settings` override the sample's globals for this call."""
+    return calls.originate(dialled, callerid, entry_context, {
         "AGI_BITRIX_URL": agi_url, "AGI_BITRIX_EXTENSION_RING": SHORT_RING,
         "AGI_BITRIX_MOBILE_RING": SHORT_RING, "__TEST_ANSWERING": answering, **settings})
 

@@ -68,6 +68,7 @@ def freepbx_server(start_server):
 
 
 def trunk_call(calls: CallDriver, agi_url: str, callerid: str, answering: str = "", **settings: str) -> PlacedCall:
+    """A call from the trunk: FreePBX's inbound route takes it to the custom destination."""
     return sample_call(calls, "from-pstn", agi_url, callerid, answering, **settings)
 
 
@@ -111,6 +112,19 @@ async def test_freepbx_with_the_server_stopped_the_safe_defaults_send_the_call_t
     portal.set_client(phone, [crm_object(74, "OPENED", extension="174")])
 
     call = trunk_call(freepbx_calls, stopped.url, phone, AGI_BITRIX_QUEUE="401")
+
+    assert await joined_queue(freepbx_calls, call) == "401"
+    assert rings(call) == []
+
+
+async def test_freepbx_passes_the_inbound_routes_did_to_the_rules(freepbx_calls, portal, start_server):
+    # The custom destination runs as extension s: only the AGI argument can carry the DID.
+    sales_line = start_server(fallback_queue="400", first_rules=[
+        {"name": "sales-line", "match": {"did": ["74951112233"]}, "route": {"queue": "401"}}])
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(75, "OPENED", extension="175")])
+
+    call = trunk_call(freepbx_calls, sales_line.url, phone, dialled="74951112233")
 
     assert await joined_queue(freepbx_calls, call) == "401"
     assert rings(call) == []

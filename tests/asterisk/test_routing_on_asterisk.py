@@ -204,3 +204,47 @@ async def test_one_hundred_simultaneous_calls_each_get_their_own_answer(router, 
 
     got = {phone: {name: routed[name] for name in expected[phone]} for phone, routed in zip(expected, results)}
     assert got == expected
+
+
+async def test_a_query_string_on_the_script_path_does_not_change_the_routing(router, portal, server):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(81, "OPENED", extension="181")])
+
+    routed = await router.route(phone, agi_url=server.url + "?tenant=7&x=y")
+
+    assert (routed["B24_STATUS"], routed["B24_ROUTE"], routed["B24_TARGET"]) == ("FOUND", "extension", "181")
+
+
+async def test_the_first_agi_argument_is_the_number_to_look_up(router, portal):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(82, "OPENED", extension="182")])
+
+    routed = await router.route("anonymous", arguments=("8" + phone[1:], ""))
+
+    assert (routed["B24_STATUS"], routed["B24_PHONE"], routed["B24_TARGET"]) == ("FOUND", phone, "182")
+
+
+async def test_a_caller_hanging_up_during_the_lookup_leaves_the_server_serving(router, portal, calls, server):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(83, "OPENED", extension="183")])
+    portal.fail("slow", phone=phone, delay=DEADLINE / 2)
+    try:
+        call = router.place(phone)
+        # Hang up while the server waits for the portal; Asterisk then sends it "HANGUP".
+        async with asyncio.timeout(20):
+            while searches_for(portal, phone) == 0:
+                await asyncio.sleep(0.05)
+        await calls.hangup(next(e["Channel"] for e in call.events if e.get("Channel", "").endswith(";2")))
+        # The server is done with the call once it logged it.
+        async with asyncio.timeout(20):
+            while phone not in server.log():
+                await asyncio.sleep(0.05)
+    finally:
+        portal.reset_faults()
+    next_phone = fresh_phone()
+    portal.set_client(next_phone, [crm_object(84, "OPENED", extension="184")])
+
+    routed = await router.route(next_phone)
+
+    assert (routed["B24_STATUS"], routed["B24_TARGET"]) == ("FOUND", "184")
+    assert "Traceback" not in server.log()

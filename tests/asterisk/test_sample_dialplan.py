@@ -53,6 +53,20 @@ async def test_route_queue_puts_the_call_into_the_queue_the_server_named(calls, 
     assert rings(call) == []
 
 
+async def test_a_did_rule_sends_calls_to_that_line_into_its_own_queue(calls, portal, start_server):
+    """"Calls to DID 74951112233 go to queue sales": the DID the sample passes (${EXTEN})
+    reaches the rules, and the rule's queue reaches Queue()."""
+    sales_line = start_server(first_rules=[
+        {"name": "sales-line", "match": {"did": ["74951112233"]}, "route": {"queue": "sales"}}])
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(69, "OPENED", extension="169")])
+
+    call = incoming_call(calls, sales_line.url, phone, dialled="74951112233")
+
+    assert await joined_queue(calls, call) == "sales"
+    assert rings(call) == []
+
+
 async def test_an_extension_not_answering_falls_through_to_the_mobile_then_the_queue(calls, portal, server):
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(64, "OPENED", extension="164", mobile="79160000164")])
