@@ -116,11 +116,15 @@ def _raise_open_files_limit() -> None:
 
 async def _run_server(config: Config, host: str, port: int) -> int:
     from agi_bitrix.app import Application, until_stopped
+    from agi_bitrix.callcard.outbox import OutboxError
 
     log = logging.getLogger("agi_bitrix")
     app = Application(config)
     try:
         await app.start(host, port)
+    except OutboxError as error:
+        log.error("%s; nothing was started", error)
+        return 1
     except OSError as error:
         log.error("cannot listen on %s:%s: %s", host, port, error.strerror)
         return 1

@@ -2,6 +2,8 @@
 does, against the portal emulator over real HTTP, with the outbox in a real SQLite file."""
 
 import asyncio
+import socket
+import sys
 import textwrap
 import time
 
@@ -12,7 +14,7 @@ from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
-from agi_bitrix.config import parse_config
+from agi_bitrix.config import load_config, parse_config
 
 REGISTER = "telephony.externalcall.register"
 FINISH = "telephony.externalcall.finish"
@@ -360,3 +362,99 @@ async def test_a_lost_answer_is_not_a_second_finish(portal, tmp_path):
         await server.stop()
     assert row["state"] == "delivered" and row["attempts"] == 2
     assert row["last_error"] == "finished by an earlier attempt"
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_callcard_config_problems_are_reported_with_file_line_and_key():
+    from agi_bitrix.config import ConfigError
+
+    text = textwrap.dedent("""\
+        bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/code/"}
+        routing: {fallback_queue: support}
+        callcard:
+          outbox: var/outbox.sqlite3
+          register:
+            default_user: anna
+            crm_source: "web form"
+            deadlin: 3
+          finish:
+            record_url: "https://pbx.example.com/{linkedid}.wav"
+            retry: {first: 60, max: 10}
+        users: {refresh: -5}
+        """)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "c.yaml")
+    assert [str(p) for p in raised.value.problems] == [
+        "c.yaml:4: callcard.outbox: 'var/outbox.sqlite3' must be an absolute path to the SQLite file",
+        "c.yaml:6: callcard.register.default_user: 'anna' is not a Bitrix24 user id (a number)",
+        "c.yaml:7: callcard.register.crm_source: 'web form' is not a CRM source id like CALL",
+        "c.yaml:8: callcard.register.deadlin: unknown key; did you mean 'deadline'?",
+        "c.yaml:10: callcard.finish.record_url: unknown field {linkedid}; expected {call_id}, {uniqueid}, {recording}",
+        "c.yaml:11: callcard.finish.retry.max: 10 is shorter than retry.first (60)",
+        "c.yaml:12: users.refresh: expected a number of seconds from 0 to 86400, got -5",
+    ]
+
+
+def test_without_the_sections_the_call_card_and_the_directory_are_off():
+    config = parse_config('bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/code/"}\n'
+                          "routing: {fallback_queue: support}\n")
+    assert (config.callcard.enabled, config.users.refresh) == (False, 0.0)
+    config = parse_config('bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/code/"}\n'
+                          "routing: {fallback_queue: support}\ncallcard:\nusers:\n")
+    assert (config.callcard.enabled, config.callcard.outbox, config.users.refresh) == (
+        True, "/var/lib/agi-bitrix/outbox.sqlite3", 600.0)
+
+
+async def test_a_reload_changes_register_settings_without_a_restart(portal, tmp_path):
+    path = tmp_path / "agi-bitrix.yaml"
+    outbox = tmp_path / "o.sqlite3"
+
+    def config_text(default_user):
+        return textwrap.dedent(f"""\
+            bitrix: {{webhook_url: "{portal.webhook_url}"}}
+            routing: {{fallback_queue: support}}
+            callcard:
+              outbox: {outbox}
+              register: {{default_user: {default_user}}}
+            """)
+
+    path.write_text(config_text(1))
+
+    app = Application(load_config(path))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        first = await fake_call(host, port, script="register", args=(ANNA, "", "1.1", DID))
+        path.write_text(config_text(2))
+        assert app.reload()
+        second = await fake_call(host, port, script="register", args=(ANNA, "", "1.2", DID))
+    finally:
+        await app.stop()
+    users = [portal.calls[r.variables["B24_CALL_ID"]].user_id for r in (first, second)]
+    assert users == ["1", "2"]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_serve_refuses_to_share_an_outbox_with_a_running_server(server, portal, tmp_path):
+    # `server` holds tmp_path/outbox.sqlite3; a second process on the same file would send
+    # finishes twice, so it must not start.
+    config = tmp_path / "second.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        bitrix: {{webhook_url: "{portal.webhook_url}"}}
+        routing: {{fallback_queue: support}}
+        callcard: {{outbox: {tmp_path / "outbox.sqlite3"}}}
+        metrics: {{listen: "off"}}
+        """))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{free_port()}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert f"outbox {tmp_path / 'outbox.sqlite3'} is in use by another agi-bitrix process; nothing was started" in output.decode()
+    assert "Traceback" not in output.decode() and portal.code not in output.decode()
