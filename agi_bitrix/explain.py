@@ -10,6 +10,8 @@ from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.bitrix.client import SEARCH_CRM_ENTITIES, PortalClient, PortalError, make_session
 from agi_bitrix.bitrix.models import MalformedAnswer, parse_search_result
 from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.oauth import portal_client
+from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.config import Config
 from agi_bitrix.service import RoutedCall, RoutingService
 
@@ -67,16 +69,29 @@ class RecordingPortal:
             raise PortalError("bad_result", str(error)) from None
 
 
+async def _user_directory(config: Config, portal: PortalClient) -> tuple[UserDirectory | None, str]:
+    """The user directory as the server would have it (with a users section), and a note if it failed."""
+    if config.users.refresh <= 0:
+        return None, ""
+    users = UserDirectory(portal, refresh=config.users.refresh, default_country=config.policy.default_country)
+    try:
+        await users.load()
+    except PortalError as error:
+        return None, f"\nusers:    not loaded ({error.reason}); deactivated owners were not skipped"
+    return users, ""
+
+
 async def explain_call(config: Config, phone: str, did: str = "", record: str | None = None) -> str:
     request = AgiRequest(env={"agi_network_script": "route", "agi_callerid": phone,
                               "agi_extension": did, "agi_uniqueid": "dry-run"},
                          args=(phone, did))
     async with make_session() as session:
-        portal = PortalClient(config.bitrix.webhook_url, session, timeout=config.bitrix.deadline)
+        portal = portal_client(config.bitrix, session)
         recorder = RecordingPortal(portal)
         lookup = CrmLookup(recorder, config.bitrix, config.cache)
-        routed = await RoutingService(config, lookup).route(request)
-        text = render(routed, portal.redacted_url)
+        users, users_note = await _user_directory(config, portal)
+        routed = await RoutingService(config, lookup, users=users).route(request)
+        text = render(routed, portal.redacted_url) + users_note
     if record:
         if routed.answer.status not in ("FOUND", "NOT_FOUND"):
             return text + f"\nnothing recorded: the portal gave no answer ({routed.answer.status})"

@@ -292,3 +292,23 @@ def test_config_takes_a_webhook_or_an_application_not_both():
         "c.yaml:4: bitrix.oauth.portal_url: expected a URL like https://PORTAL/rest/",
         "c.yaml:6: bitrix.oauth.token_file: must be an absolute path",
     ]
+
+
+async def test_the_dry_run_works_as_an_oauth_application(oauth_portal, token_path):
+    from agi_bitrix.explain import explain_call
+
+    config = parse_config(textwrap.dedent(f"""\
+        bitrix:
+          oauth:
+            portal_url: "{oauth_portal.url}/rest/"
+            client_id: "{CLIENT_ID}"
+            client_secret: "{CLIENT_SECRET}"
+            token_file: "{token_path}"
+            token_url: "{oauth_portal.url}/oauth/token/"
+        routing:
+          fallback_queue: support
+          rules:
+        """) + textwrap.indent(TEST_RULES, "    "))
+    text = await explain_call(config, "89161234567")
+    assert "answer:   FOUND, 2 CRM object(s)" in text and f"portal:   {oauth_portal.url}/rest/" in text
+    assert "secret" not in text

@@ -205,3 +205,15 @@ async def test_the_server_skips_deactivated_owners_when_the_directory_is_on(port
         await app.stop()
     assert (v["B24_ROUTE"], v["B24_TARGET"], v["B24_RULE"], v["B24_USER_ID"]) == expected
     assert ("call 7.1: deactivated owner(s) 13 skipped" in caplog.text) == bool(users)
+
+
+async def test_the_dry_run_explains_a_skipped_owner_like_the_server_decides(portal):
+    from agi_bitrix.explain import explain_call
+
+    config = app_config(portal.webhook_url, "users: {refresh: 600}")
+    text = await explain_call(config, "8" + ANDREY[1:])
+    assert "COMPANY 12: owner 13 is deactivated" in text
+    assert "=> fallback: no rule decided (the owner of COMPANY 12 is deactivated); fallback queue" in text
+    portal.fail("error", method=USER_GET, status=401, code="insufficient_scope", description="no")
+    text = await explain_call(config, "8" + ANDREY[1:])
+    assert "users:    not loaded (insufficient_scope); deactivated owners were not skipped" in text
