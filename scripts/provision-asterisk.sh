@@ -64,7 +64,7 @@ fi
 BUILD="$(mktemp -d "$ROOT.build.XXXXXX")"
 trap 'rm -rf "$BUILD"' EXIT
 rmdir "$BUILD"   # mmdebstrap wants to create its target itself
-say "building Debian sid root with $PACKAGES from $MIRROR into $BUILD (about 20 s, ~350 MB)"
+say "building Debian sid root with $PACKAGES from $MIRROR into $BUILD (under a minute, ~350 MB)"
 started=$SECONDS
 # sid's Release file is sometimes past its Valid-Until date; apt would refuse it.
 mmdebstrap --variant=apt --include="$PACKAGES" \

@@ -51,8 +51,8 @@ def provision_root() -> Path:
     except subprocess.TimeoutExpired:
         raise AsteriskUnavailable(f"{PROVISION_SCRIPT} did not finish within 20 minutes") from None
     if run.returncode != 0:
-        raise AsteriskUnavailable(
-            f"{PROVISION_SCRIPT} failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
+        last_lines = "\n".join(run.stderr.strip().splitlines()[-12:])
+        raise AsteriskUnavailable(f"{PROVISION_SCRIPT} failed (exit {run.returncode}):\n{last_lines}")
     print(run.stderr, end="")
     return Path(run.stdout.strip().splitlines()[-1])
 
