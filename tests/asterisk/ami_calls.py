@@ -43,9 +43,11 @@ def _call_id_of(event: Message) -> str | None:
 
 
 class CallDriver:
+    """One AMI connection: places test calls and files every event under the call it names."""
+
     def __init__(self, manager: Manager):
         self.manager = manager
-        self.calls: dict[str, TestCall] = {}
+        self.calls: dict[str, PlacedCall] = {}
         self._changed = asyncio.Condition()
         manager.register_event("*", self._on_event)
 
@@ -73,7 +75,7 @@ class CallDriver:
                 self._changed.notify_all()
 
     def originate(self, dialled: str, callerid: str, entry_context: str,
-                        variables: dict[str, str] | None = None) -> PlacedCall:
+                  variables: dict[str, str] | None = None) -> PlacedCall:
         """Places a call from `callerid` to `dialled` that enters `entry_context`.
 
         `variables` become channel variables of the call (AMI splits them on commas, so
@@ -95,8 +97,8 @@ class CallDriver:
             "Async": "true",
             "Variable": [f"{name}={value}" for name, value in variables.items()],
         })
-        call = self.calls[call_id] = PlacedCall(call_id, originated_at, outcome)
-        return call
+        self.calls[call_id] = PlacedCall(call_id, originated_at, outcome)
+        return self.calls[call_id]
 
     async def wait_for(self, call: PlacedCall, event_name: str, timeout: float,
                        where: Callable[[Message], bool] = lambda event: True, **headers: str) -> Message:

@@ -1,9 +1,14 @@
 """Fixtures for the tests against a real Asterisk 22 (marker `asterisk`: `pytest -m asterisk`).
 
-One Asterisk runs for the whole session, with a dialplan made of the shipped sample
-(asterisk-samples/extensions.conf, #included unchanged) and the test contexts below. Tests
-place calls over AMI (`calls`), and read channel variables back with a FastAGI reader that the
-test dialplan runs after the step under test (`variable_reader`).
+- `pbx`: the session's Asterisk (pbx_harness.AsteriskPbx) in the provisioned chroot, with
+  TEST_DIALPLAN below: the plain-Asterisk sample #included unchanged, plus test contexts.
+  `running_pbx()` starts further ones (test_freepbx_sample.py does).
+- `calls`: an AMI connection (ami_calls.CallDriver) that originates calls and collects the AMI
+  events of each.
+- `portal`: the Bitrix24 emulator; `server` / `start_server()`: `agi-bitrix serve` processes
+  (product_server.ProductServer) with the shipped config, against the emulator.
+- `router`: a call through the server's AGI step alone, and the channel variables it left,
+  read back byte for byte by a FastAGI reader (`variable_reader`) the dialplan runs next.
 
 When Asterisk cannot be provisioned or started, the tests fail under CI=true and are skipped
 otherwise, with the reason printed at the end of the run.
@@ -11,7 +16,7 @@ otherwise, with the reason printed at the end of the run.
 
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +179,7 @@ def start_server(portal: PortalEmulator, tmp_path_factory) -> Iterator[Callable[
     workdir = tmp_path_factory.mktemp("agi-bitrix")
     started: list[ProductServer] = []
 
-    def start(fallback_queue: str | None = None, first_rules: list[dict] = ()) -> ProductServer:
+    def start(fallback_queue: str | None = None, first_rules: Sequence[dict] = ()) -> ProductServer:
         server = ProductServer(portal.webhook_url, workdir, DEADLINE, fallback_queue, first_rules)
         started.append(server)
         return server.start()
@@ -198,7 +203,6 @@ class RoutedCall:
 
     def __getitem__(self, name: str) -> str | None:
         return self.variables[name]
-
 
     async def agi_commands(self, calls: CallDriver) -> list[str]:
         """The AGI commands the server under test made Asterisk run for this call."""

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,7 @@ SHIPPED_CONFIG = REPO / "config" / "agi-bitrix.yaml"
 
 class ProductServer:
     def __init__(self, webhook_url: str, workdir: Path, deadline: float, fallback_queue: str | None = None,
-                 first_rules: list[dict] = ()):
+                 first_rules: Sequence[dict] = ()):
         """`fallback_queue` replaces the shipped one; `first_rules` go before the shipped rules."""
         self.webhook_url = webhook_url
         self.port = free_tcp_port()
