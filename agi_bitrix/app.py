@@ -14,6 +14,7 @@ from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.bitrix.oauth import portal_client
+from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.finish import FinishSender, FinishService
 from agi_bitrix.callcard.outbox import Outbox, RetryPolicy
@@ -77,10 +78,10 @@ class Application:
         return self.address
 
     async def _start_callcard(self, config: Config) -> None:
-        self.register = RegisterService(config, self.portal)
+        self.register = RegisterService(config, self.portal, limiter=self._request_budget)
         if config.callcard.enabled:
             finish = config.callcard.finish
-            self.finish_sender = FinishSender(self.portal)
+            self.finish_sender = FinishSender(self.portal, limiter=self._request_budget)
             self.outbox = Outbox(config.callcard.outbox, self.finish_sender,
                                  RetryPolicy(finish.retry_first, finish.retry_max, finish.give_up_after))
             await self.outbox.open()
@@ -134,6 +135,11 @@ class Application:
             "uptime_seconds": seconds_since(self.started_at),
             "version": __version__,
         }
+
+    def _request_budget(self) -> RateLimiter:
+        """The portal counts every request: register and finish spend the lookups' budget.
+        Asked each time, because a reload may replace the lookup's limiter."""
+        return self.lookup.limiter
 
     async def _stop_background(self) -> None:
         if self.outbox is not None:

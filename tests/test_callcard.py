@@ -25,9 +25,9 @@ DID = "74950000000"
 
 
 def callcard_config(webhook_url, outbox, callcard="", users="users: {refresh: 600}", deadline=1.0,
-                    retry="{first: 0.05, max: 0.2}"):
+                    retry="{first: 0.05, max: 0.2}", rate_limit="{per_second: 1000, burst: 1000}"):
     text = textwrap.dedent(f"""\
-        bitrix: {{webhook_url: "{webhook_url}", deadline: {deadline}}}
+        bitrix: {{webhook_url: "{webhook_url}", deadline: {deadline}, rate_limit: {rate_limit}}}
         routing:
           fallback_queue: support
           timezone: Europe/Moscow
@@ -300,7 +300,7 @@ async def test_hangup_never_waits_for_a_hung_portal(server, portal):
 
 async def test_finishes_refused_while_the_portal_is_down_are_delivered_after_recovery(server, portal):
     call_ids = [(await server.register(linkedid=f"1.{n}"))["B24_CALL_ID"] for n in range(3)]
-    portal.fail("error", method=FINISH, status=503, code="QUERY_LIMIT_EXCEEDED", description="Too many requests")
+    portal.fail("html", method=FINISH, status=503)
     for call_id in call_ids:
         await server.finish(call_id, dialstatus="NOANSWER")
     await until(lambda: len(portal.requests_for(FINISH)) >= 4)  # retried, with backoff
@@ -458,3 +458,44 @@ async def test_serve_refuses_to_share_an_outbox_with_a_running_server(server, po
     assert process.returncode == 1
     assert f"outbox {tmp_path / 'outbox.sqlite3'} is in use by another agi-bitrix process; nothing was started" in output.decode()
     assert "Traceback" not in output.decode() and portal.code not in output.decode()
+
+
+# -- the portal's request budget --------------------------------------------------------------
+
+
+async def test_register_spends_the_request_budget_the_lookups_spend(portal, tmp_path):
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", rate_limit="{per_second: 0.2, burst: 2}")
+    running = await Running(config).start()
+    try:
+        host, port = running.address
+        routed = await fake_call(host, port, callerid="89161234567")  # one slot
+        first = await running.register()  # the other
+        second = await running.register(linkedid="1700000000.2")
+    finally:
+        await running.stop()
+    assert routed.variables["B24_STATUS"] == "FOUND" and first["B24_REGISTER_ERROR"] == ""
+    # The next slot is 5 s away, past the deadline: no request, and the call goes on.
+    assert second == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "rate_limited"}
+    assert len(portal.requests_for(REGISTER)) == 1
+
+
+async def test_finishes_wait_for_a_free_slot_and_a_limit_from_the_portal_holds_everyone_back(portal, tmp_path):
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", rate_limit="{per_second: 100, burst: 5}")
+    running = await Running(config).start()
+    try:
+        call_id = (await running.register())["B24_CALL_ID"]
+        portal.fail("error", method=FINISH, times=1, status=503, code="QUERY_LIMIT_EXCEEDED",
+                    description="Too many requests")
+        await running.finish(call_id, dialstatus="NOANSWER")
+        await until(lambda: portal.requests_for(FINISH))
+        # The portal's refusal pauses every request of ours: a lookup now takes the fallback.
+        host, port = running.address
+        v = (await fake_call(host, port, callerid="89262345678")).variables
+        assert (v["B24_STATUS"], v["B24_ERROR"]) == ("ERROR", "rate_limited")
+        assert delivered_finishes(portal) == []
+        # After the pause (2 s) the finish goes through.
+        await until(lambda: delivered_finishes(portal), timeout=5)
+        row = await running.app.outbox.row(call_id)
+        assert row["state"] == "delivered" and "rate_limited" in row["last_error"]
+    finally:
+        await running.stop()

@@ -26,7 +26,8 @@ from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.bitrix.client import PortalClient, PortalError
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
-from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.callcard.register import CALL_ID_PATTERN, LIMIT_ERRORS, USER_ID_PATTERN
 from agi_bitrix.callcard.status import status_code
 from agi_bitrix.config import Config
 from agi_bitrix.server import AgiChannel
@@ -152,13 +153,20 @@ class FinishService:
 class FinishSender:
     """Delivers one queued finish; tells the outbox whether it is done, worth retrying, or lost."""
 
-    def __init__(self, portal: PortalClient) -> None:
+    def __init__(self, portal: PortalClient, limiter: Callable[[], RateLimiter] | None = None) -> None:
         self.portal = portal
+        self.limiter = limiter
 
     async def __call__(self, entry: Entry) -> Outcome:
+        limiter = self.limiter() if self.limiter is not None else None
+        # Finishes can wait and calls cannot: a finish only takes a request slot that is free now.
+        if limiter is not None and limiter.reserve(max_wait=0) is None:
+            return Outcome("retry", "rate_limited: the portal's request budget is spent")
         try:
             await self.portal.call(FINISH, entry.params)
         except PortalError as error:
+            if limiter is not None and error.reason in LIMIT_ERRORS:
+                limiter.back_off()
             return finish_outcome(error, entry.attempt)
         log.info("finish %s delivered (attempt %d)", entry.key, entry.attempt)
         return Outcome("delivered")
