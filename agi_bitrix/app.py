@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import CrmLookup
@@ -86,6 +88,11 @@ class Application:
                                  RetryPolicy(finish.retry_first, finish.retry_max, finish.give_up_after))
             await self.outbox.open()
             self.outbox.start()
+            outbox, registry = self.outbox, self.metrics.registry
+            Gauge("agi_bitrix_finishes_waiting", "Finishes stored and not yet accepted by the portal.",
+                  registry=registry).set_function(lambda: outbox.waiting)
+            Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
+                  registry=registry).set_function(lambda: outbox.failed)
         self.finish = FinishService(config, self.outbox, self.users)
 
     async def _start_monitoring(self, config: Config) -> None:

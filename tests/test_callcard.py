@@ -499,3 +499,34 @@ async def test_finishes_wait_for_a_free_slot_and_a_limit_from_the_portal_holds_e
         assert row["state"] == "delivered" and "rate_limited" in row["last_error"]
     finally:
         await running.stop()
+
+
+def test_the_yaml_in_the_call_card_docs_is_valid_config():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "call-card.md").read_text(encoding="utf-8")
+    callcard, oauth = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    routing = "routing: {fallback_queue: support}\n"
+    config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing
+                          + textwrap.dedent(callcard), "call-card.md")
+    assert (config.callcard.register.default_user, config.callcard.finish.retry_max, config.users.refresh) == (
+        "1", 600.0, 600.0)
+    config = parse_config(textwrap.dedent(oauth) + routing, "call-card.md",
+                          environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
+    assert config.bitrix.oauth.token_file == "/var/lib/agi-bitrix/oauth.json"
+
+
+async def test_metrics_show_finishes_waiting_and_failed(server, portal):
+    def gauge(name):
+        line = next(l for l in server.app.metrics.exposition().decode().splitlines() if l.startswith(name + " "))
+        return float(line.split()[1])
+
+    call_id = (await server.register())["B24_CALL_ID"]
+    portal.fail("hang", method=FINISH)
+    await server.finish(call_id, dialstatus="NOANSWER")
+    await server.finish("externalCall.never.registered", dialstatus="NOANSWER")
+    assert gauge("agi_bitrix_finishes_waiting") == 2
+    portal.reset_faults()
+    await until(lambda: gauge("agi_bitrix_finishes_waiting") == 0)
+    assert gauge("agi_bitrix_finishes_failed") == 1

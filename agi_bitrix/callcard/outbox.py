@@ -99,6 +99,9 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._purged_at = 0.0
+        # Kept in memory for /metrics, which is read without waiting for the database.
+        self.waiting = 0
+        self.failed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -110,8 +113,9 @@ class Outbox:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
-        pending = await self.count(PENDING)
-        log.info("outbox %s open; %d finish(es) waiting for delivery", self.path, pending)
+        self.waiting = await self.count(PENDING)
+        self.failed = await self.count(FAILED)
+        log.info("outbox %s open; %d finish(es) waiting for delivery", self.path, self.waiting)
 
     def start(self) -> None:
         """Start delivering in the background (after open)."""
@@ -136,6 +140,7 @@ class Outbox:
         """Queue `params` under `key`, durably; False when the key was already there."""
         added = await self._run(self._insert, key, json.dumps(params, ensure_ascii=False))
         if added:
+            self.waiting += 1
             self._wake.set()
         return added
 
@@ -166,6 +171,7 @@ class Outbox:
             now = self._clock()
             if now - self._purged_at >= PURGE_EVERY:
                 await self._run(self._purge, now)
+                self.failed = await self.count(FAILED)
                 self._purged_at = now
             entry = await self._run(self._take_due, now)
             if entry is None:
@@ -181,6 +187,7 @@ class Outbox:
         now = self._clock()
         if outcome.kind == "delivered":
             await self._run(self._finish_row, entry.key, DELIVERED, now, outcome.detail)
+            self.waiting -= 1
             return
         if outcome.kind == "retry" and now - entry.queued_at < self.retry.give_up_after:
             delay = self.retry.delay(entry.attempt)
@@ -195,6 +202,8 @@ class Outbox:
         else:
             detail = outcome.detail
         await self._run(self._finish_row, entry.key, FAILED, now, detail)
+        self.waiting -= 1
+        self.failed += 1
         log.error("finish %s will not be delivered: %s (kept in %s)", entry.key, detail, self.path)
 
     async def _sleep(self) -> None:
