@@ -107,7 +107,6 @@ class OAuthTokens:
         self._clock = clock
         self._tokens: Tokens | None = None
         self._lock = asyncio.Lock()
-        self.refreshes = 0
 
     def secrets(self) -> tuple[str, ...]:
         """What must never be shown: the client secret and the tokens in use."""
@@ -168,7 +167,6 @@ class OAuthTokens:
             log.error("OAuth: the new refresh token could not be saved to %s (%s); it is kept in memory,"
                       " but after a restart this server cannot reach the portal until you put a fresh"
                       " refresh token there", self.token_file.path, error.strerror)
-        self.refreshes += 1
         log.info("OAuth: access token refreshed; the new refresh token is saved in %s", self.token_file.path)
         return tokens
 

@@ -91,9 +91,6 @@ class UserDirectory:
 
     # -- what the calls ask ------------------------------------------------------------------
 
-    def get(self, user_id: str) -> User | None:
-        return self._users.get(user_id)
-
     def inactive_among(self, user_ids: Iterable[str]) -> frozenset[str]:
         """Those of `user_ids` whose account is known to be deactivated."""
         return frozenset(uid for uid in user_ids if (user := self._users.get(uid)) is not None and not user.active)
@@ -112,10 +109,12 @@ class UserDirectory:
     async def load(self) -> None:
         """Load every user; the snapshot changes only when the whole load succeeds."""
         users: dict[str, User] = {}
-        # Listed by state: portals differ on whether an unfiltered user.get includes
-        # deactivated accounts, and those are the ones routing must know about.
-        for active in (True, False):
-            for item in await self._list({"FILTER": {"ACTIVE": active}}):
+        # Everyone, then the deactivated explicitly: whether a plain user.get includes them is
+        # not documented, and they are the ones routing must know about. Each record's own
+        # ACTIVE decides, so however a portal reads the filter it can only repeat a record.
+        # False goes out as "0", which both PHP's truthiness and CUser's Y/N filter read as "no".
+        for params in ({}, {"FILTER": {"ACTIVE": False}}):
+            for item in await self._list(params):
                 user = parse_user(item, self.default_country)
                 if user is not None:
                     users[user.user_id] = user
