@@ -530,3 +530,13 @@ async def test_metrics_show_finishes_waiting_and_failed(server, portal):
     portal.reset_faults()
     await until(lambda: gauge("agi_bitrix_finishes_waiting") == 0)
     assert gauge("agi_bitrix_finishes_failed") == 1
+
+
+async def test_a_bare_register_reads_the_dialplan_values_in_one_more_round_trip(server, portal):
+    # The fake Asterisk knows no variables (GET FULL VARIABLE gives nothing): the AGI header
+    # stands in. The real-Asterisk test shows the values read from a real channel.
+    result = await server.call("register", (), callerid="89161234567", uniqueid="1700000000.5")
+    assert len(result.commands) == 2 and result.commands[1].startswith("EXEC MSet ")
+    assert result.commands[0] == ('GET FULL VARIABLE "${B24_PHONE},${B24_USER_ID},${CHANNEL(linkedid)},${EXTEN},'
+                                  '${B24_ENTITY_TYPE},${B24_ENTITY_ID}"')
+    assert result.variables == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "no_user"}

@@ -25,6 +25,7 @@ from urllib.parse import quote
 from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.bitrix.client import PortalClient, PortalError
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
+from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.callcard.register import CALL_ID_PATTERN, LIMIT_ERRORS, USER_ID_PATTERN
@@ -63,8 +64,14 @@ class FinishArguments:
     recording: str
 
 
-def finish_arguments(request: AgiRequest) -> FinishArguments:
-    args = [arg.strip() for arg in request.args] + [""] * 7
+def finish_expressions(prefix: str) -> tuple[str, ...]:
+    """The arguments of the sample's AGI(.../finish,...), as dialplan expressions."""
+    return (f"${{{prefix}CALL_ID}}", f"${{{prefix}USER_ID}}", "${DIALSTATUS}", "${SHARED(B24_ANSWERED_AT)}",
+            "${SHARED(B24_ANSWERED_BY)}", "${STRFTIME(,,%s.%3q)}", "${MIXMONITOR_FILENAME}")
+
+
+def finish_arguments(values: list[str]) -> FinishArguments:
+    args = [value.strip() for value in values] + [""] * 7
     return FinishArguments(
         call_id=args[0] if CALL_ID_PATTERN.match(args[0]) else "",
         owner=args[1] if USER_ID_PATTERN.match(args[1]) else "",
@@ -99,7 +106,8 @@ class FinishService:
         if self.outbox is None:
             log.info("call %s: finish asked for, but there is no callcard section in the config", uniqueid)
             return
-        arguments = finish_arguments(request)
+        values = await dialplan_values(request, channel, finish_expressions(self.config.variable_prefix))
+        arguments = finish_arguments(values)
         if not arguments.call_id:
             log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
             return

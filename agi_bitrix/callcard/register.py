@@ -3,6 +3,8 @@
 Dialplan: AGI(agi://HOST:PORT/register,${B24_PHONE},${B24_USER_ID},${CHANNEL(linkedid)},${EXTEN},
 ${B24_ENTITY_TYPE},${B24_ENTITY_ID}) after the route step. Everything comes in as arguments, so
 the session costs one round trip: the EXEC MSet that sets B24_CALL_ID and B24_REGISTER_ERROR.
+A bare AGI(agi://HOST:PORT/register) works too, at the price of one more round trip that reads
+the same values from the channel.
 A failed or slow register never holds the call beyond its own deadline; the call goes on
 without a call card and B24_REGISTER_ERROR says why.
 """
@@ -20,6 +22,7 @@ from typing import Any
 from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.bitrix.client import PortalClient, PortalError
 from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.server import AgiChannel
@@ -46,9 +49,15 @@ class RegisterArguments:
     entity_id: str
 
 
-def register_arguments(request: AgiRequest, default_country: str) -> RegisterArguments:
-    """The AGI arguments, each checked, with the AGI header filling in what the dialplan left out."""
-    args = [arg.strip() for arg in request.args] + [""] * 6
+def register_expressions(prefix: str) -> tuple[str, ...]:
+    """The arguments of the sample's AGI(.../register,...), as dialplan expressions."""
+    return (f"${{{prefix}PHONE}}", f"${{{prefix}USER_ID}}", "${CHANNEL(linkedid)}", "${EXTEN}",
+            f"${{{prefix}ENTITY_TYPE}}", f"${{{prefix}ENTITY_ID}}")
+
+
+def register_arguments(values: list[str], request: AgiRequest, default_country: str) -> RegisterArguments:
+    """The dialplan's values, each checked, with the AGI header filling in what is missing."""
+    args = [value.strip() for value in values] + [""] * 6
     owner, entity_type, entity_id = args[1], args[4].upper(), args[5]
     has_entity = entity_type in ENTITY_TYPES and entity_id.isdigit()
     call_ids = [text for text in (args[2], request.get("agi_uniqueid")) if CALL_ID_PATTERN.match(text)]
@@ -80,8 +89,9 @@ class RegisterService:
 
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
         uniqueid = request.get("agi_uniqueid") or "-"
+        values = await dialplan_values(request, channel, register_expressions(self.config.variable_prefix))
         try:
-            call_id, error = await self.register(request)
+            call_id, error = await self.register(request, values)
         except Exception:
             log.exception("call %s: register failed unexpectedly", uniqueid)
             call_id, error = "", "internal"
@@ -89,14 +99,14 @@ class RegisterService:
         if not await channel.set_variables({f"{prefix}CALL_ID": call_id, f"{prefix}REGISTER_ERROR": error}):
             log.info("call %s: the channel went away before B24_CALL_ID was set", uniqueid)
 
-    async def register(self, request: AgiRequest) -> tuple[str, str]:
-        """(CALL_ID, "") on success, ("", reason) otherwise."""
+    async def register(self, request: AgiRequest, values: list[str]) -> tuple[str, str]:
+        """(CALL_ID, "") on success, ("", reason) otherwise; `values` as the dialplan gave them."""
         config = self.config
         settings = config.callcard.register
         uniqueid = request.get("agi_uniqueid") or "-"
         if not config.callcard.enabled:
             return "", "disabled"
-        arguments = register_arguments(request, config.policy.default_country)
+        arguments = register_arguments(values, request, config.policy.default_country)
         user_id = arguments.owner or settings.default_user
         if arguments.phone is None:
             log.info("call %s: no usable number; not registered", uniqueid)

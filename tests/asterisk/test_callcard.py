@@ -201,3 +201,45 @@ async def test_finishes_refused_by_the_portal_arrive_after_it_recovers_and_a_res
     assert [card.finish_params["STATUS_CODE"] for card in cards] == ["200", "200"]
     assert sorted(r.params["CALL_ID"] for r in portal.requests_for(FINISH)[refused:]) == sorted(call_ids)
     assert all(callcard_server.outbox_rows()[call_id][0] == "delivered" for call_id in call_ids)
+
+
+# A dialplan of an admin's own that calls register and finish without arguments, as in
+# AGI(agi://HOST:PORT/register): added at run time, beside the shipped sample.
+BARE_CONTEXT = "agi-bitrix-test-bare"
+BARE_DIALPLAN = (
+    (BARE_CONTEXT, "_X.", "Set", "__AGI_BITRIX_CALLER=${CHANNEL}"),
+    (BARE_CONTEXT, "_X.", "AGI", "${AGI_BITRIX_URL}"),
+    (BARE_CONTEXT, "_X.", "AGI", "${AGI_BITRIX_CALLCARD}/register"),
+    (BARE_CONTEXT, "_X.", "Set", "CHANNEL(hangup_handler_push)=agi-bitrix-test-bare-finish,s,1"),
+    (BARE_CONTEXT, "_X.", "Dial", "Local/${B24_TARGET}@agi-bitrix-test-phones,5,U(agi-bitrix-answered^${B24_TARGET})"),
+    ("agi-bitrix-test-bare-finish", "s", "AGI", "${AGI_BITRIX_CALLCARD}/finish"),
+    ("agi-bitrix-test-bare-finish", "s", "Return", ""),
+)
+
+
+@pytest.fixture(scope="module")
+def bare_dialplan(pbx):
+    priorities = {}
+    for context, exten, app, data in BARE_DIALPLAN:
+        priority = priorities[context] = priorities.get(context, 0) + 1
+        pbx.cli(f"dialplan add extension {exten},{priority},{app}({data}) into {context}")
+    yield BARE_CONTEXT
+    for context in dict.fromkeys(context for context, *_ in BARE_DIALPLAN):
+        pbx.cli(f"dialplan remove context {context}")
+
+
+async def test_register_and_finish_without_arguments_read_the_channel(calls, portal, callcard_server, bare_dialplan):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(79, "OPENED", entity_id=790, extension="179")])
+
+    call = sample_call(calls, bare_dialplan, callcard_server.url, phone, answering="179",
+                       AGI_BITRIX_CALLCARD=callcard_server.callcard_url)
+    await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="179")
+    hangup = await calls.wait_for(call, "Hangup", WAIT, where=is_sample_channel)
+    card = await finished(portal, phone)
+
+    assert (card.params["USER_ID"], card.params["EXTERNAL_CALL_ID"], card.params["CRM_ENTITY_ID"]) == (
+        "79", hangup["Linkedid"], "790")
+    finish = card.finish_params
+    assert (finish["CALL_ID"], finish["USER_ID"], finish["STATUS_CODE"]) == (card.call_id, "79", "200")
+    assert 1 <= int(finish["DURATION"]) <= 2
