@@ -182,9 +182,10 @@ async def test_arguments_that_are_not_what_they_claim_are_dropped(server, portal
     ("html", {}, "http_502"),
     ("disconnect", {}, "connect"),
 ])
-async def test_register_failure_is_reported_and_the_call_goes_on(server, portal, fault, options, reason):
+async def test_register_failure_is_reported_and_the_call_goes_on(server, portal, fault, options, reason, caplog):
     portal.fail(fault, method=REGISTER, **options)
     assert await server.register() == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": reason}
+    assert "register failed" in caplog.text and portal.code not in caplog.text
 
 
 async def test_register_has_its_own_deadline(portal, tmp_path):
@@ -337,13 +338,15 @@ async def test_queued_finish_survives_a_restart_and_is_delivered_once(portal, tm
         await restarted.stop()
 
 
-async def test_a_finish_the_portal_refuses_for_good_is_kept_and_not_retried(server, portal):
+async def test_a_finish_the_portal_refuses_for_good_is_kept_and_not_retried(server, portal, caplog):
     await server.finish("externalCall.never.registered", owner="1", dialstatus="NOANSWER")
     await until(lambda: portal.requests_for(FINISH))
     await asyncio.sleep(0.3)
     assert len(portal.requests_for(FINISH)) == 1
     row = await server.app.outbox.row("externalCall.never.registered")
     assert row["state"] == "failed" and "Call is not found" in row["last_error"]
+    assert "finish externalCall.never.registered will not be delivered" in caplog.text
+    assert portal.code not in caplog.text and portal.code not in row["last_error"]
 
 
 async def test_a_lost_answer_is_not_a_second_finish(portal, tmp_path):
