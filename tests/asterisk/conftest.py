@@ -179,8 +179,9 @@ def start_server(portal: PortalEmulator, tmp_path_factory) -> Iterator[Callable[
     workdir = tmp_path_factory.mktemp("agi-bitrix")
     started: list[ProductServer] = []
 
-    def start(fallback_queue: str | None = None, first_rules: Sequence[dict] = ()) -> ProductServer:
-        server = ProductServer(portal.webhook_url, workdir, DEADLINE, fallback_queue, first_rules)
+    def start(fallback_queue: str | None = None, first_rules: Sequence[dict] = (),
+              deadline: float = DEADLINE) -> ProductServer:
+        server = ProductServer(portal.webhook_url, workdir, deadline, fallback_queue, first_rules)
         started.append(server)
         return server.start()
 
