@@ -17,8 +17,11 @@ import phonenumbers
 
 _TYPED_NUMBER = re.compile(r"^\+?[0-9 ()\-.]+$")
 _DIGITS = re.compile(r"^[0-9]+$")
-# E.164 allows at most 15 digits; anything longer is not a phone number.
+# E.164 allows at most 15 digits; anything longer is not a phone number. Below 3 digits it is
+# not one either ("0" is what some trunks send for a withheld number; the portal reads it as
+# an empty PHONE_NUMBER and answers 400).
 _MAX_DIGITS = 15
+_MIN_DIGITS = 3
 
 
 # Callers repeat (that is what the answer cache is for too), and parsing is the costliest step
@@ -34,7 +37,7 @@ def normalize_number(raw: str, default_country: str) -> str | None:
     if not text or not _TYPED_NUMBER.match(text):
         return None
     digits = re.sub(r"[^0-9]", "", text)
-    if not digits or len(digits) > _MAX_DIGITS:
+    if len(digits) < _MIN_DIGITS or len(digits) > _MAX_DIGITS:
         return None
     try:
         parsed = phonenumbers.parse(text, default_country)

@@ -11,7 +11,7 @@ def test_russian_formats_become_international_digits(raw):
 
 @pytest.mark.parametrize("raw", ["", " ", "anonymous", "unknown", "Restricted", "Anonymous", "<unknown>",
                                  "120&Local/666@evil", "7916\n1234567", "79161234567;x", "1-800-FLOWERS",
-                                 "+", "()", "1234567890123456"])
+                                 "+", "()", "1234567890123456", "0", "00", "+7"])
 def test_non_numbers_are_none(raw):
     assert normalize_number(raw, "RU") is None
 

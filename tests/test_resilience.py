@@ -210,3 +210,13 @@ async def test_repeated_callers_inside_one_ttl_cost_one_request_each(make_lookup
                "79104445566", "78123334455", "79201112233", "79651239876", "79990001122"]
     await asyncio.gather(*(lookup.lookup(numbers[i % 10]) for i in range(1000)))
     assert len(portal.requests) <= 10
+
+
+async def test_rejected_requests_do_not_open_the_breaker(make_lookup, portal):
+    """The portal answering 400 ERROR_CORE for one odd number is not an outage."""
+    lookup = make_lookup(breaker_failures=3)
+    portal.fail("error", status=400, code="ERROR_CORE", description="PHONE_NUMBER is empty", phone="79990000000")
+    for _ in range(5):
+        assert (await lookup.lookup("79990000000")).error == "ERROR_CORE"
+    assert lookup.breaker.state == CLOSED and lookup.last_failure is None
+    assert (await lookup.lookup("79161234567")).status == "FOUND"

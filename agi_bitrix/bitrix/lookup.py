@@ -27,6 +27,8 @@ log = logging.getLogger("agi_bitrix.lookup")
 
 # Portal answers that mean "you are asking too much": slow down rather than retry.
 LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
+# Portal answers that reject one request's parameters (HTTP 400), not the portal being down.
+REQUEST_REJECTED = frozenset({"ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"})
 
 
 class CrmLookup:
@@ -107,9 +109,14 @@ class CrmLookup:
             finally:
                 self.metrics.portal_seconds.observe(self._clock() - started)
         except PortalError as error:
-            self.last_failure = self._clock()
             self.metrics.portal_errors.labels(error.reason).inc()
             log.warning("portal lookup for %s failed: %s (%s)", phone, error.reason, error.detail)
+            if error.reason in REQUEST_REJECTED:
+                # The portal is up and answered; it only refused this number. Counting that as
+                # an outage would let a few odd caller IDs open the breaker for everyone.
+                self.breaker.succeeded()
+                raise
+            self.last_failure = self._clock()
             self._breaker_failed(error.reason)
             if error.reason in LIMIT_ERRORS:
                 pause = self.limiter.back_off()
