@@ -56,9 +56,9 @@ def test_time_of_day_cases(tmp_path):
     cases = tmp_path / "cases.yaml"
     cases.write_text(textwrap.dedent("""\
         cases:
-          - {name: day, caller: "1", crm: [], time: "2026-11-26 12:00", expect: {target: support}}
-          - {name: night, caller: "1", crm: [], time: "2026-11-26 23:00", expect: {target: night}}
-          - {name: utc given, caller: "1", crm: [], time: "2026-11-26T12:00+00:00", expect: {target: support}}
+          - {name: day, caller: "89990001122", crm: [], time: "2026-11-26 12:00", expect: {target: support}}
+          - {name: night, caller: "89990001122", crm: [], time: "2026-11-26 23:00", expect: {target: night}}
+          - {name: utc given, caller: "89990001122", crm: [], time: "2026-11-26T12:00+00:00", expect: {target: support}}
         """))
     assert agi_bitrix("test", "-c", str(config_file), str(cases)).returncode == 0
 
