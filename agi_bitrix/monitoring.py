@@ -42,6 +42,14 @@ class Metrics:
         self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        self._call_counters: dict[tuple[str, str, str], Counter] = {}
+
+    def count_call(self, status: str, route: str, rule: str) -> None:
+        # labels() takes a lock and builds a key on every call; the few combinations repeat.
+        child = self._call_counters.get((status, route, rule))
+        if child is None:
+            child = self._call_counters[(status, route, rule)] = self.calls.labels(status, route, rule)
+        child.inc()
 
     def watch(self, sessions: Callable[[], int], breaker_state: Callable[[], str],
               cache_entries: Callable[[], int]) -> None:

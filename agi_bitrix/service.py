@@ -99,7 +99,7 @@ class RoutingService:
         """The call's line in the call log and its place in the metrics, from what was sent."""
         prefix = self.config.variable_prefix
         v = {name[len(prefix):]: value for name, value in variables.items()}
-        self.metrics.calls.labels(v["STATUS"], v["ROUTE"], v["RULE"]).inc()
+        self.metrics.count_call(v["STATUS"], v["ROUTE"], v["RULE"])
         self.metrics.call_seconds.observe(seconds)
         self.call_log.record(uniqueid, v["PHONE"], v["STATUS"], v["ROUTE"], v["TARGET"], v["RULE"],
                              v["ERROR"], v["CACHE"], seconds)

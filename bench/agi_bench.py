@@ -42,6 +42,10 @@ class Result:
     failures: int
     portal_requests: int | None = None
     peak_rss_mib: float | None = None
+    # CPU time (user+system) per session of the server, and of the portal emulator: on a 2-core
+    # machine shared with the load generator, these say where the throughput goes.
+    server_cpu_us: float | None = None
+    portal_cpu_us: float | None = None
 
     @property
     def rate(self) -> float:
@@ -56,6 +60,10 @@ class Result:
             extra += f"  portal req/call {self.portal_requests / self.sessions:.3f}"
         if self.peak_rss_mib is not None:
             extra += f"  peak RSS {self.peak_rss_mib:.1f} MiB"
+        if self.server_cpu_us is not None:
+            extra += f"  server CPU {self.server_cpu_us:.0f} us/session"
+        if self.portal_cpu_us is not None:
+            extra += f"  portal CPU {self.portal_cpu_us:.0f} us/session"
         return (f"{self.name:34} {self.rate:8.0f} sessions/s  p50 {p50:6.1f} ms  p99 {p99:7.1f} ms"
                 f"  failures {self.failures}{extra}")
 
@@ -64,6 +72,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -166,9 +179,11 @@ async def scenario_throughput(sessions: int, concurrency: int) -> list[Result]:
     floor = Process(str(BENCH / "floor_server.py"), str(floor_port))
     wait_for_port(floor_port)
     await load(floor_port, 500, concurrency, repeated)  # warm-up
+    cpu = cpu_seconds(floor.popen.pid)
     seconds, lat, failures = await load(floor_port, sessions, concurrency, repeated)
+    cpu = cpu_seconds(floor.popen.pid) - cpu
     results.append(Result("floor (no-logic server)", sessions, seconds, lat, failures,
-                          peak_rss_mib=peak_rss_mib(floor.popen.pid)))
+                          peak_rss_mib=peak_rss_mib(floor.popen.pid), server_cpu_us=cpu / sessions * 1e6))
     floor.stop()
 
     for name, callerid, count in (("agi-bitrix, repeated callers", repeated, sessions),
@@ -177,12 +192,16 @@ async def scenario_throughput(sessions: int, concurrency: int) -> list[Result]:
         url = portal.first_line()
         server, port = start_agi_bitrix(url)
         await load(port, 500, concurrency, repeated)  # warm-up, fills the cache for repeated callers
+        cpu = cpu_seconds(server.popen.pid), cpu_seconds(portal.popen.pid)
         seconds, lat, failures = await load(port, count, concurrency, callerid)
+        server_cpu = (cpu_seconds(server.popen.pid) - cpu[0]) / count * 1e6
+        portal_cpu = (cpu_seconds(portal.popen.pid) - cpu[1]) / count * 1e6
         rss = peak_rss_mib(server.popen.pid)
         server.stop()
         requests = int(portal.stop().splitlines()[-1])
         warmup_requests = len(REPEATED)
-        results.append(Result(name, count, seconds, lat, failures, requests - warmup_requests, rss))
+        results.append(Result(name, count, seconds, lat, failures, requests - warmup_requests, rss,
+                              server_cpu, portal_cpu))
     return results
 
 
