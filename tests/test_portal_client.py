@@ -381,3 +381,21 @@ async def test_concurrent_lookups_share_the_pool(portal):
         client = PortalClient(portal.webhook_url, http, timeout=1.0)
         results = await asyncio.gather(*(client.search_crm_entities(ANNA) for _ in range(20)))
     assert all(len(entities) == 2 for entities in results)
+
+
+async def test_batch_search_answers_every_number_in_one_request(client, portal):
+    portal.fail("error", status=400, code="ERROR_CORE", description="PHONE_NUMBER is empty", phone="79990000000")
+    outcome = await client.search_crm_entities_batch(["79161234567", "79990000000", "79990001122"])
+    assert len(portal.requests) == 1 and portal.requests[0].method == "batch"
+    assert [e.entity_type for e in outcome["79161234567"]] == ["CONTACT", "COMPANY"]
+    assert isinstance(outcome["79990000000"], PortalError) and outcome["79990000000"].reason == "ERROR_CORE"
+    assert outcome["79990001122"] == []
+    assert "emulator-secret" not in str(outcome["79990000000"])
+
+
+async def test_batch_without_errors_and_a_broken_batch_answer(client, portal):
+    outcome = await client.search_crm_entities_batch(["79161234567", "79262345678"])
+    assert all(isinstance(v, list) and v for v in outcome.values())
+    portal.fail("malformed", result={"result": "nope", "result_error": []})
+    error = await failure(client.search_crm_entities_batch(["79161234567", "79262345678"]))
+    assert error.reason == "bad_result"

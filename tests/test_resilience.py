@@ -190,10 +190,48 @@ async def test_breaker_fails_fast_then_recovers_by_itself(make_lookup, portal):
 
 async def test_limiter_sends_calls_to_fallback_instead_of_overloading_the_portal(make_lookup, portal):
     lookup = make_lookup(rate_per_second=2, rate_burst=3, deadline=0.2)
-    answers = await asyncio.gather(*(lookup.lookup(f"7916000{n:04d}") for n in range(10)))
-    assert sum(a.status == "NOT_FOUND" for a in answers) == 3
-    assert sum(a.error == "rate_limited" for a in answers) == 7
+    answers = []
+    for n in range(6):  # one after another: no batching to hide behind
+        answers.append(await lookup.lookup(f"7916000{n:04d}"))
+    assert [a.status for a in answers[:3]] == ["NOT_FOUND"] * 3
+    assert [a.error for a in answers[3:]] == ["rate_limited"] * 3
     assert len(portal.requests) == 3
+
+
+async def test_a_burst_of_new_numbers_leaves_in_batches(make_lookup, portal):
+    lookup = make_lookup(rate_per_second=2, rate_burst=3, deadline=1.0)
+    numbers = ["79161234567", "79262345678"] + [f"7916000{n:04d}" for n in range(58)]
+    answers = await asyncio.gather(*(lookup.lookup(number) for number in numbers))
+    assert [a.status for a in answers[:2]] == ["FOUND", "FOUND"]
+    assert answers[0].entities[0].entity_id == "12" and answers[1].entities[0].owner.user_id == "2"
+    assert all(a.status == "NOT_FOUND" for a in answers[2:])
+    batches = portal.requests_for("batch")
+    assert len(portal.requests) <= 3 and batches  # 60 numbers within the 3-request burst
+    assert max(len(r.params["cmd"]) for r in batches) <= 50
+
+
+async def test_one_refused_number_in_a_batch_fails_alone(make_lookup, portal):
+    lookup = make_lookup()
+    portal.fail("error", status=400, code="ERROR_CORE", description="PHONE_NUMBER is empty", phone="79990000000")
+    portal.fail("slow", delay=0.2, times=1)  # holds the first request so the rest gather
+    first = asyncio.create_task(lookup.lookup("79031234567"))
+    await asyncio.sleep(0.05)
+    rest = await asyncio.gather(*(lookup.lookup(n) for n in ("79990000000", "79161234567", "79262345678")))
+    await first
+    assert [a.status for a in rest] == ["ERROR", "FOUND", "FOUND"] and rest[0].error == "ERROR_CORE"
+    assert portal.requests_for("batch") and lookup.breaker.state == CLOSED
+
+
+async def test_a_failed_batch_fails_every_number_in_it(make_lookup, portal):
+    lookup = make_lookup()
+    portal.fail("slow", delay=0.2, times=1)
+    first = asyncio.create_task(lookup.lookup("79031234567"))
+    await asyncio.sleep(0.05)
+    portal.fail("html", status=502)
+    rest = await asyncio.gather(*(lookup.lookup(n) for n in ("79161234567", "79262345678")))
+    assert (await first).status == "FOUND"
+    assert [a.error for a in rest] == ["http_502", "http_502"]
+    assert len(portal.requests_for("batch")) == 1
 
 
 async def test_query_limit_exceeded_pauses_requests(make_lookup, portal):

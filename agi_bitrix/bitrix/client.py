@@ -135,6 +135,35 @@ class PortalClient:
         status, body = await self._post(method, {**params, "auth": token})
         return self._result(method, status, body)
 
+    async def search_crm_entities_batch(self, phones: list[str]) -> dict[str, list[CrmEntity] | PortalError]:
+        """Several numbers in one `batch` request (at most 50): one HTTP round trip and one
+        request of the portal's rate budget. A PortalError is raised when the batch itself
+        fails; a number the portal refused gets its own PortalError in the answer."""
+        keys = {f"n{index}": phone for index, phone in enumerate(phones)}  # "n": PHP keeps string keys
+        commands = {key: f"{SEARCH_CRM_ENTITIES}?{urlencode({'PHONE_NUMBER': phone})}" for key, phone in keys.items()}
+        answer = await self.call("batch", {"halt": 0, "cmd": commands})
+        results = answer.get("result") if isinstance(answer, dict) else None
+        errors = answer.get("result_error") if isinstance(answer, dict) else None
+        results, errors = (value if value not in ([], None) else {} for value in (results, errors))
+        if not isinstance(results, dict) or not isinstance(errors, dict):
+            raise self._error("bad_result", "batch", "the answer has no result/result_error objects")
+        outcome: dict[str, list[CrmEntity] | PortalError] = {}
+        for key, phone in keys.items():
+            if key in errors:
+                error = errors[key] if isinstance(errors[key], dict) else {}
+                code = error.get("error")
+                reason = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "portal_error"
+                outcome[phone] = self._error(reason, SEARCH_CRM_ENTITIES,
+                                             f"in a batch: {self._clean(str(error.get('error_description')))}")
+            elif key in results:
+                try:
+                    outcome[phone] = parse_search_result(results[key])
+                except MalformedAnswer as error:
+                    outcome[phone] = self._error("bad_result", SEARCH_CRM_ENTITIES, f"in a batch: {error}")
+            else:
+                outcome[phone] = self._error("bad_result", SEARCH_CRM_ENTITIES, "the batch answer skipped this number")
+        return outcome
+
     async def search_crm_entities(self, phone: str) -> list[CrmEntity]:
         """The CRM objects carrying `phone`, best first. `phone` is sent exactly as given."""
         result = await self.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone})

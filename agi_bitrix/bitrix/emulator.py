@@ -23,6 +23,7 @@ import secrets
 import socket
 import struct
 import time
+from urllib.parse import parse_qsl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,8 @@ SEARCH_METHOD = "telephony.externalcall.searchcrmentities"
 REGISTER_METHOD = "telephony.externalcall.register"
 FINISH_METHOD = "telephony.externalcall.finish"
 USER_GET_METHOD = "user.get"
+BATCH_METHOD = "batch"
+MAX_BATCH_COMMANDS = 50
 
 # The portal merges a repeated register with the same call data into the call still open.
 REGISTER_MERGE_WINDOW = 30 * 60.0
@@ -287,6 +290,7 @@ class PortalEmulator:
             REGISTER_METHOD: self._register,
             FINISH_METHOD: self._finish,
             USER_GET_METHOD: self._user_get,
+            BATCH_METHOD: self._batch,
         }
         handler = handlers.get(method)
         if handler is None:
@@ -337,6 +341,36 @@ class PortalEmulator:
         return web.Response(status=200)
 
     # -- methods ----------------------------------------------------------------------------
+
+    def _batch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Up to 50 calls in one request, as the portal runs them: each command is
+        "method?query"; answers and errors come back under the command's key. An `error`
+        fault aimed at one number fails only that command, as the portal would."""
+        commands = params.get("cmd")
+        if not isinstance(commands, dict) or not commands:
+            raise _PortalError(400, "INVALID_REQUEST", "Batch cmd is empty")
+        if len(commands) > MAX_BATCH_COMMANDS:
+            raise _PortalError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
+        results: dict[str, Any] = {}
+        errors: dict[str, Any] = {}
+        for key, command in commands.items():
+            name, _, query = str(command).partition("?")
+            method = canonical_method(name)
+            command_params = _php_params(parse_qsl(query, keep_blank_values=True))
+            fault = self._take_fault(method, command_params)
+            try:
+                if fault is not None and fault.kind == "error":
+                    options = fault.options
+                    raise _PortalError(options["status"], options["code"], options["description"])
+                handler = {SEARCH_METHOD: self._search}.get(method)
+                if handler is None:
+                    raise _PortalError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+                results[key] = handler(command_params)["result"]
+            except _PortalError as error:
+                errors[key] = {"error": error.code, "error_description": error.description}
+        # PHP sends an empty array, not an empty object, for "no errors".
+        return {"result": {"result": results, "result_error": errors or [], "result_total": [],
+                           "result_next": [], "result_time": []}}
 
     def _search(self, params: dict[str, Any]) -> dict[str, Any]:
         phone = params.get("PHONE_NUMBER")

@@ -2,14 +2,18 @@
 
 Order of business for one lookup: a fresh cached answer; else join a request already in flight
 for the same number (single flight: a burst of calls from one number costs one request); else
-start one, if the circuit breaker and the rate limiter allow it within the caller's deadline.
-When the portal cannot answer in time, a stale cached answer stands in if there is one;
-otherwise the call gets status ERROR with the reason.
+wait for the next request, if the circuit breaker and the rate limiter allow one within the
+caller's deadline. Numbers that arrive while requests are on their way (or wait for a rate
+slot) leave together in one `batch` request of up to 50: a campaign bringing many new numbers
+at once costs few of the portal's ~2 requests a second. When the portal cannot answer in
+time, a stale cached answer stands in if there is one; otherwise the call gets status ERROR
+with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +31,9 @@ log = logging.getLogger("agi_bitrix.lookup")
 
 # Portal answers that mean "you are asking too much": slow down rather than retry.
 LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
+# Numbers per `batch` request (the portal's maximum), and requests on their way at once.
+MAX_BATCH = 50
+MAX_REQUESTS_IN_FLIGHT = 4
 # Portal answers that reject one request's parameters (HTTP 400), not the portal being down.
 REQUEST_REJECTED = frozenset({"ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"})
 
@@ -44,7 +51,10 @@ class CrmLookup:
         self.cache = AnswerCache(cache, clock)
         self.limiter = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst, clock)
         self.breaker = CircuitBreaker(bitrix.breaker_failures, bitrix.breaker_cool_down, clock)
-        self._flights: dict[str, asyncio.Task[CrmAnswer]] = {}
+        # Numbers being looked up (single flight) and those not yet taken into a request.
+        self._flights: dict[str, asyncio.Future[CrmAnswer]] = {}
+        self._waiting: dict[str, asyncio.Future[CrmAnswer]] = {}
+        self._senders: set[asyncio.Task] = set()
         self.portal_requests = 0
 
     async def lookup(self, phone: str) -> CrmAnswer:
@@ -58,9 +68,13 @@ class CrmLookup:
             return cached
         flight = self._flights.get(phone)
         if flight is None:
-            flight = asyncio.create_task(self._fetch(phone), name=f"lookup {phone}")
-            self._flights[phone] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(phone, None))
+            flight = asyncio.get_running_loop().create_future()
+            flight.add_done_callback(_consume_exception)
+            self._flights[phone] = self._waiting[phone] = flight
+            if len(self._senders) < MAX_REQUESTS_IN_FLIGHT:
+                sender = asyncio.create_task(self._send_waiting())
+                self._senders.add(sender)
+                sender.add_done_callback(self._senders.discard)
         try:
             # shield: a caller giving up must not cancel the request others wait on.
             return await asyncio.wait_for(asyncio.shield(flight), self.deadline)
@@ -92,44 +106,92 @@ class CrmLookup:
             return replace(stale, error=reason, cache="stale")
         return CrmAnswer("ERROR", error=reason, cache="miss")
 
-    async def _fetch(self, phone: str) -> CrmAnswer:
+    async def _send_waiting(self) -> None:
+        """Send requests until no number waits. While a request is on its way (or waits for a
+        rate-limit slot), new numbers gather and leave together in one `batch` request."""
+        while self._waiting:
+            await self._send_one()
+
+    async def _send_one(self) -> None:
         if not self.breaker.allow():
-            raise PortalError("circuit_open", "the portal failed repeatedly; not asking it until the cool-down ends")
+            self._fail(list(self._waiting), PortalError(
+                "circuit_open", "the portal failed repeatedly; not asking it until the cool-down ends"))
+            return
         wait = self.limiter.reserve(max_wait=self.deadline)
         if wait is None:
             self.breaker.abandoned()
-            raise PortalError("rate_limited", "no request slot within the deadline (client-side rate limit)")
-        try:
-            if wait:
-                await asyncio.sleep(wait)
-            self.portal_requests += 1
-            started = self._clock()
-            try:
-                entities = await self.portal.search_crm_entities(phone)
-            finally:
-                self.metrics.portal_seconds.observe(self._clock() - started)
-        except PortalError as error:
-            self.metrics.portal_errors.labels(error.reason).inc()
-            log.warning("portal lookup for %s failed: %s (%s)", phone, error.reason, error.detail)
-            if error.reason in REQUEST_REJECTED:
-                # The portal is up and answered; it only refused this number. Counting that as
-                # an outage would let a few odd caller IDs open the breaker for everyone.
-                self.breaker.succeeded()
-                raise
-            self.last_failure = self._clock()
-            self._breaker_failed(error.reason)
-            if error.reason in LIMIT_ERRORS:
-                pause = self.limiter.back_off()
-                log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
-            raise
-        except asyncio.CancelledError:
+            self._fail(list(self._waiting), PortalError(
+                "rate_limited", "no request slot within the deadline (client-side rate limit)"))
+            return
+        if wait:
+            await asyncio.sleep(wait)
+        phones = list(itertools.islice(self._waiting, MAX_BATCH))
+        for phone in phones:
+            del self._waiting[phone]
+        if not phones:  # another sender took them while this one waited for its slot
             self.breaker.abandoned()
+            return
+        self.portal_requests += 1
+        started = self._clock()
+        try:
+            if len(phones) == 1:
+                outcome = {phones[0]: await self.portal.search_crm_entities(phones[0])}
+            else:
+                outcome = await self.portal.search_crm_entities_batch(phones)
+        except PortalError as error:
+            self._request_failed(phones, error)
+            return
+        except BaseException:
+            self.breaker.abandoned()
+            self._fail(phones, PortalError("cancelled", "the server is stopping"))
             raise
+        finally:
+            self.metrics.portal_seconds.observe(self._clock() - started)
         if self.breaker.state != CLOSED:
             log.warning("portal answered again; circuit closed")
         self.breaker.succeeded()
         self.limiter.succeeded()
         self.last_success = self._clock()
-        answer = CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities), cache="miss")
-        self.cache.store(phone, replace(answer, cache="hit"))  # as later calls will see it
-        return answer
+        for phone, entities in outcome.items():
+            if isinstance(entities, PortalError):
+                # The portal answered but refused this one number (ERROR_CORE for "0", ...).
+                self.metrics.portal_errors.labels(entities.reason).inc()
+                log.warning("portal refused the lookup of %s: %s (%s)", phone, entities.reason, entities.detail)
+                self._fail([phone], entities)
+                continue
+            answer = CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities), cache="miss")
+            self.cache.store(phone, replace(answer, cache="hit"))  # as later calls will see it
+            self._settle(phone, answer)
+
+    def _request_failed(self, phones: list[str], error: PortalError) -> None:
+        self.metrics.portal_errors.labels(error.reason).inc()
+        log.warning("portal lookup for %s failed: %s (%s)", ", ".join(phones), error.reason, error.detail)
+        if error.reason in REQUEST_REJECTED:
+            # The portal is up and answered; it only refused this request. Counting that as an
+            # outage would let a few odd caller IDs open the breaker for everyone.
+            self.breaker.succeeded()
+        else:
+            self.last_failure = self._clock()
+            self._breaker_failed(error.reason)
+            if error.reason in LIMIT_ERRORS:
+                pause = self.limiter.back_off()
+                log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
+        self._fail(phones, error)
+
+    def _settle(self, phone: str, answer: CrmAnswer) -> None:
+        flight = self._flights.pop(phone, None)
+        if flight is not None and not flight.done():
+            flight.set_result(answer)
+
+    def _fail(self, phones: list[str], error: PortalError) -> None:
+        for phone in phones:
+            self._waiting.pop(phone, None)
+            flight = self._flights.pop(phone, None)
+            if flight is not None and not flight.done():
+                flight.set_exception(error)
+
+
+def _consume_exception(flight: asyncio.Future) -> None:
+    # Every caller may have given up at its deadline; the failure is logged, not "never retrieved".
+    if not flight.cancelled():
+        flight.exception()
