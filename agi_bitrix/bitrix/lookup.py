@@ -31,9 +31,10 @@ log = logging.getLogger("agi_bitrix.lookup")
 
 # Portal answers that mean "you are asking too much": slow down rather than retry.
 LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
-# Numbers per `batch` request (the portal's maximum), and requests on their way at once.
+# Numbers per `batch` request (the portal's maximum), and requests on their way at once: two
+# keep a slow answer from holding everyone up, and let the numbers behind them batch up.
 MAX_BATCH = 50
-MAX_REQUESTS_IN_FLIGHT = 4
+MAX_REQUESTS_IN_FLIGHT = 2
 # Portal answers that reject one request's parameters (HTTP 400), not the portal being down.
 REQUEST_REJECTED = frozenset({"ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"})
 
