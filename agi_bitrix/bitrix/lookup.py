@@ -78,7 +78,8 @@ class CrmLookup:
                 sender.add_done_callback(self._senders.discard)
         try:
             # shield: a caller giving up must not cancel the request others wait on.
-            return await asyncio.wait_for(asyncio.shield(flight), self.deadline)
+            async with asyncio.timeout(self.deadline):
+                return await asyncio.shield(flight)
         except TimeoutError:
             return self._fallback(phone, "timeout")
         except PortalError as error:
