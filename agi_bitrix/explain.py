@@ -62,7 +62,7 @@ class RecordingPortal:
         self.raw_result = None
 
     async def search_crm_entities(self, phone: str):
-        self.raw_result = await self.portal.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone})
+        self.raw_result = await self.portal.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone}, json_body=True)
         try:
             return parse_search_result(self.raw_result)
         except MalformedAnswer as error:

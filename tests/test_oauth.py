@@ -81,7 +81,9 @@ class OAuthPortal:
         })
 
     async def _rest(self, request):
-        form = await request.post()
+        # Lookups arrive as JSON, the call card's methods as forms: the portal reads both.
+        is_json = request.content_type == "application/json"
+        form = await request.json() if is_json else await request.post()
         token = form.get("auth", "")
         self.seen_auth.append(token)
         if token.startswith("expired-"):
@@ -90,8 +92,10 @@ class OAuthPortal:
         if token != self.access_token:
             return web.json_response({"error": "invalid_token", "error_description": "The access token provided is invalid."},
                                      status=401)
-        fields = [(key, value) for key, value in form.items() if key != "auth"]
-        async with self._http.post(f"{self.emulator.webhook_url}{request.match_info['method']}", data=fields) as answer:
+        fields = {key: value for key, value in form.items() if key != "auth"} if is_json else \
+            [(key, value) for key, value in form.items() if key != "auth"]
+        body = {"json": fields} if is_json else {"data": fields}
+        async with self._http.post(f"{self.emulator.webhook_url}{request.match_info['method']}", **body) as answer:
             return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
 
 

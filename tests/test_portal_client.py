@@ -105,6 +105,16 @@ async def test_call_form_encodes_nested_values_and_booleans_as_php_reads_them(cl
     assert portal.requests[-1].params["LINE_NUMBER"] == ""
 
 
+@pytest.mark.asyncio
+async def test_lookups_go_as_json_bodies(client, portal):
+    # JSON keeps types (a form would have turned halt=0 into "0") and is the cheap encoding.
+    await client.search_crm_entities_batch([ANNA, "79990001122"])
+    assert portal.requests[-1].params["halt"] == 0
+    assert portal.requests[-1].params["cmd"]["n0"] == f"telephony.externalCall.searchCrmEntities?PHONE_NUMBER={ANNA}"
+    await client.search_crm_entities(ANNA)
+    assert portal.requests[-1].params == {"PHONE_NUMBER": ANNA}
+
+
 # -- transport failures -----------------------------------------------------------------------------
 
 
