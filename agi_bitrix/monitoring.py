@@ -42,6 +42,8 @@ class Metrics:
         self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        # Children for the per-call labels, made once: labels() locks and builds a key each time.
+        self.lookup_results = {result: self.lookups.labels(result) for result in ("hit", "miss", "stale", "error")}
         self._call_counters: dict[tuple[str, str, str], Counter] = {}
 
     def count_call(self, status: str, route: str, rule: str) -> None:

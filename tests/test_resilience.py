@@ -8,7 +8,7 @@ import pytest
 from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
-from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import BitrixSettings, CacheSettings
@@ -208,6 +208,44 @@ async def test_a_burst_of_new_numbers_leaves_in_batches(make_lookup, portal):
     batches = portal.requests_for("batch")
     assert len(portal.requests) <= 3 and batches  # 60 numbers within the 3-request burst
     assert max(len(r.params["cmd"]) for r in batches) <= 50
+
+
+async def test_numbers_behind_a_quick_request_wait_for_it_and_leave_together(make_lookup, portal):
+    lookup = make_lookup()
+    portal.fail("slow", delay=SECOND_REQUEST_AFTER / 2)
+
+    async def later(delay, number):
+        await asyncio.sleep(delay)
+        return await lookup.lookup(number)
+
+    # One after another while the first request is out: no second request for each of them.
+    answers = await asyncio.gather(lookup.lookup("79161234567"),
+                                   *(later(0.005 * n, f"7916000{n:04d}") for n in range(1, 5)))
+    assert [a.status for a in answers] == ["FOUND"] + ["NOT_FOUND"] * 4
+    assert len(portal.requests) == 2 and len(portal.requests[1].params["cmd"]) == 4
+
+
+async def test_a_number_right_after_an_answer_is_sent_at_once(make_lookup, portal):
+    # The sender that just answered is finished, not busy: the next number must not wait for
+    # a second sender as if a request were still out.
+    lookup = make_lookup()
+    started = time.monotonic()
+    for n in range(10):
+        assert (await lookup.lookup(f"7916000{n:04d}")).status == "NOT_FOUND"
+    assert time.monotonic() - started < 10 * SECOND_REQUEST_AFTER / 2
+
+
+async def test_a_slow_request_does_not_hold_the_numbers_behind_it(make_lookup, portal):
+    lookup = make_lookup(deadline=2.0)
+    portal.fail("slow", delay=0.4)
+    first = asyncio.create_task(lookup.lookup("79161234567"))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    second = await lookup.lookup("79262345678")
+    # It left SECOND_REQUEST_AFTER after the first, not when the first came back.
+    assert time.monotonic() - started < 0.4 + SECOND_REQUEST_AFTER + 0.1
+    assert second.status == "FOUND" and (await first).status == "FOUND"
+    assert len(portal.requests) == 2
 
 
 async def test_one_refused_number_in_a_batch_fails_alone(make_lookup, portal):

@@ -35,6 +35,10 @@ LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERL
 # keep a slow answer from holding everyone up, and let the numbers behind them batch up.
 MAX_BATCH = 50
 MAX_REQUESTS_IN_FLIGHT = 2
+# The second request leaves only once the first has been out this long: a portal answering
+# quickly then takes the numbers behind it in the next batch (fewer requests of its ~2 a
+# second, less work here), and a slow one still cannot hold them for more than this.
+SECOND_REQUEST_AFTER = 0.05
 # Portal answers that reject one request's parameters (HTTP 400), not the portal being down.
 REQUEST_REJECTED = frozenset({"ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"})
 
@@ -52,34 +56,41 @@ class CrmLookup:
         self.cache = AnswerCache(cache, clock)
         self.limiter = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst, clock)
         self.breaker = CircuitBreaker(bitrix.breaker_failures, bitrix.breaker_cool_down, clock)
-        # Numbers being looked up (single flight) and those not yet taken into a request.
-        self._flights: dict[str, asyncio.Future[CrmAnswer]] = {}
-        self._waiting: dict[str, asyncio.Future[CrmAnswer]] = {}
+        # Per number being looked up, the callers waiting for its answer (single flight: one
+        # request however many wait); and, in arrival order, those not yet taken into a request.
+        self._flights: dict[str, list[asyncio.Future[CrmAnswer]]] = {}
+        self._waiting: dict[str, None] = {}
         self._senders: set[asyncio.Task] = set()
+        self._busy_since = 0.0  # loop time when the only running sender began its request
+        self._second_sender: asyncio.TimerHandle | None = None
         self.portal_requests = 0
 
     async def lookup(self, phone: str) -> CrmAnswer:
         answer = await self._lookup(phone)
-        self.metrics.lookups.labels(answer.cache if answer.status != "ERROR" else "error").inc()
+        self.metrics.lookup_results[answer.cache if answer.status != "ERROR" else "error"].inc()
         return answer
 
     async def _lookup(self, phone: str) -> CrmAnswer:
         cached = self.cache.fresh(phone)
         if cached is not None:
             return cached
-        flight = self._flights.get(phone)
-        if flight is None:
-            flight = asyncio.get_running_loop().create_future()
-            flight.add_done_callback(_consume_exception)
-            self._flights[phone] = self._waiting[phone] = flight
-            if len(self._senders) < MAX_REQUESTS_IN_FLIGHT:
-                sender = asyncio.create_task(self._send_waiting())
-                self._senders.add(sender)
-                sender.add_done_callback(self._senders.discard)
+        # Each caller waits on a future of its own, so one giving up at its deadline cancels
+        # nothing the others wait on.
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._flights.get(phone)
+        if waiters is not None:
+            waiters.append(waiter)
+        else:
+            self._flights[phone] = [waiter]
+            self._waiting[phone] = None
+            if not self._senders:
+                self._start_sender()
+            elif self._second_sender is None and len(self._senders) < MAX_REQUESTS_IN_FLIGHT:
+                self._second_sender = asyncio.get_running_loop().call_at(
+                    self._busy_since + SECOND_REQUEST_AFTER, self._start_second_sender)
         try:
-            # shield: a caller giving up must not cancel the request others wait on.
             async with asyncio.timeout(self.deadline):
-                return await asyncio.shield(flight)
+                return await waiter
         except TimeoutError:
             return self._fallback(phone, "timeout")
         except PortalError as error:
@@ -108,11 +119,27 @@ class CrmLookup:
             return replace(stale, error=reason, cache="stale")
         return CrmAnswer("ERROR", error=reason, cache="miss")
 
+    def _start_sender(self) -> None:
+        self._busy_since = asyncio.get_running_loop().time()
+        sender = asyncio.create_task(self._send_waiting())
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    def _start_second_sender(self) -> None:
+        self._second_sender = None
+        if self._waiting and len(self._senders) < MAX_REQUESTS_IN_FLIGHT:
+            self._start_sender()
+
     async def _send_waiting(self) -> None:
         """Send requests until no number waits. While a request is on its way (or waits for a
         rate-limit slot), new numbers gather and leave together in one `batch` request."""
-        while self._waiting:
-            await self._send_one()
+        try:
+            while self._waiting:
+                await self._send_one()
+        finally:
+            # Now, not in the done callback a loop turn later: a number arriving in between
+            # would count this sender as still running and wait for nobody.
+            self._senders.discard(asyncio.current_task())
 
     async def _send_one(self) -> None:
         if not self.breaker.allow():
@@ -134,6 +161,7 @@ class CrmLookup:
             self.breaker.abandoned()
             return
         self.portal_requests += 1
+        self._busy_since = asyncio.get_running_loop().time()
         started = self._clock()
         try:
             if len(phones) == 1:
@@ -161,9 +189,10 @@ class CrmLookup:
                 log.warning("portal refused the lookup of %s: %s (%s)", phone, entities.reason, entities.detail)
                 self._fail([phone], entities)
                 continue
-            answer = CrmAnswer("FOUND" if entities else "NOT_FOUND", tuple(entities), cache="miss")
-            self.cache.store(phone, replace(answer, cache="hit"))  # as later calls will see it
-            self._settle(phone, answer)
+            status = "FOUND" if entities else "NOT_FOUND"
+            entities = tuple(entities)
+            self.cache.store(phone, CrmAnswer(status, entities, cache="hit"))  # as later calls will see it
+            self._settle(phone, CrmAnswer(status, entities, cache="miss"))
 
     def _request_failed(self, phones: list[str], error: PortalError) -> None:
         self.metrics.portal_errors.labels(error.reason).inc()
@@ -181,19 +210,16 @@ class CrmLookup:
         self._fail(phones, error)
 
     def _settle(self, phone: str, answer: CrmAnswer) -> None:
-        flight = self._flights.pop(phone, None)
-        if flight is not None and not flight.done():
-            flight.set_result(answer)
+        for waiter in self._flights.pop(phone, ()):
+            if not waiter.done():  # done: that caller gave up at its deadline
+                waiter.set_result(answer)
 
     def _fail(self, phones: list[str], error: PortalError) -> None:
         for phone in phones:
             self._waiting.pop(phone, None)
-            flight = self._flights.pop(phone, None)
-            if flight is not None and not flight.done():
-                flight.set_exception(error)
-
-
-def _consume_exception(flight: asyncio.Future) -> None:
-    # Every caller may have given up at its deadline; the failure is logged, not "never retrieved".
-    if not flight.cancelled():
-        flight.exception()
+            for waiter in self._flights.pop(phone, ()):
+                if not waiter.done():
+                    waiter.set_exception(error)
+                    # Marked as seen: its caller may be cancelled before it looks, and the
+                    # failure is logged once per request, not once per forgotten waiter.
+                    waiter.exception()
