@@ -98,11 +98,11 @@ class RoutingService:
     def _account(self, uniqueid: str, variables: dict[str, str], seconds: float) -> None:
         """The call's line in the call log and its place in the metrics, from what was sent."""
         prefix = self.config.variable_prefix
-        v = {name[len(prefix):]: value for name, value in variables.items()}
-        self.metrics.count_call(v["STATUS"], v["ROUTE"], v["RULE"])
+        status, route, rule = variables[prefix + "STATUS"], variables[prefix + "ROUTE"], variables[prefix + "RULE"]
+        self.metrics.count_call(status, route, rule)
         self.metrics.call_seconds.observe(seconds)
-        self.call_log.record(uniqueid, v["PHONE"], v["STATUS"], v["ROUTE"], v["TARGET"], v["RULE"],
-                             v["ERROR"], v["CACHE"], seconds)
+        self.call_log.record(uniqueid, variables[prefix + "PHONE"], status, route, variables[prefix + "TARGET"],
+                             rule, variables[prefix + "ERROR"], variables[prefix + "CACHE"], seconds)
 
     def fallback_variables(self, reason: str) -> dict[str, str]:
         """Variables for a call we could not route normally (an internal failure)."""

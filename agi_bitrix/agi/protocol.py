@@ -53,6 +53,9 @@ class AgiRequest:
     @property
     def script(self) -> str:
         """Script path without leading slash and without query: `route` for agi://h:p/route?x=y."""
+        raw = self.env.get("agi_network_script", "")
+        if raw.isidentifier():  # the usual `route`: nothing in it for a URL parser to take apart
+            return raw
         return self._script_url.path.strip("/")
 
     @property
