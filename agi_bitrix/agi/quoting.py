@@ -60,15 +60,15 @@ def agi_command(*words: str) -> bytes:
 # Most values repeat from call to call (statuses, routes, queues, the same owners), so the
 # escaped pairs are remembered; the function is pure.
 @functools.lru_cache(maxsize=8192)
-def _mset_pair(name: str, value: str) -> str:
+def _mset_pair(name: str, value: str) -> bytes:
     """NAME=value escaped for MSet, then for parse_args (without the surrounding quotes)."""
     if not _VARIABLE_NAME.match(name):
         raise ValueError(f"not a channel variable name: {name!r}")
     value = clean_value(value)
     if not _NEEDS_ESCAPE.search(value):
-        return f"{name}={value}"  # the common case: digits and plain words
+        return f"{name}={value}".encode()  # the common case: digits and plain words
     escaped = "".join("\\" + ch if ch in _MSET_SPECIAL else ch for ch in value)
-    return f"{name}={escaped}".replace("\\", "\\\\").replace('"', '\\"')
+    return f"{name}={escaped}".replace("\\", "\\\\").replace('"', '\\"').encode()
 
 
 def mset_commands(variables: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[bytes]:
@@ -82,7 +82,7 @@ def mset_commands(variables: Mapping[str, str] | Iterable[tuple[str, str]]) -> l
     batch: list[bytes] = []
     size = len(_MSET_HEAD) + len(_MSET_TAIL)
     for name, value in items:
-        pair = _mset_pair(name, value).encode()
+        pair = _mset_pair(name, value)
         if batch and size + 1 + len(pair) > MAX_COMMAND_BYTES:
             commands.append(_MSET_HEAD + b",".join(batch) + _MSET_TAIL)
             batch, size = [], len(_MSET_HEAD) + len(_MSET_TAIL)
