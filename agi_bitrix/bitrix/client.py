@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
@@ -145,7 +145,7 @@ class PortalClient:
         request of the portal's rate budget. A PortalError is raised when the batch itself
         fails; a number the portal refused gets its own PortalError in the answer."""
         keys = {f"n{index}": phone for index, phone in enumerate(phones)}  # "n": PHP keeps string keys
-        commands = {key: f"{SEARCH_CRM_ENTITIES}?{urlencode({'PHONE_NUMBER': phone})}" for key, phone in keys.items()}
+        commands = {key: f"{SEARCH_CRM_ENTITIES}?PHONE_NUMBER={quote(phone, safe='')}" for key, phone in keys.items()}
         answer = await self.call("batch", {"halt": 0, "cmd": commands}, json_body=True)
         results = answer.get("result") if isinstance(answer, dict) else None
         errors = answer.get("result_error") if isinstance(answer, dict) else None
