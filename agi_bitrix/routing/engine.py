@@ -10,10 +10,11 @@ in the trace so that `agi-bitrix route` can explain the outcome.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
+from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity, Owner
 from agi_bitrix.phones import normalize_extension, normalize_number
 from agi_bitrix.routing.rules import Match, Rule, RoutingPolicy, Target
 
@@ -41,6 +42,9 @@ class OwnerPhones:
         return getattr(self, name)
 
 
+_NO_PHONES = OwnerPhones()
+
+
 @dataclass(frozen=True)
 class RuleTrace:
     rule: str
@@ -65,8 +69,14 @@ class Decision:
 
 def owner_phones(entity: CrmEntity | None, default_country: str) -> OwnerPhones:
     if entity is None or entity.owner is None:
-        return OwnerPhones()
-    owner = entity.owner
+        return _NO_PHONES
+    return _owner_phones(entity.owner, default_country)
+
+
+# Every rule that looks at an object needs its owner's phones, and the same few owners take
+# call after call; the function is pure.
+@functools.lru_cache(maxsize=4096)
+def _owner_phones(owner: Owner, default_country: str) -> OwnerPhones:
     return OwnerPhones(
         extension=normalize_extension(owner.inner_phone) or "",
         mobile=normalize_number(owner.personal_mobile, default_country) or "",
@@ -162,19 +172,23 @@ def _candidates(rule: Rule, entities: tuple[CrmEntity, ...]) -> list[CrmEntity]:
 
 
 def _object_refusal(match: Match, entity: CrmEntity, phones: OwnerPhones) -> str:
+    # Runs for every rule of every call: the reasons are only formatted when they are given.
     owner = entity.owner
-    label = f"{entity.entity_type} {entity.entity_id}"
     if match.entity_type is not None and entity.entity_type not in match.entity_type:
-        return f"{label}: type not in {sorted(match.entity_type)}"
+        return f"{_label(entity)}: type not in {sorted(match.entity_type)}"
     if match.owner is not None and (owner is None or owner.user_id not in match.owner):
-        return f"{label}: owner {owner.user_id if owner else '(none)'} not in {sorted(match.owner)}"
+        return f"{_label(entity)}: owner {owner.user_id if owner else '(none)'} not in {sorted(match.owner)}"
     timeman = owner.timeman_status if owner else ""
     if match.timeman is not None and timeman not in match.timeman:
-        return f"{label}: TIMEMAN_STATUS {timeman or '(empty)'} not in {sorted(match.timeman)}"
-    missing = [name for name in sorted(match.has) if not phones.get(name)]
+        return f"{_label(entity)}: TIMEMAN_STATUS {timeman or '(empty)'} not in {sorted(match.timeman)}"
+    missing = [name for name in match.has if not phones.get(name)]
     if missing:
-        return f"{label}: owner has no usable {', '.join(missing)}"
+        return f"{_label(entity)}: owner has no usable {', '.join(sorted(missing))}"
     return ""
+
+
+def _label(entity: CrmEntity) -> str:
+    return f"{entity.entity_type} {entity.entity_id}"
 
 
 def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners: frozenset[str]):
