@@ -106,6 +106,7 @@ _RESULT = re.compile(r"^result=(\S*)(?:\s+\((.*)\))?")
 # space, the value. Matched over the whole block at once: the header is the bulk of what a
 # session reads, and one C-level pass costs a third of walking it line by line in Python.
 _HEADER_LINE = re.compile(r"^(agi_\w*[^\W_]\w*): ?(.*)$", re.MULTILINE | re.ASCII)
+_ARG_LINE = re.compile(r"^agi_arg_([0-9]+): ?(.*)$", re.MULTILINE)
 
 
 def _decode(raw: bytes) -> str:
@@ -257,8 +258,5 @@ def _build_request(block: str) -> AgiRequest:
     if len(pairs) != block.count("\n") + 1:
         bad = next(line for line in block.split("\n") if not _HEADER_LINE.fullmatch(line))
         raise PeerError(f"not an AGI header line: {bad[:60]!r}")
-    env = dict(pairs)
-    args: dict[int, str] = {}
-    if "agi_arg_" in block:
-        args = {int(key[8:]): value for key, value in env.items() if key[:8] == "agi_arg_" and key[8:].isdigit()}
-    return AgiRequest(env=env, args=tuple(args[n] for n in sorted(args)))
+    args = {int(number): value for number, value in _ARG_LINE.findall(block)} if "agi_arg_" in block else {}
+    return AgiRequest(env=dict(pairs), args=tuple(args[n] for n in sorted(args)))
