@@ -74,9 +74,12 @@ class CrmLookup:
         cached = self.cache.fresh(phone)
         if cached is not None:
             return cached
-        # Each caller waits on a future of its own, so one giving up at its deadline cancels
-        # nothing the others wait on.
-        waiter = asyncio.get_running_loop().create_future()
+        # Each caller waits on a future of its own, which its deadline resolves to None if the
+        # answer is late: giving up cancels nothing the others wait on (and costs no task
+        # cancellation, as a timeout around the await would).
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        deadline = loop.call_at(loop.time() + self.deadline, _give_up, waiter)
         waiters = self._flights.get(phone)
         if waiters is not None:
             waiters.append(waiter)
@@ -86,15 +89,15 @@ class CrmLookup:
             if not self._senders:
                 self._start_sender()
             elif self._second_sender is None and len(self._senders) < MAX_REQUESTS_IN_FLIGHT:
-                self._second_sender = asyncio.get_running_loop().call_at(
-                    self._busy_since + SECOND_REQUEST_AFTER, self._start_second_sender)
+                self._second_sender = loop.call_at(self._busy_since + SECOND_REQUEST_AFTER,
+                                                   self._start_second_sender)
         try:
-            async with asyncio.timeout(self.deadline):
-                return await waiter
-        except TimeoutError:
-            return self._fallback(phone, "timeout")
+            answer = await waiter
         except PortalError as error:
             return self._fallback(phone, error.reason)
+        finally:
+            deadline.cancel()
+        return answer if answer is not None else self._fallback(phone, "timeout")
 
     def configure(self, bitrix: BitrixSettings, cache: CacheSettings) -> None:
         """Apply reloaded settings; the cached answers and the breaker's state are kept."""
@@ -211,7 +214,7 @@ class CrmLookup:
 
     def _settle(self, phone: str, answer: CrmAnswer) -> None:
         for waiter in self._flights.pop(phone, ()):
-            if not waiter.done():  # done: that caller gave up at its deadline
+            if not waiter.done():  # done: that caller's deadline passed
                 waiter.set_result(answer)
 
     def _fail(self, phones: list[str], error: PortalError) -> None:
@@ -223,3 +226,8 @@ class CrmLookup:
                     # Marked as seen: its caller may be cancelled before it looks, and the
                     # failure is logged once per request, not once per forgotten waiter.
                     waiter.exception()
+
+
+def _give_up(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
