@@ -194,8 +194,7 @@ def _label(entity: CrmEntity) -> str:
 def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners: frozenset[str]):
     """(entity, phones, target, passed-over reasons) for the first candidate that passes and
     has something to dial; or, when none does, the reasons as one string."""
-    uses_object = rule.match.about_crm_object or any(t.kind == "owner" for t in rule.route)
-    if not uses_object:
+    if not rule.uses_crm_object:
         first = _without_inactive_owner(answer.entities[0] if answer.entities else None, inactive_owners)
         return first, owner_phones(first, policy.default_country), rule.route[0], []
     candidates = _candidates(rule, answer.entities)

@@ -6,6 +6,7 @@ references to time intervals — so that matching at call time cannot fail.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, time
@@ -84,7 +85,7 @@ class Match:
     timeman: frozenset[str] | None = None
     has: frozenset[str] = frozenset()
 
-    @property
+    @functools.cached_property  # asked for every rule of every call
     def about_crm_object(self) -> bool:
         return (
             self.entity_type is not None
@@ -104,6 +105,11 @@ class Rule:
     objects: str = "first"
     prefer: tuple[str, ...] = ()
     line: int = 0
+
+    @functools.cached_property
+    def uses_crm_object(self) -> bool:
+        """Whether the rule looks at a CRM object: a condition on it, or its owner as a target."""
+        return self.match.about_crm_object or any(target.kind == "owner" for target in self.route)
 
 
 @dataclass(frozen=True)
