@@ -17,6 +17,7 @@ import phonenumbers
 
 _TYPED_NUMBER = re.compile(r"^\+?[0-9 ()\-.]+$")
 _DIGITS = re.compile(r"^[0-9]+$")
+_NOT_DIGITS = re.compile(r"[^0-9]")
 # E.164 allows at most 15 digits; anything longer is not a phone number. Below 3 digits it is
 # not one either ("0" is what some trunks send for a withheld number; the portal reads it as
 # an empty PHONE_NUMBER and answers 400).
@@ -36,7 +37,7 @@ def normalize_number(raw: str, default_country: str) -> str | None:
     text = raw.strip()
     if not text or not _TYPED_NUMBER.match(text):
         return None
-    digits = re.sub(r"[^0-9]", "", text)
+    digits = _NOT_DIGITS.sub("", text)
     if len(digits) < _MIN_DIGITS or len(digits) > _MAX_DIGITS:
         return None
     try:

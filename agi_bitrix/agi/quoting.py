@@ -78,11 +78,14 @@ def mset_commands(variables: Mapping[str, str] | Iterable[tuple[str, str]]) -> l
     a comma between pairs means nothing to parse_args.
     """
     items = variables.items() if isinstance(variables, Mapping) else variables
+    pairs = [_mset_pair(name, value) for name, value in items]
+    line = _MSET_HEAD + b",".join(pairs) + _MSET_TAIL
+    if len(line) <= MAX_COMMAND_BYTES:
+        return [line] if pairs else []
     commands: list[bytes] = []
     batch: list[bytes] = []
     size = len(_MSET_HEAD) + len(_MSET_TAIL)
-    for name, value in items:
-        pair = _mset_pair(name, value)
+    for pair in pairs:
         if batch and size + 1 + len(pair) > MAX_COMMAND_BYTES:
             commands.append(_MSET_HEAD + b",".join(batch) + _MSET_TAIL)
             batch, size = [], len(_MSET_HEAD) + len(_MSET_TAIL)
