@@ -79,6 +79,12 @@ def test_non_utf8_bytes_do_not_break_the_header():
 
 @pytest.mark.parametrize("data, message", [
     (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", "not an AGI header line"),
+    # One bad line among good ones is named, whatever is wrong with it.
+    (b"agi_network_script: route\nagi_callerid 1\nagi_uniqueid: 2\n\n", "not an AGI header line: 'agi_callerid 1'"),
+    (b"agi_network_script: route\nagi_: 1\n\n", "not an AGI header line: 'agi_: 1'"),
+    (b"agi_network_script: route\nagi___: 1\n\n", "not an AGI header line: 'agi___: 1'"),
+    ("agi_network_script: route\nagi_calléd: 1\n\n".encode(), "not an AGI header line: 'agi_calléd: 1'"),
+    (b"agi_network_script: route\n agi_callerid: 1\n\n", "not an AGI header line: ' agi_callerid: 1'"),
     (b"\n", "empty AGI header block"),
     (b"agi_network: yes\n" * 2000, "longer than"),
     (b"x" * (MAX_HEADER_BYTES + 10), "longer than"),
