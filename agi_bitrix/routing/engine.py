@@ -89,10 +89,9 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
            inactive_owners: frozenset[str] = frozenset()) -> Decision:
     """`inactive_owners`: user ids known to be deactivated; their objects decide no rule, and a
     decision never names such an owner (no user id, no phones to dial)."""
-    local_now = now.astimezone(policy.timezone)
     trace: list[RuleTrace] = []
     for rule in policy.rules:
-        refusal = _call_refusal(rule.match, call, answer, policy, local_now)
+        refusal = _call_refusal(rule.match, call, answer, policy, now)
         if refusal:
             trace.append(RuleTrace(rule.name, False, refusal))
             continue
@@ -153,12 +152,15 @@ def _call_refusal(
         return f"caller {phone or '(none)'} not in {sorted(match.caller)}"
     if match.caller_regex is not None and not match.caller_regex.fullmatch(phone):
         return f"caller {phone or '(none)'} does not match /{match.caller_regex.pattern}/"
+    if not (match.during or match.outside):
+        return ""
+    local = now.astimezone(policy.timezone)  # only for the rules that ask about the time
     for name in match.during:
-        if not any(i.contains(now) for i in policy.time_intervals[name]):
-            return f"{now:%a %H:%M} is outside {name}"
+        if not any(i.contains(local) for i in policy.time_intervals[name]):
+            return f"{local:%a %H:%M} is outside {name}"
     for name in match.outside:
-        if any(i.contains(now) for i in policy.time_intervals[name]):
-            return f"{now:%a %H:%M} is during {name}"
+        if any(i.contains(local) for i in policy.time_intervals[name]):
+            return f"{local:%a %H:%M} is during {name}"
     return ""
 
 
