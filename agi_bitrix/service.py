@@ -28,7 +28,7 @@ from agi_bitrix.routing.variables import channel_variables
 log = logging.getLogger("agi_bitrix.routing")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RoutedCall:
     request: AgiRequest
     call: CallInfo

@@ -43,7 +43,7 @@ class PeerError(Exception):
     """The client broke the protocol (or went away too early); the connection is finished."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AgiRequest:
     """The header block: what Asterisk tells us about the channel before any command."""
 
@@ -73,7 +73,7 @@ class AgiRequest:
         return "" if value == "unknown" else value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CommandReply:
     """Asterisk's answer to one command: `200 result=1 (data)`, `510 ...`, a multi-line 520."""
 

@@ -16,7 +16,7 @@ class MalformedAnswer(ValueError):
     """The portal answered 200 with a body whose `result` is not what the method returns."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Owner:
     """The employee responsible for a CRM object (the portal's ASSIGNED_BY)."""
 
@@ -28,7 +28,7 @@ class Owner:
     personal_mobile: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CrmEntity:
     """One CRM object that carries the caller's number."""
 
@@ -37,7 +37,7 @@ class CrmEntity:
     owner: Owner | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CrmAnswer:
     """The outcome of a lookup, as routing sees it.
 

@@ -21,7 +21,7 @@ from agi_bitrix.routing.rules import Match, Rule, RoutingPolicy, Target
 FALLBACK_RULE = "fallback"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallInfo:
     """What the PBX told us: the number as looked up (None when there is no usable caller ID)."""
 
@@ -29,7 +29,7 @@ class CallInfo:
     did: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OwnerPhones:
     """The owner's phones as dialable digits; "" where missing or unusable."""
 
@@ -45,14 +45,14 @@ class OwnerPhones:
 _NO_PHONES = OwnerPhones()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RuleTrace:
     rule: str
     decided: bool
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     status: str
     route: str  # extension | mobile | queue
