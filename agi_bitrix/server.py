@@ -121,22 +121,24 @@ class AgiServer:
             return
         task = asyncio.current_task()
         self.sessions.add(task)
-        clock = _SessionClock(task, settings.header_timeout, settings.session_timeout)
+        # One timer per session: first the header deadline, then moved to the session deadline.
+        deadline = asyncio.get_running_loop().time() + settings.session_timeout
+        phase = "header"
         try:
-            conn = ServerConnection()
-            request = await next_event(reader, conn)
-            if isinstance(request, AgiRequest):
-                clock.header_done = True
-                handler = self.handlers.get(request.script, self.unknown_script)
-                await handler(request, AgiChannel(reader, writer, conn))
-        except asyncio.CancelledError:
-            if not clock.expired or task.uncancel() > 0:
-                raise  # not (only) our deadline: the server is stopping
-            if clock.header_done:
+            async with asyncio.timeout(min(settings.header_timeout, settings.session_timeout)) as timer:
+                conn = ServerConnection()
+                request = await next_event(reader, conn)
+                if isinstance(request, AgiRequest):
+                    phase = "call"
+                    timer.reschedule(deadline)
+                    handler = self.handlers.get(request.script, self.unknown_script)
+                    await handler(request, AgiChannel(reader, writer, conn))
+        except TimeoutError:
+            if phase == "header":
+                log.info("client %s sent no complete AGI header in %.1f s; closed", peer, settings.header_timeout)
+            else:
                 log.warning("session from %s exceeded server.session_timeout (%.0f s); closed",
                             peer, settings.session_timeout)
-            else:
-                log.info("client %s sent no complete AGI header in %.1f s; closed", peer, settings.header_timeout)
         except PeerError as error:
             log.info("client %s broke the AGI protocol: %s", peer, error)
         except (ConnectionError, OSError) as error:
@@ -144,39 +146,8 @@ class AgiServer:
         except Exception:
             log.exception("unexpected failure serving %s", peer)
         finally:
-            clock.stop()
             self.sessions.discard(task)
             writer.close()
-
-
-class _SessionClock:
-    """A session's two deadlines on one timer: the header's, then the whole session's.
-
-    Every session sets both and nearly every one ends long before either, so the timer is
-    armed once, at the earlier deadline, and moved to the later one only if it fires after
-    the header came (a timeout context would be entered, moved and left on every call).
-    When a deadline passes, the task is cancelled and `expired` says it was us.
-    """
-
-    def __init__(self, task: asyncio.Task, header_timeout: float, session_timeout: float) -> None:
-        self._task = task
-        self._loop = asyncio.get_running_loop()
-        now = self._loop.time()
-        self._header_deadline = now + min(header_timeout, session_timeout)
-        self._session_deadline = now + session_timeout
-        self.header_done = False
-        self.expired = False
-        self._timer = self._loop.call_at(self._header_deadline, self._fire)
-
-    def _fire(self) -> None:
-        if self.header_done and self._loop.time() < self._session_deadline:
-            self._timer = self._loop.call_at(self._session_deadline, self._fire)
-            return
-        self.expired = True
-        self._task.cancel()
-
-    def stop(self) -> None:
-        self._timer.cancel()
 
 
 def _allowed(peer, networks) -> bool:
