@@ -285,17 +285,21 @@ class PortalEmulator:
             raise _PortalError(401, "INVALID_CREDENTIALS", "Invalid request credentials")
         if self._bucket is not None and not self._bucket.admit():
             raise _PortalError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
-        handlers = {
+        if method == BATCH_METHOD:
+            return self._batch(params)
+        return self._method(method)(params)
+
+    def _method(self, method: str):
+        """The handler of a method the emulator knows, for a direct call or a batch command."""
+        handler = {
             SEARCH_METHOD: self._search,
             REGISTER_METHOD: self._register,
             FINISH_METHOD: self._finish,
             USER_GET_METHOD: self._user_get,
-            BATCH_METHOD: self._batch,
-        }
-        handler = handlers.get(method)
+        }.get(method)
         if handler is None:
             raise _PortalError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
-        return handler(params)
+        return handler
 
     def _take_fault(self, method: str, params: Mapping[str, Any]) -> _Fault | None:
         for fault in self._faults:
@@ -362,10 +366,7 @@ class PortalEmulator:
                 if fault is not None and fault.kind == "error":
                     options = fault.options
                     raise _PortalError(options["status"], options["code"], options["description"])
-                handler = {SEARCH_METHOD: self._search}.get(method)
-                if handler is None:
-                    raise _PortalError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
-                results[key] = handler(command_params)["result"]
+                results[key] = self._method(method)(command_params)["result"]
             except _PortalError as error:
                 errors[key] = {"error": error.code, "error_description": error.description}
         # PHP sends an empty array, not an empty object, for "no errors".
