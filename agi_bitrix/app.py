@@ -1,5 +1,13 @@
-"""The running product: one HTTP session, the portal client, the lookup, the routing service
-and the FastAGI server, wired together; started, reloaded and stopped as one."""
+"""The running product, wired together; started, reloaded and stopped as one.
+
+Two lifetimes meet here. What lives as long as the process — the HTTP session, the listening
+server, the call-card outbox, the user directory, what the lookups learned (answer cache,
+circuit breaker) — is made once. Everything that depends on the loaded config — the portal
+client, the lookup, the routing, register and finish services and the handlers the server
+dispatches to — is one immutable Runtime. A reload builds a complete new Runtime beside the
+running one and swaps one reference; a config that does not load leaves the old one untouched,
+and calls in flight finish on the Runtime they started with.
+"""
 
 from __future__ import annotations
 
@@ -8,64 +16,105 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from prometheus_client import Gauge
 
 from agi_bitrix import __version__
+from agi_bitrix.bitrix.breaker import CircuitBreaker
+from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
-from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import portal_client
-from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.users import UserDirectory
-from agi_bitrix.callcard.finish import FinishSender, FinishService
-from agi_bitrix.callcard.outbox import Outbox, RetryPolicy
+from agi_bitrix.callcard.finish import FinishService, send_finish
+from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome, RetryPolicy
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.config import Config, ConfigError, load_config
 from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
-from agi_bitrix.server import AgiServer
+from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import RoutingService
 
 log = logging.getLogger("agi_bitrix")
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Everything that depends on one loaded config."""
+
+    config: Config
+    portal: PortalClient
+    lookup: CrmLookup
+    routing: RoutingService
+    register: RegisterService
+    finish: FinishService
+    endpoint: Endpoint
+
+
 class Application:
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.session = None
-        self.portal: PortalClient | None = None
-        self.lookup: CrmLookup | None = None
-        self.service: RoutingService | None = None
-        self.users: UserDirectory | None = None
-        self.register: RegisterService | None = None
-        self.finish_sender: FinishSender | None = None
-        self.outbox: Outbox | None = None
-        self.finish: FinishService | None = None
-        self.server: AgiServer | None = None
-        self.address: tuple[str, int] | None = None
-        self.reloads = {"success": 0, "failure": 0}
+        """Builds the whole product for `config` without starting anything; call inside the loop."""
         self.metrics = Metrics()
         self.call_log = CallLog(config.call_log)
-        self.monitoring: MonitoringServer | None = None
         self.started_at = time.monotonic()
         self.config_loaded_at = time.monotonic()
+        self.reloads = {"success": 0, "failure": 0}
+        self.session: aiohttp.ClientSession = make_session(pool_size=config.bitrix.pool_size)
+        self.memory = LookupMemory(
+            AnswerCache(config.cache),
+            CircuitBreaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down))
+        self.users = (UserDirectory(lambda: self.runtime.portal, refresh=config.users.refresh,
+                                    default_country=config.policy.default_country)
+                      if config.users.refresh > 0 else None)
+        self.outbox: Outbox | None = None
+        if config.callcard.enabled:
+            retry = config.callcard.finish
+            self.outbox = Outbox(config.callcard.outbox, self._send_finish,
+                                 RetryPolicy(retry.retry_first, retry.retry_max, retry.give_up_after))
+        self.runtime = self._build(config, previous=None)
+        self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
+        self.monitoring = MonitoringServer(self.metrics, self.health) if config.metrics.enabled else None
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def portal(self) -> PortalClient:
+        return self.runtime.portal
+
+    @property
+    def lookup(self) -> CrmLookup:
+        return self.runtime.lookup
+
+    def _build(self, config: Config, previous: Runtime | None) -> Runtime:
+        """A Runtime for `config`; it only constructs, so the running one is untouched."""
+        portal = portal_client(config.bitrix, self.session, previous=previous.portal if previous else None)
+        lookup = CrmLookup(portal, self.memory, deadline=config.bitrix.deadline, observer=self.metrics)
+        routing = RoutingService(config, lookup, users=self.users, metrics=self.metrics, call_log=self.call_log)
+        register = RegisterService(config, portal)
+        finish = FinishService(config, self.outbox, self.users)
+        handlers = {"route": routing.handle_route, "": routing.handle_route,
+                    "register": register.handle_register, "finish": finish.handle_finish}
+        endpoint = Endpoint(config.server, handlers, routing.handle_unknown_script)
+        return Runtime(config, portal, lookup, routing, register, finish, endpoint)
+
+    async def _send_finish(self, entry: Entry) -> Outcome:
+        # Through the portal client of the config in force when the outbox gets to it.
+        return await send_finish(self.runtime.portal, entry)
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         config = self.config
-        self.session = make_session(pool_size=config.bitrix.pool_size)
         try:
-            self.portal = portal_client(config.bitrix, self.session)
-            self.lookup = CrmLookup(self.portal, config.bitrix, config.cache, metrics=self.metrics)
-            if config.users.refresh > 0:
-                self.users = UserDirectory(self.portal, refresh=config.users.refresh,
-                                           default_country=config.policy.default_country)
-            self.service = RoutingService(config, self.lookup, users=self.users, metrics=self.metrics,
-                                          call_log=self.call_log)
-            await self._start_callcard(config)
-            handlers = {"route": self.service.handle_route, "": self.service.handle_route,
-                        "register": self.register.handle_register, "finish": self.finish.handle_finish}
-            self.server = AgiServer(handlers, self.service.handle_unknown_script, config.server, self.metrics)
+            if self.outbox is not None:
+                await self.outbox.open()
+                self.outbox.start()
+                self._watch_outbox(self.outbox)
             self.address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
             await self._start_monitoring(config)
@@ -79,29 +128,19 @@ class Application:
                  self.address[0], self.address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return self.address
 
-    async def _start_callcard(self, config: Config) -> None:
-        self.register = RegisterService(config, self.portal, limiter=self._request_budget)
-        if config.callcard.enabled:
-            finish = config.callcard.finish
-            self.finish_sender = FinishSender(self.portal, limiter=self._request_budget)
-            self.outbox = Outbox(config.callcard.outbox, self.finish_sender,
-                                 RetryPolicy(finish.retry_first, finish.retry_max, finish.give_up_after))
-            await self.outbox.open()
-            self.outbox.start()
-            outbox, registry = self.outbox, self.metrics.registry
-            Gauge("agi_bitrix_finishes_waiting", "Finishes stored and not yet accepted by the portal.",
-                  registry=registry).set_function(lambda: outbox.waiting)
-            Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
-                  registry=registry).set_function(lambda: outbox.failed)
-        self.finish = FinishService(config, self.outbox, self.users)
+    def _watch_outbox(self, outbox: Outbox) -> None:
+        registry = self.metrics.registry
+        Gauge("agi_bitrix_finishes_waiting", "Finishes stored and not yet accepted by the portal.",
+              registry=registry).set_function(lambda: outbox.waiting)
+        Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
+              registry=registry).set_function(lambda: outbox.failed)
 
     async def _start_monitoring(self, config: Config) -> None:
-        lookup, server = self.lookup, self.server
-        self.metrics.watch(sessions=lambda: len(server.sessions), breaker_state=lambda: lookup.breaker.state,
-                           cache_entries=lambda: len(lookup.cache))
-        if not config.metrics.enabled:
+        memory, server = self.memory, self.server
+        self.metrics.watch(sessions=lambda: len(server.sessions), breaker_state=lambda: memory.breaker.state,
+                           cache_entries=lambda: len(memory.cache))
+        if self.monitoring is None:
             return
-        self.monitoring = MonitoringServer(self.metrics, self.health)
         try:
             host, port = await self.monitoring.start(config.metrics.host, config.metrics.port)
         except OSError as error:
@@ -112,17 +151,17 @@ class Application:
             return
         log.info("metrics on http://%s:%s/metrics, health on /healthz", host, port)
 
-    def health(self) -> tuple[bool, dict]:
+    def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether calls can be routed by the CRM now, and why, for /healthz."""
-        lookup = self.lookup
-        breaker = lookup.breaker.state
-        failing = lookup.last_failure is not None and (
-            lookup.last_success is None or lookup.last_failure > lookup.last_success)
+        memory = self.memory
+        breaker = memory.breaker.state
+        failing = memory.last_failure is not None and (
+            memory.last_success is None or memory.last_failure > memory.last_success)
         if breaker == "open":
             portal = "circuit open: not asked until the cool-down ends"
         elif failing:
             portal = "failing: the last request failed"
-        elif lookup.last_success is None:
+        elif memory.last_success is None:
             portal = "not asked yet"
         else:
             portal = "answering"
@@ -133,8 +172,8 @@ class Application:
             "portal": {
                 "state": portal,
                 "breaker": breaker,
-                "last_success_seconds_ago": seconds_since(lookup.last_success),
-                "last_failure_seconds_ago": seconds_since(lookup.last_failure),
+                "last_success_seconds_ago": seconds_since(memory.last_success),
+                "last_failure_seconds_ago": seconds_since(memory.last_failure),
             },
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
@@ -142,11 +181,6 @@ class Application:
             "uptime_seconds": seconds_since(self.started_at),
             "version": __version__,
         }
-
-    def _request_budget(self) -> RateLimiter:
-        """The portal counts every request: register and finish spend the lookups' budget.
-        Asked each time, because a reload may replace the lookup's limiter."""
-        return self.lookup.limiter
 
     async def _stop_background(self) -> None:
         if self.outbox is not None:
@@ -156,61 +190,56 @@ class Application:
 
     def reload(self, path: str | Path | None = None) -> bool:
         """Load the config again; a broken one is refused and the running one keeps serving."""
-        path = path or self.config.path
+        old = self.config
+        path = path or old.path
         try:
             new = load_config(path)
-        except ConfigError as error:
+            runtime = self._build(new, previous=self.runtime)
+        except (ConfigError, ValueError) as error:
+            problems = error.problems if isinstance(error, ConfigError) else [f"{path}: {error}"]
             self.reloads["failure"] += 1
             self.metrics.reloads.labels("failure").inc()
-            for problem in error.problems:
+            for problem in problems:
                 log.error("reload refused: %s", problem)
             log.error("reload refused: %d problem(s) in %s; still serving with sha256 %s",
-                      len(error.problems), path, self.config.digest[:12])
+                      len(problems), path, old.digest[:12])
             return False
-        old = self.config
+        self._warn_restart_only(old, new)
+        self.runtime = runtime
+        # The long-lived parts take the new settings that are theirs.
+        self.memory.cache.settings = new.cache
+        self.memory.breaker.threshold = new.bitrix.breaker_failures
+        self.memory.breaker.cool_down = new.bitrix.breaker_cool_down
+        if new.bitrix.webhook_url != old.bitrix.webhook_url:
+            self.memory.cache.clear()  # answers of another portal
+        self.call_log.configure(new.call_log)
+        self.reloads["success"] += 1
+        self.metrics.reloads.labels("success").inc()
+        self.config_loaded_at = time.monotonic()
+        log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
+        return True
+
+    @staticmethod
+    def _warn_restart_only(old: Config, new: Config) -> None:
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("server.listen changed to %s:%s; it takes effect after a restart",
                         new.server.host, new.server.port)
         if new.bitrix.pool_size != old.bitrix.pool_size:
             log.warning("bitrix.pool_size changed; it takes effect after a restart")
-        self.portal = portal_client(new.bitrix, self.session, previous=self.portal)
-        self.lookup.portal = self.portal
-        self.lookup.configure(new.bitrix, new.cache)
-        if new.bitrix.webhook_url != old.bitrix.webhook_url:
-            self.lookup.cache.clear()  # answers of another portal
-        self.service.config = new
-        self._reload_callcard(old, new)
-        self.server.settings = new.server
-        self.config = new
-        self.reloads["success"] += 1
-        self.metrics.reloads.labels("success").inc()
-        self.call_log.configure(new.call_log)
-        self.config_loaded_at = time.monotonic()
         if new.metrics != old.metrics:
             log.warning("metrics.listen changed; it takes effect after a restart")
-        log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
-        return True
-
-    def _reload_callcard(self, old: Config, new: Config) -> None:
         if (new.callcard.enabled, new.callcard.outbox) != (old.callcard.enabled, old.callcard.outbox):
             log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
         if new.users.refresh != old.users.refresh:
             log.warning("users.refresh changed; it takes effect after a restart")
-        for holder in (self.register, self.finish_sender, self.users):
-            if holder is not None:
-                holder.portal = self.portal
-        self.register.config = new
-        self.finish.config = new
 
     async def stop(self) -> None:
         """Stop accepting calls, let those in flight finish (up to server.session_timeout), close."""
-        if self.server is not None:
-            await self.server.close(grace=self.config.server.session_timeout)
+        await self.server.close(grace=self.config.server.session_timeout)
         await self._stop_background()
         if self.monitoring is not None:
             await self.monitoring.close()
-        if self.session is not None:
-            await self.session.close()
+        await self.session.close()
         self.call_log.close()
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from agi_bitrix.agi.protocol import AgiRequest
-from agi_bitrix.bitrix.client import SEARCH_CRM_ENTITIES, PortalClient, PortalError, make_session
-from agi_bitrix.bitrix.models import MalformedAnswer, parse_search_result
-from agi_bitrix.bitrix.lookup import CrmLookup
+from agi_bitrix.bitrix.breaker import CircuitBreaker
+from agi_bitrix.bitrix.cache import AnswerCache
+from agi_bitrix.bitrix.client import PortalClient, RequestSlot, make_session
+from agi_bitrix.bitrix.errors import BitrixError, PortalError
+from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
+from agi_bitrix.bitrix.models import CrmEntity
 from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.config import Config
-from agi_bitrix.service import RoutedCall, RoutingService
+from agi_bitrix.service import RoutedCall, RoutingService, call_info
 
 
 def _shown(value: str) -> str:
@@ -59,38 +62,42 @@ class RecordingPortal:
 
     def __init__(self, portal: PortalClient) -> None:
         self.portal = portal
-        self.raw_result = None
+        self.raw_result: Any = None
 
-    async def search_crm_entities(self, phone: str):
-        self.raw_result = await self.portal.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone}, json_body=True)
-        try:
-            return parse_search_result(self.raw_result)
-        except MalformedAnswer as error:
-            raise PortalError("bad_result", str(error)) from None
+    async def take_slot(self, max_wait: float) -> RequestSlot:
+        return await self.portal.take_slot(max_wait)
+
+    async def search_crm_entities(self, phone: str, slot: RequestSlot) -> list[CrmEntity]:
+        self.raw_result = await self.portal.search_crm_entities_raw(phone, slot)
+        return self.portal.parse_search(self.raw_result)
+
+    async def search_crm_entities_batch(self, phones: list[str],
+                                        slot: RequestSlot) -> dict[str, list[CrmEntity] | PortalError]:
+        return await self.portal.search_crm_entities_batch(phones, slot)
 
 
 async def _user_directory(config: Config, portal: PortalClient) -> tuple[UserDirectory | None, str]:
     """The user directory as the server would have it (with a users section), and a note if it failed."""
     if config.users.refresh <= 0:
         return None, ""
-    users = UserDirectory(portal, refresh=config.users.refresh, default_country=config.policy.default_country)
+    users = UserDirectory(lambda: portal, refresh=config.users.refresh, default_country=config.policy.default_country)
     try:
         await users.load()
-    except PortalError as error:
+    except BitrixError as error:
         return None, f"\nusers:    not loaded ({error.reason}); deactivated owners were not skipped"
     return users, ""
 
 
 async def explain_call(config: Config, phone: str, did: str = "", record: str | None = None) -> str:
-    request = AgiRequest(env={"agi_network_script": "route", "agi_callerid": phone,
-                              "agi_extension": did, "agi_uniqueid": "dry-run"},
-                         args=(phone, did))
     async with make_session() as session:
         portal = portal_client(config.bitrix, session)
         recorder = RecordingPortal(portal)
-        lookup = CrmLookup(recorder, config.bitrix, config.cache)
+        memory = LookupMemory(AnswerCache(config.cache),
+                              CircuitBreaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down))
+        lookup = CrmLookup(recorder, memory, deadline=config.bitrix.deadline)
         users, users_note = await _user_directory(config, portal)
-        routed = await RoutingService(config, lookup, users=users).route(request)
+        call = call_info(phone, did, config.policy.default_country)
+        routed = await RoutingService(config, lookup, users=users).route(call, uniqueid="dry-run")
         text = render(routed, portal.redacted_url) + users_note
     if record:
         if routed.answer.status not in ("FOUND", "NOT_FOUND"):

@@ -46,6 +46,20 @@ class Metrics:
         self.lookup_results = {result: self.lookups.labels(result) for result in ("hit", "miss", "stale", "error")}
         self._call_counters: dict[tuple[str, str, str], Counter] = {}
 
+    # -- what the lookup reports (agi_bitrix.bitrix.lookup.LookupObserver) ------------------------
+
+    def lookup_answered(self, source: str) -> None:
+        self.lookup_results[source].inc()
+
+    def portal_request_done(self, seconds: float) -> None:
+        self.portal_seconds.observe(seconds)
+
+    def portal_request_failed(self, reason: str) -> None:
+        self.portal_errors.labels(reason).inc()
+
+    def count_refused(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
     def count_call(self, status: str, route: str, rule: str) -> None:
         # labels() takes a lock and builds a key on every call; the few combinations repeat.
         child = self._call_counters.get((status, route, rule))

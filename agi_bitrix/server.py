@@ -5,7 +5,8 @@ Per connection: read the header block within `header_timeout` (bounded in size b
 protocol layer), hand the request to the handler registered for its script path (`route`,
 ...), which talks to the channel through an AgiChannel — one round trip per command — and
 close. A client that stalls, sends junk or vanishes costs one coroutine until its own timeout
-and nothing else.
+and nothing else. What the server serves (settings, handlers) is read once per connection from
+the current Endpoint, so a config reload swaps it without touching the sessions in flight.
 """
 
 from __future__ import annotations
@@ -14,21 +15,40 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from ipaddress import ip_address
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import Any
 
-from agi_bitrix.agi.protocol import NEED_DATA, AgiRequest, CommandReply, EndOfStream, HangUp, PeerError, ServerConnection
+from agi_bitrix.agi.channel import Handler
+from agi_bitrix.agi.protocol import (
+    NEED_DATA,
+    AgiRequest,
+    CommandReply,
+    EndOfStream,
+    HangUp,
+    PeerError,
+    ServerConnection,
+)
 from agi_bitrix.agi.quoting import mset_commands
 from agi_bitrix.config import ServerSettings
-from agi_bitrix.monitoring import Metrics
 
 log = logging.getLogger("agi_bitrix.server")
 
 READ_SIZE = 4096
 
 
-class AgiChannel:
-    """The channel behind one FastAGI session, as the handlers see it."""
+@dataclass(frozen=True)
+class Endpoint:
+    """What the server serves under one config."""
+
+    settings: ServerSettings
+    handlers: Mapping[str, Handler]
+    unknown_script: Handler  # for a script path no handler is registered for
+
+
+class StreamChannel:
+    """The channel behind one FastAGI session, over its socket (implements AgiChannel)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  conn: ServerConnection) -> None:
@@ -64,18 +84,14 @@ class AgiChannel:
                 self.hung_up = True
 
 
-Handler = Callable[[AgiRequest, AgiChannel], Awaitable[None]]
-
-
 class AgiServer:
-    def __init__(self, handlers: Mapping[str, Handler], unknown_script: Handler,
-                 settings: ServerSettings, metrics: Metrics | None = None) -> None:
-        self.handlers = dict(handlers)
-        self.unknown_script = unknown_script
-        self.settings = settings
-        self.sessions: set[asyncio.Task] = set()
+    def __init__(self, endpoint: Callable[[], Endpoint],
+                 on_refused: Callable[[str], None] = lambda reason: None) -> None:
+        """`endpoint` gives what to serve now; `on_refused` counts a dropped connection by reason."""
+        self.endpoint = endpoint
+        self.on_refused = on_refused
+        self.sessions: set[asyncio.Task[None]] = set()
         self.refused = 0
-        self.metrics = metrics or Metrics()
         self._last_refusal_log = 0.0
         self._server: asyncio.Server | None = None
 
@@ -99,10 +115,10 @@ class AgiServer:
             await asyncio.wait(set(self.sessions))
         await self._server.wait_closed()
 
-    def _refuse(self, peer, reason: str, why: str) -> None:
+    def _refuse(self, peer: Any, reason: str, why: str) -> None:
         # One log line per 10 s at most: a scan or a flood must not also flood the log.
         self.refused += 1
-        self.metrics.refused.labels(reason).inc()
+        self.on_refused(reason)
         now = time.monotonic()
         if now - self._last_refusal_log >= 10.0:
             self._last_refusal_log = now
@@ -110,7 +126,8 @@ class AgiServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        settings = self.settings
+        endpoint = self.endpoint()
+        settings = endpoint.settings
         if not _allowed(peer, settings.allowed_clients):
             self._refuse(peer, "not_allowed", "address not in server.allowed_clients")
             writer.transport.abort()
@@ -120,6 +137,7 @@ class AgiServer:
             writer.transport.abort()
             return
         task = asyncio.current_task()
+        assert task is not None  # start_server runs each connection in a task of its own
         self.sessions.add(task)
         # One timer per session: first the header deadline, then moved to the session deadline.
         deadline = asyncio.get_running_loop().time() + settings.session_timeout
@@ -131,8 +149,8 @@ class AgiServer:
                 if isinstance(request, AgiRequest):
                     phase = "call"
                     timer.reschedule(deadline)
-                    handler = self.handlers.get(request.script, self.unknown_script)
-                    await handler(request, AgiChannel(reader, writer, conn))
+                    handler = endpoint.handlers.get(request.script, endpoint.unknown_script)
+                    await handler(request, StreamChannel(reader, writer, conn))
         except TimeoutError:
             if phase == "header":
                 log.info("client %s sent no complete AGI header in %.1f s; closed", peer, settings.header_timeout)
@@ -150,14 +168,17 @@ class AgiServer:
             writer.close()
 
 
-def _allowed(peer, networks) -> bool:
+Networks = tuple[IPv4Network | IPv6Network, ...]
+
+
+def _allowed(peer: Any, networks: Networks) -> bool:
     if not peer:
         return False  # not an IP peer (a Unix socket is never configured here)
     return _host_allowed(peer[0], networks)
 
 
 @functools.lru_cache(maxsize=4096)
-def _host_allowed(host: str, networks) -> bool:
+def _host_allowed(host: str, networks: Networks) -> bool:
     try:
         address = ip_address(host.split("%")[0])
     except ValueError:
@@ -167,9 +188,10 @@ def _host_allowed(host: str, networks) -> bool:
     return any(address in network for network in networks)
 
 
-async def next_event(reader: asyncio.StreamReader, conn: ServerConnection):
+async def next_event(reader: asyncio.StreamReader,
+                     conn: ServerConnection) -> AgiRequest | CommandReply | HangUp | EndOfStream:
     while True:
         event = conn.next_event()
         if event is not NEED_DATA:
-            return event
+            return event  # type: ignore[no-any-return]  # the parser returns events or NEED_DATA
         conn.receive_data(await reader.read(READ_SIZE))

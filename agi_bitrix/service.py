@@ -1,23 +1,24 @@
 """The routing service: wires the portal lookup and the clock around the pure routing function.
 
-One instance per process. It turns an AGI request into the channel variables for that call
-and guarantees the guide's promise: whatever happens — no caller ID, a slow or broken portal,
-a bug — the call gets the full set of variables and a route, within the lookup deadline.
+One instance per loaded config. Every way into routing goes through `RoutingService.route` with
+a CallInfo: the `route` AGI script (its handler reads the call from the AGI header), `agi-bitrix
+route` (a number from the command line) and `agi-bitrix test` (a case with a recorded answer).
+The handler keeps the guide's promise: whatever happens — no caller ID, a slow or broken
+portal, a bug — the call gets the full set of variables and a route, within the lookup deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Protocol
 
+from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest
-from agi_bitrix.server import AgiChannel
-from agi_bitrix.bitrix.lookup import CrmLookup
 from agi_bitrix.bitrix.models import CrmAnswer
-from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.config import Config
 from agi_bitrix.monitoring import Metrics
@@ -28,9 +29,21 @@ from agi_bitrix.routing.variables import channel_variables
 log = logging.getLogger("agi_bitrix.routing")
 
 
+class Lookup(Protocol):
+    """Who owns a number: the portal lookup (agi_bitrix.bitrix.lookup.CrmLookup), or a recorded
+    answer in `agi-bitrix test`."""
+
+    async def lookup(self, phone: str) -> CrmAnswer: ...
+
+
+class Directory(Protocol):
+    """The portal's users (agi_bitrix.bitrix.users.UserDirectory)."""
+
+    def inactive_among(self, user_ids: Iterable[str]) -> frozenset[str]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RoutedCall:
-    request: AgiRequest
     call: CallInfo
     answer: CrmAnswer
     decision: Decision
@@ -38,18 +51,25 @@ class RoutedCall:
     seconds: float
 
 
-def call_info(request: AgiRequest, default_country: str) -> CallInfo:
-    """The number to look up (first AGI argument, else the caller ID) and the dialled number."""
-    raw_number = request.args[0] if request.args and request.args[0].strip() else request.get("agi_callerid")
-    raw_did = request.args[1] if len(request.args) > 1 and request.args[1].strip() else request.get("agi_extension")
+def call_info(raw_number: str, raw_did: str, default_country: str) -> CallInfo:
+    """The call as routing sees it: the number to look up and the dialled number, each as the
+    dialplan (or an admin) wrote it."""
     did = normalize_number(raw_did, default_country) or raw_did.strip()
     return CallInfo(phone=normalize_number(raw_number, default_country), did=did)
 
 
+def agi_call_info(request: AgiRequest, default_country: str) -> CallInfo:
+    """The number to look up (first AGI argument, else the caller ID) and the dialled number
+    (second argument, else the extension)."""
+    raw_number = request.args[0] if request.args and request.args[0].strip() else request.get("agi_callerid")
+    raw_did = request.args[1] if len(request.args) > 1 and request.args[1].strip() else request.get("agi_extension")
+    return call_info(raw_number, raw_did, default_country)
+
+
 class RoutingService:
-    def __init__(self, config: Config, lookup: CrmLookup,
+    def __init__(self, config: Config, lookup: Lookup,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 users: UserDirectory | None = None, metrics: Metrics | None = None,
+                 users: Directory | None = None, metrics: Metrics | None = None,
                  call_log: CallLog | None = None) -> None:
         self.config = config
         self.lookup = lookup
@@ -58,28 +78,26 @@ class RoutingService:
         self.metrics = metrics or Metrics()
         self.call_log = call_log or CallLog(config.call_log)
 
-    async def route(self, request: AgiRequest) -> RoutedCall:
+    async def route(self, call: CallInfo, uniqueid: str = "-") -> RoutedCall:
         started = time.monotonic()
-        config = self.config  # one config for the whole call, even if a reload swaps it meanwhile
-        policy = config.policy
-        call = call_info(request, policy.default_country)
+        config = self.config
         answer = CrmAnswer("NO_CALLERID") if call.phone is None else await self.lookup.lookup(call.phone)
-        inactive = frozenset()
+        inactive: frozenset[str] = frozenset()
         if self.users is not None:
             inactive = self.users.inactive_among(e.owner.user_id for e in answer.entities if e.owner)
             if inactive:
-                log.info("call %s: deactivated owner(s) %s skipped", request.get("agi_uniqueid") or "-",
-                         ", ".join(sorted(inactive)))
-        decision = decide(call, answer, policy, self.clock(), inactive)
+                log.info("call %s: deactivated owner(s) %s skipped", uniqueid, ", ".join(sorted(inactive)))
+        decision = decide(call, answer, config.policy, self.clock(), inactive)
         variables = channel_variables(decision, config.variable_prefix)
-        return RoutedCall(request, call, answer, decision, variables, time.monotonic() - started)
+        return RoutedCall(call, answer, decision, variables, time.monotonic() - started)
 
     async def handle_route(self, request: AgiRequest, channel: AgiChannel) -> None:
         """The `route` script: decide and set the variables; a bug still yields the fallback route."""
         uniqueid = request.get("agi_uniqueid") or "-"
         started = time.monotonic()
         try:
-            variables = (await self.route(request)).variables
+            call = agi_call_info(request, self.config.policy.default_country)
+            variables = (await self.route(call, uniqueid)).variables
         except Exception:
             log.exception("call %s: routing failed; sending the fallback route", uniqueid)
             variables = self.fallback_variables("internal")

@@ -5,6 +5,7 @@ import textwrap
 import pytest
 
 from agi_bitrix.app import Application
+from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
 from agi_bitrix.config import parse_config
@@ -23,6 +24,11 @@ TEST_RULES = """\
     match: {timeman: [CLOSED, EXPIRED]}
     route: [mobile, queue]
 """
+
+
+def ample_budget() -> RateLimiter:
+    """A request budget that never holds a test's requests back (the portal client needs one)."""
+    return RateLimiter(per_second=1000, burst=1000)
 
 
 def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float = 1.0,

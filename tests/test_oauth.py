@@ -16,7 +16,8 @@ from tests.conftest import TEST_RULES
 
 from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
-from agi_bitrix.bitrix.client import PortalError, make_session
+from agi_bitrix.bitrix.client import make_session
+from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM

@@ -10,13 +10,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from tests.conftest import ample_budget
+
 from agi_bitrix.bitrix.client import (
     MAX_BODY_BYTES,
     PortalClient,
-    PortalError,
     make_session,
     redact,
 )
+from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.models import CrmEntity, Owner
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
@@ -40,7 +42,7 @@ async def session():
 
 @pytest.fixture
 def client(portal, session):
-    return PortalClient(portal.webhook_url, session, timeout=TIMEOUT)
+    return PortalClient(portal.webhook_url, session, timeout=TIMEOUT, budget=ample_budget())
 
 
 async def failure(coroutine) -> PortalError:
@@ -87,7 +89,7 @@ async def test_unknown_number_is_an_empty_list(client):
 
 @pytest.mark.asyncio
 async def test_webhook_url_works_with_or_without_trailing_slash(portal, session):
-    bare = PortalClient(portal.webhook_url.rstrip("/"), session, timeout=TIMEOUT)
+    bare = PortalClient(portal.webhook_url.rstrip("/"), session, timeout=TIMEOUT, budget=ample_budget())
     assert len(await bare.search_crm_entities(ANNA)) == 2
 
 
@@ -144,7 +146,7 @@ async def test_timeout_then_recovery_on_the_same_session(client, portal):
 
 @pytest.mark.asyncio
 async def test_refused_connection_is_connect(session):
-    client = PortalClient(f"http://127.0.0.1:{closed_port()}/rest/1/{SECRET}/", session, timeout=TIMEOUT)
+    client = PortalClient(f"http://127.0.0.1:{closed_port()}/rest/1/{SECRET}/", session, timeout=TIMEOUT, budget=ample_budget())
     error = await failure(client.search_crm_entities(ANNA))
     assert error.reason == "connect"
     assert "ClientConnectorError" in error.detail
@@ -178,7 +180,7 @@ async def test_peer_that_is_not_the_portal(session, answer, reason):
     server = await asyncio.start_server(answer_and_close, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        client = PortalClient(f"http://127.0.0.1:{port}/rest/1/{SECRET}/", session, timeout=TIMEOUT)
+        client = PortalClient(f"http://127.0.0.1:{port}/rest/1/{SECRET}/", session, timeout=TIMEOUT, budget=ample_budget())
         assert (await failure(client.search_crm_entities(ANNA))).reason == reason
     finally:
         server.close()
@@ -215,14 +217,14 @@ async def test_error_body_maps_to_portal_code_or_status(client, portal, status, 
 async def test_portal_own_errors_come_through(client, portal, session):
     assert (await failure(client.search_crm_entities(""))).reason == "ERROR_CORE"
     assert (await failure(client.call("crm.nothing.here", {}))).reason == "ERROR_METHOD_NOT_FOUND"
-    intruder = PortalClient(portal.webhook_url.replace(SECRET, "guessed-code"), session, timeout=TIMEOUT)
+    intruder = PortalClient(portal.webhook_url.replace(SECRET, "guessed-code"), session, timeout=TIMEOUT, budget=ample_budget())
     assert (await failure(intruder.search_crm_entities(ANNA))).reason == "INVALID_CREDENTIALS"
 
 
 @pytest.mark.asyncio
 async def test_rate_limited_portal_is_query_limit_exceeded(session):
     async with PortalEmulator(SAMPLE_CRM, code=SECRET, rate_limit=(2.0, 2)) as emulator:
-        client = PortalClient(emulator.webhook_url, session, timeout=TIMEOUT)
+        client = PortalClient(emulator.webhook_url, session, timeout=TIMEOUT, budget=ample_budget())
         await client.search_crm_entities(ANNA)
         await client.search_crm_entities(ANNA)
         assert (await failure(client.search_crm_entities(ANNA))).reason == "QUERY_LIMIT_EXCEEDED"
@@ -321,7 +323,7 @@ def test_redacted_url_hides_the_code(session_free_client):
 @pytest.fixture
 def session_free_client():
     # The client only touches the session when it sends, so a stand-in object is enough here.
-    return PortalClient(f"https://x.bitrix24.ru/rest/1/{SECRET}", object(), timeout=1)
+    return PortalClient(f"https://x.bitrix24.ru/rest/1/{SECRET}", object(), timeout=1, budget=ample_budget())
 
 
 @pytest.mark.parametrize(
@@ -367,14 +369,14 @@ def test_redact(url, redacted):
 )
 def test_bad_webhook_url_is_refused_without_echoing_it(url):
     with pytest.raises(ValueError) as caught:
-        PortalClient(url, object(), timeout=1)
+        PortalClient(url, object(), timeout=1, budget=ample_budget())
     assert SECRET not in str(caught.value)
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "2"])
 def test_timeout_must_be_a_positive_number(timeout):
     with pytest.raises(ValueError):
-        PortalClient(f"https://x.bitrix24.ru/rest/1/{SECRET}/", object(), timeout=timeout)
+        PortalClient(f"https://x.bitrix24.ru/rest/1/{SECRET}/", object(), timeout=timeout, budget=ample_budget())
 
 
 @pytest.mark.asyncio
@@ -388,7 +390,7 @@ async def test_make_session_pools_and_identifies_itself():
 @pytest.mark.asyncio
 async def test_concurrent_lookups_share_the_pool(portal):
     async with make_session(pool_size=2) as http:
-        client = PortalClient(portal.webhook_url, http, timeout=1.0)
+        client = PortalClient(portal.webhook_url, http, timeout=1.0, budget=ample_budget())
         results = await asyncio.gather(*(client.search_crm_entities(ANNA) for _ in range(20)))
     assert all(len(entities) == 2 for entities in results)
 

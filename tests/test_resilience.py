@@ -8,7 +8,7 @@ import pytest
 from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
-from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup
+from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import BitrixSettings, CacheSettings
@@ -127,8 +127,12 @@ def settings(**bitrix):
 async def make_lookup(portal):
     async with make_session() as session:
         def build(cache=CacheSettings(), **bitrix):
-            client = PortalClient(portal.webhook_url, session, timeout=bitrix.get("deadline", 0.5))
-            return CrmLookup(client, settings(**bitrix), cache)
+            given = settings(**bitrix)
+            budget = RateLimiter(given.rate_per_second, given.rate_burst)
+            client = PortalClient(portal.webhook_url, session, timeout=given.deadline, budget=budget)
+            memory = LookupMemory(AnswerCache(cache),
+                                  CircuitBreaker(given.breaker_failures, given.breaker_cool_down))
+            return CrmLookup(client, memory, deadline=given.deadline)
         yield build
 
 
@@ -294,5 +298,5 @@ async def test_rejected_requests_do_not_open_the_breaker(make_lookup, portal):
     portal.fail("error", status=400, code="ERROR_CORE", description="PHONE_NUMBER is empty", phone="79990000000")
     for _ in range(5):
         assert (await lookup.lookup("79990000000")).error == "ERROR_CORE"
-    assert lookup.breaker.state == CLOSED and lookup.last_failure is None
+    assert lookup.breaker.state == CLOSED and lookup.memory.last_failure is None
     assert (await lookup.lookup("79161234567")).status == "FOUND"

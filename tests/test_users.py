@@ -5,12 +5,12 @@ import logging
 import textwrap
 
 import pytest
-from tests.conftest import TEST_RULES
+from tests.conftest import TEST_RULES, ample_budget
 from tests.test_routing import NOON, POLICY, entity, found
 
 from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
-from agi_bitrix.bitrix.client import PortalError
+from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from agi_bitrix.bitrix.users import User, UserDirectory, answering_number, parse_user
@@ -58,8 +58,8 @@ async def directory(portal):
     from agi_bitrix.bitrix.client import PortalClient, make_session
 
     async with make_session() as session:
-        users = UserDirectory(PortalClient(portal.webhook_url, session, timeout=1.0), refresh=600,
-                              default_country="RU")
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=ample_budget())
+        users = UserDirectory(lambda: client, refresh=600, default_country="RU")
         yield users
         await users.close()
 
@@ -93,7 +93,7 @@ class PagedPortal:
 
 async def test_directory_reads_every_page():
     portal = PagedPortal(120)
-    directory = UserDirectory(portal, refresh=600, default_country="RU")
+    directory = UserDirectory(lambda: portal, refresh=600, default_country="RU")
     await directory.load()
     assert portal.asked == [(None, 0), (None, 50), (None, 100), (False, 0)]
     assert len(directory.inactive_among(str(n) for n in range(1, 121))) == 12
@@ -102,7 +102,7 @@ async def test_directory_reads_every_page():
 
 async def test_a_portal_that_ignores_start_does_not_page_forever():
     portal = PagedPortal(200, honour_start=False)
-    directory = UserDirectory(portal, refresh=600, default_country="RU")
+    directory = UserDirectory(lambda: portal, refresh=600, default_country="RU")
     await directory.load()
     assert portal.asked == [(None, 0), (None, 50), (False, 0)]
 

@@ -1,4 +1,4 @@
-"""The portal client on the call path: one POST per method call, every failure a PortalError.
+"""The portal client: one POST per method call, each in the request budget, every failure a BitrixError.
 
 A caller is waiting while this runs, so each request carries one explicit deadline covering
 connection, pool wait and body, and every way the portal (or what stands in front of it) can
@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
 
 from agi_bitrix import __version__
+from agi_bitrix.bitrix.errors import (
+    BadResponse,
+    PortalError,
+    PortalTimeout,
+    PortalUnreachable,
+    RateLimited,
+    RequestNotSent,
+    TokenExpired,
+    refusal,
+)
 from agi_bitrix.bitrix.models import CrmEntity, MalformedAnswer, parse_search_result
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+
+log = logging.getLogger("agi_bitrix.portal")
 
 SEARCH_CRM_ENTITIES = "telephony.externalCall.searchCrmEntities"
 
@@ -45,24 +59,6 @@ _URL_PASSWORD = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
 _DETAIL_EXCERPT = 160
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 _JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-class PortalError(Exception):
-    """The portal could not be asked, or did not answer usefully.
-
-    `reason` is short and machine-readable: "timeout", "connect", "bad_http" (the answer was not
-    valid HTTP), "http_<status>", "bad_json", "bad_result", "too_large", "portal_error" (an error
-    body without a code on HTTP 200) or the portal's own error code ("QUERY_LIMIT_EXCEEDED",
-    "expired_token", ...). `detail` is for humans and logs, and never holds the webhook code.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
 
 
 def redact(url: str) -> str:
@@ -95,12 +91,22 @@ class AccessTokens(Protocol):
     def secrets(self) -> tuple[str, ...]: ...
 
 
+class RequestSlot:
+    """A place in the portal's request budget, taken and not yet spent (see PortalClient.take_slot)."""
+
+    __slots__ = ()
+
+
+_SLOT = RequestSlot()
+
+
 class PortalClient:
     def __init__(self, webhook_url: str, session: aiohttp.ClientSession, *, timeout: float,
-                 auth: AccessTokens | None = None) -> None:
+                 budget: RateLimiter, auth: AccessTokens | None = None) -> None:
         """`webhook_url` is the inbound webhook, https://PORTAL/rest/USER_ID/CODE/ (slash optional);
         with `auth` (an OAuth application) it is the portal's REST URL, https://PORTAL/rest/.
-        `timeout` bounds each whole request in seconds."""
+        `timeout` bounds each whole request in seconds. `budget` is our copy of the portal's
+        request bucket: every request this client sends, whatever it is for, takes a slot in it."""
         match = _REST_BASE.match(webhook_url) if auth is not None else _WEBHOOK_PATH.match(webhook_url)
         if not webhook_url.startswith(("https://", "http://")) or match is None:
             # Do not echo the URL: it holds the secret code.
@@ -109,6 +115,7 @@ class PortalClient:
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.auth = auth
+        self.budget = budget
         self._base = match["prefix"] + (match["code"] + "/" if auth is None else "")
         self._code = match["code"] if auth is None else ""
         self._session = session
@@ -119,12 +126,36 @@ class PortalClient:
     def redacted_url(self) -> str:
         return redact(self._base)
 
-    async def call(self, method: str, params: Mapping[str, Any], *, json_body: bool = False) -> Any:
+    async def take_slot(self, max_wait: float) -> RequestSlot:
+        """Wait for a place in the request budget; RequestNotSent("rate_limited") at once when that
+        would take longer than `max_wait` seconds, so a caller never waits in vain."""
+        wait = self.budget.reserve(max_wait=max_wait)
+        if wait is None:
+            raise RequestNotSent("rate_limited", f"no request slot within {max_wait:g} s (client-side rate limit)")
+        if wait:
+            await asyncio.sleep(wait)
+        return _SLOT
+
+    async def call(self, method: str, params: Mapping[str, Any], *, json_body: bool = False,
+                   slot: RequestSlot | None = None, max_wait: float = 0.0) -> Any:
         """POST `params` to METHOD.json and return the answer's `result`.
 
+        The request spends `slot`, or takes one, waiting at most `max_wait` seconds for it.
         The body is a PHP-style form (booleans as 1/0, None as "", nested keys as KEY[SUB]) unless
         `json_body`: the portal reads both, and JSON costs a fraction of the form encoding on the
         lookup path, whose parameters are plain strings that mean the same in either."""
+        if slot is None:
+            await self.take_slot(max_wait)
+        try:
+            result = await self._call(method, params, json_body)
+        except RateLimited:
+            pause = self.budget.back_off()
+            log.warning("portal says we are over its limits; no requests for %.0f s", pause)
+            raise
+        self.budget.succeeded()
+        return result
+
+    async def _call(self, method: str, params: Mapping[str, Any], json_body: bool) -> Any:
         if self.auth is None:
             status, body = await self._post(method, params, json_body)
             return self._result(method, status, body)
@@ -132,50 +163,60 @@ class PortalClient:
         try:
             status, body = await self._post(method, {**params, "auth": token}, json_body)
             return self._result(method, status, body)
-        except PortalError as error:
-            if error.reason not in ("expired_token", "invalid_token"):
-                raise
-        # The token expired before we knew: one refresh (shared with concurrent callers), one retry.
+        except TokenExpired:
+            pass
+        # The token expired before we knew: one refresh (shared with concurrent callers), one retry,
+        # which the portal counts as a request of its own.
         token = await self.auth.refresh(rejected=token)
+        await self.take_slot(max_wait=0.0)
         status, body = await self._post(method, {**params, "auth": token}, json_body)
         return self._result(method, status, body)
 
-    async def search_crm_entities_batch(self, phones: list[str]) -> dict[str, list[CrmEntity] | PortalError]:
+    async def search_crm_entities_batch(self, phones: list[str],
+                                        slot: RequestSlot | None = None) -> dict[str, list[CrmEntity] | PortalError]:
         """Several numbers in one `batch` request (at most 50): one HTTP round trip and one
-        request of the portal's rate budget. A PortalError is raised when the batch itself
+        request of the portal's rate budget. A BitrixError is raised when the batch itself
         fails; a number the portal refused gets its own PortalError in the answer."""
         keys = {f"n{index}": phone for index, phone in enumerate(phones)}  # "n": PHP keeps string keys
         commands = {key: f"{SEARCH_CRM_ENTITIES}?PHONE_NUMBER={quote(phone, safe='')}" for key, phone in keys.items()}
-        answer = await self.call("batch", {"halt": 0, "cmd": commands}, json_body=True)
+        answer = await self.call("batch", {"halt": 0, "cmd": commands}, json_body=True, slot=slot)
         results = answer.get("result") if isinstance(answer, dict) else None
         errors = answer.get("result_error") if isinstance(answer, dict) else None
         results, errors = (value if value not in ([], None) else {} for value in (results, errors))
         if not isinstance(results, dict) or not isinstance(errors, dict):
-            raise self._error("bad_result", "batch", "the answer has no result/result_error objects")
+            raise self._error(BadResponse, "bad_result", "batch", "the answer has no result/result_error objects")
         outcome: dict[str, list[CrmEntity] | PortalError] = {}
         for key, phone in keys.items():
             if key in errors:
                 error = errors[key] if isinstance(errors[key], dict) else {}
                 code = error.get("error")
                 reason = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "portal_error"
-                outcome[phone] = self._error(reason, SEARCH_CRM_ENTITIES,
+                outcome[phone] = self._error(refusal, reason, SEARCH_CRM_ENTITIES,
                                              f"in a batch: {self._clean(str(error.get('error_description')))}")
             elif key in results:
                 try:
                     outcome[phone] = parse_search_result(results[key])
                 except MalformedAnswer as error:
-                    outcome[phone] = self._error("bad_result", SEARCH_CRM_ENTITIES, f"in a batch: {error}")
+                    outcome[phone] = self._error(BadResponse, "bad_result", SEARCH_CRM_ENTITIES,
+                                                 f"in a batch: {error}")
             else:
-                outcome[phone] = self._error("bad_result", SEARCH_CRM_ENTITIES, "the batch answer skipped this number")
+                outcome[phone] = self._error(BadResponse, "bad_result", SEARCH_CRM_ENTITIES,
+                                             "the batch answer skipped this number")
         return outcome
 
-    async def search_crm_entities(self, phone: str) -> list[CrmEntity]:
+    async def search_crm_entities(self, phone: str, slot: RequestSlot | None = None) -> list[CrmEntity]:
         """The CRM objects carrying `phone`, best first. `phone` is sent exactly as given."""
-        result = await self.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone}, json_body=True)
+        return self.parse_search(await self.search_crm_entities_raw(phone, slot))
+
+    async def search_crm_entities_raw(self, phone: str, slot: RequestSlot | None = None) -> Any:
+        """searchCrmEntities' `result` as the portal sent it (for `agi-bitrix route --record`)."""
+        return await self.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone}, json_body=True, slot=slot)
+
+    def parse_search(self, result: Any) -> list[CrmEntity]:
         try:
             return parse_search_result(result)
         except MalformedAnswer as error:
-            raise self._error("bad_result", SEARCH_CRM_ENTITIES, str(error)) from None
+            raise self._error(BadResponse, "bad_result", SEARCH_CRM_ENTITIES, str(error)) from None
 
     async def _post(self, method: str, params: Mapping[str, Any], json_body: bool) -> tuple[int, bytes]:
         # Chained exceptions are dropped (`from None`): aiohttp's messages can quote the full URL.
@@ -192,15 +233,17 @@ class PortalClient:
                 return response.status, await self._read_body(method, response)
         except asyncio.TimeoutError:
             # Before ClientConnectionError: aiohttp's ServerTimeoutError is both.
-            raise self._error("timeout", method, f"no answer within {self._timeout_seconds:g} s") from None
+            raise self._error(PortalTimeout, "timeout", method,
+                              f"no answer within {self._timeout_seconds:g} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
-            raise self._error("connect", method, self._clean(f"{type(error).__name__}: {error}")) from None
+            detail = self._clean(f"{type(error).__name__}: {error}")
+            raise self._error(PortalUnreachable, "connect", method, detail) from None
         except aiohttp.ClientResponseError as error:
             # Raised only when the answer is not parseable HTTP (statuses are not raised here).
             detail = self._clean(f"{type(error).__name__}: {error.message}")
-            raise self._error("bad_http", method, detail) from None
+            raise self._error(BadResponse, "bad_http", method, detail) from None
         except aiohttp.ClientError as error:
-            raise self._error("connect", method, type(error).__name__) from None
+            raise self._error(PortalUnreachable, "connect", method, type(error).__name__) from None
 
     async def _read_body(self, method: str, response: aiohttp.ClientResponse) -> bytes:
         chunks = []
@@ -209,7 +252,7 @@ class PortalClient:
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 raise self._error(
-                    "too_large", method, f"HTTP {response.status} body over {MAX_BODY_BYTES} bytes"
+                    BadResponse, "too_large", method, f"HTTP {response.status} body over {MAX_BODY_BYTES} bytes"
                 )
             chunks.append(chunk)
         return b"".join(chunks)
@@ -219,8 +262,10 @@ class PortalClient:
             answer = json.loads(body)
         except (ValueError, RecursionError):
             # ValueError covers bad UTF-8 and oversized integers too; RecursionError deep nesting.
-            reason = "bad_json" if status == 200 else f"http_{status}"
-            raise self._error(reason, method, f"HTTP {status}, not JSON: {self._excerpt(body)}") from None
+            detail = f"HTTP {status}, not JSON: {self._excerpt(body)}"
+            if status == 200:
+                raise self._error(BadResponse, "bad_json", method, detail) from None
+            raise self._error(refusal, f"http_{status}", method, detail) from None
 
         if isinstance(answer, dict) and ("error" in answer or "error_description" in answer):
             code = answer.get("error")
@@ -230,18 +275,19 @@ class PortalClient:
             else:
                 reason = f"http_{status}" if status != 200 else "portal_error"
             detail = f"HTTP {status}, error {self._clean(repr(code))}: {self._clean(str(description))}"
-            raise self._error(reason, method, detail)
+            raise self._error(refusal, reason, method, detail)
         if status != 200:
             detail = f"HTTP {status} without an error code: {self._excerpt(body)}"
-            raise self._error(f"http_{status}", method, detail)
+            raise self._error(refusal, f"http_{status}", method, detail)
         if not isinstance(answer, dict) or "result" not in answer:
-            raise self._error("bad_result", method, f"HTTP 200 without a result: {self._excerpt(body)}")
+            raise self._error(BadResponse, "bad_result", method, f"HTTP 200 without a result: {self._excerpt(body)}")
         return answer["result"]
 
-    def _error(self, reason: str, method: str, detail: str) -> PortalError:
+    def _error(self, kind: Callable[[str, str], PortalError], reason: str, method: str,
+               detail: str) -> PortalError:
         # `detail` parts from outside went through _clean; this is a last guard for our own text.
         text = f"{method} at {self.redacted_url}: {detail}"
-        return PortalError(reason, self._hide_secrets(text))
+        return kind(reason, self._hide_secrets(text))
 
     def _hide_secrets(self, text: str) -> str:
         for secret in (self._code,) if self.auth is None else self.auth.secrets():

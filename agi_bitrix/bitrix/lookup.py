@@ -17,20 +17,17 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from agi_bitrix.bitrix.breaker import CLOSED, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
-from agi_bitrix.bitrix.client import PortalClient, PortalError
-from agi_bitrix.bitrix.models import CrmAnswer
-from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.config import BitrixSettings, CacheSettings
-from agi_bitrix.monitoring import Metrics
+from agi_bitrix.bitrix.client import RequestSlot
+from agi_bitrix.bitrix.errors import BitrixError, PortalError, RequestNotSent, RequestRejected
+from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
 
 log = logging.getLogger("agi_bitrix.lookup")
 
-# Portal answers that mean "you are asking too much": slow down rather than retry.
-LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
 # Numbers per `batch` request (the portal's maximum), and requests on their way at once: two
 # keep a slow answer from holding everyone up, and let the numbers behind them batch up.
 MAX_BATCH = 50
@@ -39,35 +36,75 @@ MAX_REQUESTS_IN_FLIGHT = 2
 # quickly then takes the numbers behind it in the next batch (fewer requests of its ~2 a
 # second, less work here), and a slow one still cannot hold them for more than this.
 SECOND_REQUEST_AFTER = 0.05
-# Portal answers that reject one request's parameters (HTTP 400), not the portal being down.
-REQUEST_REJECTED = frozenset({"ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"})
+
+
+class CrmSearch(Protocol):
+    """What the lookup needs of the portal client (agi_bitrix.bitrix.client.PortalClient)."""
+
+    async def take_slot(self, max_wait: float) -> RequestSlot: ...
+
+    async def search_crm_entities(self, phone: str, slot: RequestSlot) -> list[CrmEntity]: ...
+
+    async def search_crm_entities_batch(self, phones: list[str],
+                                        slot: RequestSlot) -> dict[str, list[CrmEntity] | PortalError]: ...
+
+
+class LookupObserver(Protocol):
+    """Where the lookup reports what it sees (agi_bitrix.monitoring.Metrics implements it)."""
+
+    def lookup_answered(self, source: str) -> None:
+        """One lookup done; `source` is hit, miss, stale or error."""
+
+    def portal_request_done(self, seconds: float) -> None: ...
+
+    def portal_request_failed(self, reason: str) -> None: ...
+
+
+class _NoObserver:
+    def lookup_answered(self, source: str) -> None:
+        pass
+
+    def portal_request_done(self, seconds: float) -> None:
+        pass
+
+    def portal_request_failed(self, reason: str) -> None:
+        pass
+
+
+@dataclass
+class LookupMemory:
+    """What the lookups learn and keep across config reloads: the answers, the breaker, and when
+    the portal last answered and last failed (clock time, for /healthz)."""
+
+    cache: AnswerCache
+    breaker: CircuitBreaker
+    last_success: float | None = None
+    last_failure: float | None = None
+    clock: Callable[[], float] = field(default=time.monotonic)
 
 
 class CrmLookup:
-    def __init__(self, portal: PortalClient, bitrix: BitrixSettings, cache: CacheSettings,
-                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
+    def __init__(self, portal: CrmSearch, memory: LookupMemory, *, deadline: float,
+                 observer: LookupObserver | None = None) -> None:
+        """`deadline`: seconds a caller waits for an answer before taking the fallback."""
         self.portal = portal
-        self.metrics = metrics or Metrics()
-        # When the portal last answered / last failed (clock time), for /healthz.
-        self.last_success: float | None = None
-        self.last_failure: float | None = None
-        self._clock = clock
-        self.deadline = bitrix.deadline
-        self.cache = AnswerCache(cache, clock)
-        self.limiter = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst, clock)
-        self.breaker = CircuitBreaker(bitrix.breaker_failures, bitrix.breaker_cool_down, clock)
+        self.memory = memory
+        self.deadline = deadline
+        self.observer: LookupObserver = observer or _NoObserver()
+        self.cache = memory.cache
+        self.breaker = memory.breaker
+        self._clock = memory.clock
         # Per number being looked up, the callers waiting for its answer (single flight: one
         # request however many wait); and, in arrival order, those not yet taken into a request.
-        self._flights: dict[str, list[asyncio.Future[CrmAnswer]]] = {}
+        self._flights: dict[str, list[asyncio.Future[CrmAnswer | None]]] = {}
         self._waiting: dict[str, None] = {}
         self._senders: set[asyncio.Task] = set()
         self._busy_since = 0.0  # loop time when the only running sender began its request
         self._second_sender: asyncio.TimerHandle | None = None
-        self.portal_requests = 0
 
     async def lookup(self, phone: str) -> CrmAnswer:
         answer = await self._lookup(phone)
-        self.metrics.lookup_results[answer.cache if answer.status != "ERROR" else "error"].inc()
+        self.observer.lookup_answered(answer.cache if answer.status != "ERROR" else "error")
         return answer
 
     async def _lookup(self, phone: str) -> CrmAnswer:
@@ -93,21 +130,11 @@ class CrmLookup:
                                                    self._start_second_sender)
         try:
             answer = await waiter
-        except PortalError as error:
+        except BitrixError as error:
             return self._fallback(phone, error.reason)
         finally:
             deadline.cancel()
         return answer if answer is not None else self._fallback(phone, "timeout")
-
-    def configure(self, bitrix: BitrixSettings, cache: CacheSettings) -> None:
-        """Apply reloaded settings; the cached answers and the breaker's state are kept."""
-        self.deadline = bitrix.deadline
-        self.cache.settings = cache
-        limiter = self.limiter
-        if (limiter.per_second, limiter.burst) != (bitrix.rate_per_second, bitrix.rate_burst):
-            self.limiter = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst, self._clock)
-        self.breaker.threshold = bitrix.breaker_failures
-        self.breaker.cool_down = bitrix.breaker_cool_down
 
     def _breaker_failed(self, reason: str) -> None:
         was_open = self.breaker.state == OPEN
@@ -146,49 +173,48 @@ class CrmLookup:
 
     async def _send_one(self) -> None:
         if not self.breaker.allow():
-            self._fail(list(self._waiting), PortalError(
+            self._fail(list(self._waiting), RequestNotSent(
                 "circuit_open", "the portal failed repeatedly; not asking it until the cool-down ends"))
             return
-        wait = self.limiter.reserve(max_wait=self.deadline)
-        if wait is None:
+        try:
+            slot = await self.portal.take_slot(max_wait=self.deadline)
+        except RequestNotSent as error:
             self.breaker.abandoned()
-            self._fail(list(self._waiting), PortalError(
-                "rate_limited", "no request slot within the deadline (client-side rate limit)"))
+            self._fail(list(self._waiting), error)
             return
-        if wait:
-            await asyncio.sleep(wait)
+        except BaseException:
+            self.breaker.abandoned()
+            raise
         phones = list(itertools.islice(self._waiting, MAX_BATCH))
         for phone in phones:
             del self._waiting[phone]
         if not phones:  # another sender took them while this one waited for its slot
             self.breaker.abandoned()
             return
-        self.portal_requests += 1
         self._busy_since = asyncio.get_running_loop().time()
         started = self._clock()
         try:
             if len(phones) == 1:
-                outcome = {phones[0]: await self.portal.search_crm_entities(phones[0])}
+                outcome = {phones[0]: await self.portal.search_crm_entities(phones[0], slot)}
             else:
-                outcome = await self.portal.search_crm_entities_batch(phones)
-        except PortalError as error:
+                outcome = await self.portal.search_crm_entities_batch(phones, slot)
+        except BitrixError as error:
             self._request_failed(phones, error)
             return
         except BaseException:
             self.breaker.abandoned()
-            self._fail(phones, PortalError("cancelled", "the server is stopping"))
+            self._fail(phones, RequestNotSent("cancelled", "the server is stopping"))
             raise
         finally:
-            self.metrics.portal_seconds.observe(self._clock() - started)
+            self.observer.portal_request_done(self._clock() - started)
         if self.breaker.state != CLOSED:
             log.warning("portal answered again; circuit closed")
         self.breaker.succeeded()
-        self.limiter.succeeded()
-        self.last_success = self._clock()
+        self.memory.last_success = self._clock()
         for phone, entities in outcome.items():
             if isinstance(entities, PortalError):
                 # The portal answered but refused this one number (ERROR_CORE for "0", ...).
-                self.metrics.portal_errors.labels(entities.reason).inc()
+                self.observer.portal_request_failed(entities.reason)
                 log.warning("portal refused the lookup of %s: %s (%s)", phone, entities.reason, entities.detail)
                 self._fail([phone], entities)
                 continue
@@ -197,19 +223,16 @@ class CrmLookup:
             self.cache.store(phone, CrmAnswer(status, entities, cache="hit"))  # as later calls will see it
             self._settle(phone, CrmAnswer(status, entities, cache="miss"))
 
-    def _request_failed(self, phones: list[str], error: PortalError) -> None:
-        self.metrics.portal_errors.labels(error.reason).inc()
+    def _request_failed(self, phones: list[str], error: BitrixError) -> None:
+        self.observer.portal_request_failed(error.reason)
         log.warning("portal lookup for %s failed: %s (%s)", ", ".join(phones), error.reason, error.detail)
-        if error.reason in REQUEST_REJECTED:
+        if isinstance(error, RequestRejected):
             # The portal is up and answered; it only refused this request. Counting that as an
             # outage would let a few odd caller IDs open the breaker for everyone.
             self.breaker.succeeded()
         else:
-            self.last_failure = self._clock()
+            self.memory.last_failure = self._clock()
             self._breaker_failed(error.reason)
-            if error.reason in LIMIT_ERRORS:
-                pause = self.limiter.back_off()
-                log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
         self._fail(phones, error)
 
     def _settle(self, phone: str, answer: CrmAnswer) -> None:
@@ -217,7 +240,7 @@ class CrmLookup:
             if not waiter.done():  # done: that caller's deadline passed
                 waiter.set_result(answer)
 
-    def _fail(self, phones: list[str], error: PortalError) -> None:
+    def _fail(self, phones: list[str], error: BitrixError) -> None:
         for phone in phones:
             self._waiting.pop(phone, None)
             for waiter in self._flights.pop(phone, ()):
@@ -228,6 +251,6 @@ class CrmLookup:
                     waiter.exception()
 
 
-def _give_up(waiter: asyncio.Future) -> None:
+def _give_up(waiter: asyncio.Future[CrmAnswer | None]) -> None:
     if not waiter.done():
         waiter.set_result(None)

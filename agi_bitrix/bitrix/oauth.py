@@ -21,9 +21,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import aiohttp
 
-from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.bitrix.client import PortalClient
+from agi_bitrix.bitrix.errors import (
+    AuthRejected,
+    BadResponse,
+    PortalRefused,
+    PortalTimeout,
+    PortalUnreachable,
+    TokenFileError,
+)
+from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import BitrixSettings, OAuthSettings
 
 log = logging.getLogger("agi_bitrix.oauth")
@@ -55,12 +65,12 @@ class TokenFile:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except OSError as error:
-            raise PortalError("oauth_token_file", f"cannot read token file {self.path}: {error.strerror}") from None
+            raise TokenFileError(f"cannot read token file {self.path}: {error.strerror}") from None
         except ValueError:
-            raise PortalError("oauth_token_file", f"token file {self.path} is not JSON") from None
+            raise TokenFileError(f"token file {self.path} is not JSON") from None
         refresh = data.get("refresh_token") if isinstance(data, dict) else None
         if not isinstance(refresh, str) or not refresh:
-            raise PortalError("oauth_token_file", f"token file {self.path} has no refresh_token")
+            raise TokenFileError(f"token file {self.path} has no refresh_token")
         access = data.get("access_token")
         expires_at = data.get("expires_at")
         return Tokens(access if isinstance(access, str) else "", refresh,
@@ -141,22 +151,23 @@ class OAuthTokens:
                 status = response.status
                 body = await response.read()
         except asyncio.TimeoutError:
-            raise PortalError("oauth_timeout", "the OAuth token server did not answer in time") from None
+            raise PortalTimeout("oauth_timeout", "the OAuth token server did not answer in time") from None
         except aiohttp.ClientError as error:
             # aiohttp's message may quote the URL with the secrets in its query: name the type only.
-            raise PortalError("oauth_connect", f"cannot reach the OAuth token server: {type(error).__name__}") from None
+            raise PortalUnreachable("oauth_connect",
+                                    f"cannot reach the OAuth token server: {type(error).__name__}") from None
         try:
             answer = json.loads(body)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise PortalError("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without JSON")
+            raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without JSON")
         error = answer.get("error")
         if error:
             raise self._refusal(str(error), status)
         access, refresh = answer.get("access_token"), answer.get("refresh_token")
         if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
-            raise PortalError("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without tokens")
+            raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without tokens")
         expires_in = answer.get("expires_in")
         lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 3600.0
         tokens = Tokens(access, refresh, self._clock() + lifetime)
@@ -170,18 +181,18 @@ class OAuthTokens:
         log.info("OAuth: access token refreshed; the new refresh token is saved in %s", self.token_file.path)
         return tokens
 
-    def _refusal(self, code: str, status: int) -> PortalError:
+    def _refusal(self, code: str, status: int) -> PortalRefused:
         safe_code = code if code.replace("_", "").isalnum() and len(code) <= 64 else "error"
         if safe_code in REFRESH_REJECTED:
             log.error("OAuth: Bitrix24 rejected the refresh token in %s (%s, HTTP %s). Every portal request"
                       " fails until you reinstall the application or write a fresh refresh_token into"
                       " that file.", self.token_file.path, safe_code, status)
-            return PortalError("refresh_token_rejected", f"the refresh token was rejected ({safe_code})")
+            return AuthRejected("refresh_token_rejected", f"the refresh token was rejected ({safe_code})")
         if safe_code in CLIENT_REJECTED:
             log.error("OAuth: Bitrix24 rejected the application's client_id/client_secret (%s, HTTP %s);"
                       " check bitrix.oauth in the config", safe_code, status)
-            return PortalError("oauth_client_rejected", f"client_id/client_secret rejected ({safe_code})")
-        return PortalError(f"oauth_{safe_code}"[:64], f"the OAuth token server refused: {safe_code}, HTTP {status}")
+            return AuthRejected("oauth_client_rejected", f"client_id/client_secret rejected ({safe_code})")
+        return PortalRefused(f"oauth_{safe_code}"[:64], f"the OAuth token server refused: {safe_code}, HTTP {status}")
 
 
 def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
@@ -189,12 +200,17 @@ def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
     """The portal client the settings ask for: OAuth when bitrix.oauth is set, else the webhook.
 
     On a reload, pass the client in use as `previous`: when the application is the same, its
-    tokens are kept, so two token holders never race to spend one refresh token.
+    tokens are kept, so two token holders never race to spend one refresh token; and the request
+    budget is kept unless its rate changed, so a reload cannot grant a fresh burst the portal
+    would refuse.
     """
+    budget = previous.budget if previous is not None else None
+    if budget is None or (budget.per_second, budget.burst) != (bitrix.rate_per_second, bitrix.rate_burst):
+        budget = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst)
     oauth = bitrix.oauth
     if oauth is None:
-        return PortalClient(bitrix.webhook_url, session, timeout=bitrix.deadline)
+        return PortalClient(bitrix.webhook_url, session, timeout=bitrix.deadline, budget=budget)
     tokens = previous.auth if previous is not None else None
     if not isinstance(tokens, OAuthTokens) or tokens.settings != oauth:
         tokens = OAuthTokens(oauth, session)
-    return PortalClient(oauth.portal_url, session, timeout=bitrix.deadline, auth=tokens)
+    return PortalClient(oauth.portal_url, session, timeout=bitrix.deadline, budget=budget, auth=tokens)

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.bitrix.client import PortalClient
+from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted
 from agi_bitrix.phones import normalize_extension, normalize_number
 
 log = logging.getLogger("agi_bitrix.users")
@@ -77,9 +78,11 @@ def answering_number(answered_by: str) -> str:
 
 
 class UserDirectory:
-    def __init__(self, portal: PortalClient, *, refresh: float, default_country: str,
+    def __init__(self, portal: Callable[[], PortalClient], *, refresh: float, default_country: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.portal = portal
+        """`portal` gives the portal client in use (a reload may replace it); the directory itself
+        outlives reloads."""
+        self.portal_source = portal
         self.refresh = refresh
         self.default_country = default_country
         self._clock = clock
@@ -124,9 +127,10 @@ class UserDirectory:
         items: list[Any] = []
         seen: set[str] = set()
         for page in range(MAX_PAGES):
-            result = await self.portal.call(USER_GET, {**params, "start": page * PAGE_SIZE})
+            # Only a request slot that is free now: calls cannot wait, the directory can (next try).
+            result = await self.portal_source().call(USER_GET, {**params, "start": page * PAGE_SIZE})
             if not isinstance(result, list):
-                raise PortalError("bad_result", f"{USER_GET}: result is {type(result).__name__}, expected a list")
+                raise BadResponse("bad_result", f"{USER_GET}: result is {type(result).__name__}, expected a list")
             fresh = [item for item in result if isinstance(item, Mapping) and str(item.get("ID")) not in seen]
             seen.update(str(item.get("ID")) for item in fresh)
             items.extend(fresh)
@@ -161,10 +165,9 @@ class UserDirectory:
             try:
                 await self.load()
                 wait = self.refresh
-            except PortalError as error:
+            except BitrixError as error:
                 wait = min(self.refresh, RETRY_AFTER_FAILURE)
-                hint = " (the webhook needs the 'user' scope)" if error.reason in (
-                    "insufficient_scope", "ACCESS_DENIED") else ""
+                hint = " (the webhook needs the 'user' scope)" if isinstance(error, NotPermitted) else ""
                 log.warning("user directory not refreshed: %s%s; keeping %s; next try in %.0f s",
                             error, hint, "the last snapshot" if self.loaded_at is not None else "no users",
                             wait)

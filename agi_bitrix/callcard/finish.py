@@ -22,33 +22,37 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest
-from agi_bitrix.bitrix.client import PortalClient, PortalError
+from agi_bitrix.bitrix.client import PortalClient
+from agi_bitrix.bitrix.errors import (
+    AuthRejected,
+    BadResponse,
+    BitrixError,
+    PortalTimeout,
+    PortalUnavailable,
+    PortalUnreachable,
+    RateLimited,
+    RequestNotSent,
+    TokenFileError,
+)
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
-from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.callcard.register import CALL_ID_PATTERN, LIMIT_ERRORS, USER_ID_PATTERN
+from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN
 from agi_bitrix.callcard.status import status_code
 from agi_bitrix.config import Config
-from agi_bitrix.server import AgiChannel
 
 log = logging.getLogger("agi_bitrix.callcard")
 
 FINISH = "telephony.externalcall.finish"
 
 # Failures that say nothing about this finish: the portal (or the way to it) is down, busy or
-# not letting us in right now. An admin fixes credentials and scopes without touching the
-# queued finishes, so those are retried too, until callcard.finish.retry.give_up_after.
-RETRYABLE = frozenset({
-    "timeout", "connect", "bad_http", "bad_json", "bad_result", "too_large",
-    "QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT", "OPERATION_TIME_LIMIT", "INTERNAL_SERVER_ERROR",
-    "PORTAL_DELETED", "expired_token", "invalid_token", "NO_AUTH_FOUND", "INVALID_CREDENTIALS",
-    "insufficient_scope", "ACCESS_DENIED", "user_access_error", "WRONG_AUTH_TYPE", "http_429",
-    "refresh_token_rejected", "oauth_client_rejected", "oauth_token_file", "oauth_timeout",
-    "oauth_connect", "oauth_bad_answer",
-})
-_SERVER_ERROR = re.compile(r"^http_5[0-9][0-9]$")
+# not letting us in right now, or we did not ask. An admin fixes credentials, scopes and the
+# token file without touching the queued finishes, so those are retried too, until
+# callcard.finish.retry.give_up_after.
+RETRYABLE = (PortalTimeout, PortalUnreachable, BadResponse, RateLimited, AuthRejected, PortalUnavailable,
+             RequestNotSent, TokenFileError)
 # The portal's answer to a finish for a call it does not have open (any more).
 _CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
 
@@ -158,31 +162,20 @@ class FinishService:
                                recording=quote(arguments.recording, safe=""))
 
 
-class FinishSender:
-    """Delivers one queued finish; tells the outbox whether it is done, worth retrying, or lost."""
-
-    def __init__(self, portal: PortalClient, limiter: Callable[[], RateLimiter] | None = None) -> None:
-        self.portal = portal
-        self.limiter = limiter
-
-    async def __call__(self, entry: Entry) -> Outcome:
-        limiter = self.limiter() if self.limiter is not None else None
+async def send_finish(portal: PortalClient, entry: Entry) -> Outcome:
+    """Deliver one queued finish; tell the outbox whether it is done, worth retrying, or lost."""
+    try:
         # Finishes can wait and calls cannot: a finish only takes a request slot that is free now.
-        if limiter is not None and limiter.reserve(max_wait=0) is None:
-            return Outcome("retry", "rate_limited: the portal's request budget is spent")
-        try:
-            await self.portal.call(FINISH, entry.params)
-        except PortalError as error:
-            if limiter is not None and error.reason in LIMIT_ERRORS:
-                limiter.back_off()
-            return finish_outcome(error, entry.attempt)
-        log.info("finish %s delivered (attempt %d)", entry.key, entry.attempt)
-        return Outcome("delivered")
+        await portal.call(FINISH, entry.params, max_wait=0.0)
+    except BitrixError as error:
+        return finish_outcome(error, entry.attempt)
+    log.info("finish %s delivered (attempt %d)", entry.key, entry.attempt)
+    return Outcome("delivered")
 
 
-def finish_outcome(error: PortalError, attempt: int) -> Outcome:
+def finish_outcome(error: BitrixError, attempt: int) -> Outcome:
     detail = f"{error.reason}: {error.detail}"
-    if error.reason in RETRYABLE or _SERVER_ERROR.match(error.reason):
+    if isinstance(error, RETRYABLE):
         return Outcome("retry", detail)
     if attempt > 1 and _CALL_NOT_FOUND.search(error.detail):
         # An earlier attempt whose answer was lost (a timeout, a crash) did finish the call:

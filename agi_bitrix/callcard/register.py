@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest
-from agi_bitrix.bitrix.client import PortalClient, PortalError
-from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.bitrix.client import PortalClient
+from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
-from agi_bitrix.server import AgiChannel
 
 log = logging.getLogger("agi_bitrix.callcard")
 
@@ -72,20 +72,12 @@ def register_arguments(values: list[str], request: AgiRequest, default_country: 
     )
 
 
-# The portal's answers that mean "too many requests": every request of ours then holds back.
-LIMIT_ERRORS = frozenset({"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"})
-
-
 class RegisterService:
     def __init__(self, config: Config, portal: PortalClient,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 limiter: Callable[[], RateLimiter] | None = None) -> None:
-        """`limiter` gives the process's copy of the portal's request budget, which the lookups
-        spend too: the portal counts every request, whatever it is for."""
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self.config = config
         self.portal = portal
         self.clock = clock
-        self.limiter = limiter
 
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
         uniqueid = request.get("agi_uniqueid") or "-"
@@ -115,24 +107,19 @@ class RegisterService:
             log.info("call %s: no owner and no callcard.register.default_user; not registered", uniqueid)
             return "", "no_user"
         params = self.register_params(arguments, user_id)
-        limiter = self.limiter() if self.limiter is not None else None
         try:
             async with asyncio.timeout(settings.deadline):
-                wait = limiter.reserve(max_wait=settings.deadline) if limiter is not None else 0.0
-                if wait is None:
-                    log.warning("call %s: no portal request slot within %.1f s; not registered",
-                                uniqueid, settings.deadline)
-                    return "", "rate_limited"
-                await asyncio.sleep(wait)
-                result = await self.portal.call(REGISTER, params)
+                # The request budget is the lookups' too: the portal counts every request.
+                result = await self.portal.call(REGISTER, params, max_wait=settings.deadline)
         except TimeoutError:
             log.warning("call %s: register took longer than %.1f s; the call goes on without a card",
                         uniqueid, settings.deadline)
             return "", "timeout"
-        except PortalError as error:
+        except RequestNotSent as error:
+            log.warning("call %s: not registered: %s", uniqueid, error)
+            return "", error.reason
+        except BitrixError as error:
             log.warning("call %s: register failed: %s", uniqueid, error)
-            if limiter is not None and error.reason in LIMIT_ERRORS:
-                limiter.back_off()
             return "", error.reason if _ERROR.match(error.reason) else "portal_error"
         call_id = result.get("CALL_ID") if isinstance(result, dict) else None
         if not isinstance(call_id, str) or not CALL_ID_PATTERN.match(call_id):
