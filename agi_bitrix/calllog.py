@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from agi_bitrix.config import CallLogSettings
 
@@ -66,7 +66,7 @@ class CallLog:
             "latency_ms": round(seconds * 1000, 1),
         }
         if self.settings.format == "json":
-            fields = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
+            fields = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **fields}
             log.info(json.dumps(fields, ensure_ascii=False))
         else:
-            log.info("call " + " ".join(f"{key}={value}" for key, value in fields.items()))
+            log.info("call %s", " ".join(f"{key}={value}" for key, value in fields.items()))

@@ -206,9 +206,9 @@ def test_send_rejects_bad_lines_and_early_commands():
     with pytest.raises(RuntimeError):
         ServerConnection().send(b"NOOP\n")
     conn = started()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one line"):
         conn.send(b"NOOP\nEXEC Dial x\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one line"):
         conn.send(b"NOOP")
 
 

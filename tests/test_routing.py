@@ -1,7 +1,7 @@
 """The routing decision as a pure function: every branch of the default policy and each rule feature."""
 
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -15,7 +15,7 @@ from agi_bitrix.routing.variables import NAMES, channel_variables
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agi-bitrix.yaml"
 POLICY = load_config(SHIPPED, environ={}).policy
-NOON = datetime(2026, 11, 26, 9, 0, tzinfo=timezone.utc)  # Thursday 12:00 in Moscow
+NOON = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)  # Thursday 12:00 in Moscow
 
 
 def entity(entity_type="CONTACT", entity_id=1, user="1", timeman="OPENED", inner="101", mobile="79161110101",

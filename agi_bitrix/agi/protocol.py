@@ -13,9 +13,11 @@ connection refuses to go on.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from typing import Final, Literal, TypeAlias
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 # Asterisk 22 sends ~25 header lines of well under 100 bytes each; arguments and long
 # channel names push a real header to a couple of KiB. 16 KiB leaves ample room while a
@@ -28,15 +30,17 @@ MAX_REPLY_LINE_BYTES = 8 * 1024
 MAX_USAGE_LINES = 200
 
 
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self._name = name
+class _Sentinel(enum.Enum):
+    # A one-member enum rather than a plain object, so that `event is NEED_DATA` narrows the type.
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
-        return self._name
+        return self.name
+
+    __str__ = __repr__
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA: Final = _Sentinel.NEED_DATA
 
 
 class PeerError(Exception):
@@ -63,7 +67,7 @@ class AgiRequest:
         return dict(parse_qsl(self._script_url.query))
 
     @property
-    def _script_url(self):
+    def _script_url(self) -> SplitResult:
         # A leading "//" would make urlsplit read the path as a host name.
         return urlsplit("/" + self.env.get("agi_network_script", "").lstrip("/"))
 
@@ -96,6 +100,11 @@ class HangUp:
 @dataclass(frozen=True)
 class EndOfStream:
     """The client closed its side cleanly after the header."""
+
+
+# Everything next_event() can return besides NEED_DATA.
+Event: TypeAlias = AgiRequest | CommandReply | HangUp | EndOfStream
+_NeedData: TypeAlias = Literal[_Sentinel.NEED_DATA]
 
 
 _REPLY_LINE = re.compile(r"^(\d{3})([ -])(.*)$")
@@ -154,7 +163,7 @@ class ServerConnection:
 
     # -- events out -----------------------------------------------------------------------
 
-    def next_event(self):
+    def next_event(self) -> Event | _NeedData:
         if self._failed:
             raise RuntimeError("connection already failed")
         try:
@@ -163,7 +172,7 @@ class ServerConnection:
             self._failed = True
             raise
 
-    def _next_event(self):
+    def _next_event(self) -> Event | _NeedData:
         if not self._header_done:
             return self._next_header_event()
         while True:
@@ -181,7 +190,7 @@ class ServerConnection:
             if event is not None:
                 return event
 
-    def _next_header_event(self):
+    def _next_header_event(self) -> AgiRequest | _NeedData:
         # The block ends at the first empty line. It is cut out whole and decoded in one go: the
         # header is the bulk of what a session reads, so it is worth not walking it line by line.
         buffer = self._buffer
@@ -201,7 +210,7 @@ class ServerConnection:
         self._header_done = True
         return _build_request(_decode(block))
 
-    def _reply_event(self, text: str):
+    def _reply_event(self, text: str) -> CommandReply | HangUp | None:
         if self._usage is not None:
             # Inside "520-...": collect until the closing "520 End of proper usage."
             if text.startswith("520 "):

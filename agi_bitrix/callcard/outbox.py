@@ -14,6 +14,7 @@ synchronous=FULL makes an acknowledged add survive a crash and a power cut.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -24,7 +25,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TextIO, TypeVar, TypeVarTuple
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 log = logging.getLogger("agi_bitrix.outbox")
 
@@ -94,7 +99,7 @@ class Outbox:
         self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
-        self._lock_file: Any = None
+        self._lock_file: TextIO | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._paused_until = 0.0
@@ -124,10 +129,8 @@ class Outbox:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         if self._executor is not None:
             await self._run(self._close)
@@ -222,7 +225,7 @@ class Outbox:
         except TimeoutError:
             pass
 
-    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, function: Callable[[*_Args], _T], *args: *_Args) -> _T:
         if self._executor is None:
             raise OutboxError(f"outbox {self.path} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -232,16 +235,17 @@ class Outbox:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(f"{self.path}.lock", "a")
+            # Held open until _release_lock: the flock lives as long as the file.
+            lock_file = open(f"{self.path}.lock", "a")  # noqa: SIM115
         except OSError as error:
             raise OutboxError(f"cannot open outbox {self.path}: {error.strerror}") from None
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lock_file.close()
-            self._lock_file = None
+            lock_file.close()
             # Two processes delivering the same rows would send finishes twice.
             raise OutboxError(f"outbox {self.path} is in use by another agi-bitrix process") from None
+        self._lock_file = lock_file
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -264,16 +268,22 @@ class Outbox:
             self._lock_file.close()  # closing the file drops the flock
             self._lock_file = None
 
+    @property
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise OutboxError(f"outbox {self.path} is not open")
+        return self._db
+
     def _insert(self, key: str, params: str) -> bool:
         now = self._clock()
-        cursor = self._db.execute(
+        cursor = self._connection.execute(
             "INSERT OR IGNORE INTO outbox (key, params, state, queued_at, next_attempt_at)"
             " VALUES (?, ?, ?, ?, ?)", (key, params, PENDING, now, now))
         return cursor.rowcount == 1
 
     def _take_due(self, now: float) -> Entry | None:
         with self._transaction():
-            row = self._db.execute(
+            row = self._connection.execute(
                 "SELECT key, params, attempts, queued_at FROM outbox WHERE state = ? AND next_attempt_at <= ?"
                 " ORDER BY next_attempt_at LIMIT 1", (PENDING, now)).fetchone()
             if row is None:
@@ -281,27 +291,28 @@ class Outbox:
             attempt = row["attempts"] + 1
             # Counted before the request leaves: after a crash mid-request this row waits out
             # the backoff and is retried as an attempt whose outcome is unknown.
-            self._db.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE key = ?",
-                             (attempt, now + self.retry.delay(attempt), row["key"]))
+            self._connection.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE key = ?",
+                                     (attempt, now + self.retry.delay(attempt), row["key"]))
         return Entry(row["key"], json.loads(row["params"]), attempt, row["queued_at"])
 
     def _note_error(self, key: str, detail: str) -> None:
-        self._db.execute("UPDATE outbox SET last_error = ? WHERE key = ?", (detail, key))
+        self._connection.execute("UPDATE outbox SET last_error = ? WHERE key = ?", (detail, key))
 
     def _finish_row(self, key: str, state: str, now: float, detail: str) -> None:
         # A delivery without a note keeps the error of the attempt before it, for the record.
-        self._db.execute("UPDATE outbox SET state = ?, done_at = ?, last_error = COALESCE(NULLIF(?, ''), last_error)"
-                         " WHERE key = ?", (state, now, detail, key))
+        self._connection.execute(
+            "UPDATE outbox SET state = ?, done_at = ?, last_error = COALESCE(NULLIF(?, ''), last_error)"
+            " WHERE key = ?", (state, now, detail, key))
 
     def _next_due(self) -> float | None:
-        row = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = ?", (PENDING,)).fetchone()
+        row = self._connection.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = ?", (PENDING,)).fetchone()
         return row[0]
 
     def _count(self, state: str) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = ?", (state,)).fetchone()[0]
+        return self._connection.execute("SELECT COUNT(*) FROM outbox WHERE state = ?", (state,)).fetchone()[0]
 
     def _row(self, key: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT * FROM outbox WHERE key = ?", (key,)).fetchone()
+        row = self._connection.execute("SELECT * FROM outbox WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         found = dict(row)
@@ -309,11 +320,12 @@ class Outbox:
         return found
 
     def _purge(self, now: float) -> None:
-        self._db.execute("DELETE FROM outbox WHERE (state = ? AND done_at < ?) OR (state = ? AND done_at < ?)",
-                         (DELIVERED, now - DELIVERED_RETENTION, FAILED, now - FAILED_RETENTION))
+        self._connection.execute(
+            "DELETE FROM outbox WHERE (state = ? AND done_at < ?) OR (state = ? AND done_at < ?)",
+            (DELIVERED, now - DELIVERED_RETENTION, FAILED, now - FAILED_RETENTION))
 
-    def _transaction(self):
-        return _Transaction(self._db)
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._connection)
 
 
 class _Transaction:
@@ -325,5 +337,6 @@ class _Transaction:
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -11,12 +11,13 @@ in the trace so that `agi-bitrix route` can explain the outcome.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity, Owner
 from agi_bitrix.phones import normalize_extension, normalize_number
-from agi_bitrix.routing.rules import Match, Rule, RoutingPolicy, Target
+from agi_bitrix.routing.rules import Match, RoutingPolicy, Rule, Target
 
 FALLBACK_RULE = "fallback"
 
@@ -39,7 +40,8 @@ class OwnerPhones:
     personal_phone: str = ""
 
     def get(self, name: str) -> str:
-        return getattr(self, name)
+        phone: str = getattr(self, name)  # every field is a str
+        return phone
 
 
 _NO_PHONES = OwnerPhones()
@@ -118,8 +120,9 @@ def decide(call: CallInfo, answer: CrmAnswer, policy: RoutingPolicy, now: dateti
             trace=tuple(trace),
         )
     first = answer.entities[0] if answer.entities else None
-    inactive = _inactive_owner(first, inactive_owners)
-    why = f" (the owner of {first.entity_type} {first.entity_id} is deactivated)" if inactive else ""
+    why = ""
+    if first is not None and _deactivated_owner(first, inactive_owners) is not None:
+        why = f" (the owner of {_label(first)} is deactivated)"
     first = _without_inactive_owner(first, inactive_owners)
     trace.append(RuleTrace(FALLBACK_RULE, True, f"no rule decided{why}; fallback queue"))
     return Decision(
@@ -193,13 +196,15 @@ def _label(entity: CrmEntity) -> str:
     return f"{entity.entity_type} {entity.entity_id}"
 
 
-def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners: frozenset[str]):
+def _pick(
+    rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners: frozenset[str]
+) -> tuple[CrmEntity | None, OwnerPhones, Target, list[str]] | str:
     """(entity, phones, target, passed-over reasons) for the first candidate that passes and
     has something to dial; or, when none does, the reasons as one string."""
     if not rule.uses_crm_object:
         first = _without_inactive_owner(answer.entities[0] if answer.entities else None, inactive_owners)
         return first, owner_phones(first, policy.default_country), rule.route[0], []
-    candidates = _candidates(rule, answer.entities)
+    candidates: Sequence[CrmEntity | None] = _candidates(rule, answer.entities)
     if not candidates and rule.match.about_crm_object:
         return f"no CRM object (status {answer.status})"
     if not candidates:
@@ -207,10 +212,11 @@ def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners:
     reasons = []
     for entity in candidates:
         phones = owner_phones(entity, policy.default_country)
-        if _inactive_owner(entity, inactive_owners):
-            reasons.append(f"{entity.entity_type} {entity.entity_id}: owner {entity.owner.user_id} is deactivated")
-            continue
         if entity is not None:
+            deactivated = _deactivated_owner(entity, inactive_owners)
+            if deactivated is not None:
+                reasons.append(f"{_label(entity)}: owner {deactivated.user_id} is deactivated")
+                continue
             refusal = _object_refusal(rule.match, entity, phones)
             if refusal:
                 reasons.append(refusal)
@@ -218,20 +224,22 @@ def _pick(rule: Rule, answer: CrmAnswer, policy: RoutingPolicy, inactive_owners:
         target = next((t for t in rule.route if _available(t, phones)), None)
         if target is None:
             wanted = ", ".join(t.describe() for t in rule.route)
-            label = f"{entity.entity_type} {entity.entity_id}: " if entity else ""
+            label = f"{_label(entity)}: " if entity is not None else ""
             reasons.append(f"{label}nothing to dial ({wanted} unavailable)")
             continue
         return entity, phones, target, reasons
     return "; ".join(reasons)
 
 
-def _inactive_owner(entity: CrmEntity | None, inactive_owners: frozenset[str]) -> bool:
-    return entity is not None and entity.owner is not None and entity.owner.user_id in inactive_owners
+def _deactivated_owner(entity: CrmEntity, inactive_owners: frozenset[str]) -> Owner | None:
+    """The object's owner when that owner is known to be deactivated; otherwise None."""
+    owner = entity.owner
+    return owner if owner is not None and owner.user_id in inactive_owners else None
 
 
 def _without_inactive_owner(entity: CrmEntity | None, inactive_owners: frozenset[str]) -> CrmEntity | None:
     """The object as routing may use it: a deactivated owner is no owner."""
-    if _inactive_owner(entity, inactive_owners):
+    if entity is not None and _deactivated_owner(entity, inactive_owners) is not None:
         return replace(entity, owner=None)
     return entity
 
