@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ def render(routed: RoutedCall, portal_url: str) -> str:
     elif answer.status == "NO_CALLERID":
         lines.append("answer:   not asked (no usable caller ID)")
     else:
-        lines.append(f"answer:   {answer.status}, {len(answer.entities)} CRM object(s) in {routed.seconds * 1000:.0f} ms")
+        lines.append(f"answer:   {answer.status}, {len(answer.entities)} CRM object(s)"
+                     f" in {routed.seconds * 1000:.0f} ms")
     for index, entity in enumerate(answer.entities, start=1):
         owner = entity.owner
         if owner is None:
@@ -102,9 +104,9 @@ async def explain_call(config: Config, phone: str, did: str = "", record: str | 
     if record:
         if routed.answer.status not in ("FOUND", "NOT_FOUND"):
             return text + f"\nnothing recorded: the portal gave no answer ({routed.answer.status})"
-        Path(record).write_text(json.dumps({
+        await asyncio.to_thread(Path(record).write_text, json.dumps({
             "phone": routed.call.phone,
-            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "portal": portal.redacted_url,
             "result": recorder.raw_result,
         }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -7,6 +7,7 @@ Application has its own registry, so several can run in one process (the tests d
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -73,7 +74,7 @@ class Metrics:
         self.sessions.set_function(sessions)
         self.cache_entries.set_function(cache_entries)
         for state in BREAKER_STATES:
-            self.breaker.labels(state).set_function(lambda state=state: float(breaker_state() == state))
+            self.breaker.labels(state).set_function(functools.partial(_is_state, breaker_state, state))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -109,6 +110,10 @@ class MonitoringServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         healthy, body = self.health()
         return web.json_response(body, status=200 if healthy else 503)
+
+
+def _is_state(current: Callable[[], str], state: str) -> float:
+    return float(current() == state)
 
 
 def seconds_since(moment: float | None) -> float | None:

@@ -26,6 +26,7 @@ from agi_bitrix.agi.protocol import (
     AgiRequest,
     CommandReply,
     EndOfStream,
+    Event,
     HangUp,
     PeerError,
     ServerConnection,
@@ -188,10 +189,9 @@ def _host_allowed(host: str, networks: Networks) -> bool:
     return any(address in network for network in networks)
 
 
-async def next_event(reader: asyncio.StreamReader,
-                     conn: ServerConnection) -> AgiRequest | CommandReply | HangUp | EndOfStream:
+async def next_event(reader: asyncio.StreamReader, conn: ServerConnection) -> Event:
     while True:
         event = conn.next_event()
         if event is not NEED_DATA:
-            return event  # type: ignore[no-any-return]  # the parser returns events or NEED_DATA
+            return event
         conn.receive_data(await reader.read(READ_SIZE))

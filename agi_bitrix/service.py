@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from agi_bitrix.agi.channel import AgiChannel
@@ -68,7 +68,7 @@ def agi_call_info(request: AgiRequest, default_country: str) -> CallInfo:
 
 class RoutingService:
     def __init__(self, config: Config, lookup: Lookup,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  users: Directory | None = None, metrics: Metrics | None = None,
                  call_log: CallLog | None = None) -> None:
         self.config = config

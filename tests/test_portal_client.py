@@ -10,18 +10,17 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.conftest import ample_budget
-
 from agi_bitrix.bitrix.client import (
     MAX_BODY_BYTES,
     PortalClient,
     make_session,
     redact,
 )
-from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.emulator import PortalEmulator
+from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.models import CrmEntity, Owner
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
+from tests.conftest import ample_budget
 
 SECRET = "s3cr3t-webhook-code"
 ANNA = "79161234567"

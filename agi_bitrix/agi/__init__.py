@@ -12,6 +12,7 @@ from agi_bitrix.agi.protocol import (
 from agi_bitrix.agi.quoting import MAX_COMMAND_BYTES, agi_command, mset_commands
 
 __all__ = [
+    "MAX_COMMAND_BYTES",
     "NEED_DATA",
     "AgiRequest",
     "CommandReply",
@@ -19,7 +20,6 @@ __all__ = [
     "HangUp",
     "PeerError",
     "ServerConnection",
-    "MAX_COMMAND_BYTES",
     "agi_command",
     "mset_commands",
 ]

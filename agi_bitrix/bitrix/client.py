@@ -112,7 +112,8 @@ class PortalClient:
             # Do not echo the URL: it holds the secret code.
             raise ValueError("portal URL must look like https://PORTAL/rest/" if auth is not None
                              else "webhook URL must look like https://PORTAL/rest/USER_ID/CODE/")
-        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        # Checked at run time too: the value comes from YAML or a test, not from a type checker.
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):  # type: ignore[redundant-expr]
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.auth = auth
         self.budget = budget
@@ -231,7 +232,7 @@ class PortalClient:
                 allow_redirects=False,
             ) as response:
                 return response.status, await self._read_body(method, response)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # Before ClientConnectionError: aiohttp's ServerTimeoutError is both.
             raise self._error(PortalTimeout, "timeout", method,
                               f"no answer within {self._timeout_seconds:g} s") from None
@@ -317,7 +318,7 @@ def _form_fields(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[
         if isinstance(value, Mapping):
             yield from _form_fields(value, name)
         elif isinstance(value, (list, tuple)):
-            yield from _form_fields(dict(enumerate(value)), name)
+            yield from _form_fields({str(index): item for index, item in enumerate(value)}, name)
         elif isinstance(value, bool):
             yield name, "1" if value else "0"
         elif value is None:

@@ -98,7 +98,7 @@ class CrmLookup:
         # request however many wait); and, in arrival order, those not yet taken into a request.
         self._flights: dict[str, list[asyncio.Future[CrmAnswer | None]]] = {}
         self._waiting: dict[str, None] = {}
-        self._senders: set[asyncio.Task] = set()
+        self._senders: set[asyncio.Task[None]] = set()
         self._busy_since = 0.0  # loop time when the only running sender began its request
         self._second_sender: asyncio.TimerHandle | None = None
 
@@ -193,6 +193,7 @@ class CrmLookup:
             return
         self._busy_since = asyncio.get_running_loop().time()
         started = self._clock()
+        outcome: dict[str, list[CrmEntity] | PortalError]
         try:
             if len(phones) == 1:
                 outcome = {phones[0]: await self.portal.search_crm_entities(phones[0], slot)}
@@ -219,9 +220,9 @@ class CrmLookup:
                 self._fail([phone], entities)
                 continue
             status = "FOUND" if entities else "NOT_FOUND"
-            entities = tuple(entities)
-            self.cache.store(phone, CrmAnswer(status, entities, cache="hit"))  # as later calls will see it
-            self._settle(phone, CrmAnswer(status, entities, cache="miss"))
+            found = tuple(entities)
+            self.cache.store(phone, CrmAnswer(status, found, cache="hit"))  # as later calls will see it
+            self._settle(phone, CrmAnswer(status, found, cache="miss"))
 
     def _request_failed(self, phones: list[str], error: BitrixError) -> None:
         self.observer.portal_request_failed(error.reason)

@@ -35,6 +35,7 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import BitrixSettings, OAuthSettings
+import contextlib
 
 log = logging.getLogger("agi_bitrix.oauth")
 
@@ -89,10 +90,8 @@ class TokenFile:
                 os.fsync(file.fileno())
             os.replace(temporary, self.path)
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-            except FileNotFoundError:
-                pass
             raise
         # The rename itself is durable only once the directory is flushed.
         directory_fd = os.open(directory, os.O_RDONLY)
@@ -150,7 +149,7 @@ class OAuthTokens:
                                          allow_redirects=False) as response:
                 status = response.status
                 body = await response.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PortalTimeout("oauth_timeout", "the OAuth token server did not answer in time") from None
         except aiohttp.ClientError as error:
             # aiohttp's message may quote the URL with the secrets in its query: name the type only.
@@ -162,9 +161,9 @@ class OAuthTokens:
             answer = None
         if not isinstance(answer, dict):
             raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without JSON")
-        error = answer.get("error")
-        if error:
-            raise self._refusal(str(error), status)
+        refused = answer.get("error")
+        if refused:
+            raise self._refusal(str(refused), status)
         access, refresh = answer.get("access_token"), answer.get("refresh_token")
         if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
             raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without tokens")

@@ -19,6 +19,7 @@ from typing import Any
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted
 from agi_bitrix.phones import normalize_extension, normalize_number
+import contextlib
 
 log = logging.getLogger("agi_bitrix.users")
 
@@ -154,10 +155,8 @@ class UserDirectory:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def _refresh_forever(self) -> None:

@@ -3,9 +3,9 @@ AGI(agi://HOST:PORT/register), the same values read from the channel in one roun
 
 from __future__ import annotations
 
+from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.agi.quoting import agi_command
-from agi_bitrix.agi.channel import AgiChannel
 
 # Every value read this way is a number, an id, a status or a channel name, none of which holds
 # a comma; only the last one (a file name) may, and it is split off last.

@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from agi_bitrix.agi.channel import AgiChannel
@@ -74,7 +74,7 @@ def register_arguments(values: list[str], request: AgiRequest, default_country: 
 
 class RegisterService:
     def __init__(self, config: Config, portal: PortalClient,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.config = config
         self.portal = portal
         self.clock = clock
