@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 from tests.conftest import TEST_RULES
 
-from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import PortalError, make_session
-from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
 from agi_bitrix.config import OAuthSettings, load_config, parse_config
+from agi_bitrix.testing.fake_asterisk import fake_call
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import make_config
 
 from agi_bitrix.app import Application
-from agi_bitrix.agi.fake_asterisk import asterisk_header, command_words, fake_call, mset_pairs
+from agi_bitrix.testing.fake_asterisk import asterisk_header, command_words, fake_call, mset_pairs
 
 
 async def call(agi_server, **header):

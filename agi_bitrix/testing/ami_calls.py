@@ -1,4 +1,5 @@
-"""Test calls through a real Asterisk, placed and watched over AMI (panoramisk's Manager).
+"""Test calls through a real Asterisk, placed and watched over AMI (panoramisk's Manager), for
+the real-Asterisk tests and the Asterisk benchmark.
 
 A call is an AMI Originate of a Local channel into the test dialplan's caller context, which
 sets the caller ID the test chose and enters the context the test names. Every call carries a
