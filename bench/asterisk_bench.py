@@ -241,9 +241,8 @@ def start_agi_bitrix(webhook_url: str) -> tuple[Process, int]:
     and call logging (info) off, so that it does what production does per call, no more.
     The cache outlives any run: every measured call must be a hit."""
     port = free_port()
+    # Without a metrics port, bench_config already turns metrics off.
     config = bench_config(webhook_url, port, ttl=3600)
-    with open(config, "a") as config_file:
-        config_file.write("metrics: {listen: 'off'}\n")
     server = Process("-m", "agi_bitrix", "serve", "-c", str(config), "--log-level", "warning")
     wait_for_port(port)
     return server, port
