@@ -69,7 +69,8 @@ class CallDriver:
         self.manager.close()
 
     async def _on_event(self, manager: Manager, event: Message) -> None:
-        call = self.calls.get(_call_id_of(event))
+        call_id = _call_id_of(event)
+        call = self.calls.get(call_id) if call_id is not None else None
         if call is not None:
             call.events.append(event)
             async with self._changed:

@@ -156,7 +156,8 @@ class PortalModel:
 
     def _user_get(self, params: dict[str, Any]) -> dict[str, Any]:
         # user.get takes its filter as FILTER[...] or, in the older form, as the parameters themselves.
-        conditions = params.get("FILTER") if isinstance(params.get("FILTER"), dict) else params
+        given_filter = params.get("FILTER")
+        conditions = given_filter if isinstance(given_filter, dict) else params
         conditions = {
             key.upper(): value
             for key, value in conditions.items()
