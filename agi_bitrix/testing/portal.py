@@ -10,7 +10,7 @@ Here: the webhook's credentials, the portal's request limit, `batch`, and record
 
 Tests and the demo steer it in-process: `set_client` edits the CRM, `fail` injects faults (a
 slow or hung portal, a proxy's HTML page, garbage, a dropped connection; see portal_faults) and
-`requests` records what the portal was asked. The demo uses only the first.
+`requests` records what the portal was asked. The demo only starts it with the sample CRM.
 """
 
 from __future__ import annotations
