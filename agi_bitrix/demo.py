@@ -12,11 +12,11 @@ import asyncio
 import logging
 from importlib import resources
 
-from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application, until_stopped
-from agi_bitrix.bitrix.emulator import PortalEmulator
-from agi_bitrix.bitrix.sample_data import SAMPLE_CALLS, SAMPLE_CRM
 from agi_bitrix.config import Config, parse_config, parse_listen
+from agi_bitrix.testing.fake_asterisk import fake_call
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM
 
 
 def default_config(webhook_url: str) -> Config:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from agi_bitrix.agi.fake_asterisk import asterisk_header  # noqa: E402
+from agi_bitrix.testing.fake_asterisk import asterisk_header  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -116,7 +116,7 @@ async def one_session(port: int, callerid: str, index: int) -> float:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(asterisk_header(callerid=callerid, port=port, uniqueid=f"bench.{index}"))
     commands = 0
-    while line := await reader.readline():
+    while await reader.readline():
         commands += 1
         writer.write(b"200 result=0\n")
     writer.close()

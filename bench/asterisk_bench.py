@@ -5,9 +5,9 @@ Each call is a Local channel originated over AMI into a dialplan that runs
 `AGI(agi://127.0.0.1:PORT/route)` and then reports the B24_ variables it got in a UserEvent;
 the call counts as completed when that UserEvent arrives with the values the server must have
 set, so a broken AGI path cannot look fast. A fixed number of calls are kept in flight: each
-finished call starts the next. Asterisk is a fresh one from the test harness (tests/asterisk),
-with a bench configuration; agi-bitrix runs the shipped rules against the portal emulator,
-with ten repeated callers whose answers are already cached.
+finished call starts the next. Asterisk is a fresh one from the test harness
+(agi_bitrix/testing/pbx_harness.py), with a bench configuration; agi-bitrix runs the shipped
+rules against the portal emulator, with ten repeated callers whose answers are already cached.
 
     .venv/bin/python bench/asterisk_bench.py [--calls N] [--in-flight 20]   # ~20 s by default
 
@@ -39,8 +39,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 from agi_bench import REPEATED, Process, bench_config, free_port, repeated, wait_for_port  # noqa: E402
-from tests.asterisk.ami_calls import CALLER_CONTEXT, CallDriver  # noqa: E402
-from tests.asterisk.pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root  # noqa: E402
+
+from agi_bitrix.testing.ami_calls import CALLER_CONTEXT, CallDriver  # noqa: E402
+from agi_bitrix.testing.pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root  # noqa: E402
 
 TARGET_RATIO = 0.85
 WARM_UP_CALLS = 300
@@ -240,9 +241,8 @@ def start_agi_bitrix(webhook_url: str) -> tuple[Process, int]:
     and call logging (info) off, so that it does what production does per call, no more.
     The cache outlives any run: every measured call must be a hit."""
     port = free_port()
+    # Without a metrics port, bench_config already turns metrics off.
     config = bench_config(webhook_url, port, ttl=3600)
-    with open(config, "a") as config_file:
-        config_file.write("metrics: {listen: 'off'}\n")
     server = Process("-m", "agi_bitrix", "serve", "-c", str(config), "--log-level", "warning")
     wait_for_port(port)
     return server, port

@@ -10,7 +10,6 @@ import asyncio
 import resource
 import sys
 
-
 ANSWER = (
     b'EXEC MSet "B24_STATUS=FOUND,B24_ROUTE=extension,B24_TARGET=101,B24_QUEUE=support,'
     b"B24_EXTENSION=101,B24_MOBILE=79161110101,B24_WORK_PHONE=,B24_PERSONAL_PHONE=,"
@@ -21,7 +20,7 @@ ANSWER = (
 
 async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        while (line := await reader.readline()) not in (b"\n", b""):
+        while await reader.readline() not in (b"\n", b""):
             pass
         writer.write(ANSWER)
         await writer.drain()

@@ -5,8 +5,8 @@ import argparse
 import asyncio
 import signal
 
-from agi_bitrix.bitrix.emulator import PortalEmulator
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM
 
 
 async def serve(port: int, fault: str, delay: float) -> None:

@@ -5,10 +5,10 @@ import textwrap
 import pytest
 
 from agi_bitrix.app import Application
-from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
 from agi_bitrix.config import parse_config
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM
 
 TEST_RULES = """\
   - name: sales-did

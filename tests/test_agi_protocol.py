@@ -2,7 +2,6 @@ import random
 
 import pytest
 
-from agi_bitrix.agi.fake_asterisk import asterisk_header
 from agi_bitrix.agi.protocol import (
     MAX_HEADER_BYTES,
     NEED_DATA,
@@ -13,6 +12,7 @@ from agi_bitrix.agi.protocol import (
     PeerError,
     ServerConnection,
 )
+from agi_bitrix.testing.fake_asterisk import asterisk_header
 
 HEADER = asterisk_header(script="route?x=y&z=1", callerid="89161234567", extension="74951112233",
                          uniqueid="1700.42", args=("79160000000", "", "third"))

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
-from agi_bitrix.bitrix.emulator import PortalEmulator
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from agi_bitrix.config import load_config, parse_config
+from agi_bitrix.testing.fake_asterisk import fake_call
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES
 
 REGISTER = "telephony.externalcall.register"

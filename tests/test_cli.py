@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agi_bitrix.agi.fake_asterisk import fake_call
+from agi_bitrix.testing.fake_asterisk import fake_call
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "agi-bitrix.yaml"

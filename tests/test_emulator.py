@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from agi_bitrix.bitrix.emulator import PortalEmulator, normalise_phone
-from agi_bitrix.bitrix.sample_data import SAMPLE_CALLS, SAMPLE_CRM, SAMPLE_USERS
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.portal_model import normalise_phone
+from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM, SAMPLE_USERS
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 ANNA = "79161234567"
@@ -396,7 +397,7 @@ def test_sample_calls_refer_to_the_sample_crm():
 
 def test_command_line_serves_the_sample_data():
     with subprocess.Popen(
-        [sys.executable, "-m", "agi_bitrix.bitrix.emulator", "--port", "0", "--rate-limit"],
+        [sys.executable, "-m", "agi_bitrix.testing.portal_cli", "--port", "0", "--rate-limit"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
     ) as process:
         try:

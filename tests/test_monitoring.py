@@ -9,9 +9,9 @@ import socket
 import aiohttp
 import pytest
 
-from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
 from agi_bitrix.calllog import mask_number
+from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import make_config
 
 

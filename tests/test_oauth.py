@@ -13,14 +13,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import make_session
-from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
 from agi_bitrix.config import OAuthSettings, load_config, parse_config
+from agi_bitrix.testing.fake_asterisk import fake_call
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import TEST_RULES
 
 SEARCH = "telephony.externalCall.searchCrmEntities"

@@ -4,9 +4,9 @@ import asyncio
 import dataclasses
 from ipaddress import ip_network
 
-from agi_bitrix.agi.fake_asterisk import asterisk_header, fake_call
 from agi_bitrix.app import Application
 from agi_bitrix.server import _allowed
+from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
 from tests.conftest import TEST_RULES, make_config
 
 

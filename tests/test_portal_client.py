@@ -16,10 +16,10 @@ from agi_bitrix.bitrix.client import (
     make_session,
     redact,
 )
-from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.models import CrmEntity, Owner
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import ample_budget
 
 SECRET = "s3cr3t-webhook-code"

@@ -2,8 +2,8 @@ import string
 
 import pytest
 
-from agi_bitrix.agi.fake_asterisk import command_words, mset_pairs
 from agi_bitrix.agi.quoting import MAX_COMMAND_BYTES, MAX_VALUE_CHARS, agi_command, mset_commands
+from agi_bitrix.testing.fake_asterisk import command_words, mset_pairs
 
 PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
 

@@ -8,10 +8,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from agi_bitrix.bitrix.models import parse_search_result
-from agi_bitrix.bitrix.sample_data import SAMPLE_CALLS, SAMPLE_CRM
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.routing.engine import CallInfo, CrmAnswer, decide
 from agi_bitrix.routing.variables import NAMES, channel_variables
+from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agi-bitrix.yaml"
 POLICY = load_config(SHIPPED, environ={}).policy

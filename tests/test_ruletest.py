@@ -3,11 +3,11 @@
 import json
 import textwrap
 
+import pytest
+
 from agi_bitrix.config import ConfigError
 from agi_bitrix.ruletest import load_cases, report, run_cases
 from tests.test_cli import ROOT, SHIPPED, agi_bitrix, agi_bitrix_async
-
-import pytest
 
 CASES = ROOT / "config" / "agi-bitrix-cases.yaml"
 

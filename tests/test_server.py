@@ -4,10 +4,10 @@ import asyncio
 import time
 
 import pytest
-from tests.conftest import make_config
 
 from agi_bitrix.app import Application
-from agi_bitrix.agi.fake_asterisk import asterisk_header, command_words, fake_call, mset_pairs
+from agi_bitrix.testing.fake_asterisk import asterisk_header, command_words, fake_call, mset_pairs
+from tests.conftest import make_config
 
 
 async def call(agi_server, **header):

@@ -6,15 +6,15 @@ import textwrap
 
 import pytest
 
-from agi_bitrix.agi.fake_asterisk import fake_call
 from agi_bitrix.app import Application
-from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.errors import PortalError
-from agi_bitrix.bitrix.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from agi_bitrix.bitrix.users import User, UserDirectory, answering_number, parse_user
 from agi_bitrix.config import parse_config
 from agi_bitrix.routing.engine import CallInfo, decide
 from agi_bitrix.routing.variables import channel_variables
+from agi_bitrix.testing.fake_asterisk import fake_call
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, ample_budget
 from tests.test_routing import NOON, POLICY, entity, found
 

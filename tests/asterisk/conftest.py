@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.routing.variables import NAMES
+from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
+from agi_bitrix.testing.pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root
+from agi_bitrix.testing.portal import PortalEmulator
 
-from .ami_calls import CallDriver, PlacedCall
 from .fastagi_stub import VariableReader
-from .pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root
 from .product_server import ProductServer
 
 B24_VARIABLES = tuple(f"B24_{name}" for name in NAMES)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .pbx_harness import REPO, free_tcp_port
+from agi_bitrix.testing.pbx_harness import REPO, free_tcp_port
 
 SHIPPED_CONFIG = REPO / "config" / "agi-bitrix.yaml"
 

@@ -1,6 +1,7 @@
 """Calls through the sample dialplans, and what the stand-in phones, trunk and queues saw."""
 
-from .ami_calls import CallDriver, PlacedCall, event_name_of
+from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall, event_name_of
+
 from .conftest import DID
 
 SHORT_RING = "2"  # seconds; the samples' defaults (12-30 s) would make the tests slow

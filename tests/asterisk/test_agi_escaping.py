@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 
 from agi_bitrix.agi.quoting import mset_commands
-from .ami_calls import CallDriver
+from agi_bitrix.testing.ami_calls import CallDriver
+
 from .fastagi_stub import AgiSession, FastAgiStub
 
 # The first test also waits for provisioning (about a minute on a fresh machine).

@@ -16,7 +16,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from .ami_calls import CallDriver, PlacedCall
+from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
+
 from .conftest import DEADLINE
 from .crm import crm_object, fresh_phone
 from .product_server import ProductServer

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from .ami_calls import CallDriver, PlacedCall
+from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
+from agi_bitrix.testing.pbx_harness import AsteriskPbx
+
 from .conftest import STAND_IN_CONTEXTS, running_pbx
 from .crm import crm_object, fresh_phone
-from .pbx_harness import AsteriskPbx
 from .sample_calls import WAIT, joined_queue, rings, sample_call
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]

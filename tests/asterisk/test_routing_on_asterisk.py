@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from agi_bitrix.bitrix.emulator import SEARCH_METHOD
+from agi_bitrix.testing.portal_model import SEARCH_METHOD
 
 from .conftest import B24_VARIABLES, DEADLINE, DEADLINE_MARGIN
 from .crm import crm_object, fresh_phone

@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from .ami_calls import CallDriver, PlacedCall
+from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
+
 from .crm import crm_object, fresh_phone
 from .sample_calls import WAIT, is_sample_channel, joined_queue, rings, route_agi_status, sample_call
 

@@ -1,4 +1,5 @@
-"""Test calls through a real Asterisk, placed and watched over AMI (panoramisk's Manager).
+"""Test calls through a real Asterisk, placed and watched over AMI (panoramisk's Manager), for
+the real-Asterisk tests and the Asterisk benchmark.
 
 A call is an AMI Originate of a Local channel into the test dialplan's caller context, which
 sets the caller ID the test chose and enters the context the test names. Every call carries a
@@ -68,7 +69,8 @@ class CallDriver:
         self.manager.close()
 
     async def _on_event(self, manager: Manager, event: Message) -> None:
-        call = self.calls.get(_call_id_of(event))
+        call_id = _call_id_of(event)
+        call = self.calls.get(call_id) if call_id is not None else None
         if call is not None:
             call.events.append(event)
             async with self._changed:

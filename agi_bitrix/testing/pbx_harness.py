@@ -1,10 +1,13 @@
-"""A real Asterisk 22 for the tests.
+"""A real Asterisk 22 for the real-Asterisk tests and the Asterisk benchmark.
 
 scripts/provision-asterisk.sh builds (once, then cached) a Debian sid root file system that
 contains Asterisk; here we give every test run its own configuration directory inside that
 root, start Asterisk in it with chroot, and stop it again. Asterisk shares the machine's
 loopback network, so it reaches FastAGI servers the tests start on 127.0.0.1, and the tests
 reach its AMI port.
+
+It works only from a source checkout of agi-bitrix (an editable install): the provisioning
+script and asterisk-samples/ are not part of the installed package. Elsewhere it says so.
 """
 
 import os
@@ -15,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+# The checkout this file lies in: agi_bitrix/testing/pbx_harness.py.
 REPO = Path(__file__).resolve().parents[2]
 PROVISION_SCRIPT = REPO / "scripts" / "provision-asterisk.sh"
 SAMPLES_DIR = REPO / "asterisk-samples"
@@ -33,6 +37,14 @@ class AsteriskUnavailable(Exception):
     """Asterisk could not be provisioned or started here; the message says why."""
 
 
+def _from_checkout(path: Path) -> Path:
+    if not path.exists():
+        raise AsteriskUnavailable(
+            f"{path} is missing: the Asterisk harness runs only from a source checkout of agi-bitrix"
+            " (pip install -e .), not from an installed package")
+    return path
+
+
 def free_tcp_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -47,7 +59,8 @@ def provision_root() -> Path:
         if shutil.which(tool) is None:
             raise AsteriskUnavailable(f"'{tool}' is not installed")
     try:
-        run = subprocess.run([str(PROVISION_SCRIPT)], capture_output=True, text=True, timeout=1200)
+        run = subprocess.run([str(_from_checkout(PROVISION_SCRIPT))], capture_output=True, text=True,
+                             timeout=1200)
     except subprocess.TimeoutExpired:
         raise AsteriskUnavailable(f"{PROVISION_SCRIPT} did not finish within 20 minutes") from None
     if run.returncode != 0:
@@ -83,7 +96,7 @@ class AsteriskPbx:
             shutil.rmtree(self.host_home)
         for sub in ("etc", "run", "log", "lib", "spool", "db", "keys"):
             (self.host_home / sub).mkdir(parents=True)
-        shutil.copytree(SAMPLES_DIR, self.etc / "asterisk-samples")
+        shutil.copytree(_from_checkout(SAMPLES_DIR), self.etc / "asterisk-samples")
         home = self.home
         files = {
             "asterisk.conf": f"""\

@@ -1,0 +1,205 @@
+"""An in-process Bitrix24 portal, faithful where this project depends on the portal's behaviour.
+
+It serves inbound-webhook URLs (/rest/USER_ID/CODE/METHOD[.json]) over real HTTP so the real
+client, timeouts and connection handling are exercised, and it answers the way the REST
+documentation and the portal's code say the portal does: numbers as JSON numbers, string user
+ids, `{"result", "time"}` on success, `{"error", "error_description"}` with the portal's HTTP
+statuses on failure, method names in any case, parameters from the query string, a form or a
+JSON body (the wire format is in portal_wire, the methods and their data in portal_model).
+Here: the webhook's credentials, the portal's request limit, `batch`, and recording requests.
+
+Tests and the demo steer it in-process: `set_client` edits the CRM, `fail` injects faults (a
+slow or hung portal, a proxy's HTML page, garbage, a dropped connection; see portal_faults) and
+`requests` records what the portal was asked. The demo only starts it with the sample CRM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from agi_bitrix.testing.portal_faults import FaultInjector
+from agi_bitrix.testing.portal_model import PortalModel
+from agi_bitrix.testing.portal_wire import (
+    ErrorAnswer,
+    canonical_method,
+    error_response,
+    json_response,
+    php_params,
+    read_params,
+    time_block,
+)
+
+BATCH_METHOD = "batch"
+MAX_BATCH_COMMANDS = 50
+
+# The portal's defaults for ordinary plans: drain 2 requests/s, refuse at 50 waiting.
+PORTAL_RATE_LIMIT = (2.0, 50)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str  # lower-case, without ".json"
+    params: dict[str, Any]
+    at: float  # time.monotonic() on arrival
+    http_method: str
+
+
+class _LeakyBucket:
+    """The portal's request limiter: each request adds one, the bucket drains at `rate` per second."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate limit needs rate > 0 and burst >= 1, got {rate}, {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._level = 0.0
+        self._updated = time.monotonic()
+
+    def admit(self) -> bool:
+        now = time.monotonic()
+        self._level = max(0.0, self._level - (now - self._updated) * self.rate)
+        self._updated = now
+        if self._level + 1 > self.burst:
+            return False
+        self._level += 1
+        return True
+
+
+class PortalEmulator(PortalModel):
+    """The portal model served over HTTP as an inbound webhook, with fault injection."""
+
+    def __init__(
+        self,
+        crm: Mapping[str, list[dict]] | None = None,
+        *,
+        users: Mapping[str, dict] | None = None,
+        user_id: str = "1",
+        code: str = "emulator-secret",
+        rate_limit: tuple[float, int] | None = None,
+    ) -> None:
+        """`crm` and `users` as for `PortalModel`; `user_id` and `code` make the webhook URL;
+        `rate_limit` (requests/s, burst) refuses requests over it like the portal, None: no limit."""
+        super().__init__(crm, users=users)
+        self.user_id = user_id
+        self.code = code
+        self.requests: list[RecordedRequest] = []
+        self._faults = FaultInjector()
+        self._bucket = _LeakyBucket(*rate_limit) if rate_limit else None
+        self._runner: web.AppRunner | None = None
+        self.webhook_url = ""
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
+        # Hung requests are released on stop, so a short shutdown grace is enough.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.webhook_url = f"http://{bound_host}:{bound_port}/rest/{self.user_id}/{self.code}/"
+        return self.webhook_url
+
+    async def stop(self) -> None:
+        self._faults.release()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> PortalEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- steering ---------------------------------------------------------------------------
+
+    def fail(
+        self,
+        kind: str,
+        *,
+        phone: str | None = None,
+        method: str | None = None,
+        times: int | None = None,
+        **options: Any,
+    ) -> None:
+        """Inject a fault for requests about `phone` (any request when None) and `method` (any
+        when None), for the next `times` such requests (until reset when None). Faults apply
+        in the order they were added; the kinds and their options are in `FaultInjector.add`.
+        """
+        self._faults.add(kind, phone=phone, method=method, times=times, **options)
+
+    def reset_faults(self) -> None:
+        self._faults.reset()
+
+    def requests_for(self, method: str) -> list[RecordedRequest]:
+        wanted = canonical_method(method)
+        return [request for request in self.requests if request.method == wanted]
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.time()
+        method = canonical_method(request.match_info["method"])
+        try:
+            params = await read_params(request)
+        except ErrorAnswer as error:
+            return error_response(error)
+        self.requests.append(RecordedRequest(method, params, time.monotonic(), request.method))
+
+        fault = self._faults.take(method, params)
+        if fault is not None:
+            response = await self._faults.respond(fault, request)
+            if response is not None:
+                return response
+        try:
+            body = self._answer(request, method, params)
+        except ErrorAnswer as error:
+            return error_response(error)
+        finished = time.time()
+        body["time"] = time_block(started, finished)
+        return json_response(200, body)
+
+    def _answer(self, request: web.Request, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if request.match_info["user_id"] != self.user_id or request.match_info["code"] != self.code:
+            raise ErrorAnswer(401, "INVALID_CREDENTIALS", "Invalid request credentials")
+        if self._bucket is not None and not self._bucket.admit():
+            raise ErrorAnswer(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+        if method == BATCH_METHOD:
+            return self._batch(params)
+        return self.call_method(method, params)
+
+    def _batch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Up to 50 calls in one request, as the portal runs them: each command is
+        "method?query"; answers and errors come back under the command's key. An `error`
+        fault aimed at one number fails only that command, as the portal would."""
+        commands = params.get("cmd")
+        if not isinstance(commands, dict) or not commands:
+            raise ErrorAnswer(400, "INVALID_REQUEST", "Batch cmd is empty")
+        if len(commands) > MAX_BATCH_COMMANDS:
+            raise ErrorAnswer(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
+        results: dict[str, Any] = {}
+        errors: dict[str, Any] = {}
+        for key, command in commands.items():
+            name, _, query = str(command).partition("?")
+            method = canonical_method(name)
+            command_params = php_params(parse_qsl(query, keep_blank_values=True))
+            fault = self._faults.take(method, command_params)
+            try:
+                if fault is not None and fault.kind == "error":
+                    raise fault.error_answer()
+                results[key] = self.call_method(method, command_params)["result"]
+            except ErrorAnswer as error:
+                errors[key] = {"error": error.code, "error_description": error.description}
+        # PHP sends an empty array, not an empty object, for "no errors".
+        return {"result": {"result": results, "result_error": errors or [], "result_total": [],
+                           "result_next": [], "result_time": []}}

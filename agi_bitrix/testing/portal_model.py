@@ -1,0 +1,260 @@
+"""The Bitrix24 portal's data and REST methods, as the emulator answers them, without HTTP.
+
+The data is a CRM (what telephony.externalCall.searchCrmEntities returns per phone), the users
+that own its objects (what user.get lists) and the telephony calls that
+telephony.externalcall.register opens and telephony.externalcall.finish closes. Each method takes
+the request's parameters and returns the portal's answer, or raises `ErrorAnswer` with the
+status, code and text the portal sends; the checks, the number matching and the merging of
+repeated registers follow the REST documentation and the portal's code. Only the methods this
+project calls are implemented.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agi_bitrix.testing.portal_wire import ErrorAnswer
+
+SEARCH_METHOD = "telephony.externalcall.searchcrmentities"
+REGISTER_METHOD = "telephony.externalcall.register"
+FINISH_METHOD = "telephony.externalcall.finish"
+USER_GET_METHOD = "user.get"
+
+# The portal merges a repeated register with the same call data into the call still open.
+REGISTER_MERGE_WINDOW = 30 * 60.0
+
+
+def normalise_phone(raw: Any) -> str:
+    """Digits as the portal compares them: 8XXXXXXXXXX becomes 7XXXXXXXXXX, nothing else changes.
+
+    A 10-digit national number stays 10 digits and so does not match a stored 7XXXXXXXXXX,
+    exactly like the portal.
+    """
+    digits = re.sub(r"\D", "", "" if raw is None else str(raw))
+    if len(digits) == 11 and digits.startswith("8"):
+        return "7" + digits[1:]
+    return digits
+
+
+@dataclass
+class RegisteredCall:
+    call_id: str
+    user_id: str
+    params: dict[str, Any]  # as sent to register
+    crm_entity_type: str | None
+    crm_entity_id: int | None
+    registered_at: float  # time.monotonic(); tests may move it back to leave the merge window
+    finish_params: dict[str, Any] | None = None
+
+
+class PortalModel:
+    def __init__(
+        self,
+        crm: Mapping[str, list[dict]] | None = None,
+        *,
+        users: Mapping[str, dict] | None = None,
+    ) -> None:
+        """`crm` maps a phone to the raw searchCrmEntities answer; `users` adds user.get-only
+        fields (NAME, LAST_NAME, ACTIVE) to the owners found in `crm`, keyed by user id."""
+        self.calls: dict[str, RegisteredCall] = {}
+        self._crm: dict[str, list[dict]] = {}
+        self._user_extras = {str(key): dict(value) for key, value in (users or {}).items()}
+        self._users: dict[str, dict[str, Any]] = {}
+        self._lead_ids = itertools.count(1000)
+        for phone, entities in (crm or {}).items():
+            self.set_client(phone, entities)
+
+    def set_client(self, phone: str, entities: list[dict]) -> None:
+        """Make `phone` answer with `entities`, raw portal-shaped objects sent as they are."""
+        self._crm[normalise_phone(phone)] = list(entities)
+        for entity in entities:
+            owner = entity.get("ASSIGNED_BY") if isinstance(entity, dict) else None
+            if isinstance(owner, dict) and owner.get("ID") is not None:
+                self._users[str(owner["ID"])] = dict(owner)
+
+    def call_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The answer of a method the emulator knows, for a direct call or a batch command."""
+        handler: Callable[[dict[str, Any]], dict[str, Any]] | None = {
+            SEARCH_METHOD: self._search,
+            REGISTER_METHOD: self._register,
+            FINISH_METHOD: self._finish,
+            USER_GET_METHOD: self._user_get,
+        }.get(method)
+        if handler is None:
+            raise ErrorAnswer(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        return handler(params)
+
+    # -- methods ----------------------------------------------------------------------------
+
+    def _search(self, params: dict[str, Any]) -> dict[str, Any]:
+        phone = params.get("PHONE_NUMBER")
+        if _php_empty(phone):
+            raise ErrorAnswer(400, "ERROR_CORE", "PHONE_NUMBER is empty")
+        return {"result": self._crm.get(normalise_phone(phone), [])}
+
+    def _register(self, params: dict[str, Any]) -> dict[str, Any]:
+        user_id = self._resolve_user(params)
+        phone = params.get("PHONE_NUMBER")
+        if _php_empty(phone):
+            raise ErrorAnswer(400, "ERROR_CORE", "PHONE_NUMBER is empty")
+        call_type = str(params.get("TYPE", ""))
+        if call_type not in ("1", "2", "3", "4", "5"):
+            raise ErrorAnswer(400, "ERROR_CORE", "Unknown TYPE")
+
+        now = time.monotonic()
+        merge_key = _merge_key(params, user_id)
+        for call in self.calls.values():
+            # Only a call still open absorbs a repeat: finish closes it for good.
+            if (
+                call.finish_params is None
+                and now - call.registered_at < REGISTER_MERGE_WINDOW
+                and _merge_key(call.params, call.user_id) == merge_key
+            ):
+                return {"result": _register_result(call, created_lead=None)}
+
+        digits = normalise_phone(phone)
+        entity_type, entity_id = self._crm_binding(params, digits)
+        created_lead = None
+        if entity_type is None and str(params.get("CRM_CREATE", "0")) == "1":
+            created_lead = next(self._lead_ids)
+            entity_type, entity_id = "LEAD", created_lead
+            self.set_client(digits, [_lead(created_lead, self._users[user_id])])
+        call_id = f"externalCall.{secrets.token_hex(16)}.{int(time.time())}"
+        call = RegisteredCall(call_id, user_id, dict(params), entity_type, entity_id, now)
+        self.calls[call_id] = call
+        return {"result": _register_result(call, created_lead)}
+
+    def _finish(self, params: dict[str, Any]) -> dict[str, Any]:
+        call = self.calls.get(str(params.get("CALL_ID", "")))
+        if call is None or call.finish_params is not None:
+            raise ErrorAnswer(400, "", "Call is not found (call should be registered prior to finishing)")
+        self._resolve_user(params)
+        call.finish_params = dict(params)
+        duration = _int_or_zero(params.get("DURATION"))
+        status_code = str(params.get("STATUS_CODE") or ("200" if duration > 0 else "304"))
+        return {
+            "result": {
+                "CALL_ID": call.call_id,
+                "EXTERNAL_CALL_ID": call.params.get("EXTERNAL_CALL_ID"),
+                "PORTAL_USER_ID": call.user_id,
+                "PHONE_NUMBER": call.params.get("PHONE_NUMBER"),
+                "PORTAL_NUMBER": call.params.get("LINE_NUMBER"),
+                "INCOMING": str(call.params.get("TYPE")),
+                "CALL_DURATION": duration,
+                "CALL_FAILED_CODE": status_code,
+                "CALL_FAILED_REASON": params.get("FAILED_REASON", ""),
+                "CRM_ENTITY_TYPE": call.crm_entity_type,
+                "CRM_ENTITY_ID": call.crm_entity_id,
+            }
+        }
+
+    def _user_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        # user.get takes its filter as FILTER[...] or, in the older form, as the parameters themselves.
+        given_filter = params.get("FILTER")
+        conditions = given_filter if isinstance(given_filter, dict) else params
+        conditions = {
+            key.upper(): value
+            for key, value in conditions.items()
+            if key.upper() not in ("SORT", "ORDER", "START")
+        }
+        users = [
+            user
+            for user in (self._user_record(user_id) for user_id in sorted(self._users, key=_numeric_first))
+            if all(_user_field_matches(user.get(key), value) for key, value in conditions.items())
+        ]
+        return {"result": users, "total": len(users)}
+
+    def _user_record(self, user_id: str) -> dict[str, Any]:
+        owner = self._users[user_id]
+        extras = self._user_extras.get(user_id, {})
+        return {
+            "ID": user_id,
+            "ACTIVE": extras.get("ACTIVE", True),
+            "NAME": extras.get("NAME", ""),
+            "LAST_NAME": extras.get("LAST_NAME", ""),
+            "UF_PHONE_INNER": owner.get("USER_PHONE_INNER"),
+            "WORK_PHONE": owner.get("WORK_PHONE"),
+            "PERSONAL_PHONE": owner.get("PERSONAL_PHONE"),
+            "PERSONAL_MOBILE": owner.get("PERSONAL_MOBILE"),
+        }
+
+    def _resolve_user(self, params: Mapping[str, Any]) -> str:
+        if not _php_empty(params.get("USER_ID")):
+            user_id = str(params["USER_ID"])
+            if user_id not in self._users:
+                raise ErrorAnswer(400, "ERROR_CORE", f"User {user_id} is not found")
+            return user_id
+        inner = params.get("USER_PHONE_INNER")
+        if _php_empty(inner):
+            raise ErrorAnswer(400, "ERROR_CORE", "USER_ID or USER_PHONE_INNER should be set")
+        for user_id, owner in self._users.items():
+            if str(owner.get("USER_PHONE_INNER")) == str(inner):
+                return user_id
+        raise ErrorAnswer(400, "ERROR_CORE", f"User with phone extension {inner} is not found")
+
+    def _crm_binding(self, params: Mapping[str, Any], phone: str) -> tuple[str | None, int | None]:
+        if not _php_empty(params.get("CRM_ENTITY_TYPE")) and not _php_empty(params.get("CRM_ENTITY_ID")):
+            return str(params["CRM_ENTITY_TYPE"]).upper(), _int_or_zero(params["CRM_ENTITY_ID"])
+        for entity in self._crm.get(phone, []):
+            if isinstance(entity, dict):
+                return entity.get("CRM_ENTITY_TYPE"), entity.get("CRM_ENTITY_ID")
+        return None, None
+
+
+def _php_empty(value: Any) -> bool:
+    # PHP's empty(): the portal treats "0" like a missing value.
+    return value is None or value == "" or value == "0" or value == 0 or value is False
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return 0
+
+
+def _numeric_first(user_id: str) -> tuple[int, str]:
+    return (int(user_id), "") if user_id.isdigit() else (0, user_id)
+
+
+def _user_field_matches(actual: Any, wanted: Any) -> bool:
+    if isinstance(actual, bool):
+        return actual == (str(wanted).upper() in ("Y", "TRUE", "1"))
+    return str(actual) == str(wanted)
+
+
+def _merge_key(params: Mapping[str, Any], user_id: str) -> tuple[str, str, str, str, str]:
+    return (
+        normalise_phone(params.get("PHONE_NUMBER")),
+        str(params.get("TYPE", "")),
+        user_id,
+        str(params.get("LINE_NUMBER", "")),
+        str(params.get("EXTERNAL_CALL_ID", "")),
+    )
+
+
+def _register_result(call: RegisteredCall, created_lead: int | None) -> dict[str, Any]:
+    created = [{"ENTITY_TYPE": "LEAD", "ENTITY_ID": created_lead}] if created_lead else []
+    return {
+        "CALL_ID": call.call_id,
+        "CRM_CREATED_LEAD": created_lead,
+        "CRM_CREATED_ENTITIES": created,
+        "CRM_ENTITY_TYPE": call.crm_entity_type,
+        "CRM_ENTITY_ID": call.crm_entity_id,
+    }
+
+
+def _lead(lead_id: int, owner: dict[str, Any]) -> dict[str, Any]:
+    owner_id = str(owner.get("ID"))
+    return {
+        "CRM_ENTITY_TYPE": "LEAD",
+        "CRM_ENTITY_ID": lead_id,
+        "ASSIGNED_BY_ID": int(owner_id) if owner_id.isdigit() else owner_id,
+        "ASSIGNED_BY": dict(owner),
+    }
