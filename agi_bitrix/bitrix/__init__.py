@@ -1,1 +1,1 @@
-"""Everything that talks to (or pretends to be) a Bitrix24 portal."""
+"""Everything that talks to a Bitrix24 portal: the client, its errors and budget, the lookup, OAuth, the users."""

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agi_bitrix import background
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted
 from agi_bitrix.phones import normalize_extension, normalize_number
-import contextlib
 
 log = logging.getLogger("agi_bitrix.users")
 
@@ -153,11 +153,8 @@ class UserDirectory:
         self._task = asyncio.create_task(self._refresh_forever(), name="user directory")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
 
     async def _refresh_forever(self) -> None:
         while True:

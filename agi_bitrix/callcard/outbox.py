@@ -14,7 +14,6 @@ synchronous=FULL makes an acknowledged add survive a crash and a power cut.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import logging
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar, TypeVarTuple
+
+from agi_bitrix import background
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
@@ -127,11 +128,8 @@ class Outbox:
         self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         if self._executor is not None:
             await self._run(self._close)
             self._executor.shutdown(wait=True)

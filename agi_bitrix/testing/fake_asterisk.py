@@ -76,7 +76,9 @@ def mset_pairs(argument: str) -> dict[str, str]:
     """Split MSet's argument like Asterisk's standard app-argument parser, then at the first `=`."""
     pairs: list[str] = []
     current: list[str] = []
-    depth = brackets = 0
+    # Open parentheses and brackets: a comma inside either does not split.
+    open_count = {"(": 0, "[": 0}
+    opener_of = {")": "(", "]": "["}
     quoted = False
     chars = iter(argument)
     for ch in chars:
@@ -86,19 +88,13 @@ def mset_pairs(argument: str) -> dict[str, str]:
             quoted = not quoted
         elif quoted:
             current.append(ch)
-        elif ch == "(":
-            depth += 1
+        elif ch in open_count:
+            open_count[ch] += 1
             current.append(ch)
-        elif ch == ")" and depth:
-            depth -= 1
+        elif ch in opener_of and open_count[opener_of[ch]]:
+            open_count[opener_of[ch]] -= 1
             current.append(ch)
-        elif ch == "[":
-            brackets += 1
-            current.append(ch)
-        elif ch == "]" and brackets:
-            brackets -= 1
-            current.append(ch)
-        elif ch == "," and not depth and not brackets:
+        elif ch == "," and not any(open_count.values()):
             pairs.append("".join(current))
             current = []
         else:

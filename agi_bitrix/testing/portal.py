@@ -123,20 +123,10 @@ class PortalEmulator(PortalModel):
 
     # -- steering ---------------------------------------------------------------------------
 
-    def fail(
-        self,
-        kind: str,
-        *,
-        phone: str | None = None,
-        method: str | None = None,
-        times: int | None = None,
-        **options: Any,
-    ) -> None:
-        """Inject a fault for requests about `phone` (any request when None) and `method` (any
-        when None), for the next `times` such requests (until reset when None). Faults apply
-        in the order they were added; the kinds and their options are in `FaultInjector.add`.
-        """
-        self._faults.add(kind, phone=phone, method=method, times=times, **options)
+    def fail(self, kind: str, **where_and_how: Any) -> None:
+        """Inject a fault: which requests it hits (`phone`, `method`, `times`), the kinds and their
+        options are in `FaultInjector.add`. Faults apply in the order they were added."""
+        self._faults.add(kind, **where_and_how)
 
     def reset_faults(self) -> None:
         self._faults.reset()
