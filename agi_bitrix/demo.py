@@ -8,7 +8,6 @@ pointed at it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from importlib import resources
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from agi_bitrix.testing.fake_asterisk import asterisk_header  # noqa: E402
+from agi_bitrix.testing.fake_asterisk import asterisk_header
 
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable

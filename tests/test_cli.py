@@ -9,8 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from agi_bitrix.testing.fake_asterisk import fake_call
 
 ROOT = Path(__file__).resolve().parent.parent

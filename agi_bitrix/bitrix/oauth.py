@@ -13,6 +13,7 @@ The tokens and the client secret are passwords: they never appear in a log line 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,6 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import BitrixSettings, OAuthSettings
-import contextlib
 
 log = logging.getLogger("agi_bitrix.oauth")
 

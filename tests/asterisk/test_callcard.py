@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
+from agi_bitrix.testing.ami_calls import CallDriver
 
 from .conftest import DEADLINE
 from .crm import crm_object, fresh_phone
@@ -190,8 +190,7 @@ async def test_finishes_refused_by_the_portal_arrive_after_it_recovers_and_a_res
     await until(lambda: {r.params["CALL_ID"] for r in portal.requests_for(FINISH)} >= set(call_ids))
     callcard_server.stop()
     assert all(registered_call(portal, phone).finish_params is None for phone in phones)
-    assert {key: state for key, (state, _) in callcard_server.outbox_rows().items() if key in call_ids} == {
-        call_id: "pending" for call_id in call_ids}
+    assert {key: state for key, (state, _) in callcard_server.outbox_rows().items() if key in call_ids} == dict.fromkeys(call_ids, "pending")
 
     portal.reset_faults()
     refused = len(portal.requests_for(FINISH))
