@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from agi_bitrix.config import ConfigError, load_config, parse_config
+from agi_bitrix.checking import ConfigError
+from agi_bitrix.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "agi-bitrix.yaml"

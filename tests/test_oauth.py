@@ -20,7 +20,8 @@ from agi_bitrix.bitrix.client import PortalError, make_session
 from agi_bitrix.bitrix.emulator import PortalEmulator
 from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client
 from agi_bitrix.bitrix.sample_data import SAMPLE_CRM
-from agi_bitrix.config import OAuthSettings, load_config, parse_config
+from agi_bitrix.bitrix.settings import OAuthSettings
+from agi_bitrix.config import load_config, parse_config
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
@@ -277,7 +278,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
 
 
 def test_config_takes_a_webhook_or_an_application_not_both():
-    from agi_bitrix.config import ConfigError
+    from agi_bitrix.checking import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         parse_config(textwrap.dedent("""\

@@ -3,7 +3,7 @@
 import json
 import textwrap
 
-from agi_bitrix.config import ConfigError
+from agi_bitrix.checking import ConfigError
 from agi_bitrix.ruletest import load_cases, report, run_cases
 from tests.test_cli import ROOT, SHIPPED, agi_bitrix, agi_bitrix_async
 

@@ -24,7 +24,7 @@ from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, PortalError
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.config import BitrixSettings, CacheSettings
+from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings
 from agi_bitrix.monitoring import Metrics
 
 log = logging.getLogger("agi_bitrix.lookup")

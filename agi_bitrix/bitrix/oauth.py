@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from agi_bitrix.bitrix.client import PortalClient, PortalError
-from agi_bitrix.config import BitrixSettings, OAuthSettings
+from agi_bitrix.bitrix.settings import BitrixSettings, OAuthSettings
 
 log = logging.getLogger("agi_bitrix.oauth")
 
