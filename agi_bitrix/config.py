@@ -208,7 +208,7 @@ class Config:
     call_log: CallLogSettings = section("call_log", CallLogSettings, absent=CallLogSettings())
     # The call card and the user directory are on when their section is there, even empty.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
-    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0))
+    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
