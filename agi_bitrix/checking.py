@@ -20,7 +20,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -46,7 +46,7 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class LocatedDict(dict):
+class LocatedDict(dict[Any, Any]):
     line: int = 0
 
     def __init__(self) -> None:
@@ -54,7 +54,7 @@ class LocatedDict(dict):
         self.lines: dict[Any, int] = {}
 
 
-class LocatedList(list):
+class LocatedList(list[Any]):
     line: int = 0
 
     def __init__(self) -> None:
@@ -219,7 +219,7 @@ class Checker:
         if setting.sets:  # one key fills several fields; without it they keep their defaults
             value = self._plain(setting, mapping, key, path, _FAILED) if key in mapping else _FAILED
             filled = _FAILED if value is _FAILED else self._checked(setting, value, mapping, key, path, ())
-            return {} if filled is _FAILED else dict(zip(setting.sets, filled))
+            return {} if filled is _FAILED else dict(zip(setting.sets, cast(tuple[Any, ...], filled)))
         value = self._plain(setting, mapping, key, path, default)
         if setting.check is not None:
             checked = self._checked(setting, value, mapping, key, path, tuple(earlier[n] for n in setting.needs))
@@ -311,7 +311,7 @@ class Checker:
             self.problem(mapping.lines[key], _join(path, key),
                          f"YAML read this as {value!r}; put the value in quotes")
             return default
-        if isinstance(value, (int, float)) or isinstance(value, str):
+        if isinstance(value, (int, float, str)):
             return str(value)
         self.problem(mapping.lines[key], _join(path, key), f"expected text, got {_kind(value)}")
         return default

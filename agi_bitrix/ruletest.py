@@ -16,6 +16,7 @@ a rules change can be checked in the admin's own CI before `kill -HUP`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,10 +69,7 @@ def load_cases(path: str | Path, config: Config) -> list[Case]:
             check.problem(line, where, "a case is a mapping with caller, crm and expect")
             continue
         found_before = len(check.problems)
-
-        def problem(key: str, message: str) -> None:
-            check.problem(item.lines.get(key, line), f"{where}.{key}", message)
-
+        problem = _reporter(check, item, where)
         check.unknown_keys(item, where, _CASE_KEYS)
         name = str(item.get("name") or f"case {index + 1}")
         country = config.policy.default_country
@@ -85,6 +83,13 @@ def load_cases(path: str | Path, config: Config) -> list[Case]:
             cases.append(Case(name, line, call, answer, moment, expect))
     check.raise_problems()
     return cases
+
+
+def _reporter(check: Checker, item: LocatedDict, where: str) -> Callable[[str, str], None]:
+    """Reports a problem of one case at its key's line (the case's own line without the key)."""
+    def problem(key: str, message: str) -> None:
+        check.problem(item.lines.get(key, item.line), f"{where}.{key}", message)
+    return problem
 
 
 def _answer(item: LocatedDict, call: CallInfo, base: Path, problem) -> CrmAnswer:
@@ -129,7 +134,7 @@ def _moment(item: LocatedDict, config: Config, problem) -> datetime | None:
 def _expect(item: LocatedDict, problem) -> dict[str, str]:
     expect = item.get("expect")
     if not isinstance(expect, LocatedDict) or not expect:
-        problem("expect", f"expected a mapping of variables to values, e.g. {{route: queue, target: support}}")
+        problem("expect", "expected a mapping of variables to values, e.g. {route: queue, target: support}")
         return {}
     result = {}
     for key, value in expect.items():

@@ -112,7 +112,7 @@ def declared(settings: type) -> list[tuple[str, Setting]]:
 
 
 def declaration(settings: type, name: str) -> Setting:
-    setting: Setting = settings.__dataclass_fields__[name].metadata[_METADATA_KEY]
+    setting: Setting = _field(settings, name).metadata[_METADATA_KEY]
     return setting
 
 
@@ -128,4 +128,8 @@ def keys(settings: type, under: str = "") -> tuple[str, ...]:
 
 def default(settings: type, name: str) -> Any:
     """The declared default of a field (dataclasses.MISSING when it is required)."""
-    return settings.__dataclass_fields__[name].default
+    return _field(settings, name).default
+
+
+def _field(settings: type, name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(settings) if f.name == name)

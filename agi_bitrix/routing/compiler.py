@@ -21,8 +21,8 @@ from agi_bitrix.routing.rules import (
     TIMEMAN_STATUSES,
     WEEKDAYS,
     Match,
-    Rule,
     RoutingPolicy,
+    Rule,
     Target,
     TimeInterval,
     TimeRange,
@@ -179,17 +179,17 @@ def _match(check: Checker, rule: LocatedDict, path: str, country: str,
            intervals: dict[str, tuple[TimeInterval, ...]]) -> Match:
     section = check.section(rule, "match", f"{path}.match", _MATCH_KEYS)
     path = f"{path}.match"
-    owners = None
+    owners: frozenset[str] | None = None
     owner_items = check.items(section, "owner", path)
     if owner_items is not None:
-        owners = set()
+        found_owners = set()
         for line, item_path, value in owner_items:
             text = str(value).strip()
             if isinstance(value, bool) or not text.isdigit():
                 check.problem(line, item_path, f"{value!r} is not a Bitrix24 user id (a number)")
             else:
-                owners.add(text)
-        owners = frozenset(owners)
+                found_owners.add(text)
+        owners = frozenset(found_owners)
     names: dict[str, tuple[str, ...]] = {}
     for key in ("during", "outside"):
         found = []
@@ -243,6 +243,7 @@ def _regex(check: Checker, section: LocatedDict, key: str, path: str) -> re.Patt
 
 
 def _route(check: Checker, rule: LocatedDict, path: str, country: str) -> tuple[Target, ...]:
+    items: list[tuple[int, str, Any]] | None
     if isinstance(rule.get("route"), LocatedDict):  # a single {queue: NAME} without a list
         items = [(rule.lines["route"], f"{path}.route", rule["route"])]
     else:
