@@ -34,7 +34,8 @@ from agi_bitrix.callcard.finish import FinishService, send_finish
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome, RetryPolicy
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
-from agi_bitrix.config import Config, ConfigError, load_config
+from agi_bitrix.checking import ConfigError
+from agi_bitrix.config import Config, load_config
 from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
 from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import RoutingService

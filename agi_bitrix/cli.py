@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 
 from agi_bitrix import __version__
-from agi_bitrix.config import Config, ConfigError, load_config, parse_listen
+from agi_bitrix.checking import ConfigError
+from agi_bitrix.config import Config, load_config, parse_listen
 
 EXIT_OK = 0
 EXIT_CONFIG = 2

@@ -16,16 +16,17 @@ a rules change can be checked in the admin's own CI before `kill -HUP`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from agi_bitrix.bitrix.models import CrmAnswer, MalformedAnswer, parse_search_result
-from agi_bitrix.config import Config, ConfigError, Problem
+from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, read_file
+from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.routing.engine import CallInfo, decide
 from agi_bitrix.routing.variables import NAMES, channel_variables
-from agi_bitrix.yamlsource import LocatedDict, LocatedList, YamlProblem, load_located
 
 _CASE_KEYS = ("name", "caller", "did", "time", "crm", "crm_file", "crm_error", "expect")
 _EXPECTABLE = tuple(name.lower() for name in NAMES)
@@ -55,31 +56,21 @@ class Outcome:
 def load_cases(path: str | Path, config: Config) -> list[Case]:
     """Read and check a cases file; raises ConfigError with every problem."""
     file = str(path)
-    try:
-        data, duplicates = load_located(Path(path).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError([Problem(file, 0, "", f"cannot read: {error.strerror}")]) from None
-    except YamlProblem as problem:
-        raise ConfigError([Problem(file, problem.line, "", problem.message)]) from None
-    problems = [Problem(file, d.line, "", d.message) for d in duplicates]
+    check = Checker(file)
+    data = check.load(read_file(file)[0])
     items = data.get("cases") if isinstance(data, LocatedDict) else None
     if not isinstance(items, LocatedList) or not items:
-        raise ConfigError(problems + [Problem(file, 1, "cases", "expected a list of cases under `cases:`")])
+        raise ConfigError(check.problems + [Problem(file, 1, "cases", "expected a list of cases under `cases:`")])
     cases = []
     for index, item in enumerate(items):
         line = items.lines[index]
         where = f"cases[{index}]"
         if not isinstance(item, LocatedDict):
-            problems.append(Problem(file, line, where, "a case is a mapping with caller, crm and expect"))
+            check.problem(line, where, "a case is a mapping with caller, crm and expect")
             continue
-        case_problems: list[Problem] = []
-
-        def problem(key: str, message: str) -> None:
-            case_problems.append(Problem(file, item.lines.get(key, line), f"{where}.{key}", message))
-
-        for key in item:
-            if key not in _CASE_KEYS:
-                problem(key, f"unknown key; expected one of: {', '.join(_CASE_KEYS)}")
+        found_before = len(check.problems)
+        problem = _reporter(check, item, where)
+        check.unknown_keys(item, where, _CASE_KEYS)
         name = str(item.get("name") or f"case {index + 1}")
         country = config.policy.default_country
         caller = "" if item.get("caller") is None else str(item["caller"])
@@ -88,12 +79,17 @@ def load_cases(path: str | Path, config: Config) -> list[Case]:
         answer = _answer(item, call, Path(path).parent, problem)
         moment = _moment(item, config, problem)
         expect = _expect(item, problem)
-        problems.extend(case_problems)
-        if not case_problems:
+        if len(check.problems) == found_before:
             cases.append(Case(name, line, call, answer, moment, expect))
-    if problems:
-        raise ConfigError(sorted(problems, key=lambda p: p.line))
+    check.raise_problems()
     return cases
+
+
+def _reporter(check: Checker, item: LocatedDict, where: str) -> Callable[[str, str], None]:
+    """Reports a problem of one case at its key's line (the case's own line without the key)."""
+    def problem(key: str, message: str) -> None:
+        check.problem(item.lines.get(key, item.line), f"{where}.{key}", message)
+    return problem
 
 
 def _answer(item: LocatedDict, call: CallInfo, base: Path, problem) -> CrmAnswer:
@@ -138,7 +134,7 @@ def _moment(item: LocatedDict, config: Config, problem) -> datetime | None:
 def _expect(item: LocatedDict, problem) -> dict[str, str]:
     expect = item.get("expect")
     if not isinstance(expect, LocatedDict) or not expect:
-        problem("expect", f"expected a mapping of variables to values, e.g. {{route: queue, target: support}}")
+        problem("expect", "expected a mapping of variables to values, e.g. {route: queue, target: support}")
         return {}
     result = {}
     for key, value in expect.items():

@@ -371,7 +371,7 @@ async def test_a_lost_answer_is_not_a_second_finish(portal, tmp_path):
 
 
 def test_callcard_config_problems_are_reported_with_file_line_and_key():
-    from agi_bitrix.config import ConfigError
+    from agi_bitrix.checking import ConfigError
 
     text = textwrap.dedent("""\
         bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/code/"}

@@ -1,9 +1,11 @@
+import dataclasses
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from agi_bitrix.config import ConfigError, load_config, parse_config
+from agi_bitrix.checking import ConfigError
+from agi_bitrix.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "agi-bitrix.yaml"
@@ -199,3 +201,96 @@ def test_operational_mistakes():
         "test.yaml:10: call_log.format: 'xml' is not plain or json",
         "test.yaml:10: call_log.mask_numbers: expected true or false, got 'yes'",
     ]
+
+
+# -- the schema: each setting declared once ---------------------------------------------------
+
+import yaml  # noqa: E402
+
+from agi_bitrix import schema  # noqa: E402
+from agi_bitrix.bitrix.settings import BitrixSettings  # noqa: E402
+from agi_bitrix.config import CallCardSettings, Config, UsersSettings  # noqa: E402
+
+
+def declared_sections(settings=Config, path=""):
+    """(YAML path, settings class) of every declared section, Config's own sections included."""
+    for name, setting in schema.declared(settings):
+        if setting.kind == schema.SECTION:
+            where = f"{path}.{setting.key}" if path else setting.key
+            yield where, setting.settings
+            yield from declared_sections(setting.settings, where)
+
+
+def yaml_of_defaults(settings):
+    """A mapping holding every declared key of `settings` with its default, as YAML would."""
+    mapping = {}
+    for name, setting in schema.declared(settings):
+        value = schema.default(settings, name)
+        if setting.kind in (schema.SECTION, schema.OWN) or value is dataclasses.MISSING:
+            continue
+        if setting.sets:
+            value = ":".join(str(schema.default(settings, field)) for field in setting.sets[:2])
+        elif setting.kind == schema.ITEMS:
+            value = [str(item) for item in value]
+        *parents, key = setting.key.split(".")
+        holder = mapping
+        for parent in parents:
+            holder = holder.setdefault(parent, {})
+        holder[key] = value
+    return mapping
+
+
+OAUTH = {"portal_url": "https://p.example/rest/", "client_id": "c", "client_secret": "s", "token_file": "/t.json"}
+
+
+def config_with(path, mapping):
+    """BASE as a dict with `mapping` at the section `path`; an OAuth section replaces the webhook."""
+    data = yaml.safe_load(BASE)
+    if path == "bitrix.oauth":
+        data["bitrix"] = {"oauth": dict(OAUTH)}
+    holder = data
+    for part in path.split("."):
+        holder = holder.setdefault(part, {})
+    holder.update(mapping)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_every_declared_key_is_accepted_and_its_default_is_what_an_absent_key_gives():
+    for path, settings in declared_sections():
+        written = parse_config(config_with(path, yaml_of_defaults(settings)))
+        absent = parse_config(config_with(path, {}))
+        assert written == dataclasses.replace(absent, path=written.path), path
+    top_level = yaml_of_defaults(Config)  # phones.default_country, variables.prefix
+    assert parse_config(BASE + yaml.safe_dump(top_level)) == dataclasses.replace(parse_config(BASE), path="<config>")
+    assert set(top_level) == {"phones", "variables"}
+    defaults = parse_config(BASE + "callcard:\nusers:\n")
+    assert defaults.callcard == CallCardSettings() and defaults.users == UsersSettings()
+    assert defaults.bitrix.deadline == schema.default(BitrixSettings, "deadline")
+
+
+def test_unknown_keys_are_matched_against_the_declared_keys():
+    for path, settings in declared_sections():
+        within = {""} | {s.key.rpartition(".")[0] for _, s in schema.declared(settings)}  # rate_limit, retry, ...
+        for under in within:
+            where = f"{path}.{under}" if under else path
+            for key in schema.keys(settings, under):
+                typo = key[:-1] + "_"
+                found = problems(config_with(where, {typo: 1}))
+                assert f"{where}.{typo}: unknown key; did you mean {key!r}?" in "\n".join(found), (where, found)
+
+
+def test_the_allowed_keys_of_a_section_come_from_its_declarations():
+    assert schema.keys(BitrixSettings) == ("webhook_url", "deadline", "rate_limit", "pool_size", "breaker", "oauth")
+    assert schema.keys(BitrixSettings, "rate_limit") == ("per_second", "burst")
+    assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "metrics",
+                                   "call_log", "callcard", "users")
+    assert problems(BASE + "cache: {colour: 1}\n") == [
+        "test.yaml:5: cache.colour: unknown key; expected one of: found_ttl, not_found_ttl, stale_for, max_entries"]
+    assert problems(BASE + "cache: 5\n") == [
+        "test.yaml:5: cache: expected a mapping of found_ttl, not_found_ttl, stale_for, max_entries"]
+
+
+def test_the_user_directory_is_off_without_its_section_and_on_at_the_declared_default_with_it():
+    assert parse_config(BASE).users.refresh == 0.0
+    assert parse_config(BASE + "users: {}\n").users.refresh == schema.default(UsersSettings, "refresh") == 600.0
+    assert parse_config(BASE + "users: {refresh: 0}\n").users.refresh == 0.0

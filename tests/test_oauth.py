@@ -17,7 +17,8 @@ from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import make_session
 from agi_bitrix.bitrix.errors import PortalError
 from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client
-from agi_bitrix.config import OAuthSettings, load_config, parse_config
+from agi_bitrix.bitrix.settings import OAuthSettings
+from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
@@ -278,7 +279,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
 
 
 def test_config_takes_a_webhook_or_an_application_not_both():
-    from agi_bitrix.config import ConfigError
+    from agi_bitrix.checking import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         parse_config(textwrap.dedent("""\

@@ -11,7 +11,7 @@ from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.config import BitrixSettings, CacheSettings
+from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings
 
 
 class Clock:

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from agi_bitrix.config import ConfigError
+from agi_bitrix.checking import ConfigError
 from agi_bitrix.ruletest import load_cases, report, run_cases
 from tests.test_cli import ROOT, SHIPPED, agi_bitrix, agi_bitrix_async
 
@@ -127,3 +127,31 @@ def test_run_cases_directly():
     outcomes = run_cases(load_cases(CASES, config), config)
     assert all(o.passed for o in outcomes)
     assert report(outcomes, "x").endswith("6 cases, 0 failed")
+
+
+def test_an_unknown_key_in_a_case_gets_a_did_you_mean(tmp_path):
+    from agi_bitrix.config import load_config
+
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(textwrap.dedent("""\
+        cases:
+          - name: a
+            caller: "89161234567"
+            crm: []
+            expct: {target: support}
+        """))
+    with pytest.raises(ConfigError) as error:
+        load_cases(cases, load_config(SHIPPED, environ={}))
+    assert [str(p) for p in error.value.problems] == [
+        f"{cases}:2: cases[0].expect: expected a mapping of variables to values, e.g. {{route: queue, target: support}}",
+        f"{cases}:5: cases[0].expct: unknown key; did you mean 'expect'?",
+    ]
+
+
+def test_a_cases_file_that_is_not_utf8_is_a_problem_not_a_crash(tmp_path):
+    from agi_bitrix.config import load_config
+
+    cases = tmp_path / "cases.yaml"
+    cases.write_bytes(b"cases: [{name: \xe9}]\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_cases(cases, load_config(SHIPPED, environ={}))

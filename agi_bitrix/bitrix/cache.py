@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from agi_bitrix.bitrix.models import CrmAnswer
-from agi_bitrix.config import CacheSettings
+from agi_bitrix.bitrix.settings import CacheSettings
 
 
 class AnswerCache:

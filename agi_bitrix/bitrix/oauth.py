@@ -35,7 +35,7 @@ from agi_bitrix.bitrix.errors import (
     TokenFileError,
 )
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.config import BitrixSettings, OAuthSettings
+from agi_bitrix.bitrix.settings import BitrixSettings, OAuthSettings
 
 log = logging.getLogger("agi_bitrix.oauth")
 

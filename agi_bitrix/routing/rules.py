@@ -1,6 +1,6 @@
 """The routing rules as data: what an admin wrote in `routing:`, validated and frozen.
 
-Loading (agi_bitrix.config) does every check that can fail — names, regexes, time ranges,
+Loading (routing.compiler) does every check that can fail — names, regexes, time ranges,
 references to time intervals — so that matching at call time cannot fail.
 """
 

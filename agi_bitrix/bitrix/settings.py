@@ -1,0 +1,52 @@
+"""What the portal client, the lookup and its cache are told: the `bitrix:` and `cache:` sections.
+
+Declared with agi_bitrix.schema (key, default, bounds in one place); agi_bitrix.config reads them
+from the file, with its own checks for the webhook URL and the OAuth application.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agi_bitrix.schema import integer, number, section, text
+
+_PLACEHOLDER_CODE = "your-webhook-code"
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    """An OAuth application instead of the webhook; the fields without a default are required."""
+
+    portal_url: str = text("portal_url")  # https://PORTAL/rest/
+    client_id: str = text("client_id")
+    client_secret: str = text("client_secret")
+    token_file: str = text("token_file")  # JSON with the refresh token; rewritten on every refresh
+    token_url: str = text("token_url", "https://oauth.bitrix.info/oauth/token/")
+
+
+@dataclass(frozen=True)
+class BitrixSettings:
+    webhook_url: str = text("webhook_url")  # "" with oauth
+    deadline: float = number("deadline", 2.0, 0, 30)
+    # The portal's leaky bucket drains 2 requests/s and blocks at 50 (Enterprise: 5 and 250);
+    # the default burst leaves room for the portal's other integrations.
+    rate_per_second: float = number("rate_limit.per_second", 2.0, 0, 10_000, unit="requests per second")
+    rate_burst: int = integer("rate_limit.burst", 40, 1, 100_000)
+    pool_size: int = integer("pool_size", 10, 1, 1000)
+    breaker_failures: int = integer("breaker.failures", 5, 1, 1000)
+    breaker_cool_down: float = number("breaker.cool_down", 10.0, 0, 3600)
+    oauth: OAuthSettings | None = section("oauth", OAuthSettings, absent=None)
+
+    @property
+    def is_placeholder(self) -> bool:
+        return _PLACEHOLDER_CODE in self.webhook_url
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    # 0 switches that part of the cache off.
+    found_ttl: float = number("found_ttl", 60.0, 0, 86400, zero_is_off=True)
+    not_found_ttl: float = number("not_found_ttl", 30.0, 0, 86400, zero_is_off=True)
+    # On a portal failure, an answer up to this old is used instead.
+    stale_for: float = number("stale_for", 3600.0, 0, 7 * 86400, zero_is_off=True)
+    max_entries: int = integer("max_entries", 100_000, 0, 10_000_000)

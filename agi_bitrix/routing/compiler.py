@@ -1,0 +1,287 @@
+"""The rule compiler: the YAML `routing:` section, checked, into a RoutingPolicy.
+
+Every check that can fail happens here — names, regexes, time ranges, references to time
+intervals, phone numbers — each problem reported with its line and rule path, so that matching
+at call time (routing.engine) cannot fail.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from agi_bitrix.checking import Checker, LocatedDict, LocatedList
+from agi_bitrix.phones import normalize_extension, normalize_number
+from agi_bitrix.routing.rules import (
+    CALL_STATUSES,
+    ENTITY_TYPES,
+    OWNER_PHONES,
+    TIMEMAN_STATUSES,
+    WEEKDAYS,
+    Match,
+    RoutingPolicy,
+    Rule,
+    Target,
+    TimeInterval,
+    TimeRange,
+)
+
+ROUTING_KEYS = ("timezone", "fallback_queue", "time_intervals", "rules")
+_RULE_KEYS = ("name", "match", "route", "objects", "prefer")
+_MATCH_KEYS = ("status", "did", "did_regex", "caller", "caller_regex", "during", "outside",
+               "entity_type", "owner", "timeman", "has")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TIME_RANGE = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
+
+
+def compile_routing(check: Checker, section: LocatedDict, country: str) -> RoutingPolicy:
+    zone_name = check.text(section, "timezone", "routing", "UTC") or "UTC"
+    try:
+        zone = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        check.problem(section.lines.get("timezone", section.line), "routing.timezone",
+                      f"unknown time zone {zone_name!r} (expected a name like Europe/Moscow)")
+        zone = ZoneInfo("UTC")
+    fallback = check.text(section, "fallback_queue", "routing")
+    if fallback is None:
+        check.problem(section.line, "routing.fallback_queue",
+                      "missing; every call that no rule decides goes to this queue")
+        fallback = ""
+    elif not _NAME.match(fallback):
+        check.problem(section.lines["fallback_queue"], "routing.fallback_queue",
+                      f"{fallback!r} must be letters, digits, '_', '.', '-'")
+    intervals = _time_intervals(check, section)
+    rules = _rules(check, section, country, intervals)
+    return RoutingPolicy(tuple(rules), fallback, zone, country, intervals)
+
+
+def _time_intervals(check: Checker, section: LocatedDict) -> dict[str, tuple[TimeInterval, ...]]:
+    value = section.get("time_intervals")
+    if value is None:
+        return {}
+    if not isinstance(value, LocatedDict):
+        check.problem(section.lines["time_intervals"], "routing.time_intervals",
+                      "expected a mapping of interval names to lists of {weekdays, times}")
+        return {}
+    result = {}
+    for name, entries in value.items():
+        path = f"routing.time_intervals.{name}"
+        line = value.lines[name]
+        if not _NAME.match(str(name)):
+            check.problem(line, path, "interval names are letters, digits, '_', '.', '-'")
+        holder = LocatedDict()
+        holder[name] = entries
+        holder.lines[name] = line
+        parsed = []
+        for item_line, item_path, item in check.items(holder, name, "routing.time_intervals") or []:
+            if not isinstance(item, LocatedDict):
+                check.problem(item_line, item_path, "expected a mapping with weekdays and/or times")
+                continue
+            check.unknown_keys(item, item_path, ("weekdays", "times"))
+            parsed.append(TimeInterval(_weekdays(check, item, item_path), _times(check, item, item_path)))
+        result[str(name)] = tuple(parsed)
+    return result
+
+
+def _weekdays(check: Checker, item: LocatedDict, path: str) -> frozenset[int]:
+    days: set[int] = set()
+    for line, item_path, value in check.items(item, "weekdays", path) or []:
+        text = str(value).strip().lower()
+        first, _, last = text.partition("-")
+        try:
+            start = _weekday(first)
+            end = _weekday(last) if last else start
+        except ValueError:
+            check.problem(line, item_path, f"{value!r} is not a weekday or range like mon-fri")
+            continue
+        day = start
+        days.add(day)
+        while day != end:
+            day = (day + 1) % 7
+            days.add(day)
+    return frozenset(days)
+
+
+def _weekday(text: str) -> int:
+    text = text.strip()[:3]
+    if text not in WEEKDAYS:
+        raise ValueError(text)
+    return WEEKDAYS.index(text)
+
+
+def _times(check: Checker, item: LocatedDict, path: str) -> tuple[TimeRange, ...]:
+    ranges = []
+    for line, item_path, value in check.items(item, "times", path) or []:
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 09:00 as the number 540 (base 60).
+            check.problem(line, item_path, "write time ranges in quotes, like \"09:00-18:00\"")
+            continue
+        match = _TIME_RANGE.match(str(value).strip())
+        try:
+            if not match:
+                raise ValueError
+            h1, m1, h2, m2 = (int(g) for g in match.groups())
+            start = time(h1, m1)
+            end = time(0, 0) if (h2, m2) == (24, 0) else time(h2, m2)
+        except ValueError:
+            check.problem(line, item_path, f"{value!r} is not a time range like \"09:00-18:00\"")
+            continue
+        if start == end:
+            check.problem(line, item_path, f"{value!r} is an empty range")
+            continue
+        ranges.append(TimeRange(start, end))
+    return tuple(ranges)
+
+
+
+
+def _rules(check: Checker, section: LocatedDict, country: str,
+           intervals: dict[str, tuple[TimeInterval, ...]]) -> list[Rule]:
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for line, path, item in check.items(section, "rules", "routing") or []:
+        if not isinstance(item, LocatedDict):
+            check.problem(line, path, "a rule is a mapping with name, match and route")
+            continue
+        check.unknown_keys(item, path, _RULE_KEYS)
+        name = check.text(item, "name", path)
+        if name is None:
+            check.problem(line, f"{path}.name", "missing; every rule needs a name (it is B24_RULE)")
+            name = f"rule-{len(rules) + 1}"
+        elif not _NAME.match(name):
+            check.problem(item.lines["name"], f"{path}.name",
+                          f"{name!r} must be letters, digits, '_', '.', '-' (at most 64)")
+        elif name in seen or name == "fallback":
+            check.problem(item.lines["name"], f"{path}.name",
+                          f"{name!r} is already used (line {seen[name]})" if name in seen
+                          else "'fallback' is reserved for calls no rule decides")
+        seen.setdefault(name, item.lines.get("name", line))
+        if "name" in item:
+            path = f"routing.rules[{name}]"
+        match = _match(check, item, path, country, intervals)
+        route = _route(check, item, path, country)
+        objects = (check.text(item, "objects", path, "first") or "first").lower()
+        if objects not in ("first", "all"):
+            check.problem(item.lines["objects"], f"{path}.objects",
+                          f"{objects!r} is not 'first' (the portal's choice) or 'all'")
+        prefer = check.choices(item, "prefer", path, ENTITY_TYPES)
+        if prefer and objects != "all":
+            check.problem(item.lines["prefer"], f"{path}.prefer", "only makes sense with objects: all")
+        prefer_order = tuple(str(v).upper() for _, _, v in check.items(item, "prefer", path) or []
+                             if str(v).upper() in ENTITY_TYPES)
+        rules.append(Rule(name, match, route, objects, prefer_order, line))
+    return rules
+
+
+def _match(check: Checker, rule: LocatedDict, path: str, country: str,
+           intervals: dict[str, tuple[TimeInterval, ...]]) -> Match:
+    section = check.section(rule, "match", f"{path}.match", _MATCH_KEYS)
+    path = f"{path}.match"
+    owners: frozenset[str] | None = None
+    owner_items = check.items(section, "owner", path)
+    if owner_items is not None:
+        found_owners = set()
+        for line, item_path, value in owner_items:
+            text = str(value).strip()
+            if isinstance(value, bool) or not text.isdigit():
+                check.problem(line, item_path, f"{value!r} is not a Bitrix24 user id (a number)")
+            else:
+                found_owners.add(text)
+        owners = frozenset(found_owners)
+    names: dict[str, tuple[str, ...]] = {}
+    for key in ("during", "outside"):
+        found = []
+        for line, item_path, value in check.items(section, key, path) or []:
+            if str(value) not in intervals:
+                known = ", ".join(intervals) or "none defined"
+                check.problem(line, item_path,
+                              f"no time interval {value!r} in routing.time_intervals ({known})")
+            else:
+                found.append(str(value))
+        names[key] = tuple(found)
+    return Match(
+        status=check.choices(section, "status", path, CALL_STATUSES),
+        did=_numbers(check, section, "did", path, country),
+        did_regex=_regex(check, section, "did_regex", path),
+        caller=_numbers(check, section, "caller", path, country),
+        caller_regex=_regex(check, section, "caller_regex", path),
+        during=names["during"],
+        outside=names["outside"],
+        entity_type=check.choices(section, "entity_type", path, ENTITY_TYPES),
+        owner=owners,
+        timeman=check.choices(section, "timeman", path, TIMEMAN_STATUSES),
+        has=check.choices(section, "has", path, OWNER_PHONES, upper=False) or frozenset(),
+    )
+
+
+def _numbers(check: Checker, section: LocatedDict, key: str, path: str,
+             country: str) -> frozenset[str] | None:
+    items = check.items(section, key, path)
+    if items is None:
+        return None
+    numbers = set()
+    for line, item_path, value in items:
+        number = None if isinstance(value, (bool, LocatedDict, LocatedList)) else normalize_number(str(value), country)
+        if number is None:
+            check.problem(line, item_path, f"{value!r} is not a phone number")
+        else:
+            numbers.add(number)
+    return frozenset(numbers)
+
+
+def _regex(check: Checker, section: LocatedDict, key: str, path: str) -> re.Pattern[str] | None:
+    text = check.text(section, key, path)
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as error:
+        check.problem(section.lines[key], f"{path}.{key}", f"bad regular expression {text!r}: {error}")
+        return None
+
+
+def _route(check: Checker, rule: LocatedDict, path: str, country: str) -> tuple[Target, ...]:
+    items: list[tuple[int, str, Any]] | None
+    if isinstance(rule.get("route"), LocatedDict):  # a single {queue: NAME} without a list
+        items = [(rule.lines["route"], f"{path}.route", rule["route"])]
+    else:
+        items = check.items(rule, "route", path)
+    if not items:
+        check.problem(rule.lines.get("route", rule.line), f"{path}.route",
+                      "missing; say what to dial, e.g. [extension, mobile, queue]")
+        return (Target("queue"),)
+    targets = []
+    for line, item_path, value in items:
+        target = _target(value, country)
+        if isinstance(target, str):
+            check.problem(line, item_path, target)
+        else:
+            targets.append(target)
+    return tuple(targets) or (Target("queue"),)
+
+
+_TARGET_HELP = ("expected extension, mobile, work_phone, personal_phone, queue, "
+                "{queue: NAME}, {extension: NUMBER} or {number: PHONE}")
+
+
+def _target(value: Any, country: str) -> Target | str:
+    if isinstance(value, str) and value in OWNER_PHONES:
+        return Target("owner", value)
+    if value == "queue":
+        return Target("queue")
+    if isinstance(value, LocatedDict) and len(value) == 1:
+        (kind, argument), = value.items()
+        text = "" if argument is None or isinstance(argument, bool) else str(argument).strip()
+        if kind == "queue":
+            if _NAME.match(text):
+                return Target("queue", text)
+            return f"queue name {argument!r} must be letters, digits, '_', '.', '-'"
+        if kind == "extension":
+            extension = normalize_extension(text)
+            return Target("extension", extension) if extension else f"extension {argument!r} must be digits"
+        if kind == "number":
+            number = normalize_number(text, country)
+            return Target("number", number) if number else f"{argument!r} is not a phone number"
+    return f"{value!r}: {_TARGET_HELP}"
