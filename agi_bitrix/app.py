@@ -38,7 +38,7 @@ from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import Config, load_config
 from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
 from agi_bitrix.server import AgiServer, Endpoint
-from agi_bitrix.service import RoutingService
+from agi_bitrix.service import Router, RouteScript
 
 log = logging.getLogger("agi_bitrix")
 
@@ -50,7 +50,7 @@ class Runtime:
     config: Config
     portal: PortalClient
     lookup: CrmLookup
-    routing: RoutingService
+    router: Router
     register: RegisterService
     finish: FinishService
     endpoint: Endpoint
@@ -97,13 +97,15 @@ class Application:
         """A Runtime for `config`; it only constructs, so the running one is untouched."""
         portal = portal_client(config.bitrix, self.session, previous=previous.portal if previous else None)
         lookup = CrmLookup(portal, self.memory, deadline=config.bitrix.deadline, observer=self.metrics)
-        routing = RoutingService(config, lookup, users=self.users, metrics=self.metrics, call_log=self.call_log)
+        router = Router(config, lookup, users=self.users)
+        route = RouteScript(router, self.metrics, self.call_log)
         register = RegisterService(config, portal)
         finish = FinishService(config, self.outbox, self.users)
-        handlers = {"route": routing.handle_route, "": routing.handle_route,
+        # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
+        handlers = {"route": route.handle_route, "": route.handle_route,
                     "register": register.handle_register, "finish": finish.handle_finish}
-        endpoint = Endpoint(config.server, handlers, routing.handle_unknown_script)
-        return Runtime(config, portal, lookup, routing, register, finish, endpoint)
+        endpoint = Endpoint(config.server, handlers, route.handle_unknown_script)
+        return Runtime(config, portal, lookup, router, register, finish, endpoint)
 
     async def _send_finish(self, entry: Entry) -> Outcome:
         # Through the portal client of the config in force when the outbox gets to it.

@@ -219,7 +219,7 @@ class Checker:
         if setting.sets:  # one key fills several fields; without it they keep their defaults
             value = self._plain(setting, mapping, key, path, _FAILED) if key in mapping else _FAILED
             filled = _FAILED if value is _FAILED else self._checked(setting, value, mapping, key, path, ())
-            return {} if filled is _FAILED else dict(zip(setting.sets, cast(tuple[Any, ...], filled)))
+            return {} if filled is _FAILED else dict(zip(setting.sets, cast(tuple[Any, ...], filled), strict=True))
         value = self._plain(setting, mapping, key, path, default)
         if setting.check is not None:
             checked = self._checked(setting, value, mapping, key, path, tuple(earlier[n] for n in setting.needs))

@@ -158,6 +158,6 @@ def _test(args: argparse.Namespace) -> int:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    outcomes = run_cases(cases, config)
+    outcomes = asyncio.run(run_cases(cases, config))
     print(report(outcomes, args.cases))
     return EXIT_OK if all(o.passed for o in outcomes) else EXIT_MISMATCH

@@ -17,7 +17,7 @@ from agi_bitrix.bitrix.models import CrmEntity
 from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.config import Config
-from agi_bitrix.service import RoutedCall, RoutingService, call_info
+from agi_bitrix.service import RoutedCall, Router, call_info
 
 
 def _shown(value: str) -> str:
@@ -99,7 +99,7 @@ async def explain_call(config: Config, phone: str, did: str = "", record: str | 
         lookup = CrmLookup(recorder, memory, deadline=config.bitrix.deadline)
         users, users_note = await _user_directory(config, portal)
         call = call_info(phone, did, config.policy.default_country)
-        routed = await RoutingService(config, lookup, users=users).route(call, uniqueid="dry-run")
+        routed = await Router(config, lookup, users=users).route(call, uniqueid="dry-run")
         text = render(routed, portal.redacted_url) + users_note
     if record:
         if routed.answer.status not in ("FOUND", "NOT_FOUND"):

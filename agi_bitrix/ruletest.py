@@ -15,18 +15,19 @@ a rules change can be checked in the admin's own CI before `kill -HUP`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agi_bitrix.bitrix.models import CrmAnswer, MalformedAnswer, parse_search_result
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, read_file
 from agi_bitrix.config import Config
-from agi_bitrix.phones import normalize_number
-from agi_bitrix.routing.engine import CallInfo, decide
-from agi_bitrix.routing.variables import NAMES, channel_variables
+from agi_bitrix.routing.engine import CallInfo
+from agi_bitrix.routing.variables import NAMES
+from agi_bitrix.service import Router, call_info
 
 _CASE_KEYS = ("name", "caller", "did", "time", "crm", "crm_file", "crm_error", "expect")
 _EXPECTABLE = tuple(name.lower() for name in NAMES)
@@ -60,7 +61,7 @@ def load_cases(path: str | Path, config: Config) -> list[Case]:
     data = check.load(read_file(file)[0])
     items = data.get("cases") if isinstance(data, LocatedDict) else None
     if not isinstance(items, LocatedList) or not items:
-        raise ConfigError(check.problems + [Problem(file, 1, "cases", "expected a list of cases under `cases:`")])
+        raise ConfigError([*check.problems, Problem(file, 1, "cases", "expected a list of cases under `cases:`")])
     cases = []
     for index, item in enumerate(items):
         line = items.lines[index]
@@ -75,7 +76,7 @@ def load_cases(path: str | Path, config: Config) -> list[Case]:
         country = config.policy.default_country
         caller = "" if item.get("caller") is None else str(item["caller"])
         did_text = "" if item.get("did") is None else str(item["did"])
-        call = CallInfo(normalize_number(caller, country), normalize_number(did_text, country) or did_text)
+        call = call_info(caller, did_text, country)
         answer = _answer(item, call, Path(path).parent, problem)
         moment = _moment(item, config, problem)
         expect = _expect(item, problem)
@@ -146,13 +147,28 @@ def _expect(item: LocatedDict, problem) -> dict[str, str]:
     return result
 
 
-def run_cases(cases: list[Case], config: Config, now: datetime | None = None) -> list[Outcome]:
-    now = now or datetime.now(timezone.utc)
+def _fixed(moment: datetime) -> datetime:
+    return moment
+
+
+class _Recorded:
+    """The case's CRM answer, standing in for the portal lookup."""
+
+    def __init__(self, answer: CrmAnswer) -> None:
+        self.answer = answer
+
+    async def lookup(self, phone: str) -> CrmAnswer:
+        return self.answer
+
+
+async def run_cases(cases: list[Case], config: Config, now: datetime | None = None) -> list[Outcome]:
+    """Each case through the same Router the server uses, with its recorded answer and time."""
+    now = now or datetime.now(UTC)
     prefix = config.variable_prefix
     outcomes = []
     for case in cases:
-        decision = decide(case.call, case.answer, config.policy, case.moment or now)
-        variables = channel_variables(decision, prefix)
+        router = Router(config, _Recorded(case.answer), clock=functools.partial(_fixed, case.moment or now))
+        variables = (await router.route(case.call, uniqueid=case.name)).variables
         actual = {name[len(prefix):].lower(): value for name, value in variables.items()}
         mismatches = {name: (want, actual[name]) for name, want in case.expect.items() if actual[name] != want}
         outcomes.append(Outcome(case, actual, mismatches))

@@ -1,9 +1,9 @@
 """The routing service: wires the portal lookup and the clock around the pure routing function.
 
-One instance per loaded config. Every way into routing goes through `RoutingService.route` with
-a CallInfo: the `route` AGI script (its handler reads the call from the AGI header), `agi-bitrix
+One Router per loaded config. Every way into routing goes through `Router.route` with a
+CallInfo: the `route` AGI script (RouteScript reads the call from the AGI header), `agi-bitrix
 route` (a number from the command line) and `agi-bitrix test` (a case with a recorded answer).
-The handler keeps the guide's promise: whatever happens — no caller ID, a slow or broken
+RouteScript keeps the guide's promise: whatever happens — no caller ID, a slow or broken
 portal, a bug — the call gets the full set of variables and a route, within the lookup deadline.
 """
 
@@ -66,17 +66,16 @@ def agi_call_info(request: AgiRequest, default_country: str) -> CallInfo:
     return call_info(raw_number, raw_did, default_country)
 
 
-class RoutingService:
+class Router:
+    """Routing under one config: the lookup, the user directory and the clock around decide()."""
+
     def __init__(self, config: Config, lookup: Lookup,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 users: Directory | None = None, metrics: Metrics | None = None,
-                 call_log: CallLog | None = None) -> None:
+                 users: Directory | None = None) -> None:
         self.config = config
         self.lookup = lookup
         self.clock = clock
         self.users = users
-        self.metrics = metrics or Metrics()
-        self.call_log = call_log or CallLog(config.call_log)
 
     async def route(self, call: CallInfo, uniqueid: str = "-") -> RoutedCall:
         started = time.monotonic()
@@ -91,13 +90,24 @@ class RoutingService:
         variables = channel_variables(decision, config.variable_prefix)
         return RoutedCall(call, answer, decision, variables, time.monotonic() - started)
 
+
+class RouteScript:
+    """The `route` AGI script (and the answer to an unknown one): the router's variables on the
+    channel, every call counted in the metrics and the call log."""
+
+    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog) -> None:
+        self.router = router
+        self.config = router.config
+        self.metrics = metrics
+        self.call_log = call_log
+
     async def handle_route(self, request: AgiRequest, channel: AgiChannel) -> None:
-        """The `route` script: decide and set the variables; a bug still yields the fallback route."""
+        """Decide and set the variables; a bug still yields the fallback route."""
         uniqueid = request.get("agi_uniqueid") or "-"
         started = time.monotonic()
         try:
             call = agi_call_info(request, self.config.policy.default_country)
-            variables = (await self.route(call, uniqueid)).variables
+            variables = (await self.router.route(call, uniqueid)).variables
         except Exception:
             log.exception("call %s: routing failed; sending the fallback route", uniqueid)
             variables = self.fallback_variables("internal")

@@ -120,11 +120,11 @@ async def test_nothing_is_recorded_when_the_portal_fails(portal, tmp_path):
     assert not recorded.exists()
 
 
-def test_run_cases_directly():
+async def test_run_cases_directly():
     from agi_bitrix.config import load_config
 
     config = load_config(SHIPPED, environ={})
-    outcomes = run_cases(load_cases(CASES, config), config)
+    outcomes = await run_cases(load_cases(CASES, config), config)
     assert all(o.passed for o in outcomes)
     assert report(outcomes, "x").endswith("6 cases, 0 failed")
 

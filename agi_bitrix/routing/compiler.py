@@ -141,25 +141,25 @@ def _rules(check: Checker, section: LocatedDict, country: str,
            intervals: dict[str, tuple[TimeInterval, ...]]) -> list[Rule]:
     rules: list[Rule] = []
     seen: dict[str, int] = {}
-    for line, path, item in check.items(section, "rules", "routing") or []:
+    for line, item_path, item in check.items(section, "rules", "routing") or []:
         if not isinstance(item, LocatedDict):
-            check.problem(line, path, "a rule is a mapping with name, match and route")
+            check.problem(line, item_path, "a rule is a mapping with name, match and route")
             continue
-        check.unknown_keys(item, path, _RULE_KEYS)
-        name = check.text(item, "name", path)
+        check.unknown_keys(item, item_path, _RULE_KEYS)
+        name = check.text(item, "name", item_path)
         if name is None:
-            check.problem(line, f"{path}.name", "missing; every rule needs a name (it is B24_RULE)")
+            check.problem(line, f"{item_path}.name", "missing; every rule needs a name (it is B24_RULE)")
             name = f"rule-{len(rules) + 1}"
         elif not _NAME.match(name):
-            check.problem(item.lines["name"], f"{path}.name",
+            check.problem(item.lines["name"], f"{item_path}.name",
                           f"{name!r} must be letters, digits, '_', '.', '-' (at most 64)")
         elif name in seen or name == "fallback":
-            check.problem(item.lines["name"], f"{path}.name",
+            check.problem(item.lines["name"], f"{item_path}.name",
                           f"{name!r} is already used (line {seen[name]})" if name in seen
                           else "'fallback' is reserved for calls no rule decides")
         seen.setdefault(name, item.lines.get("name", line))
-        if "name" in item:
-            path = f"routing.rules[{name}]"
+        # Once it has a name, a rule is called by it: routing.rules[vip] rather than [3].
+        path = f"routing.rules[{name}]" if "name" in item else item_path
         match = _match(check, item, path, country, intervals)
         route = _route(check, item, path, country)
         objects = (check.text(item, "objects", path, "first") or "first").lower()
