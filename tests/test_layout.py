@@ -1,0 +1,77 @@
+"""The package's layers, as README's "Layout" states them: each part imports only what is below it.
+
+Read from the source with `ast`, so an import that reaches back up fails here, naming the
+module and the import, before it makes the next change slow.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "agi_bitrix"
+
+# What each part may import from the package besides itself. The top (app, cli, service, server,
+# explain, ruletest, demo, monitoring, calllog, config) is not listed: it wires the parts together.
+MAY_IMPORT = {
+    "agi_bitrix.schema": set(),
+    "agi_bitrix.phones": set(),
+    "agi_bitrix.background": set(),
+    "agi_bitrix.checking": {"agi_bitrix.schema"},
+    "agi_bitrix.agi": set(),
+    "agi_bitrix.bitrix": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.phones", "agi_bitrix.background"},
+    "agi_bitrix.routing": {"agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.checking"},
+    "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
+                            "agi_bitrix.background"},
+    "agi_bitrix.testing": set(),
+}
+# Stand-ins for Portal and PBX: only the demo (and the tests and benchmarks) may use them.
+TESTING_USERS = {"agi_bitrix.demo"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_imports(path: Path) -> set[str]:
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "agi_bitrix":  # `from agi_bitrix import background` names a module
+                for alias in node.names:
+                    is_module = (PACKAGE / f"{alias.name}.py").exists() or (PACKAGE / alias.name).is_dir()
+                    imported.add(f"agi_bitrix.{alias.name}" if is_module else "agi_bitrix")
+            else:
+                imported.add(node.module)
+    return {name for name in imported if name == "agi_bitrix" or name.startswith("agi_bitrix.")}
+
+
+def within(name: str, part: str) -> bool:
+    return name == part or name.startswith(part + ".")
+
+
+def test_every_part_imports_only_what_is_below_it():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        part = next((p for p in MAY_IMPORT if within(module, p)), None)
+        if part is not None:
+            wrong.extend(f"{module} imports {name}" for name in sorted(package_imports(path))
+                         if not within(name, part) and not any(within(name, a) for a in MAY_IMPORT[part]))
+    assert wrong == []
+
+
+def test_only_the_demo_uses_the_stand_ins():
+    users = {module_name(path) for path in PACKAGE.rglob("*.py")
+             if not within(module_name(path), "agi_bitrix.testing")
+             and any(within(name, "agi_bitrix.testing") for name in package_imports(path))}
+    assert users == TESTING_USERS
+
+
+def test_both_forms_of_import_are_seen(tmp_path):
+    source = tmp_path / "bad.py"
+    source.write_text("from agi_bitrix.config import Config\nfrom agi_bitrix import monitoring, __version__\n"
+                      "import agi_bitrix.server\nimport json\n")
+    assert package_imports(source) == {"agi_bitrix.config", "agi_bitrix.monitoring", "agi_bitrix",
+                                       "agi_bitrix.server"}
