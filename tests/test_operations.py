@@ -7,7 +7,7 @@ from ipaddress import ip_network
 from agi_bitrix.app import Application
 from agi_bitrix.server import _allowed
 from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
-from tests.conftest import TEST_RULES, make_config
+from tests.conftest import make_config
 
 
 def with_server(config, **changes):
