@@ -69,5 +69,6 @@ async def _play_samples(host: str, port: int, prefix: str) -> int:
     anonymous = await fake_call(host, port, callerid="anonymous", uniqueid="demo.anon")
     v = anonymous.variables
     print(f"{'anonymous':18} {v.get(prefix + 'STATUS', '?'):12} {v.get(prefix + 'ROUTE', '?'):10}"
-          f" {v.get(prefix + 'TARGET', '?'):12} {v.get(prefix + 'RULE', '?'):16} No caller ID: the portal is not asked.")
+          f" {v.get(prefix + 'TARGET', '?'):12} {v.get(prefix + 'RULE', '?'):16}"
+          " No caller ID: the portal is not asked.")
     return matched

@@ -228,8 +228,8 @@ async def scenario_throughput(sessions: int, concurrencies: tuple[int, ...], rou
     would read as a difference between the servers. Each is measured at every concurrency, so
     that its throughput can be read where it is highest (see main)."""
     results = []
-    for name, callerid, new_numbers in (("agi-bitrix, repeated callers", repeated, False),
-                                        ("agi-bitrix, new caller every call", new_caller, True)):
+    for name, callerid in (("agi-bitrix, repeated callers", repeated),
+                           ("agi-bitrix, new caller every call", new_caller)):
         floor_port = free_port()
         floor_process = Process(str(BENCH / "floor_server.py"), str(floor_port))
         portal = Process(str(BENCH / "portal_process.py"))
@@ -245,7 +245,7 @@ async def scenario_throughput(sessions: int, concurrencies: tuple[int, ...], rou
             pairs.append((Measured(f"floor, {concurrency} at once", floor_process, floor_port, repeated), ours))
         per_round = sessions // rounds
         for index in range(rounds):
-            for concurrency, (floor, ours) in zip(concurrencies, pairs):
+            for concurrency, (floor, ours) in zip(concurrencies, pairs, strict=True):
                 for measured in (floor, ours) if index % 2 == 0 else (ours, floor):
                     await measured.round(per_round, concurrency)
         results += [measured.result() for pair in pairs for measured in pair]  # while the processes exist
@@ -299,7 +299,7 @@ async def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[20, 50],
                         help="sessions in flight; each server's throughput is its best of these")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sessions = 2000 if args.quick else 12000  # per server and concurrency
 
@@ -319,11 +319,11 @@ async def main() -> int:
     print(ten.line(), flush=True)
 
     checks = [
-        (f"repeated callers >= 75% of floor: {repeated_result.rate / floor.rate:.0%}"
-         f" ({repeated_result.rate:.0f} / {floor.rate:.0f} sessions/s, each at its best)",
+        ((f"repeated callers >= 75% of floor: {repeated_result.rate / floor.rate:.0%}"
+          f" ({repeated_result.rate:.0f} / {floor.rate:.0f} sessions/s, each at its best)"),
          repeated_result.rate >= 0.75 * floor.rate),
-        (f"new caller every call >= 50% of floor: {new_result.rate / floor_again.rate:.0%}"
-         f" ({new_result.rate:.0f} / {floor_again.rate:.0f} sessions/s, each at its best)",
+        ((f"new caller every call >= 50% of floor: {new_result.rate / floor_again.rate:.0%}"
+          f" ({new_result.rate:.0f} / {floor_again.rate:.0f} sessions/s, each at its best)"),
          new_result.rate >= 0.5 * floor_again.rate),
         (f"1000 concurrent sessions under 100 MiB: {held.peak_rss_mib:.1f} MiB",
          held.peak_rss_mib < 100 and held.failures == 0),

@@ -1,6 +1,9 @@
 """Fixtures shared by the tests that run the real server against the portal emulator."""
 
+import asyncio
 import textwrap
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -24,6 +27,15 @@ TEST_RULES = """\
     match: {timeman: [CLOSED, EXPIRED]}
     route: [mobile, queue]
 """
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01,
+                what: str = "the condition") -> None:
+    """Polls `predicate` until it holds; fails the test, naming `what`, once `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"still waiting for {what} after {timeout} s"
+        await asyncio.sleep(interval)
 
 
 def ample_budget() -> RateLimiter:

@@ -14,7 +14,7 @@ from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
-from tests.conftest import TEST_RULES
+from tests.conftest import TEST_RULES, until
 
 REGISTER = "telephony.externalcall.register"
 FINISH = "telephony.externalcall.finish"
@@ -91,13 +91,6 @@ async def server(portal, tmp_path):
     running = await Running(callcard_config(portal.webhook_url, tmp_path / "outbox.sqlite3")).start()
     yield running
     await running.stop()
-
-
-async def until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def delivered_finishes(portal):
@@ -459,7 +452,8 @@ async def test_serve_refuses_to_share_an_outbox_with_a_running_server(server, po
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
-    assert f"outbox {tmp_path / 'outbox.sqlite3'} is in use by another agi-bitrix process; nothing was started" in output.decode()
+    assert (f"outbox {tmp_path / 'outbox.sqlite3'} is in use by another agi-bitrix process; nothing was started"
+            in output.decode())
     assert "Traceback" not in output.decode() and portal.code not in output.decode()
 
 
@@ -524,7 +518,8 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
 
 async def test_metrics_show_finishes_waiting_and_failed(server, portal):
     def gauge(name):
-        line = next(l for l in server.app.metrics.exposition().decode().splitlines() if l.startswith(name + " "))
+        lines = server.app.metrics.exposition().decode().splitlines()
+        line = next(entry for entry in lines if entry.startswith(name + " "))
         return float(line.split()[1])
 
     call_id = (await server.register())["B24_CALL_ID"]

@@ -33,7 +33,10 @@ class ScriptedSender:
         return outcome
 
 
-async def opened(path, sender, clock, retry=RetryPolicy(first_delay=10, max_delay=40, give_up_after=100)):
+RETRY = RetryPolicy(first_delay=10, max_delay=40, give_up_after=100)
+
+
+async def opened(path, sender, clock, retry=RETRY):
     outbox = Outbox(path, sender, retry, clock=clock)
     await outbox.open()
     outbox.start()

@@ -17,7 +17,7 @@ SHIPPED = ROOT / "config" / "agi-bitrix.yaml"
 
 def agi_bitrix(*args, env=None, timeout=60):
     return subprocess.run([sys.executable, "-m", "agi_bitrix", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT, check=False)
 
 
 def test_check_accepts_the_shipped_config():
@@ -44,8 +44,10 @@ def test_check_lists_every_problem_and_fails(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"{bad}:3: bitrix.dedline: unknown key; did you mean 'deadline'?",
-        f"{bad}:8: routing.rules[x].match.timeman[0]: 'OPEND' is not one of: OPENED, PAUSED, CLOSED, EXPIRED, UNAVAILABLE, NOT_INSTALLED, \"\"",
-        f"{bad}:9: routing.rules[x].route[0]: 'mobil': expected extension, mobile, work_phone, personal_phone, queue, {{queue: NAME}}, {{extension: NUMBER}} or {{number: PHONE}}",
+        (f"{bad}:8: routing.rules[x].match.timeman[0]: 'OPEND' is not one of:"
+         " OPENED, PAUSED, CLOSED, EXPIRED, UNAVAILABLE, NOT_INSTALLED, \"\""),
+        (f"{bad}:9: routing.rules[x].route[0]: 'mobil': expected extension, mobile, work_phone, personal_phone,"
+         " queue, {queue: NAME}, {extension: NUMBER} or {number: PHONE}"),
         f"{bad}: 3 problem(s); nothing was started",
     ]
 
@@ -75,10 +77,10 @@ def free_port() -> int:
 
 async def test_serve_routes_a_call_and_never_logs_the_webhook_code(portal):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agi_bitrix", "serve", "-c", str(SHIPPED), "--listen", f"127.0.0.1:{port}"],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bitrix", "serve", "-c", str(SHIPPED), "--listen", f"127.0.0.1:{port}",
         env={**os.environ, "AGI_BITRIX_WEBHOOK_URL": portal.webhook_url}, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         for _ in range(100):
             try:
@@ -93,7 +95,7 @@ async def test_serve_routes_a_call_and_never_logs_the_webhook_code(portal):
         assert result.variables["B24_ERROR"] == "INVALID_CREDENTIALS"
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=10)
+        output = (await asyncio.wait_for(process.communicate(), 10))[0].decode()
     assert process.returncode == 0, output
     assert "listening on 127.0.0.1" in output and "/rest/1/***/" in output
     assert "status=FOUND route=extension target=101 rule=owner-at-work" in output
@@ -116,7 +118,8 @@ async def test_route_explains_a_real_lookup(portal, tmp_path):
 
 async def test_route_explains_a_portal_failure(portal):
     portal.fail("html", status=502)
-    result = await agi_bitrix_async("route", "-c", str(SHIPPED), "89161234567", env={"AGI_BITRIX_WEBHOOK_URL": portal.webhook_url})
+    result = await agi_bitrix_async("route", "-c", str(SHIPPED), "89161234567",
+                                    env={"AGI_BITRIX_WEBHOOK_URL": portal.webhook_url})
     assert "answer:   ERROR http_502" in result.stdout
     assert "=> fallback: no rule decided; fallback queue" in result.stdout
 

@@ -93,16 +93,20 @@ variables:
     assert found == [
         "test.yaml:5: routing.timezone: unknown time zone 'Mars/Olympus' (expected a name like Europe/Moscow)",
         "test.yaml:8: routing.time_intervals.office[0].weekdays[1]: 'funday' is not a weekday or range like mon-fri",
-        "test.yaml:9: routing.time_intervals.office[0].times[1]: '25:00-26:00' is not a time range like \"09:00-18:00\"",
+        ("test.yaml:9: routing.time_intervals.office[0].times[1]: '25:00-26:00' is not a time range"
+         " like \"09:00-18:00\""),
         "test.yaml:9: routing.time_intervals.office[0].times[2]: write time ranges in quotes, like \"09:00-18:00\"",
-        "test.yaml:13: routing.rules[vip].match.timeman[0]: 'OPEND' is not one of: OPENED, PAUSED, CLOSED, EXPIRED, UNAVAILABLE, NOT_INSTALLED, \"\"",
+        ("test.yaml:13: routing.rules[vip].match.timeman[0]: 'OPEND' is not one of: OPENED, PAUSED,"
+         " CLOSED, EXPIRED, UNAVAILABLE, NOT_INSTALLED, \"\""),
         "test.yaml:14: routing.rules[vip].match.owner[1]: 'abc' is not a Bitrix24 user id (a number)",
         "test.yaml:15: routing.rules[vip].match.did[0]: 'not-a-number' is not a phone number",
-        "test.yaml:16: routing.rules[vip].match.caller_regex: bad regular expression '([0-9': unterminated character set at position 1",
+        ("test.yaml:16: routing.rules[vip].match.caller_regex: bad regular expression '([0-9':"
+         " unterminated character set at position 1"),
         "test.yaml:17: routing.rules[vip].match.during[0]: no time interval 'ofice' in routing.time_intervals (office)",
         "test.yaml:18: routing.rules[vip].match.hass: unknown key; did you mean 'has'?",
         "test.yaml:19: routing.rules[vip].route[1]: queue name 'bad queue' must be letters, digits, '_', '.', '-'",
-        "test.yaml:19: routing.rules[vip].route[2]: 'teleport': expected extension, mobile, work_phone, personal_phone, queue, {queue: NAME}, {extension: NUMBER} or {number: PHONE}",
+        ("test.yaml:19: routing.rules[vip].route[2]: 'teleport': expected extension, mobile,"
+         " work_phone, personal_phone, queue, {queue: NAME}, {extension: NUMBER} or {number: PHONE}"),
         "test.yaml:20: routing.rules[1].name: 'vip' is already used (line 11)",
         "test.yaml:22: routing.rules[2].name: missing; every rule needs a name (it is B24_RULE)",
         "test.yaml:22: routing.rules[2].route: missing; say what to dial, e.g. [extension, mobile, queue]",
@@ -184,14 +188,16 @@ def test_operational_settings():
 
 
 def test_operational_mistakes():
-    text = BASE.replace("bitrix:\n", "bitrix:\n  rate_limit: {per_second: 0, burst: 2.5}\n  breaker: {failures: 0}\n") + textwrap.dedent("""\
+    bad_bitrix = "bitrix:\n  rate_limit: {per_second: 0, burst: 2.5}\n  breaker: {failures: 0}\n"
+    text = BASE.replace("bitrix:\n", bad_bitrix) + textwrap.dedent("""\
         server: {allowed_clients: [everyone], max_sessions: 0}
         cache: {found_ttl: -1}
         metrics: {listen: nowhere}
         call_log: {format: xml, mask_numbers: "yes"}
         """)
     assert problems(text) == [
-        "test.yaml:2: bitrix.rate_limit.per_second: expected a number of requests per second above 0 and at most 10000, got 0",
+        ("test.yaml:2: bitrix.rate_limit.per_second: expected a number of requests per second above 0"
+         " and at most 10000, got 0"),
         "test.yaml:2: bitrix.rate_limit.burst: expected a whole number from 1 to 100000, got 2.5",
         "test.yaml:3: bitrix.breaker.failures: expected a whole number from 1 to 1000, got 0",
         "test.yaml:7: server.max_sessions: expected a whole number from 1 to 100000, got 0",
@@ -214,7 +220,7 @@ from agi_bitrix.config import CallCardSettings, Config, UsersSettings  # noqa: E
 
 def declared_sections(settings=Config, path=""):
     """(YAML path, settings class) of every declared section, Config's own sections included."""
-    for name, setting in schema.declared(settings):
+    for _name, setting in schema.declared(settings):
         if setting.kind == schema.SECTION:
             where = f"{path}.{setting.key}" if path else setting.key
             yield where, setting.settings

@@ -41,7 +41,7 @@ async def scrape(http, base) -> str:
 
 def value(text: str, name: str, **labels) -> float:
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
@@ -49,7 +49,7 @@ def value(text: str, name: str, **labels) -> float:
 
 
 async def test_metrics_move_as_calls_are_made(monitored, portal):
-    app, host, port, base, http = monitored
+    _app, host, port, base, http = monitored
     before = await scrape(http, base)
     assert value(before, "agi_bitrix_sessions_in_flight") == 0
     assert value(before, "agi_bitrix_portal_breaker_state", state="closed") == 1
@@ -147,7 +147,8 @@ async def test_json_call_log_with_masked_numbers(portal, capfd, caplog):
     assert len(lines) == 1
     entry = json.loads(lines[0])
     assert entry["uniqueid"] == "1700.9" and entry["phone"] == "7916*****67"
-    assert (entry["status"], entry["route"], entry["target"], entry["rule"]) == ("FOUND", "extension", "101", "owner-at-work")
+    assert (entry["status"], entry["route"], entry["target"], entry["rule"]) == (
+        "FOUND", "extension", "101", "owner-at-work")
     assert isinstance(entry["latency_ms"], float) and entry["time"].endswith("+00:00")
 
 

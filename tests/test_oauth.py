@@ -89,11 +89,11 @@ class OAuthPortal:
         token = form.get("auth", "")
         self.seen_auth.append(token)
         if token.startswith("expired-"):
-            return web.json_response({"error": "expired_token", "error_description": "The access token provided has expired."},
-                                     status=401)
+            return web.json_response({"error": "expired_token",
+                                      "error_description": "The access token provided has expired."}, status=401)
         if token != self.access_token:
-            return web.json_response({"error": "invalid_token", "error_description": "The access token provided is invalid."},
-                                     status=401)
+            return web.json_response({"error": "invalid_token",
+                                      "error_description": "The access token provided is invalid."}, status=401)
         fields = {key: value for key, value in form.items() if key != "auth"} if is_json else \
             [(key, value) for key, value in form.items() if key != "auth"]
         body = {"json": fields} if is_json else {"data": fields}
@@ -240,7 +240,7 @@ def test_a_failed_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         token_file.save(Tokens("a2", "r2", 2.0))
     assert token_file.load() == Tokens("a1", "r1", 1.0)
     assert [p.name for p in tmp_path.iterdir()] == ["oauth.json"]
@@ -293,8 +293,8 @@ def test_config_takes_a_webhook_or_an_application_not_both():
             """), "c.yaml")
     assert [str(p) for p in raised.value.problems] == [
         "c.yaml:2: bitrix.webhook_url: set either a webhook or bitrix.oauth (an application), not both",
-        "c.yaml:4: bitrix.oauth.client_secret: missing; an OAuth application needs it"
-        " (or the environment variable AGI_BITRIX_CLIENT_SECRET)",
+        ("c.yaml:4: bitrix.oauth.client_secret: missing; an OAuth application needs it"
+         " (or the environment variable AGI_BITRIX_CLIENT_SECRET)"),
         "c.yaml:4: bitrix.oauth.portal_url: expected a URL like https://PORTAL/rest/",
         "c.yaml:6: bitrix.oauth.token_file: must be an absolute path",
     ]

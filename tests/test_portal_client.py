@@ -145,7 +145,8 @@ async def test_timeout_then_recovery_on_the_same_session(client, portal):
 
 @pytest.mark.asyncio
 async def test_refused_connection_is_connect(session):
-    client = PortalClient(f"http://127.0.0.1:{closed_port()}/rest/1/{SECRET}/", session, timeout=TIMEOUT, budget=ample_budget())
+    client = PortalClient(f"http://127.0.0.1:{closed_port()}/rest/1/{SECRET}/", session, timeout=TIMEOUT,
+                          budget=ample_budget())
     error = await failure(client.search_crm_entities(ANNA))
     assert error.reason == "connect"
     assert "ClientConnectorError" in error.detail
@@ -179,7 +180,8 @@ async def test_peer_that_is_not_the_portal(session, answer, reason):
     server = await asyncio.start_server(answer_and_close, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        client = PortalClient(f"http://127.0.0.1:{port}/rest/1/{SECRET}/", session, timeout=TIMEOUT, budget=ample_budget())
+        client = PortalClient(f"http://127.0.0.1:{port}/rest/1/{SECRET}/", session, timeout=TIMEOUT,
+                              budget=ample_budget())
         assert (await failure(client.search_crm_entities(ANNA))).reason == reason
     finally:
         server.close()
@@ -216,7 +218,8 @@ async def test_error_body_maps_to_portal_code_or_status(client, portal, status, 
 async def test_portal_own_errors_come_through(client, portal, session):
     assert (await failure(client.search_crm_entities(""))).reason == "ERROR_CORE"
     assert (await failure(client.call("crm.nothing.here", {}))).reason == "ERROR_METHOD_NOT_FOUND"
-    intruder = PortalClient(portal.webhook_url.replace(SECRET, "guessed-code"), session, timeout=TIMEOUT, budget=ample_budget())
+    intruder = PortalClient(portal.webhook_url.replace(SECRET, "guessed-code"), session, timeout=TIMEOUT,
+                            budget=ample_budget())
     assert (await failure(intruder.search_crm_entities(ANNA))).reason == "INVALID_CREDENTIALS"
 
 
@@ -339,10 +342,10 @@ def session_free_client():
             "https://x.bitrix24.ru/rest/user.get?auth=***&ID=1",
         ),
         (
-            "https://oauth.bitrix.info/oauth/token/?grant_type=refresh_token&client_id=app"
-            "&client_secret=cs&refresh_token=rt",
-            "https://oauth.bitrix.info/oauth/token/?grant_type=refresh_token&client_id=app"
-            "&client_secret=***&refresh_token=***",
+            ("https://oauth.bitrix.info/oauth/token/?grant_type=refresh_token&client_id=app"
+             "&client_secret=cs&refresh_token=rt"),
+            ("https://oauth.bitrix.info/oauth/token/?grant_type=refresh_token&client_id=app"
+             "&client_secret=***&refresh_token=***"),
         ),
         ("https://user:pa55@proxy.example/rest/", "https://user:***@proxy.example/rest/"),
         ("https://x.bitrix24.ru/", "https://x.bitrix24.ru/"),
@@ -367,14 +370,14 @@ def test_redact(url, redacted):
     ],
 )
 def test_bad_webhook_url_is_refused_without_echoing_it(url):
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(ValueError, match="webhook URL must look like") as caught:
         PortalClient(url, object(), timeout=1, budget=ample_budget())
     assert SECRET not in str(caught.value)
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "2"])
 def test_timeout_must_be_a_positive_number(timeout):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
         PortalClient(f"https://x.bitrix24.ru/rest/1/{SECRET}/", object(), timeout=timeout, budget=ample_budget())
 
 

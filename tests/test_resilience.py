@@ -24,6 +24,7 @@ class Clock:
 
 FOUND = CrmAnswer("FOUND", ())
 NOT_FOUND = CrmAnswer("NOT_FOUND")
+DEFAULT_CACHE = CacheSettings()
 
 
 def test_cache_ttls_and_stale_age():
@@ -69,7 +70,7 @@ def test_limiter_never_exceeds_the_portal_bucket():
     clock = Clock()
     limiter = RateLimiter(per_second=2, burst=50, clock=clock)
     level, sent = 0.0, 0
-    for step in range(2000):  # 200 s of offered load at 10 requests/s
+    for _ in range(2000):  # 200 s of offered load at 10 requests/s
         clock.now += 0.1
         level = max(0.0, level - 0.2)
         wait = limiter.reserve(max_wait=0)
@@ -117,8 +118,8 @@ def test_breaker_opens_probes_and_recovers():
 
 
 def settings(**bitrix):
-    defaults = dict(webhook_url="", deadline=0.5, rate_per_second=1000.0, rate_burst=1000,
-                    breaker_failures=3, breaker_cool_down=0.3)
+    defaults = {"webhook_url": "", "deadline": 0.5, "rate_per_second": 1000.0, "rate_burst": 1000,
+                "breaker_failures": 3, "breaker_cool_down": 0.3}
     defaults.update(bitrix)
     return BitrixSettings(**defaults)
 
@@ -126,7 +127,7 @@ def settings(**bitrix):
 @pytest.fixture
 async def make_lookup(portal):
     async with make_session() as session:
-        def build(cache=CacheSettings(), **bitrix):
+        def build(cache=DEFAULT_CACHE, **bitrix):
             given = settings(**bitrix)
             budget = RateLimiter(given.rate_per_second, given.rate_burst)
             client = PortalClient(portal.webhook_url, session, timeout=given.deadline, budget=budget)
@@ -194,9 +195,8 @@ async def test_breaker_fails_fast_then_recovers_by_itself(make_lookup, portal):
 
 async def test_limiter_sends_calls_to_fallback_instead_of_overloading_the_portal(make_lookup, portal):
     lookup = make_lookup(rate_per_second=2, rate_burst=3, deadline=0.2)
-    answers = []
-    for n in range(6):  # one after another: no batching to hide behind
-        answers.append(await lookup.lookup(f"7916000{n:04d}"))
+    # One after another: no batching to hide behind.
+    answers = [await lookup.lookup(f"7916000{n:04d}") for n in range(6)]
     assert [a.status for a in answers[:3]] == ["NOT_FOUND"] * 3
     assert [a.error for a in answers[3:]] == ["rate_limited"] * 3
     assert len(portal.requests) == 3

@@ -24,7 +24,9 @@ def test_a_mismatch_fails_with_file_line_and_both_values(tmp_path):
         cases:
           - name: on a break
             caller: "89262345678"
-            crm: [{CRM_ENTITY_TYPE: CONTACT, CRM_ENTITY_ID: 1, ASSIGNED_BY: {ID: "2", TIMEMAN_STATUS: PAUSED, USER_PHONE_INNER: "102"}}]
+            crm:
+              - {CRM_ENTITY_TYPE: CONTACT, CRM_ENTITY_ID: 1,
+                 ASSIGNED_BY: {ID: "2", TIMEMAN_STATUS: PAUSED, USER_PHONE_INNER: "102"}}
             expect: {route: extension, target: "102"}
           - name: fine
             caller: "89990001122"
@@ -34,8 +36,8 @@ def test_a_mismatch_fails_with_file_line_and_both_values(tmp_path):
     result = agi_bitrix("test", "-c", str(SHIPPED), str(cases))
     assert result.returncode == 1
     assert result.stdout.splitlines() == [
-        f"FAIL  on a break ({cases}:2): route='extension' got 'queue', target='102' got 'support';"
-        " routed queue support (rule owner-on-break)",
+        (f"FAIL  on a break ({cases}:2): route='extension' got 'queue', target='102' got 'support';"
+        " routed queue support (rule owner-on-break)"),
         "PASS  fine: queue support (rule fallback)",
         "2 cases, 1 failed",
     ]
@@ -84,13 +86,15 @@ def test_broken_cases_file_names_every_problem(tmp_path):
         load_cases(cases, load_config(SHIPPED, environ={}))
     assert [str(p) for p in error.value.problems] == [
         f"{cases}:4: cases[0].crm: give exactly one of crm (the answer inline), crm_file (recorded) or crm_error",
-        f"{cases}:6: cases[0].expect: 'rout' is not a variable; expected one of: status, route, target, queue,"
+        (f"{cases}:6: cases[0].expect: 'rout' is not a variable; expected one of: status, route, target, queue,"
         " extension, mobile, work_phone, personal_phone, user_id, entity_type, entity_id, timeman, phone, rule,"
-        " error, cache",
+        " error, cache"),
         f"{cases}:8: cases[1].crm: not an answer of searchCrmEntities: result is str, expected a list",
         f"{cases}:9: cases[1].time: 'yesterday' is not a time like \"2026-11-26 12:00\"",
-        f"{cases}:10: cases[1].expect: expected a mapping of variables to values, e.g. {{route: queue, target: support}}",
-        f"{cases}:11: cases[1].colour: unknown key; expected one of: name, caller, did, time, crm, crm_file, crm_error, expect",
+        (f"{cases}:10: cases[1].expect: expected a mapping of variables to values, e.g."
+         f" {{route: queue, target: support}}"),
+        (f"{cases}:11: cases[1].colour: unknown key; expected one of: name, caller, did, time, crm,"
+         " crm_file, crm_error, expect"),
     ]
     assert agi_bitrix("test", "-c", str(SHIPPED), str(cases)).returncode == 2
 
@@ -143,7 +147,8 @@ def test_an_unknown_key_in_a_case_gets_a_did_you_mean(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_cases(cases, load_config(SHIPPED, environ={}))
     assert [str(p) for p in error.value.problems] == [
-        f"{cases}:2: cases[0].expect: expected a mapping of variables to values, e.g. {{route: queue, target: support}}",
+        (f"{cases}:2: cases[0].expect: expected a mapping of variables to values, e.g."
+         f" {{route: queue, target: support}}"),
         f"{cases}:5: cases[0].expct: unknown key; did you mean 'expect'?",
     ]
 

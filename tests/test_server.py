@@ -58,12 +58,14 @@ async def test_query_string_on_script_path_does_not_break_routing(agi_server):
 
 async def test_unknown_script_still_gets_a_route(agi_server):
     v = await call(agi_server, script="rout", callerid="89161234567")
-    assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_ERROR"]) == ("ERROR", "queue", "support", "unknown_script")
+    assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_ERROR"]) == (
+        "ERROR", "queue", "support", "unknown_script")
 
 
 async def test_not_found(agi_server):
     v = await call(agi_server, callerid="89990001122")
-    assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_RULE"]) == ("NOT_FOUND", "queue", "support", "fallback")
+    assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_RULE"]) == (
+        "NOT_FOUND", "queue", "support", "fallback")
 
 
 async def test_hostile_crm_values_never_reach_the_pbx(agi_server):
@@ -78,9 +80,11 @@ async def test_hostile_crm_values_never_reach_the_pbx(agi_server):
 
 
 @pytest.mark.parametrize("kind, options, reason", [
-    ("error", {"status": 503, "code": "QUERY_LIMIT_EXCEEDED", "description": "Too many requests"}, "QUERY_LIMIT_EXCEEDED"),
+    ("error", {"status": 503, "code": "QUERY_LIMIT_EXCEEDED", "description": "Too many requests"},
+     "QUERY_LIMIT_EXCEEDED"),
     ("error", {"status": 500, "code": "", "description": "oops"}, "http_500"),
-    ("error", {"status": 401, "code": "expired_token", "description": "The access token provided has expired."}, "expired_token"),
+    ("error", {"status": 401, "code": "expired_token", "description": "The access token provided has expired."},
+     "expired_token"),
     ("html", {"status": 502}, "http_502"),
     ("bad_json", {}, "bad_json"),
     ("malformed", {}, "bad_result"),
@@ -150,15 +154,14 @@ async def test_hangup_line_before_reply_keeps_sync(agi_server):
 
 async def test_multiline_520_reply_is_consumed(agi_server):
     received = await raw_session(agi_server, asterisk_header(callerid="89161234567"),
-                                 replies=b"520-Invalid command syntax.  Proper usage follows:\nUsage: x\n520 End of proper usage.\n")
+                                 replies=b"520-Invalid command syntax.  Proper usage follows:\nUsage: x\n"
+                                         b"520 End of proper usage.\n")
     assert received.startswith(b"EXEC MSet")
 
 
 async def test_hostile_clients_do_not_stall_real_calls(agi_server):
     host, port, _ = agi_server
-    stalled = []
-    for _ in range(50):  # connect and say nothing
-        stalled.append(await asyncio.open_connection(host, port))
+    stalled = [await asyncio.open_connection(host, port) for _ in range(50)]  # connect and say nothing
     for _ in range(20):  # connect and close at once (a port scan)
         _, writer = await asyncio.open_connection(host, port)
         writer.close()
@@ -194,6 +197,6 @@ async def test_client_that_vanishes_before_the_reply(agi_server, portal):
 async def test_concurrent_calls_each_get_their_own_answer(agi_server):
     numbers = {"89161234567": "101", "89262345678": "support", "84957654321": "79035551234",
                "89990001122": "support", "89857778899": "105"}
-    calls = [(n, t) for n, t in numbers.items()] * 20
+    calls = list(numbers.items()) * 20
     results = await asyncio.gather(*(call(agi_server, callerid=n, uniqueid=str(i)) for i, (n, _) in enumerate(calls)))
     assert [v["B24_TARGET"] for v in results] == [t for _, t in calls]

@@ -1,6 +1,5 @@
 """The user directory (user.get) and what routing does with deactivated owners."""
 
-import asyncio
 import logging
 import textwrap
 
@@ -15,7 +14,7 @@ from agi_bitrix.routing.variables import channel_variables
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
-from tests.conftest import TEST_RULES, ample_budget
+from tests.conftest import TEST_RULES, ample_budget, until
 from tests.test_routing import NOON, POLICY, entity, found
 
 USER_GET = "user.get"
@@ -79,7 +78,8 @@ class PagedPortal:
     """user.get as the portal pages it: 50 per page, the offset as `start`."""
 
     def __init__(self, count, honour_start=True):
-        self.users = [{"ID": str(n), "ACTIVE": n % 10 != 0, "UF_PHONE_INNER": str(100 + n)} for n in range(1, count + 1)]
+        self.users = [{"ID": str(n), "ACTIVE": n % 10 != 0, "UF_PHONE_INNER": str(100 + n)}
+                      for n in range(1, count + 1)]
         self.honour_start = honour_start
         self.asked = []
 
@@ -120,14 +120,12 @@ async def test_background_refresh_picks_up_changes_and_explains_a_missing_scope(
     portal.fail("error", method=USER_GET, times=1, status=401, code="insufficient_scope",
                 description="The request requires higher privileges than provided by the webhook token")
     directory.start()
-    while directory.loaded_at is None:
-        await asyncio.sleep(0.01)
+    await until(lambda: directory.loaded_at is not None, what="the first user.get answer to be read")
     assert "the webhook needs the 'user' scope" in caplog.text
     assert directory.inactive_among(["13"]) == {"13"}
     portal._user_extras["13"]["ACTIVE"] = True  # Andrey is taken back
     loaded = directory.loaded_at
-    while directory.loaded_at == loaded:
-        await asyncio.sleep(0.01)
+    await until(lambda: directory.loaded_at != loaded, what="a refresh after the first")
     assert directory.inactive_among(["13"]) == frozenset()
 
 

@@ -9,6 +9,7 @@ the real-Asterisk tests are what prove that model right.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 
@@ -133,8 +134,6 @@ async def fake_call(host: str, port: int, *, timeout: float = 10.0, **header) ->
                 await writer.drain()
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
     return result

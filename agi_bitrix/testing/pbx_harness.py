@@ -60,7 +60,7 @@ def provision_root() -> Path:
             raise AsteriskUnavailable(f"'{tool}' is not installed")
     try:
         run = subprocess.run([str(_from_checkout(PROVISION_SCRIPT))], capture_output=True, text=True,
-                             timeout=1200)
+                             timeout=1200, check=False)
     except subprocess.TimeoutExpired:
         raise AsteriskUnavailable(f"{PROVISION_SCRIPT} did not finish within 20 minutes") from None
     if run.returncode != 0:
@@ -147,7 +147,7 @@ write = all
     def cli(self, command: str, timeout: float = 30) -> str:
         """Runs one CLI command through Asterisk's control socket; returns its output."""
         run = subprocess.run(self._asterisk("-rx", command), capture_output=True, text=True,
-                             timeout=timeout)
+                             timeout=timeout, check=False)
         if run.returncode != 0:
             raise RuntimeError(f"asterisk -rx {command!r} failed: {run.stdout}{run.stderr}")
         return run.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 
 from agi_bitrix.testing.portal import PORTAL_RATE_LIMIT, PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM, SAMPLE_USERS
@@ -47,10 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         help="limit requests like the portal (default when given without a value: 2:50)",
     )
     args = parser.parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args.host, args.port, args.rate_limit))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

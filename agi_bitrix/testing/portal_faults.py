@@ -10,6 +10,7 @@ none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -131,10 +132,8 @@ class FaultInjector:
         if fault.kind in ("slow", "hang"):
             release = self._release
             timeout = options["delay"] if fault.kind == "slow" else None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(release.wait(), timeout)
-            except TimeoutError:
-                pass
             return None
         if fault.kind == "error":
             return error_response(fault.error_answer())

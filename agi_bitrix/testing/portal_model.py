@@ -70,7 +70,7 @@ class PortalModel:
         for phone, entities in (crm or {}).items():
             self.set_client(phone, entities)
 
-    def set_client(self, phone: str, entities: list[dict]) -> None:
+    def set_client(self, phone: str, entities: list[Any]) -> None:
         """Make `phone` answer with `entities`, raw portal-shaped objects sent as they are."""
         self._crm[normalise_phone(phone)] = list(entities)
         for entity in entities:

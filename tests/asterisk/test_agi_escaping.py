@@ -109,7 +109,7 @@ async def test_mset_with_both_escaping_layers_stores_every_byte_but_nul_and_newl
     cases.append({"B24_EMPTY": b"", "B24_NEIGHBOUR": b"next"})  # set, and empty (not unset)
     results = await sessions.run_all([setting_with_mset(values) for values in cases])
     wrong = {repr(next(iter(values.values()))): result
-             for values, result in zip(cases, results) if result != (MSET_DONE, values)}
+             for values, result in zip(cases, results, strict=True) if result != (MSET_DONE, values)}
     assert wrong == {}
 
 
@@ -117,7 +117,7 @@ async def test_mset_with_agi_quoting_alone_corrupts_exactly_these_characters(ses
     """Why the MSet layer is needed: without it these characters change or split the pairs."""
     results = await sessions.run_all(
         [setting_with_mset(surroundings(char), escape=lambda value: value) for char in CARRIABLE_BYTES])
-    corrupted = {char for char, (_, values) in zip(CARRIABLE_BYTES, results)
+    corrupted = {char for char, (_, values) in zip(CARRIABLE_BYTES, results, strict=True)
                  if values != surroundings(char)}
     assert corrupted == {b'"', b"(", b",", b"[", b"\\"}
 
@@ -131,7 +131,8 @@ async def test_set_variable_with_agi_quoting_stores_every_byte_but_nul_and_newli
 
     values = [b"a" + char + b"z" for char in CARRIABLE_BYTES] + [text.encode() for text in UTF8_VALUES]
     results = await sessions.run_all([setting_with_set_variable(value) for value in values])
-    wrong = {value: result for value, result in zip(values, results) if result != (b"200 result=1", value)}
+    wrong = {value: result for value, result in zip(values, results, strict=True)
+             if result != (b"200 result=1", value)}
     assert wrong == {}
 
 
@@ -220,6 +221,6 @@ async def test_the_products_mset_commands_store_every_value_as_the_product_clean
         return script
 
     results = await sessions.run_all([setting(values) for values in cases])
-    wrong = {values["B24_ALONE"]: result for values, result in zip(cases, results)
+    wrong = {values["B24_ALONE"]: result for values, result in zip(cases, results, strict=True)
              if result != ([MSET_DONE], {name: expected(text) for name, text in values.items()})}
     assert wrong == {}

@@ -10,13 +10,13 @@ server restart and none is delivered twice.
 
 import asyncio
 import sqlite3
-import time
 
 import pytest
 import pytest_asyncio
 import yaml
 
 from agi_bitrix.testing.ami_calls import CallDriver
+from tests.conftest import until
 
 from .conftest import DEADLINE
 from .crm import crm_object, fresh_phone
@@ -74,13 +74,6 @@ def callcard_call(calls: CallDriver, server: CallCardServer, callerid: str, answ
                        AGI_BITRIX_CALLCARD=server.callcard_url, **settings)
 
 
-async def until(predicate, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 def registered_call(portal, phone):
     """The portal's record of the one call registered for `phone`."""
     found = [call for call in portal.calls.values() if call.params.get("PHONE_NUMBER") == phone]
@@ -89,14 +82,14 @@ def registered_call(portal, phone):
 
 async def finished(portal, phone, timeout=WAIT):
     await until(lambda: (call := registered_call(portal, phone)) is not None and call.finish_params is not None,
-                timeout)
+                timeout, interval=0.05)
     return registered_call(portal, phone)
 
 
 async def user_directory_refreshed(portal):
     """Waits for a user.get that started after now, then for its answer to be read."""
     asked = len(portal.requests_for("user.get"))
-    await until(lambda: len(portal.requests_for("user.get")) > asked + 1)
+    await until(lambda: len(portal.requests_for("user.get")) > asked + 1, WAIT, interval=0.05)
     await asyncio.sleep(0.2)
 
 
@@ -187,10 +180,12 @@ async def test_finishes_refused_by_the_portal_arrive_after_it_recovers_and_a_res
         await calls.wait_for(call, "Hangup", WAIT, where=is_sample_channel)
     call_ids = [registered_call(portal, phone).call_id for phone in phones]
     # Both finishes were offered and refused (and retried), and wait on disk.
-    await until(lambda: {r.params["CALL_ID"] for r in portal.requests_for(FINISH)} >= set(call_ids))
+    await until(lambda: {r.params["CALL_ID"] for r in portal.requests_for(FINISH)} >= set(call_ids), WAIT,
+                interval=0.05)
     callcard_server.stop()
     assert all(registered_call(portal, phone).finish_params is None for phone in phones)
-    assert {key: state for key, (state, _) in callcard_server.outbox_rows().items() if key in call_ids} == dict.fromkeys(call_ids, "pending")
+    assert {key: state for key, (state, _) in callcard_server.outbox_rows().items() if key in call_ids} == (
+        dict.fromkeys(call_ids, "pending"))
 
     portal.reset_faults()
     refused = len(portal.requests_for(FINISH))

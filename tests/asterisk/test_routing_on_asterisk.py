@@ -10,6 +10,7 @@ import re
 import pytest
 
 from agi_bitrix.testing.portal_model import SEARCH_METHOD
+from tests.conftest import until
 
 from .conftest import B24_VARIABLES, DEADLINE, DEADLINE_MARGIN
 from .crm import crm_object, fresh_phone
@@ -206,7 +207,8 @@ async def test_one_hundred_simultaneous_calls_each_get_their_own_answer(router, 
 
     results = await asyncio.gather(*(router.route(phone, agi_url=patient.url) for phone in expected))
 
-    got = {phone: {name: routed[name] for name in expected[phone]} for phone, routed in zip(expected, results)}
+    got = {phone: {name: routed[name] for name in expected[phone]}
+           for phone, routed in zip(expected, results, strict=True)}
     assert got == expected
 
 
@@ -235,14 +237,10 @@ async def test_a_caller_hanging_up_during_the_lookup_leaves_the_server_serving(r
     try:
         call = router.place(phone)
         # Hang up while the server waits for the portal; Asterisk then sends it "HANGUP".
-        async with asyncio.timeout(20):
-            while searches_for(portal, phone) == 0:
-                await asyncio.sleep(0.05)
+        await until(lambda: searches_for(portal, phone) > 0, 20, interval=0.05, what="the portal to be asked")
         await calls.hangup(next(e["Channel"] for e in call.events if e.get("Channel", "").endswith(";2")))
         # The server is done with the call once it logged it.
-        async with asyncio.timeout(20):
-            while phone not in server.log():
-                await asyncio.sleep(0.05)
+        await until(lambda: phone in server.log(), 20, interval=0.05, what="the call in the server's log")
     finally:
         portal.reset_faults()
     next_phone = fresh_phone()

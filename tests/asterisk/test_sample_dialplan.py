@@ -5,11 +5,11 @@ report each ring (and answer when told to); queues are real app_queue queues. Th
 ring times are set per call as channel variables, which the sample lets win over its globals.
 """
 
-import asyncio
 
 import pytest
 
 from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
+from tests.conftest import until
 
 from .crm import crm_object, fresh_phone
 from .sample_calls import WAIT, is_sample_channel, joined_queue, rings, route_agi_status, sample_call
@@ -120,9 +120,8 @@ async def test_with_the_server_crashing_mid_call_the_safe_defaults_send_the_call
     try:
         call = incoming_call(calls, doomed.url, phone, AGI_BITRIX_QUEUE="sales")
         # The server is in the middle of this call once the portal has the question.
-        async with asyncio.timeout(WAIT):
-            while not any(phone in str(request.params) for request in portal.requests):
-                await asyncio.sleep(0.05)
+        await until(lambda: any(phone in str(request.params) for request in portal.requests), WAIT, interval=0.05,
+                    what="the portal to be asked")
         doomed.crash()
         joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
     finally:
