@@ -1,9 +1,9 @@
 """Fixtures for the tests against a real Asterisk 22 (marker `asterisk`: `pytest -m asterisk`).
 
-- `pbx`: the session's Asterisk (pbx_harness.AsteriskPbx) in the provisioned chroot, with
+- `pbx`: the session's Asterisk (agi_bitrix.testing.pbx_harness.AsteriskPbx) in the provisioned chroot, with
   TEST_DIALPLAN below: the plain-Asterisk sample #included unchanged, plus test contexts.
   `running_pbx()` starts further ones (test_freepbx_sample.py does).
-- `calls`: an AMI connection (ami_calls.CallDriver) that originates calls and collects the AMI
+- `calls`: an AMI connection (agi_bitrix.testing.ami_calls.CallDriver) that originates calls and collects the AMI
   events of each.
 - `portal`: the Bitrix24 emulator; `server` / `start_server()`: `agi-bitrix serve` processes
   (product_server.ProductServer) with the shipped config, against the emulator.
