@@ -65,11 +65,19 @@ def test_time_of_day_cases(tmp_path):
     assert agi_bitrix("test", "-c", str(config_file), str(cases)).returncode == 0
 
 
-def test_broken_cases_file_names_every_problem(tmp_path):
+def case_problems(cases, text):
+    """The problems `load_cases` names in a cases file with `text`, as printed."""
     from agi_bitrix.config import load_config
 
+    cases.write_text(textwrap.dedent(text))
+    with pytest.raises(ConfigError) as error:
+        load_cases(cases, load_config(SHIPPED, environ={}))
+    return [str(p) for p in error.value.problems]
+
+
+def test_broken_cases_file_names_every_problem(tmp_path):
     cases = tmp_path / "cases.yaml"
-    cases.write_text(textwrap.dedent("""\
+    problems = case_problems(cases, """\
         cases:
           - name: a
             caller: "89161234567"
@@ -81,10 +89,8 @@ def test_broken_cases_file_names_every_problem(tmp_path):
             time: yesterday
             expect: {}
             colour: blue
-        """))
-    with pytest.raises(ConfigError) as error:
-        load_cases(cases, load_config(SHIPPED, environ={}))
-    assert [str(p) for p in error.value.problems] == [
+        """)
+    assert problems == [
         f"{cases}:4: cases[0].crm: give exactly one of crm (the answer inline), crm_file (recorded) or crm_error",
         (f"{cases}:6: cases[0].expect: 'rout' is not a variable; expected one of: status, route, target, queue,"
         " extension, mobile, work_phone, personal_phone, user_id, entity_type, entity_id, timeman, phone, rule,"
@@ -134,22 +140,16 @@ async def test_run_cases_directly():
 
 
 def test_an_unknown_key_in_a_case_gets_a_did_you_mean(tmp_path):
-    from agi_bitrix.config import load_config
-
     cases = tmp_path / "cases.yaml"
-    cases.write_text(textwrap.dedent("""\
+    problems = case_problems(cases, """\
         cases:
-          - name: a
-            caller: "89161234567"
-            crm: []
-            expct: {target: support}
-        """))
-    with pytest.raises(ConfigError) as error:
-        load_cases(cases, load_config(SHIPPED, environ={}))
-    assert [str(p) for p in error.value.problems] == [
+          - {name: typo, caller: "84957654321", crm: [],
+             expct: {target: support}}
+        """)
+    assert problems == [
         (f"{cases}:2: cases[0].expect: expected a mapping of variables to values, e.g."
          f" {{route: queue, target: support}}"),
-        f"{cases}:5: cases[0].expct: unknown key; did you mean 'expect'?",
+        f"{cases}:3: cases[0].expct: unknown key; did you mean 'expect'?",
     ]
 
 
