@@ -79,7 +79,6 @@ class Application:
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
         self.monitoring = MonitoringServer(self.metrics, self.health) if config.metrics.enabled else None
-        self.address: tuple[str, int] | None = None
 
     @property
     def config(self) -> Config:
@@ -118,7 +117,7 @@ class Application:
                 await self.outbox.open()
                 self.outbox.start()
                 self._watch_outbox(self.outbox)
-            self.address = await self.server.start(
+            address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
             await self._start_monitoring(config)
         except BaseException:
@@ -128,8 +127,8 @@ class Application:
         if self.users is not None:
             self.users.start()
         log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)", __version__,
-                 self.address[0], self.address[1], self.portal.redacted_url, config.path, config.digest[:12])
-        return self.address
+                 address[0], address[1], self.portal.redacted_url, config.path, config.digest[:12])
+        return address
 
     def _watch_outbox(self, outbox: Outbox) -> None:
         registry = self.metrics.registry

@@ -149,9 +149,9 @@ class PortalClient:
             await self.take_slot(max_wait)
         try:
             result = await self._call(method, params, json_body)
-        except RateLimited:
+        except RateLimited as error:
             pause = self.budget.back_off()
-            log.warning("portal says we are over its limits; no requests for %.0f s", pause)
+            log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
             raise
         self.budget.succeeded()
         return result
