@@ -278,6 +278,30 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
     assert oauth_portal.refreshes == 2
 
 
+async def test_a_missing_token_file_routes_the_call_with_its_reason(oauth_portal, tmp_path, monkeypatch):
+    """A fault on this machine, not the portal's: the call still gets the fallback with a true reason."""
+    monkeypatch.setenv("AGI_BITRIX_CLIENT_SECRET", CLIENT_SECRET)
+    config_path = tmp_path / "agi-bitrix.yaml"
+    config_path.write_text(textwrap.dedent(f"""\
+        bitrix:
+          oauth:
+            portal_url: "{oauth_portal.url}/rest/"
+            client_id: "{CLIENT_ID}"
+            token_file: "{tmp_path / 'nowhere' / 'oauth.json'}"
+            token_url: "{oauth_portal.url}/oauth/token/"
+        routing: {{fallback_queue: support}}
+        """))
+    app = Application(load_config(config_path))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        v = (await fake_call(host, port, callerid="89161234567")).variables
+        healthy, _ = app.health()
+    finally:
+        await app.stop()
+    assert (v["B24_STATUS"], v["B24_ERROR"], v["B24_TARGET"]) == ("ERROR", "oauth_token_file", "support")
+    assert not healthy and oauth_portal.refreshes == 0
+
+
 def test_config_takes_a_webhook_or_an_application_not_both():
     from agi_bitrix.checking import ConfigError
 

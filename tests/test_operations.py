@@ -119,6 +119,41 @@ async def test_reload_applies_a_good_config_and_refuses_a_bad_one(portal, tmp_pa
         await app.stop()
 
 
+async def test_reload_swaps_the_whole_runtime_and_keeps_what_outlives_it(portal, tmp_path, caplog):
+    path = tmp_path / "agi-bitrix.yaml"
+    base = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0,'
+            ' rate_limit: {per_second: 2, burst: 40}}\n'
+            "routing:\n  fallback_queue: support\n  rules: []\n")
+    path.write_text(base)
+    from agi_bitrix.config import load_config
+
+    app, host, port = await started(load_config(path))
+    try:
+        first = app.runtime
+        path.write_text(base.replace("fallback_queue: support", "fallback_queue: sales"))
+        assert app.reload()
+        second = app.runtime
+        # Everything made from the config is new; what the lookups learned and the budget are not.
+        assert second is not first and second.config.policy.fallback_queue == "sales"
+        assert (second.portal is not first.portal and second.lookup is not first.lookup
+                and second.endpoint is not first.endpoint)
+        assert second.lookup.memory is first.lookup.memory
+        assert second.portal.budget is first.portal.budget
+        assert first.config.policy.fallback_queue == "support"  # the old runtime is left as it was
+        path.write_text(base.replace("per_second: 2", "per_second: 4"))
+        assert app.reload() and app.runtime.portal.budget is not second.portal.budget
+        # check accepts this URL (it is http(s)), the portal client does not: refused, not a crash.
+        third = app.runtime
+        path.write_text(base.replace(portal.webhook_url, "https://x.bitrix24.ru/rest/1/code/profile.json"))
+        assert not app.reload()
+        assert app.runtime is third and app.reloads == {"success": 2, "failure": 1}
+        assert "reload refused" in caplog.text and "/code/" not in caplog.text
+        v = (await fake_call(host, port, callerid="89161234567")).variables
+        assert (v["B24_STATUS"], v["B24_TARGET"]) == ("FOUND", "support")  # the portal still asked
+    finally:
+        await app.stop()
+
+
 async def test_many_stalled_sockets_do_not_delay_calls(portal):
     app, host, port = await started(make_config(portal.webhook_url, header_timeout=2.0))
     try:

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from agi_bitrix.app import Application
-from agi_bitrix.bitrix.errors import PortalError
+from agi_bitrix.bitrix.errors import PortalError, RequestNotSent
 from agi_bitrix.bitrix.users import User, UserDirectory, answering_number, parse_user
 from agi_bitrix.config import parse_config
 from agi_bitrix.routing.engine import CallInfo, decide
@@ -105,6 +105,20 @@ async def test_a_portal_that_ignores_start_does_not_page_forever():
     directory = UserDirectory(lambda: portal, refresh=600, default_country="RU")
     await directory.load()
     assert portal.asked == [(None, 0), (None, 50), (False, 0)]
+
+
+async def test_user_get_takes_its_slots_from_the_portal_budget(portal):
+    from agi_bitrix.bitrix.client import PortalClient, make_session
+    from agi_bitrix.bitrix.ratelimit import RateLimiter
+
+    async with make_session() as session:
+        # One free slot: the first page goes, the second request (the deactivated) may not wait.
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=RateLimiter(0.01, 1))
+        directory = UserDirectory(lambda: client, refresh=600, default_country="RU")
+        with pytest.raises(RequestNotSent) as raised:
+            await directory.load()
+    assert raised.value.reason == "rate_limited" and directory.loaded_at is None
+    assert len(portal.requests_for(USER_GET)) == 1
 
 
 async def test_a_failed_refresh_keeps_the_last_snapshot(directory, portal):

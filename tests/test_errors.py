@@ -1,0 +1,59 @@
+"""The portal's answers sorted into the exception tree: what code decides on is the class."""
+
+import pytest
+
+from agi_bitrix.bitrix.errors import (
+    AuthRejected,
+    BitrixError,
+    NotPermitted,
+    PortalError,
+    PortalRefused,
+    PortalUnavailable,
+    RateLimited,
+    RequestNotSent,
+    RequestRejected,
+    TokenExpired,
+    TokenFileError,
+    refusal,
+)
+
+
+@pytest.mark.parametrize("reason, kind", [
+    ("QUERY_LIMIT_EXCEEDED", RateLimited),
+    ("OPERATION_TIME_LIMIT", RateLimited),
+    ("OVERLOAD_LIMIT", RateLimited),
+    ("http_429", RateLimited),
+    ("expired_token", TokenExpired),
+    ("invalid_token", TokenExpired),
+    ("NO_AUTH_FOUND", AuthRejected),
+    ("INVALID_CREDENTIALS", AuthRejected),
+    ("insufficient_scope", NotPermitted),
+    ("ACCESS_DENIED", NotPermitted),
+    ("WRONG_AUTH_TYPE", NotPermitted),
+    ("ERROR_CORE", RequestRejected),
+    ("ERROR_ARGUMENT", RequestRejected),
+    ("INVALID_REQUEST", RequestRejected),
+    ("INTERNAL_SERVER_ERROR", PortalUnavailable),
+    ("PORTAL_DELETED", PortalUnavailable),
+    ("http_502", PortalUnavailable),
+    ("http_500", PortalUnavailable),
+])
+def test_a_code_is_sorted_by_what_it_means(reason, kind):
+    error = refusal(reason, "detail")
+    assert type(error) is kind and error.reason == reason and error.detail == "detail"
+
+
+@pytest.mark.parametrize("reason", ["ERROR_METHOD_NOT_FOUND", "portal_error", "http_404", "http_400", "http_5000"])
+def test_a_code_without_a_meaning_for_us_is_a_plain_refusal(reason):
+    assert type(refusal(reason, "")) is PortalRefused
+
+
+def test_what_is_not_the_portals_fault_is_no_portal_error():
+    # A token file on this machine, or a request we chose not to send, says nothing about the portal.
+    assert not isinstance(TokenFileError("cannot read"), PortalError)
+    assert not isinstance(RequestNotSent("rate_limited", ""), PortalError)
+    assert TokenFileError("cannot read").reason == "oauth_token_file"
+    # Yet every one of them carries a reason for B24_ERROR.
+    assert all(isinstance(error, BitrixError) for error in (
+        TokenFileError(""), RequestNotSent("circuit_open", ""), refusal("ERROR_CORE", "")))
+    assert str(RequestNotSent("circuit_open", "not asked")) == "circuit_open: not asked"
