@@ -114,7 +114,9 @@ class Application:
         config = self.config
         try:
             if self.outbox is not None:
-                await self.outbox.open()
+                # Only another process holding the outbox stops the start: the call card must
+                # not take routing down, and an outbox that cannot be used now is retried.
+                await self.outbox.open_or_retry_later()
                 self.outbox.start()
                 self._watch_outbox(self.outbox)
             address = await self.server.start(
@@ -132,10 +134,16 @@ class Application:
 
     def _watch_outbox(self, outbox: Outbox) -> None:
         registry = self.metrics.registry
-        Gauge("agi_bitrix_finishes_waiting", "Finishes stored and not yet accepted by the portal.",
-              registry=registry).set_function(lambda: outbox.waiting)
+        Gauge("agi_bitrix_finishes_waiting", "Finishes not yet accepted by the portal (stored, or kept in memory).",
+              registry=registry).set_function(lambda: outbox.waiting + outbox.kept)
         Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
               registry=registry).set_function(lambda: outbox.failed)
+        Gauge("agi_bitrix_callcard_up", "1 while the outbox stores finishes, 0 while it cannot (see /healthz).",
+              registry=registry).set_function(lambda: 0 if outbox.problem else 1)
+        Gauge("agi_bitrix_finishes_kept_in_memory", "Finishes the outbox could not store yet; lost on a restart.",
+              registry=registry).set_function(lambda: outbox.kept)
+        Gauge("agi_bitrix_finishes_lost", "Finishes lost since the start: neither stored nor kept (memory full).",
+              registry=registry).set_function(lambda: outbox.lost)
 
     async def _start_monitoring(self, config: Config) -> None:
         memory, server = self.memory, self.server
@@ -179,10 +187,21 @@ class Application:
             },
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
+            # Shown, but not in the status: a broken call card does not stop calls being routed.
+            "callcard": self._callcard_health(),
             "sessions_in_flight": len(self.server.sessions),
             "uptime_seconds": seconds_since(self.started_at),
             "version": __version__,
         }
+
+    def _callcard_health(self) -> dict[str, Any]:
+        outbox = self.outbox
+        if outbox is None:
+            return {"state": "off"}
+        return {"state": "down" if outbox.problem else "up", "problem": outbox.problem or None,
+                "outbox": str(outbox.path), "finishes_waiting": outbox.waiting + outbox.kept,
+                "finishes_kept_in_memory": outbox.kept, "finishes_failed": outbox.failed,
+                "finishes_lost": outbox.lost}
 
     async def _stop_background(self) -> None:
         if self.outbox is not None:

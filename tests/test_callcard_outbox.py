@@ -1,11 +1,27 @@
 """The outbox on its own: a real SQLite file, a scripted sender and a clock the test moves."""
 
 import asyncio
+import fcntl
+import os
+import shutil
 import sqlite3
+import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from agi_bitrix.callcard.outbox import DELIVERED_RETENTION, Entry, Outbox, OutboxError, Outcome, RetryPolicy
+from agi_bitrix.callcard import outbox as outbox_module
+from agi_bitrix.callcard.outbox import (
+    DELIVERED_RETENTION,
+    Entry,
+    Outbox,
+    OutboxError,
+    OutboxInUse,
+    Outcome,
+    RetryPolicy,
+)
+from tests.filesystems import NOBODY, require_root
 
 
 class Clock:
@@ -58,8 +74,8 @@ async def test_an_added_entry_is_delivered_and_a_second_add_is_ignored(tmp_path)
     sender, clock = ScriptedSender(), Clock()
     outbox = await opened(tmp_path / "o.sqlite3", sender, clock)
     try:
-        assert await outbox.add("call-1", {"CALL_ID": "call-1", "DURATION": 5}) is True
-        assert await outbox.add("call-1", {"CALL_ID": "call-1", "DURATION": 7}) is False
+        assert await outbox.add("call-1", {"CALL_ID": "call-1", "DURATION": 5}) == "stored"
+        assert await outbox.add("call-1", {"CALL_ID": "call-1", "DURATION": 7}) == "duplicate"
         await settle()
         assert [(e.key, e.params, e.attempt) for e in sender.attempts] == [
             ("call-1", {"CALL_ID": "call-1", "DURATION": 5}, 1)]
@@ -229,3 +245,169 @@ async def test_the_file_is_wal_and_old_delivered_rows_are_purged(tmp_path):
         assert (await outbox.row("failed-one"))["state"] == "failed"  # kept for the admin
     finally:
         await outbox.close()
+
+
+# -- privacy: the rows name calls, users and recording URLs ----------------------------------
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def outbox_files(path):
+    return [path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}.lock")]
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, under which the outbox used to come out 0644 in a 0755 folder."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+async def test_the_folder_and_every_file_are_private(tmp_path, umask_022):
+    path = tmp_path / "state" / "o.sqlite3"
+    outbox = await opened(path, ScriptedSender(), Clock())
+    try:
+        await outbox.add("x", {"RECORD_URL": "https://pbx.example.com/r.wav?token=secret"})
+        assert mode(path.parent) == 0o700
+        assert {file.name: mode(file) for file in outbox_files(path)} == {
+            file.name: 0o600 for file in outbox_files(path)}
+    finally:
+        await outbox.close()
+
+
+async def test_an_outbox_left_open_to_others_is_made_private_and_its_lock_cannot_be_held_against_us(
+        tmp_path, umask_022, caplog):
+    # As an older version left it: 0644 files in a 0755 folder. A local user opened the lock
+    # file back then and keeps it open (simulated by this process: a second open file of it).
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o755)
+    path = folder / "o.sqlite3"
+    sqlite3.connect(path).close()
+    (folder / "o.sqlite3.lock").touch(mode=0o644)
+    other_users_file = os.open(folder / "o.sqlite3.lock", os.O_RDONLY)
+    try:
+        outbox = await opened(path, ScriptedSender(), Clock())
+        await outbox.close()
+        assert {file.name: mode(file) for file in outbox_files(path) if file.exists()} == {
+            "o.sqlite3": 0o600, "o.sqlite3.lock": 0o600}
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any(f"outbox folder {folder} is open to other users (mode 0755)" in e for e in errors), errors
+        assert any(f"outbox file {path} was open to other users (mode 0644); made it 0600" in e for e in errors)
+        assert any(f"outbox lock file {path}.lock was open to other users (mode 0644)" in e for e in errors)
+        # The user now takes a shared lock on what they hold: the server still starts.
+        fcntl.flock(other_users_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        outbox = await opened(path, ScriptedSender(), Clock())
+        await outbox.close()
+    finally:
+        os.close(other_users_file)
+
+
+async def test_a_lock_held_while_the_lock_file_is_open_to_others_names_both_causes(tmp_path, umask_022):
+    path = tmp_path / "o.sqlite3"
+    lock = tmp_path / "o.sqlite3.lock"
+    lock.touch(mode=0o644)
+    holder = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        with pytest.raises(OutboxInUse, match=f"is locked by another process: another agi-bitrix, or any local"
+                                              f" user, since {lock} is open to other users .mode 0644.; if no"
+                                              " agi-bitrix uses this outbox, delete that file"):
+            await Outbox(path, ScriptedSender(), RetryPolicy()).open()
+    finally:
+        os.close(holder)
+
+
+HOLD_WHAT_YOU_CAN = """\
+import fcntl, os, sys
+held = []
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        continue
+    held.append(path)
+print(" ".join(held), flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_another_local_user_can_neither_read_nor_lock_the_outbox(umask_022):
+    # A real other user (nobody) takes a shared flock on every outbox path it can open, as the
+    # attack did; the folder is 0755 as systemd's StateDirectory makes it by default.
+    require_root("running a process as another user")
+    # The venv's interpreter lives where nobody may go; the system's is the one a local user has.
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert python is not None, "no system python3 for the other user to run"
+    base = Path(tempfile.mkdtemp(prefix="agi-bitrix-outbox-"))
+    try:
+        os.chmod(base, 0o755)
+        folder = base / "state"
+        folder.mkdir(mode=0o755)
+        path = folder / "o.sqlite3"
+        outbox = await opened(path, ScriptedSender(), Clock())
+        await outbox.add("x", {})
+        await outbox.close()
+        paths = [str(folder), *(str(file) for file in outbox_files(path))]
+        attacker = await asyncio.create_subprocess_exec(
+            python, "-c", HOLD_WHAT_YOU_CAN, *paths, user=NOBODY, cwd="/",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        try:
+            held = (await asyncio.wait_for(attacker.stdout.readline(), 10)).decode().split()
+            assert held == [str(folder)]  # the folder only, which the server does not lock
+            outbox = await opened(path, ScriptedSender(), Clock())
+            await outbox.close()
+        finally:
+            attacker.kill()
+            await attacker.wait()
+    finally:
+        shutil.rmtree(base)
+
+
+# -- when the file cannot take a finish --------------------------------------------------------
+
+
+async def test_finishes_are_kept_in_memory_while_the_folder_cannot_be_used_and_stored_once_it_can(tmp_path, caplog):
+    blocker = tmp_path / "state"
+    blocker.write_text("")  # a file where the folder should be
+    sender, clock = ScriptedSender(), Clock()
+    outbox = Outbox(blocker / "o.sqlite3", sender, RETRY, clock=clock)
+    await outbox.open_or_retry_later()
+    outbox.start()
+    try:
+        assert outbox.problem == f"cannot open outbox {blocker}/o.sqlite3: File exists"
+        assert await outbox.add("a", {"n": 1}) == "kept"
+        assert await outbox.add("a", {"n": 2}) == "duplicate"
+        assert (outbox.kept, outbox.waiting, sender.attempts) == (1, 0, [])
+        clock.now += 10
+        await outbox.add("b", {"n": 3})
+        await settle()
+        assert outbox.kept == 2  # still down: tried again, not logged again
+        down = [r for r in caplog.records if r.getMessage().startswith("call card is DOWN")]
+        assert len(down) == 1 and down[0].levelname == "ERROR"
+        blocker.unlink()
+        clock.now += 10
+        outbox._wake.set()  # the test's clock moved: wake the loop as time passing would
+        await settle()
+        assert (outbox.problem, outbox.kept) == ("", 0)
+        assert [(e.key, e.params, e.attempt) for e in sender.attempts] == [("a", {"n": 1}, 1), ("b", {"n": 3}, 1)]
+        assert (await outbox.row("a"))["queued_at"] == clock.now - 20  # when it was asked for
+    finally:
+        await outbox.close()
+
+
+async def test_past_the_memory_bound_a_finish_is_lost_loudly_and_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(outbox_module, "MAX_KEPT", 2)
+    blocker = tmp_path / "state"
+    blocker.write_text("")
+    outbox = Outbox(blocker / "o.sqlite3", ScriptedSender(), RETRY, clock=Clock())
+    await outbox.open_or_retry_later()
+    assert [await outbox.add(key, {}) for key in "abc"] == ["kept", "kept", "lost"]
+    assert (outbox.kept, outbox.lost) == (2, 1)
+    assert any(r.levelname == "ERROR" and r.getMessage().startswith("finish c is LOST") for r in caplog.records)
+    await outbox.close()  # still down: the two kept are lost too, each logged
+    assert (outbox.kept, outbox.lost) == (0, 3)
+    assert sum(r.getMessage().startswith(("finish a is LOST", "finish b is LOST")) for r in caplog.records) == 2

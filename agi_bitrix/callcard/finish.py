@@ -118,11 +118,13 @@ class FinishService:
         params = self.finish_params(arguments, uniqueid)
         if params is None:
             return
-        if await self.outbox.add(arguments.call_id, params):
-            log.info("call %s: finish %s queued: user %s, %s s, status %s", uniqueid, arguments.call_id,
-                     params["USER_ID"], params["DURATION"], params["STATUS_CODE"])
-        else:
+        added = await self.outbox.add(arguments.call_id, params)
+        if added == "duplicate":
             log.info("call %s: finish %s was already queued; this one is ignored", uniqueid, arguments.call_id)
+        elif added != "lost":  # the outbox logged a kept or lost finish at ERROR
+            log.info("call %s: finish %s queued%s: user %s, %s s, status %s", uniqueid, arguments.call_id,
+                     " in memory" if added == "kept" else "", params["USER_ID"], params["DURATION"],
+                     params["STATUS_CODE"])
 
     def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
         settings = self.config.callcard

@@ -9,6 +9,16 @@ delivery failed for good are kept (state `failed`) and logged, never retried for
 
 SQLite runs in one thread of its own, so the event loop never waits for the disk; WAL with
 synchronous=FULL makes an acknowledged add survive a crash and a power cut.
+
+The call card must never take routing down, nor lose a finish quietly. When the file cannot be
+opened (a folder the server cannot write) or written (a full disk), a finish is kept in memory,
+bounded, and the background task tries the file again every `retry.first` seconds; once it
+works the kept finishes are stored and delivered like the others. `problem` says why the outbox
+is down, for /healthz and the metrics.
+
+The rows name calls, users and recording URLs, and a lock file that others can open lets any
+local user hold a shared flock on it and keep the server from starting: everything is created
+private (folder 0700, files 0600) and a lock file left readable by an older version is replaced.
 """
 
 from __future__ import annotations
@@ -19,13 +29,15 @@ import json
 import logging
 import os
 import sqlite3
+import stat
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO, TypeVar, TypeVarTuple
+from typing import Any, Literal, TypeVar, TypeVarTuple
 
 from agi_bitrix import background
 
@@ -41,6 +53,14 @@ DELIVERED_RETENTION = 2 * 86400.0
 # Failed rows are kept for an admin to read (and replay by hand) for a month.
 FAILED_RETENTION = 30 * 86400.0
 PURGE_EVERY = 3600.0
+# Finishes kept in memory while the file cannot take them (a few hundred bytes each); past
+# this, a finish is lost, logged at ERROR and counted.
+MAX_KEPT = 10_000
+# Group and others: none of them may read, write or even list the outbox's files.
+_OPEN_TO_OTHERS = 0o077
+
+# What add() did with a finish.
+Added = Literal["stored", "kept", "duplicate", "lost"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -59,6 +79,10 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 
 class OutboxError(Exception):
     """The outbox cannot be opened (path, permissions, another process holds it)."""
+
+
+class OutboxInUse(OutboxError):
+    """Another process holds the outbox's lock: starting would deliver its finishes twice."""
 
 
 @dataclass(frozen=True)
@@ -100,50 +124,95 @@ class Outbox:
         self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
-        self._lock_file: TextIO | None = None
+        self._lock_fd: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._purged_at = 0.0
+        # Finishes the file could not take, oldest first: key -> (params as JSON, queued at).
+        self._kept: dict[str, tuple[str, float]] = {}
+        self._storage_retry_at = 0.0
+        self._warned_open_to_others: set[str] = set()
+        # Why the outbox cannot store finishes now, "" while it can (for /healthz and metrics).
+        self.problem = ""
         # Kept in memory for /metrics, which is read without waiting for the database.
         self.waiting = 0
         self.failed = 0
+        self.lost = 0  # neither stored nor kept: memory full, or still kept when the server stopped
+
+    @property
+    def kept(self) -> int:
+        """Finishes waiting in memory for the file to take them."""
+        return len(self._kept)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
-        try:
-            await self._run(self._open)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-        self.waiting = await self.count(PENDING)
-        self.failed = await self.count(FAILED)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        self.waiting, self.failed = await self._run(self._open)
         log.info("outbox %s open; %d finish(es) waiting for delivery", self.path, self.waiting)
 
+    async def open_or_retry_later(self) -> None:
+        """Open; when the file cannot be used now, say why and let the background task retry.
+
+        Only a lock held by another process is raised (OutboxInUse): two servers delivering
+        the same rows would finish calls twice."""
+        try:
+            await self.open()
+        except OutboxInUse:
+            raise
+        except OutboxError as error:
+            self._storage_failed(str(error))
+
     def start(self) -> None:
-        """Start delivering in the background (after open)."""
+        """Start delivering in the background (after open or open_or_retry_later)."""
         self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
 
     async def close(self) -> None:
         await background.stop(self._task)
         self._task = None
         if self._executor is not None:
+            if self._kept:
+                try:  # a last chance for the finishes kept in memory
+                    await self._restore_storage()
+                except (OutboxError, sqlite3.Error) as error:
+                    self.problem = _describe(self.path, error)
             await self._run(self._close)
             self._executor.shutdown(wait=True)
             self._executor = None
+        for key in self._kept:
+            log.error("finish %s is LOST: kept in memory when the server stopped (%s)", key, self.problem)
+        self.lost += len(self._kept)
+        self._kept.clear()
 
     # -- the API -----------------------------------------------------------------------------
 
-    async def add(self, key: str, params: dict[str, Any]) -> bool:
-        """Queue `params` under `key`, durably; False when the key was already there."""
-        added = await self._run(self._insert, key, json.dumps(params, ensure_ascii=False))
-        if added:
-            self.waiting += 1
-            self._wake.set()
-        return added
+    async def add(self, key: str, params: dict[str, Any]) -> Added:
+        """Queue `params` under `key`: durably, or in memory while the file cannot take it."""
+        if key in self._kept:
+            return "duplicate"
+        text, now = json.dumps(params, ensure_ascii=False), self._clock()
+        if self._db is not None:
+            try:
+                added = await self._run(self._insert, key, text, now)
+            except sqlite3.Error as error:  # the disk is full, or the file broke
+                self._storage_failed(_describe(self.path, error))
+            else:
+                if not added:
+                    return "duplicate"
+                self.waiting += 1
+                self._wake.set()
+                return "stored"
+        if len(self._kept) >= MAX_KEPT:
+            self.lost += 1
+            log.error("finish %s is LOST: the outbox cannot store it (%s) and %d finishes already wait in memory",
+                      key, self.problem, MAX_KEPT)
+            return "lost"
+        self._kept[key] = (text, now)
+        log.error("finish %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
+                  key, len(self._kept), self.problem)
+        return "kept"
 
     async def count(self, state: str) -> int:
         return await self._run(self._count, state)
@@ -157,15 +226,49 @@ class Outbox:
     async def _deliver_forever(self) -> None:
         while True:
             try:
-                await self._deliver_due()
+                if self.problem and self._clock() >= self._storage_retry_at:
+                    await self._restore_storage()
+                if self._db is not None:
+                    await self._deliver_due()
             except asyncio.CancelledError:
                 raise
+            except (OutboxError, sqlite3.Error) as error:
+                self._storage_failed(_describe(self.path, error))
             except Exception:
-                # A bug or a broken disk: keep the loop alive, and do not spin.
+                # A bug: keep the loop alive, and do not spin.
                 log.exception("outbox delivery failed unexpectedly; trying again in %.0f s",
                               self.retry.first_delay)
                 self._paused_until = self._clock() + self.retry.first_delay
             await self._sleep()
+
+    def _storage_failed(self, problem: str) -> None:
+        """The file cannot take finishes: note why (logged once per change), try again later."""
+        now = self._clock()
+        self._storage_retry_at = now + self.retry.first_delay
+        # Delivery writes too (each attempt is counted first): it waits for the same retry.
+        self._paused_until = max(self._paused_until, self._storage_retry_at)
+        if problem != self.problem:
+            log.error("call card is DOWN: %s; calls are routed as usual, finishes are kept in memory until the"
+                      " outbox works (tried every %.0f s)", problem, self.retry.first_delay)
+            self.problem = problem
+        self._wake.set()
+
+    async def _restore_storage(self) -> None:
+        """Open the file if need be and store the finishes kept in memory; raises while it cannot."""
+        if self._db is None:
+            await self.open()
+        stored = 0
+        while self._kept:
+            key, (text, queued_at) = next(iter(self._kept.items()))
+            if await self._run(self._insert, key, text, queued_at):
+                self.waiting += 1
+                stored += 1
+            del self._kept[key]
+        if self.problem:
+            log.warning("call card is up again: outbox %s stores finishes; %d kept in memory are stored now",
+                        self.path, stored)
+            self.problem = ""
+            self._paused_until = 0.0
 
     async def _deliver_due(self) -> None:
         while self._clock() >= self._paused_until:
@@ -211,8 +314,14 @@ class Outbox:
         # Cleared before looking: a row added from here on wakes us, one added before is seen.
         self._wake.clear()
         now = self._clock()
-        next_due = await self._run(self._next_due)
+        try:
+            next_due = await self._run(self._next_due) if self._db is not None else None
+        except sqlite3.Error as error:
+            self._storage_failed(_describe(self.path, error))
+            next_due = None
         wake_at = max(self._paused_until, next_due if next_due is not None else now + PURGE_EVERY)
+        if self.problem:
+            wake_at = min(wake_at, self._storage_retry_at)
         if wake_at <= now:
             return
         try:
@@ -230,30 +339,108 @@ class Outbox:
 
     # -- in the SQLite thread ----------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self) -> tuple[int, int]:
+        """Open the file, private to this user; the finishes waiting and failed in it."""
+        folder = self.path.parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Held open until _release_lock: the flock lives as long as the file.
-            lock_file = open(f"{self.path}.lock", "a")  # noqa: SIM115
+            # The mode applies only to a folder made here; an existing one is checked instead.
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._check_folder(folder)
+            self._lock_fd = self._take_lock()
         except OSError as error:
-            raise OutboxError(f"cannot open outbox {self.path}: {error.strerror}") from None
+            raise OutboxError(f"cannot open outbox {self.path}: {error.strerror or error}") from None
         try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.close()
-            # Two processes delivering the same rows would send finishes twice.
-            raise OutboxError(f"outbox {self.path} is in use by another agi-bitrix process") from None
-        self._lock_file = lock_file
-        try:
+            # SQLite gives the -wal and -shm files the database file's mode: create it 0600.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                self._make_private(path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as error:
+            self._release_lock()
+            detail = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise OutboxError(f"cannot open outbox {self.path}: {detail}") from None
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            db.row_factory = sqlite3.Row
+            counts = dict(db.execute(
+                "SELECT state, COUNT(*) FROM outbox WHERE state IN (?, ?) GROUP BY state", (PENDING, FAILED)))
         except sqlite3.Error as error:
+            db.close()
             self._release_lock()
             raise OutboxError(f"cannot open outbox {self.path}: {error}") from None
-        db.row_factory = sqlite3.Row
         self._db = db
+        return counts.get(PENDING, 0), counts.get(FAILED, 0)
+
+    def _take_lock(self) -> int:
+        """An exclusive flock on the lock file, which no other user can open (0600)."""
+        lock_path = f"{self.path}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if mode & _OPEN_TO_OTHERS:
+                    raise OutboxInUse(
+                        f"outbox {self.path} is locked by another process: another agi-bitrix, or any local user,"
+                        f" since {lock_path} is open to other users (mode {mode:04o}); if no agi-bitrix uses this"
+                        " outbox, delete that file") from None
+                # Two processes delivering the same rows would send finishes twice.
+                raise OutboxInUse(f"outbox {self.path} is in use by another agi-bitrix process") from None
+            if _identity(os.fstat(fd)) != _identity(os.stat(lock_path)):
+                # Replaced (see below) by a process that now holds the new file.
+                raise OutboxInUse(f"outbox {self.path} is in use by another agi-bitrix process")
+            if mode & _OPEN_TO_OTHERS:
+                fd = self._replace_lock(fd, lock_path, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _replace_lock(self, fd: int, lock_path: str, mode: int) -> int:
+        """A private lock file in place of one other users can open, locked before anyone sees it.
+
+        chmod would not do: a user who opened the old file keeps it open, and could take a shared
+        flock on it whenever the server is not running."""
+        new_fd, new_path = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.lock.")
+        try:
+            fcntl.flock(new_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(new_path, lock_path)
+        except BaseException:
+            os.close(new_fd)
+            os.unlink(new_path)
+            raise
+        os.close(fd)
+        log.error("outbox lock file %s was open to other users (mode %04o): any local user could keep the server"
+                  " from starting; replaced it with a private one (0600)", lock_path, mode)
+        return new_fd
+
+    def _check_folder(self, folder: Path) -> None:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if mode & _OPEN_TO_OTHERS and str(folder) not in self._warned_open_to_others:
+            self._warned_open_to_others.add(str(folder))
+            log.error("outbox folder %s is open to other users (mode %04o): they can see or replace the outbox's"
+                      " files; make it 0700 (systemd: StateDirectoryMode=0700)", folder, mode)
+
+    def _make_private(self, path: Path) -> None:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            return
+        if not mode & _OPEN_TO_OTHERS:
+            return
+        try:
+            path.chmod(0o600)
+        except OSError as error:
+            if str(path) not in self._warned_open_to_others:
+                self._warned_open_to_others.add(str(path))
+                log.error("outbox file %s is open to other users (mode %04o) and cannot be made private (%s):"
+                          " its calls, users and recording URLs can be read; chmod 600 it", path, mode, error.strerror)
+            return
+        log.error("outbox file %s was open to other users (mode %04o); made it 0600. The calls, users and"
+                  " recording URLs in it may have been read", path, mode)
 
     def _close(self) -> None:
         if self._db is not None:
@@ -262,9 +449,9 @@ class Outbox:
         self._release_lock()
 
     def _release_lock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing the file drops the flock
-            self._lock_file = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the file drops the flock
+            self._lock_fd = None
 
     @property
     def _connection(self) -> sqlite3.Connection:
@@ -272,11 +459,10 @@ class Outbox:
             raise OutboxError(f"outbox {self.path} is not open")
         return self._db
 
-    def _insert(self, key: str, params: str) -> bool:
-        now = self._clock()
+    def _insert(self, key: str, params: str, queued_at: float) -> bool:
         cursor = self._connection.execute(
             "INSERT OR IGNORE INTO outbox (key, params, state, queued_at, next_attempt_at)"
-            " VALUES (?, ?, ?, ?, ?)", (key, params, PENDING, now, now))
+            " VALUES (?, ?, ?, ?, ?)", (key, params, PENDING, queued_at, self._clock()))
         return cursor.rowcount == 1
 
     def _take_due(self, now: float) -> Entry | None:
@@ -324,6 +510,17 @@ class Outbox:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._connection)
+
+
+def _describe(path: Path, error: Exception) -> str:
+    """Why the outbox cannot store finishes, in one line."""
+    if isinstance(error, OutboxError):
+        return str(error)
+    return f"cannot write outbox {path}: {error}"
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
 
 
 class _Transaction:
