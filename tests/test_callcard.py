@@ -15,6 +15,7 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, until
+from tests.filesystems import fill, remount, tmpfs
 
 REGISTER = "telephony.externalcall.register"
 FINISH = "telephony.externalcall.finish"
@@ -540,3 +541,109 @@ async def test_a_bare_register_reads_the_dialplan_values_in_one_more_round_trip(
     assert result.commands[0] == ('GET FULL VARIABLE "${B24_PHONE},${B24_USER_ID},${CHANNEL(linkedid)},${EXTEN},'
                                   '${B24_ENTITY_TYPE},${B24_ENTITY_ID}"')
     assert result.variables == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "no_user"}
+
+
+# -- an outbox that cannot be used takes the call card down, never routing --------------------
+
+
+def gauge_of(app, name):
+    lines = app.metrics.exposition().decode().splitlines()
+    return float(next(entry for entry in lines if entry.startswith(name + " ")).split()[1])
+
+
+async def test_an_outbox_folder_that_cannot_be_written_leaves_routing_up_and_the_call_card_recovers(
+        portal, tmp_path, caplog):
+    with tmpfs(tmp_path / "state", "1m", read_only=True) as folder:
+        outbox = folder / "outbox.sqlite3"
+        running = await Running(callcard_config(portal.webhook_url, outbox)).start()
+        try:
+            host, port = running.address
+            routed = await fake_call(host, port, callerid="89161234567")
+            assert (routed.variables["B24_STATUS"], routed.variables["B24_TARGET"]) == ("FOUND", "101")
+            call_id = (await running.register())["B24_CALL_ID"]
+            await running.finish(call_id, dialstatus="NOANSWER")
+            healthy, body = running.app.health()
+            assert healthy and body["status"] == "ok"  # calls are routed by the CRM
+            assert body["callcard"] == {
+                "state": "down", "problem": f"cannot open outbox {outbox}: Read-only file system",
+                "outbox": str(outbox), "finishes_waiting": 1, "finishes_kept_in_memory": 1, "finishes_failed": 0,
+                "finishes_lost": 0}
+            assert gauge_of(running.app, "agi_bitrix_callcard_up") == 0
+            assert gauge_of(running.app, "agi_bitrix_finishes_waiting") == 1
+            assert gauge_of(running.app, "agi_bitrix_finishes_kept_in_memory") == 1
+            assert delivered_finishes(portal) == []
+            assert any(r.levelname == "ERROR" and r.getMessage().startswith(
+                f"call card is DOWN: cannot open outbox {outbox}: Read-only file system") for r in caplog.records)
+
+            remount(folder, read_only=False)
+            await until(lambda: delivered_finishes(portal), what="the finish kept while the folder was read-only")
+            await asyncio.sleep(0.3)
+            assert [p["CALL_ID"] for p in delivered_finishes(portal)] == [call_id]
+            assert len(portal.requests_for(FINISH)) == 1
+            assert running.app.health()[1]["callcard"]["state"] == "up"
+            assert gauge_of(running.app, "agi_bitrix_callcard_up") == 1
+            assert gauge_of(running.app, "agi_bitrix_finishes_waiting") == 0
+        finally:
+            await running.stop()
+
+
+async def test_serve_starts_and_routes_when_the_outbox_folder_cannot_be_written(portal, tmp_path):
+    with tmpfs(tmp_path / "state", "1m", read_only=True) as folder:
+        config = tmp_path / "serve.yaml"
+        config.write_text(textwrap.dedent(f"""\
+            bitrix: {{webhook_url: "{portal.webhook_url}"}}
+            routing: {{fallback_queue: support}}
+            callcard: {{outbox: {folder / "outbox.sqlite3"}}}
+            metrics: {{listen: "off"}}
+            """))
+        port = free_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            routed = None
+            deadline = time.monotonic() + 20
+            while routed is None:
+                assert process.returncode is None, (await process.stdout.read()).decode()
+                assert time.monotonic() < deadline, "serve did not start listening"
+                try:
+                    routed = await fake_call("127.0.0.1", port, callerid="89161234567")
+                except OSError:
+                    await asyncio.sleep(0.1)
+            assert routed.variables["B24_STATUS"] == "FOUND"
+        finally:
+            process.terminate()
+            output, _ = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, output.decode()
+        assert "call card is DOWN: cannot open outbox" in output.decode()
+
+
+async def test_finishes_asked_for_while_the_disk_is_full_are_delivered_once_space_returns(portal, tmp_path, caplog):
+    # A real full file system: a 1 MiB tmpfs, filled up after the outbox opened.
+    with tmpfs(tmp_path / "state", "1m") as folder:
+        running = await Running(callcard_config(portal.webhook_url, folder / "outbox.sqlite3")).start()
+        try:
+            call_ids = [(await running.register(linkedid=f"1.{n}"))["B24_CALL_ID"] for n in range(3)]
+            filler = fill(folder)
+            for call_id in call_ids:
+                await running.finish(call_id, dialstatus="NOANSWER")
+            callcard = running.app.health()[1]["callcard"]
+            assert (callcard["state"], callcard["finishes_kept_in_memory"], callcard["finishes_waiting"]) == (
+                "down", 3, 3)
+            assert "database or disk is full" in callcard["problem"]
+            assert gauge_of(running.app, "agi_bitrix_callcard_up") == 0
+            kept = [r for r in caplog.records if r.getMessage().startswith("finish ") and "kept in memory" in
+                    r.getMessage()]
+            assert len(kept) == 3 and {r.levelname for r in kept} == {"ERROR"}
+            await asyncio.sleep(0.3)  # retried meanwhile, and still full
+            assert delivered_finishes(portal) == []
+
+            filler.unlink()
+            await until(lambda: len(delivered_finishes(portal)) == 3, what="the finishes kept while the disk was full")
+            await asyncio.sleep(0.3)
+            assert sorted(p["CALL_ID"] for p in delivered_finishes(portal)) == sorted(call_ids)
+            assert len(portal.requests_for(FINISH)) == 3
+            assert await running.app.outbox.count("delivered") == 3
+            assert running.app.health()[1]["callcard"]["state"] == "up"
+        finally:
+            await running.stop()

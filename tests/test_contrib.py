@@ -33,6 +33,12 @@ def test_unit_runs_a_dedicated_user_restarts_and_reloads_with_sighup():
     assert "u agi-bitrix - " in sysusers
 
 
+def test_unit_keeps_the_state_folder_and_every_file_the_server_makes_private():
+    options = unit_options()
+    assert options["StateDirectory"] == ["agi-bitrix"] and options["StateDirectoryMode"] == ["0700"]
+    assert options["UMask"] == ["0077"]
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     # verify insists that the commands exist: point them at this environment's agi-bitrix.
