@@ -117,13 +117,13 @@ def _raise_open_files_limit() -> None:
 
 async def _run_server(config: Config, host: str, port: int) -> int:
     from agi_bitrix.app import Application, until_stopped
-    from agi_bitrix.callcard.outbox import OutboxError
+    from agi_bitrix.callcard.outbox import OutboxInUse
 
     log = logging.getLogger("agi_bitrix")
     app = Application(config)
     try:
         await app.start(host, port)
-    except OutboxError as error:
+    except OutboxInUse as error:  # an outbox that cannot be used otherwise only takes the call card down
         log.error("%s; nothing was started", error)
         return 1
     except OSError as error:

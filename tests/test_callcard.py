@@ -635,8 +635,11 @@ async def test_finishes_asked_for_while_the_disk_is_full_are_delivered_once_spac
             kept = [r for r in caplog.records if r.getMessage().startswith("finish ") and "kept in memory" in
                     r.getMessage()]
             assert len(kept) == 3 and {r.levelname for r in kept} == {"ERROR"}
-            await asyncio.sleep(0.3)  # retried meanwhile, and still full
+            await asyncio.sleep(0.3)  # retried every 0.05 s meanwhile, and still full
             assert delivered_finishes(portal) == []
+            messages = [r.getMessage() for r in caplog.records]
+            assert sum(m.startswith("call card is DOWN") for m in messages) == 1  # once per change
+            assert not any(m.startswith("call card is up again") for m in messages)
 
             filler.unlink()
             await until(lambda: len(delivered_finishes(portal)) == 3, what="the finishes kept while the disk was full")

@@ -175,7 +175,7 @@ class Outbox:
         if self._executor is not None:
             if self._kept:
                 try:  # a last chance for the finishes kept in memory
-                    await self._restore_storage()
+                    await self._store_kept()
                 except (OutboxError, sqlite3.Error) as error:
                     self.problem = _describe(self.path, error)
             await self._run(self._close)
@@ -226,10 +226,13 @@ class Outbox:
     async def _deliver_forever(self) -> None:
         while True:
             try:
-                if self.problem and self._clock() >= self._storage_retry_at:
-                    await self._restore_storage()
-                if self._db is not None:
+                if not self.problem:
                     await self._deliver_due()
+                elif self._clock() >= self._storage_retry_at:
+                    await self._store_kept()
+                    await self._deliver_due()  # delivery writes too: each attempt is counted first
+                    log.warning("call card is up again: outbox %s stores finishes", self.path)
+                    self.problem = ""
             except asyncio.CancelledError:
                 raise
             except (OutboxError, sqlite3.Error) as error:
@@ -243,32 +246,22 @@ class Outbox:
 
     def _storage_failed(self, problem: str) -> None:
         """The file cannot take finishes: note why (logged once per change), try again later."""
-        now = self._clock()
-        self._storage_retry_at = now + self.retry.first_delay
-        # Delivery writes too (each attempt is counted first): it waits for the same retry.
-        self._paused_until = max(self._paused_until, self._storage_retry_at)
+        self._storage_retry_at = self._clock() + self.retry.first_delay
         if problem != self.problem:
             log.error("call card is DOWN: %s; calls are routed as usual, finishes are kept in memory until the"
                       " outbox works (tried every %.0f s)", problem, self.retry.first_delay)
             self.problem = problem
-        self._wake.set()
+        self._wake.set()  # the loop sleeps until the retry from now on
 
-    async def _restore_storage(self) -> None:
+    async def _store_kept(self) -> None:
         """Open the file if need be and store the finishes kept in memory; raises while it cannot."""
         if self._db is None:
             await self.open()
-        stored = 0
         while self._kept:
             key, (text, queued_at) = next(iter(self._kept.items()))
             if await self._run(self._insert, key, text, queued_at):
                 self.waiting += 1
-                stored += 1
             del self._kept[key]
-        if self.problem:
-            log.warning("call card is up again: outbox %s stores finishes; %d kept in memory are stored now",
-                        self.path, stored)
-            self.problem = ""
-            self._paused_until = 0.0
 
     async def _deliver_due(self) -> None:
         while self._clock() >= self._paused_until:
@@ -314,14 +307,16 @@ class Outbox:
         # Cleared before looking: a row added from here on wakes us, one added before is seen.
         self._wake.clear()
         now = self._clock()
-        try:
-            next_due = await self._run(self._next_due) if self._db is not None else None
-        except sqlite3.Error as error:
-            self._storage_failed(_describe(self.path, error))
-            next_due = None
-        wake_at = max(self._paused_until, next_due if next_due is not None else now + PURGE_EVERY)
+        next_due = None
+        if not self.problem:
+            try:
+                next_due = await self._run(self._next_due)
+            except (OutboxError, sqlite3.Error) as error:
+                self._storage_failed(_describe(self.path, error))
         if self.problem:
-            wake_at = min(wake_at, self._storage_retry_at)
+            wake_at = self._storage_retry_at  # nothing to deliver before the file works again
+        else:
+            wake_at = max(self._paused_until, next_due if next_due is not None else now + PURGE_EVERY)
         if wake_at <= now:
             return
         try:
