@@ -1,6 +1,7 @@
-"""OAuth applications: the real client and token holder against a token server and an OAuth
-portal front over real HTTP. The front checks each access token and hands the request on to
-the portal emulator's webhook, so the methods answer exactly as they do for a webhook."""
+"""OAuth applications: the real client and token holder against the emulator's OAuth server
+(agi_bitrix.testing.portal_oauth) over real HTTP. Its REST front checks each access token and hands
+the request on to the portal emulator's webhook, so the methods answer exactly as they do for a
+webhook."""
 
 import asyncio
 import json
@@ -9,9 +10,7 @@ import os
 import stat
 import textwrap
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import make_session
@@ -21,84 +20,12 @@ from agi_bitrix.bitrix.settings import OAuthSettings
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.portal_oauth import OAuthServer
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import TEST_RULES
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
-
-
-class OAuthPortal:
-    """oauth.bitrix.info and https://PORTAL/rest/ as an OAuth application sees them."""
-
-    def __init__(self, emulator: PortalEmulator):
-        self.emulator = emulator
-        self.generation = 0
-        self.access_token, self.refresh_token = self._issue()
-        self.refreshes = 0
-        self.refresh_delay = 0.0
-        self.seen_auth: list[str] = []
-        self.url = ""
-        self._runner = None
-
-    def _issue(self):
-        self.generation += 1
-        return f"access-{self.generation:04d}-secret", f"refresh-{self.generation:04d}-secret"
-
-    def expire(self):
-        self.access_token = f"expired-{self.generation}"  # the current token stops working
-
-    async def start(self):
-        app = web.Application()
-        app.router.add_get("/oauth/token/", self._token)
-        app.router.add_post("/rest/{method}", self._rest)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        self._http = aiohttp.ClientSession()
-        return self
-
-    async def stop(self):
-        await self._http.close()
-        await self._runner.cleanup()
-
-    async def _token(self, request):
-        query = request.query
-        if (query.get("client_id"), query.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
-            return web.json_response({"error": "invalid_client", "error_description": "Invalid client"}, status=401)
-        if query.get("grant_type") != "refresh_token" or query.get("refresh_token") != self.refresh_token:
-            return web.json_response({"error": "invalid_grant", "error_description": "Invalid refresh token"},
-                                     status=400)
-        await asyncio.sleep(self.refresh_delay)
-        self.refreshes += 1
-        self.access_token, self.refresh_token = self._issue()  # the old refresh token is spent
-        return web.json_response({
-            "access_token": self.access_token, "expires": 1_700_003_600, "expires_in": 3600,
-            "scope": "telephony,user", "domain": "oauth.bitrix.info", "server_endpoint": f"{self.url}/rest/",
-            "status": "L", "client_endpoint": f"{self.url}/rest/", "member_id": "abc", "user_id": 1,
-            "refresh_token": self.refresh_token,
-        })
-
-    async def _rest(self, request):
-        # Lookups arrive as JSON, the call card's methods as forms: the portal reads both.
-        is_json = request.content_type == "application/json"
-        form = await request.json() if is_json else await request.post()
-        token = form.get("auth", "")
-        self.seen_auth.append(token)
-        if token.startswith("expired-"):
-            return web.json_response({"error": "expired_token",
-                                      "error_description": "The access token provided has expired."}, status=401)
-        if token != self.access_token:
-            return web.json_response({"error": "invalid_token",
-                                      "error_description": "The access token provided is invalid."}, status=401)
-        fields = {key: value for key, value in form.items() if key != "auth"} if is_json else \
-            [(key, value) for key, value in form.items() if key != "auth"]
-        body = {"json": fields} if is_json else {"data": fields}
-        async with self._http.post(f"{self.emulator.webhook_url}{request.match_info['method']}", **body) as answer:
-            return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
 
 
 @pytest.fixture
@@ -111,16 +38,17 @@ async def emulator():
 
 @pytest.fixture
 async def oauth_portal(emulator):
-    portal = await OAuthPortal(emulator).start()
-    yield portal
-    await portal.stop()
+    server = await OAuthServer(emulator, client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture
 def token_path(tmp_path, oauth_portal):
     path = tmp_path / "oauth.json"
     # As an admin sets it up: only the refresh token from the application's installation.
-    path.write_text(json.dumps({"refresh_token": oauth_portal.refresh_token}))
+    _, refresh = oauth_portal.issue_tokens()
+    path.write_text(json.dumps({"refresh_token": refresh}))
     return path
 
 
@@ -164,7 +92,7 @@ async def test_first_request_refreshes_saves_the_new_pair_and_uses_the_access_to
 async def test_an_expired_token_is_refreshed_once_and_the_request_retried(oauth_portal, token_path, session):
     portal = client(oauth_portal, token_path, session)
     await portal.search_crm_entities("79161234567")
-    oauth_portal.expire()
+    oauth_portal.expire_access_tokens()
     entities = await portal.search_crm_entities("79161234567")
     assert entities and oauth_portal.refreshes == 2
     assert oauth_portal.seen_auth == ["access-0002-secret", "access-0002-secret", "access-0003-secret"]
@@ -174,7 +102,7 @@ async def test_an_expired_token_is_refreshed_once_and_the_request_retried(oauth_
 async def test_concurrent_requests_share_one_refresh(oauth_portal, token_path, session):
     portal = client(oauth_portal, token_path, session)
     await portal.search_crm_entities("79161234567")
-    oauth_portal.expire()
+    oauth_portal.expire_access_tokens()
     oauth_portal.refresh_delay = 0.1
     answers = await asyncio.gather(*(portal.search_crm_entities("79161234567") for _ in range(10)))
     assert all(answers) and oauth_portal.refreshes == 2  # one at the start, one for all ten
@@ -265,7 +193,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
     host, port = await app.start("127.0.0.1", 0)
     try:
         first = (await fake_call(host, port, callerid="89161234567")).variables
-        oauth_portal.expire()
+        oauth_portal.expire_access_tokens()
         app.lookup.cache.clear()
         second = (await fake_call(host, port, callerid="89161234567")).variables
         # A reload with the same application keeps its tokens: no second holder of the refresh token.
