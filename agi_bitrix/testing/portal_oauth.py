@@ -206,13 +206,13 @@ class OAuthServer:
             grant.used = True
             self.codes_exchanged += 1
         elif grant_type == "refresh_token":
-            grant = self._refresh.get(params.get("refresh_token", ""))
-            if grant is None or grant.used or now >= grant.expires_at:
+            refresh_token = params.get("refresh_token", "")
+            if not self._spendable(refresh_token, now):
                 return self._error(400, "invalid_grant", "Invalid refresh token")
             await asyncio.sleep(self.refresh_delay)
-            if grant.used:  # spent by a concurrent request meanwhile
+            if not self._spendable(refresh_token, now):  # spent by a concurrent request meanwhile
                 return self._error(400, "invalid_grant", "Invalid refresh token")
-            grant.used = True
+            self._refresh[refresh_token].used = True
             self.refreshes += 1
         else:
             return self._error(400, "invalid_request", "Unsupported grant type")
@@ -247,6 +247,10 @@ class OAuthServer:
         body = {"json": fields} if is_json else {"data": fields}
         async with self._http.post(f"{self.portal.webhook_url}{method}", **body) as answer:
             return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
+
+    def _spendable(self, refresh_token: str, now: float) -> bool:
+        grant = self._refresh.get(refresh_token)
+        return grant is not None and not grant.used and now < grant.expires_at
 
     @staticmethod
     def _error(status: int, code: str, description: str) -> web.Response:
