@@ -27,8 +27,9 @@ from agi_bitrix import __version__
 from agi_bitrix.bitrix.breaker import CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.install import InstallCallback
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
-from agi_bitrix.bitrix.oauth import portal_client
+from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.finish import FinishService, send_finish
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome, RetryPolicy
@@ -78,7 +79,11 @@ class Application:
                                  RetryPolicy(retry.retry_first, retry.retry_max, retry.give_up_after))
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
-        self.monitoring = MonitoringServer(self.metrics, self.health) if config.metrics.enabled else None
+        oauth = config.bitrix.oauth
+        # The portal's install POST, on the monitoring listener (its path takes effect after a restart).
+        forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
+                 if oauth is not None and oauth.install_path else {})
+        self.monitoring = MonitoringServer(self.metrics, self.health, forms) if config.metrics.enabled else None
 
     @property
     def config(self) -> Config:
@@ -175,7 +180,8 @@ class Application:
             portal = "not asked yet"
         else:
             portal = "answering"
-        healthy = breaker != "open" and not failing
+        auth_ok, auth = self._auth_health()
+        healthy = breaker != "open" and not failing and auth_ok
         config = self.config
         return healthy, {
             "status": "ok" if healthy else "degraded",
@@ -185,6 +191,7 @@ class Application:
                 "last_success_seconds_ago": seconds_since(memory.last_success),
                 "last_failure_seconds_ago": seconds_since(memory.last_failure),
             },
+            "auth": auth,
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
             # Shown, but not in the status: a broken call card does not stop calls being routed.
@@ -202,6 +209,12 @@ class Application:
                 "outbox": str(outbox.path), "finishes_waiting": outbox.waiting + outbox.kept,
                 "finishes_kept_in_memory": outbox.kept, "finishes_failed": outbox.failed,
                 "finishes_lost": outbox.lost}
+
+    def _auth_health(self) -> tuple[bool, dict[str, Any]]:
+        tokens = self.portal.auth
+        if isinstance(tokens, OAuthTokens):
+            return tokens.state()
+        return True, {"mode": "webhook"}
 
     async def _stop_background(self) -> None:
         if self.outbox is not None:

@@ -1,4 +1,4 @@
-"""The `agi-bitrix` command: serve, check, route, demo."""
+"""The `agi-bitrix` command: serve, check, route, test, demo, oauth login."""
 
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("-c", "--config", required=True, metavar="FILE")
     test.add_argument("cases", metavar="CASES.yaml")
 
+    oauth = commands.add_parser("oauth", help="an OAuth application's tokens")
+    oauth_actions = oauth.add_subparsers(dest="oauth_action", required=True, metavar="ACTION")
+    login = oauth_actions.add_parser(
+        "login", help="get the application's first tokens through the browser and store them in the token file")
+    login.add_argument("-c", "--config", required=True, metavar="FILE")
+    login.add_argument("--listen", type=int, metavar="PORT",
+                       help="receive the portal's redirect on 127.0.0.1:PORT (the application's handler path must"
+                            " be http://127.0.0.1:PORT/...); without it, paste the redirect's address")
+    login.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                       help="how long to wait for the redirect (default 300)")
+
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
     demo.add_argument("--listen", default="127.0.0.1:4573", metavar="HOST:PORT")
@@ -62,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _route(args)
     if args.command == "test":
         return _test(args)
+    if args.command == "oauth":
+        return _oauth_login(args)
     if args.command == "demo":
         from agi_bitrix.demo import run_demo
 
@@ -88,7 +101,38 @@ def _check(path: str) -> int:
     if config.bitrix.is_placeholder:
         print(f"{path}: note: bitrix.webhook_url is still the shipped example; set yours there or in"
               " AGI_BITRIX_WEBHOOK_URL", file=sys.stderr)
+    _check_auth(path, config)
     return EXIT_OK
+
+
+def _check_auth(path: str, config: Config) -> None:
+    """Which credentials the server will use, and whether the call card can rely on them."""
+    from agi_bitrix.bitrix.oauth import OAUTH_DOCS, TokenFile
+
+    oauth = config.bitrix.oauth
+    if oauth is None:
+        print(f"{path}: auth: inbound webhook")
+        if config.callcard.enabled:
+            print(f"{path}: warning: the call card uses telephony.externalcall.register and .finish, which Bitrix24's"
+                  " REST docs say work only in the context of an application (through a webhook the portal may"
+                  f" answer WRONG_AUTH_TYPE); use a local application in bitrix.oauth: {OAUTH_DOCS}", file=sys.stderr)
+        return
+    present = TokenFile(oauth.token_file).load_if_present() is not None
+    print(f"{path}: auth: OAuth application {oauth.client_id}, token file {oauth.token_file}"
+          f" {'present' if present else 'missing'}")
+    if not present:
+        print(f"{path}: note: no tokens in {oauth.token_file} yet; run `agi-bitrix oauth login -c {path}`",
+              file=sys.stderr)
+
+
+def _oauth_login(args: argparse.Namespace) -> int:
+    from agi_bitrix.oauthlogin import login
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return asyncio.run(login(config, listen_port=args.listen, wait=args.wait, stdin=sys.stdin, out=sys.stdout,
+                             err=sys.stderr))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -240,6 +240,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     prefix = read("variable_prefix")
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
+    if bitrix.oauth is not None and bitrix.oauth.install_path and not metrics.enabled:
+        oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
+        check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
+                      "is served on metrics.listen, which is off")
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
                   variable_prefix=prefix, policy=policy, cache=cache, metrics=metrics, call_log=call_log,
@@ -284,6 +288,7 @@ def _oauth(check: Checker, bitrix: LocatedDict, environ: Mapping[str, str]) -> O
             check.problem(section.line, f"{path}.{setting.key}", f"missing; an OAuth application needs it{extra}")
         values[name] = value
     token_url = check.field(OAuthSettings, "token_url", section, path)
+    install_path = check.field(OAuthSettings, "install_path", section, path)
     for key, url, example in (("portal_url", values["portal_url"], "https://PORTAL/rest/"),
                               ("token_url", token_url, OAuthSettings.token_url)):
         parts = urlsplit(url)
@@ -292,4 +297,4 @@ def _oauth(check: Checker, bitrix: LocatedDict, environ: Mapping[str, str]) -> O
             check.problem(section.lines.get(key, section.line), f"{path}.{key}", f"expected a URL like {example}")
     if values["token_file"] and not values["token_file"].startswith("/"):
         check.problem(section.lines["token_file"], f"{path}.token_file", "must be an absolute path")
-    return OAuthSettings(token_url=token_url, **values)
+    return OAuthSettings(token_url=token_url, install_path=install_path, **values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -80,12 +80,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MonitoringServer:
-    """/metrics (Prometheus text format) and /healthz (JSON; 503 when calls cannot be routed by CRM)."""
+# A handler of form POSTs: (the request's text fields, the peer's address) -> (HTTP status, JSON body).
+FormHandler = Callable[[Mapping[str, str], str], Awaitable[tuple[int, dict[str, str]]]]
 
-    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]]) -> None:
+
+class MonitoringServer:
+    """/metrics (Prometheus text format) and /healthz (JSON; 503 when calls cannot be routed by CRM),
+    and the form POSTs the portal sends here (the OAuth install callback), by path."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]],
+                 forms: Mapping[str, FormHandler] | None = None) -> None:
         self.metrics = metrics
         self.health = health
+        self.forms = dict(forms or {})
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -93,6 +100,8 @@ class MonitoringServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        for path, handler in self.forms.items():
+            app.router.add_post(path, functools.partial(self._form, handler))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -110,6 +119,12 @@ class MonitoringServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         healthy, body = self.health()
         return web.json_response(body, status=200 if healthy else 503)
+
+    async def _form(self, handler: FormHandler, request: web.Request) -> web.Response:
+        fields = dict(request.query.items())
+        fields.update((key, value) for key, value in (await request.post()).items() if isinstance(value, str))
+        status, body = await handler(fields, request.remote or "?")
+        return web.json_response(body, status=status)
 
 
 def _is_state(current: Callable[[], str], state: str) -> float:

@@ -506,7 +506,7 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "call-card.md").read_text(encoding="utf-8")
-    callcard, oauth = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    callcard, oauth, install = re.findall(r"```yaml\n(.*?)```", doc, re.S)
     routing = "routing: {fallback_queue: support}\n"
     config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing
                           + textwrap.dedent(callcard), "call-card.md")
@@ -515,6 +515,15 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
     config = parse_config(textwrap.dedent(oauth) + routing, "call-card.md",
                           environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
     assert config.bitrix.oauth.token_file == "/var/lib/agi-bitrix/oauth.json"
+    # The install callback's lines go into that application's section.
+    import yaml
+
+    merged, extra = yaml.safe_load(textwrap.dedent(oauth)), yaml.safe_load(install)
+    merged["bitrix"]["oauth"].update(extra["bitrix"]["oauth"])
+    config = parse_config(yaml.safe_dump({**merged, "metrics": extra["metrics"]}) + routing, "call-card.md",
+                          environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
+    assert (config.bitrix.oauth.install_path, config.metrics.host, config.metrics.enabled) == (
+        "/bitrix/install", "0.0.0.0", True)
 
 
 async def test_metrics_show_finishes_waiting_and_failed(server, portal):

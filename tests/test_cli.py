@@ -1,9 +1,11 @@
 """The `agi-bitrix` command as an admin runs it: real processes, real config files."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -171,3 +173,153 @@ async def test_sighup_reloads_and_sigterm_finishes_calls_in_flight(portal, tmp_p
     assert "config reloaded from" in output
     assert "reload refused: " in output and "still serving with sha256" in output
     assert "finishing the calls in flight" in output
+
+
+# -- oauth login and the auth mode in check ---------------------------------------------------------
+
+OAUTH_CLIENT_ID, OAUTH_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
+
+
+def oauth_config_file(tmp_path, server, callcard=False):
+    path = tmp_path / "oauth.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        bitrix:
+          oauth:
+            portal_url: "{server.client_endpoint}"
+            client_id: "{OAUTH_CLIENT_ID}"
+            client_secret: "{OAUTH_SECRET}"
+            token_file: "{tmp_path / 'oauth.json'}"
+            token_url: "{server.url}/oauth/token/"
+        users: {{refresh: 600}}
+        routing: {{fallback_queue: support}}
+        """) + (f"callcard: {{outbox: {tmp_path / 'outbox.sqlite3'}}}\n" if callcard else ""))
+    return path
+
+
+async def oauth_server(portal, **options):
+    from agi_bitrix.testing.portal_oauth import OAuthServer
+
+    return await OAuthServer(portal, client_id=OAUTH_CLIENT_ID, client_secret=OAUTH_SECRET, **options).start()
+
+
+async def start_login(config, *extra):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bitrix", "oauth", "login", "-c", str(config), *extra, cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    lines = []
+    while not any("/oauth/authorize/?" in line for line in lines):
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert line, f"the login printed no authorize URL: {lines}"
+        lines.append(line)
+    while "2." not in lines[-1]:  # the second step: it is ready for the redirect
+        lines.append((await asyncio.wait_for(process.stdout.readline(), 30)).decode())
+    url = next(line.strip() for line in lines if "/oauth/authorize/?" in line)
+    return process, url, "".join(lines)
+
+
+async def finished(process, stdin=b""):
+    stdout, stderr = await asyncio.wait_for(process.communicate(stdin), 30)
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def browser(url, follow):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, allow_redirects=follow) as answer:
+            return answer.headers.get("Location", ""), await answer.text()
+
+
+async def test_oauth_login_with_the_redirect_pasted(portal, tmp_path):
+    server = await oauth_server(portal, redirect_uri="https://pbx.example/agi-bitrix/oauth")
+    try:
+        config = oauth_config_file(tmp_path, server)
+        process, url, printed = await start_login(config)
+        assert url.startswith(f"{server.url}/oauth/authorize/?client_id={OAUTH_CLIENT_ID}&state=")
+        location, _ = await browser(url, follow=False)
+        assert location.startswith("https://pbx.example/agi-bitrix/oauth?code=")
+        code, stdout, stderr = await finished(process, (location + "\n").encode())
+    finally:
+        await server.stop()
+    assert code == 0, stderr
+    saved = json.loads((tmp_path / "oauth.json").read_text())
+    assert stat.S_IMODE(os.stat(tmp_path / "oauth.json").st_mode) == 0o600
+    assert saved["refresh_token"] == server.refresh_token and saved["client_endpoint"] == server.client_endpoint
+    assert (f"Tokens for portal {server.domain} (member_id {server.member_id}, scopes telephony,user) saved in"
+            f" {tmp_path / 'oauth.json'} (mode 0600).") in stdout
+    assert server.codes_exchanged == 1 and stderr == ""
+    for secret in (OAUTH_SECRET, saved["access_token"], saved["refresh_token"], "secret"):
+        assert secret not in printed + stdout + stderr
+
+
+async def test_oauth_login_on_its_local_listener(portal, tmp_path):
+    port = free_port()
+    server = await oauth_server(portal, redirect_uri=f"http://127.0.0.1:{port}/agi-bitrix", scope="telephony")
+    try:
+        config = oauth_config_file(tmp_path, server)
+        process, url, printed = await start_login(config, "--listen", str(port))
+        assert f"http://127.0.0.1:{port}/" in printed
+        _, page = await browser(url, follow=True)  # the browser follows the portal's redirect to the listener
+        code, stdout, stderr = await finished(process)
+    finally:
+        await server.stop()
+    assert code == 0, stderr
+    assert "you can close this tab" in page
+    assert json.loads((tmp_path / "oauth.json").read_text())["refresh_token"] == server.refresh_token
+    assert f"member_id {server.member_id}, scopes telephony)" in stdout
+    # The config has a users section: without the user scope the directory cannot load.
+    assert "warning: the application lacks the scope(s) user" in stderr
+    assert OAUTH_SECRET not in stdout + stderr and "secret" not in stdout + stderr
+
+
+async def test_oauth_login_refuses_another_attempts_state_and_a_stale_code(portal, tmp_path):
+    server = await oauth_server(portal, redirect_uri="https://pbx.example/cb")
+    try:
+        config = oauth_config_file(tmp_path, server)
+        process, url, _ = await start_login(config)
+        location, _ = await browser(url.replace("state=", "state=other"), follow=False)
+        refused_state = await finished(process, (location + "\n").encode())
+        server.code_lifetime = 0.0  # the 30 s have passed by the time it is pasted
+        process, url, _ = await start_login(config)
+        location, _ = await browser(url, follow=False)
+        refused_code = await finished(process, (location + "\n").encode())
+    finally:
+        await server.stop()
+    assert refused_state[0] == 1 and "state= is not this login's" in refused_state[2]
+    assert refused_code[0] == 1 and "a code works once and for 30 seconds" in refused_code[2]
+    assert "nothing was stored" in refused_code[2] and not (tmp_path / "oauth.json").exists()
+    assert server.codes_exchanged == 0
+
+
+def test_check_names_the_auth_mode_and_warns_about_the_call_card_through_a_webhook(tmp_path):
+    config = tmp_path / "webhook.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        bitrix: {{webhook_url: "https://portal.example/rest/1/s3cr3tc0de/"}}
+        routing: {{fallback_queue: support}}
+        callcard: {{outbox: {tmp_path / 'outbox.sqlite3'}}}
+        """))
+    result = agi_bitrix("check", "-c", str(config))
+    assert result.returncode == 0 and f"{config}: auth: inbound webhook" in result.stdout
+    assert ("register and .finish, which Bitrix24's REST docs say work only in the context of an application"
+            in result.stderr) and 'docs/call-card.md, section "OAuth applications"' in result.stderr
+    assert "s3cr3tc0de" not in result.stdout + result.stderr
+    without_card = tmp_path / "plain.yaml"
+    without_card.write_text('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n'
+                            "routing: {fallback_queue: support}\n")
+    assert "context of an application" not in agi_bitrix("check", "-c", str(without_card)).stderr
+
+
+async def test_check_says_whether_the_oauth_token_file_is_there(portal, tmp_path):
+    server = await oauth_server(portal)
+    try:
+        config = oauth_config_file(tmp_path, server, callcard=True)
+        missing = await agi_bitrix_async("check", "-c", str(config))
+        (tmp_path / "oauth.json").write_text(json.dumps({"refresh_token": "r"}))
+        present = await agi_bitrix_async("check", "-c", str(config))
+    finally:
+        await server.stop()
+    token_file = tmp_path / "oauth.json"
+    assert f"auth: OAuth application {OAUTH_CLIENT_ID}, token file {token_file} missing" in missing.stdout
+    assert f"run `agi-bitrix oauth login -c {config}`" in missing.stderr
+    assert f"token file {token_file} present" in present.stdout
+    assert "context of an application" not in missing.stderr + present.stderr and OAUTH_SECRET not in missing.stdout

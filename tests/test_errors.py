@@ -14,6 +14,7 @@ from agi_bitrix.bitrix.errors import (
     RequestRejected,
     TokenExpired,
     TokenFileError,
+    WrongAuthType,
     refusal,
 )
 
@@ -29,7 +30,7 @@ from agi_bitrix.bitrix.errors import (
     ("INVALID_CREDENTIALS", AuthRejected),
     ("insufficient_scope", NotPermitted),
     ("ACCESS_DENIED", NotPermitted),
-    ("WRONG_AUTH_TYPE", NotPermitted),
+    ("WRONG_AUTH_TYPE", WrongAuthType),  # a NotPermitted with its own advice: switch to an application
     ("ERROR_CORE", RequestRejected),
     ("ERROR_ARGUMENT", RequestRejected),
     ("INVALID_REQUEST", RequestRejected),
@@ -41,6 +42,10 @@ from agi_bitrix.bitrix.errors import (
 def test_a_code_is_sorted_by_what_it_means(reason, kind):
     error = refusal(reason, "detail")
     assert type(error) is kind and error.reason == reason and error.detail == "detail"
+
+
+def test_wrong_auth_type_is_still_not_permitted():
+    assert issubclass(WrongAuthType, NotPermitted)
 
 
 @pytest.mark.parametrize("reason", ["ERROR_METHOD_NOT_FOUND", "portal_error", "http_404", "http_400", "http_5000"])

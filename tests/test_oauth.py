@@ -1,6 +1,7 @@
-"""OAuth applications: the real client and token holder against a token server and an OAuth
-portal front over real HTTP. The front checks each access token and hands the request on to
-the portal emulator's webhook, so the methods answer exactly as they do for a webhook."""
+"""OAuth applications: the real client and token holder against the emulator's OAuth server
+(agi_bitrix.testing.portal_oauth) over real HTTP. Its REST front checks each access token and hands
+the request on to the portal emulator's webhook, so the methods answer exactly as they do for a
+webhook."""
 
 import asyncio
 import json
@@ -11,94 +12,23 @@ import textwrap
 
 import aiohttp
 import pytest
-from aiohttp import web
+from yarl import URL
 
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import make_session
-from agi_bitrix.bitrix.errors import PortalError
-from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client
+from agi_bitrix.bitrix.errors import AuthRejected, PortalError, RequestNotSent
+from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Tokens, portal_client, request_tokens
 from agi_bitrix.bitrix.settings import OAuthSettings
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.portal_oauth import OAuthServer
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
-from tests.conftest import TEST_RULES
+from tests.conftest import TEST_RULES, until
+from tests.test_cli import free_port
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
-
-
-class OAuthPortal:
-    """oauth.bitrix.info and https://PORTAL/rest/ as an OAuth application sees them."""
-
-    def __init__(self, emulator: PortalEmulator):
-        self.emulator = emulator
-        self.generation = 0
-        self.access_token, self.refresh_token = self._issue()
-        self.refreshes = 0
-        self.refresh_delay = 0.0
-        self.seen_auth: list[str] = []
-        self.url = ""
-        self._runner = None
-
-    def _issue(self):
-        self.generation += 1
-        return f"access-{self.generation:04d}-secret", f"refresh-{self.generation:04d}-secret"
-
-    def expire(self):
-        self.access_token = f"expired-{self.generation}"  # the current token stops working
-
-    async def start(self):
-        app = web.Application()
-        app.router.add_get("/oauth/token/", self._token)
-        app.router.add_post("/rest/{method}", self._rest)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        self._http = aiohttp.ClientSession()
-        return self
-
-    async def stop(self):
-        await self._http.close()
-        await self._runner.cleanup()
-
-    async def _token(self, request):
-        query = request.query
-        if (query.get("client_id"), query.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
-            return web.json_response({"error": "invalid_client", "error_description": "Invalid client"}, status=401)
-        if query.get("grant_type") != "refresh_token" or query.get("refresh_token") != self.refresh_token:
-            return web.json_response({"error": "invalid_grant", "error_description": "Invalid refresh token"},
-                                     status=400)
-        await asyncio.sleep(self.refresh_delay)
-        self.refreshes += 1
-        self.access_token, self.refresh_token = self._issue()  # the old refresh token is spent
-        return web.json_response({
-            "access_token": self.access_token, "expires": 1_700_003_600, "expires_in": 3600,
-            "scope": "telephony,user", "domain": "oauth.bitrix.info", "server_endpoint": f"{self.url}/rest/",
-            "status": "L", "client_endpoint": f"{self.url}/rest/", "member_id": "abc", "user_id": 1,
-            "refresh_token": self.refresh_token,
-        })
-
-    async def _rest(self, request):
-        # Lookups arrive as JSON, the call card's methods as forms: the portal reads both.
-        is_json = request.content_type == "application/json"
-        form = await request.json() if is_json else await request.post()
-        token = form.get("auth", "")
-        self.seen_auth.append(token)
-        if token.startswith("expired-"):
-            return web.json_response({"error": "expired_token",
-                                      "error_description": "The access token provided has expired."}, status=401)
-        if token != self.access_token:
-            return web.json_response({"error": "invalid_token",
-                                      "error_description": "The access token provided is invalid."}, status=401)
-        fields = {key: value for key, value in form.items() if key != "auth"} if is_json else \
-            [(key, value) for key, value in form.items() if key != "auth"]
-        body = {"json": fields} if is_json else {"data": fields}
-        async with self._http.post(f"{self.emulator.webhook_url}{request.match_info['method']}", **body) as answer:
-            return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
 
 
 @pytest.fixture
@@ -111,16 +41,17 @@ async def emulator():
 
 @pytest.fixture
 async def oauth_portal(emulator):
-    portal = await OAuthPortal(emulator).start()
-    yield portal
-    await portal.stop()
+    server = await OAuthServer(emulator, client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture
 def token_path(tmp_path, oauth_portal):
     path = tmp_path / "oauth.json"
     # As an admin sets it up: only the refresh token from the application's installation.
-    path.write_text(json.dumps({"refresh_token": oauth_portal.refresh_token}))
+    _, refresh = oauth_portal.issue_tokens()
+    path.write_text(json.dumps({"refresh_token": refresh}))
     return path
 
 
@@ -164,7 +95,7 @@ async def test_first_request_refreshes_saves_the_new_pair_and_uses_the_access_to
 async def test_an_expired_token_is_refreshed_once_and_the_request_retried(oauth_portal, token_path, session):
     portal = client(oauth_portal, token_path, session)
     await portal.search_crm_entities("79161234567")
-    oauth_portal.expire()
+    oauth_portal.expire_access_tokens()
     entities = await portal.search_crm_entities("79161234567")
     assert entities and oauth_portal.refreshes == 2
     assert oauth_portal.seen_auth == ["access-0002-secret", "access-0002-secret", "access-0003-secret"]
@@ -174,7 +105,7 @@ async def test_an_expired_token_is_refreshed_once_and_the_request_retried(oauth_
 async def test_concurrent_requests_share_one_refresh(oauth_portal, token_path, session):
     portal = client(oauth_portal, token_path, session)
     await portal.search_crm_entities("79161234567")
-    oauth_portal.expire()
+    oauth_portal.expire_access_tokens()
     oauth_portal.refresh_delay = 0.1
     answers = await asyncio.gather(*(portal.search_crm_entities("79161234567") for _ in range(10)))
     assert all(answers) and oauth_portal.refreshes == 2  # one at the start, one for all ten
@@ -265,7 +196,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
     host, port = await app.start("127.0.0.1", 0)
     try:
         first = (await fake_call(host, port, callerid="89161234567")).variables
-        oauth_portal.expire()
+        oauth_portal.expire_access_tokens()
         app.lookup.cache.clear()
         second = (await fake_call(host, port, callerid="89161234567")).variables
         # A reload with the same application keeps its tokens: no second holder of the refresh token.
@@ -342,3 +273,328 @@ async def test_the_dry_run_works_as_an_oauth_application(oauth_portal, token_pat
     text = await explain_call(config, "89161234567")
     assert "answer:   FOUND, 2 CRM object(s)" in text and f"portal:   {oauth_portal.url}/rest/" in text
     assert "secret" not in text
+
+
+# -- the emulator's OAuth server, as Bitrix24's docs describe it ----------------------------------
+
+def oauth_settings_for(server, token_path, secret=CLIENT_SECRET):
+    return OAuthSettings(server.client_endpoint, CLIENT_ID, secret, str(token_path), f"{server.url}/oauth/token/")
+
+
+async def authorization_code(server, state="s1"):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/oauth/authorize/", params={"client_id": CLIENT_ID, "state": state},
+                            allow_redirects=False) as answer:
+            assert answer.status == 302, await answer.text()
+            location = URL(answer.headers["Location"])
+    assert location.query["state"] == state and location.query["member_id"] == server.member_id
+    return location.query["code"]
+
+
+async def test_the_emulator_follows_the_documented_code_and_token_lifetimes(emulator, tmp_path, session):
+    clock = [1_700_000_000.0]
+    server = await OAuthServer(emulator, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                               redirect_uri="https://app.example/handler", clock=lambda: clock[0]).start()
+    settings_ = oauth_settings_for(server, tmp_path / "t.json")
+    try:
+        # A code works once, within 30 s.
+        code = await authorization_code(server)
+        tokens = await request_tokens(settings_, session, {"grant_type": "authorization_code", "code": code},
+                                      clock=lambda: clock[0])
+        assert (tokens.client_endpoint, tokens.member_id, tokens.scope) == (
+            server.client_endpoint, server.member_id, "telephony,user")
+        assert tokens.expires_at == clock[0] + 3600
+        with pytest.raises(AuthRejected) as raised:
+            await request_tokens(settings_, session, {"grant_type": "authorization_code", "code": code})
+        assert (raised.value.reason, raised.value.detail) == ("oauth_code_rejected", "invalid_grant, HTTP 400")
+        late = await authorization_code(server)
+        clock[0] += 31
+        with pytest.raises(AuthRejected, match="invalid_grant"):
+            await request_tokens(settings_, session, {"grant_type": "authorization_code", "code": late})
+        # A refresh token is spent by its use and dies after 180 days unused.
+        renewed = await request_tokens(settings_, session, {"grant_type": "refresh_token",
+                                                            "refresh_token": tokens.refresh_token})
+        assert renewed.refresh_token != tokens.refresh_token
+        with pytest.raises(AuthRejected) as raised:
+            await request_tokens(settings_, session, {"grant_type": "refresh_token",
+                                                      "refresh_token": tokens.refresh_token})
+        assert raised.value.reason == "refresh_token_rejected"
+        clock[0] += 180 * 86400
+        with pytest.raises(AuthRejected, match="invalid_grant"):
+            await request_tokens(settings_, session, {"grant_type": "refresh_token",
+                                                      "refresh_token": renewed.refresh_token})
+        # A wrong secret, and an application that was removed, are the client's refusal.
+        with pytest.raises(AuthRejected) as raised:
+            await request_tokens(oauth_settings_for(server, tmp_path / "t.json", "wrong"), session,
+                                 {"grant_type": "refresh_token", "refresh_token": server.refresh_token})
+        assert (raised.value.reason, raised.value.detail) == ("oauth_client_rejected", "invalid_client, HTTP 401")
+        server.uninstall()
+        with pytest.raises(AuthRejected, match="invalid_client"):
+            await request_tokens(settings_, session, {"grant_type": "refresh_token",
+                                                      "refresh_token": server.refresh_token})
+        # Any other documented code, as the token server words it.
+        server.refuse_token_requests("PAYMENT_REQUIRED", "Payment required", status=402)
+        with pytest.raises(PortalError) as raised:
+            await request_tokens(settings_, session, {"grant_type": "refresh_token", "refresh_token": "x"})
+        assert raised.value.reason == "oauth_PAYMENT_REQUIRED"
+    finally:
+        await server.stop()
+
+
+async def test_an_unknown_application_gets_no_redirect(oauth_portal):
+    oauth_portal.redirect_uri = "https://app.example/handler"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{oauth_portal.url}/oauth/authorize/", params={"client_id": "local.other"},
+                            allow_redirects=False) as answer:
+            assert answer.status == 400 and "Location" not in answer.headers
+
+
+async def test_the_client_endpoint_is_stored_and_another_host_is_not_followed(oauth_portal, token_path, session,
+                                                                            caplog):
+    portal = client(oauth_portal, token_path, session)
+    await portal.search_crm_entities("79161234567")
+    saved = json.loads(token_path.read_text())
+    assert (saved["client_endpoint"], saved["member_id"], saved["scope"]) == (
+        oauth_portal.client_endpoint, oauth_portal.member_id, "telephony,user")
+    assert portal.auth.rest_base() == oauth_portal.client_endpoint and "REST address" not in caplog.text
+    # The same emulator under another name: the token server's client_endpoint (127.0.0.1) is
+    # another host than the configured portal (localhost), so requests stay on the configured one.
+    port = URL(oauth_portal.url).port
+    tokens = OAuthTokens(OAuthSettings(f"http://localhost:{port}/rest/", CLIENT_ID, CLIENT_SECRET, str(token_path),
+                                       f"{oauth_portal.url}/oauth/token/"), session)
+    oauth_portal.expire_access_tokens()
+    await tokens.access_token()
+    assert tokens.rest_base() == f"http://localhost:{port}/rest/"
+    assert (f"the token server names {oauth_portal.client_endpoint} as the portal's REST address, but"
+            f" bitrix.oauth.portal_url is http://localhost:{port}/rest/; requests keep going to portal_url"
+            ) in caplog.text
+
+
+async def test_a_rejected_refresh_token_stops_asking_until_the_token_file_changes(oauth_portal, token_path, session,
+                                                                                caplog):
+    token_path.write_text(json.dumps({"refresh_token": "refresh-stale-secret"}))
+    portal = client(oauth_portal, token_path, session)
+    with pytest.raises(PortalError) as first:
+        await portal.search_crm_entities("79161234567")
+    asked = oauth_portal.token_requests
+    for _ in range(5):
+        with pytest.raises(RequestNotSent) as again:
+            await portal.search_crm_entities("79161234567")
+        assert again.value.reason == "refresh_token_rejected"
+    assert first.value.reason == "refresh_token_rejected" and oauth_portal.token_requests == asked == 1
+    assert caplog.text.count("rejected the refresh token") == 1
+    healthy, state = portal.auth.state()
+    assert not healthy and state["state"] == "refresh_token_rejected"
+    assert "not asked again until" in state["detail"]
+    # An admin (or oauth login) writes a good refresh token: the next request uses it.
+    _, refresh = oauth_portal.issue_tokens()
+    TokenFile(token_path).save(Tokens("", refresh, 0.0))
+    assert await portal.search_crm_entities("79161234567")
+    assert portal.auth.state()[0] and oauth_portal.refreshes == 1
+
+
+async def test_a_removed_application_stops_asking_and_a_reload_asks_again(oauth_portal, token_path, session):
+    config_text = f"""\
+        bitrix:
+          oauth:
+            portal_url: "{oauth_portal.url}/rest/"
+            client_id: "{CLIENT_ID}"
+            client_secret: "{CLIENT_SECRET}"
+            token_file: "{token_path}"
+            token_url: "{oauth_portal.url}/oauth/token/"
+        routing: {{fallback_queue: support}}
+        """
+    portal = portal_client(parse_config(textwrap.dedent(config_text)).bitrix, session)
+    oauth_portal.uninstall()
+    with pytest.raises(PortalError, match="oauth_client_rejected"):
+        await portal.search_crm_entities("79161234567")
+    with pytest.raises(RequestNotSent, match="oauth_client_rejected"):
+        await portal.search_crm_entities("79161234567")
+    assert oauth_portal.token_requests == 1
+    reloaded = portal_client(parse_config(textwrap.dedent(config_text)).bitrix, session, previous=portal)
+    assert reloaded.auth is portal.auth
+    with pytest.raises(PortalError, match="oauth_client_rejected"):
+        await reloaded.search_crm_entities("79161234567")
+    assert oauth_portal.token_requests == 2
+
+
+def oauth_config(oauth_portal, token_path, tmp_path, extra_oauth="", metrics="off", extra=""):
+    path = tmp_path / "agi-bitrix.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        metrics: {{listen: {metrics}}}
+        bitrix:
+          breaker: {{failures: 2, cool_down: 60}}
+          oauth:
+            portal_url: "{oauth_portal.url}/rest/"
+            client_id: "{CLIENT_ID}"
+            client_secret: "{CLIENT_SECRET}"
+            token_file: "{token_path}"
+            token_url: "{oauth_portal.url}/oauth/token/"
+        """) + textwrap.indent(textwrap.dedent(extra_oauth), "    ") + textwrap.dedent(f"""\
+        {extra}
+        routing:
+          fallback_queue: support
+          rules:
+        """) + textwrap.indent(TEST_RULES, "    "))
+    return load_config(path)
+
+
+async def get_health(address):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{address[0]}:{address[1]}/healthz") as answer:
+            return answer.status, await answer.json()
+
+
+async def test_rejected_tokens_show_in_healthz_and_every_call_gets_the_reason(oauth_portal, token_path, tmp_path,
+                                                                           caplog):
+    token_path.write_text(json.dumps({"refresh_token": "refresh-stale-secret"}))
+    app = Application(oauth_config(oauth_portal, token_path, tmp_path, metrics=f'"127.0.0.1:{free_port()}"'))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        # More calls than bitrix.breaker.failures: still the true reason, not circuit_open.
+        calls = [(await fake_call(host, port, callerid=f"8916123456{n}")).variables for n in range(5)]
+        status, health = await get_health(app.monitoring.address)
+    finally:
+        await app.stop()
+    assert {(v["B24_STATUS"], v["B24_ERROR"], v["B24_TARGET"]) for v in calls} == {
+        ("ERROR", "refresh_token_rejected", "support")}
+    assert oauth_portal.token_requests == 1
+    assert status == 503 and health["status"] == "degraded"
+    assert health["auth"]["mode"] == "oauth application" and health["auth"]["state"] == "refresh_token_rejected"
+    assert health["auth"]["token_file"] == str(token_path) and "secret" not in json.dumps(health)
+    assert "secret" not in caplog.text
+
+
+async def test_healthz_names_the_webhook_mode(portal_webhook_app):
+    status, health = await get_health(portal_webhook_app.monitoring.address)
+    assert status == 200 and health["auth"] == {"mode": "webhook"}
+
+
+@pytest.fixture
+async def portal_webhook_app(emulator):
+    from tests.conftest import make_config
+
+    app = Application(make_config(emulator.webhook_url, metrics=f'"127.0.0.1:{free_port()}"'))
+    await app.start("127.0.0.1", 0)
+    yield app
+    await app.stop()
+
+
+# -- the install callback -------------------------------------------------------------------------
+
+@pytest.fixture
+async def installing(oauth_portal, tmp_path):
+    """A running Application with the install callback on, and no tokens yet."""
+    token_path = tmp_path / "oauth.json"
+    config = oauth_config(oauth_portal, token_path, tmp_path, extra_oauth="install_path: /bitrix/install\n",
+                          metrics=f'"127.0.0.1:{free_port()}"')
+    app = Application(config)
+    address = await app.start("127.0.0.1", 0)
+    host, port = app.monitoring.address
+    yield app, address, f"http://{host}:{port}/bitrix/install", token_path
+    await app.stop()
+
+
+async def test_the_install_event_stores_the_tokens_and_calls_use_them(installing, oauth_portal, caplog):
+    caplog.set_level(logging.INFO)
+    _, (host, port), url, token_path = installing
+    before = (await fake_call(host, port, callerid="89161234567")).variables
+    assert before["B24_ERROR"] == "oauth_token_file"
+    status, answer = await oauth_portal.post_install_event(url)
+    assert (status, answer) == (200, {"status": "success"})
+    saved = json.loads(token_path.read_text())
+    assert saved["application_token"] == oauth_portal.application_token
+    assert (saved["member_id"], saved["client_endpoint"]) == (oauth_portal.member_id, oauth_portal.client_endpoint)
+    assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
+    after = (await fake_call(host, port, callerid="89161234567")).variables
+    assert (after["B24_STATUS"], after["B24_TARGET"]) == ("FOUND", "101")
+    # The install's own access token was checked (app.info) and then used; no refresh was needed.
+    assert oauth_portal.seen_auth == [saved["access_token"], saved["access_token"]] and oauth_portal.refreshes == 0
+    assert f"application installed on {oauth_portal.domain} (member_id {oauth_portal.member_id}" in caplog.text
+    assert "secret" not in caplog.text
+
+
+async def test_later_install_calls_need_the_stored_application_token(installing, oauth_portal, caplog):
+    _, _, url, token_path = installing
+    first = oauth_portal.install_event()
+    assert (await oauth_portal.post_install_event(url, first))[0] == 200
+    stored = token_path.read_text()
+    # A reinstall brings a new application_token: refused, since only the stored one proves the portal.
+    forged = {**oauth_portal.install_event(), "auth[application_token]": "0" * 32}
+    assert await oauth_portal.post_install_event(url, forged) == (403, {"error": "application_token does not match"})
+    missing = {key: value for key, value in oauth_portal.install_event().items() if "application_token" not in key}
+    assert (await oauth_portal.post_install_event(url, missing))[0] == 403
+    assert token_path.read_text() == stored
+    assert "application_token does not match the one stored in" in caplog.text
+    assert "is missing, unlike the one stored in" in caplog.text
+    for value in (forged["auth[application_token]"], first["auth[application_token]"], "secret"):
+        assert value not in caplog.text
+    # The same token again (the portal repeating itself) is taken.
+    again = {**oauth_portal.install_event(), "auth[application_token]": first["auth[application_token]"]}
+    assert (await oauth_portal.post_install_event(url, again))[0] == 200
+    assert json.loads(token_path.read_text())["refresh_token"] == again["auth[refresh_token]"]
+
+
+async def test_a_first_install_must_come_from_the_configured_portal_with_tokens_it_accepts(installing, oauth_portal):
+    _, _, url, token_path = installing
+    elsewhere = {**oauth_portal.install_event(), "auth[client_endpoint]": "https://evil.example/rest/"}
+    assert await oauth_portal.post_install_event(url, elsewhere) == (403, {"error": "not the configured portal"})
+    planted = {**oauth_portal.install_event(), "auth[access_token]": "access-planted-secret"}
+    assert await oauth_portal.post_install_event(url, planted) == (
+        403, {"error": "the portal does not accept these tokens"})
+    assert not token_path.exists()
+
+
+async def test_the_install_page_form_is_read_too(installing, oauth_portal):
+    """settings/oauth/simple-way.md: AUTH_ID, REFRESH_ID... in the body, DOMAIN in the query."""
+    _, _, url, token_path = installing
+    access, refresh = oauth_portal.issue_tokens()
+    form = {"AUTH_ID": access, "AUTH_EXPIRES": "3600", "REFRESH_ID": refresh, "SERVER_ENDPOINT": "x",
+            "member_id": oauth_portal.member_id, "APPLICATION_TOKEN": "ec1b2074a9d3f5c81b6e40d27a95cf38",
+            "APPLICATION_SCOPE": "telephony,user", "status": "L", "PLACEMENT": "DEFAULT"}
+    query = f"?DOMAIN={oauth_portal.domain}&PROTOCOL=0&LANG=en&APP_SID=dd8cec11"
+    assert await oauth_portal.post_install_event(url + query, form) == (200, {"status": "success"})
+    saved = json.loads(token_path.read_text())
+    assert (saved["refresh_token"], saved["application_token"]) == (refresh, "ec1b2074a9d3f5c81b6e40d27a95cf38")
+    assert saved["client_endpoint"] == oauth_portal.client_endpoint
+
+
+def test_the_install_path_needs_the_monitoring_listener(tmp_path):
+    from agi_bitrix.checking import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(textwrap.dedent(f"""\
+            metrics: {{listen: off}}
+            bitrix:
+              oauth:
+                portal_url: https://x.bitrix24.ru/rest/
+                client_id: local.1
+                client_secret: s
+                token_file: {tmp_path}/oauth.json
+                install_path: /bitrix/install
+            routing: {{fallback_queue: support}}
+            """), "c.yaml")
+    assert [str(p) for p in raised.value.problems] == [
+        "c.yaml:8: bitrix.oauth.install_path: is served on metrics.listen, which is off"]
+
+
+# -- WRONG_AUTH_TYPE -------------------------------------------------------------------------------
+
+async def test_wrong_auth_type_from_register_and_finish_says_how_to_switch(emulator, tmp_path, caplog):
+    from tests.test_callcard import FINISH, REGISTER, Running, callcard_config
+
+    server = await Running(callcard_config(emulator.webhook_url, tmp_path / "outbox.sqlite3")).start()
+    try:
+        call_id = (await server.register())["B24_CALL_ID"]
+        emulator.fail("error", status=401, code="WRONG_AUTH_TYPE", description="Current authorization type is"
+                      " denied for this method")
+        assert await server.register(linkedid="1.2") == {"B24_CALL_ID": "", "B24_REGISTER_ERROR": "WRONG_AUTH_TYPE"}
+        await server.finish(call_id)
+        await until(lambda: caplog.text.count("the portal answered WRONG_AUTH_TYPE") >= 2)
+        assert await server.app.outbox.count("delivered") == 0  # held: an admin can still switch
+    finally:
+        await server.stop()
+    assert ("Bitrix24 documents telephony.externalcall.register and .finish as working only in the context of an"
+            " application, not through an inbound webhook") in caplog.text
+    assert 'docs/call-card.md, section "OAuth applications"' in caplog.text
+    assert len(emulator.requests_for(REGISTER)) == 2 and emulator.requests_for(FINISH)

@@ -90,6 +90,10 @@ class AccessTokens(Protocol):
 
     def secrets(self) -> tuple[str, ...]: ...
 
+    def rest_base(self) -> str:
+        """https://PORTAL/rest/: the client_endpoint the token server named, or the configured URL."""
+        ...
+
 
 class RequestSlot:
     """A place in the portal's request budget, taken and not yet spent (see PortalClient.take_slot)."""
@@ -222,8 +226,9 @@ class PortalClient:
     async def _post(self, method: str, params: Mapping[str, Any], json_body: bool) -> tuple[int, bytes]:
         # Chained exceptions are dropped (`from None`): aiohttp's messages can quote the full URL.
         try:
+            base = self._base if self.auth is None else self.auth.rest_base()
             async with self._session.post(
-                f"{self._base}{method}.json",
+                f"{base}{method}.json",
                 # Encoded here: aiohttp's generic form handling costs more than the request itself.
                 data=json.dumps(params).encode() if json_body else urlencode(list(_form_fields(params))).encode(),
                 headers=_JSON_HEADERS if json_body else _FORM_HEADERS,

@@ -65,6 +65,17 @@ class NotPermitted(AuthRejected):
     needs an application's context."""
 
 
+class WrongAuthType(NotPermitted):
+    """The method needs an application's context and was called through a webhook: Bitrix24's
+    REST docs (api-reference/telephony/index.md) say so of telephony.externalcall.register and
+    .finish. Only switching to an OAuth application (bitrix.oauth) fixes it."""
+
+    ADVICE = ("the portal answered WRONG_AUTH_TYPE: Bitrix24 documents telephony.externalcall.register and"
+              " .finish as working only in the context of an application, not through an inbound webhook."
+              " Switch bitrix.webhook_url to a local application in bitrix.oauth and run `agi-bitrix oauth"
+              " login`: docs/call-card.md, section \"OAuth applications\"")
+
+
 class RequestRejected(PortalRefused):
     """This one request's parameters were refused (HTTP 400); the portal itself is fine."""
 
@@ -75,7 +86,9 @@ class PortalUnavailable(PortalRefused):
 
 class RequestNotSent(BitrixError):
     """We did not ask the portal: the circuit is open ("circuit_open"), no request slot within the
-    deadline ("rate_limited"), or the server is stopping ("cancelled")."""
+    deadline ("rate_limited"), the server is stopping ("cancelled"), or the OAuth token server
+    rejected the application's tokens earlier and is not asked again until they change
+    ("refresh_token_rejected", "oauth_client_rejected")."""
 
 
 class TokenFileError(BitrixError):
@@ -91,7 +104,8 @@ _REFUSALS: dict[str, type[PortalRefused]] = {
     **dict.fromkeys(("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"), RateLimited),
     **dict.fromkeys(("expired_token", "invalid_token"), TokenExpired),
     **dict.fromkeys(("NO_AUTH_FOUND", "INVALID_CREDENTIALS"), AuthRejected),
-    **dict.fromkeys(("insufficient_scope", "ACCESS_DENIED", "user_access_error", "WRONG_AUTH_TYPE"), NotPermitted),
+    **dict.fromkeys(("insufficient_scope", "ACCESS_DENIED", "user_access_error"), NotPermitted),
+    "WRONG_AUTH_TYPE": WrongAuthType,
     **dict.fromkeys(("ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"), RequestRejected),
     **dict.fromkeys(("INTERNAL_SERVER_ERROR", "PORTAL_DELETED"), PortalUnavailable),
 }

@@ -231,6 +231,10 @@ class CrmLookup:
             # The portal is up and answered; it only refused this request. Counting that as an
             # outage would let a few odd caller IDs open the breaker for everyone.
             self.breaker.succeeded()
+        elif isinstance(error, RequestNotSent):
+            # Not asked (the OAuth tokens were rejected earlier): the call keeps that true reason
+            # instead of circuit_open, and /healthz shows the auth state.
+            self.breaker.abandoned()
         else:
             self.memory.last_failure = self._clock()
             self._breaker_failed(error.reason)

@@ -1,11 +1,18 @@
 """OAuth for Bitrix24 applications, the alternative to an inbound webhook.
 
-Requests go to https://PORTAL/rest/METHOD.json with the access token as `auth`. An access token
-lives an hour; it is refreshed when it is about to expire, or when the portal says
+As Bitrix24's REST docs describe it (bitrix24/b24restdocs: settings/oauth/index.md,
+settings/oauth/auto-renewal.md, settings/oauth/error-codes.md): requests go to the
+`client_endpoint` the token server names (https://PORTAL/rest/) with the access token as `auth`.
+An access token lives an hour; it is refreshed when it is about to expire, or when the portal says
 `expired_token`, at https://oauth.bitrix.info/oauth/token/. Every refresh also replaces the
 refresh token (it lives 180 days and works once), so the new pair is written to the token
 file — atomically, before it is used — or a crash at the wrong moment would lock the server
 out of the portal. Concurrent requests that all find the token expired share one refresh.
+
+When the token server rejects the refresh token (expired, spent, the application removed) or the
+application itself, asking again cannot help: the refusal is logged once, shown in /healthz, and
+every request fails at once with its reason, without asking the token server, until the token
+file changes (`agi-bitrix oauth login`, the install callback, an admin) or the config is reloaded.
 
 The tokens and the client secret are passwords: they never appear in a log line or an error.
 """
@@ -19,9 +26,11 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -29,9 +38,11 @@ from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
     AuthRejected,
     BadResponse,
+    BitrixError,
     PortalRefused,
     PortalTimeout,
     PortalUnreachable,
+    RequestNotSent,
     TokenFileError,
 )
 from agi_bitrix.bitrix.ratelimit import RateLimiter
@@ -43,10 +54,14 @@ TOKEN_URL = "https://oauth.bitrix.info/oauth/token/"
 # Refresh this long before the access token's stated expiry, so no request carries a token
 # that expires on its way.
 EXPIRY_MARGIN = 60.0
-# The token server's answers when the refresh token itself is no good (expired after 180 days,
-# already used, the application reinstalled or removed).
-REFRESH_REJECTED = frozenset({"invalid_grant", "invalid_token", "expired_token", "NO_AUTH_FOUND"})
+# The token server's answers when the grant itself is no good (a refresh token expired after 180
+# days or already used, a code older than 30 s, the application reinstalled).
+GRANT_REJECTED = frozenset({"invalid_grant", "invalid_token", "expired_token", "NO_AUTH_FOUND"})
+# ... and when the application is: a wrong client_id/client_secret, or not installed any more.
 CLIENT_REJECTED = frozenset({"invalid_client", "invalid_request", "unauthorized_client"})
+# Reasons after which the token server is not asked again until the token file changes.
+STOPPING_REASONS = frozenset({"refresh_token_rejected", "oauth_client_rejected"})
+OAUTH_DOCS = 'docs/call-card.md, section "OAuth applications"'
 
 
 @dataclass(frozen=True)
@@ -54,13 +69,30 @@ class Tokens:
     access_token: str
     refresh_token: str
     expires_at: float  # unix time; 0 when unknown (refresh before the first request)
+    # What the token server (or the install event) said besides the tokens; "" when not known.
+    client_endpoint: str = ""  # https://PORTAL/rest/, where requests go
+    member_id: str = ""  # the portal's id, which outlives a change of its address
+    scope: str = ""  # "telephony,user,crm"
+    # From the ONAPPINSTALL event: later calls of the install callback must carry it.
+    application_token: str = ""
+
+
+_EXTRA_FIELDS = ("client_endpoint", "member_id", "scope", "application_token")
 
 
 class TokenFile:
-    """The token pair on disk, as JSON, readable only by its owner; replaced atomically."""
+    """The tokens on disk, as JSON, readable only by its owner; replaced atomically."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """What changes when anyone rewrites the file (an atomic replace gives a new inode)."""
+        try:
+            status = os.stat(self.path)
+        except OSError:
+            return None
+        return status.st_mtime_ns, status.st_ino, status.st_size
 
     def load(self) -> Tokens:
         try:
@@ -74,13 +106,22 @@ class TokenFile:
             raise TokenFileError(f"token file {self.path} has no refresh_token")
         access = data.get("access_token")
         expires_at = data.get("expires_at")
+        extras = {name: data[name] for name in _EXTRA_FIELDS if isinstance(data.get(name), str)}
         return Tokens(access if isinstance(access, str) else "", refresh,
-                      float(expires_at) if isinstance(expires_at, (int, float)) else 0.0)
+                      float(expires_at) if isinstance(expires_at, (int, float)) else 0.0, **extras)
+
+    def load_if_present(self) -> Tokens | None:
+        try:
+            return self.load()
+        except TokenFileError:
+            return None
 
     def save(self, tokens: Tokens) -> None:
         """Write a temporary file beside the real one, flush it to disk, rename it over."""
-        text = json.dumps({"access_token": tokens.access_token, "refresh_token": tokens.refresh_token,
-                           "expires_at": tokens.expires_at}, indent=2) + "\n"
+        fields = {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token,
+                  "expires_at": tokens.expires_at}
+        fields.update({name: getattr(tokens, name) for name in _EXTRA_FIELDS if getattr(tokens, name)})
+        text = json.dumps(fields, indent=2) + "\n"
         directory = self.path.parent
         descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
         try:
@@ -101,6 +142,71 @@ class TokenFile:
             os.close(directory_fd)
 
 
+def same_portal(url: str, portal_url: str) -> bool:
+    """Whether `url` is on the configured portal: same scheme, host and port."""
+    ours, theirs = urlsplit(portal_url), urlsplit(url)
+    return (theirs.scheme, (theirs.netloc or "").lower()) == (ours.scheme, (ours.netloc or "").lower())
+
+
+def authorize_url(settings: OAuthSettings, state: str) -> str:
+    """Where the admin's browser goes to let the application in (settings/oauth/index.md, step 1)."""
+    parts = urlsplit(settings.portal_url)
+    return f"{parts.scheme}://{parts.netloc}/oauth/authorize/?" + urlencode(
+        {"client_id": settings.client_id, "state": state})
+
+
+async def request_tokens(settings: OAuthSettings, session: aiohttp.ClientSession, grant: Mapping[str, str], *,
+                         timeout: float = 10.0, clock: Callable[[], float] = time.time) -> Tokens:
+    """Ask the token server for a pair: `grant` is {"grant_type": "refresh_token", "refresh_token": ...}
+    or {"grant_type": "authorization_code", "code": ...} (settings/oauth/auto-renewal.md, index.md)."""
+    params = {"grant_type": grant["grant_type"], "client_id": settings.client_id,
+              "client_secret": settings.client_secret,
+              **{key: value for key, value in grant.items() if key != "grant_type"}}
+    try:
+        async with session.get(settings.token_url, params=params, timeout=aiohttp.ClientTimeout(total=timeout),
+                               allow_redirects=False) as response:
+            status = response.status
+            body = await response.read()
+    except TimeoutError:
+        raise PortalTimeout("oauth_timeout", "the OAuth token server did not answer in time") from None
+    except aiohttp.ClientError as error:
+        # aiohttp's message may quote the URL with the secrets in its query: name the type only.
+        raise PortalUnreachable("oauth_connect",
+                                f"cannot reach the OAuth token server: {type(error).__name__}") from None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without JSON")
+    refused = answer.get("error")
+    if refused:
+        raise _refusal(str(refused), status, grant["grant_type"])
+    return _tokens_from(answer, status, clock)
+
+
+def _tokens_from(answer: dict[str, Any], status: int, clock: Callable[[], float]) -> Tokens:
+    access, refresh = answer.get("access_token"), answer.get("refresh_token")
+    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+        raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without tokens")
+    expires_in = answer.get("expires_in")
+    lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 3600.0
+    extras = {name: answer[name] for name in ("client_endpoint", "member_id", "scope")
+              if isinstance(answer.get(name), str)}
+    return Tokens(access, refresh, clock() + lifetime, **extras)
+
+
+def _refusal(code: str, status: int, grant_type: str) -> PortalRefused:
+    safe_code = code if code.replace("_", "").isalnum() and len(code) <= 64 else "error"
+    said = f"{safe_code}, HTTP {status}"
+    if safe_code in GRANT_REJECTED:
+        reason = "oauth_code_rejected" if grant_type == "authorization_code" else "refresh_token_rejected"
+        return AuthRejected(reason, said)
+    if safe_code in CLIENT_REJECTED:
+        return AuthRejected("oauth_client_rejected", said)
+    return PortalRefused(f"oauth_{safe_code}"[:64], f"the OAuth token server refused: {said}")
+
+
 class OAuthTokens:
     """The current access token, refreshed when needed; shared by every request of the process."""
 
@@ -109,13 +215,17 @@ class OAuthTokens:
         self.settings = settings
         self.token_file = TokenFile(settings.token_file)
         self._session = session
-        self._client_id = settings.client_id
         self._client_secret = settings.client_secret
-        self._token_url = settings.token_url
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._clock = clock
         self._tokens: Tokens | None = None
+        self._file_stamp: tuple[int, int, int] | None = None  # of the file as we last read or wrote it
         self._lock = asyncio.Lock()
+        # The token server's refusal that stops asking it, and the token file as it was then.
+        self._stopped: BitrixError | None = None
+        self._stopped_stamp: tuple[int, int, int] | None = None
+        self._problem: BitrixError | None = None  # the last failure to get a token, for /healthz
+        self._ignored_endpoint = ""
 
     def secrets(self) -> tuple[str, ...]:
         """What must never be shown: the client secret and the tokens in use."""
@@ -123,7 +233,17 @@ class OAuthTokens:
         values = (self._client_secret, *((tokens.access_token, tokens.refresh_token) if tokens else ()))
         return tuple(value for value in values if value)
 
+    def rest_base(self) -> str:
+        """Where requests go: the client_endpoint the token server named, when it is on the configured
+        portal; otherwise bitrix.oauth.portal_url (see `_take`)."""
+        tokens = self._tokens
+        if tokens is not None and tokens.client_endpoint and same_portal(tokens.client_endpoint,
+                                                                        self.settings.portal_url):
+            return tokens.client_endpoint
+        return self.settings.portal_url
+
     async def access_token(self) -> str:
+        self._check_stopped()
         tokens = self._tokens
         if tokens is not None and tokens.access_token and self._clock() < tokens.expires_at - EXPIRY_MARGIN:
             return tokens.access_token
@@ -132,66 +252,131 @@ class OAuthTokens:
     async def refresh(self, rejected: str) -> str:
         """A new access token instead of `rejected`; one refresh however many callers ask at once."""
         async with self._lock:
+            self._check_stopped()
             tokens = self._tokens
-            if tokens is None:
-                tokens = self._tokens = self.token_file.load()
+            if tokens is None or self.token_file.stamp() != self._file_stamp:
+                # First use, or someone wrote new tokens (oauth login, an admin): take theirs.
+                tokens = self._load()
             fresh = tokens.access_token and self._clock() < tokens.expires_at - EXPIRY_MARGIN
             if fresh and tokens.access_token != rejected:
                 return tokens.access_token  # someone else refreshed while we waited
-            self._tokens = await self._refresh(tokens.refresh_token)
-            return self._tokens.access_token
+            try:
+                new = await request_tokens(self.settings, self._session,
+                                           {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token},
+                                           timeout=self._timeout, clock=self._clock)
+            except BitrixError as error:
+                self._problem = error
+                if error.reason in STOPPING_REASONS:
+                    self._stop(error)
+                raise
+            # The token server does not repeat what only the install event said.
+            self._take(replace(new, application_token=tokens.application_token,
+                               member_id=new.member_id or tokens.member_id, scope=new.scope or tokens.scope,
+                               client_endpoint=new.client_endpoint or tokens.client_endpoint))
+            log.info("OAuth: access token refreshed; the new refresh token is saved in %s", self.token_file.path)
+            return new.access_token
 
-    async def _refresh(self, refresh_token: str) -> Tokens:
-        params = {"grant_type": "refresh_token", "client_id": self._client_id,
-                  "client_secret": self._client_secret, "refresh_token": refresh_token}
+    def install(self, tokens: Tokens) -> None:
+        """New tokens from the install callback: saved, then used; a stop is lifted."""
+        self.token_file.save(tokens)
+        self._file_stamp = self.token_file.stamp()
+        self._tokens = tokens
+        self._stopped = self._problem = None
+        self._note_endpoint(tokens)
+
+    def resume(self) -> None:
+        """A reload: ask the token server again even if it refused before."""
+        self._stopped = None
+
+    def state(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the application can get tokens, and what is known, for /healthz."""
+        tokens = self._tokens
+        stopped = self._stopped
+        if stopped is not None:
+            state = stopped.reason
+        elif self._problem is not None:
+            state = self._problem.reason
+        elif tokens is None:
+            state = "not used yet"
+        else:
+            state = "ok"
+        body: dict[str, Any] = {
+            "mode": "oauth application",
+            "state": state,
+            "token_file": str(self.token_file.path),
+            "token_file_present": self.token_file.stamp() is not None,
+            "rest_base": self.rest_base(),
+        }
+        if tokens is not None:
+            body.update(member_id=tokens.member_id, scope=tokens.scope)
+        if stopped is not None:
+            body["detail"] = (f"{stopped.reason} ({stopped.detail}); the token server is not asked again until"
+                              f" {self.token_file.path} changes (agi-bitrix oauth login) or the config is reloaded")
+        elif self._problem is not None:
+            body["detail"] = self._problem.detail
+        healthy = stopped is None and not isinstance(self._problem, TokenFileError)
+        return healthy, body
+
+    def _load(self) -> Tokens:
+        stamp = self.token_file.stamp()
         try:
-            async with self._session.get(self._token_url, params=params, timeout=self._timeout,
-                                         allow_redirects=False) as response:
-                status = response.status
-                body = await response.read()
-        except TimeoutError:
-            raise PortalTimeout("oauth_timeout", "the OAuth token server did not answer in time") from None
-        except aiohttp.ClientError as error:
-            # aiohttp's message may quote the URL with the secrets in its query: name the type only.
-            raise PortalUnreachable("oauth_connect",
-                                    f"cannot reach the OAuth token server: {type(error).__name__}") from None
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without JSON")
-        refused = answer.get("error")
-        if refused:
-            raise self._refusal(str(refused), status)
-        access, refresh = answer.get("access_token"), answer.get("refresh_token")
-        if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
-            raise BadResponse("oauth_bad_answer", f"the OAuth token server answered HTTP {status} without tokens")
-        expires_in = answer.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 3600.0
-        tokens = Tokens(access, refresh, self._clock() + lifetime)
+            tokens = self.token_file.load()
+        except TokenFileError as error:
+            self._problem = error
+            raise
+        self._file_stamp = stamp
+        self._tokens = tokens
+        self._note_endpoint(tokens)
+        return tokens
+
+    def _take(self, tokens: Tokens) -> None:
+        self._tokens = tokens
+        self._problem = None
         try:
             # Before the token is used: the old refresh token no longer works.
             self.token_file.save(tokens)
+            self._file_stamp = self.token_file.stamp()
         except OSError as error:
             log.error("OAuth: the new refresh token could not be saved to %s (%s); it is kept in memory,"
-                      " but after a restart this server cannot reach the portal until you put a fresh"
-                      " refresh token there", self.token_file.path, error.strerror)
-        log.info("OAuth: access token refreshed; the new refresh token is saved in %s", self.token_file.path)
-        return tokens
+                      " but after a restart this server cannot reach the portal until you run"
+                      " `agi-bitrix oauth login`", self.token_file.path, error.strerror)
+        self._note_endpoint(tokens)
 
-    def _refusal(self, code: str, status: int) -> PortalRefused:
-        safe_code = code if code.replace("_", "").isalnum() and len(code) <= 64 else "error"
-        if safe_code in REFRESH_REJECTED:
-            log.error("OAuth: Bitrix24 rejected the refresh token in %s (%s, HTTP %s). Every portal request"
-                      " fails until you reinstall the application or write a fresh refresh_token into"
-                      " that file.", self.token_file.path, safe_code, status)
-            return AuthRejected("refresh_token_rejected", f"the refresh token was rejected ({safe_code})")
-        if safe_code in CLIENT_REJECTED:
-            log.error("OAuth: Bitrix24 rejected the application's client_id/client_secret (%s, HTTP %s);"
-                      " check bitrix.oauth in the config", safe_code, status)
-            return AuthRejected("oauth_client_rejected", f"client_id/client_secret rejected ({safe_code})")
-        return PortalRefused(f"oauth_{safe_code}"[:64], f"the OAuth token server refused: {safe_code}, HTTP {status}")
+    def _note_endpoint(self, tokens: Tokens) -> None:
+        endpoint = tokens.client_endpoint
+        if endpoint and not same_portal(endpoint, self.settings.portal_url) and endpoint != self._ignored_endpoint:
+            # The access token would go to that host. The config names the portal this server
+            # trusts; a renamed portal is the admin's call, not the token file's.
+            self._ignored_endpoint = endpoint
+            log.error("OAuth: the token server names %s as the portal's REST address, but bitrix.oauth.portal_url"
+                      " is %s; requests keep going to portal_url. If the portal moved, set portal_url to the new"
+                      " address and reload", endpoint, self.settings.portal_url)
+
+    def _stop(self, error: BitrixError) -> None:
+        self._stopped = error
+        self._stopped_stamp = self.token_file.stamp()
+        if error.reason == "refresh_token_rejected":
+            # Expired (180 days unused), spent, or the application was removed or reinstalled.
+            log.error("OAuth: Bitrix24 rejected the refresh token in %s (%s). Every portal request fails until"
+                      " you run `agi-bitrix oauth login`, reinstall the application or write a fresh refresh_token"
+                      " into that file; the token server is not asked again until that file changes or the"
+                      " config is reloaded. See %s", self.token_file.path, error.detail, OAUTH_DOCS)
+        else:
+            log.error("OAuth: Bitrix24 rejected the application's client_id/client_secret (%s): check"
+                      " bitrix.oauth in the config, and that the application is still installed on the portal."
+                      " The token server is not asked again until %s changes or the config is reloaded. See %s",
+                      error.detail, self.token_file.path, OAUTH_DOCS)
+
+    def _check_stopped(self) -> None:
+        stopped = self._stopped
+        if stopped is None:
+            return
+        if self.token_file.stamp() == self._stopped_stamp:
+            raise RequestNotSent(stopped.reason, f"rejected earlier ({stopped.detail}); not asking the token server"
+                                 f" again until {self.token_file.path} changes or a reload")
+        log.info("OAuth: %s changed; trying its tokens", self.token_file.path)
+        self._stopped = None
+        self._tokens = None
 
 
 def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
@@ -212,4 +397,6 @@ def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
     tokens = previous.auth if previous is not None else None
     if not isinstance(tokens, OAuthTokens) or tokens.settings != oauth:
         tokens = OAuthTokens(oauth, session)
+    else:
+        tokens.resume()
     return PortalClient(oauth.portal_url, session, timeout=bitrix.deadline, budget=budget, auth=tokens)

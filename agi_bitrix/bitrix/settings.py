@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from agi_bitrix.schema import integer, number, section, text
 
 _PLACEHOLDER_CODE = "your-webhook-code"
+_MONITORING_PATHS = ("/metrics", "/healthz")
+
+
+def _install_path(value: str) -> str:
+    if value and (not value.startswith("/") or value in _MONITORING_PATHS or any(c.isspace() for c in value)):
+        raise ValueError(f"{value!r} must be a URL path like /bitrix/install, other than /metrics and /healthz")
+    return value
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,8 @@ class OAuthSettings:
     client_secret: str = text("client_secret")
     token_file: str = text("token_file")  # JSON with the refresh token; rewritten on every refresh
     token_url: str = text("token_url", "https://oauth.bitrix.info/oauth/token/")
+    # Where metrics.listen takes the portal's POST when the application is installed; "" = off.
+    install_path: str = text("install_path", "", check=_install_path)
 
 
 @dataclass(frozen=True)

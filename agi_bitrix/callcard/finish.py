@@ -35,6 +35,7 @@ from agi_bitrix.bitrix.errors import (
     RateLimited,
     RequestNotSent,
     TokenFileError,
+    WrongAuthType,
 )
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
@@ -170,6 +171,8 @@ async def send_finish(portal: PortalClient, entry: Entry) -> Outcome:
         # Finishes can wait and calls cannot: a finish only takes a request slot that is free now.
         await portal.call(FINISH, entry.params, max_wait=0.0)
     except BitrixError as error:
+        if isinstance(error, WrongAuthType):
+            log.error("finish %s: %s", entry.key, WrongAuthType.ADVICE)
         return finish_outcome(error, entry.attempt)
     log.info("finish %s delivered (attempt %d)", entry.key, entry.attempt)
     return Outcome("delivered")

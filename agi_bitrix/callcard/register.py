@@ -22,7 +22,7 @@ from typing import Any
 from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.bitrix.client import PortalClient
-from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent
+from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
@@ -120,6 +120,8 @@ class RegisterService:
             return "", error.reason
         except BitrixError as error:
             log.warning("call %s: register failed: %s", uniqueid, error)
+            if isinstance(error, WrongAuthType):
+                log.error("call %s: %s", uniqueid, WrongAuthType.ADVICE)
             return "", error.reason if _ERROR.match(error.reason) else "portal_error"
         call_id = result.get("CALL_ID") if isinstance(result, dict) else None
         if not isinstance(call_id, str) or not CALL_ID_PATTERN.match(call_id):
