@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agi_bitrix.agi.channel import AgiChannel
-from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
     AuthRejected,
@@ -106,7 +106,7 @@ class FinishService:
 
     async def handle_finish(self, request: AgiRequest, channel: AgiChannel) -> None:
         """Store the finish and close the session: the hangup never waits for the portal."""
-        uniqueid = request.get("agi_uniqueid") or "-"
+        uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         if self.outbox is None:
             log.info("call %s: finish asked for, but there is no callcard section in the config", uniqueid)
             return
