@@ -342,3 +342,17 @@ async def test_the_dry_run_works_as_an_oauth_application(oauth_portal, token_pat
     text = await explain_call(config, "89161234567")
     assert "answer:   FOUND, 2 CRM object(s)" in text and f"portal:   {oauth_portal.url}/rest/" in text
     assert "secret" not in text
+
+
+@pytest.mark.parametrize("code, reason", [
+    ("invalid_scope", "oauth_invalid_scope"),
+    ("ошибка", "oauth_error"),  # Unicode letters pass str.isalnum(); not a code we pass on
+    ("４２", "oauth_error"),
+    ("A" * 100, "oauth_error"),
+    ("bad code\n", "oauth_error"),
+])
+def test_the_token_servers_code_reaches_the_reason_only_as_a_short_ascii_identifier(token_path, session,
+                                                                                    code, reason):
+    tokens = OAuthTokens(OAuthSettings("http://127.0.0.1:9/rest/", CLIENT_ID, CLIENT_SECRET, str(token_path),
+                                       "http://127.0.0.1:9/oauth/token/"), session)
+    assert tokens._refusal(code, 400).reason == reason

@@ -27,8 +27,10 @@ import aiohttp
 
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
+    PORTAL_CODE,
     AuthRejected,
     BadResponse,
+    LocalFault,
     PortalRefused,
     PortalTimeout,
     PortalUnreachable,
@@ -155,6 +157,10 @@ class OAuthTokens:
             # aiohttp's message may quote the URL with the secrets in its query: name the type only.
             raise PortalUnreachable("oauth_connect",
                                     f"cannot reach the OAuth token server: {type(error).__name__}") from None
+        except ValueError as error:
+            # A token URL whose host the idna codec cannot encode: the request was never built.
+            raise LocalFault("oauth_bad_url",
+                             f"cannot build the OAuth token request: {type(error).__name__}") from None
         try:
             answer = json.loads(body)
         except ValueError:
@@ -181,7 +187,8 @@ class OAuthTokens:
         return tokens
 
     def _refusal(self, code: str, status: int) -> PortalRefused:
-        safe_code = code if code.replace("_", "").isalnum() and len(code) <= 64 else "error"
+        # Becomes part of a reason (B24_ERROR): ASCII identifiers only, `oauth_` plus at most 57.
+        safe_code = code if PORTAL_CODE.fullmatch(code) and len(code) <= 57 else "error"
         if safe_code in REFRESH_REJECTED:
             log.error("OAuth: Bitrix24 rejected the refresh token in %s (%s, HTTP %s). Every portal request"
                       " fails until you reinstall the application or write a fresh refresh_token into"
@@ -191,7 +198,7 @@ class OAuthTokens:
             log.error("OAuth: Bitrix24 rejected the application's client_id/client_secret (%s, HTTP %s);"
                       " check bitrix.oauth in the config", safe_code, status)
             return AuthRejected("oauth_client_rejected", f"client_id/client_secret rejected ({safe_code})")
-        return PortalRefused(f"oauth_{safe_code}"[:64], f"the OAuth token server refused: {safe_code}, HTTP {status}")
+        return PortalRefused(f"oauth_{safe_code}", f"the OAuth token server refused: {safe_code}, HTTP {status}")
 
 
 def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
