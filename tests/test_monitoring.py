@@ -92,7 +92,7 @@ async def test_sessions_in_flight_breaker_and_reloads(monitored, portal, tmp_pat
     text = await scrape(http, base)
     assert value(text, "agi_bitrix_portal_breaker_state", state="open") == 1
     assert value(text, "agi_bitrix_portal_breaker_state", state="closed") == 0
-    assert not app.reload(tmp_path / "missing.yaml")
+    assert not await app.reload(tmp_path / "missing.yaml")
     assert value(await scrape(http, base), "agi_bitrix_config_reloads_total", result="failure") == 1
 
 

@@ -270,7 +270,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
         second = (await fake_call(host, port, callerid="89161234567")).variables
         # A reload with the same application keeps its tokens: no second holder of the refresh token.
         tokens = app.portal.auth
-        assert app.reload() and app.portal.auth is tokens
+        assert await app.reload() and app.portal.auth is tokens
     finally:
         await app.stop()
     assert (first["B24_STATUS"], first["B24_TARGET"]) == ("FOUND", "101")
@@ -347,7 +347,7 @@ async def test_the_dry_run_works_as_an_oauth_application(oauth_portal, token_pat
 @pytest.mark.parametrize("code, reason", [
     ("invalid_scope", "oauth_invalid_scope"),
     ("ошибка", "oauth_error"),  # Unicode letters pass str.isalnum(); not a code we pass on
-    ("４２", "oauth_error"),
+    ("\uff14\uff12", "oauth_error"),  # full-width digits
     ("A" * 100, "oauth_error"),
     ("bad code\n", "oauth_error"),
 ])
