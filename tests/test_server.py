@@ -213,3 +213,10 @@ async def test_peer_values_reach_log_lines_without_control_characters(agi_server
     lines = [record.getMessage() for record in caplog.records if "forged" in record.getMessage()]
     assert len(lines) >= 3  # unknown script, finish without a callcard, the call log
     assert all(line.isprintable() for line in lines), lines
+
+
+async def test_an_emergency_number_as_the_owners_mobile_is_never_dialled(agi_server):
+    # Roman's day is closed and his PERSONAL_MOBILE is "112": the rule's mobile is unavailable.
+    v = await call(agi_server, callerid="89164445566")
+    assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_MOBILE"]) == ("FOUND", "queue", "support", "")
+    assert (v["B24_RULE"], v["B24_EXTENSION"]) == ("owner-day-over", "114")
