@@ -15,7 +15,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ class Application:
         self.started_at = time.monotonic()
         self.config_loaded_at = time.monotonic()
         self.reloads = {"success": 0, "failure": 0}
+        self._reload_lock = asyncio.Lock()
+        self._reloading: set[asyncio.Task[bool]] = set()
         self.session: aiohttp.ClientSession = make_session(pool_size=config.bitrix.pool_size)
         self.memory = LookupMemory(
             AnswerCache(config.cache),
@@ -222,22 +224,37 @@ class Application:
         if self.users is not None:
             await self.users.close()
 
-    def reload(self, path: str | Path | None = None) -> bool:
-        """Load the config again; a broken one is refused and the running one keeps serving."""
+    def reload_soon(self) -> None:
+        """Start a reload without waiting for it (the SIGHUP handler). The task is kept until it
+        ends, so it is neither collected mid-way nor left with an unseen exception."""
+        task = asyncio.create_task(self.reload())
+        self._reloading.add(task)
+        task.add_done_callback(self._reloading.discard)
+
+    async def reload(self, path: str | Path | None = None) -> bool:
+        """Load the config again; a broken one is refused and the running one keeps serving.
+
+        Reading, parsing, checking and compiling run in a thread: a config of tens of thousands
+        of rules takes seconds, and calls must be answered meanwhile. Building the Runtime and
+        the swap stay on the loop (they are quick, and the running parts are not thread-safe).
+        Reloads run one at a time: a SIGHUP during a reload waits for it, then reads the file
+        again, so the last signal always sees the file as it was when it was sent or later."""
+        async with self._reload_lock:
+            return await self._reload(path)
+
+    async def _reload(self, path: str | Path | None) -> bool:
         old = self.config
         path = path or old.path
         try:
-            new = load_config(path)
+            new = await asyncio.to_thread(load_config, path)
             runtime = self._build(new, previous=self.runtime)
         except (ConfigError, ValueError) as error:
             problems = error.problems if isinstance(error, ConfigError) else [f"{path}: {error}"]
-            self.reloads["failure"] += 1
-            self.metrics.reloads.labels("failure").inc()
-            for problem in problems:
-                log.error("reload refused: %s", problem)
-            log.error("reload refused: %d problem(s) in %s; still serving with sha256 %s",
-                      len(problems), path, old.digest[:12])
-            return False
+            return self._refused(path, problems)
+        except Exception as error:
+            # A bug, not the file: still a refused reload the admin sees, never a callback error.
+            log.exception("reload of %s failed unexpectedly", path)
+            return self._refused(path, [f"{path}: unexpected {type(error).__name__} (logged above)"])
         self._warn_restart_only(old, new)
         self.runtime = runtime
         # The long-lived parts take the new settings that are theirs.
@@ -252,6 +269,15 @@ class Application:
         self.config_loaded_at = time.monotonic()
         log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
         return True
+
+    def _refused(self, path: str | Path, problems: Sequence[object]) -> bool:
+        self.reloads["failure"] += 1
+        self.metrics.reloads.labels("failure").inc()
+        for problem in problems:
+            log.error("reload refused: %s", problem)
+        log.error("reload refused: %d problem(s) in %s; still serving with sha256 %s",
+                  len(problems), path, self.config.digest[:12])
+        return False
 
     @staticmethod
     def _warn_restart_only(old: Config, new: Config) -> None:

@@ -173,7 +173,7 @@ async def _run_server(config: Config, host: str, port: int) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%s: %s", host, port, error.strerror)
         return 1
-    await until_stopped(on_sighup=app.reload)
+    await until_stopped(on_sighup=app.reload_soon)
     log.info("stopping: no new calls; finishing the calls in flight")
     await app.stop()
     log.info("stopped")

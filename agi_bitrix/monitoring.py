@@ -16,6 +16,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agi_bitrix.bitrix.errors import metric_reason
+
 log = logging.getLogger("agi_bitrix.monitoring")
 
 BREAKER_STATES = ("closed", "half_open", "open")
@@ -56,7 +58,8 @@ class Metrics:
         self.portal_seconds.observe(seconds)
 
     def portal_request_failed(self, reason: str) -> None:
-        self.portal_errors.labels(reason).inc()
+        # Bounded labels: a portal inventing codes would otherwise add a series per code, forever.
+        self.portal_errors.labels(metric_reason(reason)).inc()
 
     def count_refused(self, reason: str) -> None:
         self.refused.labels(reason).inc()

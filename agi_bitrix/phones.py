@@ -49,6 +49,25 @@ def normalize_number(raw: str, default_country: str) -> str | None:
     return f"{parsed.country_code}{parsed.national_number}"
 
 
+@functools.lru_cache(maxsize=4096)
+def dialable_number(raw: str, default_country: str) -> str | None:
+    """A number the PBX may dial on a CRM user's or an admin's word: a valid subscriber number
+    (libphonenumber's is_valid_number), in international digits; anything else -> None.
+
+    normalize_number keeps short codes as typed, so that a caller ID like "112" is still looked
+    up; a dial target must not: "112", "911" or "01" as an owner's mobile would send clients'
+    calls to an emergency or service number.
+    """
+    number = normalize_number(raw, default_country)
+    if number is None:
+        return None
+    try:
+        parsed = phonenumbers.parse("+" + number)
+    except phonenumbers.NumberParseException:
+        return None
+    return number if phonenumbers.is_valid_number(parsed) else None
+
+
 def normalize_extension(raw: str) -> str | None:
     """An inner number is dialled as it is: plain digits only, anything else is missing."""
     text = raw.strip()

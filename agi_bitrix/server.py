@@ -30,6 +30,7 @@ from agi_bitrix.agi.protocol import (
     HangUp,
     PeerError,
     ServerConnection,
+    loggable,
 )
 from agi_bitrix.agi.quoting import mset_commands
 from agi_bitrix.config import ServerSettings
@@ -70,7 +71,7 @@ class StreamChannel:
             reply = await self.command(line)
             if reply is None or not reply.ok:
                 if reply is not None:
-                    log.warning("Asterisk refused the variables: %s %s", reply.code, reply.text)
+                    log.warning("Asterisk refused the variables: %s %s", reply.code, loggable(reply.text))
                 return False
         return True
 

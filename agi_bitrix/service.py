@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from agi_bitrix.agi.channel import AgiChannel
-from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.config import Config
@@ -103,7 +103,7 @@ class RouteScript:
 
     async def handle_route(self, request: AgiRequest, channel: AgiChannel) -> None:
         """Decide and set the variables; a bug still yields the fallback route."""
-        uniqueid = request.get("agi_uniqueid") or "-"
+        uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         started = time.monotonic()
         try:
             call = agi_call_info(request, self.config.policy.default_country)
@@ -117,7 +117,7 @@ class RouteScript:
 
     async def handle_unknown_script(self, request: AgiRequest, channel: AgiChannel) -> None:
         """A typo in the dialplan's AGI path must not leave the call without a route."""
-        uniqueid = request.get("agi_uniqueid") or "-"
+        uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         log.warning("call %s asked for unknown script %r; sending the fallback route", uniqueid, request.script)
         variables = self.fallback_variables("unknown_script")
         self._account(uniqueid, variables, 0.0)

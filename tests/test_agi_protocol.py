@@ -231,3 +231,18 @@ def test_fuzz_any_input_gives_events_or_peer_error():
                         break
         except PeerError:
             pass
+
+
+def test_an_absurd_argument_number_is_a_peer_error_whole_and_byte_by_byte():
+    # int() refuses more than 4300 digits with a ValueError; it must not escape as a traceback.
+    header = b"agi_network_script: route\nagi_arg_" + b"9" * 5000 + b": x\n\n"
+    with pytest.raises(PeerError, match="argument number too long"):
+        feed_whole(header).next_event()
+    conn = ServerConnection()
+    for i in range(len(header) - 1):
+        conn.receive_data(header[i:i + 1])
+        assert conn.next_event() is NEED_DATA
+    conn.receive_data(header[-1:])
+    with pytest.raises(PeerError, match="argument number too long"):
+        conn.next_event()
+    assert feed_whole(b"agi_network_script: route\nagi_arg_0128: x\n\n").next_event().args == ("x",)

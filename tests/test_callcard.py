@@ -424,7 +424,7 @@ async def test_a_reload_changes_register_settings_without_a_restart(portal, tmp_
     try:
         first = await fake_call(host, port, script="register", args=(ANNA, "", "1.1", DID))
         path.write_text(config_text(2))
-        assert app.reload()
+        assert await app.reload()
         second = await fake_call(host, port, script="register", args=(ANNA, "", "1.2", DID))
     finally:
         await app.stop()

@@ -129,7 +129,7 @@ async def test_route_explains_a_portal_failure(portal):
 def test_demo_once_shows_every_sample_call():
     result = agi_bitrix("demo", "--once", "--listen", f"127.0.0.1:{free_port()}")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "14 of 14 calls went where the default policy says." in result.stdout
+    assert "15 of 15 calls went where the default policy says." in result.stdout
     assert "NO_CALLERID" in result.stdout
 
 

@@ -382,7 +382,7 @@ async def test_user_get_is_derived_from_the_crm(http, portal):
     _, body = await post(http, f"{portal.webhook_url}user.get", data={"FILTER[ACTIVE]": "N"})
     assert [user["ID"] for user in body["result"]] == ["13"]
     _, body = await post(http, f"{portal.webhook_url}user.get", data={})
-    assert body["total"] == 13 and body["result"][0]["ID"] == "1"
+    assert body["total"] == 14 and body["result"][0]["ID"] == "1"
 
 
 # -- sample data and the manual entry point ----------------------------------------------------

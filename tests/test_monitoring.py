@@ -1,6 +1,7 @@
 """Metrics, health and the call log, as an admin's Prometheus, load balancer and grep see them."""
 
 import asyncio
+import gc
 import json
 import logging
 import re
@@ -10,9 +11,15 @@ import aiohttp
 import pytest
 
 from agi_bitrix.app import Application
+from agi_bitrix.bitrix.breaker import CircuitBreaker
+from agi_bitrix.bitrix.cache import AnswerCache
+from agi_bitrix.bitrix.client import PortalClient, make_session
+from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
+from agi_bitrix.bitrix.settings import CacheSettings
 from agi_bitrix.calllog import mask_number
+from agi_bitrix.monitoring import Metrics
 from agi_bitrix.testing.fake_asterisk import fake_call
-from tests.conftest import make_config
+from tests.conftest import ample_budget, make_config
 
 
 def free_port() -> int:
@@ -85,7 +92,7 @@ async def test_sessions_in_flight_breaker_and_reloads(monitored, portal, tmp_pat
     text = await scrape(http, base)
     assert value(text, "agi_bitrix_portal_breaker_state", state="open") == 1
     assert value(text, "agi_bitrix_portal_breaker_state", state="closed") == 0
-    assert not app.reload(tmp_path / "missing.yaml")
+    assert not await app.reload(tmp_path / "missing.yaml")
     assert value(await scrape(http, base), "agi_bitrix_config_reloads_total", result="failure") == 1
 
 
@@ -169,3 +176,75 @@ async def test_metrics_port_taken_does_not_stop_calls(portal, caplog):
         finally:
             await app.stop()
     assert any("metrics and /healthz are OFF" in r.getMessage() for r in caplog.records)
+
+
+def session_failing_inside_aiohttp() -> aiohttp.ClientSession:
+    """An HTTP session in which aiohttp itself fails with an exception that is no ClientError,
+    as its internal asserts do: its request-start hooks run inside `post`, unwrapped."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_request_start(session, context, params):
+        raise AssertionError("an assert inside aiohttp")
+
+    trace.on_request_start.append(on_request_start)
+    return aiohttp.ClientSession(trace_configs=[trace])
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("host the idna codec refuses", "bad_url"),
+    ("HTTP session closed", "session_closed"),
+    ("exception inside aiohttp", "internal"),
+])
+async def test_an_unexpected_failure_is_an_honest_portal_error(monitored, portal, caplog, fault, reason):
+    app, host, port, base, http = monitored
+    caplog.set_level(logging.WARNING)  # asyncio's own logger included
+    if fault == "host the idna codec refuses":
+        # Past every URL check, as a host a check misses would be: aiohttp raises UnicodeError.
+        app.runtime.portal._base = "http://portal..bitrix24.ru/rest/1/x/"
+    elif fault == "HTTP session closed":
+        await app.session.close()
+    else:
+        await app.session.close()
+        app.session = session_failing_inside_aiohttp()
+        app.runtime = app._build(app.config, previous=app.runtime)
+    calls = [await fake_call(host, port, callerid=f"8916000000{n}") for n in range(3)]
+    assert [(c.variables["B24_STATUS"], c.variables["B24_ERROR"]) for c in calls] == [("ERROR", reason)] * 3
+    assert value(await scrape(http, base), "agi_bitrix_portal_errors_total", reason=reason) == 3
+    status, body = await health(http, base)
+    assert (status, body["portal"]["state"]) == (503, "failing: the last request failed")
+    assert portal.requests == []
+    gc.collect()  # an unretrieved task exception is reported when the task is collected
+    await asyncio.sleep(0.01)
+    assert "never retrieved" not in caplog.text and "Exception in callback" not in caplog.text
+    assert "cancelled" not in caplog.text
+    if reason == "internal":  # a bug: one traceback per request, naming the exception
+        tracebacks = [r for r in caplog.records if r.exc_info and "failed unexpectedly" in r.getMessage()]
+        assert len(tracebacks) == 3 and "AssertionError" in tracebacks[0].getMessage()
+
+
+async def test_portal_error_codes_make_a_bounded_set_of_metric_series(portal):
+    """A portal (or a proxy) inventing a new code per answer must not add a series per code."""
+    metrics = Metrics()
+    async with make_session() as session:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=ample_budget())
+        memory = LookupMemory(AnswerCache(CacheSettings()), CircuitBreaker(failures=10_000, cool_down=1))
+        lookup = CrmLookup(client, memory, deadline=1.0, observer=metrics)
+        answers = []
+        for n in range(300):
+            portal.fail("error", status=400 + n % 200, code=f"INVENTED_{n}", description="?", times=1)
+            answers.append(await lookup.lookup(f"7916{n:07d}"))
+        for n, status in enumerate((418, 451, 502, 599)):  # error pages without a code
+            portal.fail("html", status=status, times=1)
+            answers.append(await lookup.lookup(f"7926{n:07d}"))
+        portal.fail("error", status=400, code="ERROR_CORE", description="empty", times=1)
+        answers.append(await lookup.lookup("79169999999"))
+    # The call still learns the portal's own code or status; the metric files it in a bucket.
+    assert [a.error for a in answers[:2]] == ["INVENTED_0", "INVENTED_1"]
+    assert [a.error for a in answers[300:]] == ["http_418", "http_451", "http_502", "http_599", "ERROR_CORE"]
+    text = metrics.exposition().decode()
+    series = [line for line in text.splitlines() if line.startswith("agi_bitrix_portal_errors_total{")]
+    assert len(series) == 5, series  # other, http_4xx, http_5xx, http_502, ERROR_CORE
+    assert value(text, "agi_bitrix_portal_errors_total", reason="other") == 300
+    assert value(text, "agi_bitrix_portal_errors_total", reason="http_4xx") == 2
+    assert value(text, "agi_bitrix_portal_errors_total", reason="http_5xx") == 1
+    assert value(text, "agi_bitrix_portal_errors_total", reason="http_502") == 1

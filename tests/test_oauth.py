@@ -201,7 +201,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
         second = (await fake_call(host, port, callerid="89161234567")).variables
         # A reload with the same application keeps its tokens: no second holder of the refresh token.
         tokens = app.portal.auth
-        assert app.reload() and app.portal.auth is tokens
+        assert await app.reload() and app.portal.auth is tokens
     finally:
         await app.stop()
     assert (first["B24_STATUS"], first["B24_TARGET"]) == ("FOUND", "101")
@@ -598,3 +598,16 @@ async def test_wrong_auth_type_from_register_and_finish_says_how_to_switch(emula
             " application, not through an inbound webhook") in caplog.text
     assert 'docs/call-card.md, section "OAuth applications"' in caplog.text
     assert len(emulator.requests_for(REGISTER)) == 2 and emulator.requests_for(FINISH)
+
+
+@pytest.mark.parametrize("code, reason", [
+    ("invalid_scope", "oauth_invalid_scope"),
+    ("ошибка", "oauth_error"),  # Unicode letters pass str.isalnum(); not a code we pass on
+    ("\uff14\uff12", "oauth_error"),  # full-width digits
+    ("A" * 100, "oauth_error"),
+    ("bad code\n", "oauth_error"),
+])
+def test_the_token_servers_code_reaches_the_reason_only_as_a_short_ascii_identifier(code, reason):
+    from agi_bitrix.bitrix.oauth import _refusal
+
+    assert _refusal(code, 400, "refresh_token").reason == reason

@@ -2,12 +2,13 @@
 
 import asyncio
 import dataclasses
+import time
 from ipaddress import ip_network
 
 from agi_bitrix.app import Application
 from agi_bitrix.server import _allowed
 from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
-from tests.conftest import make_config
+from tests.conftest import make_config, until
 
 
 def with_server(config, **changes):
@@ -108,11 +109,11 @@ async def test_reload_applies_a_good_config_and_refuses_a_bad_one(portal, tmp_pa
     try:
         assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "sales"
         path.write_text(text + "    - {name: everyone-to-desk, route: {extension: '100'}}\n")
-        assert app.reload()
+        assert await app.reload()
         v = (await fake_call(host, port, callerid="89161234567")).variables
         assert (v["B24_TARGET"], v["B24_RULE"], v["B24_CACHE"]) == ("100", "everyone-to-desk", "hit")
         path.write_text(text + "    - {name: broken, route: [teleport]}\n")
-        assert not app.reload()
+        assert not await app.reload()
         assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "100"
         assert app.reloads == {"success": 1, "failure": 1}
     finally:
@@ -131,7 +132,7 @@ async def test_reload_swaps_the_whole_runtime_and_keeps_what_outlives_it(portal,
     try:
         first = app.runtime
         path.write_text(base.replace("fallback_queue: support", "fallback_queue: sales"))
-        assert app.reload()
+        assert await app.reload()
         second = app.runtime
         # Everything made from the config is new; what the lookups learned and the budget are not.
         assert second is not first and second.config.policy.fallback_queue == "sales"
@@ -141,11 +142,11 @@ async def test_reload_swaps_the_whole_runtime_and_keeps_what_outlives_it(portal,
         assert second.portal.budget is first.portal.budget
         assert first.config.policy.fallback_queue == "support"  # the old runtime is left as it was
         path.write_text(base.replace("per_second: 2", "per_second: 4"))
-        assert app.reload() and app.runtime.portal.budget is not second.portal.budget
+        assert await app.reload() and app.runtime.portal.budget is not second.portal.budget
         # check accepts this URL (it is http(s)), the portal client does not: refused, not a crash.
         third = app.runtime
         path.write_text(base.replace(portal.webhook_url, "https://x.bitrix24.ru/rest/1/code/profile.json"))
-        assert not app.reload()
+        assert not await app.reload()
         assert app.runtime is third and app.reloads == {"success": 2, "failure": 1}
         assert "reload refused" in caplog.text and "/code/" not in caplog.text
         v = (await fake_call(host, port, callerid="89161234567")).variables
@@ -163,5 +164,66 @@ async def test_many_stalled_sockets_do_not_delay_calls(portal):
         assert all(r.variables["B24_TARGET"] == "101" for r in results)
         for _, writer in stalled:
             writer.close()
+    finally:
+        await app.stop()
+
+
+async def test_calls_are_answered_while_a_big_config_reloads(portal, tmp_path):
+    """Parsing and checking thousands of rules takes seconds; it must not stop the event loop."""
+    path = tmp_path / "agi-bitrix.yaml"
+    head = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
+            "routing:\n  fallback_queue: support\n  rules:\n")
+    path.write_text(head + "    - {name: everyone-to-sales, route: {queue: sales}}\n")
+    from agi_bitrix.config import load_config
+
+    app, host, port = await started(load_config(path))
+    rules = "".join(f"    - {{name: did-{n}, match: {{did: ['7495{n:07d}'], caller_regex: '7916{n % 1000:03d}.*'}},"
+                    f" route: {{queue: q{n % 50}}}}}\n" for n in range(4000))
+    path.write_text(head + rules + "    - {name: everyone-to-desk, route: {extension: '100'}}\n")
+    latencies, targets = [], set()
+    try:
+        reload = asyncio.create_task(app.reload())
+        started_at = time.monotonic()
+        while not reload.done():
+            began = time.monotonic()
+            result = await fake_call(host, port, callerid="89161234567")
+            latencies.append(time.monotonic() - began)
+            targets.add(result.variables["B24_TARGET"])
+            await asyncio.sleep(0.02)
+        reloading = time.monotonic() - started_at
+        assert await reload and app.config.policy.rules[-1].name == "everyone-to-desk"
+    finally:
+        await app.stop()
+    assert reloading > 0.5, f"the reload took {reloading:.2f} s: too quick to show anything"
+    # Answered all along, each within the deadline, by the old config until the swap.
+    assert len(latencies) >= reloading / 0.2 and max(latencies) < 1.0, (reloading, max(latencies))
+    assert targets <= {"sales", "100"}
+
+
+async def test_two_reloads_in_a_row_run_one_after_the_other_and_any_failure_is_a_refused_reload(portal, tmp_path,
+                                                                                                caplog):
+    path = tmp_path / "agi-bitrix.yaml"
+    head = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
+            "routing:\n  fallback_queue: support\n  rules:\n")
+    path.write_text(head + "    - {name: first, route: {queue: sales}}\n")
+    from agi_bitrix.config import load_config
+
+    app, host, port = await started(load_config(path))
+    try:
+        path.write_text(head + "    - {name: second, route: {queue: sales}}\n")
+        app.reload_soon()
+        app.reload_soon()  # the second waits for the first, then reads the file again
+        path.write_text(head + "    - {name: third, route: {queue: sales}}\n")
+        await until(lambda: app.reloads["success"] == 2, what="both reloads")
+        assert app.config.policy.rules[0].name == "third"
+        # Nesting deeper than the YAML parser can recurse: a RecursionError, which no config
+        # check expects; it must still be a refused reload, logged and counted.
+        path.write_text("routing: " + "[" * 3000)
+        app.reload_soon()
+        await until(lambda: app.reloads["failure"] == 1, what="the refused reload")
+        assert app.config.policy.rules[0].name == "third"
+        assert "reload refused: " in caplog.text
+        assert "Exception in callback" not in caplog.text and "never retrieved" not in caplog.text
+        assert (await fake_call(host, port, callerid="89161234567")).variables["B24_RULE"] == "third"
     finally:
         await app.stop()

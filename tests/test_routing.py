@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from agi_bitrix.bitrix.models import parse_search_result
+from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.routing.engine import CallInfo, CrmAnswer, decide
 from agi_bitrix.routing.variables import NAMES, channel_variables
@@ -228,3 +229,36 @@ def test_hostile_crm_text_never_reaches_variables():
     assert variables["B24_TIMEMAN"] == "" and variables["B24_ENTITY_TYPE"] == "" and variables["B24_USER_ID"] == ""
     error = channel_variables(decide(CallInfo(None), CrmAnswer("ERROR", error="bad code\n,x"), POLICY, NOON))
     assert error["B24_ERROR"] == "portal_error"
+
+
+@pytest.mark.parametrize("service_number", ["112", "911", "01", "103", "0911", "+7 112", "8 800"])
+def test_a_service_or_short_number_is_never_an_owners_phone_to_dial(service_number):
+    answer = found(entity(timeman="CLOSED", mobile=service_number, work=service_number, personal=service_number))
+    decision = decide(CallInfo("79161234567", "74950000000"), answer, VIP, NOON)
+    assert (decision.route, decision.target) == ("queue", "support")
+    assert decision.owner_phones.mobile == decision.owner_phones.work_phone == ""
+    assert channel_variables(decision)["B24_MOBILE"] == ""
+
+
+def test_a_fixed_number_target_must_be_a_subscriber_number_while_matching_stays_lenient():
+    def problems(number):
+        text = textwrap.dedent(f"""\
+            bitrix: {{webhook_url: "https://p.example/rest/1/x/"}}
+            routing:
+              fallback_queue: support
+              rules:
+                - name: short
+                  match: {{did: ["112"], caller: ["0911"]}}
+                  route: [{{number: "{number}"}}]
+            """)
+        try:
+            parse_config(text, "test.yaml")
+        except ConfigError as error:
+            return [str(problem) for problem in error.problems]
+        return []
+
+    assert problems("8 800 555-35-35") == [] and problems("+44 20 7946 0958") == []
+    assert problems("112") == [
+        ("test.yaml:7: routing.rules[short].route[0]: '112' is not a valid subscriber number in RU or in"
+        " international form (service and short numbers cannot be dial targets)")]
+    assert problems("911") and problems("01") and problems("7495")

@@ -200,3 +200,23 @@ async def test_concurrent_calls_each_get_their_own_answer(agi_server):
     calls = list(numbers.items()) * 20
     results = await asyncio.gather(*(call(agi_server, callerid=n, uniqueid=str(i)) for i, (n, _) in enumerate(calls)))
     assert [v["B24_TARGET"] for v in results] == [t for _, t in calls]
+
+
+async def test_peer_values_reach_log_lines_without_control_characters(agi_server, caplog):
+    # An allowed client (or an AMI originator choosing the uniqueid) must not forge log lines
+    # or drive the admin's terminal: CR and ESC are logged as "?".
+    forged = "1.1\r2024-01-01 INFO agi_bitrix: forged line\x1b[2J"
+    caplog.set_level("INFO")
+    await call(agi_server, script="no-such-script", uniqueid=forged)
+    await call(agi_server, script="finish", uniqueid=forged)
+    await call(agi_server, callerid="89161234567", uniqueid=forged)
+    lines = [record.getMessage() for record in caplog.records if "forged" in record.getMessage()]
+    assert len(lines) >= 3  # unknown script, finish without a callcard, the call log
+    assert all(line.isprintable() for line in lines), lines
+
+
+async def test_an_emergency_number_as_the_owners_mobile_is_never_dialled(agi_server):
+    # Roman's day is closed and his PERSONAL_MOBILE is "112": the rule's mobile is unavailable.
+    v = await call(agi_server, callerid="89164445566")
+    assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_MOBILE"]) == ("FOUND", "queue", "support", "")
+    assert (v["B24_RULE"], v["B24_EXTENSION"]) == ("owner-day-over", "114")

@@ -23,6 +23,9 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 # channel names push a real header to a couple of KiB. 16 KiB leaves ample room while a
 # client streaming junk without a blank line is cut off early.
 MAX_HEADER_BYTES = 16 * 1024
+# Asterisk passes at most 128 arguments (res_agi's MAX_ARGS); a longer argument number is not
+# Asterisk, and Python refuses to read an integer of more than 4300 digits at all.
+MAX_ARG_NUMBER_DIGITS = 4
 # A reply line is "200 result=N (data)"; the longest legitimate ones carry a variable's
 # value (GET VARIABLE), bounded by Asterisk's own buffers of a few KiB.
 MAX_REPLY_LINE_BYTES = 8 * 1024
@@ -116,6 +119,20 @@ _RESULT = re.compile(r"^result=(\S*)(?:\s+\((.*)\))?")
 # session reads, and one C-level pass costs a third of walking it line by line in Python.
 _HEADER_LINE = re.compile(r"^(agi_\w*[^\W_]\w*): ?(.*)$", re.MULTILINE | re.ASCII)
 _ARG_LINE = re.compile(r"^agi_arg_([0-9]+): ?(.*)$", re.MULTILINE)
+
+
+# Longest peer value a log line carries: a uniqueid is ~25 characters, a channel name ~60.
+MAX_LOGGED_VALUE = 120
+
+
+def loggable(value: str, limit: int = MAX_LOGGED_VALUE) -> str:
+    """A peer's value (uniqueid, caller ID, channel, reply text) fit for one log line: control
+    characters (CR, LF, ESC, ...) and other unprintables become "?", so an allowed client cannot
+    forge log lines or drive a terminal; cut at `limit` characters."""
+    cut = value[:limit]
+    if not cut.isprintable():
+        cut = "".join(char if char.isprintable() else "?" for char in cut)
+    return cut + ("..." if len(value) > limit else "")
 
 
 def _decode(raw: bytes) -> str:
@@ -267,5 +284,9 @@ def _build_request(block: str) -> AgiRequest:
     if len(pairs) != block.count("\n") + 1:
         bad = next(line for line in block.split("\n") if not _HEADER_LINE.fullmatch(line))
         raise PeerError(f"not an AGI header line: {bad[:60]!r}")
-    args = {int(number): value for number, value in _ARG_LINE.findall(block)} if "agi_arg_" in block else {}
+    found = _ARG_LINE.findall(block) if "agi_arg_" in block else []
+    for number, _value in found:
+        if len(number) > MAX_ARG_NUMBER_DIGITS:
+            raise PeerError(f"argument number too long: agi_arg_{number[:20]}...")
+    args = {int(number): value for number, value in found}
     return AgiRequest(env=dict(pairs), args=tuple(args[n] for n in sorted(args)))

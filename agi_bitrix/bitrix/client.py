@@ -14,14 +14,17 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
 
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.errors import (
+    PORTAL_CODE,
     BadResponse,
+    BitrixError,
+    LocalFault,
     PortalError,
     PortalTimeout,
     PortalUnreachable,
@@ -45,9 +48,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # request rarely lands on a socket the server is closing at that very moment.
 KEEPALIVE_SECONDS = 10.0
 
-# The portal's error codes are identifiers; anything else (a sentence, a newline, a number) is
-# not trusted as a reason because reasons end up in channel variables and logs.
-_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _WEBHOOK_PATH = re.compile(r"^(?P<prefix>[^?#\s]*/rest/[^/?#\s]+/)(?P<code>[^/?#\s]+)/?$")
 _REST_BASE = re.compile(r"^(?P<prefix>[^?#\s]*/rest/)$")
 # Stops at whitespace and quotes too, so it can also clean URLs quoted inside free text.
@@ -57,6 +57,7 @@ _SECRET_QUERY_PARAM = re.compile(
 )
 _URL_PASSWORD = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
 _DETAIL_EXCERPT = 160
+_Error = TypeVar("_Error", bound=BitrixError)
 _FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -195,7 +196,7 @@ class PortalClient:
             if key in errors:
                 error = errors[key] if isinstance(errors[key], dict) else {}
                 code = error.get("error")
-                reason = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "portal_error"
+                reason = code if isinstance(code, str) and PORTAL_CODE.fullmatch(code) else "portal_error"
                 outcome[phone] = self._error(refusal, reason, SEARCH_CRM_ENTITIES,
                                              f"in a batch: {self._clean(str(error.get('error_description')))}")
             elif key in results:
@@ -250,6 +251,15 @@ class PortalClient:
             raise self._error(BadResponse, "bad_http", method, detail) from None
         except aiohttp.ClientError as error:
             raise self._error(PortalUnreachable, "connect", method, type(error).__name__) from None
+        except ValueError as error:
+            # yarl and the idna codec refuse a host they cannot encode ("portal..bitrix24.ru", a
+            # label over 63 characters): the request was never built. UnicodeError is a ValueError.
+            detail = self._clean(f"the request could not be built: {type(error).__name__}: {error}")
+            raise self._error(LocalFault, "bad_url", method, detail) from None
+        except RuntimeError:
+            if not self._session.closed:
+                raise
+            raise self._error(LocalFault, "session_closed", method, "the HTTP session is closed") from None
 
     async def _read_body(self, method: str, response: aiohttp.ClientResponse) -> bytes:
         chunks = []
@@ -276,7 +286,7 @@ class PortalClient:
         if isinstance(answer, dict) and ("error" in answer or "error_description" in answer):
             code = answer.get("error")
             description = answer.get("error_description")
-            if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
+            if isinstance(code, str) and PORTAL_CODE.fullmatch(code):
                 reason = code
             else:
                 reason = f"http_{status}" if status != 200 else "portal_error"
@@ -289,8 +299,7 @@ class PortalClient:
             raise self._error(BadResponse, "bad_result", method, f"HTTP 200 without a result: {self._excerpt(body)}")
         return answer["result"]
 
-    def _error(self, kind: Callable[[str, str], PortalError], reason: str, method: str,
-               detail: str) -> PortalError:
+    def _error(self, kind: Callable[[str, str], _Error], reason: str, method: str, detail: str) -> _Error:
         # `detail` parts from outside went through _clean; this is a last guard for our own text.
         text = f"{method} at {self.redacted_url}: {detail}"
         return kind(reason, self._hide_secrets(text))

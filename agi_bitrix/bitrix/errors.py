@@ -91,6 +91,13 @@ class RequestNotSent(BitrixError):
     ("refresh_token_rejected", "oauth_client_rejected")."""
 
 
+class LocalFault(BitrixError):
+    """This machine could not make the request at all: a portal URL the HTTP library cannot encode
+    ("bad_url", "oauth_bad_url"), the HTTP session already closed ("session_closed"), or a bug on
+    the lookup path ("internal"). Not the portal's fault, but calls cannot be routed by the CRM
+    while it lasts, so it counts as the portal failing."""
+
+
 class TokenFileError(BitrixError):
     """The OAuth token file on this machine cannot be read or holds no refresh token."""
 
@@ -110,6 +117,34 @@ _REFUSALS: dict[str, type[PortalRefused]] = {
     **dict.fromkeys(("INTERNAL_SERVER_ERROR", "PORTAL_DELETED"), PortalUnavailable),
 }
 _SERVER_ERROR = re.compile(r"http_5[0-9][0-9]")
+
+# What a portal's error code must look like to be passed on as a reason (B24_ERROR, logs): an
+# identifier, ASCII, at most 64 characters. Anything else (a sentence, a newline, Cyrillic,
+# full-width digits) is replaced by a reason of ours.
+PORTAL_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+# The reasons a metric label may take: ours, the portal codes named above, the HTTP statuses a
+# portal or its proxy commonly send. Any other code still reaches B24_ERROR and the log, but is
+# counted as `http_4xx`-style buckets or `other`: a portal (or a proxy) inventing codes must not
+# create a time series per code.
+_OUR_REASONS = frozenset({
+    "timeout", "connect", "bad_http", "bad_json", "bad_result", "too_large", "portal_error",
+    "circuit_open", "rate_limited", "cancelled", "internal", "bad_url", "session_closed",
+    "oauth_timeout", "oauth_connect", "oauth_bad_answer", "oauth_bad_url", "oauth_token_file",
+    "refresh_token_rejected", "oauth_client_rejected",
+})
+_KNOWN_STATUSES = frozenset({400, 401, 403, 404, 405, 429, 500, 502, 503, 504})
+_HTTP_STATUS = re.compile(r"http_([1-9])([0-9][0-9])")
+METRIC_REASONS = _OUR_REASONS | frozenset(_REFUSALS) | {f"http_{status}" for status in _KNOWN_STATUSES} | {
+    f"http_{digit}xx" for digit in range(1, 10)} | {"other"}
+
+
+def metric_reason(reason: str) -> str:
+    """`reason` as a metric label, from the bounded set METRIC_REASONS."""
+    if reason in METRIC_REASONS:
+        return reason
+    status = _HTTP_STATUS.fullmatch(reason)
+    return f"http_{status[1]}xx" if status else "other"
 
 
 def refusal(reason: str, detail: str) -> PortalRefused:

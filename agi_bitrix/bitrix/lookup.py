@@ -23,7 +23,7 @@ from typing import Protocol
 from agi_bitrix.bitrix.breaker import CLOSED, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import RequestSlot
-from agi_bitrix.bitrix.errors import BitrixError, PortalError, RequestNotSent, RequestRejected
+from agi_bitrix.bitrix.errors import BitrixError, LocalFault, PortalError, RequestNotSent, RequestRejected
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
 
 log = logging.getLogger("agi_bitrix.lookup")
@@ -153,7 +153,16 @@ class CrmLookup:
         self._busy_since = asyncio.get_running_loop().time()
         sender = asyncio.create_task(self._send_waiting())
         self._senders.add(sender)
-        sender.add_done_callback(self._senders.discard)
+        sender.add_done_callback(self._sender_done)
+
+    def _sender_done(self, sender: asyncio.Task[None]) -> None:
+        self._senders.discard(sender)
+        # A safety net: _send_one turns every failure into an answer for its callers, so this
+        # should never find one. If it does, it is logged here with its traceback, not as
+        # asyncio's "Task exception was never retrieved" when the task is collected.
+        if not sender.cancelled() and (error := sender.exception()) is not None:
+            log.error("a portal lookup sender ended with an unexpected error; the numbers it held"
+                      " take the fallback at their deadline", exc_info=error)
 
     def _start_second_sender(self) -> None:
         self._second_sender = None
@@ -182,6 +191,9 @@ class CrmLookup:
             self.breaker.abandoned()
             self._fail(list(self._waiting), error)
             return
+        except Exception as error:
+            self._unexpected(list(self._waiting), error)
+            return
         except BaseException:
             self.breaker.abandoned()
             raise
@@ -202,12 +214,22 @@ class CrmLookup:
         except BitrixError as error:
             self._request_failed(phones, error)
             return
+        except Exception as error:
+            self._unexpected(phones, error)
+            return
         except BaseException:
+            # Only a real cancellation (the server stopping) or an interpreter exit gets here.
             self.breaker.abandoned()
             self._fail(phones, RequestNotSent("cancelled", "the server is stopping"))
             raise
         finally:
             self.observer.portal_request_done(self._clock() - started)
+        try:
+            self._answered(outcome)
+        except Exception as error:
+            self._unexpected(phones, error)
+
+    def _answered(self, outcome: dict[str, list[CrmEntity] | PortalError]) -> None:
         if self.breaker.state != CLOSED:
             log.warning("portal answered again; circuit closed")
         self.breaker.succeeded()
@@ -224,9 +246,18 @@ class CrmLookup:
             self.cache.store(phone, CrmAnswer(status, found, cache="hit"))  # as later calls will see it
             self._settle(phone, CrmAnswer(status, found, cache="miss"))
 
-    def _request_failed(self, phones: list[str], error: BitrixError) -> None:
+    def _unexpected(self, phones: list[str], error: Exception) -> None:
+        """A bug (ours or a library's) on the lookup path: the callers get B24_ERROR=internal at
+        once, and it counts as the portal failing (metrics, /healthz, breaker), logged once with
+        its traceback."""
+        log.error("portal lookup for %s failed unexpectedly: %s", ", ".join(phones) or "(no number)",
+                  type(error).__name__, exc_info=error)
+        self._request_failed(phones, LocalFault("internal", f"unexpected {type(error).__name__}"), logged=True)
+
+    def _request_failed(self, phones: list[str], error: BitrixError, logged: bool = False) -> None:
         self.observer.portal_request_failed(error.reason)
-        log.warning("portal lookup for %s failed: %s (%s)", ", ".join(phones), error.reason, error.detail)
+        if not logged:
+            log.warning("portal lookup for %s failed: %s (%s)", ", ".join(phones), error.reason, error.detail)
         if isinstance(error, RequestRejected):
             # The portal is up and answered; it only refused this request. Counting that as an
             # outage would let a few odd caller IDs open the breaker for everyone.

@@ -36,9 +36,11 @@ import aiohttp
 
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
+    PORTAL_CODE,
     AuthRejected,
     BadResponse,
     BitrixError,
+    LocalFault,
     PortalRefused,
     PortalTimeout,
     PortalUnreachable,
@@ -173,6 +175,9 @@ async def request_tokens(settings: OAuthSettings, session: aiohttp.ClientSession
         # aiohttp's message may quote the URL with the secrets in its query: name the type only.
         raise PortalUnreachable("oauth_connect",
                                 f"cannot reach the OAuth token server: {type(error).__name__}") from None
+    except ValueError as error:
+        # A token URL whose host the idna codec cannot encode: the request was never built.
+        raise LocalFault("oauth_bad_url", f"cannot build the OAuth token request: {type(error).__name__}") from None
     try:
         answer = json.loads(body)
     except ValueError:
@@ -197,14 +202,15 @@ def _tokens_from(answer: dict[str, Any], status: int, clock: Callable[[], float]
 
 
 def _refusal(code: str, status: int, grant_type: str) -> PortalRefused:
-    safe_code = code if code.replace("_", "").isalnum() and len(code) <= 64 else "error"
+    # Becomes part of a reason (B24_ERROR): ASCII identifiers only, `oauth_` plus at most 57.
+    safe_code = code if PORTAL_CODE.fullmatch(code) and len(code) <= 57 else "error"
     said = f"{safe_code}, HTTP {status}"
     if safe_code in GRANT_REJECTED:
         reason = "oauth_code_rejected" if grant_type == "authorization_code" else "refresh_token_rejected"
         return AuthRejected(reason, said)
     if safe_code in CLIENT_REJECTED:
         return AuthRejected("oauth_client_rejected", said)
-    return PortalRefused(f"oauth_{safe_code}"[:64], f"the OAuth token server refused: {said}")
+    return PortalRefused(f"oauth_{safe_code}", f"the OAuth token server refused: {said}")
 
 
 class OAuthTokens:

@@ -19,7 +19,7 @@ from typing import Any
 from agi_bitrix import background
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted
-from agi_bitrix.phones import normalize_extension, normalize_number
+from agi_bitrix.phones import dialable_number, normalize_extension, normalize_number
 
 log = logging.getLogger("agi_bitrix.users")
 
@@ -60,7 +60,8 @@ def parse_user(item: Any, default_country: str) -> User | None:
         user_id=user_id,
         active=is_active,
         extension=normalize_extension(_scalar(item.get("UF_PHONE_INNER"))) or "",
-        mobile=normalize_number(_scalar(item.get("PERSONAL_MOBILE")), default_country) or "",
+        # Only a number we could have dialled can be the one that answered.
+        mobile=dialable_number(_scalar(item.get("PERSONAL_MOBILE")), default_country) or "",
     )
 
 

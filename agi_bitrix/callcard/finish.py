@@ -23,12 +23,13 @@ from typing import Any
 from urllib.parse import quote
 
 from agi_bitrix.agi.channel import AgiChannel
-from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
     AuthRejected,
     BadResponse,
     BitrixError,
+    LocalFault,
     PortalTimeout,
     PortalUnavailable,
     PortalUnreachable,
@@ -50,10 +51,10 @@ FINISH = "telephony.externalcall.finish"
 
 # Failures that say nothing about this finish: the portal (or the way to it) is down, busy or
 # not letting us in right now, or we did not ask. An admin fixes credentials, scopes and the
-# token file without touching the queued finishes, so those are retried too, until
-# callcard.finish.retry.give_up_after.
+# token file (or a portal URL that cannot be encoded) without touching the queued finishes, so
+# those are retried too, until callcard.finish.retry.give_up_after.
 RETRYABLE = (PortalTimeout, PortalUnreachable, BadResponse, RateLimited, AuthRejected, PortalUnavailable,
-             RequestNotSent, TokenFileError)
+             RequestNotSent, TokenFileError, LocalFault)
 # The portal's answer to a finish for a call it does not have open (any more).
 _CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
 
@@ -107,7 +108,7 @@ class FinishService:
 
     async def handle_finish(self, request: AgiRequest, channel: AgiChannel) -> None:
         """Store the finish and close the session: the hangup never waits for the portal."""
-        uniqueid = request.get("agi_uniqueid") or "-"
+        uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         if self.outbox is None:
             log.info("call %s: finish asked for, but there is no callcard section in the config", uniqueid)
             return

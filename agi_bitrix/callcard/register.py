@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agi_bitrix.agi.channel import AgiChannel
-from agi_bitrix.agi.protocol import AgiRequest
+from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
 from agi_bitrix.callcard.dialplan import dialplan_values
@@ -80,7 +80,7 @@ class RegisterService:
         self.clock = clock
 
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
-        uniqueid = request.get("agi_uniqueid") or "-"
+        uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         values = await dialplan_values(request, channel, register_expressions(self.config.variable_prefix))
         try:
             call_id, error = await self.register(request, values)
@@ -95,7 +95,7 @@ class RegisterService:
         """(CALL_ID, "") on success, ("", reason) otherwise; `values` as the dialplan gave them."""
         config = self.config
         settings = config.callcard.register
-        uniqueid = request.get("agi_uniqueid") or "-"
+        uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         if not config.callcard.enabled:
             return "", "disabled"
         arguments = register_arguments(values, request, config.policy.default_country)

@@ -13,7 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agi_bitrix.checking import Checker, LocatedDict, LocatedList
-from agi_bitrix.phones import normalize_extension, normalize_number
+from agi_bitrix.phones import dialable_number, normalize_extension, normalize_number
 from agi_bitrix.routing.rules import (
     CALL_STATUSES,
     ENTITY_TYPES,
@@ -282,6 +282,10 @@ def _target(value: Any, country: str) -> Target | str:
             extension = normalize_extension(text)
             return Target("extension", extension) if extension else f"extension {argument!r} must be digits"
         if kind == "number":
-            number = normalize_number(text, country)
-            return Target("number", number) if number else f"{argument!r} is not a phone number"
+            if normalize_number(text, country) is None:
+                return f"{argument!r} is not a phone number"
+            number = dialable_number(text, country)
+            return Target("number", number) if number else (
+                f"{argument!r} is not a valid subscriber number in {country} or in international form"
+                " (service and short numbers cannot be dial targets)")
     return f"{value!r}: {_TARGET_HELP}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity, Owner
-from agi_bitrix.phones import normalize_extension, normalize_number
+from agi_bitrix.phones import dialable_number, normalize_extension
 from agi_bitrix.routing.rules import Match, RoutingPolicy, Rule, Target
 
 FALLBACK_RULE = "fallback"
@@ -81,9 +81,10 @@ def owner_phones(entity: CrmEntity | None, default_country: str) -> OwnerPhones:
 def _owner_phones(owner: Owner, default_country: str) -> OwnerPhones:
     return OwnerPhones(
         extension=normalize_extension(owner.inner_phone) or "",
-        mobile=normalize_number(owner.personal_mobile, default_country) or "",
-        work_phone=normalize_number(owner.work_phone, default_country) or "",
-        personal_phone=normalize_number(owner.personal_phone, default_country) or "",
+        # Dialled on a CRM user's word: only valid subscriber numbers, never "112" or a short code.
+        mobile=dialable_number(owner.personal_mobile, default_country) or "",
+        work_phone=dialable_number(owner.work_phone, default_country) or "",
+        personal_phone=dialable_number(owner.personal_phone, default_country) or "",
     )
 
 

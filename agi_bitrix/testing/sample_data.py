@@ -57,6 +57,8 @@ _VIKTOR = _owner(11, "CLOSED", inner="111", mobile='+79160000000\nEXEC Dial "SIP
 _YULIA = _owner(12, "EXPIRED", inner="112", mobile="8 905 765-43-21")
 # Fired: the portal does not filter out deactivated owners (see SAMPLE_USERS).
 _ANDREY = _owner(13, "CLOSED", inner="113", mobile="79268889900")
+# An emergency number as the "mobile": a CRM user must not be able to divert clients there.
+_ROMAN = _owner(14, "CLOSED", inner="114", mobile="112")
 
 SAMPLE_CRM: dict[str, list[dict[str, Any]]] = {
     # Like the documentation's example: the same owner for the contact and their company.
@@ -75,6 +77,7 @@ SAMPLE_CRM: dict[str, list[dict[str, Any]]] = {
     "79035550000": [_entity("CONTACT", 61, _VIKTOR)],
     "79163332211": [_entity("CONTACT", 70, _YULIA)],
     "74991112233": [_entity("COMPANY", 12, _ANDREY)],
+    "79164445566": [_entity("CONTACT", 62, _ROMAN)],
 }
 
 # What user.get knows beyond the search answer: names and whether the account is active.
@@ -92,6 +95,7 @@ SAMPLE_USERS: dict[str, dict[str, Any]] = {
     "11": {"NAME": "Виктор", "LAST_NAME": "Павлов"},
     "12": {"NAME": "Юлия", "LAST_NAME": "Васильева"},
     "13": {"NAME": "Андрей", "LAST_NAME": "Михайлов", "ACTIVE": False},
+    "14": {"NAME": "Роман", "LAST_NAME": "Фёдоров"},
 }
 
 
@@ -130,5 +134,7 @@ SAMPLE_CALLS: list[SampleCall] = [
                "Yulia forgot to close her day (EXPIRED): her mobile '8 905 765-43-21' is dialled."),
     SampleCall("74991112233", "mobile", "79268889900",
                "Andrey was fired, but the portal still names him owner: his mobile is dialled."),
+    SampleCall("79164445566", "queue", "support",
+               "Roman's day is closed and his mobile is '112': an emergency number is never dialled."),
     SampleCall("79990001122", "queue", "support", "Not in the CRM: the queue takes the call."),
 ]
