@@ -12,7 +12,7 @@ from datetime import time
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agi_bitrix.checking import Checker, LocatedDict, LocatedList
+from agi_bitrix.checking import Checker, LocatedDict, LocatedList, quoted
 from agi_bitrix.phones import normalize_extension, normalize_number
 from agi_bitrix.routing.rules import (
     CALL_STATUSES,
@@ -42,7 +42,7 @@ def compile_routing(check: Checker, section: LocatedDict, country: str) -> Routi
         zone = ZoneInfo(zone_name)
     except (ZoneInfoNotFoundError, ValueError):
         check.problem(section.lines.get("timezone", section.line), "routing.timezone",
-                      f"unknown time zone {zone_name!r} (expected a name like Europe/Moscow)")
+                      f"unknown time zone {quoted(zone_name)} (expected a name like Europe/Moscow)")
         zone = ZoneInfo("UTC")
     fallback = check.text(section, "fallback_queue", "routing")
     if fallback is None:
@@ -51,7 +51,7 @@ def compile_routing(check: Checker, section: LocatedDict, country: str) -> Routi
         fallback = ""
     elif not _NAME.match(fallback):
         check.problem(section.lines["fallback_queue"], "routing.fallback_queue",
-                      f"{fallback!r} must be letters, digits, '_', '.', '-'")
+                      f"{quoted(fallback)} must be letters, digits, '_', '.', '-'")
     intervals = _time_intervals(check, section)
     rules = _rules(check, section, country, intervals)
     return RoutingPolicy(tuple(rules), fallback, zone, country, intervals)
@@ -94,7 +94,7 @@ def _weekdays(check: Checker, item: LocatedDict, path: str) -> frozenset[int]:
             start = _weekday(first)
             end = _weekday(last) if last else start
         except ValueError:
-            check.problem(line, item_path, f"{value!r} is not a weekday or range like mon-fri")
+            check.problem(line, item_path, f"{quoted(value)} is not a weekday or range like mon-fri")
             continue
         day = start
         days.add(day)
@@ -126,10 +126,10 @@ def _times(check: Checker, item: LocatedDict, path: str) -> tuple[TimeRange, ...
             start = time(h1, m1)
             end = time(0, 0) if (h2, m2) == (24, 0) else time(h2, m2)
         except ValueError:
-            check.problem(line, item_path, f"{value!r} is not a time range like \"09:00-18:00\"")
+            check.problem(line, item_path, f"{quoted(value)} is not a time range like \"09:00-18:00\"")
             continue
         if start == end:
-            check.problem(line, item_path, f"{value!r} is an empty range")
+            check.problem(line, item_path, f"{quoted(value)} is an empty range")
             continue
         ranges.append(TimeRange(start, end))
     return tuple(ranges)
@@ -152,10 +152,10 @@ def _rules(check: Checker, section: LocatedDict, country: str,
             name = f"rule-{len(rules) + 1}"
         elif not _NAME.match(name):
             check.problem(item.lines["name"], f"{item_path}.name",
-                          f"{name!r} must be letters, digits, '_', '.', '-' (at most 64)")
+                          f"{quoted(name)} must be letters, digits, '_', '.', '-' (at most 64)")
         elif name in seen or name == "fallback":
             check.problem(item.lines["name"], f"{item_path}.name",
-                          f"{name!r} is already used (line {seen[name]})" if name in seen
+                          f"{quoted(name)} is already used (line {seen[name]})" if name in seen
                           else "'fallback' is reserved for calls no rule decides")
         seen.setdefault(name, item.lines.get("name", line))
         # Once it has a name, a rule is called by it: routing.rules[vip] rather than [3].
@@ -165,7 +165,7 @@ def _rules(check: Checker, section: LocatedDict, country: str,
         objects = (check.text(item, "objects", path, "first") or "first").lower()
         if objects not in ("first", "all"):
             check.problem(item.lines["objects"], f"{path}.objects",
-                          f"{objects!r} is not 'first' (the portal's choice) or 'all'")
+                          f"{quoted(objects)} is not 'first' (the portal's choice) or 'all'")
         prefer = check.choices(item, "prefer", path, ENTITY_TYPES)
         if prefer and objects != "all":
             check.problem(item.lines["prefer"], f"{path}.prefer", "only makes sense with objects: all")
@@ -186,7 +186,7 @@ def _match(check: Checker, rule: LocatedDict, path: str, country: str,
         for line, item_path, value in owner_items:
             text = str(value).strip()
             if isinstance(value, bool) or not text.isdigit():
-                check.problem(line, item_path, f"{value!r} is not a Bitrix24 user id (a number)")
+                check.problem(line, item_path, f"{quoted(value)} is not a Bitrix24 user id (a number)")
             else:
                 found_owners.add(text)
         owners = frozenset(found_owners)
@@ -197,7 +197,7 @@ def _match(check: Checker, rule: LocatedDict, path: str, country: str,
             if str(value) not in intervals:
                 known = ", ".join(intervals) or "none defined"
                 check.problem(line, item_path,
-                              f"no time interval {value!r} in routing.time_intervals ({known})")
+                              f"no time interval {quoted(value)} in routing.time_intervals ({known})")
             else:
                 found.append(str(value))
         names[key] = tuple(found)
@@ -225,7 +225,7 @@ def _numbers(check: Checker, section: LocatedDict, key: str, path: str,
     for line, item_path, value in items:
         number = None if isinstance(value, (bool, LocatedDict, LocatedList)) else normalize_number(str(value), country)
         if number is None:
-            check.problem(line, item_path, f"{value!r} is not a phone number")
+            check.problem(line, item_path, f"{quoted(value)} is not a phone number")
         else:
             numbers.add(number)
     return frozenset(numbers)
@@ -238,7 +238,7 @@ def _regex(check: Checker, section: LocatedDict, key: str, path: str) -> re.Patt
     try:
         return re.compile(text)
     except re.error as error:
-        check.problem(section.lines[key], f"{path}.{key}", f"bad regular expression {text!r}: {error}")
+        check.problem(section.lines[key], f"{path}.{key}", f"bad regular expression {quoted(text)}: {error}")
         return None
 
 
@@ -277,11 +277,11 @@ def _target(value: Any, country: str) -> Target | str:
         if kind == "queue":
             if _NAME.match(text):
                 return Target("queue", text)
-            return f"queue name {argument!r} must be letters, digits, '_', '.', '-'"
+            return f"queue name {quoted(argument)} must be letters, digits, '_', '.', '-'"
         if kind == "extension":
             extension = normalize_extension(text)
-            return Target("extension", extension) if extension else f"extension {argument!r} must be digits"
+            return Target("extension", extension) if extension else f"extension {quoted(argument)} must be digits"
         if kind == "number":
             number = normalize_number(text, country)
-            return Target("number", number) if number else f"{argument!r} is not a phone number"
-    return f"{value!r}: {_TARGET_HELP}"
+            return Target("number", number) if number else f"{quoted(argument)} is not a phone number"
+    return f"{quoted(value)}: {_TARGET_HELP}"
