@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
-from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings, OAuthSettings
+from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings, OAuthSettings, check_host, portal_base
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, Problem, quoted, read_file
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
@@ -261,11 +261,10 @@ def _bitrix(check: Checker, section: LocatedDict, environ: Mapping[str, str]) ->
                       f"missing; set it here or in the environment variable {WEBHOOK_ENV}")
         url = ""
     else:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # Do not echo the value: it holds the webhook's secret code.
-            check.problem(section.lines.get("webhook_url", section.line), where,
-                          "expected an http(s) URL like https://PORTAL/rest/USER_ID/CODE/")
+        try:
+            portal_base(url)  # what the portal client will accept; the message never quotes the URL
+        except ValueError as error:
+            check.problem(section.lines.get("webhook_url", section.line), where, str(error))
     return check.read(BitrixSettings, section, "bitrix", webhook_url=url, oauth=oauth)
 
 
@@ -284,12 +283,18 @@ def _oauth(check: Checker, bitrix: LocatedDict, environ: Mapping[str, str]) -> O
             check.problem(section.line, f"{path}.{setting.key}", f"missing; an OAuth application needs it{extra}")
         values[name] = value
     token_url = check.field(OAuthSettings, "token_url", section, path)
-    for key, url, example in (("portal_url", values["portal_url"], "https://PORTAL/rest/"),
-                              ("token_url", token_url, OAuthSettings.token_url)):
-        parts = urlsplit(url)
-        if url and (parts.scheme not in ("http", "https") or not parts.hostname
-                    or (key == "portal_url" and not parts.path.endswith("/rest/"))):
-            check.problem(section.lines.get(key, section.line), f"{path}.{key}", f"expected a URL like {example}")
+    for key, url in (("portal_url", values["portal_url"]), ("token_url", token_url)):
+        if not url and key == "portal_url":
+            continue  # reported above as missing
+        try:
+            if key == "portal_url":
+                portal_base(url, oauth=True)  # what the portal client will accept
+            elif not url.startswith(("http://", "https://")):
+                raise ValueError(f"expected a URL like {OAuthSettings.token_url}")
+            else:
+                check_host(url)
+        except ValueError as error:
+            check.problem(section.lines.get(key, section.line), f"{path}.{key}", str(error))
     if values["token_file"] and not values["token_file"].startswith("/"):
         check.problem(section.lines["token_file"], f"{path}.token_file", "must be an absolute path")
     return OAuthSettings(token_url=token_url, **values)

@@ -7,8 +7,13 @@ import time
 
 import pytest
 
+from agi_bitrix.app import Application
+from agi_bitrix.bitrix.client import PortalClient
+from agi_bitrix.bitrix.settings import REST_BASE_SHAPE, WEBHOOK_SHAPE
 from agi_bitrix.checking import MAX_FILE_BYTES, ConfigError
 from agi_bitrix.config import load_config, parse_config
+from agi_bitrix.testing.fake_asterisk import fake_call
+from tests.conftest import ample_budget
 from tests.test_cli import agi_bitrix
 
 BASE = """\
@@ -115,3 +120,91 @@ def test_at_most_a_hundred_problems_are_shown_and_all_are_counted(tmp_path):
     assert shown[-1] == f"{bad}: 50 more problem(s) not shown"
     result = agi_bitrix("check", "-c", str(bad))
     assert result.stderr.splitlines()[-1] == f"{bad}: 150 problem(s); nothing was started"
+
+
+# -- webhook and portal URLs: one check for `check`, `serve`, reload and `route` --
+
+SECRET = "s3cr3tc0de"
+BAD_HOST_NAME = "the host name is not valid (a part between dots is empty or over 63 characters)"
+# Each URL, and what is wrong with it, as `check` says it.
+BAD_WEBHOOKS = [
+    (f"https://x.bitrix24.ru/rest/1/{SECRET}/profile.json", WEBHOOK_SHAPE),
+    (f"https://x.bitrix24.ru/rest/1/{SECRET}/?x=1", WEBHOOK_SHAPE),
+    (f"https://x.bitrix24.ru/rest/1/{SECRET}/#frag", WEBHOOK_SHAPE),
+    (f"https://x.bitrix24.ru/rest/1/{SECRET} /", WEBHOOK_SHAPE),
+    (f"ftp://x.bitrix24.ru/rest/1/{SECRET}/", WEBHOOK_SHAPE),
+    (f"http://[::1/rest/1/{SECRET}/", "the host or port cannot be read (an [IPv6] address needs both brackets)"),
+    (f"https://x.bitrix24.ru:99999/rest/1/{SECRET}/",
+     "the host or port cannot be read (an [IPv6] address needs both brackets)"),
+    (f"http://portal..bitrix24.ru/rest/1/{SECRET}/", BAD_HOST_NAME),
+    (f"https://{'a' * 64}.ru/rest/1/{SECRET}/", BAD_HOST_NAME),
+    (f"https://:443/rest/1/{SECRET}/", "the URL has no host name"),
+]
+GOOD_WEBHOOKS = [f"https://x.bitrix24.ru/rest/1/{SECRET}/", f"https://x.bitrix24.ru/rest/1/{SECRET}",
+                 f"http://[::1]:8080/rest/12/{SECRET}/", f"https://портал.рф/rest/1/{SECRET}/"]
+
+
+@pytest.mark.parametrize(("url", "message"), BAD_WEBHOOKS)
+def test_a_webhook_the_portal_client_refuses_is_a_config_problem(url, message):
+    assert problems(BASE.replace("https://portal.example/rest/1/secretcode/", url)) == [
+        f"test.yaml:2: bitrix.webhook_url: {message}"]
+    assert problems(BASE, environ={"AGI_BITRIX_WEBHOOK_URL": url}) == [
+        f"test.yaml:2: environment AGI_BITRIX_WEBHOOK_URL: {message}"]
+    with pytest.raises(ValueError, match="webhook URL: ") as refused:
+        PortalClient(url, object(), timeout=1, budget=ample_budget())
+    assert str(refused.value) == f"webhook URL: {message}"
+
+
+@pytest.mark.parametrize("url", GOOD_WEBHOOKS)
+def test_a_webhook_the_config_accepts_the_portal_client_accepts(url):
+    config = parse_config(BASE, environ={"AGI_BITRIX_WEBHOOK_URL": url})
+    client = PortalClient(config.bitrix.webhook_url, object(), timeout=1, budget=ample_budget())
+    assert client.redacted_url.endswith("/rest/1/***/") or client.redacted_url.endswith("/rest/12/***/")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("https://x.bitrix24.ru/rest/?x=1", REST_BASE_SHAPE),
+    ("https://x.bitrix24.ru/rest/app.json", REST_BASE_SHAPE),
+    ("http://portal..bitrix24.ru/rest/", BAD_HOST_NAME),
+    ("http://[::1/rest/", "the host or port cannot be read (an [IPv6] address needs both brackets)"),
+])
+def test_an_oauth_portal_url_the_client_refuses_is_a_config_problem(url, message, tmp_path):
+    text = textwrap.dedent(f"""\
+        bitrix:
+          oauth: {{portal_url: "{url}", client_id: local.1, client_secret: s, token_file: /t.json,
+                   token_url: "https://oauth..bitrix.info/oauth/token/"}}
+        routing: {{fallback_queue: support}}
+        """)
+    assert problems(text) == [
+        f"test.yaml:2: bitrix.oauth.portal_url: {message}",
+        f"test.yaml:3: bitrix.oauth.token_url: {BAD_HOST_NAME}",
+    ]
+
+
+@pytest.mark.parametrize(("url", "message"), BAD_WEBHOOKS)
+def test_check_refuses_each_such_webhook_with_its_line_and_without_the_code(url, message, tmp_path):
+    path = tmp_path / "agi-bitrix.yaml"
+    path.write_text(BASE.replace("https://portal.example/rest/1/secretcode/", url))
+    result = agi_bitrix("check", "-c", str(path), env={"AGI_BITRIX_WEBHOOK_URL": ""})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{path}:2: bitrix.webhook_url: {message}",
+                                          f"{path}: 1 problem(s); nothing was started"]
+    assert SECRET not in result.stdout + result.stderr
+
+
+async def test_a_reload_with_such_a_webhook_is_refused_as_a_config_problem(portal, tmp_path, caplog):
+    path = tmp_path / "agi-bitrix.yaml"
+    path.write_text(BASE.replace("https://portal.example/rest/1/secretcode/", portal.webhook_url))
+    app = Application(load_config(path, environ={}))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        for count, (url, message) in enumerate(BAD_WEBHOOKS, 1):
+            path.write_text(BASE.replace("https://portal.example/rest/1/secretcode/", url))
+            assert not app.reload()
+            assert app.reloads == {"success": 0, "failure": count}
+            assert f"reload refused: {path}:2: bitrix.webhook_url: {message}" in caplog.text
+        assert SECRET not in caplog.text
+        v = (await fake_call(host, port, callerid="89161234567")).variables
+        assert (v["B24_STATUS"], v["B24_TARGET"]) == ("FOUND", "support")  # still the portal that worked
+    finally:
+        await app.stop()
