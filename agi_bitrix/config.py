@@ -40,7 +40,7 @@ _LINE_NUMBER = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
 
 def parse_listen(text: str) -> tuple[str, int]:
     """"127.0.0.1:4573" or "[::1]:4573" -> (host, port); ValueError with a readable message."""
-    match = re.match(r"^\[?([^\[\]]+?)\]?:(\d{1,5})$", text.strip())
+    match = re.match(r"^\[?([^\[\]]+?)\]?:([0-9]{1,5})$", text.strip())
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"expected HOST:PORT, got {quoted(text)}")
     return match.group(1), int(match.group(2))
@@ -87,7 +87,7 @@ def _variable_prefix(value: str) -> str:
 
 
 def _user_id(value: str) -> str:
-    if value and not value.isdigit():
+    if value and not (value.isascii() and value.isdigit()):  # isdigit() alone passes fullwidth digits
         raise ValueError(f"{quoted(value)} is not a Bitrix24 user id (a number)")
     return value
 

@@ -7,9 +7,12 @@ import time
 
 import pytest
 
+from agi_bitrix.agi.protocol import AgiRequest
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.settings import REST_BASE_SHAPE, WEBHOOK_SHAPE
+from agi_bitrix.bitrix.users import parse_user
+from agi_bitrix.callcard.register import register_arguments
 from agi_bitrix.checking import MAX_FILE_BYTES, ConfigError
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
@@ -208,3 +211,40 @@ async def test_a_reload_with_such_a_webhook_is_refused_as_a_config_problem(porta
         assert (v["B24_STATUS"], v["B24_TARGET"]) == ("FOUND", "support")  # still the portal that worked
     finally:
         await app.stop()
+
+
+# -- digits: only ASCII 0-9 (str.isdigit() and re's \d also take fullwidth, Arabic-Indic, superscripts) --
+
+FULLWIDTH_42 = "\uff14\uff12"  # what isdigit() passes and int() reads as 42
+ARABIC_INDIC_9 = "\u0669"
+
+
+def test_a_user_id_in_other_digits_is_refused():
+    found = problems(BASE + textwrap.indent(textwrap.dedent(f"""\
+        rules:
+          - {{name: x, match: {{owner: ["{FULLWIDTH_42}", "4\u00b2"]}}, route: [queue]}}
+        """), "  ") + f'callcard:\n  register: {{default_user: "{FULLWIDTH_42}"}}\n')
+    assert found == [
+        f"test.yaml:6: routing.rules[x].match.owner[0]: '{FULLWIDTH_42}' is not a Bitrix24 user id (a number)",
+        "test.yaml:6: routing.rules[x].match.owner[1]: '4\u00b2' is not a Bitrix24 user id (a number)",
+        f"test.yaml:8: callcard.register.default_user: '{FULLWIDTH_42}' is not a Bitrix24 user id (a number)",
+    ]
+
+
+def test_ports_and_times_in_other_digits_are_refused():
+    listen = f'server: {{listen: "127.0.0.1:{FULLWIDTH_42}73"}}\n'
+    found = problems(listen + BASE + f'  time_intervals:\n    office: [{{times: ["0{ARABIC_INDIC_9}:00-18:00"]}}]\n')
+    assert found == [
+        f"test.yaml:1: server.listen: expected HOST:PORT, got '127.0.0.1:{FULLWIDTH_42}73'",
+        (f"test.yaml:7: routing.time_intervals.office[0].times[0]: '0{ARABIC_INDIC_9}:00-18:00'"
+         " is not a time range like \"09:00-18:00\""),
+    ]
+
+
+def test_a_portal_user_or_a_crm_id_in_other_digits_is_not_taken():
+    assert parse_user({"ID": FULLWIDTH_42, "ACTIVE": True}, "RU") is None
+    request = AgiRequest({"agi_callerid": "79161234567", "agi_uniqueid": "1700000000.1", "agi_extension": "100"})
+    arguments = register_arguments(["", FULLWIDTH_42, "", "", "CONTACT", FULLWIDTH_42], request, "RU")
+    assert (arguments.owner, arguments.entity_type, arguments.entity_id) == ("", "", "")
+    arguments = register_arguments(["", "42", "", "", "CONTACT", "12"], request, "RU")
+    assert (arguments.owner, arguments.entity_type, arguments.entity_id) == ("42", "CONTACT", "12")

@@ -33,7 +33,7 @@ _RULE_KEYS = ("name", "match", "route", "objects", "prefer")
 _MATCH_KEYS = ("status", "did", "did_regex", "caller", "caller_regex", "during", "outside",
                "entity_type", "owner", "timeman", "has")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TIME_RANGE = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
+_TIME_RANGE = re.compile(r"^([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})$")  # \d takes any script's digits
 
 
 def compile_routing(check: Checker, section: LocatedDict, country: str) -> RoutingPolicy:
@@ -185,7 +185,7 @@ def _match(check: Checker, rule: LocatedDict, path: str, country: str,
         found_owners = set()
         for line, item_path, value in owner_items:
             text = str(value).strip()
-            if isinstance(value, bool) or not text.isdigit():
+            if isinstance(value, bool) or not (text.isascii() and text.isdigit()):  # isdigit(): fullwidth too
                 check.problem(line, item_path, f"{quoted(value)} is not a Bitrix24 user id (a number)")
             else:
                 found_owners.add(text)
