@@ -2,6 +2,7 @@
 refuses, look-alike digits, regexes that backtrack forever. Each is refused at load, quickly,
 with a short message; what loads is what `serve` runs."""
 
+import asyncio
 import textwrap
 import time
 
@@ -15,6 +16,9 @@ from agi_bitrix.bitrix.users import parse_user
 from agi_bitrix.callcard.register import register_arguments
 from agi_bitrix.checking import MAX_FILE_BYTES, ConfigError
 from agi_bitrix.config import load_config, parse_config
+from agi_bitrix.phones import normalize_number
+from agi_bitrix.routing.engine import CallInfo
+from agi_bitrix.service import call_info
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import ample_budget
 from tests.test_cli import agi_bitrix
@@ -248,3 +252,59 @@ def test_a_portal_user_or_a_crm_id_in_other_digits_is_not_taken():
     assert (arguments.owner, arguments.entity_type, arguments.entity_id) == ("", "", "")
     arguments = register_arguments(["", "42", "", "", "CONTACT", "12"], request, "RU")
     assert (arguments.owner, arguments.entity_type, arguments.entity_id) == ("42", "CONTACT", "12")
+
+
+# -- regexes and numbers: no rule may make a call cost more than a few milliseconds --
+
+BACKTRACKING = BASE + """\
+  rules:
+    - {name: sevens, match: {did_regex: "(7+)+8"}, route: {queue: sevens}}
+    - {name: callers, match: {caller_regex: "(\\\\d*)*x"}, route: {queue: callers}}
+"""
+
+
+def test_a_regex_that_backtracks_in_python_is_matched_in_linear_time():
+    policy = parse_config(BACKTRACKING).policy
+    sevens, callers = (rule.match for rule in policy.rules)
+    for text in ("7" * 27, "7" * 79, "7" * 100_000):  # Python's re: 4 s at 27, doubling per digit
+        started = time.perf_counter()
+        assert sevens.did_regex.fullmatch(text) is None and callers.caller_regex.fullmatch(text) is None
+        assert time.perf_counter() - started < 0.01
+    assert sevens.did_regex.fullmatch("7778") is not None
+
+
+@pytest.mark.parametrize(("regex", "reason"), [
+    (r"(7)\1", r"invalid escape sequence: \1"),
+    ("(?=7)7", "invalid perl operator: (?="),
+    ("7{1001}", "invalid repetition size: {1001}"),
+])
+def test_a_regex_that_needs_backtracking_is_refused(regex, reason):
+    found = problems(BASE + f"  rules: [{{name: r, match: {{did_regex: '{regex}'}}, route: [queue]}}]\n")
+    assert found == [(f"test.yaml:5: routing.rules[r].match.did_regex: {regex!r}: {reason}; rules are matched by"
+                      " RE2, which takes linear time and has no backreferences or lookaround")]
+
+
+def test_a_dialled_number_or_caller_too_long_to_be_a_number_is_none():
+    assert call_info("7" * 33, "7" * 33, "RU") == CallInfo(phone=None, did="")
+    assert call_info(" +7 (916) 123-45-67 ", "+7 (495) 111-22-33", "RU") == CallInfo("79161234567", "74951112233")
+    assert normalize_number("+" + " " * 40 + "79161234567", "RU") is None
+
+
+async def test_a_call_that_would_backtrack_does_not_stall_the_others(portal):
+    config = parse_config(BACKTRACKING.replace("https://portal.example/rest/1/secretcode/", portal.webhook_url)
+                          + "server: {listen: '127.0.0.1:4573'}\nmetrics: {listen: off}\n")
+    app = Application(config)
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        await fake_call(host, port, callerid="89161234567")  # the answer cached: what is timed is routing
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            fake_call(host, port, callerid="89161234567", extension="7" * 27),
+            fake_call(host, port, callerid="89161234567", extension="7" * 79),
+            fake_call(host, port, callerid="89161234567", args=("89161234567", "7" * 5000)),
+            *(fake_call(host, port, callerid="89161234567", extension="7778") for _ in range(20)))
+        took = time.perf_counter() - started
+        assert [r.variables["B24_TARGET"] for r in results] == ["support"] * 3 + ["sevens"] * 20
+        assert took < 0.5, f"23 calls took {took:.2f} s"
+    finally:
+        await app.stop()
