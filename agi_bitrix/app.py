@@ -248,9 +248,10 @@ class Application:
         try:
             new = await asyncio.to_thread(load_config, path)
             runtime = self._build(new, previous=self.runtime)
-        except (ConfigError, ValueError) as error:
-            problems = error.problems if isinstance(error, ConfigError) else [f"{path}: {error}"]
-            return self._refused(path, problems)
+        except ConfigError as error:
+            return self._refused(path, error.problems, error.count)
+        except ValueError as error:
+            return self._refused(path, [f"{path}: {error}"])
         except Exception as error:
             # A bug, not the file: still a refused reload the admin sees, never a callback error.
             log.exception("reload of %s failed unexpectedly", path)
@@ -270,13 +271,14 @@ class Application:
         log.info("config reloaded from %s (sha256 %s, %d rules)", path, new.digest[:12], len(new.policy.rules))
         return True
 
-    def _refused(self, path: str | Path, problems: Sequence[object]) -> bool:
+    def _refused(self, path: str | Path, problems: Sequence[object], count: int | None = None) -> bool:
+        """Count and log a refused reload; `count` when `problems` shows only the first of them."""
         self.reloads["failure"] += 1
         self.metrics.reloads.labels("failure").inc()
         for problem in problems:
             log.error("reload refused: %s", problem)
         log.error("reload refused: %d problem(s) in %s; still serving with sha256 %s",
-                  len(problems), path, self.config.digest[:12])
+                  len(problems) if count is None else count, path, self.config.digest[:12])
         return False
 
     @staticmethod

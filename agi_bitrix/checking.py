@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,19 @@ import yaml
 
 from agi_bitrix import schema
 from agi_bitrix.schema import Setting
+
+# Limits on what an admin's file may cost to read. A config is a few kilobytes; 22,000 rules
+# are about 1.6 MB and 264,000 nodes, so these leave room for any real one. YAML aliases let
+# 1 KB stand for billions of nodes (each level of anchors multiplies), so the nodes are
+# counted as they would be built, before anything is built.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_NODES = 1_000_000
+MAX_DEPTH = 100  # PyYAML composes and builds nested nodes by recursion
+# A value quoted in a problem is cut to this many characters, and an admin sees the first
+# MAX_SHOWN_PROBLEMS problems of a file: a message never prints a whole file.
+QUOTED_CHARS = 80
+MAX_MESSAGE_CHARS = 500
+MAX_SHOWN_PROBLEMS = 100
 
 
 @dataclass(frozen=True)
@@ -37,13 +51,54 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        # The key path can hold a key from the file, of any length; a message quotes values cut
+        # to QUOTED_CHARS, and is cut too in case one does not.
+        key, message = _cut(self.key, 2 * QUOTED_CHARS), _cut(self.message, MAX_MESSAGE_CHARS)
+        return f"{where}: {key}: {message}" if key else f"{where}: {message}"
 
 
 class ConfigError(Exception):
+    """The problems of a file: the first MAX_SHOWN_PROBLEMS in `problems`, all of them in `count`."""
+
     def __init__(self, problems: list[Problem]) -> None:
+        self.count = len(problems)
+        if self.count > MAX_SHOWN_PROBLEMS:
+            first = problems[:MAX_SHOWN_PROBLEMS]
+            problems = [*first, Problem(first[0].file, 0, "", f"{self.count - len(first)} more problem(s) not shown")]
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+
+
+class _Brief(reprlib.Repr):
+    """repr() that stops early in big values: the file's mappings and lists are dict and list subclasses,
+    which reprlib would otherwise print whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = QUOTED_CHARS + 2
+        self.maxlist = self.maxdict = 8
+        self.maxlevel = 3
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, dict):
+            return self.repr_dict(x, level)
+        if isinstance(x, list):
+            return self.repr_list(x, level)
+        return super().repr1(x, level)
+
+
+_BRIEF = _Brief()
+
+
+def quoted(value: Any) -> str:
+    """A value from the file as a problem quotes it: its repr, at most QUOTED_CHARS characters."""
+    if isinstance(value, str):
+        return _cut(repr(value[:QUOTED_CHARS + 1]), QUOTED_CHARS)
+    return _cut(_BRIEF.repr(value), QUOTED_CHARS)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class LocatedDict(dict[Any, Any]):
@@ -73,6 +128,53 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicates: list[YamlProblem] = []
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise YamlProblem(line, f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document becomes once every alias is replaced by what it names, counted
+    up to just past MAX_NODES; YamlProblem for an alias inside its own anchor (a loop).
+
+    Aliases make the node graph a DAG whose expansion can be exponential: each node's size is
+    worked out once, children first, without recursion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _children(node)
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(MAX_NODES + 1, 1 + sum(sizes[id(child)] for child in children))
+            continue
+        if id(node) in sizes:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise YamlProblem(child.start_mark.line + 1, "an alias refers to the anchor it stands in")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
@@ -88,7 +190,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocatedDict:
             raise YamlProblem(line, "a mapping key must be a plain value") from None
         if key in mapping:
             loader.duplicates.append(
-                YamlProblem(line, f"key {key!r} appears twice (first on line {mapping.lines[key]})")
+                YamlProblem(line, f"key {quoted(key)} appears twice (first on line {mapping.lines[key]})")
             )
         mapping[key] = loader.construct_object(value_node, deep=True)
         mapping.lines[key] = line
@@ -112,7 +214,12 @@ def load_located(text: str) -> tuple[Any, list[YamlProblem]]:
     """Parse YAML text; raises YamlProblem for syntax errors, returns duplicate-key problems."""
     loader = _Loader(text)
     try:
-        data = loader.get_single_data()
+        root = loader.get_single_node()
+        if root is None:
+            return None, []
+        if _expanded_size(root) > MAX_NODES:
+            raise YamlProblem(0, f"more than {MAX_NODES:,} values once YAML aliases (*name) are expanded")
+        data = loader.construct_document(root)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark else 0
@@ -128,9 +235,12 @@ def read_file(path: str | Path) -> tuple[str, bytes]:
     """The text of a file and its bytes; ConfigError when it cannot be read or is not UTF-8."""
     file = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         raise ConfigError([Problem(file, 0, "", f"cannot read: {error.strerror}")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([Problem(file, 0, "", f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; refused unread")])
     try:
         return raw.decode("utf-8"), raw
     except UnicodeDecodeError as error:
@@ -279,7 +389,7 @@ class Checker:
         if not numeric or not (low < value <= high or (setting.zero_is_off and value == 0)):
             bounds = f"from {low:g} to {high:g}" if setting.zero_is_off else f"above {low:g} and at most {high:g}"
             self.problem(mapping.lines[key], _join(path, key),
-                         f"expected a number of {setting.unit} {bounds}, got {value!r}")
+                         f"expected a number of {setting.unit} {bounds}, got {quoted(value)}")
             return default
         return float(value)
 
@@ -289,7 +399,7 @@ class Checker:
         value = mapping[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             self.problem(mapping.lines[key], _join(path, key),
-                         f"expected a whole number from {low} to {high}, got {value!r}")
+                         f"expected a whole number from {low} to {high}, got {quoted(value)}")
             return default
         return value
 
@@ -298,7 +408,7 @@ class Checker:
             return default
         value = mapping[key]
         if not isinstance(value, bool):
-            self.problem(mapping.lines[key], _join(path, key), f"expected true or false, got {value!r}")
+            self.problem(mapping.lines[key], _join(path, key), f"expected true or false, got {quoted(value)}")
             return default
         return value
 
@@ -309,7 +419,7 @@ class Checker:
         value = mapping[key]
         if isinstance(value, bool):
             self.problem(mapping.lines[key], _join(path, key),
-                         f"YAML read this as {value!r}; put the value in quotes")
+                         f"YAML read this as {quoted(value)}; put the value in quotes")
             return default
         if isinstance(value, (int, float, str)):
             return str(value)
@@ -340,7 +450,7 @@ class Checker:
             text = text.upper() if upper else text
             if isinstance(item, (LocatedDict, LocatedList, bool)) or text not in allowed:
                 shown = ", ".join(a or '""' for a in allowed)
-                self.problem(line, item_path, f"{item!r} is not one of: {shown}")
+                self.problem(line, item_path, f"{quoted(item)} is not one of: {shown}")
             else:
                 chosen.add(text)
         return frozenset(chosen)

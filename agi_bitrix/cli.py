@@ -88,7 +88,7 @@ def _load(path: str) -> Config | None:
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
-        print(f"{path}: {len(error.problems)} problem(s); nothing was started", file=sys.stderr)
+        print(f"{path}: {error.count} problem(s); nothing was started", file=sys.stderr)
         return None
 
 

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
-from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings, OAuthSettings
-from agi_bitrix.checking import Checker, ConfigError, LocatedDict, Problem, read_file
+from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings, OAuthSettings, check_host, portal_base
+from agi_bitrix.checking import Checker, ConfigError, LocatedDict, Problem, quoted, read_file
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
 from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
@@ -40,9 +40,9 @@ _LINE_NUMBER = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
 
 def parse_listen(text: str) -> tuple[str, int]:
     """"127.0.0.1:4573" or "[::1]:4573" -> (host, port); ValueError with a readable message."""
-    match = re.match(r"^\[?([^\[\]]+?)\]?:(\d{1,5})$", text.strip())
+    match = re.match(r"^\[?([^\[\]]+?)\]?:([0-9]{1,5})$", text.strip())
     if not match or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
+        raise ValueError(f"expected HOST:PORT, got {quoted(text)}")
     return match.group(1), int(match.group(2))
 
 
@@ -52,7 +52,7 @@ def _network(value: Any) -> IPv4Network | IPv6Network:
     try:
         return ip_network(str(value).strip(), strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not an address or network like 10.0.0.0/24") from None
+        raise ValueError(f"{quoted(value)} is not an address or network like 10.0.0.0/24") from None
 
 
 def _metrics_listen(value: Any) -> tuple[str, int, bool]:
@@ -69,44 +69,44 @@ def _metrics_listen(value: Any) -> tuple[str, int, bool]:
 def _log_format(value: str) -> str:
     chosen = (value or CallLogSettings.format).lower()
     if chosen not in ("plain", "json"):
-        raise ValueError(f"{chosen!r} is not plain or json")
+        raise ValueError(f"{quoted(chosen)} is not plain or json")
     return chosen
 
 
 def _region(value: str) -> str:
     country = (value or Config.default_country).upper()
     if country not in phonenumbers.SUPPORTED_REGIONS:
-        raise ValueError(f"{country!r} is not a region code like RU, KZ, BY")
+        raise ValueError(f"{quoted(country)} is not a region code like RU, KZ, BY")
     return country
 
 
 def _variable_prefix(value: str) -> str:
     if not _PREFIX.match(value):
-        raise ValueError(f"{value!r} must be letters, digits and _ (at most 20), not starting with a digit")
+        raise ValueError(f"{quoted(value)} must be letters, digits and _ (at most 20), not starting with a digit")
     return value
 
 
 def _user_id(value: str) -> str:
-    if value and not value.isdigit():
-        raise ValueError(f"{value!r} is not a Bitrix24 user id (a number)")
+    if value and not (value.isascii() and value.isdigit()):  # isdigit() alone passes fullwidth digits
+        raise ValueError(f"{quoted(value)} is not a Bitrix24 user id (a number)")
     return value
 
 
 def _crm_source(value: str) -> str:
     if value and not _CRM_SOURCE.match(value):
-        raise ValueError(f"{value!r} is not a CRM source id like CALL")
+        raise ValueError(f"{quoted(value)} is not a CRM source id like CALL")
     return value
 
 
 def _line_number(value: str) -> str:
     if value and not _LINE_NUMBER.match(value):
-        raise ValueError(f"{value!r} must be digits, letters, '+', '_', '.', '-'")
+        raise ValueError(f"{quoted(value)} must be digits, letters, '+', '_', '.', '-'")
     return value
 
 
 def _outbox(value: str) -> str:
     if not value.startswith("/"):
-        raise ValueError(f"{value!r} must be an absolute path to the SQLite file")
+        raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file")
     return value
 
 
@@ -116,11 +116,11 @@ def _record_url(template: str) -> str:
         return template
     parts = urlsplit(template)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{template!r} must be an http(s) URL")
+        raise ValueError(f"{quoted(template)} must be an http(s) URL")
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
-        raise ValueError(f"bad template {template!r}: {error} (write a literal brace as {{{{ or }}}})") from None
+        raise ValueError(f"bad template {quoted(template)}: {error} (write a literal brace as {{{{ or }}}})") from None
     unknown = [name for name in names if name not in RECORD_URL_FIELDS]
     if unknown:
         fields = ", ".join("{" + f + "}" for f in RECORD_URL_FIELDS)
@@ -265,11 +265,10 @@ def _bitrix(check: Checker, section: LocatedDict, environ: Mapping[str, str]) ->
                       f"missing; set it here or in the environment variable {WEBHOOK_ENV}")
         url = ""
     else:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # Do not echo the value: it holds the webhook's secret code.
-            check.problem(section.lines.get("webhook_url", section.line), where,
-                          "expected an http(s) URL like https://PORTAL/rest/USER_ID/CODE/")
+        try:
+            portal_base(url)  # what the portal client will accept; the message never quotes the URL
+        except ValueError as error:
+            check.problem(section.lines.get("webhook_url", section.line), where, str(error))
     return check.read(BitrixSettings, section, "bitrix", webhook_url=url, oauth=oauth)
 
 
@@ -289,12 +288,18 @@ def _oauth(check: Checker, bitrix: LocatedDict, environ: Mapping[str, str]) -> O
         values[name] = value
     token_url = check.field(OAuthSettings, "token_url", section, path)
     install_path = check.field(OAuthSettings, "install_path", section, path)
-    for key, url, example in (("portal_url", values["portal_url"], "https://PORTAL/rest/"),
-                              ("token_url", token_url, OAuthSettings.token_url)):
-        parts = urlsplit(url)
-        if url and (parts.scheme not in ("http", "https") or not parts.hostname
-                    or (key == "portal_url" and not parts.path.endswith("/rest/"))):
-            check.problem(section.lines.get(key, section.line), f"{path}.{key}", f"expected a URL like {example}")
+    for key, url in (("portal_url", values["portal_url"]), ("token_url", token_url)):
+        if not url and key == "portal_url":
+            continue  # reported above as missing
+        try:
+            if key == "portal_url":
+                portal_base(url, oauth=True)  # what the portal client will accept
+            elif not url.startswith(("http://", "https://")):
+                raise ValueError(f"expected a URL like {OAuthSettings.token_url}")
+            else:
+                check_host(url)
+        except ValueError as error:
+            check.problem(section.lines.get(key, section.line), f"{path}.{key}", str(error))
     if values["token_file"] and not values["token_file"].startswith("/"):
         check.problem(section.lines["token_file"], f"{path}.token_file", "must be an absolute path")
     return OAuthSettings(token_url=token_url, install_path=install_path, **values)

@@ -23,6 +23,9 @@ _NOT_DIGITS = re.compile(r"[^0-9]")
 # an empty PHONE_NUMBER and answers 400).
 _MAX_DIGITS = 15
 _MIN_DIGITS = 3
+# However a number is typed, 32 characters hold it; longer text (an extension can be 79
+# characters, an AGI argument more) is not one, and no regex or cache ever sees it.
+MAX_NUMBER_CHARS = 32
 
 
 # Callers repeat (that is what the answer cache is for too), and parsing is the costliest step
@@ -35,7 +38,7 @@ def normalize_number(raw: str, default_country: str) -> str | None:
     internal extensions) come back as their bare digits, so they are still looked up as typed.
     """
     text = raw.strip()
-    if not text or not _TYPED_NUMBER.match(text):
+    if not text or len(text) > MAX_NUMBER_CHARS or not _TYPED_NUMBER.match(text):
         return None
     digits = _NOT_DIGITS.sub("", text)
     if len(digits) < _MIN_DIGITS or len(digits) > _MAX_DIGITS:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agi_bitrix.bitrix.models import CrmAnswer, MalformedAnswer, parse_search_result
-from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, read_file
+from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
 from agi_bitrix.config import Config
 from agi_bitrix.routing.engine import CallInfo
 from agi_bitrix.routing.variables import NAMES
@@ -127,7 +127,7 @@ def _moment(item: LocatedDict, config: Config, problem) -> datetime | None:
     try:
         moment = datetime.fromisoformat(str(item["time"]))
     except ValueError:
-        problem("time", f"{item['time']!r} is not a time like \"2026-11-26 12:00\"")
+        problem("time", f"{quoted(item['time'])} is not a time like \"2026-11-26 12:00\"")
         return None
     return moment.replace(tzinfo=config.policy.timezone) if moment.tzinfo is None else moment
 
@@ -141,7 +141,7 @@ def _expect(item: LocatedDict, problem) -> dict[str, str]:
     for key, value in expect.items():
         name = str(key).lower()
         if name not in _EXPECTABLE:
-            problem("expect", f"{key!r} is not a variable; expected one of: {', '.join(_EXPECTABLE)}")
+            problem("expect", f"{quoted(key)} is not a variable; expected one of: {', '.join(_EXPECTABLE)}")
         else:
             result[name] = "" if value is None else str(value)
     return result

@@ -22,7 +22,7 @@ from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.config import Config
 from agi_bitrix.monitoring import Metrics
-from agi_bitrix.phones import normalize_number
+from agi_bitrix.phones import MAX_NUMBER_CHARS, normalize_number
 from agi_bitrix.routing.engine import FALLBACK_RULE, CallInfo, Decision, decide
 from agi_bitrix.routing.variables import channel_variables
 
@@ -53,8 +53,11 @@ class RoutedCall:
 
 def call_info(raw_number: str, raw_did: str, default_country: str) -> CallInfo:
     """The call as routing sees it: the number to look up and the dialled number, each as the
-    dialplan (or an admin) wrote it."""
+    dialplan (or an admin) wrote it. A DID too long to be a number is no DID: the rules'
+    regexes never see it."""
     did = normalize_number(raw_did, default_country) or raw_did.strip()
+    if len(did) > MAX_NUMBER_CHARS:
+        did = ""
     return CallInfo(phone=normalize_number(raw_number, default_country), did=did)
 
 

@@ -143,7 +143,7 @@ async def test_reload_swaps_the_whole_runtime_and_keeps_what_outlives_it(portal,
         assert first.config.policy.fallback_queue == "support"  # the old runtime is left as it was
         path.write_text(base.replace("per_second: 2", "per_second: 4"))
         assert await app.reload() and app.runtime.portal.budget is not second.portal.budget
-        # check accepts this URL (it is http(s)), the portal client does not: refused, not a crash.
+        # A URL the portal client cannot use: the config check refuses it, as `agi-bitrix check` does.
         third = app.runtime
         path.write_text(base.replace(portal.webhook_url, "https://x.bitrix24.ru/rest/1/code/profile.json"))
         assert not await app.reload()

@@ -370,7 +370,7 @@ def test_redact(url, redacted):
     ],
 )
 def test_bad_webhook_url_is_refused_without_echoing_it(url):
-    with pytest.raises(ValueError, match="webhook URL must look like") as caught:
+    with pytest.raises(ValueError, match=r"webhook URL: expected an http\(s\) URL like https://PORTAL/rest/") as caught:
         PortalClient(url, object(), timeout=1, budget=ample_budget())
     assert SECRET not in str(caught.value)
 

@@ -35,6 +35,7 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.models import CrmEntity, MalformedAnswer, parse_search_result
 from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.bitrix.settings import portal_base
 
 log = logging.getLogger("agi_bitrix.portal")
 
@@ -48,8 +49,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # request rarely lands on a socket the server is closing at that very moment.
 KEEPALIVE_SECONDS = 10.0
 
-_WEBHOOK_PATH = re.compile(r"^(?P<prefix>[^?#\s]*/rest/[^/?#\s]+/)(?P<code>[^/?#\s]+)/?$")
-_REST_BASE = re.compile(r"^(?P<prefix>[^?#\s]*/rest/)$")
 # Stops at whitespace and quotes too, so it can also clean URLs quoted inside free text.
 _WEBHOOK_CODE_IN_URL = re.compile(r"(/rest/[^/?#\s\"'<>]+/)[^/?#\s\"'<>]+")
 _SECRET_QUERY_PARAM = re.compile(
@@ -112,18 +111,17 @@ class PortalClient:
         with `auth` (an OAuth application) it is the portal's REST URL, https://PORTAL/rest/.
         `timeout` bounds each whole request in seconds. `budget` is our copy of the portal's
         request bucket: every request this client sends, whatever it is for, takes a slot in it."""
-        match = _REST_BASE.match(webhook_url) if auth is not None else _WEBHOOK_PATH.match(webhook_url)
-        if not webhook_url.startswith(("https://", "http://")) or match is None:
-            # Do not echo the URL: it holds the secret code.
-            raise ValueError("portal URL must look like https://PORTAL/rest/" if auth is not None
-                             else "webhook URL must look like https://PORTAL/rest/USER_ID/CODE/")
+        try:
+            base, code = portal_base(webhook_url, oauth=auth is not None)
+        except ValueError as error:  # the same check as the config's: its message never quotes the URL
+            raise ValueError(f"{'portal' if auth is not None else 'webhook'} URL: {error}") from None
         # Checked at run time too: the value comes from YAML or a test, not from a type checker.
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):  # type: ignore[redundant-expr]
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.auth = auth
         self.budget = budget
-        self._base = match["prefix"] + (match["code"] + "/" if auth is None else "")
-        self._code = match["code"] if auth is None else ""
+        self._base = base
+        self._code = code
         self._session = session
         self._timeout_seconds = float(timeout)
         self._timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)

@@ -1,12 +1,15 @@
 """What the portal client, the lookup and its cache are told: the `bitrix:` and `cache:` sections.
 
 Declared with agi_bitrix.schema (key, default, bounds in one place); agi_bitrix.config reads them
-from the file, with its own checks for the webhook URL and the OAuth application.
+from the file, with its own checks for the webhook URL and the OAuth application. Those checks are
+the portal client's own (`portal_base`, `check_host`), so `check` refuses exactly what `serve` does.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from agi_bitrix.schema import integer, number, section, text
 
@@ -18,6 +21,50 @@ def _install_path(value: str) -> str:
     if value and (not value.startswith("/") or value in _MONITORING_PATHS or any(c.isspace() for c in value)):
         raise ValueError(f"{value!r} must be a URL path like /bitrix/install, other than /metrics and /healthz")
     return value
+
+
+# Nothing may follow: the client appends METHOD.json, so a query, a fragment or a file name
+# would end up in the middle of every request's URL.
+_WEBHOOK_PATH = re.compile(r"^(?P<prefix>https?://[^?#\s]*/rest/[^/?#\s]+/)(?P<code>[^/?#\s]+)/?$")
+_REST_BASE = re.compile(r"^(?P<prefix>https?://[^?#\s]*/rest/)$")
+WEBHOOK_SHAPE = "expected an http(s) URL like https://PORTAL/rest/USER_ID/CODE/"
+REST_BASE_SHAPE = "expected a URL like https://PORTAL/rest/"
+
+
+def portal_base(url: str, *, oauth: bool = False) -> tuple[str, str]:
+    """The URL that methods are appended to, and the webhook's secret code ("" with `oauth`).
+
+    `url` is an inbound webhook, https://PORTAL/rest/USER_ID/CODE/ (the last slash optional), or
+    with `oauth` the portal's REST URL, https://PORTAL/rest/. ValueError otherwise, with a message
+    that never quotes the URL: it holds the secret code.
+    """
+    match = (_REST_BASE if oauth else _WEBHOOK_PATH).match(url)
+    if match is None:
+        raise ValueError(REST_BASE_SHAPE if oauth else WEBHOOK_SHAPE)
+    check_host(url)
+    if oauth:
+        return match["prefix"], ""
+    return match["prefix"] + match["code"] + "/", match["code"]
+
+
+def check_host(url: str) -> None:
+    """ValueError unless a request can be addressed to the host and port of the http(s) URL `url`.
+
+    The resolver encodes host names with Python's IDNA codec, which refuses an empty part or
+    one over 63 characters (`portal..bitrix24.ru`); found here, such a host is a config problem
+    instead of an exception on every call.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # reading it checks it: a number from 0 to 65535
+    except ValueError:
+        raise ValueError("the host or port cannot be read (an [IPv6] address needs both brackets)") from None
+    if not parts.hostname:
+        raise ValueError("the URL has no host name")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError("the host name is not valid (a part between dots is empty or over 63 characters)") from None
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def parse_user(item: Any, default_country: str) -> User | None:
     if not isinstance(item, Mapping):
         return None
     user_id = str(item.get("ID") or "").strip()
-    if not user_id.isdigit():
+    if not (user_id.isascii() and user_id.isdigit()):  # isdigit() alone passes fullwidth digits
         return None
     active = item.get("ACTIVE")
     # JSON true/false from the REST API; "Y"/"N" from older portals and proxies.

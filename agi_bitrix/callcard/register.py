@@ -59,7 +59,7 @@ def register_arguments(values: list[str], request: AgiRequest, default_country: 
     """The dialplan's values, each checked, with the AGI header filling in what is missing."""
     args = [value.strip() for value in values] + [""] * 6
     owner, entity_type, entity_id = args[1], args[4].upper(), args[5]
-    has_entity = entity_type in ENTITY_TYPES and entity_id.isdigit()
+    has_entity = entity_type in ENTITY_TYPES and entity_id.isascii() and entity_id.isdigit()
     call_ids = [text for text in (args[2], request.get("agi_uniqueid")) if CALL_ID_PATTERN.match(text)]
     return RegisterArguments(
         phone=normalize_number(args[0] or request.get("agi_callerid"), default_country),

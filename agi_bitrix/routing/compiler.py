@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from datetime import time
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agi_bitrix.checking import Checker, LocatedDict, LocatedList
+import re2
+
+from agi_bitrix.checking import Checker, LocatedDict, LocatedList, quoted
 from agi_bitrix.phones import dialable_number, normalize_extension, normalize_number
 from agi_bitrix.routing.rules import (
     CALL_STATUSES,
@@ -21,6 +23,7 @@ from agi_bitrix.routing.rules import (
     TIMEMAN_STATUSES,
     WEEKDAYS,
     Match,
+    Pattern,
     RoutingPolicy,
     Rule,
     Target,
@@ -33,7 +36,9 @@ _RULE_KEYS = ("name", "match", "route", "objects", "prefer")
 _MATCH_KEYS = ("status", "did", "did_regex", "caller", "caller_regex", "during", "outside",
                "entity_type", "owner", "timeman", "has")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TIME_RANGE = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # it would print every refused pattern to standard error
+_TIME_RANGE = re.compile(r"^([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})$")  # \d takes any script's digits
 
 
 def compile_routing(check: Checker, section: LocatedDict, country: str) -> RoutingPolicy:
@@ -42,7 +47,7 @@ def compile_routing(check: Checker, section: LocatedDict, country: str) -> Routi
         zone = ZoneInfo(zone_name)
     except (ZoneInfoNotFoundError, ValueError):
         check.problem(section.lines.get("timezone", section.line), "routing.timezone",
-                      f"unknown time zone {zone_name!r} (expected a name like Europe/Moscow)")
+                      f"unknown time zone {quoted(zone_name)} (expected a name like Europe/Moscow)")
         zone = ZoneInfo("UTC")
     fallback = check.text(section, "fallback_queue", "routing")
     if fallback is None:
@@ -51,7 +56,7 @@ def compile_routing(check: Checker, section: LocatedDict, country: str) -> Routi
         fallback = ""
     elif not _NAME.match(fallback):
         check.problem(section.lines["fallback_queue"], "routing.fallback_queue",
-                      f"{fallback!r} must be letters, digits, '_', '.', '-'")
+                      f"{quoted(fallback)} must be letters, digits, '_', '.', '-'")
     intervals = _time_intervals(check, section)
     rules = _rules(check, section, country, intervals)
     return RoutingPolicy(tuple(rules), fallback, zone, country, intervals)
@@ -94,7 +99,7 @@ def _weekdays(check: Checker, item: LocatedDict, path: str) -> frozenset[int]:
             start = _weekday(first)
             end = _weekday(last) if last else start
         except ValueError:
-            check.problem(line, item_path, f"{value!r} is not a weekday or range like mon-fri")
+            check.problem(line, item_path, f"{quoted(value)} is not a weekday or range like mon-fri")
             continue
         day = start
         days.add(day)
@@ -126,10 +131,10 @@ def _times(check: Checker, item: LocatedDict, path: str) -> tuple[TimeRange, ...
             start = time(h1, m1)
             end = time(0, 0) if (h2, m2) == (24, 0) else time(h2, m2)
         except ValueError:
-            check.problem(line, item_path, f"{value!r} is not a time range like \"09:00-18:00\"")
+            check.problem(line, item_path, f"{quoted(value)} is not a time range like \"09:00-18:00\"")
             continue
         if start == end:
-            check.problem(line, item_path, f"{value!r} is an empty range")
+            check.problem(line, item_path, f"{quoted(value)} is an empty range")
             continue
         ranges.append(TimeRange(start, end))
     return tuple(ranges)
@@ -152,10 +157,10 @@ def _rules(check: Checker, section: LocatedDict, country: str,
             name = f"rule-{len(rules) + 1}"
         elif not _NAME.match(name):
             check.problem(item.lines["name"], f"{item_path}.name",
-                          f"{name!r} must be letters, digits, '_', '.', '-' (at most 64)")
+                          f"{quoted(name)} must be letters, digits, '_', '.', '-' (at most 64)")
         elif name in seen or name == "fallback":
             check.problem(item.lines["name"], f"{item_path}.name",
-                          f"{name!r} is already used (line {seen[name]})" if name in seen
+                          f"{quoted(name)} is already used (line {seen[name]})" if name in seen
                           else "'fallback' is reserved for calls no rule decides")
         seen.setdefault(name, item.lines.get("name", line))
         # Once it has a name, a rule is called by it: routing.rules[vip] rather than [3].
@@ -165,7 +170,7 @@ def _rules(check: Checker, section: LocatedDict, country: str,
         objects = (check.text(item, "objects", path, "first") or "first").lower()
         if objects not in ("first", "all"):
             check.problem(item.lines["objects"], f"{path}.objects",
-                          f"{objects!r} is not 'first' (the portal's choice) or 'all'")
+                          f"{quoted(objects)} is not 'first' (the portal's choice) or 'all'")
         prefer = check.choices(item, "prefer", path, ENTITY_TYPES)
         if prefer and objects != "all":
             check.problem(item.lines["prefer"], f"{path}.prefer", "only makes sense with objects: all")
@@ -185,8 +190,8 @@ def _match(check: Checker, rule: LocatedDict, path: str, country: str,
         found_owners = set()
         for line, item_path, value in owner_items:
             text = str(value).strip()
-            if isinstance(value, bool) or not text.isdigit():
-                check.problem(line, item_path, f"{value!r} is not a Bitrix24 user id (a number)")
+            if isinstance(value, bool) or not (text.isascii() and text.isdigit()):  # isdigit(): fullwidth too
+                check.problem(line, item_path, f"{quoted(value)} is not a Bitrix24 user id (a number)")
             else:
                 found_owners.add(text)
         owners = frozenset(found_owners)
@@ -197,7 +202,7 @@ def _match(check: Checker, rule: LocatedDict, path: str, country: str,
             if str(value) not in intervals:
                 known = ", ".join(intervals) or "none defined"
                 check.problem(line, item_path,
-                              f"no time interval {value!r} in routing.time_intervals ({known})")
+                              f"no time interval {quoted(value)} in routing.time_intervals ({known})")
             else:
                 found.append(str(value))
         names[key] = tuple(found)
@@ -225,20 +230,32 @@ def _numbers(check: Checker, section: LocatedDict, key: str, path: str,
     for line, item_path, value in items:
         number = None if isinstance(value, (bool, LocatedDict, LocatedList)) else normalize_number(str(value), country)
         if number is None:
-            check.problem(line, item_path, f"{value!r} is not a phone number")
+            check.problem(line, item_path, f"{quoted(value)} is not a phone number")
         else:
             numbers.add(number)
     return frozenset(numbers)
 
 
-def _regex(check: Checker, section: LocatedDict, key: str, path: str) -> re.Pattern[str] | None:
+def _regex(check: Checker, section: LocatedDict, key: str, path: str) -> Pattern | None:
+    """The regex as RE2 compiles it. Python's re backtracks: `(7+)+8` made a call dialling 27
+    sevens take 4 s, doubling with each digit, and the event loop stood still meanwhile. RE2 takes
+    time linear in the text whatever the pattern, and refuses what would need backtracking."""
     text = check.text(section, key, path)
     if text is None:
         return None
     try:
-        return re.compile(text)
+        re.compile(text)  # for Python's messages, which admins know and which name the position
     except re.error as error:
-        check.problem(section.lines[key], f"{path}.{key}", f"bad regular expression {text!r}: {error}")
+        check.problem(section.lines[key], f"{path}.{key}", f"bad regular expression {quoted(text)}: {error}")
+        return None
+    try:
+        return cast(Pattern, re2.compile(text, _RE2_OPTIONS))
+    except re2.error as error:
+        reason = error.args[0]  # RE2's message, as bytes
+        reason = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+        check.problem(section.lines[key], f"{path}.{key}",
+                      f"{quoted(text)}: {reason}; rules are matched by RE2, which takes linear time and has"
+                      " no backreferences or lookaround")
         return None
 
 
@@ -277,15 +294,15 @@ def _target(value: Any, country: str) -> Target | str:
         if kind == "queue":
             if _NAME.match(text):
                 return Target("queue", text)
-            return f"queue name {argument!r} must be letters, digits, '_', '.', '-'"
+            return f"queue name {quoted(argument)} must be letters, digits, '_', '.', '-'"
         if kind == "extension":
             extension = normalize_extension(text)
-            return Target("extension", extension) if extension else f"extension {argument!r} must be digits"
+            return Target("extension", extension) if extension else f"extension {quoted(argument)} must be digits"
         if kind == "number":
             if normalize_number(text, country) is None:
-                return f"{argument!r} is not a phone number"
+                return f"{quoted(argument)} is not a phone number"
             number = dialable_number(text, country)
             return Target("number", number) if number else (
-                f"{argument!r} is not a valid subscriber number in {country} or in international form"
+                f"{quoted(argument)} is not a valid subscriber number in {country} or in international form"
                 " (service and short numbers cannot be dial targets)")
-    return f"{value!r}: {_TARGET_HELP}"
+    return f"{quoted(value)}: {_TARGET_HELP}"

@@ -7,9 +7,9 @@ references to time intervals — so that matching at call time cannot fail.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, time
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 # What searchCrmEntities may say about the owner's working day (see bitrix24-rest-notes.md);
@@ -68,15 +68,25 @@ class Target:
         return f"{self.kind} {self.value}"
 
 
+class Pattern(Protocol):
+    """A compiled did_regex or caller_regex: RE2's, which matches in time linear in the text
+    (routing.compiler)."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def fullmatch(self, text: str) -> object | None: ...
+
+
 @dataclass(frozen=True)
 class Match:
     """Conditions of a rule; all given ones must hold. None means "not asked"."""
 
     status: frozenset[str] | None = None
     did: frozenset[str] | None = None
-    did_regex: re.Pattern[str] | None = None
+    did_regex: Pattern | None = None
     caller: frozenset[str] | None = None
-    caller_regex: re.Pattern[str] | None = None
+    caller_regex: Pattern | None = None
     during: tuple[str, ...] = ()
     outside: tuple[str, ...] = ()
     # Conditions on the CRM object (and its owner) that decides:
