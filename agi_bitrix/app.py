@@ -172,7 +172,10 @@ class Application:
         breaker = memory.breaker.state
         failing = memory.last_failure is not None and (
             memory.last_success is None or memory.last_failure > memory.last_success)
-        if breaker == "open":
+        misconfigured = memory.misconfigured if failing else None
+        if misconfigured is not None:
+            portal = f"refuses REST: {misconfigured.reason} ({misconfigured.advice})"
+        elif breaker == "open":
             portal = "circuit open: not asked until the cool-down ends"
         elif failing:
             portal = "failing: the last request failed"

@@ -29,6 +29,7 @@ from agi_bitrix.bitrix.errors import (
     AuthRejected,
     BadResponse,
     BitrixError,
+    PortalMisconfigured,
     PortalTimeout,
     PortalUnavailable,
     PortalUnreachable,
@@ -49,11 +50,11 @@ log = logging.getLogger("agi_bitrix.callcard")
 FINISH = "telephony.externalcall.finish"
 
 # Failures that say nothing about this finish: the portal (or the way to it) is down, busy or
-# not letting us in right now, or we did not ask. An admin fixes credentials, scopes and the
-# token file without touching the queued finishes, so those are retried too, until
-# callcard.finish.retry.give_up_after.
+# not letting us in right now, or we did not ask. An admin fixes credentials, scopes, the
+# application's payment, the plan, the portal URL and the token file without touching the queued
+# finishes, so those are held and retried too, until callcard.finish.retry.give_up_after.
 RETRYABLE = (PortalTimeout, PortalUnreachable, BadResponse, RateLimited, AuthRejected, PortalUnavailable,
-             RequestNotSent, TokenFileError)
+             PortalMisconfigured, RequestNotSent, TokenFileError)
 # The portal's answer to a finish for a call it does not have open (any more).
 _CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
 
