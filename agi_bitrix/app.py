@@ -31,8 +31,9 @@ from agi_bitrix.bitrix.install import InstallCallback
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
 from agi_bitrix.bitrix.users import UserDirectory
-from agi_bitrix.callcard.finish import FinishService, send_finish
-from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome, RetryPolicy
+from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
+from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, Outcome, RetryPolicy
+from agi_bitrix.callcard.recording import send_recording
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
@@ -77,7 +78,7 @@ class Application:
         self.outbox: Outbox | None = None
         if config.callcard.enabled:
             retry = config.callcard.finish
-            self.outbox = Outbox(config.callcard.outbox, self._send_finish,
+            self.outbox = Outbox(config.callcard.outbox, self._send,
                                  RetryPolicy(retry.retry_first, retry.retry_max, retry.give_up_after))
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
@@ -113,8 +114,10 @@ class Application:
         endpoint = Endpoint(config.server, handlers, route.handle_unknown_script)
         return Runtime(config, portal, lookup, router, register, finish, endpoint)
 
-    async def _send_finish(self, entry: Entry) -> Outcome:
-        # Through the portal client of the config in force when the outbox gets to it.
+    async def _send(self, entry: Entry) -> Outcome:
+        # Through the portal client and settings of the config in force when the outbox gets to it.
+        if entry.kind == RECORDING:
+            return await send_recording(self.runtime.portal, entry, self.config.callcard.finish)
         return await send_finish(self.runtime.portal, entry)
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
@@ -142,13 +145,17 @@ class Application:
     def _watch_outbox(self, outbox: Outbox) -> None:
         registry = self.metrics.registry
         Gauge("agi_bitrix_finishes_waiting", "Finishes not yet accepted by the portal (stored, or kept in memory).",
-              registry=registry).set_function(lambda: outbox.waiting + outbox.kept)
+              registry=registry).set_function(lambda: outbox.waiting_of(FINISH))
         Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
-              registry=registry).set_function(lambda: outbox.failed)
+              registry=registry).set_function(lambda: outbox.failed_of(FINISH))
+        Gauge("agi_bitrix_recordings_waiting", "Recordings not yet attached (waiting for the file, the finish or"
+              " the portal).", registry=registry).set_function(lambda: outbox.waiting_of(RECORDING))
+        Gauge("agi_bitrix_recordings_failed", "Recordings given up (no file, too large, refused), kept in the"
+              " outbox.", registry=registry).set_function(lambda: outbox.failed_of(RECORDING))
         Gauge("agi_bitrix_callcard_up", "1 while the outbox stores finishes, 0 while it cannot (see /healthz).",
               registry=registry).set_function(lambda: 0 if outbox.problem else 1)
         Gauge("agi_bitrix_finishes_kept_in_memory", "Finishes the outbox could not store yet; lost on a restart.",
-              registry=registry).set_function(lambda: outbox.kept)
+              registry=registry).set_function(lambda: outbox.kept_of(FINISH))
         Gauge("agi_bitrix_finishes_lost", "Finishes lost since the start: neither stored nor kept (memory full).",
               registry=registry).set_function(lambda: outbox.lost)
 
@@ -174,7 +181,10 @@ class Application:
         breaker = memory.breaker.state
         failing = memory.last_failure is not None and (
             memory.last_success is None or memory.last_failure > memory.last_success)
-        if breaker == "open":
+        misconfigured = memory.misconfigured if failing else None
+        if misconfigured is not None:
+            portal = f"refuses REST: {misconfigured.reason} ({misconfigured.advice})"
+        elif breaker == "open":
             portal = "circuit open: not asked until the cool-down ends"
         elif failing:
             portal = "failing: the last request failed"
@@ -207,10 +217,14 @@ class Application:
         outbox = self.outbox
         if outbox is None:
             return {"state": "off"}
-        return {"state": "down" if outbox.problem else "up", "problem": outbox.problem or None,
-                "outbox": str(outbox.path), "finishes_waiting": outbox.waiting + outbox.kept,
-                "finishes_kept_in_memory": outbox.kept, "finishes_failed": outbox.failed,
-                "finishes_lost": outbox.lost}
+        health = {"state": "down" if outbox.problem else "up", "problem": outbox.problem or None,
+                  "outbox": str(outbox.path), "finishes_waiting": outbox.waiting_of(FINISH),
+                  "finishes_kept_in_memory": outbox.kept_of(FINISH), "finishes_failed": outbox.failed_of(FINISH),
+                  "finishes_lost": outbox.lost}
+        if self.config.callcard.finish.recording_file:
+            health.update(recordings_waiting=outbox.waiting_of(RECORDING),
+                          recordings_failed=outbox.failed_of(RECORDING))
+        return health
 
     def _auth_health(self) -> tuple[bool, dict[str, Any]]:
         tokens = self.portal.auth

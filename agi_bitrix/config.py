@@ -128,6 +128,29 @@ def _record_url(template: str) -> str:
     return template
 
 
+def _recording_file(template: str, record_url: str) -> str:
+    """The path template of the recordings attachRecord uploads: absolute, its {fields} those of
+    RECORD_URL_FIELDS, naming a .wav or .mp3 (the portal takes no other), and not with record_url."""
+    if not template:
+        return template
+    if record_url:
+        raise ValueError("set either finish.record_url (a URL in finish) or finish.recording.file (attachRecord"
+                         " uploads the file), not both: the portal keeps one recording per call")
+    if not template.startswith("/"):
+        raise ValueError(f"{template!r} must be an absolute path like /var/spool/asterisk/monitor/{{uniqueid}}.wav")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"bad template {template!r}: {error} (write a literal brace as {{{{ or }}}})") from None
+    unknown = [name for name in names if name not in RECORD_URL_FIELDS]
+    if unknown:
+        fields = ", ".join("{" + f + "}" for f in RECORD_URL_FIELDS)
+        raise ValueError(f"unknown field {{{unknown[0]}}}; expected {fields}")
+    if not template.endswith("}") and not template.lower().endswith((".wav", ".mp3")):
+        raise ValueError(f"{template!r} must name a .wav or .mp3 file: the portal takes no other recordings")
+    return template
+
+
 def _not_shorter_than_first(most: float, first: float) -> float:
     if most < first:
         raise ValueError(f"{most:g} is shorter than retry.first ({first:g})")
@@ -178,6 +201,17 @@ class FinishSettings:
     retry_first: float = number("retry.first", 5.0, 0, 3600)
     retry_max: float = number("retry.max", 600.0, 0, 86400, check=_not_shorter_than_first, needs=("retry_first",))
     give_up_after: float = number("retry.give_up_after", 86400.0, 0, 30 * 86400)
+    # attachRecord with the file MixMonitor wrote: a path template with {call_id}, {uniqueid},
+    # {recording}; "" = no upload (callcard/recording.py).
+    recording_file: str = text("recording.file", "", check=_recording_file, needs=("record_url",))
+    # The largest recording uploaded; the portal documents no limit, base64 adds a third on the wire.
+    recording_max_size: float = number("recording.max_size", 20.0, 0, 200, unit="MiB")
+    # Unchanged this long (and the call hung up) before the file counts as closed by MixMonitor.
+    recording_settle: float = number("recording.settle", 5.0, 0, 600)
+    # After the hangup, how long the file may take to appear and settle before the upload fails.
+    recording_wait: float = number("recording.wait", 600.0, 0, 86400)
+    # The upload request's own timeout (a lookup's deadline is far too short for megabytes).
+    recording_timeout: float = number("recording.timeout", 120.0, 0, 3600)
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,9 @@ def flag(key: str, default: bool) -> Any:
 
 
 def text(key: str, default: Any = dataclasses.MISSING, *, check: Callable[..., Any] | None = None,
-         sets: tuple[str, ...] = ()) -> Any:
+         sets: tuple[str, ...] = (), needs: tuple[str, ...] = ()) -> Any:
     """Text; without a default the field is required and the section's reader supplies it."""
-    return _declare(default, Setting(key, TEXT, check=check, sets=sets))
+    return _declare(default, Setting(key, TEXT, check=check, needs=needs, sets=sets))
 
 
 def items(key: str, default: Any, *, check: Callable[[Any], Any]) -> Any:

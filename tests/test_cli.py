@@ -323,3 +323,82 @@ async def test_check_says_whether_the_oauth_token_file_is_there(portal, tmp_path
     assert f"run `agi-bitrix oauth login -c {config}`" in missing.stderr
     assert f"token file {token_file} present" in present.stdout
     assert "context of an application" not in missing.stderr + present.stderr and OAUTH_SECRET not in missing.stdout
+
+
+async def test_a_newcomer_goes_from_no_token_to_a_finished_call_with_its_recording(tmp_path):
+    """The documented path, on a portal that takes register and finish only from an application:
+    oauth login, serve, then a call routed, registered, finished and its recording attached."""
+    from agi_bitrix.testing.portal import PortalEmulator
+    from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
+
+    portal = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, application_only=True)
+    await portal.start()
+    server = await oauth_server(portal, redirect_uri="https://pbx.example/agi-bitrix/oauth")
+    monitor = tmp_path / "monitor"
+    monitor.mkdir()
+    config = tmp_path / "agi-bitrix.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        metrics: {{listen: off}}
+        bitrix:
+          oauth:
+            portal_url: "{server.client_endpoint}"
+            client_id: "{OAUTH_CLIENT_ID}"
+            client_secret: "{OAUTH_SECRET}"
+            token_file: "{tmp_path / 'oauth.json'}"
+            token_url: "{server.url}/oauth/token/"
+        routing:
+          fallback_queue: support
+          rules:
+            - name: owner-at-work
+              route: [extension, queue]
+        callcard:
+          outbox: {tmp_path / 'outbox.sqlite3'}
+          finish:
+            retry: {{first: 0.1, max: 0.5}}
+            recording: {{file: "{monitor}/{{uniqueid}}.wav", settle: 0.2}}
+        users: {{refresh: 600}}
+        """))
+    port = free_port()
+    process = None
+    try:
+        login, url, _ = await start_login(config)
+        location, _ = await browser(url, follow=False)
+        code, stdout, stderr = await finished(login, (location + "\n").encode())
+        assert code == 0, stderr
+        assert "saved in" in stdout and "warning" not in stderr  # the scopes the config needs are there
+
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{port}",
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        routed = (await fake_call("127.0.0.1", port, callerid="89161234567", uniqueid="1700000000.5")).variables
+        assert (routed["B24_STATUS"], routed["B24_TARGET"], routed["B24_USER_ID"]) == ("FOUND", "101", "1")
+        registered = (await fake_call("127.0.0.1", port, script="register", uniqueid="1700000000.5", args=(
+            routed["B24_PHONE"], routed["B24_USER_ID"], "1700000000.5", "74950000000", routed["B24_ENTITY_TYPE"],
+            routed["B24_ENTITY_ID"]))).variables
+        call_id = registered["B24_CALL_ID"]
+        assert call_id and registered["B24_REGISTER_ERROR"] == ""
+        (monitor / "1700000000.5.wav").write_bytes(b"RIFF....WAVEfmt recorded talk")  # MixMonitor's file
+        await fake_call("127.0.0.1", port, script="finish", uniqueid="1700000000.5", args=(
+            call_id, "1", "ANSWER", "1700000010.0", "101@internal", "1700000040.0", str(monitor / "1700000000.5.wav")))
+        for _ in range(100):
+            if portal.calls[call_id].record is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            output = (await asyncio.wait_for(process.communicate(), 10))[0].decode()
+        await server.stop()
+        await portal.stop()
+    call = portal.calls[call_id]
+    assert call.finish_params["DURATION"] == "30" and call.finish_params["STATUS_CODE"] == "200"
+    assert (call.record.filename, call.record.content) == ("1700000000.5.wav", b"RIFF....WAVEfmt recorded talk")
+    assert process.returncode == 0, output
+    assert "recording 1700000000.5.wav attached to" in output
+    assert "WRONG_AUTH_TYPE" not in output and "secret" not in output

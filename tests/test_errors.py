@@ -6,7 +6,9 @@ from agi_bitrix.bitrix.errors import (
     AuthRejected,
     BitrixError,
     NotPermitted,
+    PaymentRequired,
     PortalError,
+    PortalMisconfigured,
     PortalRefused,
     PortalUnavailable,
     RateLimited,
@@ -29,11 +31,16 @@ from agi_bitrix.bitrix.errors import (
     ("NO_AUTH_FOUND", AuthRejected),
     ("INVALID_CREDENTIALS", AuthRejected),
     ("insufficient_scope", NotPermitted),
-    ("ACCESS_DENIED", NotPermitted),
+    ("invalid_scope", NotPermitted),  # the token server's word for a scope missing from the app's card
+    ("user_access_error", NotPermitted),
+    ("PAYMENT_REQUIRED", PaymentRequired),
     ("WRONG_AUTH_TYPE", WrongAuthType),  # a NotPermitted with its own advice: switch to an application
+    # REST refused for the whole portal (_includes/system-errors.md): no plan for it, or no HTTPS.
+    ("ACCESS_DENIED", PortalMisconfigured),
+    ("INVALID_REQUEST", PortalMisconfigured),
     ("ERROR_CORE", RequestRejected),
     ("ERROR_ARGUMENT", RequestRejected),
-    ("INVALID_REQUEST", RequestRejected),
+    ("INVALID_ARGUMENT", RequestRejected),
     ("INTERNAL_SERVER_ERROR", PortalUnavailable),
     ("PORTAL_DELETED", PortalUnavailable),
     ("http_502", PortalUnavailable),
@@ -62,3 +69,12 @@ def test_what_is_not_the_portals_fault_is_no_portal_error():
     assert all(isinstance(error, BitrixError) for error in (
         TokenFileError(""), RequestNotSent("circuit_open", ""), refusal("ERROR_CORE", "")))
     assert str(RequestNotSent("circuit_open", "not asked")) == "circuit_open: not asked"
+
+
+def test_each_refusal_says_who_must_act():
+    # Retry later, refresh, or an admin must act: the classes finish and the lookup decide on.
+    assert issubclass(PaymentRequired, AuthRejected) and not issubclass(PaymentRequired, TokenExpired)
+    assert issubclass(TokenExpired, AuthRejected)
+    assert not issubclass(PortalMisconfigured, (RequestRejected, AuthRejected, RateLimited))
+    assert "commercial plans" in refusal("ACCESS_DENIED", "").advice
+    assert "https://" in refusal("INVALID_REQUEST", "").advice

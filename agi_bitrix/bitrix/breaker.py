@@ -47,6 +47,13 @@ class CircuitBreaker:
             self._opened_at = self._clock()
         self._probing = False
 
+    def trip(self) -> None:
+        """Open now, without counting to the threshold: the portal refuses everyone alike (its plan,
+        HTTPS), so more requests before the cool-down would only be refused the same way."""
+        self.state = OPEN
+        self._opened_at = self._clock()
+        self._probing = False
+
     def abandoned(self) -> None:
         """An allowed request was never sent (no rate-limit slot, shutdown): it proves nothing."""
         self._probing = False

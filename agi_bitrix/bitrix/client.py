@@ -141,17 +141,18 @@ class PortalClient:
         return _SLOT
 
     async def call(self, method: str, params: Mapping[str, Any], *, json_body: bool = False,
-                   slot: RequestSlot | None = None, max_wait: float = 0.0) -> Any:
+                   slot: RequestSlot | None = None, max_wait: float = 0.0, timeout: float | None = None) -> Any:
         """POST `params` to METHOD.json and return the answer's `result`.
 
         The request spends `slot`, or takes one, waiting at most `max_wait` seconds for it.
+        `timeout` replaces the client's per-request timeout for this call (a recording's upload).
         The body is a PHP-style form (booleans as 1/0, None as "", nested keys as KEY[SUB]) unless
         `json_body`: the portal reads both, and JSON costs a fraction of the form encoding on the
         lookup path, whose parameters are plain strings that mean the same in either."""
         if slot is None:
             await self.take_slot(max_wait)
         try:
-            result = await self._call(method, params, json_body)
+            result = await self._call(method, params, json_body, timeout)
         except RateLimited as error:
             pause = self.budget.back_off()
             log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
@@ -159,13 +160,13 @@ class PortalClient:
         self.budget.succeeded()
         return result
 
-    async def _call(self, method: str, params: Mapping[str, Any], json_body: bool) -> Any:
+    async def _call(self, method: str, params: Mapping[str, Any], json_body: bool, timeout: float | None) -> Any:
         if self.auth is None:
-            status, body = await self._post(method, params, json_body)
+            status, body = await self._post(method, params, json_body, timeout)
             return self._result(method, status, body)
         token = await self.auth.access_token()
         try:
-            status, body = await self._post(method, {**params, "auth": token}, json_body)
+            status, body = await self._post(method, {**params, "auth": token}, json_body, timeout)
             return self._result(method, status, body)
         except TokenExpired:
             pass
@@ -173,7 +174,7 @@ class PortalClient:
         # which the portal counts as a request of its own.
         token = await self.auth.refresh(rejected=token)
         await self.take_slot(max_wait=0.0)
-        status, body = await self._post(method, {**params, "auth": token}, json_body)
+        status, body = await self._post(method, {**params, "auth": token}, json_body, timeout)
         return self._result(method, status, body)
 
     async def search_crm_entities_batch(self, phones: list[str],
@@ -222,7 +223,9 @@ class PortalClient:
         except MalformedAnswer as error:
             raise self._error(BadResponse, "bad_result", SEARCH_CRM_ENTITIES, str(error)) from None
 
-    async def _post(self, method: str, params: Mapping[str, Any], json_body: bool) -> tuple[int, bytes]:
+    async def _post(self, method: str, params: Mapping[str, Any], json_body: bool,
+                    timeout: float | None = None) -> tuple[int, bytes]:
+        seconds = self._timeout_seconds if timeout is None else timeout
         # Chained exceptions are dropped (`from None`): aiohttp's messages can quote the full URL.
         try:
             base = self._base if self.auth is None else self.auth.rest_base()
@@ -231,15 +234,14 @@ class PortalClient:
                 # Encoded here: aiohttp's generic form handling costs more than the request itself.
                 data=json.dumps(params).encode() if json_body else urlencode(list(_form_fields(params))).encode(),
                 headers=_JSON_HEADERS if json_body else _FORM_HEADERS,
-                timeout=self._timeout,
+                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
                 # A redirect would turn the POST into a GET and lose the parameters.
                 allow_redirects=False,
             ) as response:
                 return response.status, await self._read_body(method, response)
         except TimeoutError:
             # Before ClientConnectionError: aiohttp's ServerTimeoutError is both.
-            raise self._error(PortalTimeout, "timeout", method,
-                              f"no answer within {self._timeout_seconds:g} s") from None
+            raise self._error(PortalTimeout, "timeout", method, f"no answer within {seconds:g} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             detail = self._clean(f"{type(error).__name__}: {error}")
             raise self._error(PortalUnreachable, "connect", method, detail) from None

@@ -8,11 +8,22 @@ keeps lists of reason strings.
 
 Every error carries `reason`, short and machine-readable, which becomes `B24_ERROR` and a metric
 label, and `detail`, for humans and logs, which never holds a secret.
+
+What each refusal asks of us (the REST docs' _includes/system-errors.md and
+settings/oauth/error-codes.md):
+- retry later: RateLimited, PortalUnavailable (and the timeouts and broken connections);
+- refresh: TokenExpired (a new access token may well be let in; the client refreshes once);
+- an admin must act: the other AuthRejected (a webhook code or token the portal does not know,
+  a missing scope, an application's payment, a method only an application may call) and
+  PortalMisconfigured (REST off for the whole portal). Until then every request fails alike,
+  so nothing queued is given up over it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import ClassVar
 
 
 class BitrixError(Exception):
@@ -76,6 +87,29 @@ class WrongAuthType(NotPermitted):
               " login`: docs/call-card.md, section \"OAuth applications\"")
 
 
+class PaymentRequired(AuthRejected):
+    """The application's trial or paid period is over (settings/oauth/error-codes.md,
+    PAYMENT_REQUIRED): no tokens, and no REST calls, until an admin renews it."""
+
+
+class PortalMisconfigured(PortalRefused):
+    """The portal refuses REST as a whole, whatever is asked: ACCESS_DENIED (403, "REST API is
+    available only on commercial plans"; the same code also answers a user without access to a
+    method) or INVALID_REQUEST (400, "Https required": the portal URL says http://). Every request
+    fails the same way until an admin changes the plan or the URL, so it opens the circuit breaker
+    and /healthz names it; it is not one request's parameters."""
+
+    ADVICE: ClassVar[Mapping[str, str]] = {
+        "ACCESS_DENIED": "Bitrix24 offers the REST API only on commercial plans (or the webhook's user has no access):"
+                         " check the portal's plan and the user behind the webhook or application",
+        "INVALID_REQUEST": "the portal requires HTTPS for REST: write the portal URL with https://",
+    }
+
+    @property
+    def advice(self) -> str:
+        return self.ADVICE.get(self.reason, "")
+
+
 class RequestRejected(PortalRefused):
     """This one request's parameters were refused (HTTP 400); the portal itself is fine."""
 
@@ -110,10 +144,15 @@ class TokenFileError(BitrixError):
 _REFUSALS: dict[str, type[PortalRefused]] = {
     **dict.fromkeys(("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"), RateLimited),
     **dict.fromkeys(("expired_token", "invalid_token"), TokenExpired),
+    # NO_AUTH_FOUND: a webhook code or access token the portal does not know. Not refreshed on:
+    # only expired_token says a new token would do (settings/oauth/auto-renewal.md).
     **dict.fromkeys(("NO_AUTH_FOUND", "INVALID_CREDENTIALS"), AuthRejected),
-    **dict.fromkeys(("insufficient_scope", "ACCESS_DENIED", "user_access_error"), NotPermitted),
+    # invalid_scope: the token server's word for a scope missing from the application's card.
+    **dict.fromkeys(("insufficient_scope", "invalid_scope", "user_access_error"), NotPermitted),
+    "PAYMENT_REQUIRED": PaymentRequired,
     "WRONG_AUTH_TYPE": WrongAuthType,
-    **dict.fromkeys(("ERROR_CORE", "ERROR_ARGUMENT", "INVALID_REQUEST"), RequestRejected),
+    **dict.fromkeys(("ACCESS_DENIED", "INVALID_REQUEST"), PortalMisconfigured),
+    **dict.fromkeys(("ERROR_CORE", "ERROR_ARGUMENT", "INVALID_ARGUMENT"), RequestRejected),
     **dict.fromkeys(("INTERNAL_SERVER_ERROR", "PORTAL_DELETED"), PortalUnavailable),
 }
 _SERVER_ERROR = re.compile(r"http_5[0-9][0-9]")
@@ -147,14 +186,18 @@ def metric_reason(reason: str) -> str:
     return f"http_{status[1]}xx" if status else "other"
 
 
+def refusal_class(code: str) -> type[PortalRefused]:
+    """What a portal's (or its token server's) error code means for us, by its code or `http_NNN`."""
+    kind = _REFUSALS.get(code)
+    if kind is not None:
+        return kind
+    if code == "http_429":
+        return RateLimited
+    if _SERVER_ERROR.fullmatch(code):
+        return PortalUnavailable
+    return PortalRefused
+
+
 def refusal(reason: str, detail: str) -> PortalRefused:
     """The error for a portal answer that refused, by its code (or `http_NNN`)."""
-    kind = _REFUSALS.get(reason)
-    if kind is None:
-        if reason == "http_429":
-            kind = RateLimited
-        elif _SERVER_ERROR.fullmatch(reason):
-            kind = PortalUnavailable
-        else:
-            kind = PortalRefused
-    return kind(reason, detail)
+    return refusal_class(reason)(reason, detail)

@@ -23,7 +23,14 @@ from typing import Protocol
 from agi_bitrix.bitrix.breaker import CLOSED, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import RequestSlot
-from agi_bitrix.bitrix.errors import BitrixError, LocalFault, PortalError, RequestNotSent, RequestRejected
+from agi_bitrix.bitrix.errors import (
+    BitrixError,
+    LocalFault,
+    PortalError,
+    PortalMisconfigured,
+    RequestNotSent,
+    RequestRejected,
+)
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
 
 log = logging.getLogger("agi_bitrix.lookup")
@@ -80,6 +87,8 @@ class LookupMemory:
     breaker: CircuitBreaker
     last_success: float | None = None
     last_failure: float | None = None
+    # The portal's refusal of REST as a whole (plan, HTTPS) when that was the last failure, for /healthz.
+    misconfigured: PortalMisconfigured | None = None
     clock: Callable[[], float] = field(default=time.monotonic)
 
 
@@ -266,8 +275,20 @@ class CrmLookup:
             # Not asked (the OAuth tokens were rejected earlier): the call keeps that true reason
             # instead of circuit_open, and /healthz shows the auth state.
             self.breaker.abandoned()
+        elif isinstance(error, PortalMisconfigured):
+            # REST is off for the whole portal (its plan, HTTPS): every request would be refused
+            # alike until an admin acts, so the breaker opens at once. Said once per change: the
+            # breaker's probe finds it again every cool-down.
+            self.memory.last_failure = self._clock()
+            previous, self.memory.misconfigured = self.memory.misconfigured, error
+            if previous is None or previous.reason != error.reason or self.breaker.state == CLOSED:
+                log.error("portal refuses REST as a whole: %s (%s); %s. Calls take the fallback; the portal is"
+                          " asked again every %.0f s", error.reason, error.detail, error.advice,
+                          self.breaker.cool_down)
+            self.breaker.trip()
         else:
             self.memory.last_failure = self._clock()
+            self.memory.misconfigured = None
             self._breaker_failed(error.reason)
         self._fail(phones, error)
 

@@ -46,6 +46,7 @@ from agi_bitrix.bitrix.errors import (
     PortalUnreachable,
     RequestNotSent,
     TokenFileError,
+    refusal_class,
 )
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.settings import BitrixSettings, OAuthSettings
@@ -210,7 +211,8 @@ def _refusal(code: str, status: int, grant_type: str) -> PortalRefused:
         return AuthRejected(reason, said)
     if safe_code in CLIENT_REJECTED:
         return AuthRejected("oauth_client_rejected", said)
-    return PortalRefused(f"oauth_{safe_code}", f"the OAuth token server refused: {said}")
+    # PAYMENT_REQUIRED, invalid_scope...: classed like the portal's own codes (errors.py).
+    return refusal_class(safe_code)(f"oauth_{safe_code}", f"the OAuth token server refused: {said}")
 
 
 class OAuthTokens:

@@ -18,7 +18,7 @@ from typing import Any
 
 from agi_bitrix import background
 from agi_bitrix.bitrix.client import PortalClient
-from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted
+from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted, PortalMisconfigured
 from agi_bitrix.phones import dialable_number, normalize_extension, normalize_number
 
 log = logging.getLogger("agi_bitrix.users")
@@ -164,7 +164,11 @@ class UserDirectory:
                 wait = self.refresh
             except BitrixError as error:
                 wait = min(self.refresh, RETRY_AFTER_FAILURE)
-                hint = " (the webhook needs the 'user' scope)" if isinstance(error, NotPermitted) else ""
+                hint = ""
+                if isinstance(error, PortalMisconfigured):
+                    hint = f" ({error.advice})"
+                elif isinstance(error, NotPermitted):
+                    hint = " (the webhook needs the 'user' scope, an application in its card)"
                 log.warning("user directory not refreshed: %s%s; keeping %s; next try in %.0f s",
                             error, hint, "the last snapshot" if self.loaded_at is not None else "no users",
                             wait)

@@ -7,7 +7,9 @@ ${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}])
 The answer stamp (B24_ANSWERED_AT, B24_ANSWERED_BY) is written by the [agi-bitrix-answered]
 subroutine that Dial's U() and Queue's gosub run on the channel that answered; talk time is
 hangup minus answer, both read from Asterisk's clock. The session sends Asterisk nothing: the
-finish is stored durably and the hangup goes on; the portal is asked in the background.
+finish is stored durably and the hangup goes on; the portal is asked in the background. With
+callcard.finish.recording.file, an answered call's recording is queued too, as a row of its own
+that waits for the finish (callcard/recording.py uploads it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import math
 import os
 import re
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from agi_bitrix.bitrix.errors import (
     BadResponse,
     BitrixError,
     LocalFault,
+    PortalMisconfigured,
     PortalTimeout,
     PortalUnavailable,
     PortalUnreachable,
@@ -42,7 +46,7 @@ from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
 from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN
-from agi_bitrix.callcard.status import status_code
+from agi_bitrix.callcard.status import ANSWERED, status_code
 from agi_bitrix.config import Config
 
 log = logging.getLogger("agi_bitrix.callcard")
@@ -50,13 +54,17 @@ log = logging.getLogger("agi_bitrix.callcard")
 FINISH = "telephony.externalcall.finish"
 
 # Failures that say nothing about this finish: the portal (or the way to it) is down, busy or
-# not letting us in right now, or we did not ask. An admin fixes credentials, scopes and the
-# token file (or a portal URL that cannot be encoded) without touching the queued finishes, so
-# those are retried too, until callcard.finish.retry.give_up_after.
+# not letting us in right now, or we did not ask. An admin fixes credentials, scopes, the
+# application's payment, the plan, the portal URL (or one that cannot be encoded) and the token
+# file without touching the queued finishes, so those are held and retried too, until
+# callcard.finish.retry.give_up_after.
 RETRYABLE = (PortalTimeout, PortalUnreachable, BadResponse, RateLimited, AuthRejected, PortalUnavailable,
-             RequestNotSent, TokenFileError, LocalFault)
+             PortalMisconfigured, RequestNotSent, TokenFileError, LocalFault)
 # The portal's answer to a finish for a call it does not have open (any more).
 _CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
+RECORDING = "recording"  # the outbox's kind of row for a recording (callcard/recording.py sends it)
+# What a value may be to stand in a recording's path: no "/", nothing hidden, nothing that climbs up.
+_PATH_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ class FinishService:
             log.info("call %s: finish %s queued%s: user %s, %s s, status %s", uniqueid, arguments.call_id,
                      " in memory" if added == "kept" else "", params["USER_ID"], params["DURATION"],
                      params["STATUS_CODE"])
+            if self.config.callcard.finish.recording_file and params["STATUS_CODE"] == ANSWERED:
+                await self.queue_recording(arguments, uniqueid)
 
     def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
         settings = self.config.callcard
@@ -152,6 +162,26 @@ class FinishService:
             params["RECORD_URL"] = record_url
         return params
 
+    async def queue_recording(self, arguments: FinishArguments, uniqueid: str) -> None:
+        """The recording's own outbox row, sent once the finish is delivered (attachRecord needs a
+        finished call); its first look at the file after `recording.settle` seconds."""
+        settings = self.config.callcard.finish
+        assert self.outbox is not None
+        path = recording_path(settings.recording_file, call_id=arguments.call_id, uniqueid=uniqueid,
+                              recording=arguments.recording)
+        if path is None:
+            log.warning("call %s: no recording uploaded for %s: callcard.finish.recording.file needs a value this"
+                        " call does not have (uniqueid %r, recording %r)", uniqueid, arguments.call_id, uniqueid,
+                        arguments.recording)
+            return
+        now = self.clock()
+        added = await self.outbox.add(recording_key(arguments.call_id),
+                                      {"CALL_ID": arguments.call_id, "path": path, "hangup_at": now},
+                                      kind=RECORDING, after=arguments.call_id,
+                                      not_before=now + settings.recording_settle)
+        if added in ("stored", "kept"):
+            log.info("call %s: recording %s queued for %s", uniqueid, path, arguments.call_id)
+
     def taken_by(self, arguments: FinishArguments) -> str:
         """The Bitrix24 user whose extension or mobile answered, or "" when unknown."""
         number = answering_number(arguments.answered_by)
@@ -164,6 +194,20 @@ class FinishService:
             return ""
         return template.format(call_id=quote(arguments.call_id, safe=""), uniqueid=quote(uniqueid, safe=""),
                                recording=quote(arguments.recording, safe=""))
+
+
+def recording_key(call_id: str) -> str:
+    """A recording's outbox key; "/" never occurs in a CALL_ID, so it cannot meet a finish's key."""
+    return f"{call_id}/{RECORDING}"
+
+
+def recording_path(template: str, *, call_id: str, uniqueid: str, recording: str) -> str | None:
+    """callcard.finish.recording.file filled in, or None when a field it uses has no safe value."""
+    values = {"call_id": call_id, "uniqueid": uniqueid, "recording": recording}
+    used = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    if any(not _PATH_VALUE.match(values[name]) for name in used):
+        return None
+    return template.format(**values)
 
 
 async def send_finish(portal: PortalClient, entry: Entry) -> Outcome:

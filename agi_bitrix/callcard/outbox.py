@@ -1,7 +1,9 @@
 """A durable outbox for requests that must reach the portal exactly once, such as finishes.
 
 One SQLite row per key (the portal's CALL_ID): a second add with the same key is ignored, so a
-dialplan that runs finish twice for one call sends it once. A background task delivers due
+dialplan that runs finish twice for one call sends it once. A row has a kind (a finish, a
+recording) and may wait for another row (`after`): a recording is attached only to a call whose
+finish was delivered, and fails with it when that finish fails for good. A background task delivers due
 rows one at a time. Each attempt is counted in the database before the request leaves, so a
 crash in the middle is retried after the backoff, like any other attempt whose outcome is
 unknown; the sender decides what a retry that finds the work already done means. Rows whose
@@ -32,6 +34,7 @@ import sqlite3
 import stat
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ _Args = TypeVarTuple("_Args")
 log = logging.getLogger("agi_bitrix.outbox")
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+FINISH = "finish"  # the kind of a row added without one
 
 # A duplicate add arrives seconds after the first; delivered rows are kept well beyond that.
 DELIVERED_RETENTION = 2 * 86400.0
@@ -71,10 +75,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     queued_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
     done_at REAL,
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'finish',
+    after_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 """
+# Columns added since the first version, for outbox files written by it.
+_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'finish'", "after_key": "TEXT NOT NULL DEFAULT ''"}
+# A row is due when its time has come and the row it waits for (if any) is not pending.
+_DUE = ("state = ? AND next_attempt_at <= ? AND NOT EXISTS"
+        " (SELECT 1 FROM outbox AS first WHERE first.key = outbox.after_key AND first.state = 'pending')")
 
 
 class OutboxError(Exception):
@@ -98,10 +109,13 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one attempt achieved: `delivered`, `retry` (a passing failure) or `failed` (for good)."""
+    """What one attempt achieved: `delivered`, `retry` (a passing failure), `failed` (for good), or
+    `wait`: nothing was sent, the row is not ready (a recording still being written) and is looked
+    at again at `retry_at`, without holding the other rows back."""
 
     kind: str
     detail: str = ""
+    retry_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,18 @@ class Entry:
     params: dict[str, Any]
     attempt: int  # 1 for the first attempt
     queued_at: float
+    kind: str = FINISH
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A row the file could not take yet, as it will be stored."""
+
+    params: str  # JSON
+    queued_at: float
+    kind: str
+    after: str
+    not_before: float
 
 
 Sender = Callable[[Entry], Awaitable[Outcome]]
@@ -129,29 +155,50 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._purged_at = 0.0
-        # Finishes the file could not take, oldest first: key -> (params as JSON, queued at).
-        self._kept: dict[str, tuple[str, float]] = {}
+        # Rows the file could not take, oldest first, by key.
+        self._kept: dict[str, _Kept] = {}
         self._storage_retry_at = 0.0
         self._warned_open_to_others: set[str] = set()
         # Why the outbox cannot store finishes now, "" while it can (for /healthz and metrics).
         self.problem = ""
-        # Kept in memory for /metrics, which is read without waiting for the database.
-        self.waiting = 0
-        self.failed = 0
+        # Kept in memory for /metrics, which is read without waiting for the database, by kind.
+        self._waiting: Counter[str] = Counter()
+        self._failed: Counter[str] = Counter()
         self.lost = 0  # neither stored nor kept: memory full, or still kept when the server stopped
 
     @property
+    def waiting(self) -> int:
+        """Rows stored and not yet delivered (or given up)."""
+        return sum(self._waiting.values())
+
+    @property
+    def failed(self) -> int:
+        """Rows given up, kept in the file."""
+        return sum(self._failed.values())
+
+    @property
     def kept(self) -> int:
-        """Finishes waiting in memory for the file to take them."""
+        """Rows waiting in memory for the file to take them."""
         return len(self._kept)
+
+    def waiting_of(self, kind: str) -> int:
+        """Rows of `kind` not yet delivered: stored, or kept in memory."""
+        return self._waiting[kind] + sum(1 for row in self._kept.values() if row.kind == kind)
+
+    def failed_of(self, kind: str) -> int:
+        return self._failed[kind]
+
+    def kept_of(self, kind: str) -> int:
+        return sum(1 for row in self._kept.values() if row.kind == kind)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
-        self.waiting, self.failed = await self._run(self._open)
-        log.info("outbox %s open; %d finish(es) waiting for delivery", self.path, self.waiting)
+        self._waiting, self._failed = await self._run(self._open)
+        log.info("outbox %s open; %s waiting for delivery", self.path,
+                 ", ".join(f"{count} {kind}(s)" for kind, count in sorted(self._waiting.items())) or "nothing")
 
     async def open_or_retry_later(self) -> None:
         """Open; when the file cannot be used now, say why and let the background task retry.
@@ -181,37 +228,42 @@ class Outbox:
             await self._run(self._close)
             self._executor.shutdown(wait=True)
             self._executor = None
-        for key in self._kept:
-            log.error("finish %s is LOST: kept in memory when the server stopped (%s)", key, self.problem)
+        for key, row in self._kept.items():
+            log.error("%s %s is LOST: kept in memory when the server stopped (%s)", row.kind, key, self.problem)
         self.lost += len(self._kept)
         self._kept.clear()
 
     # -- the API -----------------------------------------------------------------------------
 
-    async def add(self, key: str, params: dict[str, Any]) -> Added:
-        """Queue `params` under `key`: durably, or in memory while the file cannot take it."""
+    async def add(self, key: str, params: dict[str, Any], *, kind: str = FINISH, after: str = "",
+                  not_before: float | None = None) -> Added:
+        """Queue `params` under `key`: durably, or in memory while the file cannot take it.
+
+        `after`: the key of a row that must be delivered first (and whose failure fails this one);
+        `not_before`: the clock time of the first attempt (default: at once)."""
         if key in self._kept:
             return "duplicate"
-        text, now = json.dumps(params, ensure_ascii=False), self._clock()
+        now = self._clock()
+        row = _Kept(json.dumps(params, ensure_ascii=False), now, kind, after, now if not_before is None else not_before)
         if self._db is not None:
             try:
-                added = await self._run(self._insert, key, text, now)
+                added = await self._run(self._insert, key, row)
             except sqlite3.Error as error:  # the disk is full, or the file broke
                 self._storage_failed(_describe(self.path, error))
             else:
                 if not added:
                     return "duplicate"
-                self.waiting += 1
+                self._waiting[kind] += 1
                 self._wake.set()
                 return "stored"
         if len(self._kept) >= MAX_KEPT:
             self.lost += 1
-            log.error("finish %s is LOST: the outbox cannot store it (%s) and %d finishes already wait in memory",
-                      key, self.problem, MAX_KEPT)
+            log.error("%s %s is LOST: the outbox cannot store it (%s) and %d rows already wait in memory",
+                      kind, key, self.problem, MAX_KEPT)
             return "lost"
-        self._kept[key] = (text, now)
-        log.error("finish %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
-                  key, len(self._kept), self.problem)
+        self._kept[key] = row
+        log.error("%s %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
+                  kind, key, len(self._kept), self.problem)
         return "kept"
 
     async def count(self, state: str) -> int:
@@ -258,9 +310,9 @@ class Outbox:
         if self._db is None:
             await self.open()
         while self._kept:
-            key, (text, queued_at) = next(iter(self._kept.items()))
-            if await self._run(self._insert, key, text, queued_at):
-                self.waiting += 1
+            key, row = next(iter(self._kept.items()))
+            if await self._run(self._insert, key, row):
+                self._waiting[row.kind] += 1
             del self._kept[key]
 
     async def _deliver_due(self) -> None:
@@ -268,7 +320,7 @@ class Outbox:
             now = self._clock()
             if now - self._purged_at >= PURGE_EVERY:
                 await self._run(self._purge, now)
-                self.failed = await self.count(FAILED)
+                self._failed = await self._run(self._count_by_kind, FAILED)
                 self._purged_at = now
             entry = await self._run(self._take_due, now)
             if entry is None:
@@ -276,7 +328,7 @@ class Outbox:
             try:
                 outcome = await self._send(entry)
             except Exception as error:  # a sender bug must not lose the row: retry it
-                log.exception("sending %s failed unexpectedly", entry.key)
+                log.exception("sending %s %s failed unexpectedly", entry.kind, entry.key)
                 outcome = Outcome("retry", f"internal: {type(error).__name__}")
             await self._record(entry, outcome)
 
@@ -284,24 +336,32 @@ class Outbox:
         now = self._clock()
         if outcome.kind == "delivered":
             await self._run(self._finish_row, entry.key, DELIVERED, now, outcome.detail)
-            self.waiting -= 1
+            self._waiting[entry.kind] -= 1
+            return
+        if outcome.kind == "wait":
+            # Nothing was sent: the attempt is not counted, and the other rows go on.
+            await self._run(self._reschedule, entry.key, outcome.retry_at, outcome.detail)
             return
         if outcome.kind == "retry" and now - entry.queued_at < self.retry.give_up_after:
             delay = self.retry.delay(entry.attempt)
             await self._run(self._note_error, entry.key, outcome.detail)
             # The portal is unwell: the other rows would fail the same way, so all wait.
             self._paused_until = now + delay
-            log.warning("finish %s not delivered (attempt %d: %s); next attempt in %.0f s",
-                        entry.key, entry.attempt, outcome.detail, delay)
+            log.warning("%s %s not delivered (attempt %d: %s); next attempt in %.0f s",
+                        entry.kind, entry.key, entry.attempt, outcome.detail, delay)
             return
         if outcome.kind == "retry":
             detail = f"gave up after {entry.attempt} attempts in {now - entry.queued_at:.0f} s: {outcome.detail}"
         else:
             detail = outcome.detail
-        await self._run(self._finish_row, entry.key, FAILED, now, detail)
-        self.waiting -= 1
-        self.failed += 1
-        log.error("finish %s will not be delivered: %s (kept in %s)", entry.key, detail, self.path)
+        followers = await self._run(self._fail_row, entry.key, now, detail)
+        self._waiting[entry.kind] -= 1
+        self._failed[entry.kind] += 1
+        log.error("%s %s will not be delivered: %s (kept in %s)", entry.kind, entry.key, detail, self.path)
+        for key, kind in followers:
+            self._waiting[kind] -= 1
+            self._failed[kind] += 1
+            log.error("%s %s will not be delivered either: it waited for %s %s", kind, key, entry.kind, entry.key)
 
     async def _sleep(self) -> None:
         # Cleared before looking: a row added from here on wakes us, one added before is seen.
@@ -334,8 +394,8 @@ class Outbox:
 
     # -- in the SQLite thread ----------------------------------------------------------------
 
-    def _open(self) -> tuple[int, int]:
-        """Open the file, private to this user; the finishes waiting and failed in it."""
+    def _open(self) -> tuple[Counter[str], Counter[str]]:
+        """Open the file, private to this user; the rows waiting and failed in it, by kind."""
         folder = self.path.parent
         try:
             # The mode applies only to a folder made here; an existing one is checked instead.
@@ -358,15 +418,22 @@ class Outbox:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            for column, declaration in _ADDED_COLUMNS.items():
+                if column not in present:  # a file of the first version: its rows are finishes
+                    db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {declaration}")
             db.row_factory = sqlite3.Row
-            counts = dict(db.execute(
-                "SELECT state, COUNT(*) FROM outbox WHERE state IN (?, ?) GROUP BY state", (PENDING, FAILED)))
+            counts: dict[str, Counter[str]] = {PENDING: Counter(), FAILED: Counter()}
+            for state, kind, count in db.execute(
+                    "SELECT state, kind, COUNT(*) FROM outbox WHERE state IN (?, ?) GROUP BY state, kind",
+                    (PENDING, FAILED)):
+                counts[state][kind] = count
         except sqlite3.Error as error:
             db.close()
             self._release_lock()
             raise OutboxError(f"cannot open outbox {self.path}: {error}") from None
         self._db = db
-        return counts.get(PENDING, 0), counts.get(FAILED, 0)
+        return counts[PENDING], counts[FAILED]
 
     def _take_lock(self) -> int:
         """An exclusive flock on the lock file, which no other user can open (0600)."""
@@ -454,16 +521,17 @@ class Outbox:
             raise OutboxError(f"outbox {self.path} is not open")
         return self._db
 
-    def _insert(self, key: str, params: str, queued_at: float) -> bool:
+    def _insert(self, key: str, row: _Kept) -> bool:
         cursor = self._connection.execute(
-            "INSERT OR IGNORE INTO outbox (key, params, state, queued_at, next_attempt_at)"
-            " VALUES (?, ?, ?, ?, ?)", (key, params, PENDING, queued_at, self._clock()))
+            "INSERT OR IGNORE INTO outbox (key, params, state, queued_at, next_attempt_at, kind, after_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, row.params, PENDING, row.queued_at, max(row.not_before, self._clock()), row.kind, row.after))
         return cursor.rowcount == 1
 
     def _take_due(self, now: float) -> Entry | None:
         with self._transaction():
             row = self._connection.execute(
-                "SELECT key, params, attempts, queued_at FROM outbox WHERE state = ? AND next_attempt_at <= ?"
+                f"SELECT key, params, attempts, queued_at, kind FROM outbox WHERE {_DUE}"
                 " ORDER BY next_attempt_at LIMIT 1", (PENDING, now)).fetchone()
             if row is None:
                 return None
@@ -472,10 +540,25 @@ class Outbox:
             # the backoff and is retried as an attempt whose outcome is unknown.
             self._connection.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE key = ?",
                                      (attempt, now + self.retry.delay(attempt), row["key"]))
-        return Entry(row["key"], json.loads(row["params"]), attempt, row["queued_at"])
+        return Entry(row["key"], json.loads(row["params"]), attempt, row["queued_at"], row["kind"])
 
     def _note_error(self, key: str, detail: str) -> None:
         self._connection.execute("UPDATE outbox SET last_error = ? WHERE key = ?", (detail, key))
+
+    def _reschedule(self, key: str, at: float, detail: str) -> None:
+        self._connection.execute("UPDATE outbox SET attempts = attempts - 1, next_attempt_at = ?, last_error = ?"
+                                 " WHERE key = ?", (at, detail, key))
+
+    def _fail_row(self, key: str, now: float, detail: str) -> list[tuple[str, str]]:
+        """Give a row up, and with it the pending rows that wait for it; those (key, kind)."""
+        with self._transaction():
+            self._finish_row(key, FAILED, now, detail)
+            followers = [(row["key"], row["kind"]) for row in self._connection.execute(
+                "SELECT key, kind FROM outbox WHERE after_key = ? AND state = ?", (key, PENDING))]
+            self._connection.execute(
+                "UPDATE outbox SET state = ?, done_at = ?, last_error = ? WHERE after_key = ? AND state = ?",
+                (FAILED, now, f"not sent: {key} was not delivered ({detail})", key, PENDING))
+        return followers
 
     def _finish_row(self, key: str, state: str, now: float, detail: str) -> None:
         # A delivery without a note keeps the error of the attempt before it, for the record.
@@ -484,11 +567,18 @@ class Outbox:
             " WHERE key = ?", (state, now, detail, key))
 
     def _next_due(self) -> float | None:
-        row = self._connection.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = ?", (PENDING,)).fetchone()
+        # Rows waiting for another row are left out: they are due once it is delivered, and that
+        # delivery happens in this loop, which then looks again.
+        row = self._connection.execute(
+            f"SELECT MIN(next_attempt_at) FROM outbox WHERE {_DUE}", (PENDING, float("inf"))).fetchone()
         return row[0]
 
     def _count(self, state: str) -> int:
         return self._connection.execute("SELECT COUNT(*) FROM outbox WHERE state = ?", (state,)).fetchone()[0]
+
+    def _count_by_kind(self, state: str) -> Counter[str]:
+        return Counter(dict(self._connection.execute(
+            "SELECT kind, COUNT(*) FROM outbox WHERE state = ? GROUP BY kind", (state,)).fetchall()))
 
     def _row(self, key: str) -> dict[str, Any] | None:
         row = self._connection.execute("SELECT * FROM outbox WHERE key = ?", (key,)).fetchone()

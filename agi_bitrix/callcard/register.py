@@ -7,6 +7,9 @@ A bare AGI(agi://HOST:PORT/register) works too, at the price of one more round t
 the same values from the channel.
 A failed or slow register never holds the call beyond its own deadline; the call goes on
 without a call card and B24_REGISTER_ERROR says why.
+With callcard.register.crm_create it also sets B24_CRM_CREATED (what the portal created, as
+TYPE:ID pairs separated by spaces) and B24_LEAD_ERROR (the portal's LEAD_CREATION_ERROR). A lead
+the portal could not create leaves the call registered, so it is no B24_REGISTER_ERROR.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +40,9 @@ USER_ID_PATTERN = re.compile(r"^[0-9]{1,20}$")
 # ("externalCall.<hex>.<unix time>").
 CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ERROR = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_ENTITY_TYPE = re.compile(r"^[A-Z][A-Z_]{0,29}$")
+# The portal's LEAD_CREATION_ERROR is a sentence; B24_LEAD_ERROR keeps its start.
+_LEAD_ERROR_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -82,17 +88,25 @@ class RegisterService:
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         values = await dialplan_values(request, channel, register_expressions(self.config.variable_prefix))
+        created = Created()
         try:
-            call_id, error = await self.register(request, values)
+            call_id, error = await self.register(request, values, created)
         except Exception:
             log.exception("call %s: register failed unexpectedly", uniqueid)
             call_id, error = "", "internal"
         prefix = self.config.variable_prefix
-        if not await channel.set_variables({f"{prefix}CALL_ID": call_id, f"{prefix}REGISTER_ERROR": error}):
+        variables = {f"{prefix}CALL_ID": call_id, f"{prefix}REGISTER_ERROR": error}
+        if self.config.callcard.register.crm_create:
+            # What CRM_CREATE did, so a lead the portal could not create is not silent.
+            variables[f"{prefix}CRM_CREATED"] = " ".join(created.entities)
+            variables[f"{prefix}LEAD_ERROR"] = created.lead_error
+        if not await channel.set_variables(variables):
             log.info("call %s: the channel went away before B24_CALL_ID was set", uniqueid)
 
-    async def register(self, request: AgiRequest, values: list[str]) -> tuple[str, str]:
-        """(CALL_ID, "") on success, ("", reason) otherwise; `values` as the dialplan gave them."""
+    async def register(self, request: AgiRequest, values: list[str],
+                       created: Created | None = None) -> tuple[str, str]:
+        """(CALL_ID, "") on success, ("", reason) otherwise; `values` as the dialplan gave them.
+        What the portal created in the CRM (or failed to) is put in `created`."""
         config = self.config
         settings = config.callcard.register
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
@@ -127,8 +141,18 @@ class RegisterService:
         if not isinstance(call_id, str) or not CALL_ID_PATTERN.match(call_id):
             log.warning("call %s: register answered without a usable CALL_ID: %.200r", uniqueid, result)
             return "", "bad_result"
+        found = created_in_crm(result)
         log.info("call %s: registered as %s for user %s (external id %s)%s", uniqueid, call_id, user_id,
-                 arguments.external_call_id or "-", _created(result))
+                 arguments.external_call_id or "-",
+                 f"; created in the CRM: {' '.join(found.entities)}" if found.entities else "")
+        if found.lead_error:
+            log.warning("call %s: registered, but the portal could not create a lead for %s: %s", uniqueid,
+                        arguments.phone, found.lead_error)
+        elif settings.crm_create and not found.entities and not result.get("CRM_ENTITY_TYPE"):
+            log.warning("call %s: registered with crm_create, but the portal names no CRM object for %s",
+                        uniqueid, arguments.phone)
+        if created is not None:
+            created.entities, created.lead_error = found.entities, found.lead_error
         return call_id, ""
 
     def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
@@ -153,6 +177,30 @@ class RegisterService:
         return params
 
 
-def _created(result: dict[str, Any]) -> str:
-    lead = result.get("CRM_CREATED_LEAD")
-    return f"; created lead {lead}" if lead else ""
+@dataclass
+class Created:
+    """What register's CRM_CREATE did: the objects made, as TYPE:ID, and the portal's error text."""
+
+    entities: list[str] = field(default_factory=list)
+    lead_error: str = ""
+
+
+def created_in_crm(result: dict[str, Any]) -> Created:
+    """CRM_CREATED_ENTITIES and LEAD_CREATION_ERROR of a register answer
+    (api-reference/telephony/telephony-external-call-register.md), each value checked: only
+    "TYPE:ID" pairs of a known shape, and the error as one line of printable text."""
+    entities = []
+    listed = result.get("CRM_CREATED_ENTITIES")
+    for item in listed if isinstance(listed, list) else []:
+        if not isinstance(item, dict):
+            continue
+        kind, number = str(item.get("ENTITY_TYPE") or "").upper(), str(item.get("ENTITY_ID") or "")
+        if _ENTITY_TYPE.match(kind) and number.isdigit() and len(number) <= 20:
+            entities.append(f"{kind}:{number}")
+    lead = str(result.get("CRM_CREATED_LEAD") or "")
+    if lead.isdigit() and len(lead) <= 20 and f"LEAD:{lead}" not in entities:
+        entities.append(f"LEAD:{lead}")  # older portals name the lead only here
+    error = result.get("LEAD_CREATION_ERROR")
+    text = " ".join(str(error).split()) if error not in (None, "", False) else ""
+    text = "".join(char for char in text if char.isprintable())[:_LEAD_ERROR_CHARS]
+    return Created(entities, text)

@@ -6,7 +6,9 @@ documentation and the portal's code say the portal does: numbers as JSON numbers
 ids, `{"result", "time"}` on success, `{"error", "error_description"}` with the portal's HTTP
 statuses on failure, method names in any case, parameters from the query string, a form or a
 JSON body (the wire format is in portal_wire, the methods and their data in portal_model).
-Here: the webhook's credentials, the portal's request limit, `batch`, and recording requests.
+Here: the webhook's credentials, the portal's request limit, `batch`, recording requests, and
+the whole-portal refusals (a free plan, HTTPS required, register/finish only for applications,
+a body over nginx's limit).
 
 Tests and the demo steer it in-process: `set_client` edits the CRM, `fail` injects faults (a
 slow or hung portal, a proxy's HTML page, garbage, a dropped connection; see portal_faults) and
@@ -23,8 +25,8 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from agi_bitrix.testing.portal_faults import FaultInjector
-from agi_bitrix.testing.portal_model import PortalModel
+from agi_bitrix.testing.portal_faults import DOCUMENTED_ERRORS, FaultInjector, nginx_page
+from agi_bitrix.testing.portal_model import FINISH_METHOD, REGISTER_METHOD, PortalModel
 from agi_bitrix.testing.portal_wire import (
     ErrorAnswer,
     canonical_method,
@@ -40,6 +42,15 @@ MAX_BATCH_COMMANDS = 50
 
 # The portal's defaults for ordinary plans: drain 2 requests/s, refuse at 50 waiting.
 PORTAL_RATE_LIMIT = (2.0, 50)
+# How the OAuth front (portal_oauth) tells the portal that a request came with an application's
+# token: the real portal sees that in the `auth` it checks itself.
+AUTH_TYPE_HEADER = "X-Emulator-Auth-Type"
+APPLICATION = "application"
+# api-reference/telephony/index.md, "Limitations and Checks": only in an application's context.
+APPLICATION_ONLY_METHODS = frozenset({REGISTER_METHOD, FINISH_METHOD})
+# The largest request body the emulated portal's nginx takes (client_max_body_size); Bitrix24
+# documents none, so it is a parameter.
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,12 +93,24 @@ class PortalEmulator(PortalModel):
         user_id: str = "1",
         code: str = "emulator-secret",
         rate_limit: tuple[float, int] | None = None,
+        application_only: bool = False,
+        max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
         """`crm` and `users` as for `PortalModel`; `user_id` and `code` make the webhook URL;
-        `rate_limit` (requests/s, burst) refuses requests over it like the portal, None: no limit."""
+        `rate_limit` (requests/s, burst) refuses requests over it like the portal, None: no limit.
+        `application_only`: register and finish through the webhook answer WRONG_AUTH_TYPE, as the
+        REST docs say they do (off by default: many portals take them through a webhook today).
+        `max_body`: bytes of request body the portal's nginx takes; more gets its 413 page."""
         super().__init__(crm, users=users)
         self.user_id = user_id
         self.code = code
+        self.application_only = application_only
+        self.max_body = max_body
+        # Whole-portal modes (_includes/system-errors.md): a free plan answers every REST request
+        # 403 ACCESS_DENIED, a portal that requires HTTPS answers plain HTTP 400 INVALID_REQUEST
+        # (this emulator only speaks HTTP, so then every request).
+        self.commercial_plan = True
+        self.https_required = False
         self.requests: list[RecordedRequest] = []
         self._faults = FaultInjector()
         self._bucket = _LeakyBucket(*rate_limit) if rate_limit else None
@@ -97,7 +120,7 @@ class PortalEmulator(PortalModel):
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=self.max_body + 1)
         app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
         # Hung requests are released on stop, so a short shutdown grace is enough.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -140,6 +163,8 @@ class PortalEmulator(PortalModel):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
         method = canonical_method(request.match_info["method"])
+        if (request.content_length or 0) > self.max_body:
+            return nginx_page(413)
         try:
             params = await read_params(request)
         except ErrorAnswer as error:
@@ -160,8 +185,15 @@ class PortalEmulator(PortalModel):
         return json_response(200, body)
 
     def _answer(self, request: web.Request, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if self.https_required and request.scheme != "https":
+            raise _documented("INVALID_REQUEST")
         if request.match_info["user_id"] != self.user_id or request.match_info["code"] != self.code:
             raise ErrorAnswer(401, "INVALID_CREDENTIALS", "Invalid request credentials")
+        if not self.commercial_plan:
+            raise _documented("ACCESS_DENIED")
+        if (self.application_only and method in APPLICATION_ONLY_METHODS
+                and request.headers.get(AUTH_TYPE_HEADER) != APPLICATION):
+            raise _documented("WRONG_AUTH_TYPE")
         if self._bucket is not None and not self._bucket.admit():
             raise ErrorAnswer(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
         if method == BATCH_METHOD:
@@ -193,3 +225,8 @@ class PortalEmulator(PortalModel):
         # PHP sends an empty array, not an empty object, for "no errors".
         return {"result": {"result": results, "result_error": errors or [], "result_total": [],
                            "result_next": [], "result_time": []}}
+
+
+def _documented(code: str) -> ErrorAnswer:
+    status, description = DOCUMENTED_ERRORS[code]
+    return ErrorAnswer(status, code, description)

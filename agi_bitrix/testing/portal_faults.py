@@ -36,6 +36,31 @@ _FAULT_OPTIONS: dict[str, dict[str, Any]] = {
 }
 FAULT_KINDS = tuple(_FAULT_OPTIONS)
 
+# The portal's documented error answers, by code: (HTTP status, error_description). An `error`
+# fault with one of these codes takes its status and text from here unless given.
+DOCUMENTED_ERRORS: dict[str, tuple[int, str]] = {
+    # _includes/system-errors.md
+    "INTERNAL_SERVER_ERROR": (500, "Internal server error"),
+    "QUERY_LIMIT_EXCEEDED": (503, "Too many requests"),
+    "OVERLOAD_LIMIT": (503, "REST API is blocked due to overload"),
+    "NO_AUTH_FOUND": (401, "Wrong authorization data"),
+    "INVALID_REQUEST": (400, "Https required"),
+    "ACCESS_DENIED": (403, "REST API is available only on commercial plans"),
+    "INVALID_CREDENTIALS": (403, "Invalid request credentials"),
+    "insufficient_scope": (403, "The request requires higher privileges than provided by the webhook token"),
+    "expired_token": (401, "The access token provided has expired"),
+    "user_access_error": (403, "The user does not have access to the application"),
+    "PORTAL_DELETED": (500, "Portal was deleted"),
+    # settings/oauth/auto-renewal.md: a token the portal does not know.
+    "invalid_token": (401, "The access token provided is invalid."),
+    # The REST server's STATUS_PAYMENT_REQUIRED (settings/cloud-and-on-premise/on-premise/custom-methods.md)
+    # with settings/oauth/error-codes.md's text: the application's paid period is over.
+    "PAYMENT_REQUIRED": (402, "Payment required"),
+    # api-reference/telephony/telephony-external-call-register.md and -finish.md; the portal's
+    # Bitrix\Rest\AuthTypeException is an AccessException, answered 403.
+    "WRONG_AUTH_TYPE": (403, "Current authorization type is denied for this method"),
+}
+
 _NGINX_PAGE = (
     "<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
     "<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
@@ -83,7 +108,8 @@ class FaultInjector:
         None), for the next `times` such requests (until reset when None).
 
         slow(delay=s): answer normally after a delay. hang: no answer until reset or stop.
-        error(status=, code=, description=): an error body; code may be "". html(status=502):
+        error(status=, code=, description=): an error body; code may be ""; a code of
+        DOCUMENTED_ERRORS brings the portal's status and text for it. html(status=502):
         a proxy's HTML page. bad_json(body=bytes): a 200 whose body is not the portal's JSON
         (default: cut short). malformed(result=): a 200 whose result is not a list of objects.
         disconnect(reset=False): close without answering; reset=True sends a TCP reset.
@@ -95,13 +121,16 @@ class FaultInjector:
             raise TypeError(f"fault {kind!r} takes no option(s) {', '.join(sorted(unknown))}")
         if times is not None and times < 1:
             raise ValueError(f"times must be at least 1, got {times}")
+        defaults = dict(_FAULT_OPTIONS[kind])
+        if kind == "error" and options.get("code") in DOCUMENTED_ERRORS:
+            defaults["status"], defaults["description"] = DOCUMENTED_ERRORS[options["code"]]
         self._faults.append(
             Fault(
                 kind=kind,
                 phone=None if phone is None else normalise_phone(phone),
                 method=None if method is None else canonical_method(method),
                 remaining=times,
-                options={**_FAULT_OPTIONS[kind], **options},
+                options={**defaults, **options},
             )
         )
 
@@ -138,9 +167,7 @@ class FaultInjector:
         if fault.kind == "error":
             return error_response(fault.error_answer())
         if fault.kind == "html":
-            status = options["status"]
-            page = _NGINX_PAGE.format(status=status, reason=_reason(status))
-            return web.Response(status=status, text=page, content_type="text/html")
+            return nginx_page(options["status"])
         if fault.kind == "bad_json":
             return web.Response(status=200, body=options["body"], content_type="application/json")
         if fault.kind == "malformed":
@@ -156,6 +183,12 @@ class FaultInjector:
             )
         transport.close()
         return web.Response(status=200)
+
+
+def nginx_page(status: int) -> web.Response:
+    """The error page the portal's nginx sends by itself (a proxy error, a body over its limit)."""
+    page = _NGINX_PAGE.format(status=status, reason=_reason(status))
+    return web.Response(status=status, text=page, content_type="text/html")
 
 
 def _reason(status: int) -> str:

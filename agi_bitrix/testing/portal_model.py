@@ -11,6 +11,8 @@ project calls are implemented.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import re
 import secrets
@@ -24,7 +26,10 @@ from agi_bitrix.testing.portal_wire import ErrorAnswer
 SEARCH_METHOD = "telephony.externalcall.searchcrmentities"
 REGISTER_METHOD = "telephony.externalcall.register"
 FINISH_METHOD = "telephony.externalcall.finish"
+ATTACH_RECORD_METHOD = "telephony.externalcall.attachrecord"
 USER_GET_METHOD = "user.get"
+# api-reference/telephony/telephony-external-call-attach-record.md: FILENAME's extensions.
+RECORD_EXTENSIONS = (".wav", ".mp3")
 
 # The portal merges a repeated register with the same call data into the call still open.
 REGISTER_MERGE_WINDOW = 30 * 60.0
@@ -51,6 +56,15 @@ class RegisteredCall:
     crm_entity_id: int | None
     registered_at: float  # time.monotonic(); tests may move it back to leave the merge window
     finish_params: dict[str, Any] | None = None
+    record: AttachedRecord | None = None  # the last one attachRecord gave (a new one replaces it)
+    records_attached: int = 0
+
+
+@dataclass(frozen=True)
+class AttachedRecord:
+    file_id: int
+    filename: str
+    content: bytes
 
 
 class PortalModel:
@@ -67,6 +81,10 @@ class PortalModel:
         self._user_extras = {str(key): dict(value) for key, value in (users or {}).items()}
         self._users: dict[str, dict[str, Any]] = {}
         self._lead_ids = itertools.count(1000)
+        self._file_ids = itertools.count(9000)
+        # When set, register's CRM_CREATE makes no lead and answers LEAD_CREATION_ERROR with this
+        # text, as a portal whose CRM refuses the lead does (leads switched off, a required field).
+        self.lead_creation_error = ""
         for phone, entities in (crm or {}).items():
             self.set_client(phone, entities)
 
@@ -84,6 +102,7 @@ class PortalModel:
             SEARCH_METHOD: self._search,
             REGISTER_METHOD: self._register,
             FINISH_METHOD: self._finish,
+            ATTACH_RECORD_METHOD: self._attach_record,
             USER_GET_METHOD: self._user_get,
         }.get(method)
         if handler is None:
@@ -121,14 +140,21 @@ class PortalModel:
         digits = normalise_phone(phone)
         entity_type, entity_id = self._crm_binding(params, digits)
         created_lead = None
+        lead_error = ""
         if entity_type is None and str(params.get("CRM_CREATE", "0")) == "1":
-            created_lead = next(self._lead_ids)
-            entity_type, entity_id = "LEAD", created_lead
-            self.set_client(digits, [_lead(created_lead, self._users[user_id])])
+            if self.lead_creation_error:
+                lead_error = self.lead_creation_error
+            else:
+                created_lead = next(self._lead_ids)
+                entity_type, entity_id = "LEAD", created_lead
+                self.set_client(digits, [_lead(created_lead, self._users[user_id])])
         call_id = f"externalCall.{secrets.token_hex(16)}.{int(time.time())}"
         call = RegisteredCall(call_id, user_id, dict(params), entity_type, entity_id, now)
         self.calls[call_id] = call
-        return {"result": _register_result(call, created_lead)}
+        result = _register_result(call, created_lead)
+        if lead_error:
+            result["LEAD_CREATION_ERROR"] = lead_error  # only when there is one ("if any")
+        return {"result": result}
 
     def _finish(self, params: dict[str, Any]) -> dict[str, Any]:
         call = self.calls.get(str(params.get("CALL_ID", "")))
@@ -153,6 +179,38 @@ class PortalModel:
                 "CRM_ENTITY_ID": call.crm_entity_id,
             }
         }
+
+    def _attach_record(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/telephony/telephony-external-call-attach-record.md: a record for a call
+        that was finished (it is looked up in the call statistics finish writes), checked in the
+        page's order of errors; a new one replaces the one attached before."""
+        filename = params.get("FILENAME")
+        if _php_empty(params.get("RECORD_URL")) and filename is None:
+            raise ErrorAnswer(400, "ERROR_CORE", "Required parameters are not set. Request should contain either URL"
+                                                 " or FILENAME parameter")
+        call = self.calls.get(str(params.get("CALL_ID", "")))
+        if call is None or call.finish_params is None:
+            raise ErrorAnswer(400, "ERROR_CORE", "Call is not found in the statistic table. It looks like it is not"
+                                                 " finished yet.")
+        if "FILE_CONTENT" not in params:
+            # RECORD_URL makes the portal download the file, FILENAME alone answers an upload URL:
+            # neither is what this project sends, and the emulator does not pretend to do them.
+            raise ErrorAnswer(501, "EMULATOR_NOT_IMPLEMENTED", "the emulator takes only FILENAME with FILE_CONTENT")
+        if _php_empty(filename):
+            raise ErrorAnswer(400, "ERROR_CORE", "File name is empty")
+        if not str(filename).lower().endswith(RECORD_EXTENSIONS):
+            raise ErrorAnswer(400, "ERROR_CORE", "Wrong file extension. Only wav and mp3 are allowed")
+        encoded = params.get("FILE_CONTENT")
+        if _php_empty(encoded):
+            raise ErrorAnswer(400, "ERROR_CORE", "File content is empty.")
+        try:
+            content = base64.b64decode(str(encoded), validate=True)
+        except (binascii.Error, ValueError):
+            raise ErrorAnswer(400, "ERROR_CORE", "File content is not properly encoded. Base64 encoding is"
+                                                 " expected.") from None
+        call.record = AttachedRecord(next(self._file_ids), str(filename), content)
+        call.records_attached += 1
+        return {"result": {"FILE_ID": call.record.file_id}}
 
     def _user_get(self, params: dict[str, Any]) -> dict[str, Any]:
         # user.get takes its filter as FILTER[...] or, in the older form, as the parameters themselves.

@@ -40,7 +40,8 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 from aiohttp import web
 
-from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.portal import APPLICATION, AUTH_TYPE_HEADER, PortalEmulator
+from agi_bitrix.testing.portal_faults import nginx_page
 from agi_bitrix.testing.portal_wire import canonical_method, json_response
 
 CODE_LIFETIME = 30.0
@@ -91,7 +92,7 @@ class OAuthServer:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> OAuthServer:
-        app = web.Application()
+        app = web.Application(client_max_size=self.portal.max_body + 1)
         app.router.add_get("/oauth/authorize/", self._authorize)
         app.router.add_route("*", "/oauth/token/", self._token)
         app.router.add_post("/rest/{method}", self._rest)
@@ -226,6 +227,8 @@ class OAuthServer:
 
     async def _rest(self, request: web.Request) -> web.Response:
         assert self._http is not None
+        if (request.content_length or 0) > self.portal.max_body:
+            return nginx_page(413)  # the portal's nginx, before any token is looked at
         # Lookups arrive as JSON, the call card's methods as forms: the portal reads both.
         is_json = request.content_type == "application/json"
         form: Any = await request.json() if is_json else await request.post()
@@ -245,7 +248,9 @@ class OAuthServer:
         fields: Any = {key: value for key, value in form.items() if key != "auth"} if is_json else \
             [(key, value) for key, value in form.items() if key != "auth"]
         body = {"json": fields} if is_json else {"data": fields}
-        async with self._http.post(f"{self.portal.webhook_url}{method}", **body) as answer:
+        # The portal knows a request came with an application's token (WRONG_AUTH_TYPE does not apply).
+        async with self._http.post(f"{self.portal.webhook_url}{method}", headers={AUTH_TYPE_HEADER: APPLICATION},
+                                   **body) as answer:
             return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
 
     def _spendable(self, refresh_token: str, now: float) -> bool:
