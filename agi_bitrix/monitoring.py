@@ -81,11 +81,14 @@ class Metrics:
 
 
 class MonitoringServer:
-    """/metrics (Prometheus text format) and /healthz (JSON; 503 when calls cannot be routed by CRM)."""
+    """/metrics (Prometheus text format), /healthz (JSON; 503 when calls cannot be routed by CRM),
+    and the admin page's routes (agi_bitrix.web), added by `pages`."""
 
-    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]]) -> None:
+    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]],
+                 pages: Callable[[web.Application], None] | None = None) -> None:
         self.metrics = metrics
         self.health = health
+        self.pages = pages
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -93,6 +96,8 @@ class MonitoringServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        if self.pages is not None:
+            self.pages(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

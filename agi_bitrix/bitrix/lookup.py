@@ -80,6 +80,7 @@ class LookupMemory:
     breaker: CircuitBreaker
     last_success: float | None = None
     last_failure: float | None = None
+    last_failure_reason: str = ""  # the reason of that failure (timeout, http_502, the portal's code)
     clock: Callable[[], float] = field(default=time.monotonic)
 
 
@@ -233,6 +234,7 @@ class CrmLookup:
             self.breaker.succeeded()
         else:
             self.memory.last_failure = self._clock()
+            self.memory.last_failure_reason = error.reason
             self._breaker_failed(error.reason)
         self._fail(phones, error)
 
