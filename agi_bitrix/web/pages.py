@@ -142,10 +142,11 @@ class AdminPages:
 
     # -- rendering and access --
 
-    def _page(self, template: str, status: int = 200, **context: Any) -> web.Response:
+    def _page(self, template: str, status: int = 200, page: str = "", **context: Any) -> web.Response:
+        """`page`: which tab of the menu is this one ("" for none)."""
         running = self.running()
         html = self.templates.get_template(template).render(
-            version=__version__, config_path=running.config.path, csrf=self._gate.csrf,
+            page=page, version=__version__, config_path=running.config.path, csrf=self._gate.csrf,
             needs_login=bool(self._gate.policy.token), **context)
         return web.Response(text=html, status=status, content_type="text/html", charset="utf-8",
                             headers=SECURITY_HEADERS)
