@@ -41,7 +41,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self';"
                                " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make a form's Origin null
     "Cache-Control": "no-store",
 }
 
@@ -202,7 +202,8 @@ class AdminPages:
     async def _calls(self, request: web.Request) -> web.Response:
         rows = [{"number": c.number, "when": self._when(c), "phone": self._shown_phone(c.phone), "call": c}
                 for c in self.recent.newest_first()]
-        return self._page("calls.html", page="calls", rows=rows, kept=self.recent.size)
+        return self._page("calls.html", page="calls", rows=rows, kept=self.recent.size,
+                          timezone=str(self.running().config.policy.timezone))
 
     async def _call(self, request: web.Request) -> web.Response:
         call = self.recent.find(int(request.match_info["number"]))
