@@ -359,3 +359,12 @@ def test_chart_stacks_each_minute_by_route_on_one_scale():
     assert extension.y + extension.height == mobile.y + mobile.height == chart.top + chart.plot_height
     assert chart.legend == [("extension", "#2f6fb0", 2), ("mobile", "#d9822b", 1), ("queue", "#5b9a3c", 2)]
     assert calls_per_minute([{}] * 60).bars == []
+
+
+async def test_a_call_routed_without_the_rules_is_listed_and_says_why_it_has_no_trace(site):
+    variables = await site.call("89161234567", script="rout")  # a typo in the dialplan's AGI path
+    assert variables["B24_ERROR"] == "unknown_script"
+    _, listing = await site.get("/calls")
+    assert "unknown_script" in listing
+    status, html = await site.get(re.search(r'href="(/calls/\d+)"', listing).group(1))
+    assert status == 200 and 'id="no-trace"' in html and "(unknown_script)" in html
