@@ -249,7 +249,13 @@ async def test_the_form_needs_its_csrf_token_and_a_same_site_origin(site, hostil
     status, html = await site.post("/try", {"csrf": await site.csrf(), "number": "89161234567"},
                                    headers={"Origin": "http://evil.example"})
     assert status == 403 and "sent from another site" in html
+    assert (await site.post("/try", {"csrf": await site.csrf(), "number": "89161234567"},
+                            headers={"Origin": "null"}))[0] == 403
     assert hostile_portal.requests == []
+    # Behind a TLS proxy the browser's Origin says https for the same host: that is this site.
+    host = site.base.partition("://")[2]
+    assert (await site.post("/try", {"csrf": await site.csrf(), "number": "89161234567"},
+                            headers={"Origin": f"https://{host}"}))[0] == 200
 
 
 async def test_try_a_number_is_rate_limited(site, hostile_portal):
@@ -272,7 +278,7 @@ async def test_loopback_page_refuses_a_foreign_host_name(site):
 async def test_off_loopback_without_a_token_the_pages_are_refused_but_metrics_and_health_served(hostile_portal):
     site = await open_site(hostile_portal, listen="0.0.0.0")
     try:
-        for path in ("/", "/calls", "/try", "/rules"):
+        for path in ("/", "/calls", "/try", "/rules", "/login"):
             status, html = await site.get(path)
             assert status == 403, path
             assert "not a loopback address, and no access token is set" in html
@@ -321,6 +327,8 @@ async def test_a_token_file_that_cannot_be_used_turns_the_pages_off(tmp_path):
     policy = access_policy(settings, {})
     assert (policy.token, policy.refusal) == (TOKEN, "")
     assert access_policy(settings, {ADMIN_TOKEN_ENV: "from-the-environment-1234"}).token == "from-the-environment-1234"
+    on_loopback = access_policy(MetricsSettings(), {ADMIN_TOKEN_ENV: TOKEN})  # a token set is asked for there too
+    assert on_loopback.token == TOKEN and not on_loopback.open_locally
 
 
 def test_token_file_must_be_an_absolute_path():

@@ -174,8 +174,10 @@ class AdminPages:
 
     @staticmethod
     def _same_origin(request: web.Request) -> bool:
+        """No Origin (an older client), or this server's host. The scheme is not compared: behind
+        a TLS proxy the browser says https while this listener sees http."""
         origin = request.headers.get("Origin")
-        return origin is None or origin == f"{request.scheme}://{request.host}"
+        return origin is None or origin.partition("://")[2] == request.host
 
     def _when(self, call: RecentCall) -> datetime:
         return datetime.fromtimestamp(call.at, self.running().config.policy.timezone)
@@ -252,6 +254,8 @@ class AdminPages:
     # -- the token, when one is required --
 
     async def _login_form(self, request: web.Request) -> web.Response:
+        if self._gate.policy.refusal:
+            return self._page("refused.html", status=403, reason=self._gate.policy.refusal)
         return self._login_page(self._next(request.query.get("next", "/")), "", 200)
 
     async def _login(self, request: web.Request) -> web.Response:
