@@ -41,6 +41,8 @@ from agi_bitrix.config import Config, load_config
 from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
 from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import Router, RouteScript
+from agi_bitrix.web.pages import AdminPages
+from agi_bitrix.web.recent import RecentCalls
 
 log = logging.getLogger("agi_bitrix")
 
@@ -68,6 +70,7 @@ class Application:
         self.reloads = {"success": 0, "failure": 0}
         self._reload_lock = asyncio.Lock()
         self._reloading: set[asyncio.Task[bool]] = set()
+        self.recent = RecentCalls()  # the last calls, for the admin page
         self.session: aiohttp.ClientSession = make_session(pool_size=config.bitrix.pool_size)
         self.memory = LookupMemory(
             AnswerCache(config.cache),
@@ -86,7 +89,9 @@ class Application:
         # The portal's install POST, on the monitoring listener (its path takes effect after a restart).
         forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
                  if oauth is not None and oauth.install_path else {})
-        self.monitoring = MonitoringServer(self.metrics, self.health, forms) if config.metrics.enabled else None
+        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.metrics)
+        self.monitoring = (MonitoringServer(self.metrics, self.health, forms, pages.add_routes)
+                           if config.metrics.enabled else None)
 
     @property
     def config(self) -> Config:
@@ -105,7 +110,7 @@ class Application:
         portal = portal_client(config.bitrix, self.session, previous=previous.portal if previous else None)
         lookup = CrmLookup(portal, self.memory, deadline=config.bitrix.deadline, observer=self.metrics)
         router = Router(config, lookup, users=self.users)
-        route = RouteScript(router, self.metrics, self.call_log)
+        route = RouteScript(router, self.metrics, self.call_log, self.recent)
         register = RegisterService(config, portal)
         finish = FinishService(config, self.outbox, self.users)
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
@@ -173,7 +178,7 @@ class Application:
                       config.metrics.host, config.metrics.port, error.strerror)
             self.monitoring = None
             return
-        log.info("metrics on http://%s:%s/metrics, health on /healthz", host, port)
+        log.info("metrics on http://%s:%s/metrics, health on /healthz, admin page on /", host, port)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether calls can be routed by the CRM now, and why, for /healthz."""
@@ -202,6 +207,7 @@ class Application:
                 "breaker": breaker,
                 "last_success_seconds_ago": seconds_since(memory.last_success),
                 "last_failure_seconds_ago": seconds_since(memory.last_failure),
+                "last_failure_reason": memory.last_failure_reason or None,
             },
             "auth": auth,
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
@@ -209,6 +215,7 @@ class Application:
             # Shown, but not in the status: a broken call card does not stop calls being routed.
             "callcard": self._callcard_health(),
             "sessions_in_flight": len(self.server.sessions),
+            "cache_entries": len(memory.cache),
             "uptime_seconds": seconds_since(self.started_at),
             "version": __version__,
         }
@@ -303,7 +310,7 @@ class Application:
         if new.bitrix.pool_size != old.bitrix.pool_size:
             log.warning("bitrix.pool_size changed; it takes effect after a restart")
         if new.metrics != old.metrics:
-            log.warning("metrics.listen changed; it takes effect after a restart")
+            log.warning("metrics.listen or metrics.token_file changed; it takes effect after a restart")
         if (new.callcard.enabled, new.callcard.outbox) != (old.callcard.enabled, old.callcard.outbox):
             log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
         if new.users.refresh != old.users.refresh:

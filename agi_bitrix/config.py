@@ -66,6 +66,12 @@ def _metrics_listen(value: Any) -> tuple[str, int, bool]:
     return host, port, True
 
 
+def _token_file(value: str) -> str:
+    if value and not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path")
+    return value
+
+
 def _log_format(value: str) -> str:
     chosen = (value or CallLogSettings.format).lower()
     if chosen not in ("plain", "json"):
@@ -175,6 +181,8 @@ class MetricsSettings:
                          sets=("host", "port", "enabled"))
     port: int = 9573
     enabled: bool = True
+    # The admin page's access token (agi_bitrix.web.access); "" = none. Required off loopback.
+    token_file: str = text("token_file", "", check=_token_file)
 
 
 @dataclass(frozen=True)

@@ -88,14 +88,17 @@ FormHandler = Callable[[Mapping[str, str], str], Awaitable[tuple[int, dict[str, 
 
 
 class MonitoringServer:
-    """/metrics (Prometheus text format) and /healthz (JSON; 503 when calls cannot be routed by CRM),
-    and the form POSTs the portal sends here (the OAuth install callback), by path."""
+    """/metrics (Prometheus text format), /healthz (JSON; 503 when calls cannot be routed by CRM),
+    the form POSTs the portal sends here (the OAuth install callback), by path, and the admin
+    page's routes (agi_bitrix.web), added by `pages`."""
 
     def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]],
-                 forms: Mapping[str, FormHandler] | None = None) -> None:
+                 forms: Mapping[str, FormHandler] | None = None,
+                 pages: Callable[[web.Application], None] | None = None) -> None:
         self.metrics = metrics
         self.health = health
         self.forms = dict(forms or {})
+        self.pages = pages
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -105,6 +108,8 @@ class MonitoringServer:
         app.router.add_get("/healthz", self._healthz)
         for path, handler in self.forms.items():
             app.router.add_post(path, functools.partial(self._form, handler))
+        if self.pages is not None:
+            self.pages(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

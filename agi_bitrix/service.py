@@ -42,6 +42,13 @@ class Directory(Protocol):
     def inactive_among(self, user_ids: Iterable[str]) -> frozenset[str]: ...
 
 
+class CallRecorder(Protocol):
+    """Keeps each call for the admin page (agi_bitrix.web.recent.RecentCalls); on the hot path, so cheap."""
+
+    def record(self, uniqueid: str, phone: str, status: str, route: str, target: str, rule: str,
+               error: str, cache: str, seconds: float, routed: RoutedCall | None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RoutedCall:
     call: CallInfo
@@ -98,23 +105,27 @@ class RouteScript:
     """The `route` AGI script (and the answer to an unknown one): the router's variables on the
     channel, every call counted in the metrics and the call log."""
 
-    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog) -> None:
+    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog,
+                 recorder: CallRecorder | None = None) -> None:
         self.router = router
         self.config = router.config
         self.metrics = metrics
         self.call_log = call_log
+        self.recorder = recorder
 
     async def handle_route(self, request: AgiRequest, channel: AgiChannel) -> None:
         """Decide and set the variables; a bug still yields the fallback route."""
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         started = time.monotonic()
+        routed: RoutedCall | None = None
         try:
             call = agi_call_info(request, self.config.policy.default_country)
-            variables = (await self.router.route(call, uniqueid)).variables
+            routed = await self.router.route(call, uniqueid)
+            variables = routed.variables
         except Exception:
             log.exception("call %s: routing failed; sending the fallback route", uniqueid)
             variables = self.fallback_variables("internal")
-        self._account(uniqueid, variables, time.monotonic() - started)
+        self._account(uniqueid, variables, time.monotonic() - started, routed)
         if not await channel.set_variables(variables):
             log.info("call %s: the channel went away before its variables were set", uniqueid)
 
@@ -123,17 +134,20 @@ class RouteScript:
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
         log.warning("call %s asked for unknown script %r; sending the fallback route", uniqueid, request.script)
         variables = self.fallback_variables("unknown_script")
-        self._account(uniqueid, variables, 0.0)
+        self._account(uniqueid, variables, 0.0, None)
         await channel.set_variables(variables)
 
-    def _account(self, uniqueid: str, variables: dict[str, str], seconds: float) -> None:
-        """The call's line in the call log and its place in the metrics, from what was sent."""
+    def _account(self, uniqueid: str, variables: dict[str, str], seconds: float, routed: RoutedCall | None) -> None:
+        """The call's line in the call log, its place in the metrics and on the admin page, from what was sent."""
         prefix = self.config.variable_prefix
         status, route, rule = variables[prefix + "STATUS"], variables[prefix + "ROUTE"], variables[prefix + "RULE"]
         self.metrics.count_call(status, route, rule)
         self.metrics.call_seconds.observe(seconds)
-        self.call_log.record(uniqueid, variables[prefix + "PHONE"], status, route, variables[prefix + "TARGET"],
-                             rule, variables[prefix + "ERROR"], variables[prefix + "CACHE"], seconds)
+        phone, target, error, cache = (variables[prefix + "PHONE"], variables[prefix + "TARGET"],
+                                       variables[prefix + "ERROR"], variables[prefix + "CACHE"])
+        self.call_log.record(uniqueid, phone, status, route, target, rule, error, cache, seconds)
+        if self.recorder is not None:
+            self.recorder.record(uniqueid, phone, status, route, target, rule, error, cache, seconds, routed)
 
     def fallback_variables(self, reason: str) -> dict[str, str]:
         """Variables for a call we could not route normally (an internal failure)."""

@@ -22,9 +22,16 @@ MAY_IMPORT = {
     "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
                             "agi_bitrix.background"},
     "agi_bitrix.testing": set(),
+    # The admin page reads what the running parts hold and explains calls as `agi-bitrix route` does.
+    "agi_bitrix.web": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones",
+                       "agi_bitrix.background", "agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.routing",
+                       "agi_bitrix.callcard", "agi_bitrix.config", "agi_bitrix.service", "agi_bitrix.server",
+                       "agi_bitrix.monitoring", "agi_bitrix.calllog", "agi_bitrix.explain"},
 }
 # Stand-ins for Portal and PBX: only the demo (and the tests and benchmarks) may use them.
 TESTING_USERS = {"agi_bitrix.demo"}
+# The admin page is wired in by the Application alone; nothing it reads may import it back.
+WEB_USERS = {"agi_bitrix.app"}
 
 
 def module_name(path: Path) -> str:
@@ -67,6 +74,13 @@ def test_only_the_demo_uses_the_stand_ins():
              if not within(module_name(path), "agi_bitrix.testing")
              and any(within(name, "agi_bitrix.testing") for name in package_imports(path))}
     assert users == TESTING_USERS
+
+
+def test_only_the_application_imports_the_admin_page():
+    users = {module_name(path) for path in PACKAGE.rglob("*.py")
+             if not within(module_name(path), "agi_bitrix.web")
+             and any(within(name, "agi_bitrix.web") for name in package_imports(path))}
+    assert users == WEB_USERS
 
 
 def test_both_forms_of_import_are_seen(tmp_path):

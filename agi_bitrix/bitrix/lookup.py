@@ -89,6 +89,7 @@ class LookupMemory:
     last_failure: float | None = None
     # The portal's refusal of REST as a whole (plan, HTTPS) when that was the last failure, for /healthz.
     misconfigured: PortalMisconfigured | None = None
+    last_failure_reason: str = ""  # the reason of that failure (timeout, http_502, the portal's code)
     clock: Callable[[], float] = field(default=time.monotonic)
 
 
@@ -280,6 +281,7 @@ class CrmLookup:
             # alike until an admin acts, so the breaker opens at once. Said once per change: the
             # breaker's probe finds it again every cool-down.
             self.memory.last_failure = self._clock()
+            self.memory.last_failure_reason = error.reason
             previous, self.memory.misconfigured = self.memory.misconfigured, error
             if previous is None or previous.reason != error.reason or self.breaker.state == CLOSED:
                 log.error("portal refuses REST as a whole: %s (%s); %s. Calls take the fallback; the portal is"
@@ -289,6 +291,7 @@ class CrmLookup:
         else:
             self.memory.last_failure = self._clock()
             self.memory.misconfigured = None
+            self.memory.last_failure_reason = error.reason
             self._breaker_failed(error.reason)
         self._fail(phones, error)
 

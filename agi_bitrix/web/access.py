@@ -1,0 +1,137 @@
+"""Who may see the admin page, and what a form may do.
+
+- Loopback only by default: with `metrics.listen` on a loopback address and no token, the pages
+  are open to local clients (and to an SSH tunnel), but only under a loopback Host name, so a web
+  page elsewhere cannot reach them by pointing its own domain at 127.0.0.1 (DNS rebinding).
+- Elsewhere an access token is required (`metrics.token_file`, or the environment variable
+  AGI_BITRIX_ADMIN_TOKEN), sent once through the login form and then carried by a cookie, or as
+  `Authorization: Bearer TOKEN`; compared in constant time. Without one, the pages are refused
+  to everyone and say why. /metrics and /healthz stay open either way (they hold no secret and
+  no caller's number), so Prometheus and load balancers need nothing new.
+- Forms that POST carry a per-process CSRF token, and a POST whose Origin is another site is refused.
+- "Try a number" and the login are rate-limited (a sliding window, for the whole process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+
+from agi_bitrix.config import MetricsSettings
+
+ADMIN_TOKEN_ENV = "AGI_BITRIX_ADMIN_TOKEN"
+MIN_TOKEN_LENGTH = 16
+COOKIE = "agi_bitrix_admin"
+_COOKIE_CONTEXT = b"agi-bitrix admin page session"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host_header: str) -> str:
+    """"127.0.0.1:9573" -> 127.0.0.1, "[::1]:9573" -> ::1, "localhost" -> localhost."""
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    token: str  # "" when none is set
+    refusal: str  # why the pages are refused to everyone; "" when they are not
+    where: str  # where the token came from, for the log
+
+    @property
+    def open_locally(self) -> bool:
+        return not self.token and not self.refusal
+
+
+def access_policy(settings: MetricsSettings, environ: Mapping[str, str]) -> AccessPolicy:
+    """What the pages require, from the listen address and the token's source."""
+    token, where = environ.get(ADMIN_TOKEN_ENV, "").strip(), f"the environment variable {ADMIN_TOKEN_ENV}"
+    if not token and settings.token_file:
+        where = f"metrics.token_file {settings.token_file}"
+        try:
+            token = Path(settings.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            return AccessPolicy("", f"the access token cannot be read from {where}: {reason}", where)
+        if not token:
+            return AccessPolicy("", f"the access token file {settings.token_file} is empty", where)
+    if token and len(token) < MIN_TOKEN_LENGTH:
+        return AccessPolicy("", f"the access token from {where} is shorter than {MIN_TOKEN_LENGTH} characters", where)
+    if not token and not is_loopback(settings.host):
+        return AccessPolicy("", f"metrics.listen is {settings.host}, not a loopback address, and no access token"
+                                f" is set (metrics.token_file or {ADMIN_TOKEN_ENV})", "")
+    return AccessPolicy(token, "", where if token else "")
+
+
+class Gate:
+    """Checks one request against the policy; the cookie holds a value derived from the token,
+    never the token itself."""
+
+    def __init__(self, policy: AccessPolicy) -> None:
+        self.policy = policy
+        self.csrf = secrets.token_urlsafe(32)
+        self._cookie = (hmac.new(policy.token.encode(), _COOKIE_CONTEXT, hashlib.sha256).hexdigest()
+                        if policy.token else "")
+
+    @property
+    def cookie_value(self) -> str:
+        return self._cookie
+
+    def refusal(self, host_header: str, cookie: str, authorization: str) -> str:
+        """Why this request may not see the pages ("" when it may): "login" when it should
+        present the token, otherwise a sentence."""
+        if self.policy.refusal:
+            return self.policy.refusal
+        if self.policy.open_locally:
+            if not is_loopback(_host_name(host_header)):
+                return (f"the page is open only under a loopback name (127.0.0.1, localhost, [::1]);"
+                        f" this request named host {host_header!r}")
+            return ""
+        if cookie and hmac.compare_digest(cookie.encode(), self._cookie.encode()):
+            return ""
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() == "bearer" and self.token_matches(given.strip()):
+            return ""
+        return "login"
+
+    def token_matches(self, given: str) -> bool:
+        return bool(self.policy.token) and hmac.compare_digest(given.encode(), self.policy.token.encode())
+
+    def csrf_matches(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.csrf.encode())
+
+
+class SlidingWindow:
+    """At most `limit` events in any `period` seconds, for the whole process."""
+
+    def __init__(self, limit: int, period: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.period = period
+        self._times: deque[float] = deque()
+        self._clock = clock
+
+    def allow(self) -> float:
+        """0 when the event may happen now (and counts it); else seconds until it may."""
+        now = self._clock()
+        while self._times and self._times[0] <= now - self.period:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return self._times[0] + self.period - now
+        self._times.append(now)
+        return 0.0
