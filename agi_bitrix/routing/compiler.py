@@ -7,8 +7,9 @@ at call time (routing.engine) cannot fail.
 
 from __future__ import annotations
 
+import calendar
 import re
-from datetime import time
+from datetime import date
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,9 +20,11 @@ from agi_bitrix.phones import dialable_number, normalize_extension, normalize_nu
 from agi_bitrix.routing.rules import (
     CALL_STATUSES,
     ENTITY_TYPES,
+    MONTHS,
     OWNER_PHONES,
     TIMEMAN_STATUSES,
     WEEKDAYS,
+    DayRange,
     Match,
     Pattern,
     RoutingPolicy,
@@ -43,9 +46,8 @@ _TIME_RANGE = re.compile(r"^([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2}
 
 def compile_routing(check: Checker, section: LocatedDict, country: str) -> RoutingPolicy:
     zone_name = check.text(section, "timezone", "routing", "UTC") or "UTC"
-    try:
-        zone = ZoneInfo(zone_name)
-    except (ZoneInfoNotFoundError, ValueError):
+    zone = _zone(zone_name)
+    if zone is None:
         check.problem(section.lines.get("timezone", section.line), "routing.timezone",
                       f"unknown time zone {quoted(zone_name)} (expected a name like Europe/Moscow)")
         zone = ZoneInfo("UTC")
@@ -57,18 +59,46 @@ def compile_routing(check: Checker, section: LocatedDict, country: str) -> Routi
     elif not _NAME.match(fallback):
         check.problem(section.lines["fallback_queue"], "routing.fallback_queue",
                       f"{quoted(fallback)} must be letters, digits, '_', '.', '-'")
-    intervals = _time_intervals(check, section)
+    intervals = _time_intervals(check, section, zone)
     rules = _rules(check, section, country, intervals)
     return RoutingPolicy(tuple(rules), fallback, zone, country, intervals)
 
 
-def _time_intervals(check: Checker, section: LocatedDict) -> dict[str, tuple[TimeInterval, ...]]:
+# Time intervals follow Alertmanager's time_interval (config/config.go, timeinterval/timeinterval.go;
+# docs/configuration.md): the same parts (weekdays, days_of_month, months, years, times,
+# location), each a list of which any item may hold, all parts given must hold, ranges "a:b"
+# include both ends, negative days count from the month's end and ranges are cut to the month,
+# months by name or number, "24:00" ends a day. Where we deliberately differ:
+# - times are our own "HH:MM-HH:MM" strings, and one that ends before it starts runs over
+#   midnight (Alertmanager has {start_time, end_time} and refuses that);
+# - weekdays and months may also be written "mon-fri", abbreviated to three letters or more, and
+#   a range of them may wrap ("fri-mon", "december:february"; Alertmanager refuses those);
+# - location defaults to routing.timezone, not UTC; "Local" (the server's zone) is refused;
+# - an interval no date can match ("days_of_month: [31]" with "months: [february]") is refused;
+#   Alertmanager loads it and it never matches. Nothing depends on today's date, though: years
+#   already past load as they always did.
+_INTERVAL_PARTS = ("weekdays", "days_of_month", "months", "years", "times", "location")
+_DAY = re.compile(r"^-?[0-9]{1,2}$")  # [0-9], not \d: ASCII digits only
+_NUMBER = re.compile(r"^[0-9]{1,4}$")
+_SEXAGESIMAL = "; YAML reads an unquoted 1:8 as the number 68: put ranges in quotes"
+# The Gregorian calendar repeats every 400 years: 146,097 days, a whole number of weeks.
+_CALENDAR_CYCLE = 400
+
+
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _time_intervals(check: Checker, section: LocatedDict, zone: ZoneInfo) -> dict[str, tuple[TimeInterval, ...]]:
     value = section.get("time_intervals")
     if value is None:
         return {}
     if not isinstance(value, LocatedDict):
         check.problem(section.lines["time_intervals"], "routing.time_intervals",
-                      "expected a mapping of interval names to lists of {weekdays, times}")
+                      "expected a mapping of interval names to lists of {weekdays, days_of_month, months, ...}")
         return {}
     result = {}
     for name, entries in value.items():
@@ -82,38 +112,154 @@ def _time_intervals(check: Checker, section: LocatedDict) -> dict[str, tuple[Tim
         parsed = []
         for item_line, item_path, item in check.items(holder, name, "routing.time_intervals") or []:
             if not isinstance(item, LocatedDict):
-                check.problem(item_line, item_path, "expected a mapping with weekdays and/or times")
+                check.problem(item_line, item_path, f"expected a mapping of {', '.join(_INTERVAL_PARTS)}")
                 continue
-            check.unknown_keys(item, item_path, ("weekdays", "times"))
-            parsed.append(TimeInterval(_weekdays(check, item, item_path), _times(check, item, item_path)))
+            parsed.append(_time_interval(check, item, item_path, zone))
         result[str(name)] = tuple(parsed)
     return result
 
 
-def _weekdays(check: Checker, item: LocatedDict, path: str) -> frozenset[int]:
-    days: set[int] = set()
-    for line, item_path, value in check.items(item, "weekdays", path) or []:
-        text = str(value).strip().lower()
-        first, _, last = text.partition("-")
+def _time_interval(check: Checker, item: LocatedDict, path: str, zone: ZoneInfo) -> TimeInterval:
+    problems_before = len(check.problems)
+    check.unknown_keys(item, path, _INTERVAL_PARTS)
+    location = check.text(item, "location", path)
+    if location is not None:
+        found = _zone(location)
+        if found is not None:
+            zone = found
+        else:
+            check.problem(item.lines["location"], f"{path}.location",
+                          f"unknown time zone {quoted(location)} (expected a name like Europe/Moscow)")
+    interval = TimeInterval(
+        weekdays=_cyclic(check, item, "weekdays", path, _weekday, "a weekday or range like mon-fri"),
+        days_of_month=_days_of_month(check, item, path),
+        months=_cyclic(check, item, "months", path, _month,
+                       "a month (january or jan, or 1 to 12) or range like \"january:march\""),
+        years=_years(check, item, path),
+        times=_times(check, item, path),
+        zone=zone,
+    )
+    if len(check.problems) == problems_before and not _some_day_in(interval):
+        given = [part for part in ("weekdays", "days_of_month", "months", "years") if part in item]
+        check.problem(item.line, path, f"never matches: no date has all of its {', '.join(given)}")
+    return interval
+
+
+def _bounds(value: Any, member: Any, separators: str) -> tuple[int, int]:
+    """The first and last member of an item like "mon-fri", "1:8" or "march" (ValueError if it is not
+    one); `member` reads one end."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(value)
+    text = str(value).strip().lower()
+    for separator in separators:
+        first, found, last = text.partition(separator)
+        if found:
+            return member(first.strip()), member(last.strip())
+    one = member(text)
+    return one, one
+
+
+def _cyclic(check: Checker, item: LocatedDict, key: str, path: str, member: Any, expected: str) -> frozenset[int]:
+    """Weekdays or months: a range runs forward and may wrap, like fri-mon."""
+    found: set[int] = set()
+    for line, item_path, value in check.items(item, key, path) or []:
         try:
-            start = _weekday(first)
-            end = _weekday(last) if last else start
+            first, last = _bounds(value, member, "-:")
         except ValueError:
-            check.problem(line, item_path, f"{quoted(value)} is not a weekday or range like mon-fri")
+            hint = _SEXAGESIMAL if key == "months" and isinstance(value, int) and abs(value) >= 60 else ""
+            check.problem(line, item_path, f"{quoted(value)} is not {expected}{hint}")
             continue
-        day = start
-        days.add(day)
-        while day != end:
-            day = (day + 1) % 7
-            days.add(day)
-    return frozenset(days)
+        low, count = (0, 7) if key == "weekdays" else (1, 12)
+        step = first
+        found.add(step)
+        while step != last:
+            step = (step - low + 1) % count + low
+            found.add(step)
+    return frozenset(found)
 
 
 def _weekday(text: str) -> int:
-    text = text.strip()[:3]
-    if text not in WEEKDAYS:
+    """0 for Monday: "mon", "monday", any start of the name of three letters or more."""
+    return _named(text, WEEKDAYS, 0)
+
+
+def _month(text: str) -> int:
+    """1 for January: by number, or by name as weekdays are."""
+    if _NUMBER.match(text):
+        if not 1 <= int(text) <= 12:
+            raise ValueError(text)
+        return int(text)
+    return _named(text, MONTHS, 1)
+
+
+def _named(text: str, names: tuple[str, ...], first: int) -> int:
+    if len(text) >= 3:
+        for index, name in enumerate(names):
+            if name.startswith(text):
+                return index + first
+    raise ValueError(text)
+
+
+def _days_of_month(check: Checker, item: LocatedDict, path: str) -> tuple[DayRange, ...]:
+    ranges = []
+    for line, item_path, value in check.items(item, "days_of_month", path) or []:
+        try:
+            first, last = _bounds(value, _day_of_month, ":")
+        except ValueError:
+            hint = _SEXAGESIMAL if isinstance(value, int) and abs(value) >= 60 else ""
+            check.problem(line, item_path, f"{quoted(value)} is not a day of the month (1 to 31, or -1 for the"
+                                           f" last to -31) or a range like \"1:8\"{hint}")
+            continue
+        days = DayRange(first, last)
+        if not any(days.contains(day, length) for length in (28, 29, 30, 31) for day in range(1, length + 1)):
+            check.problem(line, item_path, f"{quoted(value)} is empty in every month")
+            continue
+        ranges.append(days)
+    return tuple(ranges)
+
+
+def _day_of_month(text: str) -> int:
+    if not _DAY.match(text) or not 1 <= abs(int(text)) <= 31:
         raise ValueError(text)
-    return WEEKDAYS.index(text)
+    return int(text)
+
+
+def _years(check: Checker, item: LocatedDict, path: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for line, item_path, value in check.items(item, "years", path) or []:
+        try:
+            first, last = _bounds(value, _year, "-:")
+        except ValueError:
+            check.problem(line, item_path, f"{quoted(value)} is not a year (1 to 9999) or a range like \"2026:2027\"")
+            continue
+        if last < first:
+            check.problem(line, item_path, f"{quoted(value)}: end year {last} is before start year {first}")
+            continue
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+def _year(text: str) -> int:
+    if not _NUMBER.match(text) or int(text) == 0:
+        raise ValueError(text)
+    return int(text)
+
+
+def _some_day_in(interval: TimeInterval) -> bool:
+    """Whether any date has all the day parts of `interval`. As the calendar repeats every 400
+    years, a year stands for every year it equals modulo 400, and any 400 years for all."""
+    years: dict[int, int] = {}  # a year of each residue modulo 400 the interval allows
+    for first, last in sorted(set(interval.years)) or [(2000, 2399)]:
+        for year in range(first, min(last, first + _CALENDAR_CYCLE - 1) + 1):
+            years.setdefault(year % _CALENDAR_CYCLE, year)
+        if len(years) == _CALENDAR_CYCLE:
+            break
+    for year in sorted(years.values()):
+        for month in sorted(interval.months) or range(1, 13):
+            for day in range(1, calendar.monthrange(year, month)[1] + 1):
+                if interval.contains_day(date(year, month, day)):
+                    return True
+    return False
 
 
 def _times(check: Checker, item: LocatedDict, path: str) -> tuple[TimeRange, ...]:
@@ -123,23 +269,27 @@ def _times(check: Checker, item: LocatedDict, path: str) -> tuple[TimeRange, ...
             # YAML 1.1 reads an unquoted 09:00 as the number 540 (base 60).
             check.problem(line, item_path, "write time ranges in quotes, like \"09:00-18:00\"")
             continue
-        match = _TIME_RANGE.match(str(value).strip())
-        try:
-            if not match:
-                raise ValueError
-            h1, m1, h2, m2 = (int(g) for g in match.groups())
-            start = time(h1, m1)
-            end = time(0, 0) if (h2, m2) == (24, 0) else time(h2, m2)
-        except ValueError:
+        minutes = _minutes(str(value).strip())
+        if minutes is None:
             check.problem(line, item_path, f"{quoted(value)} is not a time range like \"09:00-18:00\"")
             continue
-        if start == end:
+        if minutes[0] == minutes[1]:
             check.problem(line, item_path, f"{quoted(value)} is an empty range")
             continue
+        start, end = minutes
         ranges.append(TimeRange(start, end))
     return tuple(ranges)
 
 
+def _minutes(text: str) -> tuple[int, int] | None:
+    """"HH:MM-HH:MM" as minutes from midnight; 24:00 only ends a range ("00:00-24:00" is a whole day)."""
+    match = _TIME_RANGE.match(text)
+    if not match:
+        return None
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or m1 > 59 or m2 > 59 or h2 * 60 + m2 > 24 * 60:
+        return None
+    return h1 * 60 + m1, h2 * 60 + m2
 
 
 def _rules(check: Checker, section: LocatedDict, country: str,

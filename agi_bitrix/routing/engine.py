@@ -161,10 +161,10 @@ def _call_refusal(
     local = now.astimezone(policy.timezone)  # only for the rules that ask about the time
     for name in match.during:
         if not any(i.contains(local) for i in policy.time_intervals[name]):
-            return f"{local:%a %H:%M} is outside {name}"
+            return f"{local:%a %Y-%m-%d %H:%M} is outside {name}"
     for name in match.outside:
         if any(i.contains(local) for i in policy.time_intervals[name]):
-            return f"{local:%a %H:%M} is during {name}"
+            return f"{local:%a %Y-%m-%d %H:%M} is during {name}"
     return ""
 
 

@@ -6,9 +6,10 @@ references to time intervals — so that matching at call time cannot fail.
 
 from __future__ import annotations
 
+import calendar
 import functools
 from dataclasses import dataclass, field
-from datetime import datetime, time
+from datetime import date, datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -19,33 +20,72 @@ ENTITY_TYPES = ("CONTACT", "COMPANY", "LEAD")
 CALL_STATUSES = ("FOUND", "NOT_FOUND", "NO_CALLERID", "ERROR")
 # The owner's phones a route may dial, by their names in rules.
 OWNER_PHONES = ("extension", "mobile", "work_phone", "personal_phone")
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+UTC = ZoneInfo("UTC")
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september",
+          "october", "november", "december")
 
 
 @dataclass(frozen=True)
 class TimeRange:
-    """A daily range; one that ends before it starts runs over midnight (22:00-06:00)."""
+    """A daily range in minutes from midnight, start included, end excluded (1440 is 24:00); one
+    that ends before it starts runs over midnight (22:00-06:00)."""
 
-    start: time
-    end: time
+    start: int
+    end: int
 
-    def contains(self, moment: time) -> bool:
-        if self.start <= self.end:
-            return self.start <= moment < self.end
-        return moment >= self.start or moment < self.end
+    def contains(self, minute: int) -> bool:
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
+
+
+@dataclass(frozen=True)
+class DayRange:
+    """Days of the month, both ends included; a negative day counts from the month's end (-1 is
+    the last day), and a range is cut to the month's days, as Alertmanager does."""
+
+    first: int
+    last: int
+
+    def contains(self, day: int, month_length: int) -> bool:
+        first = self.first if self.first > 0 else month_length + self.first + 1
+        last = self.last if self.last > 0 else month_length + self.last + 1
+        return max(first, 1) <= day <= min(last, month_length)
 
 
 @dataclass(frozen=True)
 class TimeInterval:
-    """Days of the week and times of day; an empty part means "any"."""
+    """Alertmanager's time_interval: a moment is in it when every part given holds; an empty part
+    means "any". Days, months and times are read on the wall clock of `zone` (the interval's
+    `location`, else routing.timezone), and the day parts on the moment's own day, so a range over
+    midnight covers the early hours and the late evening of that day."""
 
-    weekdays: frozenset[int] = frozenset()
+    weekdays: frozenset[int] = frozenset()  # 0 is Monday
+    days_of_month: tuple[DayRange, ...] = ()
+    months: frozenset[int] = frozenset()  # 1 is January
+    years: tuple[tuple[int, int], ...] = ()  # (first, last), both included
     times: tuple[TimeRange, ...] = ()
+    zone: ZoneInfo = UTC
 
     def contains(self, moment: datetime) -> bool:
-        if self.weekdays and moment.weekday() not in self.weekdays:
+        moment = moment.astimezone(self.zone)
+        if not self.contains_day(moment.date()):
             return False
-        return not self.times or any(r.contains(moment.time()) for r in self.times)
+        minute = moment.hour * 60 + moment.minute
+        return not self.times or any(r.contains(minute) for r in self.times)
+
+    def contains_day(self, day: date) -> bool:
+        if self.weekdays and day.weekday() not in self.weekdays:
+            return False
+        if self.months and day.month not in self.months:
+            return False
+        if self.years and not any(first <= day.year <= last for first, last in self.years):
+            return False
+        if self.days_of_month:
+            length = calendar.monthrange(day.year, day.month)[1]
+            return any(r.contains(day.day, length) for r in self.days_of_month)
+        return True
 
 
 @dataclass(frozen=True)
