@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Callable
 from datetime import date
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -131,9 +132,9 @@ def _time_interval(check: Checker, item: LocatedDict, path: str, zone: ZoneInfo)
             check.problem(item.lines["location"], f"{path}.location",
                           f"unknown time zone {quoted(location)} (expected a name like Europe/Moscow)")
     interval = TimeInterval(
-        weekdays=_cyclic(check, item, "weekdays", path, _weekday, "a weekday or range like mon-fri"),
+        weekdays=_cyclic(check, item, "weekdays", path, range(7), _weekday, "a weekday or range like mon-fri"),
         days_of_month=_days_of_month(check, item, path),
-        months=_cyclic(check, item, "months", path, _month,
+        months=_cyclic(check, item, "months", path, range(1, 13), _month,
                        "a month (january or jan, or 1 to 12) or range like \"january:march\""),
         years=_years(check, item, path),
         times=_times(check, item, path),
@@ -145,7 +146,7 @@ def _time_interval(check: Checker, item: LocatedDict, path: str, zone: ZoneInfo)
     return interval
 
 
-def _bounds(value: Any, member: Any, separators: str) -> tuple[int, int]:
+def _bounds(value: Any, member: Callable[[str], int], separators: str) -> tuple[int, int]:
     """The first and last member of an item like "mon-fri", "1:8" or "march" (ValueError if it is not
     one); `member` reads one end."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -159,22 +160,23 @@ def _bounds(value: Any, member: Any, separators: str) -> tuple[int, int]:
     return one, one
 
 
-def _cyclic(check: Checker, item: LocatedDict, key: str, path: str, member: Any, expected: str) -> frozenset[int]:
-    """Weekdays or months: a range runs forward and may wrap, like fri-mon."""
+def _cyclic(check: Checker, item: LocatedDict, key: str, path: str, members: range,
+            member: Callable[[str], int], expected: str) -> frozenset[int]:
+    """Weekdays or months: a range runs forward through `members` and may wrap, like fri-mon."""
     found: set[int] = set()
     for line, item_path, value in check.items(item, key, path) or []:
         try:
             first, last = _bounds(value, member, "-:")
         except ValueError:
-            hint = _SEXAGESIMAL if key == "months" and isinstance(value, int) and abs(value) >= 60 else ""
+            numbered = members.start == 1  # months may be numbers: "1:3" unquoted is YAML's 63
+            hint = _SEXAGESIMAL if numbered and isinstance(value, int) and abs(value) >= 60 else ""
             check.problem(line, item_path, f"{quoted(value)} is not {expected}{hint}")
             continue
-        low, count = (0, 7) if key == "weekdays" else (1, 12)
-        step = first
-        found.add(step)
-        while step != last:
-            step = (step - low + 1) % count + low
-            found.add(step)
+        index = members.index(first)
+        found.add(first)
+        while members[index] != last:
+            index = (index + 1) % len(members)
+            found.add(members[index])
     return frozenset(found)
 
 
