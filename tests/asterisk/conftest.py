@@ -67,7 +67,7 @@ exten => s,1,Set(TIMEOUT(absolute)=90)        ; no test call outlives a broken t
 ; Stand-ins for the phones and the trunk: they report each ring (with the caller ID they see),
 ; and answer only when the test named the number in TEST_ANSWERING; a number in TEST_BUSY is
 ; busy, one in TEST_UNAVAILABLE unreachable (Dial: BUSY, CHANUNAVAIL); otherwise they ring
-; until the caller gives up.
+; until the caller gives up. Tests set these as __TEST_..., inherited by every dialled channel.
 [agi-bitrix-test-phones]
 exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: extension,Number: ${EXTEN},CallerID: ${CALLERID(num)})
  same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)

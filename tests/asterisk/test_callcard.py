@@ -124,7 +124,7 @@ async def test_call_nobody_answers_is_a_missed_call_for_the_owner(calls, portal,
     assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == ("72", "0", "304")
 
 
-@pytest.mark.parametrize("failure", ["TEST_BUSY", "TEST_UNAVAILABLE"])
+@pytest.mark.parametrize("failure", ["__TEST_BUSY", "__TEST_UNAVAILABLE"])
 async def test_a_caller_giving_up_in_the_queue_after_a_busy_or_unreachable_extension_is_missed(
         calls, portal, callcard_server, failure):
     """The extension's Dial() ended BUSY or CHANUNAVAIL; the call then waited in the queue and

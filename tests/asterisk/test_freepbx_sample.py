@@ -135,8 +135,8 @@ def voicemail_answers(call: PlacedCall) -> list[str]:
 # extension's own ring time (RINGTIMER_DEFAULT, 1 s) ends before the sample's (2 s), and
 # FreePBX sends the call on to voicemail.
 EXTENSION_FAILURES = {
-    "busy": {"TEST_BUSY": "{extension}"},
-    "unavailable": {"TEST_UNAVAILABLE": "{extension}"},
+    "busy": {"__TEST_BUSY": "{extension}"},
+    "unavailable": {"__TEST_UNAVAILABLE": "{extension}"},
     "rings out": {"__RINGTIMER_DEFAULT": "1"},
 }
 
