@@ -134,6 +134,7 @@ TEST_QUEUES = """
 """
 
 _unavailable_reasons: list[str] = []
+_versions_run: dict[str, str] = {}  # build name -> what its `asterisk -V` printed
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -142,8 +143,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    # Which Asterisk each [asteriskNN] test ran on, and how those tests ended.
+    for build in BUILDS:
+        outcomes = {outcome: sum(1 for report in terminalreporter.stats.get(outcome, [])
+                                 if getattr(report, "when", "call") == "call" and _ran_on(report.nodeid, build))
+                    for outcome in ("passed", "failed", "skipped")}
+        if any(outcomes.values()):
+            ran_on = _versions_run.get(build.name, "not available")
+            terminalreporter.write_line(f"[{build.name}] {ran_on}: " + ", ".join(
+                f"{count} {outcome}" for outcome, count in outcomes.items() if count))
     for reason in dict.fromkeys(_unavailable_reasons):
         terminalreporter.write_line(f"Asterisk tests skipped: {reason}", yellow=True)
+
+
+def _ran_on(nodeid: str, build: AsteriskBuild) -> bool:
+    parameters = nodeid.rpartition("[")[2].rstrip("]")
+    return build.name in parameters.split("-")
 
 
 def asterisk_unavailable(reason: str) -> None:
@@ -166,7 +181,7 @@ def asterisk_root() -> Path:
 def asterisk_build(request, asterisk_root: Path) -> AsteriskBuild:
     build: AsteriskBuild = request.param
     try:
-        print(f"\n{check_build(asterisk_root, build)}")
+        _versions_run[build.name] = check_build(asterisk_root, build)
     except AsteriskUnavailable as error:
         asterisk_unavailable(str(error))
     return build
