@@ -19,7 +19,7 @@ MODULE_DIR="usr/lib/x86_64-linux-gnu/asterisk/modules"
 # Modules the test Asterisk loads (MODULES in agi_bitrix/testing/pbx_harness.py); a root without any of them counts as broken.
 REQUIRED_MODULES="res_speech res_agi pbx_config app_verbose app_userevent app_dial app_queue
   app_stack app_exec func_callerid func_channel func_strings func_logic func_global func_base64
-  func_timeout res_clioriginate bridge_simple bridge_native_rtp bridge_builtin_features
+  func_timeout func_version func_db app_playtones res_clioriginate bridge_simple bridge_native_rtp bridge_builtin_features
   chan_bridge_media"
 
 say() { echo "provision-asterisk: $*" >&2; }

@@ -12,6 +12,6 @@ nothing here imports the product.
   token server, REST with `auth`, the install event) in front of the emulator.
 - `sample_data`: a small believable CRM and the callers the demo plays.
 - `fake_asterisk`: the Asterisk side of a FastAGI session.
-- `pbx_harness` and `ami_calls`: a real Asterisk 22 in a chroot and test calls placed over AMI,
+- `pbx_harness` and `ami_calls`: a real Asterisk (22, and 20 LTS) in a chroot and test calls placed over AMI,
   for the real-Asterisk tests and the Asterisk benchmark (from a source checkout only).
 """

@@ -1,8 +1,9 @@
-"""A real Asterisk 22 for the real-Asterisk tests and the Asterisk benchmark.
+"""A real Asterisk (22, and 20 LTS beside it) for the real-Asterisk tests and the Asterisk benchmark.
 
 scripts/provision-asterisk.sh builds (once, then cached) a Debian sid root file system that
-contains Asterisk; here we give every test run its own configuration directory inside that
-root, start Asterisk in it with chroot, and stop it again. Asterisk shares the machine's
+contains Debian's Asterisk 22; scripts/provision-asterisk20.sh adds a prebuilt Asterisk 20 under
+/opt/asterisk20 in the same root. Here we give every test run its own configuration directory
+inside that root, start the chosen Asterisk in it with chroot, and stop it again. Asterisk shares the machine's
 loopback network, so it reaches FastAGI servers the tests start on 127.0.0.1, and the tests
 reach its AMI port.
 
@@ -16,21 +17,63 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # The checkout this file lies in: agi_bitrix/testing/pbx_harness.py.
 REPO = Path(__file__).resolve().parents[2]
 PROVISION_SCRIPT = REPO / "scripts" / "provision-asterisk.sh"
+PROVISION_20_SCRIPT = REPO / "scripts" / "provision-asterisk20.sh"
 SAMPLES_DIR = REPO / "asterisk-samples"
 
 # Only what the tests use. res_speech comes first: res_agi needs its symbols. Local channels,
-# the manager (AMI) and MSet are built into Asterisk 22; app_queue is for the sample dialplan.
+# the manager (AMI) and MSet are built into Asterisk 20 and 22; app_queue is for the sample
+# dialplan, func_version for its choice of Queue() arguments, func_db and app_playtones for the
+# FreePBX stand-ins.
 MODULES = (
     "res_speech", "res_agi", "pbx_config", "app_verbose", "app_userevent", "app_dial",
     "app_queue", "app_stack", "app_exec", "func_callerid", "func_channel", "func_strings", "func_logic",
-    "func_global", "func_base64", "func_timeout", "res_clioriginate", "bridge_simple", "bridge_native_rtp",
-    "bridge_builtin_features", "chan_bridge_media",
+    "func_global", "func_base64", "func_timeout", "func_version", "func_db", "app_playtones", "res_clioriginate",
+    "bridge_simple", "bridge_native_rtp", "bridge_builtin_features", "chan_bridge_media",
 )
+
+
+@dataclass(frozen=True)
+class AsteriskBuild:
+    """Where one Asterisk version lies inside the root (paths as seen in the chroot)."""
+    name: str  # asterisk20, asterisk22: the tests' ids
+    major: int
+    binary: str
+    modules: str
+    data: str  # XML docs and sounds
+    sbin: str
+    how_to_get: str  # for the message when it is missing
+
+
+ASTERISK_22 = AsteriskBuild(
+    "asterisk22", 22, "/usr/sbin/asterisk", "/usr/lib/x86_64-linux-gnu/asterisk/modules", "/usr/share/asterisk",
+    "/usr/sbin", f"{PROVISION_SCRIPT} provisions it (scripts/test runs it)")
+# The prefix its tarball was built for (the RUNPATH of its libraries): /opt/asterisk20.
+ASTERISK_20 = AsteriskBuild(
+    "asterisk20", 20, "/opt/asterisk20/sbin/asterisk", "/opt/asterisk20/lib/asterisk/modules",
+    "/opt/asterisk20/var/lib/asterisk", "/opt/asterisk20/sbin",
+    f"scripts/test installs it from ../shared/asterisk/ with {PROVISION_20_SCRIPT}; without that folder, "
+    "build it from an Asterisk 20 source tarball with scripts/build-asterisk20.sh")
+BUILDS = (ASTERISK_20, ASTERISK_22)
+
+
+def check_build(root: Path, build: AsteriskBuild) -> str:
+    """The version `asterisk -V` prints for this build in the root; AsteriskUnavailable if it
+    is not installed there or does not run."""
+    if not (root / build.binary.lstrip("/")).exists():
+        raise AsteriskUnavailable(f"Asterisk {build.major} is not installed in {root}: {build.how_to_get}")
+    run = subprocess.run(["chroot", str(root), build.binary, "-V"], capture_output=True, text=True,
+                         timeout=30, check=False)
+    version = run.stdout.strip()
+    if run.returncode != 0 or not version.startswith(f"Asterisk {build.major}."):
+        raise AsteriskUnavailable(
+            f"{build.binary} in {root} is not a working Asterisk {build.major}: {version}{run.stderr.strip()}")
+    return version
 
 
 class AsteriskUnavailable(Exception):
@@ -73,10 +116,11 @@ def provision_root() -> Path:
 class AsteriskPbx:
     """One Asterisk process with a configuration of its own inside the provisioned root."""
 
-    def __init__(self, root: Path, name: str):
+    def __init__(self, root: Path, name: str, build: AsteriskBuild = ASTERISK_22):
         self.root = root
+        self.build = build
         # Paths as Asterisk sees them (inside the chroot) and as the tests see them.
-        self.home = f"/tmp/agi-bitrix-test-{os.getpid()}-{name}"
+        self.home = f"/tmp/agi-bitrix-test-{os.getpid()}-{name}-{build.name}"
         self.host_home = root / self.home.lstrip("/")
         self.ami_port = free_tcp_port()
         self.ami_username = "agi-bitrix-test"
@@ -102,17 +146,17 @@ class AsteriskPbx:
             "asterisk.conf": f"""\
 [directories]
 astetcdir => {home}/etc
-astmoddir => /usr/lib/x86_64-linux-gnu/asterisk/modules
+astmoddir => {self.build.modules}
 astvarlibdir => {home}/lib
 astdbdir => {home}/db
 astkeydir => {home}/keys
-astdatadir => /usr/share/asterisk
+astdatadir => {self.build.data}
 astagidir => {home}/lib
 astspooldir => {home}/spool
 astrundir => {home}/run
 astlogdir => {home}/log
 astcachedir => {home}/lib
-astsbindir => /usr/sbin
+astsbindir => {self.build.sbin}
 [options]
 documentation_language = en_US
 """,
@@ -136,13 +180,14 @@ read = all
 write = all
 """,
             "extensions.conf": extensions,
-            "queues.conf": queues,
+            # Asterisk 20's app_queue declines to load without a [general] section.
+            "queues.conf": queues or "[general]\n",
         }
         for name, text in files.items():
             (self.etc / name).write_text(text)
 
     def _asterisk(self, *args: str) -> list[str]:
-        return ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", f"{self.home}/etc/asterisk.conf", *args]
+        return ["chroot", str(self.root), self.build.binary, "-C", f"{self.home}/etc/asterisk.conf", *args]
 
     def cli(self, command: str, timeout: float = 30) -> str:
         """Runs one CLI command through Asterisk's control socket; returns its output."""

@@ -1,5 +1,7 @@
-"""Fixtures for the tests against a real Asterisk 22 (marker `asterisk`: `pytest -m asterisk`).
+"""Fixtures for the tests against a real Asterisk (marker `asterisk`: `pytest -m asterisk`).
 
+- `asterisk_build`: each Asterisk the tests run on, in turn: 20 LTS and 22 (test ids end in
+  [asterisk20] / [asterisk22]). Every test that uses an Asterisk runs on both.
 - `pbx`: the session's Asterisk (agi_bitrix.testing.pbx_harness.AsteriskPbx) in the provisioned chroot, with
   TEST_DIALPLAN below: the plain-Asterisk sample #included unchanged, plus test contexts.
   `running_pbx()` starts further ones (test_freepbx_sample.py does).
@@ -25,7 +27,14 @@ import pytest_asyncio
 
 from agi_bitrix.routing.variables import NAMES
 from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
-from agi_bitrix.testing.pbx_harness import AsteriskPbx, AsteriskUnavailable, provision_root
+from agi_bitrix.testing.pbx_harness import (
+    BUILDS,
+    AsteriskBuild,
+    AsteriskPbx,
+    AsteriskUnavailable,
+    check_build,
+    provision_root,
+)
 from agi_bitrix.testing.portal import PortalEmulator
 
 from .fastagi_stub import VariableReader
@@ -41,27 +50,49 @@ DID = "74951230000"
 
 # Contexts every test Asterisk has. A call starts in agi-bitrix-test-caller (ami_calls.py).
 STAND_IN_CONTEXTS = r"""
+; Dialled numbers: digits, +digits, and s (a request without a user part).
 [agi-bitrix-test-caller]
-exten => _X.,1,Set(TIMEOUT(absolute)=90)        ; no test call outlives a broken test for long
- same => n,Set(CALLERID(num)=${TEST_CALLERID})
+exten => _X.,1,Gosub(agi-bitrix-test-caller-setup,s,1)
+ same => n,Goto(${TEST_ENTRY_CONTEXT},${EXTEN},1)
+exten => _+X.,1,Gosub(agi-bitrix-test-caller-setup,s,1)
+ same => n,Goto(${TEST_ENTRY_CONTEXT},${EXTEN},1)
+exten => s,1,Gosub(agi-bitrix-test-caller-setup,s,1)
  same => n,Goto(${TEST_ENTRY_CONTEXT},${EXTEN},1)
 
-; Stand-ins for the phones and the trunk: they report each ring, and answer only when the test
-; named the number in TEST_ANSWERING; otherwise they ring until the caller gives up.
+[agi-bitrix-test-caller-setup]
+exten => s,1,Set(TIMEOUT(absolute)=90)        ; no test call outlives a broken test for long
+ same => n,Set(CALLERID(num)=${TEST_CALLERID})
+ same => n,Return()
+
+; Stand-ins for the phones and the trunk: they report each ring (with the caller ID they see),
+; and answer only when the test named the number in TEST_ANSWERING; a number in TEST_BUSY is
+; busy, one in TEST_UNAVAILABLE unreachable (Dial: BUSY, CHANUNAVAIL); otherwise they ring
+; until the caller gives up. Tests set these as __TEST_..., inherited by every dialled channel.
 [agi-bitrix-test-phones]
-exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: extension,Number: ${EXTEN})
+exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: extension,Number: ${EXTEN},CallerID: ${CALLERID(num)})
  same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)
 
 [agi-bitrix-test-outbound]
-exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: outbound,Number: ${EXTEN})
+exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: outbound,Number: ${EXTEN},CallerID: ${CALLERID(num)})
  same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)
 
 [agi-bitrix-test-answer]
 exten => _X.,1,GotoIf($["${TEST_ANSWERING}" = "${EXTEN}"]?answer)
+ same => n,GotoIf($["${TEST_BUSY}" = "${EXTEN}"]?busy)
+ same => n,GotoIf($["${TEST_UNAVAILABLE}" = "${EXTEN}"]?unavailable)
  same => n,Wait(120)
  same => n(answer),Answer()
  same => n,UserEvent(AgiBitrixTestAnswered,Number: ${EXTEN})
  same => n,Wait(1)
+ same => n,Hangup()
+ same => n(busy),Busy(10)
+ same => n(unavailable),Hangup(20)
+
+; A voicemail box: answers, as VoiceMail() does.
+[agi-bitrix-test-voicemail]
+exten => _X.,1,Answer()
+ same => n,UserEvent(AgiBitrixTestVoicemail,Mailbox: ${EXTEN})
+ same => n,Wait(10)
  same => n,Hangup()
 """
 
@@ -103,16 +134,31 @@ TEST_QUEUES = """
 """
 
 _unavailable_reasons: list[str] = []
+_versions_run: dict[str, str] = {}  # build name -> what its `asterisk -V` printed
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "asterisk: runs against a real Asterisk 22 (scripts/provision-asterisk.sh)")
+        "markers", "asterisk: runs against a real Asterisk 20 and 22 (scripts/provision-asterisk*.sh)")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    # Which Asterisk each [asteriskNN] test ran on, and how those tests ended.
+    for build in BUILDS:
+        outcomes = {outcome: sum(1 for report in terminalreporter.stats.get(outcome, [])
+                                 if getattr(report, "when", "call") == "call" and _ran_on(report.nodeid, build))
+                    for outcome in ("passed", "failed", "skipped")}
+        if any(outcomes.values()):
+            ran_on = _versions_run.get(build.name, "not available")
+            terminalreporter.write_line(f"[{build.name}] {ran_on}: " + ", ".join(
+                f"{count} {outcome}" for outcome, count in outcomes.items() if count))
     for reason in dict.fromkeys(_unavailable_reasons):
         terminalreporter.write_line(f"Asterisk tests skipped: {reason}", yellow=True)
+
+
+def _ran_on(nodeid: str, build: AsteriskBuild) -> bool:
+    parameters = nodeid.rpartition("[")[2].rstrip("]")
+    return build.name in parameters.split("-")
 
 
 def asterisk_unavailable(reason: str) -> None:
@@ -131,9 +177,19 @@ def asterisk_root() -> Path:
         asterisk_unavailable(str(error))
 
 
-def running_pbx(root: Path, name: str, extensions: str, queues: str) -> Iterator[AsteriskPbx]:
+@pytest.fixture(scope="session", params=BUILDS, ids=[build.name for build in BUILDS])
+def asterisk_build(request, asterisk_root: Path) -> AsteriskBuild:
+    build: AsteriskBuild = request.param
+    try:
+        _versions_run[build.name] = check_build(asterisk_root, build)
+    except AsteriskUnavailable as error:
+        asterisk_unavailable(str(error))
+    return build
+
+
+def running_pbx(root: Path, build: AsteriskBuild, name: str, extensions: str, queues: str) -> Iterator[AsteriskPbx]:
     """An Asterisk with this configuration for as long as the generator runs."""
-    pbx = AsteriskPbx(root, name)
+    pbx = AsteriskPbx(root, name, build)
     pbx.write_config(extensions, queues)
     try:
         pbx.start()
@@ -145,8 +201,8 @@ def running_pbx(root: Path, name: str, extensions: str, queues: str) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def pbx(asterisk_root: Path) -> Iterator[AsteriskPbx]:
-    yield from running_pbx(asterisk_root, "main", TEST_DIALPLAN, TEST_QUEUES)
+def pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[AsteriskPbx]:
+    yield from running_pbx(asterisk_root, asterisk_build, "main", TEST_DIALPLAN, TEST_QUEUES)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -33,8 +33,8 @@ DEFAULT_USER = "90"
 class CallCardServer(ProductServer):
     """The shipped config plus a callcard section (outbox in the test's folder) and users."""
 
-    def __init__(self, webhook_url, workdir):
-        super().__init__(webhook_url, workdir, DEADLINE)
+    def __init__(self, webhook_url, workdir, fallback_queue=None):
+        super().__init__(webhook_url, workdir, DEADLINE, fallback_queue)
         self.outbox = workdir / f"outbox-{self.port}.sqlite3"
         config = yaml.safe_load(self.config_path.read_text())
         config["users"] = {"refresh": 0.5}
@@ -122,6 +122,22 @@ async def test_call_nobody_answers_is_a_missed_call_for_the_owner(calls, portal,
     finish = (await finished(portal, phone)).finish_params
 
     assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == ("72", "0", "304")
+
+
+@pytest.mark.parametrize("failure", ["__TEST_BUSY", "__TEST_UNAVAILABLE"])
+async def test_a_caller_giving_up_in_the_queue_after_a_busy_or_unreachable_extension_is_missed(
+        calls, portal, callcard_server, failure):
+    """The extension's Dial() ended BUSY or CHANUNAVAIL; the call then waited in the queue and
+    the caller gave up: a missed call (304), not the extension's 486/480."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(70, "OPENED", extension="170")])
+
+    call = callcard_call(calls, callcard_server, phone, **{failure: "170"})
+    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+    await calls.hangup(joined["Channel"])
+    finish = (await finished(portal, phone)).finish_params
+
+    assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == ("70", "0", "304")
 
 
 async def test_queue_member_who_takes_the_call_is_its_user(calls, portal, callcard_server, pbx):

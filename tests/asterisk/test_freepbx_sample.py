@@ -1,47 +1,43 @@
 """asterisk-samples/extensions_custom.conf and globals_custom.conf, loaded as shipped into an
 Asterisk laid out like FreePBX: the settings inside [globals], the custom context beside
-stand-ins for the contexts FreePBX generates (from-pstn's inbound route, from-internal,
+stand-ins for the contexts FreePBX generates (freepbx_standins.py: the inbound route,
+from-internal with ext-local and voicemail, an outbound route with macro-outbound-callerid,
 ext-queues). A second Asterisk keeps the two samples from sharing globals.
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall
-from agi_bitrix.testing.pbx_harness import AsteriskPbx
+from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall, event_name_of
+from agi_bitrix.testing.pbx_harness import AsteriskBuild, AsteriskPbx
 
 from .conftest import STAND_IN_CONTEXTS, running_pbx
 from .crm import crm_object, fresh_phone
+from .freepbx_standins import ROUTE_CID, freepbx_dialplan
 from .sample_calls import WAIT, joined_queue, rings, sample_call
+from .test_callcard import CallCardServer, finished, user_directory_refreshed
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
-FREEPBX_DIALPLAN = r"""
+
+def freepbx_config(build: AsteriskBuild) -> str:
+    return r"""
 [general]
 autofallthrough = yes
 
 [globals]
 #include "asterisk-samples/globals_custom.conf"
+; FreePBX's Settings > Advanced Settings > Ringtime Default.
+RINGTIMER_DEFAULT=15
+OUTKEEPCID_1=off
 
 #include "asterisk-samples/extensions_custom.conf"
+""" + freepbx_dialplan(build) + STAND_IN_CONTEXTS
 
-; Stand-ins for FreePBX's generated dialplan.
-; An inbound route whose destination is the custom destination custom-agi-bitrix,s,1.
-[from-pstn]
-exten => _X.,1,Set(__FROM_DID=${EXTEN})
- same => n,Goto(custom-agi-bitrix,s,1)
-
-; Extensions have three digits; longer numbers leave through an outbound route.
-[from-internal]
-exten => _XXX,1,Goto(agi-bitrix-test-phones,${EXTEN},1)
-exten => _XXXX.,1,Goto(agi-bitrix-test-outbound,${EXTEN},1)
-
-[ext-queues]
-exten => _X.,1,Queue(${EXTEN})
-""" + STAND_IN_CONTEXTS
 
 FREEPBX_QUEUES = """
 [general]
@@ -51,8 +47,8 @@ FREEPBX_QUEUES = """
 
 
 @pytest.fixture(scope="module")
-def freepbx(asterisk_root: Path) -> Iterator[AsteriskPbx]:
-    yield from running_pbx(asterisk_root, "freepbx", FREEPBX_DIALPLAN, FREEPBX_QUEUES)
+def freepbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[AsteriskPbx]:
+    yield from running_pbx(asterisk_root, asterisk_build, "freepbx", freepbx_config(asterisk_build), FREEPBX_QUEUES)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -129,3 +125,113 @@ async def test_freepbx_passes_the_inbound_routes_did_to_the_rules(freepbx_calls,
 
     assert await joined_queue(freepbx_calls, call) == "401"
     assert rings(call) == []
+
+
+def voicemail_answers(call: PlacedCall) -> list[str]:
+    return [event["Mailbox"] for event in call.events if event_name_of(event) == "AgiBitrixTestVoicemail"]
+
+
+# How the owner's extension fails, as the per-call settings that make it so. "rings out": the
+# extension's own ring time (RINGTIMER_DEFAULT, 1 s) ends before the sample's (2 s), and
+# FreePBX sends the call on to voicemail.
+EXTENSION_FAILURES = {
+    "busy": {"__TEST_BUSY": "{extension}"},
+    "unavailable": {"__TEST_UNAVAILABLE": "{extension}"},
+    "rings out": {"__RINGTIMER_DEFAULT": "1"},
+}
+
+
+@pytest.mark.parametrize("failure", EXTENSION_FAILURES)
+async def test_freepbx_an_extension_that_fails_goes_on_to_the_mobile_and_queue_not_to_its_voicemail(
+        freepbx_calls, portal, freepbx_server, failure):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(76, "OPENED", extension="176", mobile="79160000176")])
+    settings = {name: value.format(extension="176") for name, value in EXTENSION_FAILURES[failure].items()}
+
+    call = trunk_call(freepbx_calls, freepbx_server.url, phone, **settings)
+
+    assert await joined_queue(freepbx_calls, call) == "400"
+    assert (rings(call), voicemail_answers(call)) == ([("extension", "176"), ("outbound", "79160000176")], [])
+
+
+async def test_freepbx_the_mobile_sees_the_clients_number_not_the_routes(freepbx_calls, portal, freepbx_server):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(77, "CLOSED", extension="177", mobile="79160000177")])
+
+    call = trunk_call(freepbx_calls, freepbx_server.url, phone, answering="79160000177")
+    ring = await freepbx_calls.wait_for(call, "AgiBitrixTestRing", WAIT, Number="79160000177")
+
+    # Without KEEPCID, the outbound route would send its own CID, ROUTE_CID.
+    assert ring["CallerID"] == phone != ROUTE_CID
+
+
+@pytest.fixture(scope="module")
+def freepbx_callcard(portal, tmp_path_factory):
+    portal.set_client(fresh_phone(), [crm_object(90, "OPENED", extension="190")])
+    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("freepbx-callcard"), fallback_queue="400")
+    server.start()
+    yield server
+    server.stop()
+
+
+def callcard_trunk_call(calls, server, phone, answering="", **settings):
+    return trunk_call(calls, server.url, phone, answering, AGI_BITRIX_CALLCARD=server.callcard_url, **settings)
+
+
+async def test_freepbx_call_card_extension_answers(freepbx_calls, portal, freepbx_callcard):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(81, "OPENED", entity_id=810, extension="181")])
+
+    call = callcard_trunk_call(freepbx_calls, freepbx_callcard, phone, answering="181")
+    await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="181")
+    card = await finished(portal, phone)
+
+    assert (card.params["USER_ID"], card.params["CRM_ENTITY_ID"]) == ("81", "810")
+    assert (card.finish_params["USER_ID"], card.finish_params["STATUS_CODE"]) == ("81", "200")
+    assert 1 <= int(card.finish_params["DURATION"]) <= 2
+
+
+async def test_freepbx_call_card_mobile_answers(freepbx_calls, portal, freepbx_callcard):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(82, "CLOSED", extension="182", mobile="79160000182")])
+
+    call = callcard_trunk_call(freepbx_calls, freepbx_callcard, phone, answering="79160000182")
+    await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="79160000182")
+    finish = (await finished(portal, phone)).finish_params
+
+    assert (finish["USER_ID"], finish["STATUS_CODE"]) == ("82", "200")
+    assert 1 <= int(finish["DURATION"]) <= 2
+
+
+async def test_freepbx_call_card_queue_member_answers_through_the_member_gosub(
+        freepbx_calls, portal, freepbx_callcard, freepbx):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(83, "PAUSED", extension="183")])
+    portal.set_client(fresh_phone(), [crm_object(84, "OPENED", extension="184")])
+    await user_directory_refreshed(portal)
+    freepbx.cli("queue add member Local/184@agi-bitrix-test-phones/n to 400")
+    try:
+        call = callcard_trunk_call(freepbx_calls, freepbx_callcard, phone, answering="184")
+        await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="184")
+        finish = (await finished(portal, phone)).finish_params
+    finally:
+        freepbx.cli("queue remove member Local/184@agi-bitrix-test-phones/n from 400")
+
+    assert (finish["USER_ID"], finish["STATUS_CODE"]) == ("84", "200")
+    assert 1 <= int(finish["DURATION"]) <= 2
+
+
+@pytest.mark.parametrize("failure", ["busy", "unavailable"])
+async def test_freepbx_call_card_caller_giving_up_in_the_queue_after_a_failed_extension_is_missed(
+        freepbx_calls, portal, freepbx_callcard, failure):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(85, "OPENED", extension="185")])
+    settings = {name: value.format(extension="185") for name, value in EXTENSION_FAILURES[failure].items()}
+
+    call = callcard_trunk_call(freepbx_calls, freepbx_callcard, phone, **settings)
+    joined = await freepbx_calls.wait_for(call, "QueueCallerJoin", WAIT)
+    await asyncio.sleep(0.2)
+    await freepbx_calls.hangup(joined["Channel"])
+    finish = (await finished(portal, phone)).finish_params
+
+    assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == ("85", "0", "304")

@@ -131,3 +131,22 @@ async def test_with_the_server_crashing_mid_call_the_safe_defaults_send_the_call
 
     assert (route_agi_status(call), b24_status, joined["Queue"]) == ("SUCCESS", "ERROR", "sales")
     assert rings(call) == []
+
+
+@pytest.mark.parametrize("dialled", ["+74951112233", "s"])
+async def test_a_did_with_a_plus_or_no_did_at_all_is_routed(calls, portal, start_server, dialled):
+    """A DID sent as +7495... reaches the rules like 7495...; a request without a user part (s)
+    is still routed: to the owner's extension, then, unanswered, to the fallback queue."""
+    sales_line = start_server(first_rules=[
+        {"name": "sales-line", "match": {"did": ["74951112233"]}, "route": {"queue": "sales"}}])
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(60, "OPENED", extension="160")])
+
+    call = incoming_call(calls, sales_line.url, phone, dialled=dialled)
+
+    if dialled == "s":
+        assert await joined_queue(calls, call) == "support"
+        assert rings(call) == [("extension", "160")]
+    else:
+        assert await joined_queue(calls, call) == "sales"
+        assert rings(call) == []
