@@ -80,6 +80,8 @@ async def test_an_answered_calls_recording_is_attached_after_its_finish(portal, 
     try:
         call_id = await answered_call(running)
         await until(lambda: attached(portal, call_id), what="the recording")
+        # The portal has it; the outbox writes down the delivery once the answer is read.
+        await until(lambda: running.app.outbox.waiting_of("recording") == 0, what="the row's delivery")
         row = await running.app.outbox.row(f"{call_id}/recording")
         callcard = running.app.health()[1]["callcard"]
     finally:
