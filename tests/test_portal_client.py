@@ -109,7 +109,7 @@ async def test_call_form_encodes_nested_values_and_booleans_as_php_reads_them(cl
 @pytest.mark.asyncio
 async def test_lookups_go_as_json_bodies(client, portal):
     # JSON keeps types (a form would have turned halt=0 into "0") and is the cheap encoding.
-    await client.search_crm_entities_batch([ANNA, "79990001122"])
+    await client.search_numbers([ANNA, "79990001122"])
     assert portal.requests[-1].params["halt"] == 0
     assert portal.requests[-1].params["cmd"]["n0"] == f"telephony.externalCall.searchCrmEntities?PHONE_NUMBER={ANNA}"
     await client.search_crm_entities(ANNA)
@@ -399,7 +399,7 @@ async def test_concurrent_lookups_share_the_pool(portal):
 
 async def test_batch_search_answers_every_number_in_one_request(client, portal):
     portal.fail("error", status=400, code="ERROR_CORE", description="PHONE_NUMBER is empty", phone="79990000000")
-    outcome = await client.search_crm_entities_batch(["79161234567", "79990000000", "79990001122"])
+    outcome = (await client.search_numbers(["79161234567", "79990000000", "79990001122"])).outcome
     assert len(portal.requests) == 1 and portal.requests[0].method == "batch"
     assert [e.entity_type for e in outcome["79161234567"]] == ["CONTACT", "COMPANY"]
     assert isinstance(outcome["79990000000"], PortalError) and outcome["79990000000"].reason == "ERROR_CORE"
@@ -408,8 +408,8 @@ async def test_batch_search_answers_every_number_in_one_request(client, portal):
 
 
 async def test_batch_without_errors_and_a_broken_batch_answer(client, portal):
-    outcome = await client.search_crm_entities_batch(["79161234567", "79262345678"])
+    outcome = (await client.search_numbers(["79161234567", "79262345678"])).outcome
     assert all(isinstance(v, list) and v for v in outcome.values())
     portal.fail("malformed", result={"result": "nope", "result_error": []})
-    error = await failure(client.search_crm_entities_batch(["79161234567", "79262345678"]))
+    error = await failure(client.search_numbers(["79161234567", "79262345678"]))
     assert error.reason == "bad_result"
