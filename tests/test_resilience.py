@@ -12,6 +12,8 @@ from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemo
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM
 
 
 class Clock:
@@ -300,3 +302,72 @@ async def test_rejected_requests_do_not_open_the_breaker(make_lookup, portal):
         assert (await lookup.lookup("79990000000")).error == "ERROR_CORE"
     assert lookup.breaker.state == CLOSED and lookup.memory.last_failure is None
     assert (await lookup.lookup("79161234567")).status == "FOUND"
+
+
+# -- a portal that takes time: batches that fit the deadline ----------------------------------
+# Time is scaled down by half from a real portal (50 ms round trip, the 2/s·50 bucket, 2 s
+# deadline): 25 ms round trip, 4 requests/s, a 1 s deadline.
+
+KNOWN_OWNER = SAMPLE_CRM["79161234567"]
+
+
+@pytest.fixture
+async def timed_portal():
+    emulator = PortalEmulator(SAMPLE_CRM, rate_limit=(4.0, 50), round_trip=0.025)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+async def timed_lookup(timed_portal):
+    async with make_session() as session:
+        budget = RateLimiter(4.0, 40)
+        client = PortalClient(timed_portal.webhook_url, session, timeout=1.0, budget=budget)
+        memory = LookupMemory(AnswerCache(DEFAULT_CACHE), CircuitBreaker(5, 10))
+        yield CrmLookup(client, memory, deadline=1.0)
+
+
+def known_callers(portal, count, first=0):
+    numbers = [f"7903{first + n:07d}" for n in range(count)]
+    for number in numbers:
+        portal.set_client(number, KNOWN_OWNER)
+    return numbers
+
+
+async def test_a_slow_batch_mate_sinks_nobody_else(timed_lookup, timed_portal):
+    """22 callers together, one whose search takes longer than the deadline (a number with
+    thousands of duplicates): only that one takes the fallback."""
+    timed_portal.search_time = 0.0075
+    await timed_lookup.lookup("79161234567")  # a running server has learned the portal's speed
+    numbers = known_callers(timed_portal, 22)
+    timed_portal.set_search_time(numbers[7], 2.0)
+    started = time.monotonic()
+    answers = await asyncio.gather(*(timed_lookup.lookup(number) for number in numbers))
+    slow = answers.pop(7)
+    assert (slow.status, slow.error) == ("ERROR", "timeout")
+    assert [answer.status for answer in answers] == ["FOUND"] * 21
+    assert time.monotonic() - started < 1.0 + 0.5
+    # The others were asked again around the slow one; it ended up alone.
+    alone = [r for r in timed_portal.requests_for("telephony.externalCall.searchCrmEntities")
+             if r.params.get("PHONE_NUMBER") == numbers[7]]
+    assert alone
+
+
+async def test_a_slower_crm_still_routes_nearly_every_caller(timed_lookup, timed_portal):
+    """40 ms per search at 60 new callers a second (here 20 ms at 120/s): batches of ~50 would
+    take past the deadline; batches sized to it route nearly everyone."""
+    timed_portal.search_time = 0.02
+    await timed_lookup.lookup("79161234567")
+    numbers = known_callers(timed_portal, 360)
+    calls = []
+    started = time.monotonic()
+    for index, number in enumerate(numbers):
+        await asyncio.sleep(max(0.0, started + index / 120 - time.monotonic()))
+        calls.append(asyncio.create_task(timed_lookup.lookup(number)))
+    answers = await asyncio.gather(*calls)
+    found = sum(answer.status == "FOUND" for answer in answers)
+    assert found >= 0.9 * len(numbers), {answer.error for answer in answers}
+    assert timed_portal.refusals == {}
+    batches = timed_portal.requests_for("batch")
+    assert max(len(r.params["cmd"]) for r in batches) * 0.02 < 1.0  # no batch longer than the deadline

@@ -108,6 +108,7 @@ class SearchTiming:
     def __init__(self) -> None:
         self.per_search = FIRST_PER_SEARCH
         self.overhead = FIRST_OVERHEAD
+        self._answers = 0
         self._slow: OrderedDict[str, int] = OrderedDict()
 
     def predict(self, numbers: int) -> float:
@@ -122,21 +123,27 @@ class SearchTiming:
         return self._slow.get(phone, 0) >= SLOW_TIMES
 
     def learn(self, round_trip: float, numbers: int, seconds: dict[str, float], deadline: float) -> None:
+        # The mean of the first answers, then a moving average: the first answer replaces the guess.
+        self._answers += 1
+        weight = max(LEARNING_WEIGHT, 1 / self._answers)
         if seconds:
             searches = list(seconds.values())
             # The median: one slow number must not make every batch look slow.
-            self.per_search += LEARNING_WEIGHT * (statistics.median(searches) - self.per_search)
-            self.overhead += LEARNING_WEIGHT * (max(0.0, round_trip - sum(searches)) - self.overhead)
+            self.per_search += weight * (statistics.median(searches) - self.per_search)
+            self.overhead += weight * (max(0.0, round_trip - sum(searches)) - self.overhead)
         else:  # the portal did not say: the round trip beyond the usual overhead is the searches'
             guess = max(0.0, round_trip - self.overhead) / numbers
-            self.per_search += LEARNING_WEIGHT * (guess - self.per_search)
+            self.per_search += weight * (guess - self.per_search)
         for phone, taken in seconds.items():
             if taken > SLOW_SHARE * deadline:
-                self._slow[phone] = self._slow.pop(phone, 0) + 1
-                if len(self._slow) > SLOW_REMEMBERED:
-                    self._slow.popitem(last=False)
+                self.slow_seen(phone)
             else:
                 self._slow.pop(phone, None)
+
+    def slow_seen(self, phone: str) -> None:
+        self._slow[phone] = self._slow.pop(phone, 0) + 1
+        if len(self._slow) > SLOW_REMEMBERED:
+            self._slow.popitem(last=False)
 
 
 @dataclass
@@ -358,7 +365,12 @@ class CrmLookup:
             answer = await self.portal.search_numbers(phones, slot)
         except BaseException as error:
             self._asked(phones, late, started)
-            if not isinstance(error, PortalTimeout):  # a timed-out search may have run to its end
+            if isinstance(error, PortalTimeout):
+                # A timed-out search may have run to its end; and a number alone that timed out
+                # is slow itself.
+                if len(phones) == 1:
+                    self.timing.slow_seen(phones[0])
+            else:
                 operating.spend(SEARCH_KEY, -reserved)
             if isinstance(error, BitrixError):
                 self._request_failed(phones, error)
