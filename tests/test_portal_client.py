@@ -16,8 +16,9 @@ from agi_bitrix.bitrix.client import (
     make_session,
     redact,
 )
-from agi_bitrix.bitrix.errors import PortalError
+from agi_bitrix.bitrix.errors import OperatingTimeExceeded, PortalError, RequestNotSent
 from agi_bitrix.bitrix.models import CrmEntity, Owner
+from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import ample_budget
@@ -413,3 +414,31 @@ async def test_batch_without_errors_and_a_broken_batch_answer(client, portal):
     portal.fail("malformed", result={"result": "nope", "result_error": []})
     error = await failure(client.search_numbers(["79161234567", "79262345678"]))
     assert error.reason == "bad_result"
+
+
+# -- the operating-time budget per method (limits.md) -----------------------------------------
+
+
+async def test_operation_time_limit_holds_only_that_method(session):
+    async with PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, code=SECRET, search_time=0.05,
+                              operating_limit=(0.01, 60.0)) as portal:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=ample_budget())
+        await client.search_crm_entities(ANNA)  # passes the limit: the next one is blocked
+        error = await failure(client.search_crm_entities(ANNA))
+        assert isinstance(error, OperatingTimeExceeded)
+        assert client.operating.held_for("telephony.externalcall.searchcrmentities") > 30
+        # Not asked again while held; other methods go on (QUERY_LIMIT_EXCEEDED would stop all).
+        with pytest.raises(RequestNotSent) as held:
+            await client.search_crm_entities(ANNA)
+        assert held.value.reason == "operating_limit" and portal.refusals["OPERATION_TIME_LIMIT"] == 1
+        assert await client.call("user.get", {"ID": "1"})
+
+
+async def test_the_portal_reporting_its_budget_nearly_spent_holds_the_method(session):
+    async with PortalEmulator(SAMPLE_CRM, code=SECRET, search_time=0.02, operating_limit=(100.0, 600.0)) as portal:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=ample_budget(),
+                              operating=OperatingBudget(limit=0.021, window=600.0))
+        await client.search_crm_entities(ANNA)  # the answer says 0.02 s of 0.021 spent
+        with pytest.raises(RequestNotSent) as held:
+            await client.search_crm_entities(ANNA)
+    assert held.value.reason == "operating_limit" and len(portal.requests) == 1

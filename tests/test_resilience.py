@@ -10,6 +10,7 @@ from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory
 from agi_bitrix.bitrix.models import CrmAnswer
+from agi_bitrix.bitrix.operating import BURST_SHARE, SUSTAINED_SHARE, OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings
 from agi_bitrix.testing.portal import PortalEmulator
@@ -371,3 +372,53 @@ async def test_a_slower_crm_still_routes_nearly_every_caller(timed_lookup, timed
     assert timed_portal.refusals == {}
     batches = timed_portal.requests_for("batch")
     assert max(len(r.params["cmd"]) for r in batches) * 0.02 < 1.0  # no batch longer than the deadline
+
+
+# -- the operating-time budget ------------------------------------------------------------------
+
+
+def test_operating_budget_paces_a_method_and_holds_it_on_the_portals_word():
+    clock, wall = Clock(), Clock()
+    budget = OperatingBudget(limit=100.0, window=100.0, clock=clock, wall_clock=wall)
+    assert budget.room("m") == pytest.approx(BURST_SHARE * 100)
+    budget.spend("m", 20.0)
+    assert budget.room("m") == 0 and budget.room("other") == pytest.approx(20.0)
+    assert budget.wait_for("m", 7.0) == pytest.approx(7.0 / (SUSTAINED_SHARE * 1.0))
+    clock.now += 10
+    assert budget.room("m") == pytest.approx(7.0)
+    # However we spend, no window of 100 s holds more than 90 % of the limit.
+    spent = []
+    for _ in range(1000):
+        clock.now += 1
+        seconds = budget.room("m")
+        budget.spend("m", seconds)
+        spent.append(seconds)
+    assert max(sum(spent[i:i + 100]) for i in range(900)) <= 0.9 * 100 + 1e-6
+    budget.reported("m", {"operating": 95.0, "operating_reset_at": wall.now + 30})
+    assert budget.held_for("m") == pytest.approx(30.0) and budget.room("m") == 0
+    assert budget.blocked("m") == pytest.approx(30.0)  # OPERATION_TIME_LIMIT: until that reset
+    assert budget.blocked("m") == pytest.approx(40.0)  # again: the next basket (10 s) too
+    assert budget.held_for("other") == 0
+
+
+async def test_lookups_keep_being_answered_and_never_exhaust_the_operating_time():
+    # 480 s per ten minutes shrunk 200 times: 2.4 s per 3 s; 20 ms a search, 60 new callers a
+    # second, 3.6 s of searches a second asked for: without pacing the portal would block the
+    # method for the rest of the window.
+    async with PortalEmulator(SAMPLE_CRM, search_time=0.02, operating_limit=(2.4, 3.0)) as portal, \
+            make_session() as session:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=RateLimiter(1000, 1000),
+                              operating=OperatingBudget(2.4, 3.0))
+        lookup = CrmLookup(client, LookupMemory(AnswerCache(DEFAULT_CACHE), CircuitBreaker(5, 10)), deadline=1.0)
+        numbers = known_callers(portal, 240)
+        calls = []
+        started = time.monotonic()
+        for index, number in enumerate(numbers):
+            await asyncio.sleep(max(0.0, started + index / 60 - time.monotonic()))
+            calls.append(asyncio.create_task(lookup.lookup(number)))
+        answers = await asyncio.gather(*calls)
+    assert portal.refusals == {}
+    found = [answer.status == "FOUND" for answer in answers]
+    assert all(any(found[second * 60:second * 60 + 60]) for second in range(4))  # answered throughout
+    assert 0.25 * len(found) < sum(found) < 0.9 * len(found)
+    assert {answer.error for answer in answers if answer.status == "ERROR"} <= {"operating_limit", "timeout"}

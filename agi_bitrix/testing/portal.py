@@ -99,11 +99,11 @@ class _OperatingLedger:
         if self.limit is not None and sum(seconds for _, seconds in self._live(method, time.time())) > self.limit:
             raise ErrorAnswer(429, "OPERATION_TIME_LIMIT", f"Method {method} is blocked due to operation time limit.")
 
-    def add(self, method: str, seconds: float) -> None:
-        now = time.time()
-        baskets = self._live(method, now)
-        if not baskets or now >= baskets[-1][0] + self.window / OPERATING_BASKETS:
-            baskets.append([now, 0.0])
+    def add(self, method: str, started: float, seconds: float) -> None:
+        """A call that started at `started` (a basket counts from its first call's start) ran `seconds`."""
+        baskets = self._live(method, time.time())
+        if not baskets or started >= baskets[-1][0] + self.window / OPERATING_BASKETS:
+            baskets.append([started, 0.0])
         baskets[-1][1] += seconds
 
     def report(self, method: str) -> tuple[float, float]:
@@ -252,7 +252,7 @@ class PortalEmulator(PortalModel):
             if taken:
                 await asyncio.sleep(taken)
         processing = time.time() - started
-        self._operating.add(method, processing)
+        self._operating.add(method, started, processing)
         return answer, processing
 
     async def _batch(self, params: dict[str, Any]) -> dict[str, Any]:
