@@ -8,7 +8,7 @@ import pytest
 from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
-from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory
+from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory, SearchTiming
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.operating import BURST_SHARE, SUSTAINED_SHARE, OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
@@ -422,3 +422,28 @@ async def test_lookups_keep_being_answered_and_never_exhaust_the_operating_time(
     assert all(any(found[second * 60:second * 60 + 60]) for second in range(4))  # answered throughout
     assert 0.25 * len(found) < sum(found) < 0.9 * len(found)
     assert {answer.error for answer in answers if answer.status == "ERROR"} <= {"operating_limit", "timeout"}
+
+
+def test_search_timing_learns_the_portal_and_a_number_slow_again_and_again():
+    timing = SearchTiming()
+    timing.learn(0.08, 3, {"a": 0.01, "b": 0.01, "slow": 0.9}, deadline=2.0)
+    # The median search, the rest of the round trip: one slow number does not make all look slow.
+    assert timing.per_search == pytest.approx(0.01) and timing.overhead == 0.0
+    timing.learn(0.25, 2, {"a": 0.01, "slow": 0.6}, deadline=2.0)
+    assert timing.travels_alone("slow") and not timing.travels_alone("a")
+    timing.learn(0.1, 1, {"slow": 0.01}, deadline=2.0)  # fast again: back in batches
+    assert not timing.travels_alone("slow")
+    assert timing.fitting(1.5) == min(50, int((1.5 - timing.overhead) / timing.per_search))
+
+
+async def test_a_number_slow_again_and_again_travels_alone(make_lookup, portal):
+    lookup = make_lookup()
+    lookup.timing.slow_seen("79031234567")
+    lookup.timing.slow_seen("79031234567")
+    numbers = ["79161234567", "79031234567", "79262345678", "79990000001", "79990000002"]
+    answers = await asyncio.gather(*(lookup.lookup(number) for number in numbers))
+    assert [a.status for a in answers] == ["FOUND", "FOUND", "FOUND", "NOT_FOUND", "NOT_FOUND"]
+    [batch] = portal.requests_for("batch")
+    assert "79031234567" not in str(batch.params["cmd"]) and len(batch.params["cmd"]) == 4
+    [alone] = portal.requests_for("telephony.externalCall.searchCrmEntities")
+    assert alone.params["PHONE_NUMBER"] == "79031234567"

@@ -65,6 +65,8 @@ SLOW_REMEMBERED = 1000
 FIRST_OVERHEAD = 0.1
 FIRST_PER_SEARCH = 0.02
 LEARNING_WEIGHT = 0.2
+# Below this a search counts as this: a portal reporting 0 must not make batches unbounded.
+LEAST_PER_SEARCH = 0.001
 
 
 class CrmSearch(Protocol):
@@ -134,6 +136,7 @@ class SearchTiming:
         else:  # the portal did not say: the round trip beyond the usual overhead is the searches'
             guess = max(0.0, round_trip - self.overhead) / numbers
             self.per_search += weight * (guess - self.per_search)
+        self.per_search = max(LEAST_PER_SEARCH, self.per_search)
         for phone, taken in seconds.items():
             if taken > SLOW_SHARE * deadline:
                 self.slow_seen(phone)
@@ -197,13 +200,14 @@ class CrmLookup:
         # cancellation, as a timeout around the await would).
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        deadline = loop.call_at(loop.time() + self.deadline, _give_up, waiter)
+        given_up_at = loop.time() + self.deadline
+        deadline = loop.call_at(given_up_at, _give_up, waiter)
         waiters = self._flights.get(phone)
         if waiters is not None:
             waiters.append(waiter)
         else:
             self._flights[phone] = [waiter]
-            self._waiting[phone] = loop.time() + self.deadline
+            self._waiting[phone] = given_up_at
             self._start_sender_when_due()
         try:
             answer = await waiter
@@ -295,7 +299,6 @@ class CrmLookup:
             self._fail(list(self._waiting), error)
             return None
         except Exception as error:
-            self.breaker.abandoned()
             self._unexpected(list(self._waiting), error)
             return None
         except BaseException:
