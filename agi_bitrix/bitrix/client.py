@@ -182,6 +182,7 @@ class PortalClient:
         time is checked first: RequestNotSent("operating_limit") while the portal blocks it, or,
         without a `slot` (a caller bringing one has sized its request to the method's room), while
         our pace has no room for it.
+
         The body is a PHP-style form (booleans as 1/0, None as "", nested keys as KEY[SUB]) unless
         `json_body`: the portal reads both, and JSON costs a fraction of the form encoding on the
         lookup path, whose parameters are plain strings that mean the same in either."""
@@ -205,7 +206,7 @@ class PortalClient:
         key = method.lower()
         held = self.operating.held_for(key)
         if held > 0:
-            raise RequestNotSent("operating_limit", f"{method}: the portal blocked it for its operating time;"
+            raise RequestNotSent("operating_limit", f"{method}: its operating time is used up at the portal;"
                                                     f" not calling it for {held:.0f} s more")
         if paced and self.operating.room(key) <= 0:
             raise RequestNotSent("operating_limit", f"{method}: its operating time is paced to stay within the"

@@ -318,7 +318,7 @@ class CrmLookup:
         operating = self.portal.operating
         held = operating.held_for(SEARCH_KEY)
         if held > 0:
-            raise RequestNotSent("operating_limit", f"the portal blocked searches for their operating time;"
+            raise RequestNotSent("operating_limit", f"searches used up their operating time at the portal;"
                                                     f" not asking it for {held:.0f} s more")
         wait = operating.wait_for(SEARCH_KEY, self.timing.per_search)
         if wait <= 0:
