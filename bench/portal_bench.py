@@ -140,7 +140,7 @@ async def main() -> int:
     for search_time in (0.005, 0.015, 0.040):
         limit = physical_limit(search_time)
         label = f"{search_time * 1000:.0f} ms (limit {limit:.0f}/s)"
-        for share in (0.5, 0.9, 1.0):
+        for share in (0.5, 0.9, 1.0, 1.1):
             run = await drive(label, search_time, round(limit * share), args.seconds)
             print(run.line(), flush=True)
             if share == 0.9:

@@ -16,6 +16,7 @@ there is one; otherwise the call gets status ERROR with the reason.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import statistics
@@ -332,23 +333,39 @@ class CrmLookup:
             await asyncio.sleep(wait)
 
     def _choose(self) -> list[str]:
-        """The waiting numbers for one request, oldest first: as many as fit the time left to the
-        oldest and the operating time we may spend; a slow number alone."""
+        """The waiting numbers for one request: a slow number alone; else as many as fit the
+        operating time we may spend and the time left to the oldest of them. Oldest first, unless
+        the newest make a bigger batch that still answers every one in time: when the portal
+        falls behind, serving those whose time is nearly out would leave everyone late."""
+        now = asyncio.get_running_loop().time()
+        self._drop_given_up(now)
         if not self._waiting:
             return []
-        oldest, deadline = next(iter(self._waiting.items()))
+        oldest = next(iter(self._waiting))
         if self.timing.travels_alone(oldest):
             return [oldest]
-        left = deadline - asyncio.get_running_loop().time()
-        room = self.portal.operating.room(SEARCH_KEY)
-        size = min(self.timing.fitting(left), max(1, math.floor(room / self.timing.per_search)))
-        phones = []
-        for phone in self._waiting:
-            if not self.timing.travels_alone(phone):
-                phones.append(phone)
-                if len(phones) == size:
-                    break
-        return phones
+        batchable = [(phone, deadline) for phone, deadline in self._waiting.items()
+                     if not self.timing.travels_alone(phone)]
+        most = min(MAX_BATCH, len(batchable),
+                   max(1, math.floor(self.portal.operating.room(SEARCH_KEY) / self.timing.per_search)))
+        left = batchable[0][1] - now
+        oldest_first = min(most, self.timing.fitting(left)) if left >= self.timing.predict(1) else 0
+        newest_first = 0
+        for count, (_, deadline) in enumerate(reversed(batchable), start=1):
+            if count > most or deadline - now < self.timing.predict(count):
+                break
+            newest_first = count
+        if oldest_first and oldest_first >= newest_first:
+            return [phone for phone, _ in batchable[:oldest_first]]
+        # Nobody can be answered in time: the newest still goes, for the cache and later callers.
+        return [phone for phone, _ in batchable[-max(1, newest_first):]]
+
+    def _drop_given_up(self, now: float) -> None:
+        """Forget the waiting numbers whose every caller has taken the fallback."""
+        for phone, _ in list(itertools.takewhile(lambda item: item[1] <= now, self._waiting.items())):
+            if all(waiter.done() for waiter in self._flights.get(phone, ())):
+                del self._waiting[phone]
+                self._flights.pop(phone, None)
 
     async def _ask(self, phones: list[str], slot: RequestSlot) -> None:
         """Send one request and give its answers to whoever still waits for them."""
