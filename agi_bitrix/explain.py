@@ -10,11 +10,11 @@ from typing import Any
 
 from agi_bitrix.bitrix.breaker import CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
-from agi_bitrix.bitrix.client import PortalClient, RequestSlot, make_session
-from agi_bitrix.bitrix.errors import BitrixError, PortalError
+from agi_bitrix.bitrix.client import AnswerTime, PortalClient, RequestSlot, SearchAnswer, make_session
+from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
-from agi_bitrix.bitrix.models import CrmEntity
 from agi_bitrix.bitrix.oauth import portal_client
+from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.config import Config
 from agi_bitrix.service import RoutedCall, Router, call_info
@@ -66,16 +66,21 @@ class RecordingPortal:
         self.portal = portal
         self.raw_result: Any = None
 
-    async def take_slot(self, max_wait: float) -> RequestSlot:
-        return await self.portal.take_slot(max_wait)
+    @property
+    def operating(self) -> OperatingBudget:
+        return self.portal.operating
 
-    async def search_crm_entities(self, phone: str, slot: RequestSlot) -> list[CrmEntity]:
-        self.raw_result = await self.portal.search_crm_entities_raw(phone, slot)
-        return self.portal.parse_search(self.raw_result)
+    async def take_slot(self, max_wait: float, can_wait: bool = False) -> RequestSlot:
+        return await self.portal.take_slot(max_wait, can_wait)
 
-    async def search_crm_entities_batch(self, phones: list[str],
-                                        slot: RequestSlot) -> dict[str, list[CrmEntity] | PortalError]:
-        return await self.portal.search_crm_entities_batch(phones, slot)
+    async def search_numbers(self, phones: list[str], slot: RequestSlot) -> SearchAnswer:
+        if len(phones) > 1:
+            return await self.portal.search_numbers(phones, slot)
+        timing = AnswerTime()
+        self.raw_result = await self.portal.search_crm_entities_raw(phones[0], slot, timing)
+        seconds = timing.processing
+        return SearchAnswer({phones[0]: self.portal.parse_search(self.raw_result)},
+                            {} if seconds is None else {phones[0]: seconds})
 
 
 async def _user_directory(config: Config, portal: PortalClient) -> tuple[UserDirectory | None, str]:

@@ -289,7 +289,7 @@ async def scenario_ten_numbers(count: int) -> Result:
     server, port = start_agi_bitrix(url)
     seconds, lat, failures = await load(port, count, 100, repeated)
     server.stop()
-    requests = int(portal.stop().splitlines()[-1])
+    requests = int(portal.stop().splitlines()[0])
     return Result(f"{count} calls from 10 numbers", count, seconds, lat, failures, requests)
 
 

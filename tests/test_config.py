@@ -286,7 +286,8 @@ def test_unknown_keys_are_matched_against_the_declared_keys():
 
 
 def test_the_allowed_keys_of_a_section_come_from_its_declarations():
-    assert schema.keys(BitrixSettings) == ("webhook_url", "deadline", "rate_limit", "pool_size", "breaker", "oauth")
+    assert schema.keys(BitrixSettings) == ("webhook_url", "deadline", "rate_limit", "operating_limit", "pool_size",
+                                           "breaker", "oauth")
     assert schema.keys(BitrixSettings, "rate_limit") == ("per_second", "burst")
     assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "metrics",
                                    "call_log", "callcard", "users")

@@ -405,3 +405,45 @@ def test_command_line_serves_the_sample_data():
         finally:
             process.terminate()
     assert re.search(r"webhook URL http://127\.0\.0\.1:\d+/rest/1/emulator-secret/", first_line)
+
+
+# -- time: searches, the network, the operating-time limit (limits.md) -------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_batch_runs_its_searches_one_after_another_and_reports_each(http):
+    async with PortalEmulator(SAMPLE_CRM, search_time=0.03, round_trip=0.04) as portal:
+        portal.set_search_time("79262345678", 0.1)
+        commands = {"a": f"{SEARCH}?PHONE_NUMBER={ANNA}", "b": f"{SEARCH}?PHONE_NUMBER=79262345678"}
+        started = time.monotonic()
+        status, body = await post(http, f"{portal.webhook_url}batch.json", json={"halt": 0, "cmd": commands})
+        elapsed = time.monotonic() - started
+    assert status == 200 and elapsed >= 0.03 + 0.1 + 0.04
+    times = body["result"]["result_time"]
+    assert times["a"]["processing"] == pytest.approx(0.03, abs=0.02)
+    assert times["b"]["processing"] == pytest.approx(0.1, abs=0.03)
+    assert times["b"]["start"] >= times["a"]["finish"]  # one after another
+    # The outer batch is not counted in `operating` (limits.md), so its `time` has none.
+    assert "operating" not in body["time"] and body["time"]["processing"] >= 0.13
+
+
+@pytest.mark.asyncio
+async def test_a_method_over_its_operating_time_is_blocked_alone_until_its_basket_drops(http):
+    # Ten minutes and 480 s shrunk in proportion: a 1.2 s window, 0.1 s of execution.
+    async with PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, search_time=0.06,
+                              operating_limit=(0.1, 1.2)) as portal:
+        first = (await search(http, portal, ANNA))[1]["time"]
+        second = (await search(http, portal, ANNA))[1]["time"]
+        assert first["operating"] == pytest.approx(0.06, abs=0.02)
+        assert second["operating"] == pytest.approx(0.12, abs=0.03)  # the call that passes it still runs
+        assert second["operating_reset_at"] == pytest.approx(first["start"] + 1.2, abs=0.05)
+        status, body = await search(http, portal, ANNA)
+        assert (status, body["error"]) == (429, "OPERATION_TIME_LIMIT")
+        commands = {"a": f"{SEARCH}?PHONE_NUMBER={ANNA}", "u": "user.get?ID=1"}
+        status, body = await post(http, f"{portal.webhook_url}batch.json", json={"halt": 0, "cmd": commands})
+        # Nested calls count as their methods: the search is blocked, user.get is not.
+        assert body["result"]["result_error"]["a"]["error"] == "OPERATION_TIME_LIMIT"
+        assert body["result"]["result"]["u"][0]["ID"] == "1"
+        await asyncio.sleep(max(0.0, second["operating_reset_at"] - time.time()) + 0.05)
+        status, body = await search(http, portal, ANNA)
+        assert status == 200 and portal.refusals["OPERATION_TIME_LIMIT"] == 2

@@ -6,6 +6,7 @@ from agi_bitrix.bitrix.errors import (
     AuthRejected,
     BitrixError,
     NotPermitted,
+    OperatingTimeExceeded,
     PaymentRequired,
     PortalError,
     PortalMisconfigured,
@@ -23,7 +24,7 @@ from agi_bitrix.bitrix.errors import (
 
 @pytest.mark.parametrize("reason, kind", [
     ("QUERY_LIMIT_EXCEEDED", RateLimited),
-    ("OPERATION_TIME_LIMIT", RateLimited),
+    ("OPERATION_TIME_LIMIT", OperatingTimeExceeded),
     ("OVERLOAD_LIMIT", RateLimited),
     ("http_429", RateLimited),
     ("expired_token", TokenExpired),

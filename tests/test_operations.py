@@ -140,9 +140,11 @@ async def test_reload_swaps_the_whole_runtime_and_keeps_what_outlives_it(portal,
                 and second.endpoint is not first.endpoint)
         assert second.lookup.memory is first.lookup.memory
         assert second.portal.budget is first.portal.budget
+        assert second.portal.operating is first.portal.operating  # each method's operating time spent
         assert first.config.policy.fallback_queue == "support"  # the old runtime is left as it was
         path.write_text(base.replace("per_second: 2", "per_second: 4"))
         assert await app.reload() and app.runtime.portal.budget is not second.portal.budget
+        assert app.runtime.portal.operating is second.portal.operating
         # A URL the portal client cannot use: the config check refuses it, as `agi-bitrix check` does.
         third = app.runtime
         path.write_text(base.replace(portal.webhook_url, "https://x.bitrix24.ru/rest/1/code/profile.json"))

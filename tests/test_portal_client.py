@@ -16,8 +16,9 @@ from agi_bitrix.bitrix.client import (
     make_session,
     redact,
 )
-from agi_bitrix.bitrix.errors import PortalError
+from agi_bitrix.bitrix.errors import OperatingTimeExceeded, PortalError, RequestNotSent
 from agi_bitrix.bitrix.models import CrmEntity, Owner
+from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import ample_budget
@@ -109,7 +110,7 @@ async def test_call_form_encodes_nested_values_and_booleans_as_php_reads_them(cl
 @pytest.mark.asyncio
 async def test_lookups_go_as_json_bodies(client, portal):
     # JSON keeps types (a form would have turned halt=0 into "0") and is the cheap encoding.
-    await client.search_crm_entities_batch([ANNA, "79990001122"])
+    await client.search_numbers([ANNA, "79990001122"])
     assert portal.requests[-1].params["halt"] == 0
     assert portal.requests[-1].params["cmd"]["n0"] == f"telephony.externalCall.searchCrmEntities?PHONE_NUMBER={ANNA}"
     await client.search_crm_entities(ANNA)
@@ -399,7 +400,7 @@ async def test_concurrent_lookups_share_the_pool(portal):
 
 async def test_batch_search_answers_every_number_in_one_request(client, portal):
     portal.fail("error", status=400, code="ERROR_CORE", description="PHONE_NUMBER is empty", phone="79990000000")
-    outcome = await client.search_crm_entities_batch(["79161234567", "79990000000", "79990001122"])
+    outcome = (await client.search_numbers(["79161234567", "79990000000", "79990001122"])).outcome
     assert len(portal.requests) == 1 and portal.requests[0].method == "batch"
     assert [e.entity_type for e in outcome["79161234567"]] == ["CONTACT", "COMPANY"]
     assert isinstance(outcome["79990000000"], PortalError) and outcome["79990000000"].reason == "ERROR_CORE"
@@ -408,8 +409,36 @@ async def test_batch_search_answers_every_number_in_one_request(client, portal):
 
 
 async def test_batch_without_errors_and_a_broken_batch_answer(client, portal):
-    outcome = await client.search_crm_entities_batch(["79161234567", "79262345678"])
+    outcome = (await client.search_numbers(["79161234567", "79262345678"])).outcome
     assert all(isinstance(v, list) and v for v in outcome.values())
     portal.fail("malformed", result={"result": "nope", "result_error": []})
-    error = await failure(client.search_crm_entities_batch(["79161234567", "79262345678"]))
+    error = await failure(client.search_numbers(["79161234567", "79262345678"]))
     assert error.reason == "bad_result"
+
+
+# -- the operating-time budget per method (limits.md) -----------------------------------------
+
+
+async def test_operation_time_limit_holds_only_that_method(session):
+    async with PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, code=SECRET, search_time=0.05,
+                              operating_limit=(0.01, 60.0)) as portal:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=ample_budget())
+        await client.search_crm_entities(ANNA)  # passes the limit: the next one is blocked
+        error = await failure(client.search_crm_entities(ANNA))
+        assert isinstance(error, OperatingTimeExceeded)
+        assert client.operating.held_for("telephony.externalcall.searchcrmentities") > 30
+        # Not asked again while held; other methods go on (QUERY_LIMIT_EXCEEDED would stop all).
+        with pytest.raises(RequestNotSent) as held:
+            await client.search_crm_entities(ANNA)
+        assert held.value.reason == "operating_limit" and portal.refusals["OPERATION_TIME_LIMIT"] == 1
+        assert await client.call("user.get", {"ID": "1"})
+
+
+async def test_the_portal_reporting_its_budget_nearly_spent_holds_the_method(session):
+    async with PortalEmulator(SAMPLE_CRM, code=SECRET, search_time=0.02, operating_limit=(100.0, 600.0)) as portal:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=ample_budget(),
+                              operating=OperatingBudget(limit=0.021, window=600.0))
+        await client.search_crm_entities(ANNA)  # the answer says 0.02 s of 0.021 spent
+        with pytest.raises(RequestNotSent) as held:
+            await client.search_crm_entities(ANNA)
+    assert held.value.reason == "operating_limit" and len(portal.requests) == 1

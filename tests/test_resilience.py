@@ -8,10 +8,13 @@ import pytest
 from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
-from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory
+from agi_bitrix.bitrix.lookup import SECOND_REQUEST_AFTER, CrmLookup, LookupMemory, SearchTiming
 from agi_bitrix.bitrix.models import CrmAnswer
+from agi_bitrix.bitrix.operating import BURST_SHARE, SUSTAINED_SHARE, OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.sample_data import SAMPLE_CRM
 
 
 class Clock:
@@ -300,3 +303,173 @@ async def test_rejected_requests_do_not_open_the_breaker(make_lookup, portal):
         assert (await lookup.lookup("79990000000")).error == "ERROR_CORE"
     assert lookup.breaker.state == CLOSED and lookup.memory.last_failure is None
     assert (await lookup.lookup("79161234567")).status == "FOUND"
+
+
+# -- a portal that takes time: batches that fit the deadline ----------------------------------
+# Time is scaled down by half from a real portal (50 ms round trip, the 2/s·50 bucket, 2 s
+# deadline): 25 ms round trip, 4 requests/s, a 1 s deadline.
+
+KNOWN_OWNER = SAMPLE_CRM["79161234567"]
+
+
+@pytest.fixture
+async def timed_portal():
+    emulator = PortalEmulator(SAMPLE_CRM, rate_limit=(4.0, 50), round_trip=0.025)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+async def timed_lookup(timed_portal):
+    async with make_session() as session:
+        budget = RateLimiter(4.0, 40)
+        client = PortalClient(timed_portal.webhook_url, session, timeout=1.0, budget=budget)
+        memory = LookupMemory(AnswerCache(DEFAULT_CACHE), CircuitBreaker(5, 10))
+        yield CrmLookup(client, memory, deadline=1.0)
+
+
+def spend_the_burst(lookup):
+    """As on a server that has been busy for a while: every further slot is one the rate allows."""
+    while lookup.portal.budget.reserve(max_wait=0) is not None:
+        pass
+
+
+def known_callers(portal, count, first=0):
+    numbers = [f"7903{first + n:07d}" for n in range(count)]
+    for number in numbers:
+        portal.set_client(number, KNOWN_OWNER)
+    return numbers
+
+
+async def test_a_slow_batch_mate_sinks_nobody_else(timed_lookup, timed_portal):
+    """22 callers together, one whose search takes longer than the deadline (a number with
+    thousands of duplicates): only that one takes the fallback."""
+    timed_portal.search_time = 0.0075
+    await timed_lookup.lookup("79161234567")  # a running server has learned the portal's speed
+    numbers = known_callers(timed_portal, 22)
+    timed_portal.set_search_time(numbers[7], 2.0)
+    started = time.monotonic()
+    answers = await asyncio.gather(*(timed_lookup.lookup(number) for number in numbers))
+    slow = answers.pop(7)
+    assert (slow.status, slow.error) == ("ERROR", "timeout")
+    assert [answer.status for answer in answers] == ["FOUND"] * 21
+    assert time.monotonic() - started < 1.0 + 0.5
+    # The others were asked again around the slow one; it ended up alone.
+    alone = [r for r in timed_portal.requests_for("telephony.externalCall.searchCrmEntities")
+             if r.params.get("PHONE_NUMBER") == numbers[7]]
+    assert alone
+
+
+async def test_a_slower_crm_still_routes_nearly_every_caller(timed_lookup, timed_portal):
+    """40 ms per search at 60 new callers a second (here 20 ms at 120/s): batches of ~50 would
+    take past the deadline; batches sized to it route nearly everyone."""
+    timed_portal.search_time = 0.02
+    await timed_lookup.lookup("79161234567")
+    spend_the_burst(timed_lookup)
+    numbers = known_callers(timed_portal, 360)
+    calls = []
+    started = time.monotonic()
+    for index, number in enumerate(numbers):
+        await asyncio.sleep(max(0.0, started + index / 120 - time.monotonic()))
+        calls.append(asyncio.create_task(timed_lookup.lookup(number)))
+    answers = await asyncio.gather(*calls)
+    found = sum(answer.status == "FOUND" for answer in answers)
+    assert found >= 0.9 * len(numbers), (found, {answer.error for answer in answers})
+    assert timed_portal.refusals == {}
+    batches = timed_portal.requests_for("batch")
+    assert max(len(r.params["cmd"]) for r in batches) * 0.02 < 1.0  # no batch longer than the deadline
+
+
+# -- the operating-time budget ------------------------------------------------------------------
+
+
+def test_operating_budget_paces_a_method_and_holds_it_on_the_portals_word():
+    clock, wall = Clock(), Clock()
+    budget = OperatingBudget(limit=100.0, window=100.0, clock=clock, wall_clock=wall)
+    assert budget.room("m") == pytest.approx(BURST_SHARE * 100)
+    budget.spend("m", 20.0)
+    assert budget.room("m") == 0 and budget.room("other") == pytest.approx(20.0)
+    assert budget.wait_for("m", 7.0) == pytest.approx(7.0 / (SUSTAINED_SHARE * 1.0))
+    clock.now += 10
+    assert budget.room("m") == pytest.approx(7.0)
+    # However we spend, no window of 100 s holds more than 90 % of the limit.
+    spent = []
+    for _ in range(1000):
+        clock.now += 1
+        seconds = budget.room("m")
+        budget.spend("m", seconds)
+        spent.append(seconds)
+    assert max(sum(spent[i:i + 100]) for i in range(900)) <= 0.9 * 100 + 1e-6
+    budget.reported("m", {"operating": 95.0, "operating_reset_at": wall.now + 30})
+    assert budget.held_for("m") == pytest.approx(30.0) and budget.room("m") == 0
+    assert budget.blocked("m") == pytest.approx(30.0)  # OPERATION_TIME_LIMIT: until that reset
+    assert budget.blocked("m") == pytest.approx(40.0)  # again: the next basket (10 s) too
+    assert budget.held_for("other") == 0
+
+
+async def test_lookups_keep_being_answered_and_never_exhaust_the_operating_time():
+    # 480 s per ten minutes shrunk 200 times: 2.4 s per 3 s; 20 ms a search, 60 new callers a
+    # second, 3.6 s of searches a second asked for: without pacing the portal would block the
+    # method for the rest of the window.
+    async with PortalEmulator(SAMPLE_CRM, search_time=0.02, operating_limit=(2.4, 3.0)) as portal, \
+            make_session() as session:
+        client = PortalClient(portal.webhook_url, session, timeout=1.0, budget=RateLimiter(1000, 1000),
+                              operating=OperatingBudget(2.4, 3.0))
+        lookup = CrmLookup(client, LookupMemory(AnswerCache(DEFAULT_CACHE), CircuitBreaker(5, 10)), deadline=1.0)
+        numbers = known_callers(portal, 240)
+        calls = []
+        started = time.monotonic()
+        for index, number in enumerate(numbers):
+            await asyncio.sleep(max(0.0, started + index / 60 - time.monotonic()))
+            calls.append(asyncio.create_task(lookup.lookup(number)))
+        answers = await asyncio.gather(*calls)
+    assert portal.refusals == {}
+    found = [answer.status == "FOUND" for answer in answers]
+    assert all(any(found[second * 60:second * 60 + 60]) for second in range(4))  # answered throughout
+    assert 0.25 * len(found) < sum(found) < 0.9 * len(found)
+    assert {answer.error for answer in answers if answer.status == "ERROR"} <= {"operating_limit", "timeout"}
+
+
+def test_search_timing_learns_the_portal_and_a_number_slow_again_and_again():
+    timing = SearchTiming()
+    timing.learn(0.08, 3, {"a": 0.01, "b": 0.01, "slow": 0.9}, deadline=2.0)
+    # The median search, the rest of the round trip: one slow number does not make all look slow.
+    assert timing.per_search == pytest.approx(0.01) and timing.overhead == 0.0
+    timing.learn(0.25, 2, {"a": 0.01, "slow": 0.6}, deadline=2.0)
+    assert timing.travels_alone("slow") and not timing.travels_alone("a")
+    timing.learn(0.1, 1, {"slow": 0.01}, deadline=2.0)  # fast again: back in batches
+    assert not timing.travels_alone("slow")
+    assert timing.fitting(1.5) == min(50, int((1.5 - timing.overhead) / timing.per_search))
+
+
+async def test_a_number_slow_again_and_again_travels_alone(make_lookup, portal):
+    lookup = make_lookup()
+    lookup.timing.slow_seen("79031234567")
+    lookup.timing.slow_seen("79031234567")
+    numbers = ["79161234567", "79031234567", "79262345678", "79990000001", "79990000002"]
+    answers = await asyncio.gather(*(lookup.lookup(number) for number in numbers))
+    assert [a.status for a in answers] == ["FOUND", "FOUND", "FOUND", "NOT_FOUND", "NOT_FOUND"]
+    [batch] = portal.requests_for("batch")
+    assert "79031234567" not in str(batch.params["cmd"]) and len(batch.params["cmd"]) == 4
+    [alone] = portal.requests_for("telephony.externalCall.searchCrmEntities")
+    assert alone.params["PHONE_NUMBER"] == "79031234567"
+
+
+async def test_a_portal_falling_behind_still_answers_as_many_as_it_can(timed_lookup, timed_portal):
+    """More new callers than the portal can take (here 20 ms a search at 1.25 times the ~144/s
+    that 4 requests a second of deadline-sized batches allow): batches of the oldest, whose time
+    is nearly out, would leave everyone late; the newest that fit are answered instead."""
+    timed_portal.search_time = 0.02
+    await timed_lookup.lookup("79161234567")
+    spend_the_burst(timed_lookup)
+    numbers = known_callers(timed_portal, 540)
+    calls = []
+    started = time.monotonic()
+    for index, number in enumerate(numbers):
+        await asyncio.sleep(max(0.0, started + index / 180 - time.monotonic()))
+        calls.append(asyncio.create_task(timed_lookup.lookup(number)))
+    answers = await asyncio.gather(*calls)
+    found = sum(answer.status == "FOUND" for answer in answers)
+    assert found >= 0.5 * len(numbers), found
+    assert timed_portal.refusals == {}

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -25,6 +26,7 @@ from agi_bitrix.bitrix.errors import (
     BadResponse,
     BitrixError,
     LocalFault,
+    OperatingTimeExceeded,
     PortalError,
     PortalTimeout,
     PortalUnreachable,
@@ -34,12 +36,17 @@ from agi_bitrix.bitrix.errors import (
     refusal,
 )
 from agi_bitrix.bitrix.models import CrmEntity, MalformedAnswer, parse_search_result
+from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.bitrix.settings import portal_base
+from agi_bitrix.bitrix.settings import OPERATING_LIMIT, OPERATING_WINDOW, portal_base
 
 log = logging.getLogger("agi_bitrix.portal")
 
 SEARCH_CRM_ENTITIES = "telephony.externalCall.searchCrmEntities"
+SEARCH_KEY = SEARCH_CRM_ENTITIES.lower()  # how the operating-time budget names it
+BATCH = "batch"
+# Requests no caller waits for: they take a slot only while half the burst stays free for lookups.
+_CAN_WAIT = frozenset({"telephony.externalcall.finish", "user.get"})
 
 # A searchCrmEntities answer is at most 150 objects of a few hundred bytes; anything near this
 # size is not a portal answer, and reading it whole would let a proxy exhaust our memory.
@@ -104,13 +111,37 @@ class RequestSlot:
 _SLOT = RequestSlot()
 
 
+@dataclass(slots=True)
+class AnswerTime:
+    """The `time` object of an answer (api-reference/data-types.md), filled in by `call`."""
+
+    block: Any = None
+
+    @property
+    def processing(self) -> float | None:
+        """Seconds the portal worked on the request, if it said."""
+        return _processing(self.block)
+
+
+@dataclass(slots=True)
+class SearchAnswer:
+    """What one lookup request brought: per number its CRM objects or the portal's refusal, and
+    the seconds the portal spent searching it (when the answer says: `time`, or a batch's
+    `result_time`)."""
+
+    outcome: dict[str, list[CrmEntity] | PortalError]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
 class PortalClient:
     def __init__(self, webhook_url: str, session: aiohttp.ClientSession, *, timeout: float,
-                 budget: RateLimiter, auth: AccessTokens | None = None) -> None:
+                 budget: RateLimiter, auth: AccessTokens | None = None,
+                 operating: OperatingBudget | None = None) -> None:
         """`webhook_url` is the inbound webhook, https://PORTAL/rest/USER_ID/CODE/ (slash optional);
         with `auth` (an OAuth application) it is the portal's REST URL, https://PORTAL/rest/.
         `timeout` bounds each whole request in seconds. `budget` is our copy of the portal's
-        request bucket: every request this client sends, whatever it is for, takes a slot in it."""
+        request bucket: every request this client sends, whatever it is for, takes a slot in it.
+        `operating` paces each method's execution time in the portal (by default the cloud's)."""
         try:
             base, code = portal_base(webhook_url, oauth=auth is not None)
         except ValueError as error:  # the same check as the config's: its message never quotes the URL
@@ -120,6 +151,7 @@ class PortalClient:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.auth = auth
         self.budget = budget
+        self.operating = operating or OperatingBudget(OPERATING_LIMIT, OPERATING_WINDOW)
         self._base = base
         self._code = code
         self._session = session
@@ -130,10 +162,11 @@ class PortalClient:
     def redacted_url(self) -> str:
         return redact(self._base)
 
-    async def take_slot(self, max_wait: float) -> RequestSlot:
+    async def take_slot(self, max_wait: float, can_wait: bool = False) -> RequestSlot:
         """Wait for a place in the request budget; RequestNotSent("rate_limited") at once when that
-        would take longer than `max_wait` seconds, so a caller never waits in vain."""
-        wait = self.budget.reserve(max_wait=max_wait)
+        would take longer than `max_wait` seconds, so a caller never waits in vain. A request that
+        `can_wait` (no caller needs it now) only takes a place that leaves half the burst free."""
+        wait = self.budget.reserve(max_wait=max_wait, keep_free=self.budget.burst // 2 if can_wait else 0)
         if wait is None:
             raise RequestNotSent("rate_limited", f"no request slot within {max_wait:g} s (client-side rate limit)")
         if wait:
@@ -141,18 +174,29 @@ class PortalClient:
         return _SLOT
 
     async def call(self, method: str, params: Mapping[str, Any], *, json_body: bool = False,
-                   slot: RequestSlot | None = None, max_wait: float = 0.0, timeout: float | None = None) -> Any:
-        """POST `params` to METHOD.json and return the answer's `result`.
+                   slot: RequestSlot | None = None, max_wait: float = 0.0, timeout: float | None = None,
+                   timing: AnswerTime | None = None) -> Any:
+        """POST `params` to METHOD.json and return the answer's `result` (and its `time` in `timing`).
 
-        The request spends `slot`, or takes one, waiting at most `max_wait` seconds for it.
-        `timeout` replaces the client's per-request timeout for this call (a recording's upload).
+        The request spends `slot`, or takes one, waiting at most `max_wait` seconds for it (a
+        finish or user.get only one that leaves half the burst to lookups). The method's operating
+        time is checked first: RequestNotSent("operating_limit") while the portal blocks it, or,
+        without a `slot` (a caller bringing one has sized its request to the method's room), while
+        our pace has no room for it. `timeout` replaces the client's per-request timeout for this
+        call (a recording's upload).
+
         The body is a PHP-style form (booleans as 1/0, None as "", nested keys as KEY[SUB]) unless
         `json_body`: the portal reads both, and JSON costs a fraction of the form encoding on the
         lookup path, whose parameters are plain strings that mean the same in either."""
+        self._check_operating(method, paced=slot is None)
         if slot is None:
-            await self.take_slot(max_wait)
+            await self.take_slot(max_wait, can_wait=method.lower() in _CAN_WAIT)
         try:
-            result = await self._call(method, params, json_body, timeout)
+            result = await self._call(method, params, json_body, timing, timeout)
+        except OperatingTimeExceeded as error:
+            held = self.operating.blocked(method.lower())
+            log.warning("portal says %s for %s; not calling it for %.0f s", error.reason, method, held)
+            raise
         except RateLimited as error:
             pause = self.budget.back_off()
             log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
@@ -160,14 +204,25 @@ class PortalClient:
         self.budget.succeeded()
         return result
 
-    async def _call(self, method: str, params: Mapping[str, Any], json_body: bool, timeout: float | None) -> Any:
+    def _check_operating(self, method: str, paced: bool) -> None:
+        key = method.lower()
+        held = self.operating.held_for(key)
+        if held > 0:
+            raise RequestNotSent("operating_limit", f"{method}: its operating time is used up at the portal;"
+                                                    f" not calling it for {held:.0f} s more")
+        if paced and self.operating.room(key) <= 0:
+            raise RequestNotSent("operating_limit", f"{method}: its operating time is paced to stay within the"
+                                                    " portal's budget; no room now")
+
+    async def _call(self, method: str, params: Mapping[str, Any], json_body: bool,
+                    timing: AnswerTime | None = None, timeout: float | None = None) -> Any:
         if self.auth is None:
             status, body = await self._post(method, params, json_body, timeout)
-            return self._result(method, status, body)
+            return self._result(method, status, body, timing)
         token = await self.auth.access_token()
         try:
             status, body = await self._post(method, {**params, "auth": token}, json_body, timeout)
-            return self._result(method, status, body)
+            return self._result(method, status, body, timing)
         except TokenExpired:
             pass
         # The token expired before we knew: one refresh (shared with concurrent callers), one retry,
@@ -175,23 +230,34 @@ class PortalClient:
         token = await self.auth.refresh(rejected=token)
         await self.take_slot(max_wait=0.0)
         status, body = await self._post(method, {**params, "auth": token}, json_body, timeout)
-        return self._result(method, status, body)
+        return self._result(method, status, body, timing)
 
-    async def search_crm_entities_batch(self, phones: list[str],
-                                        slot: RequestSlot | None = None) -> dict[str, list[CrmEntity] | PortalError]:
-        """Several numbers in one `batch` request (at most 50): one HTTP round trip and one
-        request of the portal's rate budget. A BitrixError is raised when the batch itself
-        fails; a number the portal refused gets its own PortalError in the answer."""
+    async def search_numbers(self, phones: list[str], slot: RequestSlot | None = None) -> SearchAnswer:
+        """Look up numbers in one request: one number with searchCrmEntities itself, several (at
+        most 50) in one `batch`: one HTTP round trip and one request of the portal's rate budget.
+        A BitrixError is raised when the request itself fails; a number the portal refused gets
+        its own PortalError in the answer."""
+        if len(phones) == 1:
+            timing = AnswerTime()
+            entities = self.parse_search(await self.search_crm_entities_raw(phones[0], slot, timing))
+            seconds = timing.processing
+            return SearchAnswer({phones[0]: entities}, {} if seconds is None else {phones[0]: seconds})
         keys = {f"n{index}": phone for index, phone in enumerate(phones)}  # "n": PHP keeps string keys
         commands = {key: f"{SEARCH_CRM_ENTITIES}?PHONE_NUMBER={quote(phone, safe='')}" for key, phone in keys.items()}
-        answer = await self.call("batch", {"halt": 0, "cmd": commands}, json_body=True, slot=slot)
+        answer = await self.call(BATCH, {"halt": 0, "cmd": commands}, json_body=True, slot=slot)
         results = answer.get("result") if isinstance(answer, dict) else None
         errors = answer.get("result_error") if isinstance(answer, dict) else None
+        times = answer.get("result_time") if isinstance(answer, dict) else None
         results, errors = (value if value not in ([], None) else {} for value in (results, errors))
         if not isinstance(results, dict) or not isinstance(errors, dict):
-            raise self._error(BadResponse, "bad_result", "batch", "the answer has no result/result_error objects")
-        outcome: dict[str, list[CrmEntity] | PortalError] = {}
+            raise self._error(BadResponse, "bad_result", BATCH, "the answer has no result/result_error objects")
+        searched = SearchAnswer({})
+        outcome = searched.outcome
         for key, phone in keys.items():
+            command_time = times.get(key) if isinstance(times, dict) else None
+            if (seconds := _processing(command_time)) is not None:
+                searched.seconds[phone] = seconds
+            self.operating.reported(SEARCH_KEY, command_time)
             if key in errors:
                 error = errors[key] if isinstance(errors[key], dict) else {}
                 code = error.get("error")
@@ -207,15 +273,23 @@ class PortalClient:
             else:
                 outcome[phone] = self._error(BadResponse, "bad_result", SEARCH_CRM_ENTITIES,
                                              "the batch answer skipped this number")
-        return outcome
+        # Nested calls count as the method they call (limits.md); a blocked one holds only it.
+        self.operating.spend(SEARCH_KEY, sum(searched.seconds.values()))
+        if any(isinstance(error, OperatingTimeExceeded) for error in outcome.values()):
+            held = self.operating.blocked(SEARCH_KEY)
+            log.warning("portal says OPERATION_TIME_LIMIT for %s in a batch; not calling it for %.0f s",
+                        SEARCH_CRM_ENTITIES, held)
+        return searched
 
     async def search_crm_entities(self, phone: str, slot: RequestSlot | None = None) -> list[CrmEntity]:
         """The CRM objects carrying `phone`, best first. `phone` is sent exactly as given."""
         return self.parse_search(await self.search_crm_entities_raw(phone, slot))
 
-    async def search_crm_entities_raw(self, phone: str, slot: RequestSlot | None = None) -> Any:
+    async def search_crm_entities_raw(self, phone: str, slot: RequestSlot | None = None,
+                                      timing: AnswerTime | None = None) -> Any:
         """searchCrmEntities' `result` as the portal sent it (for `agi-bitrix route --record`)."""
-        return await self.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone}, json_body=True, slot=slot)
+        return await self.call(SEARCH_CRM_ENTITIES, {"PHONE_NUMBER": phone}, json_body=True, slot=slot,
+                               timing=timing)
 
     def parse_search(self, result: Any) -> list[CrmEntity]:
         try:
@@ -273,7 +347,7 @@ class PortalClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _result(self, method: str, status: int, body: bytes) -> Any:
+    def _result(self, method: str, status: int, body: bytes, timing: AnswerTime | None = None) -> Any:
         try:
             answer = json.loads(body)
         except (ValueError, RecursionError):
@@ -297,7 +371,21 @@ class PortalClient:
             raise self._error(refusal, f"http_{status}", method, detail)
         if not isinstance(answer, dict) or "result" not in answer:
             raise self._error(BadResponse, "bad_result", method, f"HTTP 200 without a result: {self._excerpt(body)}")
+        self._count_operating(method, answer.get("time"))
+        if timing is not None:
+            timing.block = answer.get("time")
         return answer["result"]
+
+    def _count_operating(self, method: str, time_block: Any) -> None:
+        """A method's execution time, as the answer reports it. An outer batch is not counted
+        (limits.md): its nested calls are, by search_numbers."""
+        if method == BATCH:
+            return
+        key = method.lower()
+        self.operating.reported(key, time_block)
+        seconds = _processing(time_block)
+        if seconds is not None:
+            self.operating.spend(key, seconds)
 
     def _error(self, kind: Callable[[str, str], _Error], reason: str, method: str, detail: str) -> _Error:
         # `detail` parts from outside went through _clean; this is a last guard for our own text.
@@ -323,6 +411,17 @@ class PortalClient:
         if not body:
             return "empty body"
         return f"{len(body)} bytes: {self._clean(body.decode('utf-8', errors='replace'))}"
+
+
+def _processing(time_block: Any) -> float | None:
+    """The seconds of work a `time` object reports: `processing`, else `duration`."""
+    if not isinstance(time_block, Mapping):
+        return None
+    for key in ("processing", "duration"):
+        value = time_block.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            return float(value)
+    return None
 
 
 def _form_fields(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:

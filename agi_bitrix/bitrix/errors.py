@@ -60,7 +60,13 @@ class PortalRefused(PortalError):
 
 
 class RateLimited(PortalRefused):
-    """Too many requests or too much execution time: every request of ours holds back."""
+    """Too many requests (QUERY_LIMIT_EXCEEDED, OVERLOAD_LIMIT, HTTP 429): every request of ours holds back."""
+
+
+class OperatingTimeExceeded(RateLimited):
+    """OPERATION_TIME_LIMIT: this one method used up its execution time in the portal's ten-minute
+    window (limits.md in bitrix24/b24restdocs); only that method holds back, until the portal's
+    `operating_reset_at`. Other methods go on."""
 
 
 class AuthRejected(PortalRefused):
@@ -120,7 +126,8 @@ class PortalUnavailable(PortalRefused):
 
 class RequestNotSent(BitrixError):
     """We did not ask the portal: the circuit is open ("circuit_open"), no request slot within the
-    deadline ("rate_limited"), the server is stopping ("cancelled"), or the OAuth token server
+    deadline ("rate_limited"), the method's execution time is held back to stay inside the portal's
+    operating-time budget ("operating_limit"), the server is stopping ("cancelled"), or the OAuth token server
     rejected the application's tokens earlier and is not asked again until they change
     ("refresh_token_rejected", "oauth_client_rejected")."""
 
@@ -142,7 +149,8 @@ class TokenFileError(BitrixError):
 # The portal's own codes, by what they mean for us (bitrix24-rest-notes.md, the REST docs'
 # error tables). A code not listed is a plain PortalRefused.
 _REFUSALS: dict[str, type[PortalRefused]] = {
-    **dict.fromkeys(("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"), RateLimited),
+    **dict.fromkeys(("QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT"), RateLimited),
+    "OPERATION_TIME_LIMIT": OperatingTimeExceeded,
     **dict.fromkeys(("expired_token", "invalid_token"), TokenExpired),
     # NO_AUTH_FOUND: a webhook code or access token the portal does not know. Not refreshed on:
     # only expired_token says a new token would do (settings/oauth/auto-renewal.md).
@@ -168,7 +176,7 @@ PORTAL_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # create a time series per code.
 _OUR_REASONS = frozenset({
     "timeout", "connect", "bad_http", "bad_json", "bad_result", "too_large", "portal_error",
-    "circuit_open", "rate_limited", "cancelled", "internal", "bad_url", "session_closed",
+    "circuit_open", "rate_limited", "operating_limit", "cancelled", "internal", "bad_url", "session_closed",
     "oauth_timeout", "oauth_connect", "oauth_bad_answer", "oauth_bad_url", "oauth_token_file",
     "refresh_token_rejected", "oauth_client_rejected",
 })

@@ -48,8 +48,9 @@ from agi_bitrix.bitrix.errors import (
     TokenFileError,
     refusal_class,
 )
+from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.bitrix.settings import BitrixSettings, OAuthSettings
+from agi_bitrix.bitrix.settings import OPERATING_WINDOW, BitrixSettings, OAuthSettings
 
 log = logging.getLogger("agi_bitrix.oauth")
 
@@ -399,12 +400,17 @@ def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
     budget = previous.budget if previous is not None else None
     if budget is None or (budget.per_second, budget.burst) != (bitrix.rate_per_second, bitrix.rate_burst):
         budget = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst)
+    # Likewise the operating time each method has spent, unless its limit changed.
+    operating = previous.operating if previous is not None else None
+    if operating is None or operating.limit != bitrix.operating_limit:
+        operating = OperatingBudget(bitrix.operating_limit, OPERATING_WINDOW)
     oauth = bitrix.oauth
     if oauth is None:
-        return PortalClient(bitrix.webhook_url, session, timeout=bitrix.deadline, budget=budget)
+        return PortalClient(bitrix.webhook_url, session, timeout=bitrix.deadline, budget=budget, operating=operating)
     tokens = previous.auth if previous is not None else None
     if not isinstance(tokens, OAuthTokens) or tokens.settings != oauth:
         tokens = OAuthTokens(oauth, session)
     else:
         tokens.resume()
-    return PortalClient(oauth.portal_url, session, timeout=bitrix.deadline, budget=budget, auth=tokens)
+    return PortalClient(oauth.portal_url, session, timeout=bitrix.deadline, budget=budget, auth=tokens,
+                        operating=operating)

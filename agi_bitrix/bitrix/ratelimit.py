@@ -5,6 +5,9 @@ queued (503 QUERY_LIMIT_EXCEEDED). We keep the same bucket as a "theoretical arr
 (the GCRA form of a leaky bucket): one number, no timer task. A caller asks for a slot and is
 told how long to wait for it; if the wait is longer than the caller can afford (its deadline),
 nothing is booked and the call takes its fallback at once instead of waiting in vain.
+
+Requests that can wait (finishes, the user directory, hedges) see a smaller bucket: they leave
+`keep_free` slots of the burst to the lookups, for which a caller is waiting.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ class RateLimiter:
         self._arrival = 0.0  # when the bucket will be empty again
         self._backoff = 0.0
 
-    def reserve(self, max_wait: float) -> float | None:
-        """Book a slot: the seconds to wait before sending, or None when that is over max_wait."""
+    def reserve(self, max_wait: float, keep_free: int = 0) -> float | None:
+        """Book a slot: the seconds to wait before sending, or None when that is over max_wait.
+        With `keep_free`, only a slot that leaves that many of the burst free for others."""
         now = self._clock()
         arrival = max(self._arrival, now)
-        wait = max(0.0, arrival - self.tolerance - now)
+        wait = max(0.0, arrival - max(0.0, self.tolerance - keep_free * self.interval) - now)
         if wait > max_wait:
             return None
         self._arrival = arrival + self.interval

@@ -14,6 +14,10 @@ from urllib.parse import urlsplit
 from agi_bitrix.schema import integer, number, section, text
 
 _PLACEHOLDER_CODE = "your-webhook-code"
+# The cloud's operating-time budget: seconds of execution per method per application or webhook,
+# over ten one-minute baskets (limits.md in bitrix24/b24restdocs; 480 s is its example).
+OPERATING_LIMIT = 480.0
+OPERATING_WINDOW = 600.0
 _MONITORING_PATHS = ("/metrics", "/healthz")
 
 
@@ -88,6 +92,9 @@ class BitrixSettings:
     # the default burst leaves room for the portal's other integrations.
     rate_per_second: float = number("rate_limit.per_second", 2.0, 0, 10_000, unit="requests per second")
     rate_burst: int = integer("rate_limit.burst", 40, 1, 100_000)
+    # Each method's execution time per ten minutes that the portal allows (a self-hosted portal
+    # that enables the limit defaults to 420); we pace each method to stay well under it.
+    operating_limit: float = number("operating_limit", OPERATING_LIMIT, 1, 1_000_000, unit="seconds")
     pool_size: int = integer("pool_size", 10, 1, 1000)
     breaker_failures: int = integer("breaker.failures", 5, 1, 1000)
     breaker_cool_down: float = number("breaker.cool_down", 10.0, 0, 3600)

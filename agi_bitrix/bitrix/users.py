@@ -31,6 +31,9 @@ PAGE_SIZE = 50
 MAX_PAGES = 500
 # After a failed load, try again sooner than the regular refresh, but not in a tight loop.
 RETRY_AFTER_FAILURE = 30.0
+# A page waits at most this long for a request slot; the client gives user.get only slots that
+# leave half the burst to the lookups, so a directory of thousands pages along behind the calls.
+PAGE_SLOT_WAIT = 5.0
 
 # Channel names as Asterisk writes them: TECH/RESOURCE-SUFFIX or Local/EXTEN@CONTEXT-SUFFIX;N.
 _CHANNEL_SUFFIX = re.compile(r"-[0-9a-f]{8}(;[12])?$")
@@ -114,23 +117,21 @@ class UserDirectory:
     async def load(self) -> None:
         """Load every user; the snapshot changes only when the whole load succeeds."""
         users: dict[str, User] = {}
-        # Everyone, then the deactivated explicitly: whether a plain user.get includes them is
-        # not documented, and they are the ones routing must know about. Each record's own
-        # ACTIVE decides, so however a portal reads the filter it can only repeat a record.
-        # False goes out as "0", which both PHP's truthiness and CUser's Y/N filter read as "no".
-        for params in ({}, {"FILTER": {"ACTIVE": False}}):
-            for item in await self._list(params):
-                user = parse_user(item, self.default_country)
-                if user is not None:
-                    users[user.user_id] = user
+        # One pass without a filter: api-reference/user/user-get.md in bitrix24/b24restdocs says
+        # the method returns all users (bots and the like aside) and that FILTER[ACTIVE]=true is
+        # what *excludes* the terminated ones, so the plain list holds the deactivated too. Each
+        # record's own ACTIVE decides.
+        for item in await self._list():
+            user = parse_user(item, self.default_country)
+            if user is not None:
+                users[user.user_id] = user
         self._install(users)
 
-    async def _list(self, params: dict[str, Any]) -> list[Any]:
+    async def _list(self) -> list[Any]:
         items: list[Any] = []
         seen: set[str] = set()
         for page in range(MAX_PAGES):
-            # Only a request slot that is free now: calls cannot wait, the directory can (next try).
-            result = await self.portal_source().call(USER_GET, {**params, "start": page * PAGE_SIZE})
+            result = await self.portal_source().call(USER_GET, {"start": page * PAGE_SIZE}, max_wait=PAGE_SLOT_WAIT)
             if not isinstance(result, list):
                 raise BadResponse("bad_result", f"{USER_GET}: result is {type(result).__name__}, expected a list")
             fresh = [item for item in result if isinstance(item, Mapping) and str(item.get("ID")) not in seen]

@@ -67,20 +67,25 @@ def php_params(pairs: Any) -> dict[str, Any]:
     return params
 
 
-def time_block(started: float, finished: float) -> dict[str, Any]:
+def time_block(started: float, finished: float, processing: float | None = None,
+               operating: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The `time` object (api-reference/data-types.md): `processing` is the method's own work,
+    `operating` (seconds, reset_at) its accumulated time and when its oldest basket drops, sent
+    for a method's own call (not for a batch's nested commands, nor a batch: limits.md)."""
     def iso(moment: float) -> str:
         return datetime.fromtimestamp(moment).astimezone().isoformat(timespec="seconds")
 
-    return {
+    block: dict[str, Any] = {
         "start": started,
         "finish": finished,
         "duration": finished - started,
-        "processing": finished - started,
+        "processing": finished - started if processing is None else processing,
         "date_start": iso(started),
         "date_finish": iso(finished),
-        "operating_reset_at": int(started) + 600,
-        "operating": 0,
     }
+    if operating is not None:
+        block["operating_reset_at"], block["operating"] = operating[1], operating[0]
+    return block
 
 
 def json_response(status: int, body: Any) -> web.Response:
