@@ -442,3 +442,22 @@ async def test_the_portal_reporting_its_budget_nearly_spent_holds_the_method(ses
         with pytest.raises(RequestNotSent) as held:
             await client.search_crm_entities(ANNA)
     assert held.value.reason == "operating_limit" and len(portal.requests) == 1
+
+
+async def test_a_large_body_is_encoded_off_the_event_loop(client, portal, monkeypatch):
+    """A recording's megabytes of base64 would hold every call on the loop while json.dumps runs."""
+    import threading
+
+    from agi_bitrix.bitrix import client as client_module
+
+    encoded_in = []
+    real_encode = client_module._encode
+
+    def recording_encode(params, json_body):
+        encoded_in.append(threading.current_thread() is threading.main_thread())
+        return real_encode(params, json_body)
+
+    monkeypatch.setattr(client_module, "_encode", recording_encode)
+    await client.call("user.get", {"FILTER": {"ID": 1}}, json_body=True, large_body=True)
+    await client.call("user.get", {"FILTER": {"ID": 1}}, json_body=True)
+    assert encoded_in == [False, True]

@@ -175,7 +175,7 @@ class PortalClient:
 
     async def call(self, method: str, params: Mapping[str, Any], *, json_body: bool = False,
                    slot: RequestSlot | None = None, max_wait: float = 0.0, timeout: float | None = None,
-                   timing: AnswerTime | None = None) -> Any:
+                   timing: AnswerTime | None = None, large_body: bool = False) -> Any:
         """POST `params` to METHOD.json and return the answer's `result` (and its `time` in `timing`).
 
         The request spends `slot`, or takes one, waiting at most `max_wait` seconds for it (a
@@ -183,7 +183,8 @@ class PortalClient:
         time is checked first: RequestNotSent("operating_limit") while the portal blocks it, or,
         without a `slot` (a caller bringing one has sized its request to the method's room), while
         our pace has no room for it. `timeout` replaces the client's per-request timeout for this
-        call (a recording's upload).
+        call (a recording's upload); a `large_body` (megabytes of base64) is encoded in a worker
+        thread, where it cannot hold the calls being routed on the event loop.
 
         The body is a PHP-style form (booleans as 1/0, None as "", nested keys as KEY[SUB]) unless
         `json_body`: the portal reads both, and JSON costs a fraction of the form encoding on the
@@ -192,7 +193,7 @@ class PortalClient:
         if slot is None:
             await self.take_slot(max_wait, can_wait=method.lower() in _CAN_WAIT)
         try:
-            result = await self._call(method, params, json_body, timing, timeout)
+            result = await self._call(method, params, json_body, timing, timeout, large_body)
         except OperatingTimeExceeded as error:
             held = self.operating.blocked(method.lower())
             log.warning("portal says %s for %s; not calling it for %.0f s", error.reason, method, held)
@@ -215,13 +216,14 @@ class PortalClient:
                                                     " portal's budget; no room now")
 
     async def _call(self, method: str, params: Mapping[str, Any], json_body: bool,
-                    timing: AnswerTime | None = None, timeout: float | None = None) -> Any:
+                    timing: AnswerTime | None = None, timeout: float | None = None,
+                    large_body: bool = False) -> Any:
         if self.auth is None:
-            status, body = await self._post(method, params, json_body, timeout)
+            status, body = await self._post(method, params, json_body, timeout, large_body)
             return self._result(method, status, body, timing)
         token = await self.auth.access_token()
         try:
-            status, body = await self._post(method, {**params, "auth": token}, json_body, timeout)
+            status, body = await self._post(method, {**params, "auth": token}, json_body, timeout, large_body)
             return self._result(method, status, body, timing)
         except TokenExpired:
             pass
@@ -229,7 +231,7 @@ class PortalClient:
         # which the portal counts as a request of its own.
         token = await self.auth.refresh(rejected=token)
         await self.take_slot(max_wait=0.0)
-        status, body = await self._post(method, {**params, "auth": token}, json_body, timeout)
+        status, body = await self._post(method, {**params, "auth": token}, json_body, timeout, large_body)
         return self._result(method, status, body, timing)
 
     async def search_numbers(self, phones: list[str], slot: RequestSlot | None = None) -> SearchAnswer:
@@ -298,15 +300,16 @@ class PortalClient:
             raise self._error(BadResponse, "bad_result", SEARCH_CRM_ENTITIES, str(error)) from None
 
     async def _post(self, method: str, params: Mapping[str, Any], json_body: bool,
-                    timeout: float | None = None) -> tuple[int, bytes]:
+                    timeout: float | None = None, large_body: bool = False) -> tuple[int, bytes]:
         seconds = self._timeout_seconds if timeout is None else timeout
+        # Encoded here: aiohttp's generic form handling costs more than the request itself.
+        data = await asyncio.to_thread(_encode, params, json_body) if large_body else _encode(params, json_body)
         # Chained exceptions are dropped (`from None`): aiohttp's messages can quote the full URL.
         try:
             base = self._base if self.auth is None else self.auth.rest_base()
             async with self._session.post(
                 f"{base}{method}.json",
-                # Encoded here: aiohttp's generic form handling costs more than the request itself.
-                data=json.dumps(params).encode() if json_body else urlencode(list(_form_fields(params))).encode(),
+                data=data,
                 headers=_JSON_HEADERS if json_body else _FORM_HEADERS,
                 timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
                 # A redirect would turn the POST into a GET and lose the parameters.
@@ -422,6 +425,10 @@ def _processing(time_block: Any) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
             return float(value)
     return None
+
+
+def _encode(params: Mapping[str, Any], json_body: bool) -> bytes:
+    return json.dumps(params).encode() if json_body else urlencode(list(_form_fields(params))).encode()
 
 
 def _form_fields(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:

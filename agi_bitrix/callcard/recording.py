@@ -106,7 +106,7 @@ async def send_recording(portal: PortalClient, entry: Entry, settings: FinishSet
         # Like a finish, it only takes a request slot that is free now; megabytes need more than
         # a lookup's deadline to travel.
         await portal.call(ATTACH_RECORD, {"CALL_ID": call_id, "FILENAME": filename, "FILE_CONTENT": look.content},
-                          json_body=True, max_wait=0.0, timeout=settings.recording_timeout)
+                          json_body=True, max_wait=0.0, timeout=settings.recording_timeout, large_body=True)
     except BitrixError as error:
         detail = f"{error.reason}: {error.detail}"
         if isinstance(error, RETRYABLE):
