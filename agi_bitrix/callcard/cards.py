@@ -69,18 +69,20 @@ class CardService:
     async def handle_answered(self, request: AgiRequest, channel: AgiChannel) -> None:
         """A phone answered: hide the card from everyone else who had it; show it to the one who
         answered if no ring showed it (a leg without the ringing hook)."""
-        found = self._call_and_user(request, "answered", need_user=False)
+        # Who answered must be known: hiding the card from everyone but an unknown phone could
+        # hide it from the very person talking (an owner on a phone the directory does not list).
+        found = self._call_and_user(request, "answered")
         if found is None:
             return
         call_id, user_id = found
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
-        if user_id and self.holders.add(call_id, user_id):
+        if self.holders.add(call_id, user_id):
             self._send(SHOW, call_id, [user_id], uniqueid)
         others = self.holders.keep_only(call_id, user_id)
         if others:
             self._send(HIDE, call_id, others, uniqueid)
 
-    def _call_and_user(self, request: AgiRequest, script: str, need_user: bool = True) -> tuple[str, str] | None:
+    def _call_and_user(self, request: AgiRequest, script: str) -> tuple[str, str] | None:
         """(CALL_ID, the user of the number or channel in the arguments), or None when there is
         nothing to do; says why in the log."""
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
@@ -98,9 +100,8 @@ class CardService:
         if user is None:
             why = "there is no user directory (users section)" if self.users is None else "no active user has it"
             log.info("call %s: %s %s: %s; no card for it", uniqueid, script, loggable(number or args[1]) or "-", why)
-            if need_user:
-                return None
-        return call_id, user.user_id if user is not None else ""
+            return None
+        return call_id, user.user_id
 
     def _send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
         # After the session: the ring or the bridge waits for nothing but the AGI round trip.

@@ -34,7 +34,7 @@ class CardHolders:
         return True
 
     def keep_only(self, call_id: str, user_id: str) -> list[str]:
-        """The call was answered by `user_id` ("" when unknown): the others, who no longer hold it."""
+        """The call was answered by `user_id`: the others, who no longer hold it."""
         holders = self._calls.get(call_id, set())
         others = sorted(holders - {user_id}, key=lambda uid: (len(uid), uid))
         holders.intersection_update({user_id})
