@@ -255,16 +255,16 @@ def freepbx_ringing_card(portal, tmp_path_factory):
 async def test_freepbx_the_card_follows_the_call_from_the_extension_to_the_queue_member_who_answers(
         freepbx_calls, portal, freepbx_ringing_card, freepbx):
     phone = fresh_phone()
-    portal.set_client(phone, [crm_object(380, "OPENED", extension="180")])  # rings out, no mobile
-    members = {"181": 381, "182": 382, "183": 383}
+    portal.set_client(phone, [crm_object(380, "OPENED", extension="191")])  # rings out, no mobile
+    members = {"192": 381, "193": 382, "194": 383}
     for extension, user in members.items():
         portal.set_client(fresh_phone(), [crm_object(user, "OPENED", extension=extension)])
     await user_directory_refreshed(portal)
     for extension in members:
         freepbx.cli(f"queue add member Local/{extension}@agi-bitrix-test-phones/n to 400")
     try:
-        call = callcard_trunk_call(freepbx_calls, freepbx_ringing_card, phone, answering="182")
-        await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="182")
+        call = callcard_trunk_call(freepbx_calls, freepbx_ringing_card, phone, answering="193")
+        await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="193")
         card = await finished(portal, phone)
     finally:
         for extension in members:
@@ -272,7 +272,7 @@ async def test_freepbx_the_card_follows_the_call_from_the_extension_to_the_queue
     call_id = card.call_id
 
     # The owner's extension through from-internal (Dial's b()), then each member (VQ_OPTIONS' b()).
-    assert rings(call)[0] == ("extension", "180")
+    assert rings(call)[0] == ("extension", "191")
     assert sorted(card_requests(portal, SHOW, call_id), key=sorted) == [{"380"}, {"381"}, {"382"}, {"383"}]
     await until(lambda: card_requests(portal, HIDE, call_id), WAIT, interval=0.05)
     assert card_requests(portal, HIDE, call_id) == [{"380", "381", "383"}]
@@ -281,10 +281,10 @@ async def test_freepbx_the_card_follows_the_call_from_the_extension_to_the_queue
 
 async def test_freepbx_the_extension_shows_the_clients_name(freepbx_calls, portal, freepbx_server):
     phone = fresh_phone()
-    client = crm_object(384, "OPENED", entity_type="COMPANY", extension="184")
+    client = crm_object(384, "OPENED", entity_type="COMPANY", extension="195")
     portal.set_client(phone, [{**client, "NAME": "Romashka LLC"}])
 
-    call = trunk_call(freepbx_calls, freepbx_server.url, phone, answering="184")
-    await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="184")
+    call = trunk_call(freepbx_calls, freepbx_server.url, phone, answering="195")
+    await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="195")
 
-    assert ring_names(call) == [("184", "Romashka LLC")]
+    assert ring_names(call) == [("195", "Romashka LLC")]
