@@ -31,7 +31,9 @@ from agi_bitrix.bitrix.install import InstallCallback
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
 from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
+from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, Outcome, RetryPolicy
 from agi_bitrix.callcard.recording import send_recording
 from agi_bitrix.callcard.register import RegisterService
@@ -57,6 +59,7 @@ class Runtime:
     router: Router
     register: RegisterService
     finish: FinishService
+    cards: CardService
     endpoint: Endpoint
 
 
@@ -78,6 +81,7 @@ class Application:
         self.users = (UserDirectory(lambda: self.runtime.portal, refresh=config.users.refresh,
                                     default_country=config.policy.default_country)
                       if config.users.refresh > 0 else None)
+        self.card_holders = CardHolders()  # who sees each call's card, across reloads
         self.outbox: Outbox | None = None
         if config.callcard.enabled:
             retry = config.callcard.finish
@@ -111,13 +115,15 @@ class Application:
         lookup = CrmLookup(portal, self.memory, deadline=config.bitrix.deadline, observer=self.metrics)
         router = Router(config, lookup, users=self.users)
         route = RouteScript(router, self.metrics, self.call_log, self.recent)
-        register = RegisterService(config, portal)
-        finish = FinishService(config, self.outbox, self.users)
+        register = RegisterService(config, portal, self.card_holders)
+        finish = FinishService(config, self.outbox, self.users, self.card_holders)
+        cards = CardService(config, portal, self.users, self.card_holders, self.metrics.count_card)
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
         handlers = {"route": route.handle_route, "": route.handle_route,
-                    "register": register.handle_register, "finish": finish.handle_finish}
+                    "register": register.handle_register, "finish": finish.handle_finish,
+                    "ringing": cards.handle_ringing, "answered": cards.handle_answered}
         endpoint = Endpoint(config.server, handlers, route.handle_unknown_script)
-        return Runtime(config, portal, lookup, router, register, finish, endpoint)
+        return Runtime(config, portal, lookup, router, register, finish, cards, endpoint)
 
     async def _send(self, entry: Entry) -> Outcome:
         # Through the portal client and settings of the config in force when the outbox gets to it.
@@ -319,6 +325,7 @@ class Application:
     async def stop(self) -> None:
         """Stop accepting calls, let those in flight finish (up to server.session_timeout), close."""
         await self.server.close(grace=self.config.server.session_timeout)
+        await self.runtime.cards.close()
         await self._stop_background()
         if self.monitoring is not None:
             await self.monitoring.close()

@@ -24,7 +24,8 @@ import phonenumbers
 
 from agi_bitrix import schema
 from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings, OAuthSettings, check_host, portal_base
-from agi_bitrix.checking import Checker, ConfigError, LocatedDict, Problem, quoted, read_file
+from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
+from agi_bitrix.phones import normalize_number
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
 from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
@@ -96,6 +97,33 @@ def _user_id(value: str) -> str:
     if value and not (value.isascii() and value.isdigit()):  # isdigit() alone passes fullwidth digits
         raise ValueError(f"{quoted(value)} is not a Bitrix24 user id (a number)")
     return value
+
+
+@dataclass(frozen=True)
+class Responsible:
+    """callcard.register.responsible[]: who gets the calls to `did` that have no (active) owner."""
+
+    did: str  # as written in the file
+    user: str
+    number: str = ""  # `did` in international digits, read with phones.default_country (parse_config)
+
+
+_RESPONSIBLE_KEYS = ("did", "user")
+
+
+def _responsible(item: Any) -> Responsible:
+    """One {did: NUMBER, user: ID}; the number is normalised once the country is known."""
+    if not isinstance(item, LocatedDict):
+        raise ValueError(f"expected {{did: NUMBER, user: ID}}, got {quoted(item)}")
+    unknown = [key for key in item if key not in _RESPONSIBLE_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {quoted(unknown[0])}; expected did and user")
+    did, user = item.get("did"), item.get("user")
+    if isinstance(did, (bool, LocatedDict, LocatedList)) or did is None or str(did).strip() == "":
+        raise ValueError("needs did: the dialled number, like \"+7 495 111-22-33\"")
+    if isinstance(user, bool) or not isinstance(user, (int, str)) or not _user_id(str(user).strip()):
+        raise ValueError("needs user: a Bitrix24 user id (a number)")
+    return Responsible(did=str(did).strip(), user=str(user).strip())
 
 
 def _crm_source(value: str) -> str:
@@ -196,6 +224,8 @@ class RegisterSettings:
     deadline: float = number("deadline", 2.0, 0, 30)
     # Bitrix24 user id for calls without an (active) owner; "" = skip them.
     default_user: str = text("default_user", "", check=_user_id)
+    # Per DID, who takes those calls instead of default_user (and so the missed ones).
+    responsible: tuple[Responsible, ...] = items("responsible", (), check=_responsible)
     crm_create: bool = flag("crm_create", False)
     crm_source: str = text("crm_source", "", check=_crm_source)
     show: bool = flag("show", True)
@@ -282,6 +312,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     prefix = read("variable_prefix")
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
+    callcard = _responsible_numbers(check, data, callcard, country)
     if bitrix.oauth is not None and bitrix.oauth.install_path and not metrics.enabled:
         oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
@@ -290,6 +321,26 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
                   variable_prefix=prefix, policy=policy, cache=cache, metrics=metrics, call_log=call_log,
                   callcard=callcard, users=users)
+
+
+def _responsible_numbers(check: Checker, data: LocatedDict, callcard: CallCardSettings,
+                         country: str) -> CallCardSettings:
+    """callcard.register.responsible with each DID in international digits, read as match.did
+    reads its numbers (phones.default_country); one that is no number is a problem."""
+    register = callcard.register
+    if not register.responsible:
+        return callcard
+    section = data["callcard"]["register"]  # the entries were read from there
+    numbers = {}
+    for _, path, item in check.items(section, "responsible", "callcard.register") or []:
+        if isinstance(item, LocatedDict) and "did" in item:
+            did = str(item["did"]).strip()
+            number = normalize_number(did, country)
+            if number is None:
+                check.problem(item.lines["did"], f"{path}.did", f"{quoted(did)} is not a phone number")
+            numbers[did] = number or ""
+    entries = tuple(dataclasses.replace(entry, number=numbers.get(entry.did, "")) for entry in register.responsible)
+    return dataclasses.replace(callcard, register=dataclasses.replace(register, responsible=entries))
 
 
 def _bitrix(check: Checker, section: LocatedDict, environ: Mapping[str, str]) -> BitrixSettings:

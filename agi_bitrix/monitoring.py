@@ -42,6 +42,9 @@ class Metrics:
         self.sessions = Gauge("agi_bitrix_sessions_in_flight", "FastAGI sessions open now.", registry=r)
         self.breaker = Gauge("agi_bitrix_portal_breaker_state",
                              "1 for the circuit breaker's current state.", ["state"], registry=r)
+        self.cards = Counter("agi_bitrix_call_cards", "Call cards shown to ringing phones' users and hidden from"
+                             " the others on answer (telephony.externalCall.show/.hide), by outcome.",
+                             ["action", "result"], registry=r)  # show|hide; done|call_not_found|failed
         self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
@@ -60,6 +63,9 @@ class Metrics:
     def portal_request_failed(self, reason: str) -> None:
         # Bounded labels: a portal inventing codes would otherwise add a series per code, forever.
         self.portal_errors.labels(metric_reason(reason)).inc()
+
+    def count_card(self, action: str, result: str) -> None:
+        self.cards.labels(action, result).inc()
 
     def count_refused(self, reason: str) -> None:
         self.refused.labels(reason).inc()

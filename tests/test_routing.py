@@ -210,14 +210,41 @@ def test_every_variable_is_always_set():
 
 
 def test_variables_for_a_found_call():
-    d = decide(CallInfo("79161234567"), found(entity(entity_id=12, user="1", work="+7 495 123-00-03")), POLICY, NOON)
+    crm_object = {**entity(entity_id=12, user="1", work="+7 495 123-00-03"), "NAME": "Romashka LLC"}
+    d = decide(CallInfo("79161234567"), found(crm_object), POLICY, NOON)
     assert channel_variables(d) == {
         "B24_STATUS": "FOUND", "B24_ROUTE": "extension", "B24_TARGET": "101", "B24_QUEUE": "support",
         "B24_EXTENSION": "101", "B24_MOBILE": "79161110101", "B24_WORK_PHONE": "74951230003",
         "B24_PERSONAL_PHONE": "", "B24_USER_ID": "1", "B24_ENTITY_TYPE": "CONTACT", "B24_ENTITY_ID": "12",
         "B24_TIMEMAN": "OPENED", "B24_PHONE": "79161234567", "B24_RULE": "owner-at-work", "B24_ERROR": "",
-        "B24_CACHE": "",
+        "B24_CACHE": "", "B24_NAME": "Romashka LLC",
     }
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("Romashka LLC", "Romashka LLC"),
+    ("  Жанна \t Щукина \n ", "Жанна Щукина"),
+    # Quotes, commas, semicolons, backslashes and what the dialplan would evaluate are dropped.
+    ('Фирма "Ромашка", \'Ltd\'; a\\b', "Фирма Ромашка Ltd ab"),
+    ("${SHELL(rm -rf /)}", "SHELL(rm -rf /)"),
+    ("Anna\nEXEC Dial SIP/x", "Anna EXEC Dial SIP/x"),
+    ("😀\u200d😀 ☎ Anna", "Anna"),
+    ("A & B (Moscow) #2 / +7", "A & B (Moscow) #2 / +7"),
+    ("", ""),
+    ("\",;$", ""),
+    ("x" * 10_000, "x" * 40),
+    # 40 letters, each with its combining mark kept: never a letter cut from its accent.
+    ("й" * 45, "й" * 40),
+    ("e\u0301" * 45, "e\u0301" * 40),
+    ("\u0301\u0301 Anna", "Anna"),  # marks without a letter before them
+])
+def test_the_clients_name_is_only_what_a_phone_display_may_show(name, shown):
+    d = decide(CallInfo("79161234567"), found({**entity(), "NAME": name}), POLICY, NOON)
+    assert channel_variables(d)["B24_NAME"] == shown
+
+
+def test_no_crm_object_no_name():
+    assert channel_variables(decide(CallInfo("79161234567"), CrmAnswer("NOT_FOUND"), POLICY, NOON))["B24_NAME"] == ""
 
 
 def test_hostile_crm_text_never_reaches_variables():

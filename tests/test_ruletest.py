@@ -94,7 +94,7 @@ def test_broken_cases_file_names_every_problem(tmp_path):
         f"{cases}:4: cases[0].crm: give exactly one of crm (the answer inline), crm_file (recorded) or crm_error",
         (f"{cases}:6: cases[0].expect: 'rout' is not a variable; expected one of: status, route, target, queue,"
         " extension, mobile, work_phone, personal_phone, user_id, entity_type, entity_id, timeman, phone, rule,"
-        " error, cache"),
+        " error, cache, name"),
         f"{cases}:8: cases[1].crm: not an answer of searchCrmEntities: result is str, expected a list",
         f"{cases}:9: cases[1].time: 'yesterday' is not a time like \"2026-11-26 12:00\"",
         (f"{cases}:10: cases[1].expect: expected a mapping of variables to values, e.g."

@@ -25,6 +25,7 @@ async def test_found_call_gets_all_variables_in_one_command(agi_server, portal):
         "B24_EXTENSION": "101", "B24_MOBILE": "79161110101", "B24_WORK_PHONE": "", "B24_PERSONAL_PHONE": "",
         "B24_USER_ID": "1", "B24_ENTITY_TYPE": "CONTACT", "B24_ENTITY_ID": "12", "B24_TIMEMAN": "OPENED",
         "B24_PHONE": "79161234567", "B24_RULE": "owner-at-work", "B24_ERROR": "", "B24_CACHE": "miss",
+        "B24_NAME": "Иван Петров",
     }
     # The portal is asked in international digits, whatever format the PBX used.
     assert [r.params.get("PHONE_NUMBER") for r in portal.requests] == ["79161234567"]

@@ -35,6 +35,9 @@ class CrmEntity:
     entity_type: str
     entity_id: str
     owner: Owner | None
+    # NAME: the object's name or full name, as the portal sent it (the current docs list it;
+    # older portals leave it out). What may reach a phone's display is the routing layer's call.
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,5 +102,5 @@ def parse_search_result(result: Any) -> list[CrmEntity]:
         if not entity_type or not entity_id:
             raise MalformedAnswer(f"result[{index}] lacks CRM_ENTITY_TYPE or CRM_ENTITY_ID")
         owner = parse_owner(item.get("ASSIGNED_BY"), item.get("ASSIGNED_BY_ID"))
-        entities.append(CrmEntity(entity_type, entity_id, owner))
+        entities.append(CrmEntity(entity_type, entity_id, owner, _text(item.get("NAME"))))
     return entities

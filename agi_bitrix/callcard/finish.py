@@ -2,7 +2,8 @@
 
 Dialplan (in the `h` extension or a hangup handler of the caller's channel):
 AGI(agi://HOST:PORT/finish,${B24_CALL_ID},${B24_USER_ID},${DIALSTATUS},${SHARED(B24_ANSWERED_AT)},
-${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}])
+${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}[,DID]])
+The DID picks callcard.register.responsible's user for a call without an owner, as register did.
 
 The answer stamp (B24_ANSWERED_AT, B24_ANSWERED_BY) is written by the [agi-bitrix-answered]
 subroutine that Dial's U() and Queue's gosub run on the channel that answered; talk time is
@@ -44,10 +45,12 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
+from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
-from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN
+from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.status import ANSWERED, status_code
 from agi_bitrix.config import Config
+from agi_bitrix.phones import normalize_number
 
 log = logging.getLogger("agi_bitrix.callcard")
 
@@ -76,6 +79,7 @@ class FinishArguments:
     answered_by: str
     hangup_at: float | None
     recording: str
+    did: str = ""  # international digits, or ""
 
 
 def finish_expressions(prefix: str) -> tuple[str, ...]:
@@ -84,8 +88,8 @@ def finish_expressions(prefix: str) -> tuple[str, ...]:
             "${SHARED(B24_ANSWERED_BY)}", "${STRFTIME(,,%s.%3q)}", "${MIXMONITOR_FILENAME}")
 
 
-def finish_arguments(values: list[str]) -> FinishArguments:
-    args = [value.strip() for value in values] + [""] * 7
+def finish_arguments(values: list[str], default_country: str) -> FinishArguments:
+    args = [value.strip() for value in values] + [""] * 8
     return FinishArguments(
         call_id=args[0] if CALL_ID_PATTERN.match(args[0]) else "",
         owner=args[1] if USER_ID_PATTERN.match(args[1]) else "",
@@ -94,6 +98,7 @@ def finish_arguments(values: list[str]) -> FinishArguments:
         answered_by=args[4],
         hangup_at=_epoch(args[5]),
         recording=os.path.basename(args[6]),
+        did=normalize_number(args[7], default_country) or "",
     )
 
 
@@ -107,11 +112,12 @@ def _epoch(text: str) -> float | None:
 
 
 class FinishService:
-    def __init__(self, config: Config, outbox: Outbox | None, users: UserDirectory | None,
+    def __init__(self, config: Config, outbox: Outbox | None, users: UserDirectory | None, holders: CardHolders,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.outbox = outbox
         self.users = users
+        self.holders = holders  # a finished call's card holders are forgotten
         self.clock = clock
 
     async def handle_finish(self, request: AgiRequest, channel: AgiChannel) -> None:
@@ -121,10 +127,11 @@ class FinishService:
             log.info("call %s: finish asked for, but there is no callcard section in the config", uniqueid)
             return
         values = await dialplan_values(request, channel, finish_expressions(self.config.variable_prefix))
-        arguments = finish_arguments(values)
+        arguments = finish_arguments(values, self.config.policy.default_country)
         if not arguments.call_id:
             log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
             return
+        self.holders.forget(arguments.call_id)
         params = self.finish_params(arguments, uniqueid)
         if params is None:
             return
@@ -146,9 +153,9 @@ class FinishService:
             hangup_at = arguments.hangup_at if arguments.hangup_at is not None else self.clock()
             duration = max(0, round(hangup_at - arguments.answered_at))
         user_id = self.taken_by(arguments) if answered else ""
-        user_id = user_id or arguments.owner or settings.register.default_user
+        user_id = user_id or arguments.owner or responsible_user(settings.register, arguments.did)
         if not user_id:
-            log.warning("call %s: finish %s has no user (no owner, no default_user); not sent",
+            log.warning("call %s: finish %s has no user (no owner, no responsible, no default_user); not sent",
                         uniqueid, arguments.call_id)
             return None
         params: dict[str, Any] = {

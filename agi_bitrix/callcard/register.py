@@ -27,7 +27,8 @@ from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
 from agi_bitrix.callcard.dialplan import dialplan_values
-from agi_bitrix.config import Config
+from agi_bitrix.callcard.holders import CardHolders
+from agi_bitrix.config import Config, RegisterSettings
 from agi_bitrix.phones import normalize_number
 
 log = logging.getLogger("agi_bitrix.callcard")
@@ -79,10 +80,12 @@ def register_arguments(values: list[str], request: AgiRequest, default_country: 
 
 
 class RegisterService:
-    def __init__(self, config: Config, portal: PortalClient,
+    def __init__(self, config: Config, portal: PortalClient, holders: CardHolders,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        """`holders` learns who the portal shows the card to (SHOW), so an answer can hide it."""
         self.config = config
         self.portal = portal
+        self.holders = holders
         self.clock = clock
 
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
@@ -113,12 +116,13 @@ class RegisterService:
         if not config.callcard.enabled:
             return "", "disabled"
         arguments = register_arguments(values, request, config.policy.default_country)
-        user_id = arguments.owner or settings.default_user
+        user_id = arguments.owner or responsible_user(settings, arguments.did)
         if arguments.phone is None:
             log.info("call %s: no usable number; not registered", uniqueid)
             return "", "no_number"
         if not user_id:
-            log.info("call %s: no owner and no callcard.register.default_user; not registered", uniqueid)
+            log.info("call %s: no owner, no callcard.register.responsible for DID %s and no default_user; not"
+                     " registered", uniqueid, arguments.did or "-")
             return "", "no_user"
         params = self.register_params(arguments, user_id)
         try:
@@ -153,6 +157,8 @@ class RegisterService:
                         uniqueid, arguments.phone)
         if created is not None:
             created.entities, created.lead_error = found.entities, found.lead_error
+        if settings.show:
+            self.holders.add(call_id, user_id)
         return call_id, ""
 
     def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
@@ -175,6 +181,16 @@ class RegisterService:
             params["CRM_ENTITY_TYPE"] = arguments.entity_type
             params["CRM_ENTITY_ID"] = arguments.entity_id
         return params
+
+
+def responsible_user(settings: RegisterSettings, did: str) -> str:
+    """Who takes a call to `did` (international digits) that has no (active) owner:
+    callcard.register.responsible's user for that DID (the first listed), else default_user."""
+    if did:
+        for entry in settings.responsible:
+            if entry.number == did:
+                return entry.user
+    return settings.default_user
 
 
 @dataclass

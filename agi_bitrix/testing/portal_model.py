@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agi_bitrix.testing.portal_wire import ErrorAnswer
@@ -27,6 +27,8 @@ SEARCH_METHOD = "telephony.externalcall.searchcrmentities"
 REGISTER_METHOD = "telephony.externalcall.register"
 FINISH_METHOD = "telephony.externalcall.finish"
 ATTACH_RECORD_METHOD = "telephony.externalcall.attachrecord"
+SHOW_METHOD = "telephony.externalcall.show"
+HIDE_METHOD = "telephony.externalcall.hide"
 USER_GET_METHOD = "user.get"
 # api-reference/telephony/telephony-external-call-attach-record.md: FILENAME's extensions.
 RECORD_EXTENSIONS = (".wav", ".mp3")
@@ -58,6 +60,10 @@ class RegisteredCall:
     finish_params: dict[str, Any] | None = None
     record: AttachedRecord | None = None  # the last one attachRecord gave (a new one replaces it)
     records_attached: int = 0
+    # Whose screens show the call card now (register's SHOW, show, hide), and every show and
+    # hide in order as ("show" | "hide", user ids), for tests to read.
+    card_shown_to: set[str] = field(default_factory=set)
+    card_requests: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class PortalModel:
             REGISTER_METHOD: self._register,
             FINISH_METHOD: self._finish,
             ATTACH_RECORD_METHOD: self._attach_record,
+            SHOW_METHOD: self._show,
+            HIDE_METHOD: self._hide,
             USER_GET_METHOD: self._user_get,
         }.get(method)
         if handler is None:
@@ -150,6 +158,8 @@ class PortalModel:
                 self.set_client(digits, [_lead(created_lead, self._users[user_id])])
         call_id = f"externalCall.{secrets.token_hex(16)}.{int(time.time())}"
         call = RegisteredCall(call_id, user_id, dict(params), entity_type, entity_id, now)
+        if str(params.get("SHOW", "1")) != "0":  # SHOW: 1 by default
+            call.card_shown_to.add(user_id)
         self.calls[call_id] = call
         result = _register_result(call, created_lead)
         if lead_error:
@@ -212,6 +222,33 @@ class PortalModel:
         call.records_attached += 1
         return {"result": {"FILE_ID": call.record.file_id}}
 
+    def _show(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/telephony/telephony-external-call-show.md: USER_ID one id or a list, by
+        default the user the call was registered for; `true`, or `false` for a call it does not
+        have (an unknown CALL_ID, or one already finished: finish ends the call)."""
+        call = self._open_call(params)
+        if call is None:
+            return {"result": False}
+        users = _user_ids(params.get("USER_ID")) or (call.user_id,)
+        call.card_shown_to.update(users)
+        call.card_requests.append(("show", users))
+        return {"result": True}
+
+    def _hide(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/telephony/telephony-external-call-hide.md: USER_ID as for show; no
+        error codes of its own, `false` when the CALL_ID is not found."""
+        call = self._open_call(params)
+        if call is None:
+            return {"result": False}
+        users = _user_ids(params.get("USER_ID")) or (call.user_id,)
+        call.card_shown_to.difference_update(users)
+        call.card_requests.append(("hide", users))
+        return {"result": True}
+
+    def _open_call(self, params: Mapping[str, Any]) -> RegisteredCall | None:
+        call = self.calls.get(str(params.get("CALL_ID", "")))
+        return call if call is not None and call.finish_params is None else None
+
     def _user_get(self, params: dict[str, Any]) -> dict[str, Any]:
         # user.get takes its filter as FILTER[...] or, in the older form, as the parameters themselves.
         given_filter = params.get("FILTER")
@@ -268,6 +305,15 @@ class PortalModel:
 def _php_empty(value: Any) -> bool:
     # PHP's empty(): the portal treats "0" like a missing value.
     return value is None or value == "" or value == "0" or value == 0 or value is False
+
+
+def _user_ids(value: Any) -> tuple[str, ...]:
+    """USER_ID as `integer | integer[]`: one id, a JSON list, or PHP's array from a form
+    (USER_ID[0]=1&USER_ID[1]=2 arrives as {"0": "1", "1": "2"})."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    values = value if isinstance(value, list) else [value]
+    return tuple(str(item) for item in values if not _php_empty(item))
 
 
 def _int_or_zero(value: Any) -> int:

@@ -32,11 +32,13 @@ def _owner(
     }
 
 
-def _entity(entity_type: str, entity_id: int, owner: dict[str, Any]) -> dict[str, Any]:
+def _entity(entity_type: str, entity_id: int, owner: dict[str, Any], name: str) -> dict[str, Any]:
+    # Field order as in the REST docs' example answer (telephony-external-call-search-crm-entities.md).
     return {
         "CRM_ENTITY_TYPE": entity_type,
         "CRM_ENTITY_ID": entity_id,
         "ASSIGNED_BY_ID": int(owner["ID"]),
+        "NAME": name,
         "ASSIGNED_BY": dict(owner),
     }
 
@@ -60,24 +62,30 @@ _ANDREY = _owner(13, "CLOSED", inner="113", mobile="79268889900")
 # An emergency number as the "mobile": a CRM user must not be able to divert clients there.
 _ROMAN = _owner(14, "CLOSED", inner="114", mobile="112")
 
+# A CRM object's name is free text too: quotes, a comma and a semicolon, a newline that would end
+# an AGI command, a dialplan function that would run if the dialplan evaluated the value, an
+# emoji, and padding to 10 KB.
+HOSTILE_NAME = ('${SHELL(rm -rf /)} \n Фирма "Рожки, Копытца"; \'Ltd\'\nEXEC Hangup 😀 '
+                + "x" * 10_000)
+
 SAMPLE_CRM: dict[str, list[dict[str, Any]]] = {
     # Like the documentation's example: the same owner for the contact and their company.
-    "79161234567": [_entity("CONTACT", 12, _ANNA), _entity("COMPANY", 7, _ANNA)],
-    "79262345678": [_entity("CONTACT", 27, _IGOR)],
-    "74957654321": [_entity("COMPANY", 4, _OLGA)],
-    "79031234567": [_entity("CONTACT", 31, _DMITRY)],
-    "79857778899": [_entity("LEAD", 88, _ELENA)],
-    "79104445566": [_entity("CONTACT", 40, _SERGEY)],
-    "78123334455": [_entity("COMPANY", 9, _MARIA)],
+    "79161234567": [_entity("CONTACT", 12, _ANNA, "Иван Петров"), _entity("COMPANY", 7, _ANNA, "Romashka LLC")],
+    "79262345678": [_entity("CONTACT", 27, _IGOR, "Мария Сидорова")],
+    "74957654321": [_entity("COMPANY", 4, _OLGA, "Компания «Вектор»")],
+    "79031234567": [_entity("CONTACT", 31, _DMITRY, "Пётр Ильин")],
+    "79857778899": [_entity("LEAD", 88, _ELENA, "Заявка из формы")],
+    "79104445566": [_entity("CONTACT", 40, _SERGEY, "John Doe")],
+    "78123334455": [_entity("COMPANY", 9, _MARIA, "Daisy LLC")],
     # The portal usually lists contacts before leads; this answer puts the lead first to show
     # that routing follows the first object whatever its type.
-    "79201112233": [_entity("LEAD", 95, _PAVEL), _entity("CONTACT", 44, _ANNA)],
-    "79651239876": [_entity("CONTACT", 52, _NATALIA)],
-    "79997776655": [_entity("CONTACT", 60, _ARTEM)],
-    "79035550000": [_entity("CONTACT", 61, _VIKTOR)],
-    "79163332211": [_entity("CONTACT", 70, _YULIA)],
-    "74991112233": [_entity("COMPANY", 12, _ANDREY)],
-    "79164445566": [_entity("CONTACT", 62, _ROMAN)],
+    "79201112233": [_entity("LEAD", 95, _PAVEL, ""), _entity("CONTACT", 44, _ANNA, "Олег Смирнов")],
+    "79651239876": [_entity("CONTACT", 52, _NATALIA, "Анна Белова")],
+    "79997776655": [_entity("CONTACT", 60, _ARTEM, "Артур Ким")],
+    "79035550000": [_entity("CONTACT", 61, _VIKTOR, HOSTILE_NAME)],
+    "79163332211": [_entity("CONTACT", 70, _YULIA, "Юрий Орлов")],
+    "74991112233": [_entity("COMPANY", 12, _ANDREY, "ИП Михайлов")],
+    "79164445566": [_entity("CONTACT", 62, _ROMAN, "Роман Фёдоров мл.")],
 }
 
 # What user.get knows beyond the search answer: names and whether the account is active.

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 -- a dialplan line cannot be wrapped
 """Fixtures for the tests against a real Asterisk (marker `asterisk`: `pytest -m asterisk`).
 
 - `asterisk_build`: each Asterisk the tests run on, in turn: 20 LTS and 22 (test ids end in
@@ -62,18 +63,19 @@ exten => s,1,Gosub(agi-bitrix-test-caller-setup,s,1)
 [agi-bitrix-test-caller-setup]
 exten => s,1,Set(TIMEOUT(absolute)=90)        ; no test call outlives a broken test for long
  same => n,Set(CALLERID(num)=${TEST_CALLERID})
+ same => n,ExecIf($["${TEST_CALLERNAME}" != ""]?Set(CALLERID(name)=${TEST_CALLERNAME}))
  same => n,Return()
 
-; Stand-ins for the phones and the trunk: they report each ring (with the caller ID they see),
+; Stand-ins for the phones and the trunk: they report each ring (with the caller ID and name they see),
 ; and answer only when the test named the number in TEST_ANSWERING; a number in TEST_BUSY is
 ; busy, one in TEST_UNAVAILABLE unreachable (Dial: BUSY, CHANUNAVAIL); otherwise they ring
 ; until the caller gives up. Tests set these as __TEST_..., inherited by every dialled channel.
 [agi-bitrix-test-phones]
-exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: extension,Number: ${EXTEN},CallerID: ${CALLERID(num)})
+exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: extension,Number: ${EXTEN},CallerID: ${CALLERID(num)},CallerName: ${CALLERID(name)})
  same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)
 
 [agi-bitrix-test-outbound]
-exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: outbound,Number: ${EXTEN},CallerID: ${CALLERID(num)})
+exten => _X.,1,UserEvent(AgiBitrixTestRing,Kind: outbound,Number: ${EXTEN},CallerID: ${CALLERID(num)},CallerName: ${CALLERID(name)})
  same => n,Goto(agi-bitrix-test-answer,${EXTEN},1)
 
 [agi-bitrix-test-answer]

@@ -128,14 +128,19 @@ exten => s,1,ExecIf($["${REALCALLERIDNUM:1:2}" = ""]?Set(REALCALLERIDNUM=${CALLE
  same => n,Return()
 
 ; FreePBX/queues functions.inc/dialplan.php, "ext-queues": voicemail blocked while the call
-; waits (blkvm-set, and U(macro-auto-blkvm) for the members), the member gosub QGOSUB (a Virtual
-; Queue's VQ_GOSUB wins), Queue(), then the block lifted.
+; waits (blkvm-set, and U(macro-auto-blkvm) for the members), the options (t, with "answered
+; elsewhere", ring and retry settings appended; a Virtual Queue's VQ_OPTIONS replaces the t), the
+; member gosub QGOSUB (a Virtual Queue's VQ_GOSUB wins), Queue(), then the block lifted.
 [ext-queues]
 exten => _4XX,1,Set(__FROMQUEUEEXTEN=${CALLERID(number)})
  same => n,Gosub(macro-blkvm-set,s,1(reset))
  same => n,ExecIf($["${REGEX("(M[(]auto-blkvm[)])" ${DIAL_OPTIONS})}" != "1"]?Set(_DIAL_OPTIONS=${DIAL_OPTIONS}U(macro-auto-blkvm)))
  same => n,Set(__NODEST=${EXTEN})
- same => n,Set(QOPTIONS=t)
+ same => n,Set(QCANCELMISSED=)
+ same => n,Set(QRETRY=${IF($[${LEN(${VQ_RETRY})}>0]?${VQ_RETRY}: )})
+ same => n,Set(VQ_RETRY=)
+ same => n(qoptions),Set(QOPTIONS=${IF($[${LEN(${VQ_OPTIONS})}>0]?${VQ_OPTIONS}:t)}${QCANCELMISSED}${QRINGOPTS}${QRETRY})
+ same => n,Set(VQ_OPTIONS=)
  same => n(qgosub),Set(QGOSUB=${IF($[${LEN(${VQ_GOSUB})}>0]?${VQ_GOSUB}:${QGOSUB})})
  same => n,Set(VQ_GOSUB=)
  same => n,Set(QUEUENUM=${EXTEN})

@@ -33,13 +33,14 @@ DEFAULT_USER = "90"
 class CallCardServer(ProductServer):
     """The shipped config plus a callcard section (outbox in the test's folder) and users."""
 
-    def __init__(self, webhook_url, workdir, fallback_queue=None):
+    def __init__(self, webhook_url, workdir, fallback_queue=None, show=True):
+        """`show`: callcard.register.show (False: the card appears only as the phones ring)."""
         super().__init__(webhook_url, workdir, DEADLINE, fallback_queue)
         self.outbox = workdir / f"outbox-{self.port}.sqlite3"
         config = yaml.safe_load(self.config_path.read_text())
         config["users"] = {"refresh": 0.5}
         config["callcard"] = {"outbox": str(self.outbox),
-                              "register": {"default_user": int(DEFAULT_USER)},
+                              "register": {"default_user": int(DEFAULT_USER), "show": show},
                               "finish": {"retry": {"first": 0.2, "max": 0.5}}}
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 

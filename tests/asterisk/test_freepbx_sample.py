@@ -14,12 +14,14 @@ import pytest_asyncio
 
 from agi_bitrix.testing.ami_calls import CallDriver, PlacedCall, event_name_of
 from agi_bitrix.testing.pbx_harness import AsteriskBuild, AsteriskPbx
+from tests.conftest import until
 
 from .conftest import STAND_IN_CONTEXTS, running_pbx
 from .crm import crm_object, fresh_phone
 from .freepbx_standins import ROUTE_CID, freepbx_dialplan
 from .sample_calls import WAIT, joined_queue, rings, sample_call
-from .test_callcard import CallCardServer, finished, user_directory_refreshed
+from .test_callcard import DEFAULT_USER, CallCardServer, finished, user_directory_refreshed
+from .test_card_follows_the_call import HIDE, SHOW, card_requests, ring_names
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
@@ -235,3 +237,54 @@ async def test_freepbx_call_card_caller_giving_up_in_the_queue_after_a_failed_ex
     finish = (await finished(portal, phone)).finish_params
 
     assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == ("85", "0", "304")
+
+
+# -- the card follows the call, the client's name on the phone ------------------------------------
+
+@pytest.fixture(scope="module")
+def freepbx_ringing_card(portal, tmp_path_factory):
+    """A call card whose register does not pop the card up (show: false): only ringing phones get it."""
+    portal.set_client(fresh_phone(), [crm_object(int(DEFAULT_USER), "OPENED", extension="190")])
+    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("freepbx-ringing"), fallback_queue="400",
+                            show=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_freepbx_the_card_follows_the_call_from_the_extension_to_the_queue_member_who_answers(
+        freepbx_calls, portal, freepbx_ringing_card, freepbx):
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(380, "OPENED", extension="191")])  # rings out, no mobile
+    members = {"192": 381, "193": 382, "194": 383}
+    for extension, user in members.items():
+        portal.set_client(fresh_phone(), [crm_object(user, "OPENED", extension=extension)])
+    await user_directory_refreshed(portal)
+    for extension in members:
+        freepbx.cli(f"queue add member Local/{extension}@agi-bitrix-test-phones/n to 400")
+    try:
+        call = callcard_trunk_call(freepbx_calls, freepbx_ringing_card, phone, answering="193")
+        await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="193")
+        card = await finished(portal, phone)
+    finally:
+        for extension in members:
+            freepbx.cli(f"queue remove member Local/{extension}@agi-bitrix-test-phones/n from 400")
+    call_id = card.call_id
+
+    # The owner's extension through from-internal (Dial's b()), then each member (VQ_OPTIONS' b()).
+    assert rings(call)[0] == ("extension", "191")
+    assert sorted(card_requests(portal, SHOW, call_id), key=sorted) == [{"380"}, {"381"}, {"382"}, {"383"}]
+    await until(lambda: card_requests(portal, HIDE, call_id), WAIT, interval=0.05)
+    assert card_requests(portal, HIDE, call_id) == [{"380", "381", "383"}]
+    assert (card.finish_params["USER_ID"], card.finish_params["STATUS_CODE"]) == ("382", "200")
+
+
+async def test_freepbx_the_extension_shows_the_clients_name(freepbx_calls, portal, freepbx_server):
+    phone = fresh_phone()
+    client = crm_object(384, "OPENED", entity_type="COMPANY", extension="195")
+    portal.set_client(phone, [{**client, "NAME": "Romashka LLC"}])
+
+    call = trunk_call(freepbx_calls, freepbx_server.url, phone, answering="195")
+    await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="195")
+
+    assert ring_names(call) == [("195", "Romashka LLC")]

@@ -1,0 +1,243 @@
+"""The card follows the call (ringing / answered) and the responsible person per DID, end to end:
+the whole application over real TCP, spoken to like Asterisk does, against the portal emulator
+over real HTTP (telephony.externalCall.show / .hide as api-reference/telephony/ describes them)."""
+
+import asyncio
+import time
+
+import pytest
+from prometheus_client import generate_latest
+
+from agi_bitrix.checking import ConfigError
+from agi_bitrix.config import parse_config
+from agi_bitrix.testing.portal import PortalEmulator
+from agi_bitrix.testing.portal_model import PortalModel
+from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
+from tests.conftest import until
+from tests.test_callcard import ANNA, DID, FINISH, UNKNOWN, Running, callcard_config, delivered_finishes
+
+SHOW = "telephony.externalcall.show"
+HIDE = "telephony.externalcall.hide"
+
+
+@pytest.fixture
+async def portal():
+    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+async def server(portal, tmp_path):
+    running = await Running(callcard_config(portal.webhook_url, tmp_path / "outbox.sqlite3")).start()
+    yield running
+    await running.stop()
+
+
+async def ringing(server, call_id, number, channel="Local/s@incoming-00000001;1"):
+    """The pre-dial handler's session; Asterisk gets no command, so the ring waits for nothing."""
+    result = await server.call("ringing", (call_id, number), channel=channel)
+    assert result.commands == []
+
+
+async def answered(server, call_id, number):
+    result = await server.call("answered", (call_id, number))
+    assert result.commands == []
+
+
+def card_requests(portal, method):
+    return [request.params for request in portal.requests_for(method)]
+
+
+def cards_counted(app, action, result):
+    text = generate_latest(app.metrics.registry).decode()
+    line = f'agi_bitrix_call_cards_total{{action="{action}",result="{result}"}}'
+    found = [row for row in text.splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+async def test_each_ringing_phone_shows_the_card_to_its_user_once(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]  # Anna's client, card shown to Anna (user 1)
+    await ringing(server, call_id, "102")  # Igor's extension
+    await ringing(server, call_id, "", channel="PJSIP/103-0000002a")  # Olga's phone, from the channel
+    await until(lambda: len(card_requests(portal, SHOW)) == 2)
+    # Igor rings again (a second Dial), Anna's own extension rings: they already see it.
+    await ringing(server, call_id, "102")
+    await ringing(server, call_id, "101@internal")
+    await asyncio.sleep(0.2)
+
+    assert card_requests(portal, SHOW) == [{"CALL_ID": call_id, "USER_ID": "2"}, {"CALL_ID": call_id, "USER_ID": "3"}]
+    assert portal.calls[call_id].card_shown_to == {"1", "2", "3"}
+    assert cards_counted(server.app, "show", "done") == 2
+
+
+async def test_the_answer_hides_the_card_from_everyone_else_in_one_request(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    for extension in ("102", "103", "105"):
+        await ringing(server, call_id, extension)
+    await until(lambda: len(card_requests(portal, SHOW)) == 3)
+
+    await answered(server, call_id, "Local/103@internal-00000004;1")  # Olga took it
+    await until(lambda: card_requests(portal, HIDE))
+
+    # USER_ID as a list goes out as PHP's array, USER_ID[0]=1&USER_ID[1]=2&...
+    assert card_requests(portal, HIDE) == [{"CALL_ID": call_id, "USER_ID": {"0": "1", "1": "2", "2": "5"}}]
+    assert portal.calls[call_id].card_shown_to == {"3"}
+    # Finish then names who took the call.
+    await server.finish(call_id, owner="1", answered_at="100.0", answered_by="103@internal", hangup_at="110.0")
+    await until(lambda: delivered_finishes(portal))
+    assert delivered_finishes(portal)[0]["USER_ID"] == "3"
+
+
+async def test_an_answer_without_a_ring_hook_shows_the_card_to_who_answered(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    await answered(server, call_id, "102")
+    await until(lambda: card_requests(portal, SHOW) and card_requests(portal, HIDE))
+    assert card_requests(portal, SHOW) == [{"CALL_ID": call_id, "USER_ID": "2"}]
+    assert card_requests(portal, HIDE) == [{"CALL_ID": call_id, "USER_ID": "1"}]
+
+
+@pytest.mark.parametrize("call_id, number", [
+    ("", "102"),  # not registered: the dialplan passes an empty B24_CALL_ID
+    ("externalCall.x&USER_ID=9", "102"),
+    ("REGISTERED", "199"),  # no user has extension 199
+    ("REGISTERED", "Local/s@incoming-00000001;1"),  # no number in it
+])
+async def test_no_card_without_a_call_or_a_user(server, portal, call_id, number):
+    registered = (await server.register())["B24_CALL_ID"]
+    await ringing(server, registered if call_id == "REGISTERED" else call_id, number)
+    await answered(server, registered if call_id == "REGISTERED" else call_id, number)
+    await asyncio.sleep(0.2)
+    # An answer by a phone nobody can name hides nothing: it may be the owner's own other phone.
+    assert card_requests(portal, SHOW) == [] and card_requests(portal, HIDE) == []
+
+
+async def test_without_a_call_card_or_a_user_directory_nothing_is_sent(portal, tmp_path):
+    no_callcard = parse_config(f"""\
+        bitrix: {{webhook_url: "{portal.webhook_url}"}}
+        routing: {{fallback_queue: support}}
+        users: {{refresh: 600}}
+        """.replace("        ", ""), "no-callcard.yaml")
+    no_users = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", users="")
+    for config in (no_callcard, no_users):
+        running = await Running(config).start()
+        try:
+            await ringing(running, "externalCall.abc.1700000000", "102")
+            await answered(running, "externalCall.abc.1700000000", "103")
+        finally:
+            await running.stop()
+    assert portal.requests_for(SHOW) == [] and portal.requests_for(HIDE) == []
+
+
+async def test_a_hung_portal_never_holds_the_ring(portal, tmp_path):
+    """The session ends before the show is sent; the show gives up at the callcard deadline."""
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", "register: {deadline: 0.3}")
+    running = await Running(config).start()
+    try:
+        call_id = (await running.register())["B24_CALL_ID"]
+        portal.fail("hang", method=SHOW)
+        started = time.monotonic()
+        await ringing(running, call_id, "102")
+        session_seconds = time.monotonic() - started
+        await until(lambda: cards_counted(running.app, "show", "failed") == 1, timeout=3)
+    finally:
+        portal.reset_faults()
+        await running.stop()
+    assert session_seconds < 0.1, session_seconds
+
+
+async def test_a_card_for_a_call_the_portal_does_not_have_is_counted(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    await server.finish(call_id, owner="1", dialstatus="NOANSWER")
+    await until(lambda: delivered_finishes(portal))
+    # A leg that still rings after the call was finished (the portal closed it): show answers false.
+    await ringing(server, call_id, "102")
+    await until(lambda: cards_counted(server.app, "show", "call_not_found") == 1)
+    assert portal.calls[call_id].card_requests == []
+
+
+# -- the responsible person per DID ------------------------------------------------------------
+
+RESPONSIBLE = """\
+    register:
+      default_user: 2
+      responsible:
+        - {did: "+7 495 111-22-33", user: 3}
+        - {did: "8 (495) 222-33-44", user: 5}
+    """
+
+
+@pytest.fixture
+async def responsible_server(portal, tmp_path):
+    running = await Running(callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", RESPONSIBLE)).start()
+    yield running
+    await running.stop()
+
+
+@pytest.mark.parametrize("did, user", [("74951112233", "3"), ("+7 (495) 222-33-44", "5"), ("74950000000", "2"),
+                                       ("", "2")])
+async def test_a_call_without_owner_goes_to_the_responsible_for_its_did(responsible_server, portal, did, user):
+    variables = await responsible_server.register(phone=UNKNOWN, owner="", did=did, entity=("", ""))
+    assert portal.calls[variables["B24_CALL_ID"]].user_id == user
+
+
+async def test_the_owner_still_comes_first(responsible_server, portal):
+    variables = await responsible_server.register(phone=ANNA, owner="1", did="74951112233")
+    assert portal.calls[variables["B24_CALL_ID"]].user_id == "1"
+
+
+@pytest.mark.parametrize("did, user", [("74951112233", "3"), ("", "2")])
+async def test_a_missed_call_without_owner_is_the_responsibles(responsible_server, portal, did, user):
+    call_id = (await responsible_server.register(phone=UNKNOWN, owner="", did=did, entity=("", "")))["B24_CALL_ID"]
+    # The sample's finish: ..., MIXMONITOR_FILENAME, then the DID (the 8th argument).
+    result = await responsible_server.call("finish", (call_id, "", "NOANSWER", "", "", "1700000030.0", "", did))
+    assert result.commands == []
+    await until(lambda: delivered_finishes(portal))
+    assert delivered_finishes(portal) == [{"CALL_ID": call_id, "USER_ID": user, "DURATION": "0",
+                                           "STATUS_CODE": "304"}]
+    assert [request.params["USER_ID"] for request in portal.requests_for(FINISH)] == [user]
+
+
+def test_responsible_dids_are_read_like_match_did_and_checked():
+    config = callcard_config("https://p.bitrix24.ru/rest/1/x/", "/tmp/o.sqlite3", RESPONSIBLE)
+    assert [(r.number, r.user) for r in config.callcard.register.responsible] == [("74951112233", "3"),
+                                                                                ("74952223344", "5")]
+    bad = RESPONSIBLE.rstrip(" ") + """\
+        - {did: "sales", user: 4}
+        - {did: "74951112233", user: "x"}
+        - {did: "74951112233"}
+        - {did: "74951112233", user: 4, queue: support}
+    """
+    with pytest.raises(ConfigError) as refused:
+        callcard_config("https://p.bitrix24.ru/rest/1/x/", "/tmp/o.sqlite3", bad)
+    assert [str(problem) for problem in refused.value.problems] == [
+        "callcard-test.yaml:29: callcard.register.responsible[2].did: 'sales' is not a phone number",
+        "callcard-test.yaml:30: callcard.register.responsible[3]: 'x' is not a Bitrix24 user id (a number)",
+        "callcard-test.yaml:31: callcard.register.responsible[4]: needs user: a Bitrix24 user id (a number)",
+        "callcard-test.yaml:32: callcard.register.responsible[5]: unknown key 'queue'; expected did and user",
+    ]
+
+
+# -- the emulator's show and hide, as the docs describe them ------------------------------------
+
+def test_emulator_show_and_hide_follow_the_docs():
+    model = PortalModel({ANNA: [{"CRM_ENTITY_TYPE": "CONTACT", "CRM_ENTITY_ID": 1, "ASSIGNED_BY_ID": 1,
+                                 "ASSIGNED_BY": {"ID": "1"}}]})
+    call_id = model.call_method("telephony.externalcall.register", {
+        "USER_ID": "1", "PHONE_NUMBER": ANNA, "TYPE": 2, "SHOW": 0, "LINE_NUMBER": DID,
+        "EXTERNAL_CALL_ID": "1.1"})["result"]["CALL_ID"]
+    call = model.calls[call_id]
+    assert call.card_shown_to == set()
+    # USER_ID: one id, a JSON list, PHP's form array; without it, the registered user.
+    assert model.call_method(SHOW, {"CALL_ID": call_id, "USER_ID": 7})["result"] is True
+    assert model.call_method(SHOW, {"CALL_ID": call_id, "USER_ID": [8, 9]})["result"] is True
+    assert model.call_method(HIDE, {"CALL_ID": call_id, "USER_ID": {"0": "8", "1": "7"}})["result"] is True
+    assert model.call_method(SHOW, {"CALL_ID": call_id})["result"] is True
+    assert call.card_shown_to == {"1", "9"}
+    assert call.card_requests == [("show", ("7",)), ("show", ("8", "9")), ("hide", ("8", "7")), ("show", ("1",))]
+    # `false`, not an error, for a CALL_ID the portal does not have, or no longer (finished).
+    assert model.call_method(SHOW, {"CALL_ID": "externalCall.nope.1"})["result"] is False
+    assert model.call_method(HIDE, {})["result"] is False
+    model.call_method(FINISH, {"CALL_ID": call_id, "USER_ID": "1"})
+    assert model.call_method(HIDE, {"CALL_ID": call_id, "USER_ID": 9})["result"] is False
