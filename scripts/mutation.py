@@ -365,7 +365,8 @@ def _forget_importers_of(target: str) -> None:
         sys.modules.pop(name, None)
 
 
-def run(modules: Sequence[str], jobs: int, timeout: float | None, verbose: bool) -> list[Result]:
+def run(modules: Sequence[str], jobs: int, timeout: float | None, verbose: bool,
+        equivalents: dict[str, str]) -> list[Result]:
     queue: list[tuple[str, int | None]] = []
     mutants: dict[str, list[Mutant]] = {}
     for module in modules:
@@ -424,9 +425,9 @@ def run(modules: Sequence[str], jobs: int, timeout: float | None, verbose: bool)
                   flush=True)
             continue
         outcome = "survived" if code == 0 else "killed"
-        results.append(Result(job.module, mutants[job.module][job.index], outcome))
-        if verbose or outcome == "survived":
-            mutant = mutants[job.module][job.index]
+        mutant = mutants[job.module][job.index]
+        results.append(Result(job.module, mutant, outcome))
+        if verbose or (outcome == "survived" and mutant.id not in equivalents):
             print(f"  {outcome:8} {job.module}:{mutant.line}  {mutant.id}", flush=True)
     return results
 
@@ -525,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show(modules, options.show)
     equivalents = load_equivalents()
     started = time.monotonic()
-    results = run(modules, options.jobs, options.timeout, options.verbose)
+    results = run(modules, options.jobs, options.timeout, options.verbose, equivalents)
     ok = report(modules, results, equivalents)
     print(f"({len(results)} mutants in {time.monotonic() - started:.0f} s with {options.jobs} workers)")
     return 0 if ok else 1
