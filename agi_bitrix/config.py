@@ -88,7 +88,7 @@ def _region(value: str) -> str:
 
 
 def _variable_prefix(value: str) -> str:
-    if not _PREFIX.match(value):
+    if not _PREFIX.fullmatch(value):  # with match, `$` would let "B24_\n" through
         raise ValueError(f"{quoted(value)} must be letters, digits and _ (at most 20), not starting with a digit")
     return value
 

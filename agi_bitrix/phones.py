@@ -15,8 +15,9 @@ import re
 
 import phonenumbers
 
-_TYPED_NUMBER = re.compile(r"^\+?[0-9 ()\-.]+$")
-_DIGITS = re.compile(r"^[0-9]+$")
+# Both whole-text patterns (fullmatch): with `$`, a trailing newline would pass.
+_TYPED_NUMBER = re.compile(r"\+?[0-9 ()\-.]+")
+_DIGITS = re.compile(r"[0-9]+")
 _NOT_DIGITS = re.compile(r"[^0-9]")
 # E.164 allows at most 15 digits; anything longer is not a phone number. Below 3 digits it is
 # not one either ("0" is what some trunks send for a withheld number; the portal reads it as
@@ -38,7 +39,7 @@ def normalize_number(raw: str, default_country: str) -> str | None:
     internal extensions) come back as their bare digits, so they are still looked up as typed.
     """
     text = raw.strip()
-    if not text or len(text) > MAX_NUMBER_CHARS or not _TYPED_NUMBER.match(text):
+    if not text or len(text) > MAX_NUMBER_CHARS or not _TYPED_NUMBER.fullmatch(text):
         return None
     digits = _NOT_DIGITS.sub("", text)
     if len(digits) < _MIN_DIGITS or len(digits) > _MAX_DIGITS:
@@ -74,6 +75,6 @@ def dialable_number(raw: str, default_country: str) -> str | None:
 def normalize_extension(raw: str) -> str | None:
     """An inner number is dialled as it is: plain digits only, anything else is missing."""
     text = raw.strip()
-    if _DIGITS.match(text) and len(text) <= _MAX_DIGITS:
+    if _DIGITS.fullmatch(text) and len(text) <= _MAX_DIGITS:
         return text
     return None

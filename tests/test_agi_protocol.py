@@ -11,6 +11,7 @@ from agi_bitrix.agi.protocol import (
     HangUp,
     PeerError,
     ServerConnection,
+    loggable,
 )
 from agi_bitrix.testing.fake_asterisk import asterisk_header
 
@@ -246,3 +247,288 @@ def test_an_absurd_argument_number_is_a_peer_error_whole_and_byte_by_byte():
     with pytest.raises(PeerError, match="argument number too long"):
         conn.next_event()
     assert feed_whole(b"agi_network_script: route\nagi_arg_0128: x\n\n").next_event().args == ("x",)
+
+
+
+# -- every named limit at its edge, and what Asterisk may send besides plain LF lines ------------
+
+
+def first_event(data: bytes, trickle: bool, conn: ServerConnection | None = None):
+    """The first event from `data`: given at once, or (trickle) all but its last 4 bytes at once and
+    those one by one, asking for an event after each; a limit must hold both ways."""
+    conn = conn or ServerConnection()
+    split = len(data) - 4 if trickle else len(data)
+    conn.receive_data(data[:split])
+    for i in range(split, len(data)):
+        assert conn.next_event() is NEED_DATA
+        conn.receive_data(data[i:i + 1])
+    return conn.next_event()
+
+
+def header_of(size: int, newline: bytes = b"\n") -> bytes:
+    """A header block of exactly `size` bytes, its empty line included."""
+    head = b"agi_network_script: route" + newline + b"agi_padding: "
+    return head + b"x" * (size - len(head) - 2 * len(newline)) + newline + newline
+
+
+# MAX_HEADER_BYTES (16 KiB) is the whole block with its empty line, LF or CRLF, whole or trickled.
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("trickle", [False, True], ids=["whole", "trickled"])
+def test_header_limit_is_16_kib(newline, trickle):
+    request = first_event(header_of(16 * 1024, newline), trickle)
+    assert request.script == "route" and len(request.env["agi_padding"]) > 16000
+    with pytest.raises(PeerError, match=r"^header block longer than 16384 bytes$"):
+        first_event(header_of(16 * 1024 + 1, newline), trickle)
+
+
+def test_a_header_is_cut_off_as_soon_as_it_can_no_longer_fit():
+    conn = feed_whole(b"agi_network_script: route\nagi_padding: " + b"x" * (16 * 1024 - 1 - 39))
+    assert conn.next_event() is NEED_DATA  # 16383 bytes: an empty line could still end it in time
+    conn.receive_data(b"\n")
+    with pytest.raises(PeerError, match=r"^header block longer than 16384 bytes$"):
+        conn.next_event()
+
+
+def reply_of(size: int) -> bytes:
+    """A `200 result=1 (...)` reply line of exactly `size` bytes before its newline."""
+    return b"200 result=1 (" + b"v" * (size - 15) + b")\n"
+
+
+# MAX_REPLY_LINE_BYTES (8 KiB): a longer line without a newline would grow the buffer forever.
+@pytest.mark.parametrize("trickle", [False, True], ids=["whole", "trickled"])
+def test_reply_line_limit_is_8_kib(trickle):
+    for size, fits in ((8 * 1024, True), (8 * 1024 + 1, False)):
+        conn = started()
+        conn.send(b"GET VARIABLE X\n")
+        if fits:
+            assert len(first_event(reply_of(size), trickle, conn).data) == 8 * 1024 - 15
+        else:
+            with pytest.raises(PeerError, match=r"^reply line longer than 8192 bytes$"):
+                first_event(reply_of(size), trickle, conn)
+
+
+# MAX_USAGE_LINES (200) between "520-" and "520 ".
+def test_usage_text_limit_is_200_lines():
+    for lines, fits in ((200, True), (201, False)):
+        conn = started()
+        conn.send(b"SET VARIABLE\n")
+        conn.receive_data(b"520-Invalid command syntax.  Proper usage follows:\n"
+                          + b"".join(b" usage %d\n" % n for n in range(lines)) + b"520 End of proper usage.\n")
+        if fits:
+            reply = conn.next_event()
+            assert (reply.code, reply.text, len(reply.usage), reply.usage[-1]) == (
+                520, "End of proper usage.", 200, " usage 199")
+        else:
+            with pytest.raises(PeerError, match=r"^520 usage text is too long$"):
+                conn.next_event()
+
+
+# MAX_ARG_NUMBER_DIGITS (4): agi_arg_0128 is an argument, agi_arg_00001 is not Asterisk.
+@pytest.mark.parametrize("number, args", [(b"1", ("x",)), (b"0128", ("x",)), (b"00001", None)])
+def test_argument_number_digits(number, args):
+    conn = feed_whole(b"agi_network_script: route\nagi_arg_" + number + b": x\n\n")
+    if args is None:
+        with pytest.raises(PeerError, match=r"^argument number too long: agi_arg_00001\.\.\.$"):
+            conn.next_event()
+    else:
+        assert conn.next_event().args == args
+
+
+def test_crlf_header_values_are_exact_and_the_rest_of_the_read_is_kept():
+    conn = feed_whole(b"agi_network_script: route\r\nagi_callerid: 79161234567\r\nagi_arg_1: a\r\n"
+                      b"agi_arg_2: b\r\n\r\nHANGUP\r\n\n\n")
+    request = conn.next_event()
+    assert request.env == {"agi_network_script": "route", "agi_callerid": "79161234567",
+                           "agi_arg_1": "a", "agi_arg_2": "b"}
+    assert request.args == ("a", "b")
+    assert conn.next_event() == HangUp()
+
+
+@pytest.mark.parametrize("rest", [b"HANGUP\n", b"HANGUP\r\n"])
+def test_the_bytes_after_the_empty_line_are_the_first_reply(rest):
+    for header in (b"agi_network_script: route\n\n", b"agi_network_script: route\r\n\r\n"):
+        conn = feed_whole(header + rest)
+        assert conn.next_event().script == "route"
+        assert conn.next_event() == HangUp()
+        assert conn.next_event() is NEED_DATA
+
+
+def test_an_argument_line_inside_a_value_is_not_an_argument():
+    request = feed_whole(b"agi_network_script: route\nagi_calleridname: xagi_arg_1: evil\n\n").next_event()
+    assert request.args == ()
+
+
+@pytest.mark.parametrize("data", [b"\r\n", b"\n\n", b"\r\nagi_network_script: route\n\n",
+                                  b"\nagi_network_script: route\n\n"])
+def test_empty_header_block_with_either_line_end(data):
+    with pytest.raises(PeerError, match=r"^empty AGI header block$"):
+        feed_whole(data).next_event()
+
+
+def test_crlf_replies():
+    conn = started()
+    conn.send(b"GET VARIABLE X\n")
+    conn.send(b"SET VARIABLE\n")
+    conn.receive_data(b"200 result=1 (value)\r\n520-Invalid command syntax.\r\n usage\r\n520 End of proper usage.\r\n")
+    assert conn.next_event() == CommandReply(200, "1", "value", "result=1 (value)")
+    assert conn.next_event() == CommandReply(520, text="End of proper usage.", usage=(" usage",))
+
+
+# How a reply line is read: code, result=, (data), whatever follows.
+@pytest.mark.parametrize("line, reply", [
+    (b"200 result=0", CommandReply(200, "0", None, "result=0")),
+    (b"200 result=1 (timeout) endpos=1234", CommandReply(200, "1", "timeout", "result=1 (timeout) endpos=1234")),
+    (b"200 result=0 endpos=1234", CommandReply(200, "0", None, "result=0 endpos=1234")),
+    (b"200 result=", CommandReply(200, "", None, "result=")),
+    (b"510 Invalid or unknown command", CommandReply(510, text="Invalid or unknown command")),
+    (b"510 see result=1", CommandReply(510, text="see result=1")),  # result= counts only first
+    (b"200 ", CommandReply(200, text="")),
+])
+def test_reply_lines(line, reply):
+    conn = started()
+    conn.send(b"NOOP\n")
+    conn.receive_data(line + b"\n")
+    assert conn.next_event() == reply
+
+
+@pytest.mark.parametrize("result, ok", [("1", True), ("0", True), ("-1", False), (None, False)])
+def test_reply_ok(result, ok):
+    assert CommandReply(200, result).ok is ok
+    assert CommandReply(510, result).ok is False
+
+
+def test_a_reply_with_only_a_code():
+    assert CommandReply(510) == CommandReply(510, None, None, "", ())
+
+
+# What breaks the protocol, after the header: each a PeerError naming it, and the end of the connection.
+@pytest.mark.parametrize("sent, data, message", [
+    (1, b"200-result=0\n", r"^unexpected multi-line reply: '200-result=0'$"),
+    (0, b"520-Invalid command syntax.\n", r"^reply without a command: '520-Invalid command syntax.'$"),
+    (0, b"200 result=0\n", r"^reply without a command: '200 result=0'$"),
+    (1, b"2000 result=0\n", r"^not an AGI reply: '2000 result=0'$"),
+    (1, b"x200 result=0\n", r"^not an AGI reply: 'x200 result=0'$"),
+    (1, b"20 result=0\n", r"^not an AGI reply: '20 result=0'$"),
+    (1, b"200result=0\n", r"^not an AGI reply: '200result=0'$"),
+    (1, b"\n200 result=0\n", r"^not an AGI reply: ''$"),
+])
+def test_broken_replies(sent, data, message):
+    conn = started()
+    for _ in range(sent):
+        conn.send(b"NOOP\n")
+    conn.receive_data(data)
+    with pytest.raises(PeerError, match=message):
+        conn.next_event()
+    with pytest.raises(RuntimeError, match=r"^connection already failed$"):
+        conn.next_event()
+    with pytest.raises(RuntimeError, match=r"^connection already failed$"):
+        conn.send(b"NOOP\n")
+
+
+def test_usage_text_ends_only_at_520_and_a_space():
+    conn = started()
+    conn.send(b"SET VARIABLE\n")
+    conn.receive_data(b"520-Proper usage follows:\n520\n5200 x\n520-x\n520 End of proper usage.\n")
+    assert conn.next_event().usage == ("520", "5200 x", "520-x")
+
+
+def test_end_of_input_in_the_middle_of_a_line():
+    conn = started()
+    conn.send(b"NOOP\n")
+    conn.receive_data(b"200 result=0\n200 res")
+    assert conn.next_event().code == 200
+    conn.receive_data(b"")
+    with pytest.raises(PeerError, match=r"^connection closed in the middle of a line$"):
+        conn.next_event()
+    conn = started()
+    conn.receive_data(b"HANGUP")
+    conn.receive_data(b"")
+    with pytest.raises(PeerError, match=r"^connection closed in the middle of a line$"):
+        conn.next_event()
+
+
+def test_eof_messages_name_what_was_missing():
+    conn = started()
+    conn.send(b"NOOP\n")
+    conn.receive_data(b"")
+    with pytest.raises(PeerError, match=r"^connection closed while a command was waiting for its reply$"):
+        conn.next_event()
+    conn = feed_whole(b"agi_network_script: route\n")
+    conn.receive_data(b"")
+    with pytest.raises(PeerError, match=r"^connection closed before the end of the AGI header block$"):
+        conn.next_event()
+
+
+def test_commands_are_counted_until_their_replies():
+    conn = started()
+    assert not conn.awaiting_reply
+    conn.send(b"NOOP\n")
+    conn.send(b"NOOP\n")
+    assert conn.awaiting_reply
+    conn.receive_data(b"200 result=0\n")
+    conn.next_event()
+    assert conn.awaiting_reply
+    conn.receive_data(b"200 result=0\n")
+    conn.next_event()
+    assert not conn.awaiting_reply
+    conn.receive_data(b"200 result=0\n")
+    with pytest.raises(PeerError, match="without a command"):
+        conn.next_event()
+
+
+@pytest.mark.parametrize("line", [b"NOOP\n\n", b"\nNOOP\n", b"NOOP", b"NO\nOP\n"])
+def test_send_takes_exactly_one_line(line):
+    with pytest.raises(ValueError, match=r"^a command is exactly one line ending in a newline$"):
+        started().send(line)
+
+
+def test_misuse_by_our_own_code_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match=r"^cannot send a command before the AGI header block is complete$"):
+        ServerConnection().send(b"NOOP\n")
+    conn = started()
+    conn.receive_data(b"")
+    with pytest.raises(RuntimeError, match=r"^data received after EOF$"):
+        conn.receive_data(b"x")
+    conn.receive_data(b"")  # a second EOF is harmless
+
+
+def test_need_data_reads_as_its_name():
+    assert repr(NEED_DATA) == str(NEED_DATA) == "NEED_DATA"
+
+
+# The script name and its query, from agi_network_script; Asterisk's "unknown" reads as empty.
+@pytest.mark.parametrize("env, script, query", [
+    ({}, "", {}),
+    ({"agi_network_script": "route"}, "route", {}),
+    ({"agi_network_script": "route?x=y&z=1"}, "route", {"x": "y", "z": "1"}),
+    ({"agi_network_script": "//route/"}, "route", {}),
+    ({"agi_network_script": "a:b"}, "a:b", {}),  # a path, not a URL scheme
+    ({"agi_network_script": "register"}, "register", {}),
+])
+def test_script_and_query(env, script, query):
+    request = AgiRequest(env)
+    assert (request.script, request.query) == (script, query)
+
+
+def test_missing_and_unknown_header_values_read_as_empty():
+    request = AgiRequest({"agi_dnid": "unknown", "agi_callerid": "101"})
+    assert (request.get("agi_dnid"), request.get("agi_rdnis"), request.get("agi_callerid")) == ("", "", "101")
+
+
+# loggable: control characters become "?", at most 120 characters and "..." when cut.
+@pytest.mark.parametrize("value, logged", [
+    ("1700000000.1", "1700000000.1"),
+    ("", ""),
+    ("a\r\nb\x1b[31mc\x00", "a??b?[31mc?"),
+    ("Пётр", "Пётр"),
+    ("x" * 120, "x" * 120),
+    ("x" * 121, "x" * 120 + "..."),
+    ("\n" * 121, "?" * 120 + "..."),
+])
+def test_loggable(value, logged):
+    assert loggable(value) == logged
+
+
+def test_loggable_with_a_limit():
+    assert loggable("abcdef", 3) == "abc..."
+    assert loggable("abc", 3) == "abc"

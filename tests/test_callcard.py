@@ -10,6 +10,7 @@ import time
 import pytest
 
 from agi_bitrix.app import Application
+from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
@@ -479,9 +480,24 @@ async def test_register_spends_the_request_budget_the_lookups_spend(portal, tmp_
     assert len(portal.requests_for(REGISTER)) == 1
 
 
+class StoppedClock:
+    """A monotonic clock for the request budget that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_finishes_wait_for_a_free_slot_and_a_limit_from_the_portal_holds_everyone_back(portal, tmp_path):
     config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", rate_limit="{per_second: 100, burst: 5}")
     running = await Running(config).start()
+    # The portal's pause lasts until the test moves the budget's clock, however slowly a loaded
+    # machine runs the steps in between (on the real clock the lookup below could come too late).
+    clock = StoppedClock()
+    budget = running.app.portal.budget
+    running.app.portal.budget = RateLimiter(budget.per_second, budget.burst, clock=clock)
     try:
         call_id = (await running.register())["B24_CALL_ID"]
         portal.fail("error", method=FINISH, times=1, status=503, code="QUERY_LIMIT_EXCEEDED",
@@ -492,9 +508,16 @@ async def test_finishes_wait_for_a_free_slot_and_a_limit_from_the_portal_holds_e
         host, port = running.address
         v = (await fake_call(host, port, callerid="89262345678")).variables
         assert (v["B24_STATUS"], v["B24_ERROR"]) == ("ERROR", "rate_limited")
+        # The finish is tried again during the pause and held back on our side: no request.
+        deadline = time.monotonic() + 5
+        while "rate_limited" not in ((await running.app.outbox.row(call_id))["last_error"] or ""):
+            assert time.monotonic() < deadline, "the finish was not retried during the pause"
+            await asyncio.sleep(0.01)
         assert delivered_finishes(portal) == []
-        # After the pause (2 s) the finish goes through.
-        await until(lambda: delivered_finishes(portal), timeout=5)
+        # After the pause (2 s) the finish goes through, and the outbox records it.
+        clock.now += 2.1
+        await until(lambda: delivered_finishes(portal), what="the finish after the pause")
+        await until(lambda: running.app.outbox.waiting == 0, what="the outbox to record the delivery")
         row = await running.app.outbox.row(call_id)
         assert row["state"] == "delivered" and "rate_limited" in row["last_error"]
     finally:

@@ -301,3 +301,10 @@ def test_the_user_directory_is_off_without_its_section_and_on_at_the_declared_de
     assert parse_config(BASE).users.refresh == 0.0
     assert parse_config(BASE + "users: {}\n").users.refresh == schema.default(UsersSettings, "refresh") == 600.0
     assert parse_config(BASE + "users: {refresh: 0}\n").users.refresh == 0.0
+
+
+def test_a_variable_prefix_with_a_trailing_newline_is_refused():
+    # `^...$` with re.match accepted "B24_\n"; every call would then fail to set its variables.
+    assert problems(BASE + 'variables: {prefix: "B24_\\n"}\n') == [
+        ("test.yaml:5: variables.prefix: 'B24_\\n' must be letters, digits and _ (at most 20),"
+        " not starting with a digit")]

@@ -7,10 +7,18 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agi_bitrix.bitrix.models import parse_search_result
+from agi_bitrix.bitrix.models import CrmEntity, Owner, parse_search_result
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import load_config, parse_config
-from agi_bitrix.routing.engine import CallInfo, CrmAnswer, decide
+from agi_bitrix.routing.engine import (
+    CallInfo,
+    CrmAnswer,
+    Decision,
+    OwnerPhones,
+    RuleTrace,
+    decide,
+    owner_phones,
+)
 from agi_bitrix.routing.variables import NAMES, channel_variables
 from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM
 
@@ -289,3 +297,193 @@ def test_a_fixed_number_target_must_be_a_subscriber_number_while_matching_stays_
         ("test.yaml:7: routing.rules[short].route[0]: '112' is not a valid subscriber number in RU or in"
         " international form (service and short numbers cannot be dial targets)")]
     assert problems("911") and problems("01") and problems("7495")
+
+
+# -- every condition shown to decide and shown not to; every target kind ------------------------
+
+ANNA = CrmEntity("CONTACT", "12", Owner("5", "OPENED", inner_phone="105", personal_mobile="79161110105",
+                                        work_phone="74951110105", personal_phone="79031110105"))
+LEAD = CrmEntity("LEAD", "7", Owner("6", "CLOSED", inner_phone="106", personal_mobile="79161110106"))
+NO_OWNER = CrmEntity("COMPANY", "3", None)
+SPLIT_DAY = """\
+  time_intervals:
+    split-day: [{times: ["09:00-13:00"]}, {times: ["14:00-18:00"]}]  # two intervals under one name
+"""
+
+
+def one_rule(rule: str, intervals: str = ""):
+    """A policy of one rule (named "r") and the fallback queue `support`."""
+    text = textwrap.dedent("""\
+        bitrix: {webhook_url: "https://p.example/rest/1/x/"}
+        routing:
+          fallback_queue: support
+          timezone: Europe/Moscow
+        """) + intervals + "  rules:\n" + textwrap.indent(textwrap.dedent(rule), "    ")
+    return parse_config(text).policy
+
+
+def decided(match: str, *entities, phone="79161234567", did="74951112233", now="thu 12:00", inactive=frozenset()):
+    policy = one_rule(f"- name: r\n  match: {match}\n  route: [{{queue: sales}}]\n", SPLIT_DAY)
+    answer = CrmAnswer("FOUND", entities) if entities else CrmAnswer("NOT_FOUND")
+    decision = decide(CallInfo(phone, did), answer, policy, at(now), frozenset(inactive))
+    return decision.rule == "r"
+
+
+@pytest.mark.parametrize("match, call, entities, decides", [
+    # status
+    ("{status: [FOUND]}", {}, (ANNA,), True),
+    ("{status: [FOUND]}", {}, (), False),
+    # did: the list, and the regex over the whole DID (not a prefix, not a substring)
+    ('{did: ["74951112233"]}', {}, (), True),
+    ('{did: ["74951112233"]}', {"did": "74951112234"}, (), False),
+    ('{did_regex: "7495111.*"}', {}, (), True),
+    ('{did_regex: "7495111"}', {"did": "7495111"}, (), True),
+    ('{did_regex: "7495111"}', {"did": "74951112233"}, (), False),
+    ('{did_regex: "7495111"}', {"did": "17495111"}, (), False),
+    ('{did_regex: "7495111"}', {"did": ""}, (), False),
+    # caller: the list, and the regex over the whole number
+    ('{caller: ["79161234567"]}', {}, (), True),
+    ('{caller: ["79161234567"]}', {"phone": "79161234568"}, (), False),
+    ('{caller: ["79161234567"]}', {"phone": None}, (), False),
+    ('{caller_regex: "7916123"}', {"phone": "7916123"}, (), True),
+    ('{caller_regex: "7916123"}', {"phone": "79161234567"}, (), False),
+    ('{caller_regex: "7916123"}', {"phone": "17916123"}, (), False),
+    ('{caller_regex: "7916.*"}', {"phone": None}, (), False),
+    # during / outside a name of two intervals: any of them counts
+    ("{during: [split-day]}", {"now": "thu 10:00"}, (), True),
+    ("{during: [split-day]}", {"now": "thu 15:00"}, (), True),
+    ("{during: [split-day]}", {"now": "thu 13:30"}, (), False),
+    ("{outside: [split-day]}", {"now": "thu 13:30"}, (), True),
+    ("{outside: [split-day]}", {"now": "thu 10:00"}, (), False),
+    ("{outside: [split-day]}", {"now": "thu 15:00"}, (), False),
+    # entity_type, owner, timeman, has: the object decides (the first one, by default)
+    ("{entity_type: [CONTACT]}", {}, (ANNA,), True),
+    ("{entity_type: [LEAD]}", {}, (ANNA,), False),
+    ("{entity_type: [LEAD]}", {}, (ANNA, LEAD), False),  # only the first object is asked
+    ("{entity_type: [LEAD]}", {}, (), False),  # no object: a condition on it cannot hold
+    ("{owner: [5]}", {}, (ANNA,), True),
+    ("{owner: [6]}", {}, (ANNA,), False),
+    ("{owner: [5]}", {}, (NO_OWNER,), False),
+    ("{timeman: [OPENED]}", {}, (ANNA,), True),
+    ("{timeman: [CLOSED]}", {}, (ANNA,), False),
+    ('{timeman: [""]}', {}, (NO_OWNER,), True),  # no owner: no time tracking either
+    ("{timeman: [OPENED]}", {}, (NO_OWNER,), False),
+    ("{has: [extension, mobile, work_phone, personal_phone]}", {}, (ANNA,), True),
+    ("{has: [work_phone]}", {}, (LEAD,), False),
+    ("{has: [extension]}", {}, (NO_OWNER,), False),
+    # a deactivated owner's object decides nothing, not even "no condition"
+    ("{timeman: [OPENED]}", {"inactive": {"5"}}, (ANNA,), False),
+    ("{timeman: [OPENED]}", {"inactive": {"6"}}, (ANNA,), True),
+])
+def test_each_condition_decides_and_does_not(match, call, entities, decides):
+    assert decided(match, *entities, **call) is decides
+
+
+def test_objects_all_and_prefer():
+    rule = "- name: r\n  objects: all\n  prefer: [LEAD]\n  match: {timeman: [OPENED, CLOSED]}\n  route: [extension]\n"
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (ANNA, LEAD)), one_rule(rule), NOON)
+    assert (d.entity, d.target) == (LEAD, "106")
+    rule = "- name: r\n  objects: all\n  match: {timeman: [OPENED, CLOSED]}\n  route: [extension]\n"
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (LEAD, ANNA)), one_rule(rule), NOON)
+    assert (d.entity, d.target) == (LEAD, "106")  # no prefer: the portal's order
+    rule = "- name: r\n  objects: first\n  match: {timeman: [OPENED]}\n  route: [extension]\n"
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (LEAD, ANNA)), one_rule(rule), NOON)
+    assert d.rule == "fallback"  # the second object would pass, but only the first is asked
+
+
+# Every target kind, and what it dials for ANNA; owner phones without an owner are never available.
+@pytest.mark.parametrize("route, entities, expected", [
+    ("[extension]", (ANNA,), ("extension", "105")),
+    ("[mobile]", (ANNA,), ("mobile", "79161110105")),
+    ("[work_phone]", (ANNA,), ("mobile", "74951110105")),
+    ("[personal_phone]", (ANNA,), ("mobile", "79031110105")),
+    ("[{queue: sales}]", (ANNA,), ("queue", "sales")),
+    ("[queue]", (ANNA,), ("queue", "support")),
+    ('[{extension: "500"}]', (ANNA,), ("extension", "500")),
+    ('[{number: "+7 916 000-00-01"}]', (ANNA,), ("mobile", "79160000001")),
+    ('[{extension: "500"}, {queue: sales}]', (), ("extension", "500")),  # the first target, no object needed
+    ("[extension, {queue: sales}]", (), ("queue", "sales")),  # no object: the owner's phones are missing
+    ("[mobile, {queue: sales}]", (NO_OWNER,), ("queue", "sales")),
+    ("[work_phone, personal_phone, {queue: sales}]", (NO_OWNER,), ("queue", "sales")),
+    ("[extension]", (NO_OWNER,), ("queue", "support")),  # nothing to dial: the rule lets the fallback decide
+    ("[mobile]", (), ("queue", "support")),
+])
+def test_every_target_kind(route, entities, expected):
+    policy = one_rule(f"- name: r\n  route: {route}\n")
+    answer = CrmAnswer("FOUND", entities) if entities else CrmAnswer("NOT_FOUND")
+    d = decide(CallInfo("79161234567"), answer, policy, NOON)
+    assert (d.route, d.target) == expected
+
+
+def test_the_trace_says_why_in_words():
+    d = decide(CallInfo(None), CrmAnswer("NOT_FOUND"), VIP, at("thu 12:00"))
+    assert [t.reason for t in d.trace] == [
+        "caller (none) does not match /7916.*/",
+        "DID (none) not in ['74951112233']",
+        "no CRM object (status NOT_FOUND)",
+        "nothing to dial (owner's work_phone, owner's personal_phone unavailable)",
+        "Thu 2026-11-26 12:00 is outside nights",
+        "matched; dials number 78005553535",
+    ]
+    policy = one_rule('- name: r\n  match: {caller_regex: "7916.*", did_regex: "7495.*"}\n  route: [queue]\n')
+    d = decide(CallInfo(None, "1"), CrmAnswer("NOT_FOUND"), policy, NOON)
+    assert d.trace[0].reason == "DID 1 does not match /7495.*/"
+    d = decide(CallInfo(None, "74951"), CrmAnswer("NOT_FOUND"), policy, NOON)
+    assert d.trace[0].reason == "caller (none) does not match /7916.*/"
+    assert d.trace[1] == RuleTrace("fallback", True, "no rule decided; fallback queue")
+    policy = one_rule('- name: r\n  match: {caller: ["79990000000"], entity_type: [LEAD]}\n  route: [queue]\n')
+    d = decide(CallInfo(None), CrmAnswer("NOT_FOUND"), policy, NOON)
+    assert d.trace[0].reason == "caller (none) not in ['79990000000']"
+    d = decide(CallInfo("79990000000"), CrmAnswer("FOUND", (ANNA, LEAD)), policy, NOON)
+    assert d.trace[0].reason == "CONTACT 12: type not in ['LEAD']"
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (NO_OWNER,)), one_rule(
+        "- name: r\n  objects: all\n  match: {owner: [5], timeman: [OPENED]}\n  route: [queue]\n"), NOON)
+    assert d.trace[0].reason == "COMPANY 3: owner (none) not in ['5']"
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (NO_OWNER, ANNA, LEAD)), one_rule(
+        "- name: r\n  objects: all\n  match: {timeman: [CLOSED]}\n  route: [mobile]\n"), NOON, frozenset({"6"}))
+    assert d.trace[0].reason == ("COMPANY 3: TIMEMAN_STATUS (empty) not in ['CLOSED']; CONTACT 12: TIMEMAN_STATUS"
+                                 " OPENED not in ['CLOSED']; LEAD 7: owner 6 is deactivated")
+
+
+def test_a_decision_names_its_object_and_what_was_passed_over():
+    rule = "- name: r\n  objects: all\n  route: [work_phone]\n"
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (LEAD, ANNA)), one_rule(rule), NOON)
+    assert d.trace[0] == RuleTrace("r", True, "matched CONTACT 12 (passed over: LEAD 7: nothing to dial"
+                                              " (owner's work_phone unavailable)); dials owner's work_phone")
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (ANNA,)), one_rule("- name: r\n  route: [mobile]\n"), NOON)
+    assert d.trace[0] == RuleTrace("r", True, "matched CONTACT 12; dials owner's mobile")
+
+
+def test_the_fallback_keeps_the_first_object_and_the_callers_number():
+    d = decide(CallInfo(None), CrmAnswer("FOUND", (LEAD, ANNA)), one_rule(
+        "- name: r\n  match: {status: [ERROR]}\n  route: [queue]\n"), NOON)
+    assert (d.rule, d.entity, d.phone, d.owner_phones.extension) == ("fallback", LEAD, "", "106")
+    d = decide(CallInfo(None), CrmAnswer("FOUND", (LEAD, ANNA)), one_rule("- name: r\n  route: [queue]\n"), NOON)
+    assert (d.rule, d.entity, d.phone) == ("r", LEAD, "")
+
+
+def test_a_deactivated_owner_is_never_named_nor_dialled():
+    # In the fallback: the object stays, its owner goes, and the trace says why.
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (ANNA,)), one_rule(
+        "- name: r\n  match: {status: [ERROR]}\n  route: [queue]\n"), NOON, frozenset({"5"}))
+    assert (d.entity, d.owner_phones) == (CrmEntity("CONTACT", "12", None), OwnerPhones())
+    assert d.trace[-1] == RuleTrace("fallback", True,
+                                    "no rule decided (the owner of CONTACT 12 is deactivated); fallback queue")
+    d = decide(CallInfo("1"), CrmAnswer("FOUND", (ANNA,)), one_rule(
+        "- name: r\n  match: {status: [ERROR]}\n  route: [queue]\n"), NOON, frozenset({"6"}))
+    assert (d.entity, d.trace[-1].reason) == (ANNA, "no rule decided; fallback queue")
+    # In a rule that asks nothing of the object: it decides, without the owner.
+    d = decide(CallInfo("1", "74950000000"), CrmAnswer("FOUND", (ANNA, LEAD)), one_rule(
+        '- name: r\n  match: {did: ["74950000000"]}\n  route: [{queue: sales}]\n'), NOON, frozenset({"5"}))
+    assert (d.rule, d.target, d.entity, d.owner_phones) == ("r", "sales", CrmEntity("CONTACT", "12", None),
+                                                            OwnerPhones())
+
+
+def test_owner_phones_and_a_decision_built_by_hand():
+    assert owner_phones(None, "RU") == owner_phones(NO_OWNER, "RU") == OwnerPhones("", "", "", "")
+    assert owner_phones(ANNA, "RU") == OwnerPhones("105", "79161110105", "74951110105", "79031110105")
+    decision = Decision(status="ERROR", route="queue", target="support", rule="fallback", phone="",
+                        fallback_queue="support")
+    variables = channel_variables(decision)
+    assert (variables["B24_ERROR"], variables["B24_CACHE"], variables["B24_EXTENSION"]) == ("", "", "")
+    assert CallInfo("1").did == ""

@@ -213,10 +213,12 @@ class ServerConnection:
         buffer = self._buffer
         if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
             raise PeerError("empty AGI header block")
-        ends = [i for i in (buffer.find(b"\n\n", 0, MAX_HEADER_BYTES + 1),
-                            buffer.find(b"\n\r\n", 0, MAX_HEADER_BYTES + 2)) if i >= 0]
+        # The whole block, its empty line included, must end within MAX_HEADER_BYTES: the same
+        # limit whether the bytes come at once or one by one.
+        ends = [i for i in (buffer.find(b"\n\n", 0, MAX_HEADER_BYTES),
+                            buffer.find(b"\n\r\n", 0, MAX_HEADER_BYTES)) if i >= 0]
         if not ends:
-            if len(buffer) > MAX_HEADER_BYTES:
+            if len(buffer) >= MAX_HEADER_BYTES:
                 raise PeerError(f"header block longer than {MAX_HEADER_BYTES} bytes")
             if self._eof:
                 raise PeerError("connection closed before the end of the AGI header block")
@@ -260,17 +262,15 @@ class ServerConnection:
         return self._complete_reply(CommandReply(code, text=rest))
 
     def _complete_reply(self, reply: CommandReply) -> CommandReply:
-        if not self._pending_replies:
-            raise PeerError("reply without a command")
+        # _reply_event saw a command waiting before it took this reply (or its first 520- line).
         self._pending_replies -= 1
         return reply
 
     def _take_line(self, limit: int) -> bytes | None:
-        limit = max(limit, 0)
         end = self._buffer.find(b"\n", 0, limit + 1)
         if end < 0:
             if len(self._buffer) > limit:
-                raise PeerError(f"line or header block longer than {limit} bytes")
+                raise PeerError(f"reply line longer than {limit} bytes")
             return None
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]

@@ -28,9 +28,12 @@ MAX_COMMAND_BYTES = 2000
 # One variable's value is capped so that a single hostile CRM field cannot push its
 # neighbours out of the command.
 MAX_VALUE_CHARS = 256
+# MSet splits at most 98 pairs; the 99th takes the rest of the argument as its value, commas
+# and all (measured on Asterisk 22: tests/asterisk/ESCAPING.md).
+MAX_MSET_PAIRS = 98
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: `$` would let "NAME\n" through
 # Characters that Asterisk's standard argument parser treats specially inside MSet's argument.
 _MSET_SPECIAL = set('\\,"()[]=' + "'{}$")  # see tests/asterisk/ESCAPING.md for the proof
 _NEEDS_ESCAPE = re.compile("[" + re.escape("".join(sorted(_MSET_SPECIAL))) + "]")
@@ -62,7 +65,7 @@ def agi_command(*words: str) -> bytes:
 @functools.lru_cache(maxsize=8192)
 def _mset_pair(name: str, value: str) -> bytes:
     """NAME=value escaped for MSet, then for parse_args (without the surrounding quotes)."""
-    if not _VARIABLE_NAME.match(name):
+    if not _VARIABLE_NAME.fullmatch(name):
         raise ValueError(f"not a channel variable name: {name!r}")
     value = clean_value(value)
     if not _NEEDS_ESCAPE.search(value):
@@ -72,7 +75,8 @@ def _mset_pair(name: str, value: str) -> bytes:
 
 
 def mset_commands(variables: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[bytes]:
-    """`EXEC MSet` lines setting all variables, as few as fit under MAX_COMMAND_BYTES (normally one).
+    """`EXEC MSet` lines setting all variables, as few as fit under MAX_COMMAND_BYTES and
+    MAX_MSET_PAIRS (normally one). A variable whose name is too long to fit a line is a ValueError.
 
     Both escapings work character by character, so the pairs are escaped once each and joined;
     a comma between pairs means nothing to parse_args.
@@ -80,13 +84,16 @@ def mset_commands(variables: Mapping[str, str] | Iterable[tuple[str, str]]) -> l
     items = variables.items() if isinstance(variables, Mapping) else variables
     pairs = [_mset_pair(name, value) for name, value in items]
     line = _MSET_HEAD + b",".join(pairs) + _MSET_TAIL
-    if len(line) <= MAX_COMMAND_BYTES:
+    if len(line) <= MAX_COMMAND_BYTES and len(pairs) <= MAX_MSET_PAIRS:
         return [line] if pairs else []
     commands: list[bytes] = []
     batch: list[bytes] = []
     size = len(_MSET_HEAD) + len(_MSET_TAIL)
     for pair in pairs:
-        if batch and size + 1 + len(pair) > MAX_COMMAND_BYTES:
+        if len(_MSET_HEAD) + len(pair) + len(_MSET_TAIL) > MAX_COMMAND_BYTES:
+            name = pair.partition(b"=")[0].decode()
+            raise ValueError(f"variable {name[:40]!r} does not fit a command of {MAX_COMMAND_BYTES} bytes")
+        if batch and (size + 1 + len(pair) > MAX_COMMAND_BYTES or len(batch) == MAX_MSET_PAIRS):
             commands.append(_MSET_HEAD + b",".join(batch) + _MSET_TAIL)
             batch, size = [], len(_MSET_HEAD) + len(_MSET_TAIL)
         size += len(pair) + (1 if batch else 0)
