@@ -191,6 +191,7 @@ class RedisOutbox:
         self._held: dict[str, _Held] = {}  # by stream entry id
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._paused_until = 0.0
         self._maintained_at = float("-inf")
         self._purged_at = 0.0
@@ -252,9 +253,14 @@ class RedisOutbox:
             self._storage_failed(self._describe(error))
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
 
     async def close(self) -> None:
+        # Asked to stop by a flag as well as by the cancel: a cancel that lands inside a redis-py
+        # command can be lost (seen with redis 8.1: the loop went on, and close waited for it).
+        self._stopping = True
+        self._wake.set()
         await background.stop(self._task)
         self._task = None
         if self._redis is not None:
@@ -317,7 +323,7 @@ class RedisOutbox:
     # -- the delivery loop ----------------------------------------------------------------------
 
     async def _deliver_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 if self.problem and self._clock() >= self._storage_retry_at:
                     await self.open()
@@ -486,6 +492,8 @@ class RedisOutbox:
     async def _sleep(self) -> None:
         self._wake.clear()
         now = self._clock()
+        if self._stopping:
+            return
         if self.problem:
             wake_at = self._storage_retry_at
         else:
