@@ -34,12 +34,13 @@ from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, Outcome, RetryPolicy
+from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, OutboxStore, Outcome, RetryPolicy
 from agi_bitrix.callcard.recording import send_recording
+from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
-from agi_bitrix.config import Config, load_config
+from agi_bitrix.config import REDIS_SCHEMES, Config, load_config
 from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
 from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import Router, RouteScript
@@ -82,11 +83,15 @@ class Application:
                                     default_country=config.policy.default_country)
                       if config.users.refresh > 0 else None)
         self.card_holders = CardHolders()  # who sees each call's card, across reloads
-        self.outbox: Outbox | None = None
+        self.outbox: OutboxStore | None = None
         if config.callcard.enabled:
             retry = config.callcard.finish
-            self.outbox = Outbox(config.callcard.outbox, self._send,
-                                 RetryPolicy(retry.retry_first, retry.retry_max, retry.give_up_after))
+            policy = RetryPolicy(retry.retry_first, retry.retry_max, retry.give_up_after)
+            if config.callcard.outbox.startswith(REDIS_SCHEMES):
+                self.outbox = RedisOutbox(config.callcard.outbox, self._send, policy,
+                                          claim_after=config.callcard.outbox_claim_after)
+            else:
+                self.outbox = Outbox(config.callcard.outbox, self._send, policy)
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
         oauth = config.bitrix.oauth
@@ -153,7 +158,7 @@ class Application:
                  address[0], address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return address
 
-    def _watch_outbox(self, outbox: Outbox) -> None:
+    def _watch_outbox(self, outbox: OutboxStore) -> None:
         registry = self.metrics.registry
         Gauge("agi_bitrix_finishes_waiting", "Finishes not yet accepted by the portal (stored, or kept in memory).",
               registry=registry).set_function(lambda: outbox.waiting_of(FINISH))

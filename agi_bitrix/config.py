@@ -138,9 +138,22 @@ def _line_number(value: str) -> str:
     return value
 
 
+# callcard.outbox values that name a Redis server rather than a SQLite file.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def _outbox(value: str) -> str:
+    if value.startswith(REDIS_SCHEMES):
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 -- reading it checks it
+        except ValueError:
+            raise ValueError("the Redis URL's port is not a number") from None
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("the Redis URL needs a host, like redis://10.0.0.5:6379/0")
+        return value
     if not value.startswith("/"):
-        raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file")
+        raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file, or a redis:// URL")
     return value
 
 
@@ -255,7 +268,10 @@ class FinishSettings:
 @dataclass(frozen=True)
 class CallCardSettings:
     enabled: bool = True  # a config without a callcard section has it off (Config.callcard)
+    # The SQLite file; or a redis:// URL for one outbox several servers share (callcard/redis_outbox.py).
     outbox: str = text("outbox", "/var/lib/agi-bitrix/outbox.sqlite3", check=_outbox)
+    # With the outbox in Redis: seconds a finish held by a server that stopped waits before another takes it.
+    outbox_claim_after: float = number("outbox_claim_after", 60.0, 1, 3600)
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
 

@@ -385,7 +385,8 @@ def test_callcard_config_problems_are_reported_with_file_line_and_key():
     with pytest.raises(ConfigError) as raised:
         parse_config(text, "c.yaml")
     assert [str(p) for p in raised.value.problems] == [
-        "c.yaml:4: callcard.outbox: 'var/outbox.sqlite3' must be an absolute path to the SQLite file",
+        ("c.yaml:4: callcard.outbox: 'var/outbox.sqlite3' must be an absolute path to the SQLite file,"
+         " or a redis:// URL"),
         "c.yaml:6: callcard.register.default_user: 'anna' is not a Bitrix24 user id (a number)",
         "c.yaml:7: callcard.register.crm_source: 'web form' is not a CRM source id like CALL",
         "c.yaml:8: callcard.register.deadlin: unknown key; did you mean 'deadline'?",
@@ -529,12 +530,15 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "call-card.md").read_text(encoding="utf-8")
-    callcard, oauth, install = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    callcard, redis_outbox, oauth, install = re.findall(r"```yaml\n(.*?)```", doc, re.S)
     routing = "routing: {fallback_queue: support}\n"
     config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing
                           + textwrap.dedent(callcard), "call-card.md")
     assert (config.callcard.register.default_user, config.callcard.finish.retry_max, config.users.refresh) == (
         "1", 600.0, 600.0)
+    config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing
+                          + textwrap.dedent(redis_outbox), "call-card.md")
+    assert (config.callcard.outbox, config.callcard.outbox_claim_after) == ("redis://:PASSWORD@10.0.0.5:6379/0", 60.0)
     config = parse_config(textwrap.dedent(oauth) + routing, "call-card.md",
                           environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
     assert config.bitrix.oauth.token_file == "/var/lib/agi-bitrix/oauth.json"

@@ -46,7 +46,7 @@ from agi_bitrix.bitrix.errors import (
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome
+from agi_bitrix.callcard.outbox import Entry, OutboxStore, Outcome
 from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.status import ANSWERED, status_code
 from agi_bitrix.config import Config
@@ -112,7 +112,7 @@ def _epoch(text: str) -> float | None:
 
 
 class FinishService:
-    def __init__(self, config: Config, outbox: Outbox | None, users: UserDirectory | None, holders: CardHolders,
+    def __init__(self, config: Config, outbox: OutboxStore | None, users: UserDirectory | None, holders: CardHolders,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.outbox = outbox

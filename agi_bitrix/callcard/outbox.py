@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar, TypeVarTuple
+from typing import Any, Literal, Protocol, TypeVar, TypeVarTuple
 
 from agi_bitrix import background
 
@@ -139,6 +139,26 @@ class _Kept:
 
 
 Sender = Callable[[Entry], Awaitable[Outcome]]
+
+
+class OutboxStore(Protocol):
+    """What the call card and the application use of an outbox: this SQLite one, or the one in
+    Redis that several servers share (redis_outbox.py)."""
+
+    problem: str  # why the outbox cannot store finishes now, "" while it can
+    lost: int
+
+    @property
+    def path(self) -> Path | str: ...  # where it is, shown in /healthz and the log (no password)
+
+    def waiting_of(self, kind: str) -> int: ...
+    def failed_of(self, kind: str) -> int: ...
+    def kept_of(self, kind: str) -> int: ...
+    async def open_or_retry_later(self) -> None: ...
+    def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def add(self, key: str, params: dict[str, Any], *, kind: str = FINISH, after: str = "",
+                  not_before: float | None = None) -> Added: ...
 
 
 class Outbox:

@@ -5,7 +5,10 @@ contains Debian's Asterisk 22; scripts/provision-asterisk20.sh adds a prebuilt A
 /opt/asterisk20 in the same root. Here we give every test run its own configuration directory
 inside that root, start the chosen Asterisk in it with chroot, and stop it again. Asterisk shares the machine's
 loopback network, so it reaches FastAGI servers the tests start on 127.0.0.1, and the tests
-reach its AMI port.
+reach its AMI port. An Asterisk given a resolver of its own (`resolv_conf`: a DNS server the test
+runs, for hagi:// and its SRV records) sees it as /etc/resolv.conf through a bind mount in a mount
+namespace of its own, so the root's file, shared by every Asterisk and every test run, is never
+changed.
 
 It works only from a source checkout of agi-bitrix (an editable install): the provisioning
 script and asterisk-samples/ are not part of the installed package. Elsewhere it says so.
@@ -116,9 +119,11 @@ def provision_root() -> Path:
 class AsteriskPbx:
     """One Asterisk process with a configuration of its own inside the provisioned root."""
 
-    def __init__(self, root: Path, name: str, build: AsteriskBuild = ASTERISK_22):
+    def __init__(self, root: Path, name: str, build: AsteriskBuild = ASTERISK_22, resolv_conf: str | None = None):
+        """`resolv_conf`: the text of the /etc/resolv.conf this Asterisk sees (default: the root's)."""
         self.root = root
         self.build = build
+        self.resolv_conf = resolv_conf
         # Paths as Asterisk sees them (inside the chroot) and as the tests see them.
         self.home = f"/tmp/agi-bitrix-test-{os.getpid()}-{name}-{build.name}"
         self.host_home = root / self.home.lstrip("/")
@@ -185,6 +190,8 @@ write = all
         }
         for name, text in files.items():
             (self.etc / name).write_text(text)
+        if self.resolv_conf is not None:
+            (self.host_home / "resolv.conf").write_text(self.resolv_conf)
 
     def _asterisk(self, *args: str) -> list[str]:
         return ["chroot", str(self.root), self.build.binary, "-C", f"{self.home}/etc/asterisk.conf", *args]
@@ -197,10 +204,22 @@ write = all
             raise RuntimeError(f"asterisk -rx {command!r} failed: {run.stdout}{run.stderr}")
         return run.stdout
 
+    def _own_resolver(self, command: list[str]) -> list[str]:
+        """`command` in a private mount namespace where the root's /etc/resolv.conf is this
+        Asterisk's own file: the bind mount dies with the process, and nothing else sees it."""
+        target = self.root / "etc" / "resolv.conf"
+        if target.is_symlink() or not target.is_file():
+            raise AsteriskUnavailable(f"{target} is not a plain file: cannot give this Asterisk a resolver of its own")
+        script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+                str(self.host_home / "resolv.conf"), str(target), *command]
+
     def start(self, timeout: float = 60) -> None:
+        command = self._asterisk("-f", "-n")
+        if self.resolv_conf is not None:
+            command = self._own_resolver(command)
         with open(self.host_home / "log" / "stdout.log", "wb") as out:
-            self.process = subprocess.Popen(self._asterisk("-f", "-n"), stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         # The control socket appears a moment after start; until then -rx fails.
         while True:

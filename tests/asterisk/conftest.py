@@ -189,9 +189,10 @@ def asterisk_build(request, asterisk_root: Path) -> AsteriskBuild:
     return build
 
 
-def running_pbx(root: Path, build: AsteriskBuild, name: str, extensions: str, queues: str) -> Iterator[AsteriskPbx]:
-    """An Asterisk with this configuration for as long as the generator runs."""
-    pbx = AsteriskPbx(root, name, build)
+def running_pbx(root: Path, build: AsteriskBuild, name: str, extensions: str, queues: str,
+                resolv_conf: str | None = None) -> Iterator[AsteriskPbx]:
+    """An Asterisk with this configuration (and this /etc/resolv.conf) for as long as the generator runs."""
+    pbx = AsteriskPbx(root, name, build, resolv_conf)
     pbx.write_config(extensions, queues)
     try:
         pbx.start()

@@ -116,6 +116,20 @@ async def test_freepbx_with_the_server_stopped_the_safe_defaults_send_the_call_t
     assert rings(call) == []
 
 
+async def test_freepbx_with_the_first_server_stopped_the_backup_server_routes_the_call(
+        freepbx_calls, portal, start_server):
+    stopped, backup = start_server(fallback_queue="400"), start_server(fallback_queue="400")
+    stopped.stop()
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(79, "OPENED", extension="179")])
+
+    call = trunk_call(freepbx_calls, stopped.url, phone, answering="179", AGI_BITRIX_URL_BACKUP=backup.url)
+    await freepbx_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number="179")
+
+    assert rings(call) == [("extension", "179")]
+    assert f"phone={phone} " in backup.log()
+
+
 async def test_freepbx_passes_the_inbound_routes_did_to_the_rules(freepbx_calls, portal, start_server):
     # The custom destination runs as extension s: only the AGI argument can carry the DID.
     sales_line = start_server(fallback_queue="400", first_rules=[

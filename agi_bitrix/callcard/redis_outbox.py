@@ -1,0 +1,559 @@
+"""The call card's outbox in Redis, shared by several agi-bitrix servers (`callcard.outbox:
+redis://HOST:PORT/DB`): a finish one server accepted is delivered by another if that one dies.
+
+The same contract as the SQLite outbox (outbox.py), which stays the default: one row per key
+(the portal's CALL_ID), a second add of the key is ignored; rows of a kind may wait for another
+row (`after`: a recording for its finish) and fail with it; each attempt is counted before the
+request leaves, so an attempt whose outcome is unknown (a crash, a kill) is retried after the
+backoff, and the sender decides what a retry that finds the work done means; rows given up are
+kept (`failed`) for a month; while Redis cannot take a finish it is kept in memory, bounded.
+
+In Redis (all names under PREFIX):
+- `row:KEY`, a hash: the row, as in SQLite. Created only if absent (the dedupe: an add is
+  "SET NX" of the row, in the same script as the rest), expiring DELIVERED_RETENTION after
+  delivery and FAILED_RETENTION after giving up, like the SQLite rows.
+- `stream`, with the consumer group GROUP: one entry per row, naming its key. A server reads new
+  entries (XREADGROUP), which puts them in its pending list; it acknowledges and deletes an
+  entry once its row is delivered or given up. It touches its pending entries every third of
+  `claim_after` (XCLAIM to itself), so an entry idle longer than that belongs to a server that
+  stopped: any server takes it over (XAUTOCLAIM) and goes on with the row.
+- Which server sends an attempt is decided by the row, not the entry: `take` (one Lua script)
+  counts the attempt and moves the row's next attempt past the backoff, atomically, so two
+  servers holding one entry for a moment (a slow one's heartbeat racing a takeover) never both
+  send it within one backoff.
+- `STATE:KIND`, sorted sets of the keys pending, delivered and failed (scored by time): the
+  counts for /healthz and the metrics, the same on every server.
+
+Durability is Redis's: see docs/call-card.md (AOF, appendfsync). One Redis (a replica for
+failover at most), not Redis Cluster: the scripts touch keys they derive from the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from agi_bitrix import background
+from agi_bitrix.callcard.outbox import (
+    DELIVERED,
+    DELIVERED_RETENTION,
+    FAILED,
+    FAILED_RETENTION,
+    FINISH,
+    MAX_KEPT,
+    PENDING,
+    PURGE_EVERY,
+    Added,
+    Entry,
+    Outcome,
+    RetryPolicy,
+    Sender,
+)
+
+log = logging.getLogger("agi_bitrix.outbox")
+
+PREFIX = "agi-bitrix:outbox:"
+GROUP = "agi-bitrix"
+# A Redis request that takes longer fails: the finish is then kept in memory, the call goes on.
+REDIS_TIMEOUT = 2.0
+# A consumer (one run of one server) with nothing pending, not seen for this long, is forgotten.
+FORGET_CONSUMER_AFTER = 86400.0
+_READ_BATCH = 100
+
+# KEYS: none (one Redis; the keys follow from the prefix and the row's key).
+# ARGV: prefix, key, params, kind, after, queued_at, next_attempt_at. 1 = added, 0 = duplicate.
+_ADD = """
+local p, key = ARGV[1], ARGV[2]
+local row = p .. 'row:' .. key
+if redis.call('EXISTS', row) == 1 then return 0 end
+redis.call('HSET', row, 'params', ARGV[3], 'kind', ARGV[4], 'after', ARGV[5], 'queued_at', ARGV[6],
+           'next_attempt_at', ARGV[7], 'attempts', 0, 'state', 'pending', 'last_error', '')
+redis.call('ZADD', p .. 'pending:' .. ARGV[4], ARGV[6], key)
+redis.call('SADD', p .. 'kinds', ARGV[4])
+if ARGV[5] ~= '' then redis.call('SADD', p .. 'followers:' .. ARGV[5], key) end
+redis.call('XADD', p .. 'stream', '*', 'key', key)
+return 1
+"""
+
+# ARGV: prefix, key, now, first_delay, max_delay.
+# {'gone'} | {'later', next_attempt_at} | {'blocked'} | {'take', params, attempt, queued_at, kind, after}
+_TAKE = """
+local p, key, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local row = p .. 'row:' .. key
+local r = redis.call('HMGET', row, 'state', 'next_attempt_at', 'after', 'attempts', 'params', 'queued_at', 'kind')
+if r[1] ~= 'pending' then return {'gone'} end
+if tonumber(r[2]) > now then return {'later', r[2]} end
+if r[3] ~= '' and redis.call('HGET', p .. 'row:' .. r[3], 'state') == 'pending' then return {'blocked'} end
+local attempt = tonumber(r[4]) + 1
+local delay = math.min(tonumber(ARGV[5]), tonumber(ARGV[4]) * 2 ^ math.min(attempt - 1, 60))
+redis.call('HSET', row, 'attempts', attempt, 'next_attempt_at', tostring(now + delay))
+return {'take', r[5], tostring(attempt), r[6], r[7], r[3]}
+"""
+
+# ARGV: prefix, key, state (delivered|failed), now, detail, retention, follower_detail,
+# follower_retention. Returns the followers given up with it: key, kind, key, kind, ...
+_DONE = """
+local p, key, state, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local row = p .. 'row:' .. key
+local kind = redis.call('HGET', row, 'kind')
+if not kind or redis.call('HGET', row, 'state') ~= 'pending' then return {} end
+redis.call('HSET', row, 'state', state, 'done_at', now)
+if ARGV[5] ~= '' then redis.call('HSET', row, 'last_error', ARGV[5]) end
+redis.call('EXPIRE', row, ARGV[6])
+redis.call('ZREM', p .. 'pending:' .. kind, key)
+redis.call('ZADD', p .. state .. ':' .. kind, now, key)
+local given_up = {}
+if state == 'failed' then
+  for _, follower in ipairs(redis.call('SMEMBERS', p .. 'followers:' .. key)) do
+    local frow = p .. 'row:' .. follower
+    local fkind = redis.call('HGET', frow, 'kind')
+    if fkind and redis.call('HGET', frow, 'state') == 'pending' then
+      redis.call('HSET', frow, 'state', 'failed', 'done_at', now, 'last_error', ARGV[7])
+      redis.call('EXPIRE', frow, ARGV[8])
+      redis.call('ZREM', p .. 'pending:' .. fkind, follower)
+      redis.call('ZADD', p .. 'failed:' .. fkind, now, follower)
+      table.insert(given_up, follower)
+      table.insert(given_up, fkind)
+    end
+  end
+end
+redis.call('DEL', p .. 'followers:' .. key)
+return given_up
+"""
+
+# ARGV: prefix, key, at, detail: nothing was sent (a recording not ready); the attempt is not counted.
+_RESCHEDULE = """
+local row = ARGV[1] .. 'row:' .. ARGV[2]
+if redis.call('HGET', row, 'state') ~= 'pending' then return 0 end
+redis.call('HINCRBY', row, 'attempts', -1)
+redis.call('HSET', row, 'next_attempt_at', ARGV[3], 'last_error', ARGV[4])
+return 1
+"""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and /healthz."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@dataclass
+class _Held:
+    """A stream entry in this server's pending list, and when its row is worth looking at."""
+
+    key: str
+    due_at: float = 0.0
+    after: str = ""
+
+
+@dataclass(frozen=True)
+class _Kept:
+    params: str
+    queued_at: float
+    kind: str
+    after: str
+    not_before: float
+
+
+class RedisOutbox:
+    def __init__(self, url: str, send: Sender, retry: RetryPolicy, *, claim_after: float = 60.0,
+                 prefix: str = PREFIX, clock: Any = time.time) -> None:
+        self.url = url
+        self.path = redacted(url)  # what /healthz and the log show as the outbox
+        self._send = send
+        self.retry = retry
+        self.claim_after = claim_after
+        self._prefix = prefix
+        self._clock = clock
+        # One run of one server: a takeover never mistakes a restarted server for the old one.
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        # Typed Any: redis-py's types cannot tell that decode_responses=True answers str, not bytes.
+        self._redis: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._group_ready = False
+        self._held: dict[str, _Held] = {}  # by stream entry id
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._paused_until = 0.0
+        self._maintained_at = float("-inf")
+        self._purged_at = 0.0
+        self._kept: dict[str, _Kept] = {}
+        self._storage_retry_at = 0.0
+        self.problem = ""
+        self._waiting: Counter[str] = Counter()
+        self._failed: Counter[str] = Counter()
+        self.lost = 0
+
+    # -- what the metrics and /healthz read (the cluster's counts, as last seen) ----------------
+
+    @property
+    def waiting(self) -> int:
+        return sum(self._waiting.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(self._failed.values())
+
+    @property
+    def kept(self) -> int:
+        return len(self._kept)
+
+    def waiting_of(self, kind: str) -> int:
+        return self._waiting[kind] + self.kept_of(kind)
+
+    def failed_of(self, kind: str) -> int:
+        return self._failed[kind]
+
+    def kept_of(self, kind: str) -> int:
+        return sum(1 for row in self._kept.values() if row.kind == kind)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._redis is None:
+            self._redis = aioredis.from_url(self.url, socket_timeout=REDIS_TIMEOUT,
+                                            socket_connect_timeout=REDIS_TIMEOUT, decode_responses=True)
+            for name, script in (("add", _ADD), ("take", _TAKE), ("done", _DONE), ("reschedule", _RESCHEDULE)):
+                self._scripts[name] = self._redis.register_script(script)
+        if not self._group_ready:
+            try:
+                # From the stream's start: entries added before any server made the group count too.
+                await self._redis.xgroup_create(self._key("stream"), GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+            self._group_ready = True
+        await self._count()
+        log.info("outbox %s open (consumer %s); %s waiting for delivery in it", self.path, self.consumer,
+                 ", ".join(f"{count} {kind}(s)" for kind, count in sorted(self._waiting.items()) if count)
+                 or "nothing")
+
+    async def open_or_retry_later(self) -> None:
+        try:
+            await self.open()
+        except (RedisError, OSError) as error:
+            self._storage_failed(self._describe(error))
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
+
+    async def close(self) -> None:
+        # Asked to stop by a flag as well as by the cancel: a cancel that lands inside a redis-py
+        # command can be lost (seen with redis 8.1: the loop went on, and close waited for it).
+        self._stopping = True
+        self._wake.set()
+        await background.stop(self._task)
+        self._task = None
+        if self._redis is not None:
+            if self._kept:
+                try:  # a last chance for the finishes kept in memory
+                    await self._store_kept()
+                except (RedisError, OSError) as error:
+                    self.problem = self._describe(error)
+            # What this server holds stays in its pending list: another server (or this one,
+            # restarted) takes it over after claim_after. Nothing is lost by stopping.
+            await self._redis.aclose()
+            self._redis = None
+        for key, row in self._kept.items():
+            log.error("%s %s is LOST: kept in memory when the server stopped (%s)", row.kind, key, self.problem)
+        self.lost += len(self._kept)
+        self._kept.clear()
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    async def add(self, key: str, params: dict[str, Any], *, kind: str = FINISH, after: str = "",
+                  not_before: float | None = None) -> Added:
+        if key in self._kept:
+            return "duplicate"
+        now = self._clock()
+        row = _Kept(json.dumps(params, ensure_ascii=False), now, kind, after, now if not_before is None else not_before)
+        if self._redis is not None and not self.problem:
+            try:
+                added = await self._insert(key, row)
+            except (RedisError, OSError) as error:
+                self._storage_failed(self._describe(error))
+            else:
+                if not added:
+                    return "duplicate"
+                self._waiting[kind] += 1
+                self._wake.set()
+                return "stored"
+        if len(self._kept) >= MAX_KEPT:
+            self.lost += 1
+            log.error("%s %s is LOST: the outbox cannot store it (%s) and %d rows already wait in memory",
+                      kind, key, self.problem, MAX_KEPT)
+            return "lost"
+        self._kept[key] = row
+        log.error("%s %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
+                  kind, key, len(self._kept), self.problem)
+        return "kept"
+
+    async def count(self, state: str) -> int:
+        redis = self._connection()
+        kinds = await redis.smembers(self._key("kinds"))
+        return sum([await redis.zcard(self._key(f"{state}:{kind}")) for kind in kinds])
+
+    async def row(self, key: str) -> dict[str, Any] | None:
+        found: dict[str, Any] = await self._connection().hgetall(self._key(f"row:{key}"))
+        if not found:
+            return None
+        found["params"] = json.loads(found["params"])
+        found["attempts"] = int(found["attempts"])
+        return found
+
+    # -- the delivery loop ----------------------------------------------------------------------
+
+    async def _deliver_forever(self) -> None:
+        while not self._stopping:
+            try:
+                if self.problem and self._clock() >= self._storage_retry_at:
+                    await self.open()
+                    await self._store_kept()
+                    log.warning("call card is up again: outbox %s stores finishes", self.path)
+                    self.problem = ""
+                if not self.problem:
+                    await self._maintain()
+                    await self._deliver_due()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as error:
+                self._storage_failed(self._describe(error))
+            except Exception:
+                log.exception("outbox delivery failed unexpectedly; trying again in %.0f s", self.retry.first_delay)
+                self._paused_until = self._clock() + self.retry.first_delay
+            await self._sleep()
+
+    async def _maintain(self) -> None:
+        """New entries; and every third of claim_after: keep ours, take over those of stopped servers."""
+        now = self._clock()
+        redis = self._connection()
+        stream = self._key("stream")
+        if now - self._maintained_at >= self.claim_after / 3:
+            self._maintained_at = now
+            await self._keep_held(redis, stream)
+            await self._take_over(redis, stream)
+            if now - self._purged_at >= PURGE_EVERY:
+                await self._purge(redis, now)
+                self._purged_at = now
+        while True:
+            answer = await redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=_READ_BATCH)
+            entries = answer[0][1] if answer else []
+            for entry_id, fields in entries:
+                self._held[entry_id] = _Held(fields.get("key", ""))
+            if len(entries) < _READ_BATCH:
+                break
+        await self._count()
+
+    async def _keep_held(self, redis: Any, stream: str) -> None:
+        """Reset the idle time of the entries still ours; forget those another server took over."""
+        pending = await redis.xpending_range(stream, GROUP, min="-", max="+", count=100_000,
+                                             consumername=self.consumer)
+        ours = {item["message_id"] for item in pending}
+        for entry_id in [entry_id for entry_id in self._held if entry_id not in ours]:
+            log.warning("outbox entry %s (%s) was taken over by another server", entry_id, self._held[entry_id].key)
+            del self._held[entry_id]
+        if ours:
+            await redis.xclaim(stream, GROUP, self.consumer, 0, list(ours), justid=True)
+        for entry_id in ours - self._held.keys():  # read, but the answer was lost (a timeout)
+            for found_id, fields in await redis.xrange(stream, entry_id, entry_id):
+                self._held[found_id] = _Held(fields["key"])
+
+    async def _take_over(self, redis: Any, stream: str) -> None:
+        """Entries idle past claim_after: their server stopped (or lost Redis) with them."""
+        start = "0-0"
+        min_idle = int(self.claim_after * 1000)
+        while True:
+            answer = await redis.xautoclaim(stream, GROUP, self.consumer, min_idle, start_id=start, count=_READ_BATCH)
+            start, claimed = answer[0], answer[1]
+            for entry_id, fields in claimed:
+                if fields is None:  # deleted from the stream meanwhile
+                    continue
+                log.warning("outbox entry %s (%s) taken over from a server that stopped", entry_id, fields.get("key"))
+                self._held[entry_id] = _Held(fields.get("key", ""))
+            if start == "0-0":
+                break
+        for consumer in await redis.xinfo_consumers(stream, GROUP):
+            if (consumer["pending"] == 0 and consumer["name"] != self.consumer
+                    and consumer["idle"] > FORGET_CONSUMER_AFTER * 1000):
+                await redis.xgroup_delconsumer(stream, GROUP, consumer["name"])
+
+    async def _deliver_due(self) -> None:
+        while self._clock() >= self._paused_until:
+            now = self._clock()
+            due = sorted((held.due_at, entry_id) for entry_id, held in self._held.items() if held.due_at <= now)
+            if not due:
+                return
+            for _, entry_id in due:
+                if self._clock() < self._paused_until:
+                    return
+                await self._attempt(entry_id)
+
+    async def _attempt(self, entry_id: str) -> None:
+        held = self._held.get(entry_id)
+        if held is None:
+            return
+        retry = self.retry
+        now = self._clock()
+        answer = await self._scripts["take"](args=[self._prefix, held.key, repr(now), retry.first_delay,
+                                                   retry.max_delay])
+        if answer[0] == "gone":  # delivered or given up (by whoever held it before), or expired
+            await self._release(entry_id)
+            return
+        if answer[0] == "later":
+            held.due_at = float(answer[1])
+            return
+        if answer[0] == "blocked":  # the row it waits for is pending, maybe on another server
+            held.due_at = now + retry.first_delay
+            return
+        _, params, attempt, queued_at, kind, held.after = answer
+        entry = Entry(held.key, json.loads(params), int(attempt), float(queued_at), kind)
+        try:
+            outcome = await self._send(entry)
+        except Exception as error:  # a sender bug must not lose the row: retry it
+            log.exception("sending %s %s failed unexpectedly", entry.kind, entry.key)
+            outcome = Outcome("retry", f"internal: {type(error).__name__}")
+        await self._record(entry_id, entry, outcome)
+
+    async def _record(self, entry_id: str, entry: Entry, outcome: Outcome) -> None:
+        now = self._clock()
+        held = self._held[entry_id]
+        if outcome.kind == "delivered":
+            await self._done(entry, DELIVERED, now, outcome.detail)
+            await self._release(entry_id)
+            for follower in self._held.values():  # its recording, if we hold it, may go now
+                if follower.after == entry.key:
+                    follower.due_at = now
+            return
+        if outcome.kind == "wait":
+            await self._scripts["reschedule"](args=[self._prefix, entry.key, repr(outcome.retry_at), outcome.detail])
+            held.due_at = outcome.retry_at
+            return
+        if outcome.kind == "retry" and now - entry.queued_at < self.retry.give_up_after:
+            delay = self.retry.delay(entry.attempt)
+            await self._connection().hset(self._key(f"row:{entry.key}"), "last_error", outcome.detail)
+            self._paused_until = now + delay
+            held.due_at = now + delay
+            log.warning("%s %s not delivered (attempt %d: %s); next attempt in %.0f s",
+                        entry.kind, entry.key, entry.attempt, outcome.detail, delay)
+            return
+        if outcome.kind == "retry":
+            detail = f"gave up after {entry.attempt} attempts in {now - entry.queued_at:.0f} s: {outcome.detail}"
+        else:
+            detail = outcome.detail
+        followers = await self._done(entry, FAILED, now, detail)
+        await self._release(entry_id)
+        log.error("%s %s will not be delivered: %s (kept in %s)", entry.kind, entry.key, detail, self.path)
+        for key, kind in followers:
+            log.error("%s %s will not be delivered either: it waited for %s %s", kind, key, entry.kind, entry.key)
+
+    async def _done(self, entry: Entry, state: str, now: float, detail: str) -> list[tuple[str, str]]:
+        retention = DELIVERED_RETENTION if state == DELIVERED else FAILED_RETENTION
+        given_up = await self._scripts["done"](args=[
+            self._prefix, entry.key, state, repr(now), detail, int(retention),
+            f"not sent: {entry.key} was not delivered ({detail})", int(FAILED_RETENTION)])
+        self._waiting[entry.kind] -= 1
+        if state == FAILED:
+            self._failed[entry.kind] += 1
+        followers = list(zip(given_up[::2], given_up[1::2], strict=True))
+        for _, kind in followers:
+            self._waiting[kind] -= 1
+            self._failed[kind] += 1
+        return followers
+
+    async def _release(self, entry_id: str) -> None:
+        """The entry's row is done: out of the pending list and the stream."""
+        redis = self._connection()
+        stream = self._key("stream")
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+        self._held.pop(entry_id, None)
+
+    async def _sleep(self) -> None:
+        self._wake.clear()
+        now = self._clock()
+        if self._stopping:
+            return
+        if self.problem:
+            wake_at = self._storage_retry_at
+        else:
+            next_due = min((held.due_at for held in self._held.values()), default=float("inf"))
+            wake_at = min(max(self._paused_until, next_due), self._maintained_at + self.claim_after / 3)
+        if wake_at <= now:
+            return
+        try:
+            async with asyncio.timeout(wake_at - now):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    # -- Redis ---------------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return self._prefix + name
+
+    def _connection(self) -> Any:
+        if self._redis is None:
+            raise RedisError(f"outbox {self.path} is not open")
+        return self._redis
+
+    async def _insert(self, key: str, row: _Kept) -> bool:
+        added = await self._scripts["add"](args=[
+            self._prefix, key, row.params, row.kind, row.after, repr(row.queued_at),
+            repr(max(row.not_before, self._clock()))])
+        return bool(added)
+
+    async def _store_kept(self) -> None:
+        while self._kept:
+            key, row = next(iter(self._kept.items()))
+            if await self._insert(key, row):
+                self._waiting[row.kind] += 1
+            del self._kept[key]
+
+    async def _count(self) -> None:
+        redis = self._connection()
+        kinds = sorted(await redis.smembers(self._key("kinds")))
+        async with redis.pipeline(transaction=False) as pipe:
+            for kind in kinds:
+                pipe.zcard(self._key(f"{PENDING}:{kind}"))
+                pipe.zcard(self._key(f"{FAILED}:{kind}"))
+            counts = await pipe.execute()
+        self._waiting = Counter(dict(zip(kinds, counts[::2], strict=True)))
+        self._failed = Counter(dict(zip(kinds, counts[1::2], strict=True)))
+
+    async def _purge(self, redis: Any, now: float) -> None:
+        """The rows themselves expire; their names leave the sorted sets here."""
+        for kind in await redis.smembers(self._key("kinds")):
+            await redis.zremrangebyscore(self._key(f"{DELIVERED}:{kind}"), "-inf", now - DELIVERED_RETENTION)
+            await redis.zremrangebyscore(self._key(f"{FAILED}:{kind}"), "-inf", now - FAILED_RETENTION)
+
+    def _storage_failed(self, problem: str) -> None:
+        self._storage_retry_at = self._clock() + self.retry.first_delay
+        if problem != self.problem:
+            log.error("call card is DOWN: %s; calls are routed as usual, finishes are kept in memory until the"
+                      " outbox works (tried every %.0f s)", problem, self.retry.first_delay)
+            self.problem = problem
+        self._wake.set()
+
+    def _describe(self, error: Exception) -> str:
+        return f"cannot use outbox {self.path}: {type(error).__name__}: {error}"
