@@ -13,6 +13,8 @@ import pytest
 
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.breaker import OPEN
+from agi_bitrix.bitrix.settings import RedisSettings
+from agi_bitrix.bitrix.shared import RedisLink, SharedOperatingBudget, SharedRequestBudget
 from agi_bitrix.config import parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
@@ -217,3 +219,40 @@ async def test_redis_down_at_start_and_the_password_stays_out_of_logs_and_health
         finally:
             await app.stop()
     assert "s3cret-pass" not in caplog.text and "Redis at redis://:***@127.0.0.1" in caplog.text
+
+
+def redis_settings(url, **options):
+    return RedisSettings(url=url, **{"timeout": 0.2, "sync_every": 0.05, **options})
+
+
+async def test_two_servers_request_budgets_are_one_bucket_of_the_portals_size(redis_server):
+    """The Lua script's arithmetic is RateLimiter's: two servers taking slots as fast as they can get
+    exactly one bucket between them, and a refusal holds both back."""
+    links = [RedisLink(redis_settings(redis_server.url)) for _ in range(2)]
+    try:
+        budgets = [SharedRequestBudget(link, "portal.example", per_second=2.0, burst=10) for link in links]
+        granted = [await budgets[n % 2].take(max_wait=0) for n in range(30)]
+        assert granted.count(0.0) == 10 and granted[10:] == [None] * 20
+        assert await budgets[1].take(max_wait=1.0) == pytest.approx(0.5, abs=0.05)
+        assert await budgets[0].take(max_wait=0.2, keep_free=5) is None  # leaves half the burst to lookups
+        await budgets[0].refused()
+        assert await budgets[1].take(max_wait=1.5) is None  # the refusal holds the other server too
+    finally:
+        for link in links:
+            await link.close()
+
+
+async def test_operating_time_spent_by_one_server_paces_the_other(redis_server):
+    links = [RedisLink(redis_settings(redis_server.url)) for _ in range(2)]
+    for link in links:
+        link.start()
+    try:
+        budgets = [SharedOperatingBudget(link, "webhook", limit=100.0, window=600.0) for link in links]
+        assert budgets[1].room("m") == pytest.approx(20.0)
+        budgets[0].spend("m", 15.0)
+        await until(lambda: budgets[1].room("m") < 6.0, timeout=1.0, what="the spending seen by the other server")
+        budgets[1].reported("m", {"operating": 95.0, "operating_reset_at": time.time() + 30})
+        await until(lambda: budgets[0].held_for("m") > 25, timeout=1.0, what="the portal's hold seen by the other")
+    finally:
+        for link in links:
+            await link.close()

@@ -234,7 +234,10 @@ class RedisLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.client.aclose()
+        # Bounded: a stop must not wait on a Redis that does not answer.
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(1.0):
+                await self.client.aclose()
 
     def _down(self, problem: str) -> None:
         if self.up:
