@@ -189,6 +189,7 @@ class RedisLink:
         self._scripts: list[str] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._password = self.client.connection_pool.connection_kwargs.get("password") or ""
 
     @property
@@ -230,6 +231,8 @@ class RedisLink:
         self._task = asyncio.create_task(self._keep())
 
     async def close(self) -> None:
+        self._closed = True  # besides the cancel: Python 3.11's asyncio.timeout can swallow one
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -260,7 +263,7 @@ class RedisLink:
             await self._prepare()
         except (TimeoutError, RedisError, OSError) as error:
             self._down(self._clean(f"{type(error).__name__}: {error}" if str(error) else "no answer"))
-        while True:
+        while not self._closed:
             if self.up:
                 for exchange in self._exchanges:
                     try:
@@ -269,11 +272,10 @@ class RedisLink:
                         break
                     except Exception:
                         log.exception("exchange with Redis failed unexpectedly")
-                try:
-                    async with asyncio.timeout(self.settings.sync_every):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                # A timer, not asyncio.timeout: a cancel at the moment it fires must not be lost.
+                timer = asyncio.get_running_loop().call_later(self.settings.sync_every, self._wake.set)
+                await self._wake.wait()
+                timer.cancel()
                 self._wake.clear()
                 continue
             await asyncio.sleep(self.settings.retry_every)
