@@ -282,10 +282,10 @@ def test_the_redis_url_comes_from_the_environment_and_is_never_quoted():
             parse_config(text, "c.yaml", env)
         problems += [str(problem) for problem in error.value.problems]
     assert problems == [
-        "c.yaml:1: redis: the environment sets AGI_BITRIX_REDIS_URL but the file has no redis section;"
-        " add `redis: {}` to share state through it",
+        ("c.yaml:1: redis: the environment sets AGI_BITRIX_REDIS_URL but the file has no redis section;"
+        " add `redis: {}` to share state through it"),
         "c.yaml:3: redis.url: missing; set it here or in the environment variable AGI_BITRIX_REDIS_URL",
         "c.yaml:3: redis.url: expected a URL like redis://HOST:6379/0, rediss://… (TLS) or unix:///run/redis.sock",
-        "c.yaml:3: redis.timeout: 0.6 s must be under half of bitrix.deadline (1 s): a call waits for Redis"
-        " before the portal",
+        ("c.yaml:3: redis.timeout: 0.6 s must be under half of bitrix.deadline (1 s): a call waits for Redis"
+        " before the portal"),
     ]
