@@ -30,6 +30,8 @@ from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.install import InstallCallback
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
+from agi_bitrix.bitrix.settings import OPERATING_WINDOW
+from agi_bitrix.bitrix.shared import SharedState
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
@@ -76,9 +78,14 @@ class Application:
         self._reloading: set[asyncio.Task[bool]] = set()
         self.recent = RecentCalls()  # the last calls, for the admin page
         self.session: aiohttp.ClientSession = make_session(pool_size=config.bitrix.pool_size)
+        # With a redis section, the budget, answers and breaker are those of every server of the portal.
+        self.shared = (SharedState.connect(config.redis, *_portal_identity(config))
+                       if config.redis is not None else None)
         self.memory = LookupMemory(
             AnswerCache(config.cache),
-            CircuitBreaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down))
+            CircuitBreaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down) if self.shared is None
+            else self.shared.breaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down),
+            shared=None if self.shared is None else self.shared.answers)
         self.users = (UserDirectory(lambda: self.runtime.portal, refresh=config.users.refresh,
                                     default_country=config.policy.default_country)
                       if config.users.refresh > 0 else None)
@@ -116,7 +123,12 @@ class Application:
 
     def _build(self, config: Config, previous: Runtime | None) -> Runtime:
         """A Runtime for `config`; it only constructs, so the running one is untouched."""
-        portal = portal_client(config.bitrix, self.session, previous=previous.portal if previous else None)
+        shared = self.shared
+        budgets = None if shared is None else (
+            shared.request_budget(config.bitrix.rate_per_second, config.bitrix.rate_burst),
+            shared.operating_budget(config.bitrix.operating_limit, OPERATING_WINDOW))
+        portal = portal_client(config.bitrix, self.session, previous=previous.portal if previous else None,
+                               budgets=budgets)
         lookup = CrmLookup(portal, self.memory, deadline=config.bitrix.deadline, observer=self.metrics)
         router = Router(config, lookup, users=self.users)
         route = RouteScript(router, self.metrics, self.call_log, self.recent)
@@ -145,6 +157,8 @@ class Application:
                 await self.outbox.open_or_retry_later()
                 self.outbox.start()
                 self._watch_outbox(self.outbox)
+            if self.shared is not None:
+                self.shared.link.start()
             address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
             await self._start_monitoring(config)
@@ -179,6 +193,11 @@ class Application:
         memory, server = self.memory, self.server
         self.metrics.watch(sessions=lambda: len(server.sessions), breaker_state=lambda: memory.breaker.state,
                            cache_entries=lambda: len(memory.cache))
+        if self.shared is not None:
+            link = self.shared.link
+            Gauge("agi_bitrix_redis_up", "1 while the state shared with the other servers answers; 0 while this"
+                  " server works alone on its share of the portal's budget (see /healthz).",
+                  registry=self.metrics.registry).set_function(lambda: 1 if link.up else 0)
         if self.monitoring is None:
             return
         try:
@@ -225,6 +244,8 @@ class Application:
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
             # Shown, but not in the status: a broken call card does not stop calls being routed.
             "callcard": self._callcard_health(),
+            # Shown, but not in the status either: without Redis each server routes on its own share.
+            "redis": {"state": "off"} if self.shared is None else self.shared.link.health(),
             "sessions_in_flight": len(self.server.sessions),
             "cache_entries": len(memory.cache),
             "uptime_seconds": seconds_since(self.started_at),
@@ -253,6 +274,8 @@ class Application:
     async def _stop_background(self) -> None:
         if self.outbox is not None:
             await self.outbox.close()
+        if self.shared is not None:
+            await self.shared.link.close()
         if self.users is not None:
             await self.users.close()
 
@@ -326,6 +349,8 @@ class Application:
             log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
         if new.users.refresh != old.users.refresh:
             log.warning("users.refresh changed; it takes effect after a restart")
+        if new.redis != old.redis or (new.redis is not None and _portal_identity(new) != _portal_identity(old)):
+            log.warning("the redis section or the portal changed; the shared state follows after a restart")
 
     async def stop(self) -> None:
         """Stop accepting calls, let those in flight finish (up to server.session_timeout), close."""
@@ -353,3 +378,12 @@ async def until_stopped(on_sighup: Callable[[], object] | None = None) -> None:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+def _portal_identity(config: Config) -> tuple[str, str]:
+    """The portal's REST URL and what identifies the webhook or application to the portal (hashed
+    before it names a key in Redis)."""
+    oauth = config.bitrix.oauth
+    if oauth is None:
+        return config.bitrix.webhook_url, config.bitrix.webhook_url
+    return oauth.portal_url, f"{oauth.portal_url} {oauth.client_id}"

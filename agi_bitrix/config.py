@@ -23,7 +23,15 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
-from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings, OAuthSettings, check_host, portal_base
+from agi_bitrix.bitrix.settings import (
+    BitrixSettings,
+    CacheSettings,
+    OAuthSettings,
+    RedisSettings,
+    check_host,
+    check_redis_url,
+    portal_base,
+)
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
@@ -32,6 +40,7 @@ from agi_bitrix.schema import anything, flag, integer, items, number, own, secti
 
 WEBHOOK_ENV = "AGI_BITRIX_WEBHOOK_URL"
 CLIENT_SECRET_ENV = "AGI_BITRIX_CLIENT_SECRET"
+REDIS_URL_ENV = "AGI_BITRIX_REDIS_URL"
 LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
@@ -297,6 +306,8 @@ class Config:
     # The call card and the user directory are on when their section is there, even empty.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
+    # State shared with the other servers of one portal; off (all in this process) without the section.
+    redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -329,6 +340,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
+    redis = _redis(check, data, environ, bitrix)
     if bitrix.oauth is not None and bitrix.oauth.install_path and not metrics.enabled:
         oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
@@ -336,7 +348,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
                   variable_prefix=prefix, policy=policy, cache=cache, metrics=metrics, call_log=call_log,
-                  callcard=callcard, users=users)
+                  callcard=callcard, users=users, redis=redis)
 
 
 def _responsible_numbers(check: Checker, data: LocatedDict, callcard: CallCardSettings,
@@ -379,6 +391,32 @@ def _bitrix(check: Checker, section: LocatedDict, environ: Mapping[str, str]) ->
         except ValueError as error:
             check.problem(section.lines.get("webhook_url", section.line), where, str(error))
     return check.read(BitrixSettings, section, "bitrix", webhook_url=url, oauth=oauth)
+
+
+def _redis(check: Checker, data: LocatedDict, environ: Mapping[str, str],
+           bitrix: BitrixSettings) -> RedisSettings | None:
+    """The `redis:` section, its URL from AGI_BITRIX_REDIS_URL when that is set (never quoted)."""
+    from_environment = environ.get(REDIS_URL_ENV, "")
+    if "redis" not in data:
+        if from_environment:
+            check.problem(1, "redis", f"the environment sets {REDIS_URL_ENV} but the file has no redis section;"
+                                      " add `redis: {}` to share state through it")
+        return None
+    section = check.section(data, "redis", "redis", schema.keys(RedisSettings))
+    url = from_environment or check.text(section, "url", "redis") or ""
+    where = f"environment {REDIS_URL_ENV}" if from_environment else "redis.url"
+    if not url:
+        check.problem(section.line, "redis.url", f"missing; set it here or in the environment variable {REDIS_URL_ENV}")
+    try:
+        check_redis_url(url)
+    except ValueError as error:
+        check.problem(section.line if from_environment else section.lines.get("url", section.line), where, str(error))
+    settings: RedisSettings = check.read(RedisSettings, section, "redis", url=url)
+    if settings.timeout >= bitrix.deadline / 2:
+        check.problem(section.lines.get("timeout", section.line), "redis.timeout",
+                      f"{settings.timeout:g} s must be under half of bitrix.deadline ({bitrix.deadline:g} s):"
+                      " a call waits for Redis before the portal")
+    return settings
 
 
 def _oauth(check: Checker, bitrix: LocatedDict, environ: Mapping[str, str]) -> OAuthSettings:

@@ -32,6 +32,10 @@ MAY_IMPORT = {
 TESTING_USERS = {"agi_bitrix.demo"}
 # The admin page is wired in by the Application alone; nothing it reads may import it back.
 WEB_USERS = {"agi_bitrix.app"}
+# Redis is reached through the shared state and the Redis outbox alone: everything else sees their
+# narrow interfaces (RequestBudget, OperatingBudget, CircuitBreaker, SharedAnswers, OutboxStore)
+# and works the same without it.
+REDIS_USERS = {"agi_bitrix.bitrix.shared", "agi_bitrix.callcard.redis_outbox"}
 
 
 def module_name(path: Path) -> str:
@@ -81,6 +85,17 @@ def test_only_the_application_imports_the_admin_page():
              if not within(module_name(path), "agi_bitrix.web")
              and any(within(name, "agi_bitrix.web") for name in package_imports(path))}
     assert users == WEB_USERS
+
+
+def test_only_the_shared_state_talks_to_redis():
+    users = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(name == "redis" or name.startswith("redis.") for name in names):
+                users.add(module_name(path))
+    assert users == REDIS_USERS
 
 
 def test_both_forms_of_import_are_seen(tmp_path):

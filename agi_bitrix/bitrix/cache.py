@@ -25,12 +25,16 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def fresh(self, phone: str) -> CrmAnswer | None:
+    def fresh(self, phone: str, max_age: float | None = None) -> CrmAnswer | None:
+        """A fresh answer; with `max_age`, only one stored at most that long ago (a near-cache in
+        front of the answers shared by servers, agi_bitrix.bitrix.shared)."""
         entry = self._entries.get(phone)
         if entry is None:
             return None
         answer, stored_at = entry
         ttl = self.settings.found_ttl if answer.status == "FOUND" else self.settings.not_found_ttl
+        if max_age is not None:
+            ttl = min(ttl, max_age)
         if self._clock() - stored_at >= ttl:
             return None
         self._entries.move_to_end(phone)
@@ -47,10 +51,11 @@ class AnswerCache:
             return None
         return answer
 
-    def store(self, phone: str, answer: CrmAnswer) -> None:
+    def store(self, phone: str, answer: CrmAnswer, age: float = 0.0) -> None:
+        """Keep `answer`, given `age` seconds ago (by another server: its TTL counts from then)."""
         if self.settings.max_entries == 0 or answer.status not in ("FOUND", "NOT_FOUND"):
             return
-        self._entries[phone] = (answer, self._clock())
+        self._entries[phone] = (answer, self._clock() - age)
         self._entries.move_to_end(phone)
         while len(self._entries) > self.settings.max_entries:
             self._entries.popitem(last=False)

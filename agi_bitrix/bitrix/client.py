@@ -37,7 +37,7 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.models import CrmEntity, MalformedAnswer, parse_search_result
 from agi_bitrix.bitrix.operating import OperatingBudget
-from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.bitrix.ratelimit import RequestBudget
 from agi_bitrix.bitrix.settings import OPERATING_LIMIT, OPERATING_WINDOW, portal_base
 
 log = logging.getLogger("agi_bitrix.portal")
@@ -135,7 +135,7 @@ class SearchAnswer:
 
 class PortalClient:
     def __init__(self, webhook_url: str, session: aiohttp.ClientSession, *, timeout: float,
-                 budget: RateLimiter, auth: AccessTokens | None = None,
+                 budget: RequestBudget, auth: AccessTokens | None = None,
                  operating: OperatingBudget | None = None) -> None:
         """`webhook_url` is the inbound webhook, https://PORTAL/rest/USER_ID/CODE/ (slash optional);
         with `auth` (an OAuth application) it is the portal's REST URL, https://PORTAL/rest/.
@@ -166,7 +166,7 @@ class PortalClient:
         """Wait for a place in the request budget; RequestNotSent("rate_limited") at once when that
         would take longer than `max_wait` seconds, so a caller never waits in vain. A request that
         `can_wait` (no caller needs it now) only takes a place that leaves half the burst free."""
-        wait = self.budget.reserve(max_wait=max_wait, keep_free=self.budget.burst // 2 if can_wait else 0)
+        wait = await self.budget.take(max_wait, keep_free=self.budget.burst // 2 if can_wait else 0)
         if wait is None:
             raise RequestNotSent("rate_limited", f"no request slot within {max_wait:g} s (client-side rate limit)")
         if wait:
@@ -199,7 +199,7 @@ class PortalClient:
             log.warning("portal says %s for %s; not calling it for %.0f s", error.reason, method, held)
             raise
         except RateLimited as error:
-            pause = self.budget.back_off()
+            pause = await self.budget.refused()
             log.warning("portal says %s; no requests for %.0f s", error.reason, pause)
             raise
         self.budget.succeeded()

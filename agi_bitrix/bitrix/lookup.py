@@ -40,6 +40,7 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity
 from agi_bitrix.bitrix.operating import OperatingBudget
+from agi_bitrix.bitrix.shared import POLL_EVERY, SharedAnswers, SharedStateUnavailable
 
 log = logging.getLogger("agi_bitrix.lookup")
 
@@ -165,6 +166,8 @@ class LookupMemory:
     last_failure_reason: str = ""  # the reason of that failure (timeout, http_502, the portal's code)
     clock: Callable[[], float] = field(default=time.monotonic)
     timing: SearchTiming = field(default_factory=SearchTiming)
+    # The answers of every server against the portal, and who asks for what (None: this server alone).
+    shared: SharedAnswers | None = None
 
 
 class CrmLookup:
@@ -190,6 +193,8 @@ class CrmLookup:
         self._in_flight = 0  # requests out (hedges not counted)
         self._last_sent = 0.0  # loop time the latest request left
         self._next_sender: asyncio.TimerHandle | None = None
+        self.shared = memory.shared
+        self._claimed: set[str] = set()  # numbers this server asks for on behalf of all servers
 
     async def lookup(self, phone: str) -> CrmAnswer:
         answer = await self._lookup(phone)
@@ -197,7 +202,7 @@ class CrmLookup:
         return answer
 
     async def _lookup(self, phone: str) -> CrmAnswer:
-        cached = self.cache.fresh(phone)
+        cached = self.cache.fresh(phone, None if self.shared is None else self.shared.near_cache)
         if cached is not None:
             return cached
         # Each caller waits on a future of its own, which its deadline resolves to None if the
@@ -212,8 +217,11 @@ class CrmLookup:
             waiters.append(waiter)
         else:
             self._flights[phone] = [waiter]
-            self._waiting[phone] = given_up_at
-            self._start_sender_when_due()
+            if self.shared is not None and self.shared.link.up:
+                self._track(self._ask_servers(phone, given_up_at))
+            else:
+                self._waiting[phone] = given_up_at
+                self._start_sender_when_due()
         try:
             answer = await waiter
         except BitrixError as error:
@@ -221,6 +229,51 @@ class CrmLookup:
         finally:
             deadline.cancel()
         return answer if answer is not None else self._fallback(phone, "timeout")
+
+    async def _ask_servers(self, phone: str, given_up_at: float) -> None:
+        """Single flight across servers: the answer another server stored; else wait while another
+        asks the portal for it; else (or when Redis fails) ask it here, as without Redis."""
+        assert self.shared is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                claim = await self.shared.claim(phone, self.cache.settings, claim_for=self.deadline)
+                if claim.answer is not None:  # fresh, or older for stale use if the portal fails
+                    self.cache.store(phone, claim.answer, age=claim.age)
+                if claim.fresh and claim.answer is not None:
+                    self._settle(phone, claim.answer)
+                    return
+                if claim.ours:
+                    self._claimed.add(phone)
+                    break
+                if all(waiter.done() for waiter in self._flights.get(phone, ())):
+                    self._flights.pop(phone, None)  # every caller has taken the fallback
+                    return
+                await asyncio.sleep(POLL_EVERY)
+        except SharedStateUnavailable:
+            pass
+        if not all(waiter.done() for waiter in self._flights.get(phone, ())):
+            self._waiting[phone] = max(given_up_at, loop.time() + POLL_EVERY)
+            self._start_sender_when_due()
+        else:
+            self._flights.pop(phone, None)
+
+    def _share(self, phone: str, answer: CrmAnswer | None) -> None:
+        """Store the portal's answer for the other servers (None: none came) and let go of the number."""
+        if self.shared is None or phone not in self._claimed:
+            return
+        self._claimed.discard(phone)
+        shared, cache = self.shared, self.cache.settings
+
+        async def tell() -> None:
+            try:
+                if answer is None:
+                    await shared.release(phone)
+                else:
+                    await shared.store(phone, answer, cache)
+            except SharedStateUnavailable:
+                pass  # the claim runs out by itself; the others ask the portal then
+        self._track(tell())
 
     def _breaker_failed(self, reason: str) -> None:
         was_open = self.breaker.state == OPEN
@@ -460,6 +513,7 @@ class CrmLookup:
             status = "FOUND" if entities else "NOT_FOUND"
             found = tuple(entities)
             self.cache.store(phone, CrmAnswer(status, found, cache="hit"))  # as later calls will see it
+            self._share(phone, CrmAnswer(status, found, cache="hit"))
             self._settle(phone, CrmAnswer(status, found, cache="miss"))
 
     def _unexpected(self, phones: list[str], error: Exception) -> None:
@@ -511,6 +565,7 @@ class CrmLookup:
             self._waiting.pop(phone, None)
             if phone in self._asking:  # another request may still answer it
                 continue
+            self._share(phone, None)
             for waiter in self._flights.pop(phone, ()):
                 if not waiter.done():
                     waiter.set_exception(error)

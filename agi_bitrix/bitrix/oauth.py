@@ -49,7 +49,7 @@ from agi_bitrix.bitrix.errors import (
     refusal_class,
 )
 from agi_bitrix.bitrix.operating import OperatingBudget
-from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.bitrix.ratelimit import RateLimiter, RequestBudget
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW, BitrixSettings, OAuthSettings
 
 log = logging.getLogger("agi_bitrix.oauth")
@@ -389,7 +389,8 @@ class OAuthTokens:
 
 
 def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
-                  previous: PortalClient | None = None) -> PortalClient:
+                  previous: PortalClient | None = None,
+                  budgets: tuple[RequestBudget, OperatingBudget] | None = None) -> PortalClient:
     """The portal client the settings ask for: OAuth when bitrix.oauth is set, else the webhook.
 
     On a reload, pass the client in use as `previous`: when the application is the same, its
@@ -397,13 +398,15 @@ def portal_client(bitrix: BitrixSettings, session: aiohttp.ClientSession,
     budget is kept unless its rate changed, so a reload cannot grant a fresh burst the portal
     would refuse.
     """
-    budget = previous.budget if previous is not None else None
+    budget: RequestBudget | None = previous.budget if previous is not None else None
     if budget is None or (budget.per_second, budget.burst) != (bitrix.rate_per_second, bitrix.rate_burst):
         budget = RateLimiter(bitrix.rate_per_second, bitrix.rate_burst)
     # Likewise the operating time each method has spent, unless its limit changed.
     operating = previous.operating if previous is not None else None
     if operating is None or operating.limit != bitrix.operating_limit:
         operating = OperatingBudget(bitrix.operating_limit, OPERATING_WINDOW)
+    if budgets is not None:  # shared by the servers of the portal (agi_bitrix.bitrix.shared)
+        budget, operating = budgets
     oauth = bitrix.oauth
     if oauth is None:
         return PortalClient(bitrix.webhook_url, session, timeout=bitrix.deadline, budget=budget, operating=operating)

@@ -14,6 +14,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+
+class RequestBudget(Protocol):
+    """What the portal client draws every request from: this process's RateLimiter, or the one
+    bucket all servers of the portal share (agi_bitrix.bitrix.shared.SharedRequestBudget)."""
+
+    per_second: float
+    burst: int
+
+    async def take(self, max_wait: float, keep_free: int = 0) -> float | None:
+        """As RateLimiter.reserve."""
+        ...
+
+    async def refused(self) -> float:
+        """The portal answered QUERY_LIMIT_EXCEEDED: as RateLimiter.back_off."""
+        ...
+
+    def succeeded(self) -> None: ...
 
 
 class RateLimiter:
@@ -45,3 +64,9 @@ class RateLimiter:
 
     def succeeded(self) -> None:
         self._backoff = 0.0
+
+    async def take(self, max_wait: float, keep_free: int = 0) -> float | None:
+        return self.reserve(max_wait, keep_free)
+
+    async def refused(self) -> float:
+        return self.back_off()

@@ -113,3 +113,42 @@ class CacheSettings:
     # On a portal failure, an answer up to this old is used instead.
     stale_for: float = number("stale_for", 3600.0, 0, 7 * 86400, zero_is_off=True)
     max_entries: int = integer("max_entries", 100_000, 0, 10_000_000)
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(value: str) -> str:
+    # The message never quotes the URL: it may hold a password.
+    if value and not value.startswith(_REDIS_SCHEMES):
+        raise ValueError("expected a URL like redis://HOST:6379/0, rediss://… (TLS) or unix:///run/redis.sock")
+    return value
+
+
+def _redis_prefix(value: str) -> str:
+    if not value or any(char.isspace() for char in value):
+        raise ValueError(f"{value!r} must be non-empty text without spaces, like agi-bitrix:")
+    return value
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The state servers against one portal share (agi_bitrix.bitrix.shared): its request budget,
+    each method's operating time, the answers, single flight and the breaker. Off without the section."""
+
+    # redis://[:PASSWORD@]HOST:PORT/DB; AGI_BITRIX_REDIS_URL overrides it (keeps the password out of the file).
+    url: str = text("url")  # required; checked with check_redis_url
+    key_prefix: str = text("key_prefix", "agi-bitrix:", check=_redis_prefix)
+    # Each Redis command's deadline: well inside the lookup's, since a call waits for it.
+    timeout: float = number("timeout", 0.1, 0, 1)
+    # While Redis is down, how often it is tried again.
+    retry_every: float = number("retry_every", 1.0, 0, 60)
+    # While Redis is down each server takes this many-th part of the portal's budget on its own.
+    servers: int = integer("servers", 2, 1, 1000)
+    # Servers that leave through different addresses: the portal counts each address on its own,
+    # so each names its address here and gets a bucket of its own ("" = all share one address).
+    source_address: str = text("source_address", "")
+    # A fresh answer read from Redis is used from this server's memory for this long without asking Redis.
+    near_cache: float = number("near_cache", 1.0, 0, 60, zero_is_off=True)
+    # How often the breaker and the operating time are exchanged with the other servers.
+    sync_every: float = number("sync_every", 0.1, 0, 5)
