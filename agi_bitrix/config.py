@@ -151,7 +151,14 @@ def _line_number(value: str) -> str:
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+# `callcard.outbox: redis`: the outbox in the Redis of the `redis` section (its URL, which
+# AGI_BITRIX_REDIS_URL overrides, and its key prefix), shared with the other servers' state.
+SHARED_REDIS_OUTBOX = "redis"
+
+
 def _outbox(value: str) -> str:
+    if value == SHARED_REDIS_OUTBOX:
+        return value
     if value.startswith(REDIS_SCHEMES):
         parts = urlsplit(value)
         try:
@@ -162,7 +169,8 @@ def _outbox(value: str) -> str:
             raise ValueError("the Redis URL needs a host, like redis://10.0.0.5:6379/0")
         return value
     if not value.startswith("/"):
-        raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file, or a redis:// URL")
+        raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file, a redis:// URL,"
+                         " or redis (the redis section's)")
     return value
 
 
@@ -341,6 +349,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
     redis = _redis(check, data, environ, bitrix)
+    if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
+        section = data["callcard"]  # a mapping: outbox was read from it
+        check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
+                      "redis names the redis section's Redis, but there is no redis section")
     if bitrix.oauth is not None and bitrix.oauth.install_path and not metrics.enabled:
         oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",

@@ -174,13 +174,38 @@ def test_the_password_never_shows():
 @pytest.mark.parametrize("outbox, problem", [
     ("redis://:6379/0", "the Redis URL needs a host"),
     ("redis://10.0.0.5:63x9/0", "port is not a number"),
-    ("outbox.sqlite3", "must be an absolute path to the SQLite file, or a redis:// URL"),
+    ("outbox.sqlite3", "must be an absolute path to the SQLite file, a redis:// URL, or redis"),
+    ("redis", "redis names the redis section's Redis, but there is no redis section"),
 ])
 def test_check_refuses_an_outbox_it_cannot_use(outbox, problem):
     text = (f'bitrix: {{webhook_url: "https://portal.example.com/rest/1/abc/"}}\n'
             f"routing: {{fallback_queue: support}}\ncallcard: {{outbox: '{outbox}'}}\n")
     with pytest.raises(Exception, match=problem):
         parse_config(text, "redis-outbox.yaml")
+
+
+async def test_outbox_redis_uses_the_redis_sections_url_and_prefix(redis_server):
+    """`callcard.outbox: redis`: one Redis for the shared state and the outbox, its URL given once
+    (AGI_BITRIX_REDIS_URL overriding it, so a password stays out of the file)."""
+    import redis.asyncio as aioredis
+
+    from agi_bitrix.app import Application
+
+    text = (f'bitrix: {{webhook_url: "https://portal.example.com/rest/1/abc/"}}\n'
+            'metrics: {listen: "off"}\nrouting: {fallback_queue: support}\n'
+            'redis: {url: "redis://unused.example.com/0", key_prefix: "office1:"}\ncallcard: {outbox: redis}\n')
+    config = parse_config(text, "redis-outbox.yaml", {"AGI_BITRIX_REDIS_URL": redis_server.url})
+    app = Application(config)
+    try:
+        await app.start("127.0.0.1", 0)
+        assert isinstance(app.outbox, RedisOutbox) and await app.outbox.add("externalCall.1.1", {"CALL_ID": "x"})
+        client = aioredis.from_url(redis_server.url)
+        try:
+            assert [key async for key in client.scan_iter("office1:outbox:*")]
+        finally:
+            await client.aclose()
+    finally:
+        await app.stop()
 
 
 # -- two real servers, one killed ------------------------------------------------------------------
