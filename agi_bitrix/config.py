@@ -181,6 +181,12 @@ def _record_url(template: str) -> str:
     parts = urlsplit(template)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{quoted(template)} must be an http(s) URL")
+    _check_template_fields(template)
+    return template
+
+
+def _check_template_fields(template: str) -> None:
+    """ValueError unless `template`'s {fields} parse and are all RECORD_URL_FIELDS."""
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
@@ -189,7 +195,6 @@ def _record_url(template: str) -> str:
     if unknown:
         fields = ", ".join("{" + f + "}" for f in RECORD_URL_FIELDS)
         raise ValueError(f"unknown field {{{unknown[0]}}}; expected {fields}")
-    return template
 
 
 def _recording_file(template: str, record_url: str) -> str:
@@ -202,14 +207,7 @@ def _recording_file(template: str, record_url: str) -> str:
                          " uploads the file), not both: the portal keeps one recording per call")
     if not template.startswith("/"):
         raise ValueError(f"{template!r} must be an absolute path like /var/spool/asterisk/monitor/{{uniqueid}}.wav")
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as error:
-        raise ValueError(f"bad template {template!r}: {error} (write a literal brace as {{{{ or }}}})") from None
-    unknown = [name for name in names if name not in RECORD_URL_FIELDS]
-    if unknown:
-        fields = ", ".join("{" + f + "}" for f in RECORD_URL_FIELDS)
-        raise ValueError(f"unknown field {{{unknown[0]}}}; expected {fields}")
+    _check_template_fields(template)
     if not template.endswith("}") and not template.lower().endswith((".wav", ".mp3")):
         raise ValueError(f"{template!r} must name a .wav or .mp3 file: the portal takes no other recordings")
     return template

@@ -386,7 +386,7 @@ def test_callcard_config_problems_are_reported_with_file_line_and_key():
         parse_config(text, "c.yaml")
     assert [str(p) for p in raised.value.problems] == [
         ("c.yaml:4: callcard.outbox: 'var/outbox.sqlite3' must be an absolute path to the SQLite file,"
-         " or a redis:// URL"),
+         " a redis:// URL, or redis (the redis section's)"),
         "c.yaml:6: callcard.register.default_user: 'anna' is not a Bitrix24 user id (a number)",
         "c.yaml:7: callcard.register.crm_source: 'web form' is not a CRM source id like CALL",
         "c.yaml:8: callcard.register.deadlin: unknown key; did you mean 'deadline'?",

@@ -191,7 +191,7 @@ async def test_outbox_redis_uses_the_redis_sections_url_and_prefix(redis_server)
 
     from agi_bitrix.app import Application
 
-    text = (f'bitrix: {{webhook_url: "https://portal.example.com/rest/1/abc/"}}\n'
+    text = ('bitrix: {webhook_url: "https://portal.example.com/rest/1/abc/"}\n'
             'metrics: {listen: "off"}\nrouting: {fallback_queue: support}\n'
             'redis: {url: "redis://unused.example.com/0", key_prefix: "office1:"}\ncallcard: {outbox: redis}\n')
     config = parse_config(text, "redis-outbox.yaml", {"AGI_BITRIX_REDIS_URL": redis_server.url})

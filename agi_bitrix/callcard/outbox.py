@@ -161,9 +161,47 @@ class OutboxStore(Protocol):
                   not_before: float | None = None) -> Added: ...
 
 
-class Outbox:
+class OutboxCounts:
+    """What the metrics and /healthz read of an outbox, whatever stores its rows: rows waiting and
+    given up by kind (as last seen in the store), rows kept in memory, rows lost."""
+
+    def __init__(self) -> None:
+        self._waiting: Counter[str] = Counter()
+        self._failed: Counter[str] = Counter()
+        # Rows the store could not take, oldest first, by key (each store's own record, with a `kind`).
+        self._kept: dict[str, Any] = {}
+        self.lost = 0  # neither stored nor kept: memory full, or still kept when the server stopped
+
+    @property
+    def waiting(self) -> int:
+        """Rows stored and not yet delivered (or given up)."""
+        return sum(self._waiting.values())
+
+    @property
+    def failed(self) -> int:
+        """Rows given up, kept in the store."""
+        return sum(self._failed.values())
+
+    @property
+    def kept(self) -> int:
+        """Rows waiting in memory for the store to take them."""
+        return len(self._kept)
+
+    def waiting_of(self, kind: str) -> int:
+        """Rows of `kind` not yet delivered: stored, or kept in memory."""
+        return self._waiting[kind] + self.kept_of(kind)
+
+    def failed_of(self, kind: str) -> int:
+        return self._failed[kind]
+
+    def kept_of(self, kind: str) -> int:
+        return sum(1 for row in self._kept.values() if row.kind == kind)
+
+
+class Outbox(OutboxCounts):
     def __init__(self, path: str | os.PathLike[str], send: Sender, retry: RetryPolicy, *,
                  clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
         self.path = Path(path)
         self._send = send
         self.retry = retry
@@ -175,41 +213,11 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._paused_until = 0.0
         self._purged_at = 0.0
-        # Rows the file could not take, oldest first, by key.
-        self._kept: dict[str, _Kept] = {}
         self._storage_retry_at = 0.0
         self._warned_open_to_others: set[str] = set()
         # Why the outbox cannot store finishes now, "" while it can (for /healthz and metrics).
         self.problem = ""
         # Kept in memory for /metrics, which is read without waiting for the database, by kind.
-        self._waiting: Counter[str] = Counter()
-        self._failed: Counter[str] = Counter()
-        self.lost = 0  # neither stored nor kept: memory full, or still kept when the server stopped
-
-    @property
-    def waiting(self) -> int:
-        """Rows stored and not yet delivered (or given up)."""
-        return sum(self._waiting.values())
-
-    @property
-    def failed(self) -> int:
-        """Rows given up, kept in the file."""
-        return sum(self._failed.values())
-
-    @property
-    def kept(self) -> int:
-        """Rows waiting in memory for the file to take them."""
-        return len(self._kept)
-
-    def waiting_of(self, kind: str) -> int:
-        """Rows of `kind` not yet delivered: stored, or kept in memory."""
-        return self._waiting[kind] + sum(1 for row in self._kept.values() if row.kind == kind)
-
-    def failed_of(self, kind: str) -> int:
-        return self._failed[kind]
-
-    def kept_of(self, kind: str) -> int:
-        return sum(1 for row in self._kept.values() if row.kind == kind)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from agi_bitrix.callcard.outbox import (
     PURGE_EVERY,
     Added,
     Entry,
+    OutboxCounts,
     Outcome,
     RetryPolicy,
     Sender,
@@ -172,9 +173,10 @@ class _Kept:
     not_before: float
 
 
-class RedisOutbox:
+class RedisOutbox(OutboxCounts):
     def __init__(self, url: str, send: Sender, retry: RetryPolicy, *, claim_after: float = 60.0,
                  prefix: str = PREFIX, clock: Any = time.time) -> None:
+        super().__init__()  # the counts are the cluster's, as last seen
         self.url = url
         self.path = redacted(url)  # what /healthz and the log show as the outbox
         self._send = send
@@ -195,35 +197,8 @@ class RedisOutbox:
         self._paused_until = 0.0
         self._maintained_at = float("-inf")
         self._purged_at = 0.0
-        self._kept: dict[str, _Kept] = {}
         self._storage_retry_at = 0.0
         self.problem = ""
-        self._waiting: Counter[str] = Counter()
-        self._failed: Counter[str] = Counter()
-        self.lost = 0
-
-    # -- what the metrics and /healthz read (the cluster's counts, as last seen) ----------------
-
-    @property
-    def waiting(self) -> int:
-        return sum(self._waiting.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(self._failed.values())
-
-    @property
-    def kept(self) -> int:
-        return len(self._kept)
-
-    def waiting_of(self, kind: str) -> int:
-        return self._waiting[kind] + self.kept_of(kind)
-
-    def failed_of(self, kind: str) -> int:
-        return self._failed[kind]
-
-    def kept_of(self, kind: str) -> int:
-        return sum(1 for row in self._kept.values() if row.kind == kind)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
