@@ -166,11 +166,14 @@ class OutboxCounts:
     given up by kind (as last seen in the store), rows kept in memory, rows lost."""
 
     def __init__(self) -> None:
+        # Kept in memory for /metrics, which is read without waiting for the store, by kind.
         self._waiting: Counter[str] = Counter()
         self._failed: Counter[str] = Counter()
         # Rows the store could not take, oldest first, by key (each store's own record, with a `kind`).
         self._kept: dict[str, Any] = {}
         self.lost = 0  # neither stored nor kept: memory full, or still kept when the server stopped
+        # Why the outbox cannot store finishes now, "" while it can (for /healthz and metrics).
+        self.problem = ""
 
     @property
     def waiting(self) -> int:
@@ -197,6 +200,26 @@ class OutboxCounts:
     def kept_of(self, kind: str) -> int:
         return sum(1 for row in self._kept.values() if row.kind == kind)
 
+    def _keep_in_memory(self, key: str, row: Any) -> Added:
+        """Keep a row the store cannot take now (up to MAX_KEPT); every one said at ERROR."""
+        kind = row.kind
+        if len(self._kept) >= MAX_KEPT:
+            self.lost += 1
+            log.error("%s %s is LOST: the outbox cannot store it (%s) and %d rows already wait in memory",
+                      kind, key, self.problem, MAX_KEPT)
+            return "lost"
+        self._kept[key] = row
+        log.error("%s %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
+                  kind, key, len(self._kept), self.problem)
+        return "kept"
+
+    def _lose_kept(self) -> None:
+        """The server stops with rows still in memory: each is lost, and said so."""
+        for key, row in self._kept.items():
+            log.error("%s %s is LOST: kept in memory when the server stopped (%s)", row.kind, key, self.problem)
+        self.lost += len(self._kept)
+        self._kept.clear()
+
 
 class Outbox(OutboxCounts):
     def __init__(self, path: str | os.PathLike[str], send: Sender, retry: RetryPolicy, *,
@@ -215,9 +238,6 @@ class Outbox(OutboxCounts):
         self._purged_at = 0.0
         self._storage_retry_at = 0.0
         self._warned_open_to_others: set[str] = set()
-        # Why the outbox cannot store finishes now, "" while it can (for /healthz and metrics).
-        self.problem = ""
-        # Kept in memory for /metrics, which is read without waiting for the database, by kind.
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -256,10 +276,7 @@ class Outbox(OutboxCounts):
             await self._run(self._close)
             self._executor.shutdown(wait=True)
             self._executor = None
-        for key, row in self._kept.items():
-            log.error("%s %s is LOST: kept in memory when the server stopped (%s)", row.kind, key, self.problem)
-        self.lost += len(self._kept)
-        self._kept.clear()
+        self._lose_kept()
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -284,15 +301,7 @@ class Outbox(OutboxCounts):
                 self._waiting[kind] += 1
                 self._wake.set()
                 return "stored"
-        if len(self._kept) >= MAX_KEPT:
-            self.lost += 1
-            log.error("%s %s is LOST: the outbox cannot store it (%s) and %d rows already wait in memory",
-                      kind, key, self.problem, MAX_KEPT)
-            return "lost"
-        self._kept[key] = row
-        log.error("%s %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
-                  kind, key, len(self._kept), self.problem)
-        return "kept"
+        return self._keep_in_memory(key, row)
 
     async def count(self, state: str) -> int:
         return await self._run(self._count, state)

@@ -51,7 +51,6 @@ from agi_bitrix.callcard.outbox import (
     FAILED,
     FAILED_RETENTION,
     FINISH,
-    MAX_KEPT,
     PENDING,
     PURGE_EVERY,
     Added,
@@ -198,7 +197,6 @@ class RedisOutbox(OutboxCounts):
         self._maintained_at = float("-inf")
         self._purged_at = 0.0
         self._storage_retry_at = 0.0
-        self.problem = ""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -248,10 +246,7 @@ class RedisOutbox(OutboxCounts):
             # restarted) takes it over after claim_after. Nothing is lost by stopping.
             await self._redis.aclose()
             self._redis = None
-        for key, row in self._kept.items():
-            log.error("%s %s is LOST: kept in memory when the server stopped (%s)", row.kind, key, self.problem)
-        self.lost += len(self._kept)
-        self._kept.clear()
+        self._lose_kept()
 
     # -- the API ---------------------------------------------------------------------------------
 
@@ -272,15 +267,7 @@ class RedisOutbox(OutboxCounts):
                 self._waiting[kind] += 1
                 self._wake.set()
                 return "stored"
-        if len(self._kept) >= MAX_KEPT:
-            self.lost += 1
-            log.error("%s %s is LOST: the outbox cannot store it (%s) and %d rows already wait in memory",
-                      kind, key, self.problem, MAX_KEPT)
-            return "lost"
-        self._kept[key] = row
-        log.error("%s %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
-                  kind, key, len(self._kept), self.problem)
-        return "kept"
+        return self._keep_in_memory(key, row)
 
     async def count(self, state: str) -> int:
         redis = self._connection()
