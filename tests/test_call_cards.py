@@ -90,6 +90,34 @@ async def test_the_answer_hides_the_card_from_everyone_else_in_one_request(serve
     assert delivered_finishes(portal)[0]["USER_ID"] == "3"
 
 
+async def test_a_calls_hide_waits_for_its_shows_still_under_way(server, portal):
+    """A ring's show still on its way (a new connection, a token refresh, a slow answer) must not
+    be overtaken by the answer's hide: the card would stay open on a phone that did not take the call."""
+    call_id = (await server.register())["B24_CALL_ID"]
+    portal.fail("slow", method=SHOW, delay=0.3, times=1)
+    await ringing(server, call_id, "102")  # Igor's show: its answer takes 0.3 s
+    await answered(server, call_id, "103@internal")  # Olga took it at once
+    await until(lambda: card_requests(portal, HIDE), what="the hide")
+
+    show, hide = portal.requests_for(SHOW)[0], portal.requests_for(HIDE)[0]
+    assert hide.at - show.at >= 0.25  # sent once the show was answered, not beside it
+    assert portal.calls[call_id].card_shown_to == {"3"}
+
+
+async def test_a_ring_after_the_answer_shows_no_card(server, portal):
+    """The queue's rings and the answer come as separate sessions: one that arrives after the
+    answer is a phone that is about to stop ringing, not a new holder of the card."""
+    call_id = (await server.register())["B24_CALL_ID"]
+    await ringing(server, call_id, "102")
+    await answered(server, call_id, "102@internal")
+    await ringing(server, call_id, "103")  # late
+    await until(lambda: card_requests(portal, HIDE), what="the hide")
+    await asyncio.sleep(0.2)
+
+    assert card_requests(portal, SHOW) == [{"CALL_ID": call_id, "USER_ID": "2"}]
+    assert portal.calls[call_id].card_shown_to == {"2"}
+
+
 async def test_an_answer_without_a_ring_hook_shows_the_card_to_who_answered(server, portal):
     call_id = (await server.register())["B24_CALL_ID"]
     await answered(server, call_id, "102")

@@ -23,6 +23,7 @@ others' cards are not hidden; they close when the call is finished.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,8 @@ class CardService:
         self.holders = holders
         self.count = count
         self._sending: set[asyncio.Task[None]] = set()
+        # Per call, its last show or hide under way: the next one for that call waits for it.
+        self._last: dict[str, asyncio.Task[None]] = {}
 
     async def handle_ringing(self, request: AgiRequest, channel: AgiChannel) -> None:
         """A phone is about to ring: show the card to its user, if they do not have it yet."""
@@ -105,9 +108,23 @@ class CardService:
 
     def _send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
         # After the session: the ring or the bridge waits for nothing but the AGI round trip.
-        task = asyncio.create_task(self._request(method, call_id, users, uniqueid))
+        task = asyncio.create_task(self._in_turn(self._last.get(call_id), method, call_id, users, uniqueid))
+        self._last[call_id] = task
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(functools.partial(self._sent, call_id))
+
+    def _sent(self, call_id: str, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._last.get(call_id) is task:
+            del self._last[call_id]
+
+    async def _in_turn(self, previous: asyncio.Task[None] | None, method: str, call_id: str, users: list[str],
+                       uniqueid: str) -> None:
+        # One call's shows and hides reach the portal in the order the phones rang and answered:
+        # a ring's show still on its way must not land after the hide that closes that card.
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._request(method, call_id, users, uniqueid)
 
     async def _request(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
         action = "show" if method == SHOW else "hide"

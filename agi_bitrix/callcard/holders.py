@@ -19,15 +19,20 @@ class CardHolders:
 
     def __init__(self, max_calls: int = MAX_CALLS) -> None:
         self._calls: OrderedDict[str, set[str]] = OrderedDict()
+        self._answered: set[str] = set()  # calls someone took: a later ring shows nothing
         self._max_calls = max_calls
 
     def add(self, call_id: str, user_id: str) -> bool:
-        """Note that `user_id` sees the card; False when they already did."""
+        """Note that `user_id` sees the card; False when they already did, or the call was answered
+        (a ring that arrives after the answer is a phone about to stop ringing)."""
+        if call_id in self._answered:
+            return False
         holders = self._calls.get(call_id)
         if holders is None:
             holders = self._calls[call_id] = set()
             if len(self._calls) > self._max_calls:
-                self._calls.popitem(last=False)
+                oldest, _ = self._calls.popitem(last=False)
+                self._answered.discard(oldest)
         if user_id in holders:
             return False
         holders.add(user_id)
@@ -38,10 +43,13 @@ class CardHolders:
         holders = self._calls.get(call_id, set())
         others = sorted(holders - {user_id}, key=lambda uid: (len(uid), uid))
         holders.intersection_update({user_id})
+        if call_id in self._calls:
+            self._answered.add(call_id)
         return others
 
     def forget(self, call_id: str) -> None:
         self._calls.pop(call_id, None)
+        self._answered.discard(call_id)
 
     def __len__(self) -> int:
         return len(self._calls)
