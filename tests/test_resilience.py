@@ -473,3 +473,15 @@ async def test_a_portal_falling_behind_still_answers_as_many_as_it_can(timed_loo
     found = sum(answer.status == "FOUND" for answer in answers)
     assert found >= 0.5 * len(numbers), found
     assert timed_portal.refusals == {}
+
+
+def test_a_share_taken_over_from_the_shared_bucket_grants_its_rate_but_no_fresh_burst():
+    """Redis (the servers' one bucket) stops answering: each server falls back to its share, which
+    must not add a burst of its own to a shared bucket that may be full."""
+    clock = Clock()
+    share = RateLimiter(per_second=4, burst=4, clock=clock)
+    share.spend_burst()
+    assert share.reserve(max_wait=0) == 0.0  # the rate: one now
+    assert share.reserve(max_wait=0) is None  # but no burst behind it
+    clock.now += 0.25
+    assert share.reserve(max_wait=0) == 0.0

@@ -56,6 +56,11 @@ class RateLimiter:
         self._arrival = arrival + self.interval
         return wait
 
+    def spend_burst(self) -> None:
+        """Count the whole burst as just spent: a share taken over from a bucket whose state is not
+        known here (the shared one in Redis), so it grants its rate but no fresh burst."""
+        self._arrival = max(self._arrival, self._clock() + self.tolerance)
+
     def back_off(self) -> float:
         """The portal said we are over its limit: send nothing for a while, longer each time."""
         self._backoff = min(60.0, self._backoff * 2 if self._backoff else 2.0)

@@ -320,6 +320,7 @@ class SharedRequestBudget:
         # While Redis is down: this server's share of the portal's budget.
         servers = link.settings.servers
         self.local = RateLimiter(per_second / servers, max(1, burst // servers))
+        self._on_local = False
         self._reserve = link.script(_RESERVE)
         self._hold = link.script(_HOLD)
         self._backoff = 0.0
@@ -329,7 +330,13 @@ class SharedRequestBudget:
             wait = await self._link.run(lambda: self._reserve(
                 keys=[self._key], args=[self._interval, self._tolerance, max_wait, keep_free]))
         except SharedStateUnavailable:
+            if not self._on_local:
+                # The shared bucket may be full right now: every server granting its share's burst on
+                # top of it is what the portal would refuse.
+                self.local.spend_burst()
+                self._on_local = True
             return self.local.reserve(max_wait, math.ceil(keep_free / self._link.settings.servers))
+        self._on_local = False
         return None if wait is None else float(wait)
 
     async def refused(self) -> float:
