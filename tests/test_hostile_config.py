@@ -269,7 +269,9 @@ def test_a_regex_that_backtracks_in_python_is_matched_in_linear_time():
     for text in ("7" * 27, "7" * 79, "7" * 100_000):  # Python's re: 4 s at 27, doubling per digit
         started = time.perf_counter()
         assert sevens.did_regex.fullmatch(text) is None and callers.caller_regex.fullmatch(text) is None
-        assert time.perf_counter() - started < 0.01
+        # Python's re would take hours on 79 sevens; a linear matcher takes microseconds. The bound is
+        # wide so a loaded machine cannot fail it, and still far below what backtracking costs.
+        assert time.perf_counter() - started < 1.0
     assert sevens.did_regex.fullmatch("7778") is not None
 
 
