@@ -93,6 +93,9 @@ class LookupObserver(Protocol):
 
     def portal_request_failed(self, reason: str) -> None: ...
 
+    def shared_answer_unreadable(self) -> None:
+        """An answer in Redis had a shape this version cannot decode (taken as a miss)."""
+
 
 class _NoObserver:
     def lookup_answered(self, source: str) -> None:
@@ -102,6 +105,9 @@ class _NoObserver:
         pass
 
     def portal_request_failed(self, reason: str) -> None:
+        pass
+
+    def shared_answer_unreadable(self) -> None:
         pass
 
 
@@ -168,6 +174,8 @@ class LookupMemory:
     timing: SearchTiming = field(default_factory=SearchTiming)
     # The answers of every server against the portal, and who asks for what (None: this server alone).
     shared: SharedAnswers | None = None
+    # Whether an answer in Redis this version cannot read was logged (once a process: then counted).
+    unreadable_logged: bool = False
 
 
 class CrmLookup:
@@ -218,7 +226,7 @@ class CrmLookup:
         else:
             self._flights[phone] = [waiter]
             if self.shared is not None and self.shared.link.up:
-                self._track(self._ask_servers(phone, given_up_at))
+                self._track(self._ask_servers(phone, given_up_at), holding=[phone])
             else:
                 self._waiting[phone] = given_up_at
                 self._start_sender_when_due()
@@ -238,6 +246,8 @@ class CrmLookup:
         try:
             while True:
                 claim = await self.shared.claim(phone, self.cache.settings, claim_for=self.deadline)
+                if claim.unreadable:
+                    self._unreadable(phone)
                 if claim.answer is not None:  # fresh, or older for stale use if the portal fails
                     self.cache.store(phone, claim.answer, age=claim.age)
                 if claim.fresh and claim.answer is not None:
@@ -257,6 +267,14 @@ class CrmLookup:
             self._start_sender_when_due()
         else:
             self._flights.pop(phone, None)
+
+    def _unreadable(self, phone: str) -> None:
+        self.observer.shared_answer_unreadable()
+        if not self.memory.unreadable_logged:
+            self.memory.unreadable_logged = True
+            log.warning("cannot read the answer for %s in Redis (another version of agi-bitrix wrote it?):"
+                        " asking the portal instead and storing its answer; further ones are only counted"
+                        " (agi_bitrix_shared_answers_unreadable_total)", phone)
 
     def _share(self, phone: str, answer: CrmAnswer | None) -> None:
         """Store the portal's answer for the other servers (None: none came) and let go of the number."""
@@ -309,19 +327,25 @@ class CrmLookup:
         self._next_sender = None
         self._start_sender_when_due()
 
-    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+    def _track(self, work: Coroutine[Any, Any, None], holding: list[str] | None = None) -> None:
+        """Run `work` as a task; `holding`: the numbers whose flight it is to end, which are released
+        (their callers answered at once) should it end by an exception, whatever it is."""
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._task_done(done, holding or []))
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[None], holding: list[str]) -> None:
         self._tasks.discard(task)
-        # A safety net: _ask turns every failure into an answer for its callers, so this
-        # should never find one. If it does, it is logged here with its traceback, not as
-        # asyncio's "Task exception was never retrieved" when the task is collected.
-        if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("a portal lookup task ended with an unexpected error; the numbers it held"
-                      " take the fallback at their deadline", exc_info=error)
+        # A safety net: every task turns the failures it expects into answers for its callers.
+        # One it did not expect is logged here with its traceback (not as asyncio's "Task exception
+        # was never retrieved"), and its numbers are let go: a flight left registered would make
+        # every later call from the number wait for its deadline, for good.
+        if task.cancelled():
+            self._fail(holding, RequestNotSent("cancelled", "the server is stopping"))
+        elif (error := task.exception()) is not None:
+            log.error("a portal lookup task for %s ended with an unexpected error", ", ".join(holding)
+                      or "(no number)", exc_info=error)
+            self._fail(holding, LocalFault("internal", f"unexpected {type(error).__name__}"))
 
     async def _send_waiting(self) -> None:
         """One request for the numbers waiting. While it waits for a rate slot, new numbers join
