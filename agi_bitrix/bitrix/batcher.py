@@ -102,7 +102,7 @@ class Batcher:
     async def _gather(self) -> tuple[list[str], RequestSlot] | None:
         """A rate slot and the numbers for it, or None when they all got their answer otherwise."""
         if not self.memory.breaker.allow():
-            self.outcomes.fail(list(self._waiting), RequestNotSent(
+            self._fail(list(self._waiting), RequestNotSent(
                 "circuit_open", "the portal failed repeatedly; not asking it until the cool-down ends"))
             return None
         try:
@@ -111,10 +111,12 @@ class Batcher:
             phones = self._choose()
         except RequestNotSent as error:
             self.memory.breaker.abandoned()
-            self.outcomes.fail(list(self._waiting), error)
+            self._fail(list(self._waiting), error)
             return None
         except Exception as error:
-            self.outcomes.unexpected(list(self._waiting), error)
+            phones = list(self._waiting)
+            self._waiting.clear()
+            self.outcomes.unexpected(phones, error)
             return None
         except BaseException:
             self.memory.breaker.abandoned()
@@ -140,11 +142,16 @@ class Batcher:
         now = asyncio.get_running_loop().time()
         late = [phone for phone, deadline in self._waiting.items()
                 if now + wait + self.memory.timing.predict(1) > deadline]
-        self.outcomes.fail(late, RequestNotSent("operating_limit", "searches are paced to stay within the"
+        self._fail(late, RequestNotSent("operating_limit", "searches are paced to stay within the"
                                                                     " portal's operating-time budget; no room"
                                                                     " before the deadline"))
         if self._waiting:
             await asyncio.sleep(wait)
+
+    def _fail(self, phones: list[str], error: RequestNotSent) -> None:
+        for phone in phones:
+            self._waiting.pop(phone, None)
+        self.outcomes.fail(phones, error)
 
     def _choose(self) -> list[str]:
         """The waiting numbers for one request: a slow number alone; else as many as fit the
