@@ -46,6 +46,8 @@ class Metrics:
                              " the others on answer (telephony.externalCall.show/.hide), by outcome.",
                              ["action", "result"], registry=r)  # show|hide; done|call_not_found|failed
         self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
+        self.shared_unreadable = Counter("agi_bitrix_shared_answers_unreadable", "Answers in Redis this version"
+                                         " could not decode (another version's shape), taken as misses.", registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
         # Children for the per-call labels, made once: labels() locks and builds a key each time.
@@ -63,6 +65,9 @@ class Metrics:
     def portal_request_failed(self, reason: str) -> None:
         # Bounded labels: a portal inventing codes would otherwise add a series per code, forever.
         self.portal_errors.labels(metric_reason(reason)).inc()
+
+    def shared_answer_unreadable(self) -> None:
+        self.shared_unreadable.inc()
 
     def count_card(self, action: str, result: str) -> None:
         self.cards.labels(action, result).inc()

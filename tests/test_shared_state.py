@@ -10,11 +10,12 @@ import subprocess
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.breaker import OPEN
 from agi_bitrix.bitrix.settings import RedisSettings
-from agi_bitrix.bitrix.shared import RedisLink, SharedOperatingBudget, SharedRequestBudget
+from agi_bitrix.bitrix.shared import RedisLink, SharedAnswers, SharedOperatingBudget, SharedRequestBudget
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
@@ -289,3 +290,84 @@ def test_the_redis_url_comes_from_the_environment_and_is_never_quoted():
         ("c.yaml:3: redis.timeout: 0.6 s must be under half of bitrix.deadline (1 s): a call waits for Redis"
         " before the portal"),
     ]
+
+
+# -- answers this version cannot read, and lookup tasks that fail (issue 21, item 5) -----------------
+
+
+# An owner with a field more than this version's six, as a later version might store it.
+FOREIGN_ROWS = '[["CONTACT","1",["7","OPENED","101","","","","a 7th field"]]]'
+
+
+async def foreign_answer(app, number, status="FOUND", rows=FOREIGN_ROWS):
+    """Write `number`'s shared answer as another version might."""
+    client = aioredis.from_url(app.config.redis.url)
+    try:
+        seconds, micros = await client.time()
+        key = app.shared.link.key("answer", app.shared.host, number)
+        await client.set(key, f"{status}|{seconds}.{micros:06d}|{rows}", px=60_000)
+        return key
+    finally:
+        await client.aclose()
+
+
+async def test_an_answer_this_version_cannot_read_is_a_miss_counted_and_logged_once(redis_server, caplog):
+    """Before: the decoding error killed the lookup task and left the number's flight registered,
+    so every later call from it waited the whole deadline for B24_ERROR=timeout, even after the key
+    was deleted. Now it is a miss: the portal is asked, its answer replaces the foreign value."""
+    async with PortalEmulator(SAMPLE_CRM) as portal:
+        app = Application(server_config(portal, redis_server.url, deadline=1.0))
+        host, port = await app.start("127.0.0.1", 0)
+        server = (app, host, port)
+        try:
+            numbers = known_callers(portal, 3)
+            await until(lambda: app.shared.link.up, what="Redis up")
+            for number in numbers[:2]:
+                await foreign_answer(app, number)
+            await foreign_answer(app, numbers[2], status="v2;FOUND")  # a header of another shape too
+            started = time.monotonic()
+            first = await call(server, numbers[0])
+            assert reached_owner(first), first
+            assert time.monotonic() - started < 0.5  # a normal lookup, not the deadline
+            app.lookup.cache.clear()
+            assert reached_owner(await call(server, numbers[1]))
+            assert reached_owner(await call(server, numbers[2]))
+            assert app.shared.link.up  # the script reading it did not fail: Redis is not "down"
+            again = await call(server, numbers[0])  # the portal's answer now stands in Redis
+            assert reached_owner(again), again
+            asked = [r.params["PHONE_NUMBER"] for r in portal.requests_for(SEARCH)]
+            unreadable = app.metrics.shared_unreadable._value.get()
+        finally:
+            await app.stop()
+    assert asked.count(numbers[0]) == 1, asked
+    assert unreadable == 3
+    warnings = [r for r in caplog.records if "cannot read" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+async def test_a_lookup_task_failing_unexpectedly_releases_its_number(redis_server, monkeypatch, caplog):
+    """Whatever the exception in the task that asks Redis for a number, its callers get an answer
+    at once (B24_ERROR=internal) and the next call from that number is looked up afresh."""
+    async with PortalEmulator(SAMPLE_CRM) as portal:
+        app = Application(server_config(portal, redis_server.url, deadline=1.0))
+        host, port = await app.start("127.0.0.1", 0)
+        server = (app, host, port)
+        try:
+            (number,) = known_callers(portal, 1)
+            await until(lambda: app.shared.link.up, what="Redis up")
+            real_claim = SharedAnswers.claim
+
+            async def broken_once(self, *args, **kwargs):
+                monkeypatch.setattr(SharedAnswers, "claim", real_claim)
+                raise LookupError("a bug on the shared path")
+            monkeypatch.setattr(SharedAnswers, "claim", broken_once)
+            started = time.monotonic()
+            failed = await call(server, number)
+            assert (failed["B24_STATUS"], failed["B24_ERROR"]) == ("ERROR", "internal"), failed
+            assert time.monotonic() - started < 0.5
+            started = time.monotonic()
+            assert reached_owner(await call(server, number))
+            assert time.monotonic() - started < 0.5
+        finally:
+            await app.stop()
+    assert "LookupError: a bug on the shared path" in caplog.text  # logged with its traceback

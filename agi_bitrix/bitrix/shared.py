@@ -140,8 +140,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local stored = redis.call('GET', KEYS[1])
 local age = 0
-if stored then
-  local status, at = string.match(stored, '^(%u+)|([%d.]+)|')
+local status, at = string.match(stored or '', '^(%u+)|([%d.]+)|')
+if status and tonumber(at) then  -- another version's shape: no answer here, the caller decides
   age = now - tonumber(at)
   local ttl = tonumber(status == 'FOUND' and ARGV[1] or ARGV[2])
   if age < ttl then return {'fresh', stored, string.format('%.6f', age)} end
@@ -465,12 +465,15 @@ class SharedBreaker(CircuitBreaker):
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What Redis holds for a number: `answer` (fresh, or older for stale use) with its `age`, and
-    whether this server is to ask the portal (`ours`) or another server is asking (`busy`)."""
+    whether this server is to ask the portal (`ours`) or another server is asking (`busy`).
+    `unreadable`: a value was there that this version cannot decode (another version wrote it);
+    it counts as no answer, and this server asks the portal and overwrites it."""
 
     answer: CrmAnswer | None
     age: float
     fresh: bool
     ours: bool
+    unreadable: bool = False
 
 
 class SharedAnswers:
@@ -497,7 +500,10 @@ class SharedAnswers:
             keys=self._keys(phone), args=[cache.found_ttl, cache.not_found_ttl, self.link.server_id,
                                           max(1, math.ceil(claim_for * 1000))]))
         kind = kind.decode() if isinstance(kind, bytes) else kind
-        return Claim(_decode(stored) if stored else None, float(age), kind == "fresh", kind == "ours")
+        answer = _decode(stored) if stored else None
+        if stored and answer is None:  # a miss; fresh or not, no other server is asking for it
+            return Claim(None, 0.0, fresh=False, ours=kind != "busy", unreadable=True)
+        return Claim(answer, float(age), kind == "fresh", kind == "ours")
 
     async def store(self, phone: str, answer: CrmAnswer, cache: CacheSettings) -> None:
         keep = max(cache.found_ttl, cache.not_found_ttl, cache.stale_for)
@@ -519,11 +525,19 @@ def _entity_row(entity: CrmEntity) -> list[Any]:
         owner.personal_mobile]]
 
 
-def _decode(stored: bytes | str) -> CrmAnswer:
-    text = stored.decode() if isinstance(stored, bytes) else stored
-    status, _, rest = text.split("|", 2)
-    entities = tuple(CrmEntity(kind, entity_id, None if owner is None else Owner(*owner))
-                     for kind, entity_id, owner in json.loads(rest))
+def _decode(stored: bytes | str) -> CrmAnswer | None:
+    """The answer `_STORE` wrote, or None for a value of another shape (another version's: a field
+    more or less, another status): guessing at it could route a call to the wrong owner."""
+    try:
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        status, _, rest = text.split("|", 2)
+        rows = json.loads(rest)
+        if status not in ("FOUND", "NOT_FOUND") or not isinstance(rows, list):
+            return None
+        entities = tuple(CrmEntity(kind, entity_id, None if owner is None else Owner(*owner))
+                         for kind, entity_id, owner in rows)
+    except (ValueError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
+        return None
     return CrmAnswer(status, entities, cache="hit")
 
 
