@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import aiohttp
 
 from agi_bitrix.bitrix.client import PortalClient
-from agi_bitrix.bitrix.errors import AuthRejected, BitrixError, TokenExpired
-from agi_bitrix.bitrix.oauth import OAuthTokens, Tokens, same_portal
+from agi_bitrix.bitrix.errors import AuthRejected, BitrixError, TokenExpired, TokenFileError
+from agi_bitrix.bitrix.oauth import OAuthTokens, same_portal
+from agi_bitrix.bitrix.tokenfile import Tokens
 
 log = logging.getLogger("agi_bitrix.oauth")
 
@@ -125,10 +126,10 @@ class InstallCallback:
             if refused is not None:
                 return refused
         try:
-            tokens.install(event.tokens)
-        except OSError as error:
-            log.error("OAuth install callback: cannot save the tokens to %s (%s)", tokens.token_file.path,
-                      error.strerror)
+            await tokens.install(event.tokens, first=False)
+        except (OSError, TokenFileError) as error:
+            detail = error.detail if isinstance(error, TokenFileError) else error.strerror
+            log.error("OAuth install callback: cannot save the tokens to %s (%s)", tokens.token_file.path, detail)
             return (500, {"error": "the tokens could not be saved"})
         log.info("OAuth: application installed on %s (member_id %s, scopes %s); tokens saved in %s",
                  event.domain or tokens.settings.portal_url, event.tokens.member_id or "-",
