@@ -719,3 +719,98 @@ def test_the_token_servers_refusals_are_classes_of_the_tree(code, grant_type, ki
     assert type(refused) is getattr(errors, kind) and refused.reason == reason
     assert isinstance(refused, errors.AuthRejected)
     assert isinstance(refused, errors.TokensRevoked) == (grant_type == "refresh_token")
+
+
+# -- the install callback after `oauth login`, and forged installs ---------------------------------
+
+def logged_in(oauth_portal, token_path):
+    """The token file as `agi-bitrix oauth login` writes it: a pair, and no application_token."""
+    import time
+
+    access, refresh = oauth_portal.issue_tokens()
+    TokenFile(token_path).save(Tokens(access, refresh, time.time() + 3600, client_endpoint=oauth_portal.client_endpoint,
+                                      member_id=oauth_portal.member_id, scope=oauth_portal.scope))
+    return token_path.read_text()
+
+
+async def test_after_oauth_login_no_install_call_replaces_the_tokens_until_the_file_is_removed(
+        installing, oauth_portal, caplog):
+    """Issue 21 item 7: a token file without application_token is not a first install, whoever's
+    token the POST carries (ours, or another application's on the same portal)."""
+    _, (host, port), url, token_path = installing
+    stored = logged_in(oauth_portal, token_path)
+    ours = oauth_portal.install_event()
+    theirs = oauth_portal.install_event(client_id="local.0ther0app000.87654321")
+    for form in (ours, theirs):
+        assert await oauth_portal.post_install_event(url, form) == (
+            403, {"error": "tokens are already stored; remove the token file to install again"})
+    assert token_path.read_text() == stored and oauth_portal.app_info_requests == 0
+    assert "already holds tokens but no application_token" in caplog.text
+    assert 'remove that file first: docs/call-card.md, section "Installing again"' in caplog.text
+    assert "secret" not in caplog.text and ours["auth[application_token]"] not in caplog.text
+    # The documented reinstall: remove the file, install the application again.
+    token_path.unlink()
+    again = oauth_portal.install_event()
+    assert await oauth_portal.post_install_event(url, again) == (200, {"status": "success"})
+    assert json.loads(token_path.read_text())["application_token"] == again["auth[application_token]"]
+    v = (await fake_call(host, port, callerid="89161234567")).variables
+    assert (v["B24_STATUS"], v["B24_TARGET"]) == ("FOUND", "101")
+
+
+async def test_a_first_install_with_another_applications_tokens_is_refused(installing, oauth_portal, caplog):
+    """The portal accepts the other application's token for app.info, but names that application."""
+    _, _, url, token_path = installing
+    theirs = oauth_portal.install_event(client_id="local.0ther0app000.87654321")
+    assert await oauth_portal.post_install_event(url, theirs) == (
+        403, {"error": "the tokens belong to another application"})
+    assert not token_path.exists() and oauth_portal.app_info_requests == 1
+    assert ("its access token is another application's (app.info CODE 'local.0ther0app000.87654321',"
+            f" bitrix.oauth.client_id {CLIENT_ID})") in caplog.text
+    no_proof = {key: value for key, value in oauth_portal.install_event().items() if "application_token" not in key}
+    assert await oauth_portal.post_install_event(url, no_proof) == (400, {"error": "application_token is required"})
+    assert not token_path.exists() and oauth_portal.app_info_requests == 1
+
+
+async def flood(url, form, count=150, seconds=3.0):
+    """`count` install POSTs with made-up access tokens, spread over `seconds`; their statuses."""
+    async with aiohttp.ClientSession() as http:
+        async def forged(n):
+            async with http.post(url, data={**form, "auth[access_token]": f"access-forged-{n}"}) as answer:
+                return answer.status
+
+        posts = []
+        for n in range(count):
+            posts.append(asyncio.create_task(forged(n)))
+            await asyncio.sleep(seconds / count)
+        return await asyncio.gather(*posts)
+
+
+async def calls_during(app, host, port, count=10, interval=0.3):
+    """Calls from a known number while something else runs, each a real lookup (the cache emptied)."""
+    answers = []
+    for _ in range(count):
+        app.lookup.cache.clear()
+        answers.append((await fake_call(host, port, callerid="89161234567")).variables)
+        await asyncio.sleep(interval)
+    return answers
+
+
+async def test_a_flood_of_forged_installs_leaves_the_calls_their_requests(installing, oauth_portal, caplog):
+    """Issue 21 item 8: 150 forged install POSTs in 3 s while calls are routed: every call reaches its
+    owner, and the portal is asked app.info at most the install check's own allowance."""
+    from agi_bitrix.bitrix.install import VERIFY_BURST
+
+    app, (host, port), url, token_path = installing
+    logged_in(oauth_portal, token_path)
+    form = oauth_portal.install_event()
+    statuses, calls = await asyncio.gather(flood(url, form), calls_during(app, host, port))
+    assert {(v["B24_STATUS"], v["B24_TARGET"]) for v in calls} == {("FOUND", "101")}
+    assert set(statuses) == {403} and oauth_portal.app_info_requests == 0
+    # Before the first install, forged ones are checked with the portal: only as many as the allowance.
+    token_path.unlink()
+    statuses = await flood(url, form)
+    assert oauth_portal.app_info_requests <= VERIFY_BURST and statuses.count(429) >= 150 - VERIFY_BURST
+    assert set(statuses) <= {403, 429}
+    # One line per kind of refusal (then one a minute with a count), not one per POST.
+    assert caplog.text.count("OAuth install callback from") <= 3
+    assert caplog.text.count("did not accept the access token") <= VERIFY_BURST
