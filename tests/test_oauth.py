@@ -814,3 +814,14 @@ async def test_a_flood_of_forged_installs_leaves_the_calls_their_requests(instal
     # One line per kind of refusal (then one a minute with a count), not one per POST.
     assert caplog.text.count("OAuth install callback from") <= 3
     assert caplog.text.count("did not accept the access token") <= VERIFY_BURST
+
+
+async def test_a_first_install_never_replaces_a_token_file_that_appeared_while_it_was_checked(oauth_portal,
+                                                                                          token_path, session):
+    """Two first installs checked at once (or oauth login during the check): the later save does not
+    overwrite the earlier one; the decision is taken again under the lock."""
+    before = token_path.read_text()
+    tokens = OAuthTokens(settings(oauth_portal, token_path), session)
+    with pytest.raises(FileExistsError):
+        await tokens.install(Tokens("access-late-secret", "refresh-late-secret", 1.0), first=True)
+    assert token_path.read_text() == before

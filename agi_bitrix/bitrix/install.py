@@ -148,12 +148,15 @@ class InstallCallback:
         if not isinstance(tokens, OAuthTokens):
             return (404, {"error": "no OAuth application is configured"})
         event = _read(form)
+        if event is None:
+            self._refusals.warning("OAuth install callback from %s refused: no access and refresh token in the"
+                                   " request", peer)
+            return (400, {"error": "auth data is required"})
         first = tokens.token_file.stamp() is None
         refused = (self._first_install_refused(event, tokens, peer) if first
-                   else self._later_call_refused(event, form, tokens, peer))
+                   else self._later_call_refused(event, tokens, peer))
         if refused is not None:
             return refused
-        assert event is not None  # both checks refuse a request without tokens
         if event.event != "ONAPPINSTALL":
             log.info("OAuth install callback: event %s ignored", event.event[:40] or "(none)")
             return (200, {"status": "ignored"})
@@ -176,8 +179,7 @@ class InstallCallback:
                  event.tokens.scope or "-", tokens.token_file.path)
         return (200, {"status": "success"})
 
-    def _later_call_refused(self, event: _InstallEvent | None, form: Mapping[str, str], tokens: OAuthTokens,
-                            peer: str) -> InstallAnswer | None:
+    def _later_call_refused(self, event: _InstallEvent, tokens: OAuthTokens, peer: str) -> InstallAnswer | None:
         """A token file is there: only the application_token stored in it proves the portal."""
         stored = tokens.token_file.load_if_present()
         expected = stored.application_token if stored is not None else ""
@@ -188,21 +190,19 @@ class InstallCallback:
                 " portal. To install the application again, remove that file first: %s",
                 peer, tokens.token_file.path, REINSTALL_DOCS)
             return (403, {"error": "tokens are already stored; remove the token file to install again"})
-        given = event.application_token if event is not None else form.get("auth[application_token]", "")
+        given = event.application_token
         if not hmac.compare_digest(given.encode(), expected.encode()):
             self._refusals.warning(
                 f"OAuth install callback from %s refused: its application_token"
                 f" {'does not match' if given else 'is missing, unlike'} the one stored in %s",
                 peer, tokens.token_file.path)
             return (403, {"error": "application_token does not match"})
-        return self._without_tokens(event, peer)
+        return None
 
-    def _first_install_refused(self, event: _InstallEvent | None, tokens: OAuthTokens,
-                               peer: str) -> InstallAnswer | None:
+    def _first_install_refused(self, event: _InstallEvent, tokens: OAuthTokens, peer: str) -> InstallAnswer | None:
         """No token file yet: the local checks, then the allowance, before the portal is asked."""
-        refused = self._without_tokens(event, peer)
-        if refused is not None or event is None or event.event != "ONAPPINSTALL":
-            return refused
+        if event.event != "ONAPPINSTALL":
+            return None  # answered "ignored"; nothing is stored
         if not event.application_token:
             self._refusals.warning("OAuth install callback from %s refused: no application_token, so the portal's"
                                    " later calls could not be told from anyone's", peer)
@@ -218,13 +218,6 @@ class InstallCallback:
                                    " is asked about (%d, then one per %g s); try again later",
                                    peer, VERIFY_BURST, VERIFY_INTERVAL)
             return (429, {"error": "too many installation attempts; try again later"})
-        return None
-
-    def _without_tokens(self, event: _InstallEvent | None, peer: str) -> InstallAnswer | None:
-        if event is None:
-            self._refusals.warning("OAuth install callback from %s refused: no access and refresh token in the"
-                                   " request", peer)
-            return (400, {"error": "auth data is required"})
         return None
 
     async def _verify(self, event: _InstallEvent, tokens: OAuthTokens, portal: PortalClient) -> InstallAnswer | None:
