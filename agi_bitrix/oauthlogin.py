@@ -24,8 +24,9 @@ from urllib.parse import parse_qsl, urlsplit
 from aiohttp import web
 
 from agi_bitrix.bitrix.client import make_session
-from agi_bitrix.bitrix.errors import BitrixError
-from agi_bitrix.bitrix.oauth import OAUTH_DOCS, TokenFile, Tokens, authorize_url, request_tokens, same_portal
+from agi_bitrix.bitrix.errors import BitrixError, OAuthClientRejected, OAuthCodeRejected, TokenFileError
+from agi_bitrix.bitrix.oauth import LOCK_SLACK, OAUTH_DOCS, authorize_url, request_tokens, same_portal
+from agi_bitrix.bitrix.tokenfile import TokenFile, Tokens
 from agi_bitrix.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -57,14 +58,7 @@ async def login(config: Config, *, listen_port: int | None, wait: float, stdin: 
         code = _check(redirect, state)
         async with make_session() as session:
             tokens = await request_tokens(oauth, session, {"grant_type": "authorization_code", "code": code})
-        token_file = TokenFile(oauth.token_file)
-        previous = token_file.load_if_present()
-        # The install event's application_token stays: it still proves the portal's later calls.
-        tokens = replace(tokens, application_token=previous.application_token if previous else "")
-        try:
-            token_file.save(tokens)
-        except OSError as error:
-            raise LoginFailed(f"cannot write {token_file.path}: {error.strerror}") from None
+        tokens = await _save(TokenFile(oauth.token_file), tokens)
     except LoginFailed as error:
         print(f"oauth login: {error}; nothing was stored", file=err)
         return EXIT_FAILED
@@ -73,6 +67,21 @@ async def login(config: Config, *, listen_port: int | None, wait: float, stdin: 
         return EXIT_FAILED
     _report(config, tokens, redirect, out, err)
     return EXIT_OK
+
+
+async def _save(token_file: TokenFile, tokens: Tokens) -> Tokens:
+    """Write the new pair in turn with a running server's refreshes (the file's lock)."""
+    try:
+        async with token_file.locked(wait=10.0 + LOCK_SLACK):
+            previous = token_file.load_if_present()
+            # The install event's application_token stays: it still proves the portal's later calls.
+            tokens = replace(tokens, application_token=previous.application_token if previous else "")
+            token_file.save(tokens)
+    except TokenFileError as error:
+        raise LoginFailed(error.detail) from None
+    except OSError as error:
+        raise LoginFailed(f"cannot write {token_file.path}: {error.strerror}") from None
+    return tokens
 
 
 async def _receive(port: int, wait: float, out: TextIO) -> dict[str, str]:
@@ -129,10 +138,10 @@ def _check(redirect: dict[str, str], state: str) -> str:
 
 
 def _explain(error: BitrixError) -> str:
-    if error.reason == "oauth_code_rejected":
+    if isinstance(error, OAuthCodeRejected):
         return (f"the token server refused the code ({error.detail}): a code works once and for 30 seconds;"
                 " run the command again and paste the address at once")
-    if error.reason == "oauth_client_rejected":
+    if isinstance(error, OAuthClientRejected):
         return (f"the token server refused the application ({error.detail}): check bitrix.oauth.client_id and"
                 " client_secret, and that the application is installed on the portal")
     return f"no tokens from the token server: {error.reason}: {error.detail}"

@@ -89,7 +89,9 @@ async def test_first_request_refreshes_saves_the_new_pair_and_uses_the_access_to
     saved = json.loads(token_path.read_text())
     assert (saved["access_token"], saved["refresh_token"]) == ("access-0002-secret", "refresh-0002-secret")
     assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
-    assert [p.name for p in token_path.parent.iterdir()] == [token_path.name]  # no temporary left
+    # No temporary left; the lock file processes take turns on stays, as private as the tokens.
+    assert sorted(p.name for p in token_path.parent.iterdir()) == [token_path.name, f"{token_path.name}.lock"]
+    assert stat.S_IMODE(os.stat(f"{token_path}.lock").st_mode) == 0o600
 
 
 async def test_an_expired_token_is_refreshed_once_and_the_request_retried(oauth_portal, token_path, session):
@@ -611,3 +613,215 @@ def test_the_token_servers_code_reaches_the_reason_only_as_a_short_ascii_identif
     from agi_bitrix.bitrix.oauth import _refusal
 
     assert _refusal(code, 400, "refresh_token").reason == reason
+
+
+# -- processes sharing one token file --------------------------------------------------------------
+
+async def run_route(config_path, phone="89161234567"):
+    """`agi-bitrix route` as an admin runs it beside a running server."""
+    import sys
+
+    from tests.test_cli import ROOT
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agi_bitrix", "route", "-c", str(config_path), phone, cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, output.decode(errors="replace")
+
+
+async def test_route_and_serve_refreshing_one_token_file_take_turns(oauth_portal, token_path, tmp_path):
+    """Issue 21 item 6: both find the access token expired; the refresh token works once. The one
+    that comes second waits for the first one's refresh and uses the pair it saved."""
+    from tests.test_callcard_redis import serve, text_of
+
+    oauth_config(oauth_portal, token_path, tmp_path)
+    config_path = tmp_path / "agi-bitrix.yaml"
+    config_path.write_text(config_path.read_text().replace("  breaker:", "  deadline: 5\n  breaker:", 1))
+    process, port = await serve(config_path, "", tmp_path / "serve.log")
+    try:
+        first = (await fake_call("127.0.0.1", port, callerid="89161234567")).variables
+        assert first["B24_STATUS"] == "FOUND", text_of(tmp_path / "serve.log")
+        oauth_portal.expire_access_tokens()
+        oauth_portal.refresh_delay = 1.0  # the token server is slow: the two refreshes overlap
+        asked = oauth_portal.token_requests
+        route = asyncio.create_task(run_route(config_path))
+        await until(lambda: oauth_portal.token_requests > asked, timeout=30)  # route is refreshing
+        # Numbers not asked before: the answers come from the portal, not from serve's cache.
+        during = (await fake_call("127.0.0.1", port, callerid="89163332211")).variables
+        returncode, output = await route
+        later = [(await fake_call("127.0.0.1", port, callerid=f"8916123456{n}")).variables for n in range(3)]
+    finally:
+        process.terminate()
+        await process.wait()
+    log = text_of(tmp_path / "serve.log")
+    assert returncode == 0 and "answer:   FOUND" in output, output
+    assert (during["B24_STATUS"], during.get("B24_ERROR", "")) == ("FOUND", ""), log
+    assert {v["B24_STATUS"] for v in later} == {"NOT_FOUND"} and "rejected the refresh token" not in log
+    # One refresh at serve's start, one by route; serve took route's pair instead of a third.
+    assert oauth_portal.refreshes == 2 and oauth_portal.token_requests == asked + 1
+    saved = json.loads(token_path.read_text())
+    assert saved["refresh_token"] == oauth_portal.refresh_token and "secret" not in log
+
+
+async def test_a_refused_refresh_token_is_not_final_while_the_file_holds_a_newer_one(oauth_portal, token_path,
+                                                                                   session, caplog):
+    """A writer that does not take the lock (an older version) spends the refresh token and saves the
+    next pair while our refresh is on its way: the refusal is not taken as final."""
+    tokens = OAuthTokens(settings(oauth_portal, token_path), session)
+    await tokens.access_token()
+    oauth_portal.expire_access_tokens()
+    oauth_portal.refresh_delay = 0.5
+    ours = asyncio.create_task(tokens.refresh(rejected=await tokens.access_token()))
+    await until(lambda: oauth_portal.token_requests == 2)
+    stored = TokenFile(token_path).load()
+    oauth_portal.refresh_delay = 0.0  # theirs is answered while ours waits: theirs spends it
+    theirs = await request_tokens(settings(oauth_portal, token_path), session,
+                                  {"grant_type": "refresh_token", "refresh_token": stored.refresh_token})
+    TokenFile(token_path).save(theirs)  # without the lock
+    assert await ours == theirs.access_token
+    assert tokens.state() == (True, tokens.state()[1]) and tokens.state()[1]["state"] == "ok"
+    assert "now holds another one" in caplog.text and "rejected the refresh token" not in caplog.text
+
+
+def test_the_lock_file_is_never_opened_through_a_link_or_as_a_fifo(tmp_path):
+    """Whoever can write the token file's directory must not make a refresh open something else."""
+    from agi_bitrix.bitrix.errors import TokenFileError
+
+    token_file = TokenFile(tmp_path / "oauth.json")
+    (tmp_path / "elsewhere").write_text("x")
+    os.symlink(tmp_path / "elsewhere", token_file.lock_path)
+
+    async def take() -> None:
+        async with token_file.locked(wait=0.1):
+            pass
+
+    with pytest.raises(TokenFileError, match="cannot open the lock file"):
+        asyncio.run(take())
+    os.unlink(token_file.lock_path)
+    os.mkfifo(token_file.lock_path)
+    with pytest.raises(TokenFileError, match="is not a regular file"):
+        asyncio.run(take())
+
+
+@pytest.mark.parametrize("code, grant_type, kind, reason", [
+    ("invalid_grant", "refresh_token", "RefreshTokenRejected", "refresh_token_rejected"),
+    ("NO_AUTH_FOUND", "refresh_token", "RefreshTokenRejected", "refresh_token_rejected"),
+    ("invalid_client", "refresh_token", "OAuthClientRejected", "oauth_client_rejected"),
+    ("invalid_grant", "authorization_code", "OAuthCodeRejected", "oauth_code_rejected"),
+])
+def test_the_token_servers_refusals_are_classes_of_the_tree(code, grant_type, kind, reason):
+    """What stops asking the token server is decided by class (TokensRevoked), not by reason strings."""
+    from agi_bitrix.bitrix import errors
+    from agi_bitrix.bitrix.oauth import _refusal
+
+    refused = _refusal(code, 400, grant_type)
+    assert type(refused) is getattr(errors, kind) and refused.reason == reason
+    assert isinstance(refused, errors.AuthRejected)
+    assert isinstance(refused, errors.TokensRevoked) == (grant_type == "refresh_token")
+
+
+# -- the install callback after `oauth login`, and forged installs ---------------------------------
+
+def logged_in(oauth_portal, token_path):
+    """The token file as `agi-bitrix oauth login` writes it: a pair, and no application_token."""
+    import time
+
+    access, refresh = oauth_portal.issue_tokens()
+    TokenFile(token_path).save(Tokens(access, refresh, time.time() + 3600, client_endpoint=oauth_portal.client_endpoint,
+                                      member_id=oauth_portal.member_id, scope=oauth_portal.scope))
+    return token_path.read_text()
+
+
+async def test_after_oauth_login_no_install_call_replaces_the_tokens_until_the_file_is_removed(
+        installing, oauth_portal, caplog):
+    """Issue 21 item 7: a token file without application_token is not a first install, whoever's
+    token the POST carries (ours, or another application's on the same portal)."""
+    _, (host, port), url, token_path = installing
+    stored = logged_in(oauth_portal, token_path)
+    ours = oauth_portal.install_event()
+    theirs = oauth_portal.install_event(client_id="local.0ther0app000.87654321")
+    for form in (ours, theirs):
+        assert await oauth_portal.post_install_event(url, form) == (
+            403, {"error": "tokens are already stored; remove the token file to install again"})
+    assert token_path.read_text() == stored and oauth_portal.app_info_requests == 0
+    assert "already holds tokens but no application_token" in caplog.text
+    assert 'remove that file first: docs/call-card.md, section "Installing again"' in caplog.text
+    assert "secret" not in caplog.text and ours["auth[application_token]"] not in caplog.text
+    # The documented reinstall: remove the file, install the application again.
+    token_path.unlink()
+    again = oauth_portal.install_event()
+    assert await oauth_portal.post_install_event(url, again) == (200, {"status": "success"})
+    assert json.loads(token_path.read_text())["application_token"] == again["auth[application_token]"]
+    v = (await fake_call(host, port, callerid="89161234567")).variables
+    assert (v["B24_STATUS"], v["B24_TARGET"]) == ("FOUND", "101")
+
+
+async def test_a_first_install_with_another_applications_tokens_is_refused(installing, oauth_portal, caplog):
+    """The portal accepts the other application's token for app.info, but names that application."""
+    _, _, url, token_path = installing
+    theirs = oauth_portal.install_event(client_id="local.0ther0app000.87654321")
+    assert await oauth_portal.post_install_event(url, theirs) == (
+        403, {"error": "the tokens belong to another application"})
+    assert not token_path.exists() and oauth_portal.app_info_requests == 1
+    assert ("its access token is another application's (app.info CODE 'local.0ther0app000.87654321',"
+            f" bitrix.oauth.client_id {CLIENT_ID})") in caplog.text
+    no_proof = {key: value for key, value in oauth_portal.install_event().items() if "application_token" not in key}
+    assert await oauth_portal.post_install_event(url, no_proof) == (400, {"error": "application_token is required"})
+    assert not token_path.exists() and oauth_portal.app_info_requests == 1
+
+
+async def flood(url, form, count=150, seconds=3.0):
+    """`count` install POSTs with made-up access tokens, spread over `seconds`; their statuses."""
+    async with aiohttp.ClientSession() as http:
+        async def forged(n):
+            async with http.post(url, data={**form, "auth[access_token]": f"access-forged-{n}"}) as answer:
+                return answer.status
+
+        posts = []
+        for n in range(count):
+            posts.append(asyncio.create_task(forged(n)))
+            await asyncio.sleep(seconds / count)
+        return await asyncio.gather(*posts)
+
+
+async def calls_during(app, host, port, count=10, interval=0.3):
+    """Calls from a known number while something else runs, each a real lookup (the cache emptied)."""
+    answers = []
+    for _ in range(count):
+        app.lookup.cache.clear()
+        answers.append((await fake_call(host, port, callerid="89161234567")).variables)
+        await asyncio.sleep(interval)
+    return answers
+
+
+async def test_a_flood_of_forged_installs_leaves_the_calls_their_requests(installing, oauth_portal, caplog):
+    """Issue 21 item 8: 150 forged install POSTs in 3 s while calls are routed: every call reaches its
+    owner, and the portal is asked app.info at most the install check's own allowance."""
+    from agi_bitrix.bitrix.install import VERIFY_BURST
+
+    app, (host, port), url, token_path = installing
+    logged_in(oauth_portal, token_path)
+    form = oauth_portal.install_event()
+    statuses, calls = await asyncio.gather(flood(url, form), calls_during(app, host, port))
+    assert {(v["B24_STATUS"], v["B24_TARGET"]) for v in calls} == {("FOUND", "101")}
+    assert set(statuses) == {403} and oauth_portal.app_info_requests == 0
+    # Before the first install, forged ones are checked with the portal: only as many as the allowance.
+    token_path.unlink()
+    statuses = await flood(url, form)
+    assert oauth_portal.app_info_requests <= VERIFY_BURST and statuses.count(429) >= 150 - VERIFY_BURST
+    assert set(statuses) <= {403, 429}
+    # One line per kind of refusal (then one a minute with a count), not one per POST.
+    assert caplog.text.count("OAuth install callback from") <= 3
+    assert caplog.text.count("did not accept the access token") <= VERIFY_BURST
+
+
+async def test_a_first_install_never_replaces_a_token_file_that_appeared_while_it_was_checked(oauth_portal,
+                                                                                          token_path, session):
+    """Two first installs checked at once (or oauth login during the check): the later save does not
+    overwrite the earlier one; the decision is taken again under the lock."""
+    before = token_path.read_text()
+    tokens = OAuthTokens(settings(oauth_portal, token_path), session)
+    with pytest.raises(FileExistsError):
+        await tokens.install(Tokens("access-late-secret", "refresh-late-secret", 1.0), first=True)
+    assert token_path.read_text() == before

@@ -77,6 +77,38 @@ class TokenExpired(AuthRejected):
     """The access token expired or was revoked; a fresh one may well be let in."""
 
 
+class TokensRevoked(AuthRejected):
+    """The OAuth token server refused what the token file holds (its refresh token, or the
+    application itself): asking again with the same file cannot help, so the token server is not
+    asked again until the file changes or the config is reloaded (settings/oauth/error-codes.md)."""
+
+    REASON: ClassVar[str] = "tokens_revoked"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(self.REASON, detail)
+
+
+class RefreshTokenRejected(TokensRevoked):
+    """invalid_grant and the like for a refresh token: expired (180 days unused), spent, or the
+    application removed or reinstalled."""
+
+    REASON = "refresh_token_rejected"
+
+
+class OAuthClientRejected(TokensRevoked):
+    """invalid_client and the like: a wrong client_id/client_secret, or the application is no
+    longer installed."""
+
+    REASON = "oauth_client_rejected"
+
+
+class OAuthCodeRejected(AuthRejected):
+    """An authorization code refused (`oauth login`): it works once and for 30 seconds."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("oauth_code_rejected", detail)
+
+
 class NotPermitted(AuthRejected):
     """Let in, but not to this method: a missing scope, a user without the right, a method that
     needs an application's context."""

@@ -12,10 +12,21 @@ gets the same in the shape of settings/oauth/simple-way.md: `AUTH_ID`, `AUTH_EXP
 and `DOMAIN`, `PROTOCOL`, `APP_SID` in the query string; both are read.
 
 Who may call it: `application_token` is the portal's proof on every later call
-(api-reference/events/safe-event-handlers.md). Once one is stored, a call without the same one is
-refused (403). The first install, with none stored yet, is checked the way that page advises: the
-portal it names must be the configured one, and the portal must accept the access token it
-brought (`app.info`), so a stranger cannot plant tokens.
+(api-reference/events/safe-event-handlers.md). A token file present means "not the first
+install": a call must carry the application_token stored in it (403 otherwise), and a file
+without one (written by `oauth login` or an admin) takes no install call at all: to install
+again, the admin removes the file first (docs/call-card.md, "Installing again"). The first
+install, with no token file yet, is checked the way that page advises: the portal it names must
+be the configured one, and the portal must accept the access token it brought and name our
+application for it (`app.info`'s CODE is the application's client_id: training.bitrix24.com
+rest_help/general/app_info.php shows "local.56017020f07e17.98523769"), so a stranger cannot plant
+tokens, not even another application's.
+
+Anyone can POST here, so nothing is asked of the portal before the cheap local checks pass, and
+the `app.info` questions have an allowance of their own (VERIFY_BURST, then one per
+VERIFY_INTERVAL seconds), refused at once when spent: a flood of forged installs cannot spend the
+request budget the calls' lookups need. Refusals are logged at once, then at most once a minute
+per kind with a count.
 """
 
 from __future__ import annotations
@@ -25,16 +36,25 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
 from agi_bitrix.bitrix.client import PortalClient
-from agi_bitrix.bitrix.errors import AuthRejected, BitrixError, TokenExpired
-from agi_bitrix.bitrix.oauth import OAuthTokens, Tokens, same_portal
+from agi_bitrix.bitrix.errors import AuthRejected, BitrixError, TokenExpired, TokenFileError
+from agi_bitrix.bitrix.oauth import OAuthTokens, same_portal
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.bitrix.tokenfile import Tokens
 
 log = logging.getLogger("agi_bitrix.oauth")
 
 APP_INFO = "app.info"
+# The portal's questions a first install may cost: a genuine install needs one; a few more let an
+# admin retry at once. Then one per VERIFY_INTERVAL seconds.
+VERIFY_BURST = 3
+VERIFY_INTERVAL = 20.0
+REFUSAL_LOG_INTERVAL = 60.0
+REINSTALL_DOCS = 'docs/call-card.md, section "Installing again"'
 
 
 # An answer to the portal: the HTTP status and a JSON body.
@@ -92,61 +112,122 @@ class _OneToken:
         return self._base
 
 
+class _QuietLog:
+    """A refusal is logged at once, then at most once per `interval` per kind, with how many more
+    came: a flood of forged POSTs is one line a minute, not one per POST."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval, self._clock = interval, clock
+        self._kinds: dict[str, tuple[float, int]] = {}  # message -> (next line's time, refusals held)
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock()
+        due, held = self._kinds.get(message, (0.0, 0))
+        if now < due:
+            self._kinds[message] = (due, held + 1)
+            return
+        self._kinds[message] = (now + self._interval, 0)
+        suffix = f" ({held} more like it since the last such line)" if held else ""
+        log.warning("%s%s", message % args, suffix)
+
+
 class InstallCallback:
     """Answers the portal's install POSTs for the application configured now."""
 
     def __init__(self, current: Callable[[], PortalClient], session: aiohttp.ClientSession, *,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._current = current  # the running portal client: its tokens and its request budget
         self._session = session
         self._timeout = timeout
+        self._allowance = RateLimiter(1 / VERIFY_INTERVAL, VERIFY_BURST, clock)
+        self._refusals = _QuietLog(REFUSAL_LOG_INTERVAL, clock)
 
     async def handle(self, form: Mapping[str, str], peer: str) -> InstallAnswer:
         portal = self._current()
         tokens = portal.auth
         if not isinstance(tokens, OAuthTokens):
             return (404, {"error": "no OAuth application is configured"})
-        stored = tokens.token_file.load_if_present()
-        expected = stored.application_token if stored is not None else ""
         event = _read(form)
-        given = event.application_token if event is not None else form.get("auth[application_token]", "")
-        if expected and not hmac.compare_digest(given.encode(), expected.encode()):
-            log.warning("OAuth install callback from %s refused: its application_token %s the one stored in"
-                        " %s", peer, "does not match" if given else "is missing, unlike", tokens.token_file.path)
-            return (403, {"error": "application_token does not match"})
         if event is None:
-            log.warning("OAuth install callback from %s refused: no access and refresh token in the request", peer)
+            self._refusals.warning("OAuth install callback from %s refused: no access and refresh token in the"
+                                   " request", peer)
             return (400, {"error": "auth data is required"})
+        first = tokens.token_file.stamp() is None
+        refused = (self._first_install_refused(event, tokens, peer) if first
+                   else self._later_call_refused(event, tokens, peer))
+        if refused is not None:
+            return refused
         if event.event != "ONAPPINSTALL":
             log.info("OAuth install callback: event %s ignored", event.event[:40] or "(none)")
             return (200, {"status": "ignored"})
-        if not expected:
+        if first:
             refused = await self._verify(event, tokens, portal)
             if refused is not None:
                 return refused
         try:
-            tokens.install(event.tokens)
-        except OSError as error:
-            log.error("OAuth install callback: cannot save the tokens to %s (%s)", tokens.token_file.path,
-                      error.strerror)
+            await tokens.install(event.tokens, first=first)
+        except FileExistsError:
+            log.warning("OAuth install callback: %s appeared while this install was checked; not replaced",
+                        tokens.token_file.path)
+            return (409, {"error": "tokens were stored meanwhile"})
+        except (OSError, TokenFileError) as error:
+            detail = error.detail if isinstance(error, TokenFileError) else error.strerror
+            log.error("OAuth install callback: cannot save the tokens to %s (%s)", tokens.token_file.path, detail)
             return (500, {"error": "the tokens could not be saved"})
         log.info("OAuth: application installed on %s (member_id %s, scopes %s); tokens saved in %s",
                  event.domain or tokens.settings.portal_url, event.tokens.member_id or "-",
                  event.tokens.scope or "-", tokens.token_file.path)
         return (200, {"status": "success"})
 
-    async def _verify(self, event: _InstallEvent, tokens: OAuthTokens, portal: PortalClient) -> InstallAnswer | None:
-        """The first install: is this the configured portal, and does it accept the token it sent?"""
+    def _later_call_refused(self, event: _InstallEvent, tokens: OAuthTokens, peer: str) -> InstallAnswer | None:
+        """A token file is there: only the application_token stored in it proves the portal."""
+        stored = tokens.token_file.load_if_present()
+        expected = stored.application_token if stored is not None else ""
+        if not expected:
+            self._refusals.warning(
+                "OAuth install callback from %s refused: %s already holds tokens but no application_token (written"
+                " by `agi-bitrix oauth login` or by hand), so no install call can be proven to come from the"
+                " portal. To install the application again, remove that file first: %s",
+                peer, tokens.token_file.path, REINSTALL_DOCS)
+            return (403, {"error": "tokens are already stored; remove the token file to install again"})
+        given = event.application_token
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            self._refusals.warning(
+                f"OAuth install callback from %s refused: its application_token"
+                f" {'does not match' if given else 'is missing, unlike'} the one stored in %s",
+                peer, tokens.token_file.path)
+            return (403, {"error": "application_token does not match"})
+        return None
+
+    def _first_install_refused(self, event: _InstallEvent, tokens: OAuthTokens, peer: str) -> InstallAnswer | None:
+        """No token file yet: the local checks, then the allowance, before the portal is asked."""
+        if event.event != "ONAPPINSTALL":
+            return None  # answered "ignored"; nothing is stored
+        if not event.application_token:
+            self._refusals.warning("OAuth install callback from %s refused: no application_token, so the portal's"
+                                   " later calls could not be told from anyone's", peer)
+            return (400, {"error": "application_token is required"})
         configured = tokens.settings.portal_url
         endpoint = event.tokens.client_endpoint
         if not endpoint or not same_portal(endpoint, configured):
-            log.warning("OAuth install callback refused: it names another portal than bitrix.oauth.portal_url"
-                        " (%s)", configured)
+            self._refusals.warning("OAuth install callback from %s refused: it names another portal than"
+                                   " bitrix.oauth.portal_url (%s)", peer, configured)
             return (403, {"error": "not the configured portal"})
+        if self._allowance.reserve(0.0) is None:
+            self._refusals.warning("OAuth install callback from %s refused: more first installs than the portal"
+                                   " is asked about (%d, then one per %g s); try again later",
+                                   peer, VERIFY_BURST, VERIFY_INTERVAL)
+            return (429, {"error": "too many installation attempts; try again later"})
+        return None
+
+    async def _verify(self, event: _InstallEvent, tokens: OAuthTokens, portal: PortalClient) -> InstallAnswer | None:
+        """The first install: does the configured portal accept the token it sent, for our application?"""
+        configured = tokens.settings.portal_url
+        # The calls' request budget, as a request that can wait: it leaves half the burst to lookups.
         checker = PortalClient(configured, self._session, timeout=self._timeout, budget=portal.budget,
                                auth=_OneToken(event.tokens.access_token, configured))
         try:
-            await checker.call(APP_INFO, {}, max_wait=self._timeout)
+            info = await checker.call(APP_INFO, {}, max_wait=self._timeout)
         except AuthRejected as error:
             log.warning("OAuth install callback refused: the portal did not accept the access token it came with"
                         " (%s: %s)", error.reason, error.detail)
@@ -155,4 +236,15 @@ class InstallCallback:
             log.error("OAuth install callback: cannot check its tokens with the portal (%s: %s); not saved",
                       error.reason, error.detail)
             return (502, {"error": "the portal could not be asked"})
+        code = _application_code(info)
+        if code != tokens.settings.client_id:
+            log.warning("OAuth install callback refused: its access token is another application's (app.info"
+                        " CODE %r, bitrix.oauth.client_id %s)", code[:64], tokens.settings.client_id)
+            return (403, {"error": "the tokens belong to another application"})
         return None
+
+
+def _application_code(info: Any) -> str:
+    """app.info's CODE: for a local application, its client_id (see the module's docstring)."""
+    code = info.get("CODE") if isinstance(info, dict) else None
+    return code if isinstance(code, str) else ""

@@ -7,7 +7,11 @@ An access token lives an hour; it is refreshed when it is about to expire, or wh
 `expired_token`, at https://oauth.bitrix.info/oauth/token/. Every refresh also replaces the
 refresh token (it lives 180 days and works once), so the new pair is written to the token
 file — atomically, before it is used — or a crash at the wrong moment would lock the server
-out of the portal. Concurrent requests that all find the token expired share one refresh.
+out of the portal. Concurrent requests that all find the token expired share one refresh, and
+processes sharing one token file (`serve`, `agi-bitrix route`, a second server) take turns: a
+refresh holds an flock on a lock file beside the token file, and re-reads the token file once it
+holds it, so the second process uses the pair the first one saved instead of spending a refresh
+token that no longer works.
 
 When the token server rejects the refresh token (expired, spent, the application removed) or the
 application itself, asking again cannot help: the refusal is logged once, shown in /healthz, and
@@ -20,15 +24,11 @@ The tokens and the client secret are passwords: they never appear in a log line 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -37,20 +37,27 @@ import aiohttp
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
     PORTAL_CODE,
-    AuthRejected,
     BadResponse,
     BitrixError,
     LocalFault,
+    OAuthClientRejected,
+    OAuthCodeRejected,
     PortalRefused,
     PortalTimeout,
     PortalUnreachable,
+    RefreshTokenRejected,
     RequestNotSent,
     TokenFileError,
+    TokensRevoked,
     refusal_class,
 )
 from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter, RequestBudget
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW, BitrixSettings, OAuthSettings
+
+# Re-exported: the command line and callers name them here.
+from agi_bitrix.bitrix.tokenfile import TokenFile as TokenFile
+from agi_bitrix.bitrix.tokenfile import Tokens as Tokens
 
 log = logging.getLogger("agi_bitrix.oauth")
 
@@ -58,92 +65,18 @@ TOKEN_URL = "https://oauth.bitrix.info/oauth/token/"
 # Refresh this long before the access token's stated expiry, so no request carries a token
 # that expires on its way.
 EXPIRY_MARGIN = 60.0
-# The token server's answers when the grant itself is no good (a refresh token expired after 180
-# days or already used, a code older than 30 s, the application reinstalled).
-GRANT_REJECTED = frozenset({"invalid_grant", "invalid_token", "expired_token", "NO_AUTH_FOUND"})
-# ... and when the application is: a wrong client_id/client_secret, or not installed any more.
-CLIENT_REJECTED = frozenset({"invalid_client", "invalid_request", "unauthorized_client"})
-# Reasons after which the token server is not asked again until the token file changes.
-STOPPING_REASONS = frozenset({"refresh_token_rejected", "oauth_client_rejected"})
+# The token server's codes (settings/oauth/error-codes.md), by what they say of the token file:
+# the grant itself is no good (a refresh token expired after 180 days or already used, a code
+# older than 30 s, the application reinstalled), or the application is (a wrong
+# client_id/client_secret, or not installed any more).
+_TOKEN_SERVER_REFUSALS: dict[str, type[TokensRevoked]] = {
+    **dict.fromkeys(("invalid_grant", "invalid_token", "expired_token", "NO_AUTH_FOUND"), RefreshTokenRejected),
+    **dict.fromkeys(("invalid_client", "invalid_request", "unauthorized_client"), OAuthClientRejected),
+}
+# How long a process waits for another one's refresh (its request to the token server is bounded
+# by the timeout) beyond that timeout, before it calls the lock stuck.
+LOCK_SLACK = 5.0
 OAUTH_DOCS = 'docs/call-card.md, section "OAuth applications"'
-
-
-@dataclass(frozen=True)
-class Tokens:
-    access_token: str
-    refresh_token: str
-    expires_at: float  # unix time; 0 when unknown (refresh before the first request)
-    # What the token server (or the install event) said besides the tokens; "" when not known.
-    client_endpoint: str = ""  # https://PORTAL/rest/, where requests go
-    member_id: str = ""  # the portal's id, which outlives a change of its address
-    scope: str = ""  # "telephony,user,crm"
-    # From the ONAPPINSTALL event: later calls of the install callback must carry it.
-    application_token: str = ""
-
-
-_EXTRA_FIELDS = ("client_endpoint", "member_id", "scope", "application_token")
-
-
-class TokenFile:
-    """The tokens on disk, as JSON, readable only by its owner; replaced atomically."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def stamp(self) -> tuple[int, int, int] | None:
-        """What changes when anyone rewrites the file (an atomic replace gives a new inode)."""
-        try:
-            status = os.stat(self.path)
-        except OSError:
-            return None
-        return status.st_mtime_ns, status.st_ino, status.st_size
-
-    def load(self) -> Tokens:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except OSError as error:
-            raise TokenFileError(f"cannot read token file {self.path}: {error.strerror}") from None
-        except ValueError:
-            raise TokenFileError(f"token file {self.path} is not JSON") from None
-        refresh = data.get("refresh_token") if isinstance(data, dict) else None
-        if not isinstance(refresh, str) or not refresh:
-            raise TokenFileError(f"token file {self.path} has no refresh_token")
-        access = data.get("access_token")
-        expires_at = data.get("expires_at")
-        extras = {name: data[name] for name in _EXTRA_FIELDS if isinstance(data.get(name), str)}
-        return Tokens(access if isinstance(access, str) else "", refresh,
-                      float(expires_at) if isinstance(expires_at, (int, float)) else 0.0, **extras)
-
-    def load_if_present(self) -> Tokens | None:
-        try:
-            return self.load()
-        except TokenFileError:
-            return None
-
-    def save(self, tokens: Tokens) -> None:
-        """Write a temporary file beside the real one, flush it to disk, rename it over."""
-        fields = {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token,
-                  "expires_at": tokens.expires_at}
-        fields.update({name: getattr(tokens, name) for name in _EXTRA_FIELDS if getattr(tokens, name)})
-        text = json.dumps(fields, indent=2) + "\n"
-        directory = self.path.parent
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:  # mkstemp: mode 0600
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-        # The rename itself is durable only once the directory is flushed.
-        directory_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
 
 
 def same_portal(url: str, portal_url: str) -> bool:
@@ -207,11 +140,11 @@ def _refusal(code: str, status: int, grant_type: str) -> PortalRefused:
     # Becomes part of a reason (B24_ERROR): ASCII identifiers only, `oauth_` plus at most 57.
     safe_code = code if PORTAL_CODE.fullmatch(code) and len(code) <= 57 else "error"
     said = f"{safe_code}, HTTP {status}"
-    if safe_code in GRANT_REJECTED:
-        reason = "oauth_code_rejected" if grant_type == "authorization_code" else "refresh_token_rejected"
-        return AuthRejected(reason, said)
-    if safe_code in CLIENT_REJECTED:
-        return AuthRejected("oauth_client_rejected", said)
+    revoked = _TOKEN_SERVER_REFUSALS.get(safe_code)
+    if revoked is RefreshTokenRejected and grant_type == "authorization_code":
+        return OAuthCodeRejected(said)
+    if revoked is not None:
+        return revoked(said)
     # PAYMENT_REQUIRED, invalid_scope...: classed like the portal's own codes (errors.py).
     return refusal_class(safe_code)(f"oauth_{safe_code}", f"the OAuth token server refused: {said}")
 
@@ -259,24 +192,45 @@ class OAuthTokens:
         return await self.refresh(rejected=tokens.access_token if tokens else "")
 
     async def refresh(self, rejected: str) -> str:
-        """A new access token instead of `rejected`; one refresh however many callers ask at once."""
+        """A new access token instead of `rejected`; one refresh however many callers ask at once,
+        in this process and in the others that share the token file."""
         async with self._lock:
             self._check_stopped()
             tokens = self._tokens
             if tokens is None or self.token_file.stamp() != self._file_stamp:
                 # First use, or someone wrote new tokens (oauth login, an admin): take theirs.
                 tokens = self._load()
-            fresh = tokens.access_token and self._clock() < tokens.expires_at - EXPIRY_MARGIN
-            if fresh and tokens.access_token != rejected:
+            if self._usable(tokens, rejected):
                 return tokens.access_token  # someone else refreshed while we waited
+            async with self.token_file.locked(self._timeout + LOCK_SLACK):
+                return await self._refresh_holding_lock(rejected)
+
+    async def _refresh_holding_lock(self, rejected: str) -> str:
+        # Read again whatever the stamp says: another process may have refreshed while we waited
+        # for the lock (a stamp can repeat when a replaced file's inode is reused at once).
+        tokens = self._load()
+        for _ in range(2):
+            if self._usable(tokens, rejected):
+                return tokens.access_token
             try:
                 new = await request_tokens(self.settings, self._session,
                                            {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token},
                                            timeout=self._timeout, clock=self._clock)
+            except TokensRevoked as error:
+                # A writer that does not take the lock (an older version, an admin's script) may have
+                # spent this refresh token and saved the next pair: that pair is not rejected.
+                saved = self.token_file.load_if_present()
+                if saved is None or saved.refresh_token == tokens.refresh_token:
+                    self._problem = error
+                    self._stop(error)
+                    raise
+                log.warning("OAuth: the token server refused the refresh token, but %s now holds another one"
+                            " (written meanwhile by a process that does not take %s); using that one",
+                            self.token_file.path, self.token_file.lock_path.name)
+                tokens = self._load()
+                continue
             except BitrixError as error:
                 self._problem = error
-                if error.reason in STOPPING_REASONS:
-                    self._stop(error)
                 raise
             # The token server does not repeat what only the install event said.
             self._take(replace(new, application_token=tokens.application_token,
@@ -284,11 +238,20 @@ class OAuthTokens:
                                client_endpoint=new.client_endpoint or tokens.client_endpoint))
             log.info("OAuth: access token refreshed; the new refresh token is saved in %s", self.token_file.path)
             return new.access_token
+        raise TokenFileError(f"{self.token_file.path} kept changing during a refresh")
 
-    def install(self, tokens: Tokens) -> None:
-        """New tokens from the install callback: saved, then used; a stop is lifted."""
-        self.token_file.save(tokens)
-        self._file_stamp = self.token_file.stamp()
+    def _usable(self, tokens: Tokens, rejected: str) -> bool:
+        return bool(tokens.access_token) and tokens.access_token != rejected and \
+            self._clock() < tokens.expires_at - EXPIRY_MARGIN
+
+    async def install(self, tokens: Tokens, *, first: bool) -> None:
+        """New tokens from the install callback: saved (in turn with refreshes), then used; a stop
+        is lifted. A `first` install raises FileExistsError if a token file appeared meanwhile."""
+        async with self.token_file.locked(self._timeout + LOCK_SLACK):
+            if first and self.token_file.stamp() is not None:
+                raise FileExistsError(str(self.token_file.path))
+            self.token_file.save(tokens)
+            self._file_stamp = self.token_file.stamp()
         self._tokens = tokens
         self._stopped = self._problem = None
         self._note_endpoint(tokens)
@@ -364,7 +327,7 @@ class OAuthTokens:
     def _stop(self, error: BitrixError) -> None:
         self._stopped = error
         self._stopped_stamp = self.token_file.stamp()
-        if error.reason == "refresh_token_rejected":
+        if isinstance(error, RefreshTokenRejected):
             # Expired (180 days unused), spent, or the application was removed or reinstalled.
             log.error("OAuth: Bitrix24 rejected the refresh token in %s (%s). Every portal request fails until"
                       " you run `agi-bitrix oauth login`, reinstall the application or write a fresh refresh_token"

@@ -16,7 +16,11 @@ It follows Bitrix24's REST docs (bitrix24/b24restdocs):
 - settings/oauth/auto-renewal.md "Recommended token handling logic" and the general error list:
   POST /rest/METHOD with `auth` answers 401 `expired_token` for an access token past its hour and
   401 `invalid_token` for one the portal does not know; otherwise the request goes on to the
-  portal emulator's webhook, so methods answer as they do there. `app.info` is answered here.
+  portal emulator's webhook, so methods answer as they do there. `app.info` is answered here
+  (api-reference/common/system/app-info.md): its CODE is the application the access token was
+  issued to, for a local application its client_id (training.bitrix24.com
+  rest_help/general/app_info.php shows CODE "local.56017020f07e17.98523769", STATUS "L"). Tokens
+  of another application installed on the same portal are issued with `issue_tokens(client_id=...)`.
 - api-reference/common/events/on-app-install.md and settings/oauth/simple-way.md: the install
   event, POSTed as a form with `event=ONAPPINSTALL`, `data[...]`, `ts` and `auth[...]` including
   `application_token`.
@@ -54,6 +58,7 @@ APP_INFO_METHOD = "app.info"
 class _Grant:
     expires_at: float
     used: bool = False
+    client_id: str = ""  # the application the token was issued to
 
 
 class OAuthServer:
@@ -77,6 +82,7 @@ class OAuthServer:
         self.refreshes = 0
         self.codes_exchanged = 0
         self.token_requests = 0
+        self.app_info_requests = 0
         self.seen_auth: list[str] = []
         self.refresh_delay = 0.0  # seconds the token server takes to refresh
         self.refresh_token = ""  # the newest refresh token issued
@@ -120,14 +126,17 @@ class OAuthServer:
 
     # -- steering ---------------------------------------------------------------------------
 
-    def issue_tokens(self) -> tuple[str, str]:
-        """A new (access, refresh) pair, as the portal gives at installation."""
+    def issue_tokens(self, client_id: str = "") -> tuple[str, str]:
+        """A new (access, refresh) pair, as the portal gives at installation: for this application, or
+        for another one installed on the portal (`client_id`)."""
         now = self.clock()
         self._generation += 1
         access, refresh = f"access-{self._generation:04d}-secret", f"refresh-{self._generation:04d}-secret"
-        self._access[access] = _Grant(now + self.access_lifetime)
-        self._refresh[refresh] = _Grant(now + self.refresh_lifetime)
-        self.refresh_token = refresh
+        application = client_id or self.client_id
+        self._access[access] = _Grant(now + self.access_lifetime, client_id=application)
+        self._refresh[refresh] = _Grant(now + self.refresh_lifetime, client_id=application)
+        if application == self.client_id:
+            self.refresh_token = refresh
         return access, refresh
 
     def expire_access_tokens(self) -> None:
@@ -148,11 +157,18 @@ class OAuthServer:
     def reset_refusal(self) -> None:
         self._refusal = None
 
-    def install_event(self) -> dict[str, str]:
-        """The ONAPPINSTALL form for a fresh installation: new tokens and a new application_token."""
+    def install_event(self, client_id: str = "") -> dict[str, str]:
+        """The ONAPPINSTALL form for a fresh installation: new tokens and a new application_token (of
+        another application on the portal with `client_id`: then ours stays as it was)."""
+        if client_id:
+            access, refresh = self.issue_tokens(client_id)
+            return {**self._install_form(access, refresh), "auth[application_token]": secrets.token_hex(16)}
         self.installed = True
         self.application_token = secrets.token_hex(16)
         access, refresh = self.issue_tokens()
+        return self._install_form(access, refresh)
+
+    def _install_form(self, access: str, refresh: str) -> dict[str, str]:
         return {
             "event": "ONAPPINSTALL",
             "data[VERSION]": "1", "data[ACTIVE]": "Y", "data[INSTALLED]": "Y", "data[LANGUAGE_ID]": "en",
@@ -234,15 +250,17 @@ class OAuthServer:
         form: Any = await request.json() if is_json else await request.post()
         token = str(form.get("auth", "") or request.query.get("auth", ""))
         self.seen_auth.append(token)
+        method = request.match_info["method"]
+        if canonical_method(method) == APP_INFO_METHOD:
+            self.app_info_requests += 1  # whatever its token: each is a request of the portal's budget
         grant = self._access.get(token)
         if grant is None:
             return self._error(401, "invalid_token", "The access token provided is invalid.")
         if self.clock() >= grant.expires_at:
             return self._error(401, "expired_token", "The access token provided has expired.")
-        method = request.match_info["method"]
         if canonical_method(method) == APP_INFO_METHOD:
             return json_response(200, {"result": {
-                "ID": 1, "CODE": self.client_id, "VERSION": 1, "STATUS": "L", "INSTALLED": True,
+                "ID": 1, "CODE": grant.client_id, "VERSION": 1, "STATUS": "L", "INSTALLED": True,
                 "PAYMENT_EXPIRED": "N", "DAYS": None, "LANGUAGE_ID": "en", "LICENSE": "en_pro100",
                 "LICENSE_TYPE": "pro100", "LICENSE_FAMILY": "pro"}})
         fields: Any = {key: value for key, value in form.items() if key != "auth"} if is_json else \
@@ -254,8 +272,9 @@ class OAuthServer:
             return web.Response(status=answer.status, body=await answer.read(), content_type="application/json")
 
     def _spendable(self, refresh_token: str, now: float) -> bool:
+        # Only this application's own refresh tokens (settings/oauth/error-codes.md: invalid_grant).
         grant = self._refresh.get(refresh_token)
-        return grant is not None and not grant.used and now < grant.expires_at
+        return grant is not None and grant.client_id == self.client_id and not grant.used and now < grant.expires_at
 
     @staticmethod
     def _error(status: int, code: str, description: str) -> web.Response:
