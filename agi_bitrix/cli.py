@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import resource
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from agi_bitrix import __version__
-from agi_bitrix.checking import ConfigError
+from agi_bitrix.checking import ConfigError, quoted
 from agi_bitrix.config import Config, load_config, parse_listen
 
 EXIT_OK = 0
@@ -18,8 +20,41 @@ EXIT_CONFIG = 2
 EXIT_MISMATCH = 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are answered like a bad config: one line saying what is wrong, exit 2. (argparse
+    prints the whole usage first; the line points to --help instead.) Subcommands' parsers are of
+    this class too: add_subparsers makes them with the parser's own class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT, checked as the parser reads it: a typo never reaches the event loop."""
+    try:
+        return parse_listen(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {quoted(text)}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {quoted(text)}")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="agi-bitrix",
         description="FastAGI server that routes incoming Asterisk calls to the Bitrix24 owner of the caller.",
     )
@@ -28,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the FastAGI server")
     serve.add_argument("-c", "--config", required=True, metavar="FILE")
-    serve.add_argument("--listen", metavar="HOST:PORT", help="override server.listen from the config")
+    serve.add_argument("--listen", type=_listen_address, metavar="HOST:PORT",
+                       help="override server.listen from the config")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     check = commands.add_parser("check", help="check a config file; exit 0 when it is valid")
@@ -50,15 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     login = oauth_actions.add_parser(
         "login", help="get the application's first tokens through the browser and store them in the token file")
     login.add_argument("-c", "--config", required=True, metavar="FILE")
-    login.add_argument("--listen", type=int, metavar="PORT",
+    login.add_argument("--listen", type=_port, metavar="PORT",
                        help="receive the portal's redirect on 127.0.0.1:PORT (the application's handler path must"
                             " be http://127.0.0.1:PORT/...); without it, paste the redirect's address")
-    login.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+    login.add_argument("--wait", type=_seconds, default=300.0, metavar="SECONDS",
                        help="how long to wait for the redirect (default 300)")
 
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
-    demo.add_argument("--listen", default="127.0.0.1:4573", metavar="HOST:PORT")
+    demo.add_argument("--listen", type=_listen_address, default="127.0.0.1:4573", metavar="HOST:PORT")
     demo.add_argument("--once", action="store_true", help="show the sample calls and exit")
     return parser
 
@@ -78,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from agi_bitrix.demo import run_demo
 
-        return asyncio.run(run_demo(args.listen, once=args.once))
+        host, port = args.listen
+        return asyncio.run(run_demo(host, port, once=args.once))
     raise AssertionError(args.command)
 
 
@@ -141,13 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    host, port = config.server.host, config.server.port
-    if args.listen:
-        try:
-            host, port = parse_listen(args.listen)
-        except ValueError as error:
-            print(f"--listen: {error}", file=sys.stderr)
-            return EXIT_CONFIG
+    host, port = args.listen or (config.server.host, config.server.port)
     _raise_open_files_limit()
     return asyncio.run(_run_server(config, host, port))
 
