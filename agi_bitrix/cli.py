@@ -9,6 +9,7 @@ import math
 import resource
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from agi_bitrix import __version__
@@ -53,6 +54,17 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _record_file(text: str) -> str:
+    """route --record FILE: a file that can be written where it is named, checked before the
+    portal is asked (a traceback after the lookup would lose its explanation too)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is a folder; name the file to write")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{quoted(text)}: there is no folder {quoted(str(path.parent))}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="agi-bitrix",
@@ -74,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("-c", "--config", required=True, metavar="FILE")
     route.add_argument("phone", metavar="PHONE")
     route.add_argument("--did", default="", metavar="NUMBER", help="the dialled number (DID)")
-    route.add_argument("--record", metavar="FILE",
+    route.add_argument("--record", type=_record_file, metavar="FILE",
                        help="save the portal's answer to FILE, for a case of `agi-bitrix test` (crm_file)")
 
     test = commands.add_parser("test", help="run example calls through the rules; exit 1 on a mismatch")
@@ -217,7 +229,13 @@ def _route(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from agi_bitrix.explain import explain_call
 
-    print(asyncio.run(explain_call(config, args.phone, args.did, record=args.record)))
+    try:
+        print(asyncio.run(explain_call(config, args.phone, args.did, record=args.record)))
+    except OSError as error:
+        if args.record is None or error.filename != args.record:
+            raise
+        print(f"agi-bitrix route: --record: cannot write {args.record}: {error.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -193,6 +193,9 @@ async def test_sighup_reloads_and_sigterm_finishes_calls_in_flight(portal, tmp_p
     (["route", "-c", str(SHIPPED)], "agi-bitrix route: the following arguments are required: PHONE"),
     (["test", "-c", str(SHIPPED)], "agi-bitrix test: the following arguments are required: CASES.yaml"),
     (["check"], "agi-bitrix check: the following arguments are required: -c/--config"),
+    (["route", "-c", str(SHIPPED), "1", "--record", "/nonexistent/x.json"],
+     "agi-bitrix route: argument --record: '/nonexistent/x.json': there is no folder '/nonexistent'"),
+    (["route", "-c", str(SHIPPED), "1", "--record", "/"], "agi-bitrix route: argument --record: '/' is a folder"),
     (["serve", "-c", str(SHIPPED), "--log-level", "loud"], "agi-bitrix serve: argument --log-level: invalid choice"),
     (["bogus"], "agi-bitrix: argument COMMAND: invalid choice: 'bogus'"),
     ([], "agi-bitrix: the following arguments are required: COMMAND"),
@@ -202,6 +205,14 @@ def test_every_command_answers_bad_arguments_with_one_line_and_exit_2(args, mess
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), result.stderr
     assert result.stderr.rstrip().endswith("--help)")
+
+
+async def test_route_says_in_one_line_when_its_record_cannot_be_written(portal):
+    # /proc takes no new file: the write fails after the lookup, not in the argument check.
+    result = await agi_bitrix_async("route", "-c", str(SHIPPED), "89161234567", "--record", "/proc/answer.json",
+                                    env={"AGI_BITRIX_WEBHOOK_URL": portal.webhook_url})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == "agi-bitrix route: --record: cannot write /proc/answer.json: No such file or directory\n"
 
 
 def test_demo_on_an_address_it_cannot_listen_on_says_so_in_one_line():
