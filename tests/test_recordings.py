@@ -481,7 +481,7 @@ def test_a_recording_reached_through_a_linked_folder_is_refused(tmp_path):
                         " (a linked folder on the way?)")
 
 
-async def test_a_read_that_hangs_is_given_up_in_time_in_a_thread_the_stop_does_not_wait_for(monkeypatch, tmp_path):
+async def test_a_read_that_hangs_is_given_up_in_time_in_a_thread_the_stop_does_not_wait_for_and_none_pile_up(monkeypatch, tmp_path):
     # A hung network file system: the look never returns. It must neither hold the outbox past
     # READ_TIMEOUT nor run in a thread that the loop's shutdown joins.
     release, threads = threading.Event(), []
@@ -499,9 +499,16 @@ async def test_a_read_that_hangs_is_given_up_in_time_in_a_thread_the_stop_does_n
     started = time.monotonic()
     try:
         outcome = await recording.send_recording(None, entry, settings)
+        assert time.monotonic() - started < 2
+        assert outcome.kind == "retry"
+        assert outcome.detail == f"recording {tmp_path}/monitor/1.wav could not be read within 0.2 s"
+        assert threads and threads[0].daemon
+        for _ in range(recording.MAX_STUCK_READS - 1):  # retries: each read sticks as well
+            await recording.send_recording(None, entry, settings)
+        assert len(threads) == recording.MAX_STUCK_READS
+        outcome = await recording.send_recording(None, entry, settings)
     finally:
         release.set()
-    assert time.monotonic() - started < 2
-    assert outcome.kind == "retry"
-    assert outcome.detail == f"recording {tmp_path}/monitor/1.wav could not be read within 0.2 s"
-    assert threads and threads[0].daemon
+    assert len(threads) == recording.MAX_STUCK_READS  # no thread more while those are stuck
+    assert outcome.kind == "retry" and outcome.detail.endswith(
+        f"not read: {recording.MAX_STUCK_READS} earlier reads of recordings are still stuck (a hung file system?)")

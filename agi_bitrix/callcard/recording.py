@@ -49,6 +49,10 @@ MIB = 1024 * 1024
 # abandoned and tried again later: a local disk reads 200 MiB in a second or two, only a hung
 # network file system takes this long.
 READ_TIMEOUT = 30.0
+# Reads still stuck past READ_TIMEOUT (threads cannot be stopped) before no new one is started:
+# retries on a hung file system must not pile up threads.
+MAX_STUCK_READS = 4
+_READ_THREAD = "recording-read"
 # O_NONBLOCK: opening a FIFO must not wait for a writer (a FIFO at the path stalled the outbox for
 # good). O_NOFOLLOW: a symbolic link at the path is refused, not followed to whatever it names (the
 # OAuth token file, uploaded to the portal). O_NOCTTY: a terminal device never becomes ours.
@@ -168,7 +172,7 @@ async def _in_own_thread(function: Callable[..., T], *args: Any, timeout: float)
         with contextlib.suppress(RuntimeError):  # the loop closed while this thread was stuck
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="recording-read", daemon=True).start()
+    threading.Thread(target=run, name=_READ_THREAD, daemon=True).start()
     return await asyncio.wait_for(answer, timeout)
 
 
@@ -182,6 +186,10 @@ async def send_recording(portal: PortalClient, entry: Entry, settings: FinishSet
         return Outcome("failed", f"{filename}: attachRecord takes only .wav and .mp3 recordings")
     max_bytes = int(settings.recording_max_size * MIB)
     now = clock()
+    stuck = sum(thread.name == _READ_THREAD for thread in threading.enumerate())
+    if stuck >= MAX_STUCK_READS:
+        return Outcome("retry", f"recording {path} not read: {stuck} earlier reads of recordings are still stuck"
+                                " (a hung file system?)")
     try:
         look = await _in_own_thread(_look, path, recordings_folder(settings.recording_file),
                                     settings.recording_settle, max_bytes, now, timeout=READ_TIMEOUT)
