@@ -481,7 +481,7 @@ def test_a_recording_reached_through_a_linked_folder_is_refused(tmp_path):
                         " (a linked folder on the way?)")
 
 
-async def test_a_read_that_hangs_is_given_up_in_time_in_a_thread_the_stop_does_not_wait_for_and_none_pile_up(monkeypatch, tmp_path):
+async def test_a_hung_read_is_given_up_in_time_in_a_thread_the_stop_ignores_and_none_pile_up(monkeypatch, tmp_path):
     # A hung network file system: the look never returns. It must neither hold the outbox past
     # READ_TIMEOUT nor run in a thread that the loop's shutdown joins.
     release, threads = threading.Event(), []

@@ -176,6 +176,22 @@ async def _in_own_thread(function: Callable[..., T], *args: Any, timeout: float)
     return await asyncio.wait_for(answer, timeout)
 
 
+async def _look_in_time(path: str, settings: FinishSettings, now: float) -> _Look | Outcome:
+    """A look at the file, or the retry for a look that could not be had (in time)."""
+    stuck = sum(thread.name == _READ_THREAD for thread in threading.enumerate())
+    if stuck >= MAX_STUCK_READS:
+        return Outcome("retry", f"recording {path} not read: {stuck} earlier reads of recordings are still stuck"
+                                " (a hung file system?)")
+    try:
+        return await _in_own_thread(_look, path, recordings_folder(settings.recording_file), settings.recording_settle,
+                                    int(settings.recording_max_size * MIB), now, timeout=READ_TIMEOUT)
+    except TimeoutError:  # before OSError, of which it is one
+        return Outcome("retry", f"recording {path} could not be read within {READ_TIMEOUT:g} s")
+    except OSError as error:
+        # Unreadable (permissions) is for an admin to fix: held like a portal refusal, until given up.
+        return Outcome("retry", f"cannot read recording {path}: {error.strerror or error}")
+
+
 async def send_recording(portal: PortalClient, entry: Entry, settings: FinishSettings,
                          clock: Callable[[], float] = time.time) -> Outcome:
     """Upload one queued recording once its file is complete; tell the outbox what came of it."""
@@ -184,20 +200,10 @@ async def send_recording(portal: PortalClient, entry: Entry, settings: FinishSet
     filename = os.path.basename(path)
     if not filename.lower().endswith(EXTENSIONS):
         return Outcome("failed", f"{filename}: attachRecord takes only .wav and .mp3 recordings")
-    max_bytes = int(settings.recording_max_size * MIB)
     now = clock()
-    stuck = sum(thread.name == _READ_THREAD for thread in threading.enumerate())
-    if stuck >= MAX_STUCK_READS:
-        return Outcome("retry", f"recording {path} not read: {stuck} earlier reads of recordings are still stuck"
-                                " (a hung file system?)")
-    try:
-        look = await _in_own_thread(_look, path, recordings_folder(settings.recording_file),
-                                    settings.recording_settle, max_bytes, now, timeout=READ_TIMEOUT)
-    except TimeoutError:  # before OSError, of which it is one
-        return Outcome("retry", f"recording {path} could not be read within {READ_TIMEOUT:g} s")
-    except OSError as error:
-        # Unreadable (permissions) is for an admin to fix: held like a portal refusal, until given up.
-        return Outcome("retry", f"cannot read recording {path}: {error.strerror or error}")
+    look = await _look_in_time(path, settings, now)
+    if isinstance(look, Outcome):
+        return look
     if look.state == "refused":
         # Not MixMonitor's file: something a local user put there. Never read, never sent.
         return Outcome("failed", f"recording {path} refused: {look.why}")
