@@ -435,10 +435,14 @@ async def failed_recording(portal, base, caplog, outbox):
     try:
         call_id = await answered_call(running)
         await until(lambda: running.app.outbox.failed_of("recording") == 1, what="the recording refused")
+        callcard = running.app.health()[1]["callcard"]
     finally:
         await running.stop()
     assert attached(portal, call_id) is None
-    return next(r.getMessage() for r in caplog.records if "will not be delivered" in r.getMessage())
+    assert (callcard["recordings_failed"], callcard["finishes_failed"]) == (1, 0)  # shown in /healthz
+    refused = [r for r in caplog.records if "will not be delivered" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.ERROR]
+    return refused[0].getMessage()
 
 
 async def test_a_link_another_user_made_at_the_recording_path_is_refused_not_followed(portal, shared_monitor,
