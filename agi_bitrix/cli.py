@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import resource
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from agi_bitrix import __version__
-from agi_bitrix.checking import ConfigError
+from agi_bitrix.checking import ConfigError, quoted
 from agi_bitrix.config import Config, load_config, parse_listen
 
 EXIT_OK = 0
@@ -18,8 +21,52 @@ EXIT_CONFIG = 2
 EXIT_MISMATCH = 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are answered like a bad config: one line saying what is wrong, exit 2. (argparse
+    prints the whole usage first; the line points to --help instead.) Subcommands' parsers are of
+    this class too: add_subparsers makes them with the parser's own class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT, checked as the parser reads it: a typo never reaches the event loop."""
+    try:
+        return parse_listen(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {quoted(text)}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {quoted(text)}")
+    return seconds
+
+
+def _record_file(text: str) -> str:
+    """route --record FILE: a file that can be written where it is named, checked before the
+    portal is asked (a traceback after the lookup would lose its explanation too)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is a folder; name the file to write")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{quoted(text)}: there is no folder {quoted(str(path.parent))}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="agi-bitrix",
         description="FastAGI server that routes incoming Asterisk calls to the Bitrix24 owner of the caller.",
     )
@@ -28,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the FastAGI server")
     serve.add_argument("-c", "--config", required=True, metavar="FILE")
-    serve.add_argument("--listen", metavar="HOST:PORT", help="override server.listen from the config")
+    serve.add_argument("--listen", type=_listen_address, metavar="HOST:PORT",
+                       help="override server.listen from the config")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     check = commands.add_parser("check", help="check a config file; exit 0 when it is valid")
@@ -38,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("-c", "--config", required=True, metavar="FILE")
     route.add_argument("phone", metavar="PHONE")
     route.add_argument("--did", default="", metavar="NUMBER", help="the dialled number (DID)")
-    route.add_argument("--record", metavar="FILE",
+    route.add_argument("--record", type=_record_file, metavar="FILE",
                        help="save the portal's answer to FILE, for a case of `agi-bitrix test` (crm_file)")
 
     test = commands.add_parser("test", help="run example calls through the rules; exit 1 on a mismatch")
@@ -50,15 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     login = oauth_actions.add_parser(
         "login", help="get the application's first tokens through the browser and store them in the token file")
     login.add_argument("-c", "--config", required=True, metavar="FILE")
-    login.add_argument("--listen", type=int, metavar="PORT",
+    login.add_argument("--listen", type=_port, metavar="PORT",
                        help="receive the portal's redirect on 127.0.0.1:PORT (the application's handler path must"
                             " be http://127.0.0.1:PORT/...); without it, paste the redirect's address")
-    login.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+    login.add_argument("--wait", type=_seconds, default=300.0, metavar="SECONDS",
                        help="how long to wait for the redirect (default 300)")
 
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
-    demo.add_argument("--listen", default="127.0.0.1:4573", metavar="HOST:PORT")
+    demo.add_argument("--listen", type=_listen_address, default="127.0.0.1:4573", metavar="HOST:PORT")
     demo.add_argument("--once", action="store_true", help="show the sample calls and exit")
     return parser
 
@@ -78,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from agi_bitrix.demo import run_demo
 
-        return asyncio.run(run_demo(args.listen, once=args.once))
+        host, port = args.listen
+        return asyncio.run(run_demo(host, port, once=args.once))
     raise AssertionError(args.command)
 
 
@@ -141,13 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    host, port = config.server.host, config.server.port
-    if args.listen:
-        try:
-            host, port = parse_listen(args.listen)
-        except ValueError as error:
-            print(f"--listen: {error}", file=sys.stderr)
-            return EXIT_CONFIG
+    host, port = args.listen or (config.server.host, config.server.port)
     _raise_open_files_limit()
     return asyncio.run(_run_server(config, host, port))
 
@@ -186,7 +229,13 @@ def _route(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from agi_bitrix.explain import explain_call
 
-    print(asyncio.run(explain_call(config, args.phone, args.did, record=args.record)))
+    try:
+        print(asyncio.run(explain_call(config, args.phone, args.did, record=args.record)))
+    except OSError as error:
+        if args.record is None or error.filename != args.record:
+            raise
+        print(f"agi-bitrix route: --record: cannot write {args.record}: {error.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

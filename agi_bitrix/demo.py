@@ -8,11 +8,13 @@ pointed at it.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 from importlib import resources
 
 from agi_bitrix.app import Application, until_stopped
-from agi_bitrix.config import Config, parse_config, parse_listen
+from agi_bitrix.config import Config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM
@@ -23,9 +25,9 @@ def default_config(webhook_url: str) -> Config:
     return parse_config(text, "built-in default config", {"AGI_BITRIX_WEBHOOK_URL": webhook_url})
 
 
-async def run_demo(listen: str, *, once: bool = False) -> int:
+async def run_demo(host: str, port: int, *, once: bool = False) -> int:
+    """`host`, `port`: where the FastAGI server listens (a checked --listen)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    host, port = parse_listen(listen)
     emulator = PortalEmulator(SAMPLE_CRM)
     webhook_url = await emulator.start()
     config = default_config(webhook_url)
@@ -33,8 +35,12 @@ async def run_demo(listen: str, *, once: bool = False) -> int:
     try:
         try:
             host, port = await app.start(host, port)
-        except OSError:
-            print(f"{listen} is taken; using a free port instead")
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:  # an address not on this machine, a name not resolved
+                # One line, as `serve` says it: a traceback would only hide what to change.
+                print(f"cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+                return 1
+            print(f"{host}:{port} is taken; using a free port instead")
             host, port = await app.start(host, 0)
         print(f"Bitrix24 emulator: {app.portal.redacted_url} ({len(SAMPLE_CRM)} sample clients)")
         print(f"FastAGI server:    agi://{host}:{port}/route (shipped default rules)")

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from agi_bitrix.testing.fake_asterisk import fake_call
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +178,49 @@ async def test_sighup_reloads_and_sigterm_finishes_calls_in_flight(portal, tmp_p
 
 
 # -- oauth login and the auth mode in check ---------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--once", "--listen", "foo"], "agi-bitrix demo: argument --listen: expected HOST:PORT, got 'foo'"),
+    (["demo", "--once", "--listen", "127.0.0.1:0"], "agi-bitrix demo: argument --listen: expected HOST:PORT"),
+    (["demo", "--once", "--listen", "127.0.0.1:99999"], "agi-bitrix demo: argument --listen: expected HOST:PORT"),
+    (["serve", "-c", str(SHIPPED), "--listen", "foo"], "agi-bitrix serve: argument --listen: expected HOST:PORT"),
+    (["oauth", "login", "-c", str(SHIPPED), "--listen", "99999"],
+     "agi-bitrix oauth login: argument --listen: expected a port from 1 to 65535, got '99999'"),
+    (["oauth", "login", "-c", str(SHIPPED), "--wait", "nan"],
+     "agi-bitrix oauth login: argument --wait: expected a number of seconds above 0, got 'nan'"),
+    (["oauth", "login", "-c", str(SHIPPED), "--wait", "-1"], "agi-bitrix oauth login: argument --wait: expected"),
+    (["oauth"], "agi-bitrix oauth: the following arguments are required: ACTION"),
+    (["route", "-c", str(SHIPPED)], "agi-bitrix route: the following arguments are required: PHONE"),
+    (["test", "-c", str(SHIPPED)], "agi-bitrix test: the following arguments are required: CASES.yaml"),
+    (["check"], "agi-bitrix check: the following arguments are required: -c/--config"),
+    (["route", "-c", str(SHIPPED), "1", "--record", "/nonexistent/x.json"],
+     "agi-bitrix route: argument --record: '/nonexistent/x.json': there is no folder '/nonexistent'"),
+    (["route", "-c", str(SHIPPED), "1", "--record", "/"], "agi-bitrix route: argument --record: '/' is a folder"),
+    (["serve", "-c", str(SHIPPED), "--log-level", "loud"], "agi-bitrix serve: argument --log-level: invalid choice"),
+    (["bogus"], "agi-bitrix: argument COMMAND: invalid choice: 'bogus'"),
+    ([], "agi-bitrix: the following arguments are required: COMMAND"),
+])
+def test_every_command_answers_bad_arguments_with_one_line_and_exit_2(args, message):
+    result = agi_bitrix(*args, timeout=30)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+    assert result.stderr.rstrip().endswith("--help)")
+
+
+async def test_route_says_in_one_line_when_its_record_cannot_be_written(portal):
+    # /proc takes no new file: the write fails after the lookup, not in the argument check.
+    result = await agi_bitrix_async("route", "-c", str(SHIPPED), "89161234567", "--record", "/proc/answer.json",
+                                    env={"AGI_BITRIX_WEBHOOK_URL": portal.webhook_url})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == "agi-bitrix route: --record: cannot write /proc/answer.json: No such file or directory\n"
+
+
+def test_demo_on_an_address_it_cannot_listen_on_says_so_in_one_line():
+    # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never an address of this machine.
+    result = agi_bitrix("demo", "--once", "--listen", "192.0.2.1:4573", timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("cannot listen on 192.0.2.1:4573: ") and len(result.stderr.splitlines()) == 1
+
 
 OAUTH_CLIENT_ID, OAUTH_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
 

@@ -7,27 +7,40 @@ import base64
 import json
 import logging
 import os
+import shutil
+import signal
 import sqlite3
+import subprocess
+import tempfile
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from agi_bitrix.callcard.outbox import Outbox, Outcome, RetryPolicy
+from agi_bitrix.bitrix.errors import BodyTooLarge, RequestRejected, refusal
+from agi_bitrix.callcard import recording
+from agi_bitrix.callcard.finish import recording_key
+from agi_bitrix.callcard.outbox import Entry, Outbox, Outcome, RetryPolicy
+from agi_bitrix.callcard.recording import MIB, _look, recordings_folder
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import parse_config
+from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, until
+from tests.filesystems import NOBODY, require_root
 from tests.test_callcard import FINISH, Running, delivered_finishes
+from tests.test_callcard_redis import serve, text_of
 
 ATTACH = "telephony.externalcall.attachrecord"
 UNIQUEID = "1700000000.1"
 WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 40  # ~10 kB: a few frames of sound
 
 
-def recording_config(webhook_url, tmp_path, recording="", deadline=1.0, record_url=""):
+def recording_config(webhook_url, tmp_path, recording="", deadline=1.0, record_url="", outbox=None):
     text = textwrap.dedent(f"""\
         bitrix: {{webhook_url: "{webhook_url}", deadline: {deadline}, rate_limit: {{per_second: 1000, burst: 1000}}}}
         routing:
@@ -36,8 +49,9 @@ def recording_config(webhook_url, tmp_path, recording="", deadline=1.0, record_u
           rules:
         """) + textwrap.indent(TEST_RULES, "    ") + textwrap.dedent(f"""\
         users: {{refresh: 600}}
+        metrics: {{listen: "off"}}
         callcard:
-          outbox: {tmp_path / "outbox.sqlite3"}
+          outbox: {outbox or tmp_path / "outbox.sqlite3"}
           finish:
             {record_url}
             retry: {{first: 0.05, max: 0.2}}
@@ -165,6 +179,13 @@ async def test_a_body_over_the_portals_limit_says_what_to_do(tmp_path):
     assert row["last_error"].startswith("http_413: ")
     assert "lower callcard.finish.recording.max_size, or publish the recordings and use record_url" in row["last_error"]
     assert len(portal.requests_for(ATTACH)) == 0  # nginx refused it before the portal saw it
+
+
+def test_a_body_too_large_is_a_class_of_its_own_among_this_requests_refusals():
+    # Decided by class, not by comparing "http_413": a refusal of this request, the portal is up.
+    error = refusal("http_413", "413 Request Entity Too Large")
+    assert isinstance(error, BodyTooLarge) and isinstance(error, RequestRejected)
+    assert not isinstance(refusal("http_400", ""), BodyTooLarge)
 
 
 async def test_the_upload_has_its_own_timeout_beyond_the_lookup_deadline(portal, tmp_path):
@@ -323,3 +344,175 @@ async def test_an_outbox_file_of_the_first_version_is_read_and_extended(tmp_path
     await until(lambda: len(sent) == 2)
     await outbox.close()
     assert sent == [("finish", "externalCall.a.1"), ("recording", "externalCall.a.1/recording")]
+
+
+# -- files that are not a recording: a FIFO, links, another user's file -------------------------
+
+def served_recording_config(path, webhook_url, tmp_path):
+    """A config file for `agi-bitrix serve` uploading recordings from tmp_path/monitor."""
+    path.write_text(textwrap.dedent(f"""\
+        metrics: {{listen: "off"}}
+        bitrix: {{webhook_url: "{webhook_url}", rate_limit: {{per_second: 1000, burst: 1000}}}}
+        routing: {{fallback_queue: support}}
+        users: {{refresh: 600}}
+        callcard:
+          outbox: {tmp_path / "outbox.sqlite3"}
+          finish:
+            retry: {{first: 0.1, max: 0.5}}
+            recording: {{file: "{tmp_path}/monitor/{{uniqueid}}.wav", settle: 0.1}}
+        """))
+    return path
+
+
+async def served_answered_call(port, uniqueid):
+    """register then finish (answered, recorded) through the FastAGI server on `port`; the CALL_ID."""
+    registered = await fake_call("127.0.0.1", port, script="register", uniqueid=uniqueid,
+                                 args=("79161234567", "1", uniqueid, "74950000000", "CONTACT", "12"))
+    call_id = registered.variables["B24_CALL_ID"]
+    assert call_id, registered.variables
+    await fake_call("127.0.0.1", port, script="finish", uniqueid=uniqueid,
+                    args=(call_id, "1", "ANSWER", "100.0", "101", "130.0", ""))
+    return call_id
+
+
+async def test_a_fifo_at_the_recording_path_stalls_neither_the_outbox_nor_the_stop(portal, tmp_path):
+    # A FIFO where MixMonitor's file should be: open() waited for a writer for ever, in a thread the
+    # loop joins at shutdown, so the outbox delivered nothing more and SIGTERM logged "stopped" and
+    # hung. Now only a regular file is read; the FIFO's recording fails, the others go on.
+    (tmp_path / "monitor").mkdir()
+    os.mkfifo(tmp_path / "monitor" / "1700000000.1.wav")
+    config = served_recording_config(tmp_path / "agi-bitrix.yaml", portal.webhook_url, tmp_path)
+    log = tmp_path / "serve.log"
+    process, port = await serve(config, portal.webhook_url, log)
+    try:
+        fifo_call = await served_answered_call(port, "1700000000.1")
+        later = []
+        for index in (2, 3, 4):
+            write_closed(tmp_path / "monitor" / f"1700000000.{index}.wav")
+            later.append(await served_answered_call(port, f"1700000000.{index}"))
+        await until(lambda: all(attached(portal, call_id) is not None for call_id in later), timeout=15,
+                    what=f"the later calls' recordings:\n{text_of(log)}")
+        assert len(delivered_finishes(portal)) == 4
+    finally:
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(process.wait(), 35)  # server.session_timeout (30 s) is the documented bound
+        except TimeoutError:
+            process.kill()
+            raise AssertionError(f"SIGTERM did not stop the server:\n{text_of(log)}") from None
+    assert time.monotonic() - started < 5  # nothing in flight: it stops at once
+    assert process.returncode == 0, text_of(log)
+    assert (f"recording {recording_key(fifo_call)} will not be delivered: recording {tmp_path}/monitor/"
+            "1700000000.1.wav refused: it is not a regular file") in text_of(log)
+    assert attached(portal, fifo_call) is None
+
+
+@pytest.fixture
+def shared_monitor():
+    """A base folder others may enter, holding a recordings folder any local user may write in
+    (root's, sticky, like /tmp) and a secret of root's beside it, as the OAuth token file is."""
+    base = Path(tempfile.mkdtemp(prefix="agi-bitrix-recordings-"))
+    os.chmod(base, 0o755)
+    (base / "monitor").mkdir()
+    os.chmod(base / "monitor", 0o1777)
+    secret = base / "oauth.json"
+    secret.write_text('{"refresh_token": "r-secret-token"}')
+    os.chmod(secret, 0o600)
+    yield base
+    shutil.rmtree(base)
+
+
+def as_nobody(*command):
+    """Run `command` as the local user nobody, who cannot read root's secret."""
+    require_root("running a process as another user")
+    subprocess.run(command, user=NOBODY, cwd="/", check=True, capture_output=True)
+
+
+async def failed_recording(portal, base, caplog, outbox):
+    """An answered call whose recording is at base/monitor/UNIQUEID.wav: what the server logged of it."""
+    running = await Running(recording_config(portal.webhook_url, base, "settle: 0.05\n", outbox=outbox)).start()
+    try:
+        call_id = await answered_call(running)
+        await until(lambda: running.app.outbox.failed_of("recording") == 1, what="the recording refused")
+        callcard = running.app.health()[1]["callcard"]
+    finally:
+        await running.stop()
+    assert attached(portal, call_id) is None
+    assert (callcard["recordings_failed"], callcard["finishes_failed"]) == (1, 0)  # shown in /healthz
+    refused = [r for r in caplog.records if "will not be delivered" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.ERROR]
+    return refused[0].getMessage()
+
+
+async def test_a_link_another_user_made_at_the_recording_path_is_refused_not_followed(portal, shared_monitor,
+                                                                                       tmp_path, caplog):
+    # nobody cannot read the token file, but the server can: following the link uploaded it.
+    as_nobody("ln", "-s", str(shared_monitor / "oauth.json"), str(shared_monitor / "monitor" / f"{UNIQUEID}.wav"))
+    logged = await failed_recording(portal, shared_monitor, caplog, tmp_path / "outbox.sqlite3")
+    assert logged.endswith(f"{UNIQUEID}.wav refused: it is a symbolic link; a recording is read only as a file"
+                           f" of its own (kept in {tmp_path / 'outbox.sqlite3'})")
+    assert "r-secret-token" not in caplog.text
+
+
+async def test_a_file_another_user_wrote_at_the_recording_path_is_refused(portal, shared_monitor, tmp_path,
+                                                                           caplog):
+    as_nobody("sh", "-c", f"echo forged > {shared_monitor}/monitor/{UNIQUEID}.wav")
+    os.utime(shared_monitor / "monitor" / f"{UNIQUEID}.wav", (time.time() - 60, time.time() - 60))
+    logged = await failed_recording(portal, shared_monitor, caplog, tmp_path / "outbox.sqlite3")
+    assert f"refused: it belongs to uid {NOBODY}, neither this server's user, root, nor the owner of" in logged
+
+
+async def test_a_hard_link_at_the_recording_path_is_refused(portal, tmp_path, caplog):
+    (tmp_path / "monitor").mkdir()
+    secret = tmp_path / "oauth.json"
+    secret.write_text('{"refresh_token": "r-secret-token"}')
+    os.utime(secret, (time.time() - 60, time.time() - 60))
+    os.link(secret, tmp_path / "monitor" / f"{UNIQUEID}.wav")
+    logged = await failed_recording(portal, tmp_path, caplog, tmp_path / "outbox.sqlite3")
+    assert "refused: it has 2 names (hard links); a recording has one" in logged
+
+
+def test_a_recording_reached_through_a_linked_folder_is_refused(tmp_path):
+    (tmp_path / "monitor").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    write_closed(tmp_path / "elsewhere" / "x.wav")
+    (tmp_path / "monitor" / "sub").symlink_to(tmp_path / "elsewhere")
+    folder = recordings_folder(f"{tmp_path}/monitor/{{uniqueid}}.wav")
+    look = _look(str(tmp_path / "monitor" / "sub" / "x.wav"), folder, settle=0.0, max_bytes=MIB, now=time.time())
+    assert look.state == "refused"
+    assert look.why == (f"it is {tmp_path}/elsewhere/x.wav, outside the recordings folder {tmp_path}/monitor"
+                        " (a linked folder on the way?)")
+
+
+async def test_a_hung_read_is_given_up_in_time_in_a_thread_the_stop_ignores_and_none_pile_up(monkeypatch, tmp_path):
+    # A hung network file system: the look never returns. It must neither hold the outbox past
+    # READ_TIMEOUT nor run in a thread that the loop's shutdown joins.
+    release, threads = threading.Event(), []
+
+    def hung_look(*args):
+        threads.append(threading.current_thread())
+        release.wait(10)
+        raise OSError("released")
+
+    monkeypatch.setattr(recording, "_look", hung_look)
+    monkeypatch.setattr(recording, "READ_TIMEOUT", 0.2)
+    settings = recording_config("https://portal.example/rest/1/code/", tmp_path).callcard.finish
+    entry = Entry(recording_key("c.1"), {"path": f"{tmp_path}/monitor/1.wav", "CALL_ID": "c.1",
+                                         "hangup_at": time.time()}, attempt=1, queued_at=time.time(), kind="recording")
+    started = time.monotonic()
+    try:
+        outcome = await recording.send_recording(None, entry, settings)
+        assert time.monotonic() - started < 2
+        assert outcome.kind == "retry"
+        assert outcome.detail == f"recording {tmp_path}/monitor/1.wav could not be read within 0.2 s"
+        assert threads and threads[0].daemon
+        for _ in range(recording.MAX_STUCK_READS - 1):  # retries: each read sticks as well
+            await recording.send_recording(None, entry, settings)
+        assert len(threads) == recording.MAX_STUCK_READS
+        outcome = await recording.send_recording(None, entry, settings)
+    finally:
+        release.set()
+    assert len(threads) == recording.MAX_STUCK_READS  # no thread more while those are stuck
+    assert outcome.kind == "retry" and outcome.detail.endswith(
+        f"not read: {recording.MAX_STUCK_READS} earlier reads of recordings are still stuck (a hung file system?)")

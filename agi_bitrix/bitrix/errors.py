@@ -152,6 +152,11 @@ class RequestRejected(PortalRefused):
     """This one request's parameters were refused (HTTP 400); the portal itself is fine."""
 
 
+class BodyTooLarge(RequestRejected):
+    """HTTP 413: the body was more than the portal (its nginx, by client_max_body_size) takes.
+    The same body is refused every time; a smaller one may pass."""
+
+
 class PortalUnavailable(PortalRefused):
     """The portal's side is broken right now (HTTP 5xx, INTERNAL_SERVER_ERROR, PORTAL_DELETED)."""
 
@@ -233,6 +238,8 @@ def refusal_class(code: str) -> type[PortalRefused]:
         return kind
     if code == "http_429":
         return RateLimited
+    if code == "http_413":
+        return BodyTooLarge
     if _SERVER_ERROR.fullmatch(code):
         return PortalUnavailable
     return PortalRefused

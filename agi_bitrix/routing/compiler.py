@@ -8,6 +8,7 @@ at call time (routing.engine) cannot fail.
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Callable
 from datetime import date
@@ -248,19 +249,35 @@ def _year(text: str) -> int:
 
 
 def _some_day_in(interval: TimeInterval) -> bool:
-    """Whether any date has all the day parts of `interval`. As the calendar repeats every 400
-    years, a year stands for every year it equals modulo 400, and any 400 years for all."""
-    years: dict[int, int] = {}  # a year of each residue modulo 400 the interval allows
-    for first, last in sorted(set(interval.years)) or [(2000, 2399)]:
+    """Whether any date has all the day parts of `interval` (its times and zone do not matter)."""
+    return _some_day_with(interval.weekdays, interval.days_of_month, interval.months, interval.years)
+
+
+# Keyed by the day parts: an interval repeated (YAML aliases make that cheap to write: 1,000
+# copies of one impossible interval) is judged once, and judging one costs about a millisecond.
+@functools.lru_cache(maxsize=4096)
+def _some_day_with(weekdays: frozenset[int], days_of_month: tuple[DayRange, ...], months: frozenset[int],
+                   years: tuple[tuple[int, int], ...]) -> bool:
+    """As the calendar repeats every 400 years, a year stands for every year it equals modulo 400,
+    and any 400 years for all. Within those, a month is tried once per weekday it starts on and
+    length it has: the day parts see a date only through its year (allowed for all of them), its
+    month, its day, its weekday and its month's length, so another such month answers alike."""
+    interval = TimeInterval(weekdays=weekdays, days_of_month=days_of_month, months=months, years=years)
+    years_by_residue: dict[int, int] = {}  # a year of each residue modulo 400 the interval allows
+    for first, last in sorted(set(years)) or [(2000, 2399)]:
         for year in range(first, min(last, first + _CALENDAR_CYCLE - 1) + 1):
-            years.setdefault(year % _CALENDAR_CYCLE, year)
-        if len(years) == _CALENDAR_CYCLE:
+            years_by_residue.setdefault(year % _CALENDAR_CYCLE, year)
+        if len(years_by_residue) == _CALENDAR_CYCLE:
             break
-    for year in sorted(years.values()):
-        for month in sorted(interval.months) or range(1, 13):
-            for day in range(1, calendar.monthrange(year, month)[1] + 1):
-                if interval.contains_day(date(year, month, day)):
-                    return True
+    tried: set[tuple[int, int, int]] = set()  # (month, weekday of its first day, its length)
+    for year in sorted(years_by_residue.values()):
+        for month in sorted(months) or range(1, 13):
+            first_weekday, length = calendar.monthrange(year, month)
+            if (month, first_weekday, length) in tried:
+                continue
+            tried.add((month, first_weekday, length))
+            if any(interval.contains_day(date(year, month, day)) for day in range(1, length + 1)):
+                return True
     return False
 
 
