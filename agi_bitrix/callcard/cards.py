@@ -34,7 +34,7 @@ from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.callcard.register import CALL_ID_PATTERN
+from agi_bitrix.callcard.identity import CALL_ID_PATTERN
 from agi_bitrix.config import Config
 
 log = logging.getLogger("agi_bitrix.callcard")

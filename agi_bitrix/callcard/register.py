@@ -28,7 +28,8 @@ from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.config import Config, RegisterSettings
+from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
+from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 
 log = logging.getLogger("agi_bitrix.callcard")
@@ -36,10 +37,6 @@ log = logging.getLogger("agi_bitrix.callcard")
 REGISTER = "telephony.externalcall.register"
 INCOMING = 2
 ENTITY_TYPES = ("CONTACT", "COMPANY", "LEAD")
-USER_ID_PATTERN = re.compile(r"^[0-9]{1,20}$")
-# Asterisk's linkedid/uniqueid ("1700000000.42", or a custom id) and the portal's CALL_ID
-# ("externalCall.<hex>.<unix time>").
-CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ERROR = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _ENTITY_TYPE = re.compile(r"^[A-Z][A-Z_]{0,29}$")
 # The portal's LEAD_CREATION_ERROR is a sentence; B24_LEAD_ERROR keeps its start.
@@ -181,16 +178,6 @@ class RegisterService:
             params["CRM_ENTITY_TYPE"] = arguments.entity_type
             params["CRM_ENTITY_ID"] = arguments.entity_id
         return params
-
-
-def responsible_user(settings: RegisterSettings, did: str) -> str:
-    """Who takes a call to `did` (international digits) that has no (active) owner:
-    callcard.register.responsible's user for that DID (the first listed), else default_user."""
-    if did:
-        for entry in settings.responsible:
-            if entry.number == did:
-                return entry.user
-    return settings.default_user
 
 
 @dataclass
