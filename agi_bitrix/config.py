@@ -249,6 +249,7 @@ class CallLogSettings:
 
 @dataclass(frozen=True)
 class RegisterSettings:
+    # Seconds register may take, request slot included; past it the call goes on without a card.
     deadline: float = number("deadline", 2.0, 0, 30)
     # Bitrix24 user id for calls without an (active) owner; "" = skip them.
     default_user: str = text("default_user", "", check=_user_id)
@@ -258,6 +259,13 @@ class RegisterSettings:
     crm_source: str = text("crm_source", "", check=_crm_source)
     show: bool = flag("show", True)
     line_number: str = text("line_number", "", check=_line_number)  # "" = the dialled number (DID)
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    # Seconds a card's show or hide (telephony.externalCall.show/.hide) may take; it runs in the
+    # background, so this bounds how long it may hold a request slot, never the ring.
+    deadline: float = number("deadline", 2.0, 0, 30)
 
 
 @dataclass(frozen=True)
@@ -288,6 +296,7 @@ class CallCardSettings:
     # With the outbox in Redis: seconds a finish held by a server that stopped waits before another takes it.
     outbox_claim_after: float = number("outbox_claim_after", 60.0, 1, 3600)
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
+    cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
 
 
@@ -314,6 +323,9 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
+    # at WARNING when it starts.
+    deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -346,6 +358,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
+    callcard, deprecated = _cards_deadline(file, data, callcard)
     redis = _redis(check, data, environ, bitrix)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
@@ -358,7 +371,24 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
                   variable_prefix=prefix, policy=policy, cache=cache, metrics=metrics, call_log=call_log,
-                  callcard=callcard, users=users, redis=redis)
+                  callcard=callcard, users=users, redis=redis, deprecated=deprecated)
+
+
+def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
+                                                                                       tuple[Problem, ...]]:
+    """callcard.register.deadline bounded the cards' show and hide too, before callcard.cards.deadline:
+    a file that sets the first and not the second keeps that meaning, with a deprecation note."""
+    section = data.get("callcard")
+    register = section.get("register") if isinstance(section, LocatedDict) else None
+    cards = section.get("cards") if isinstance(section, LocatedDict) else None
+    if not isinstance(register, LocatedDict) or "deadline" not in register or (
+            isinstance(cards, LocatedDict) and "deadline" in cards):
+        return callcard, ()
+    note = Problem(file, register.lines.get("deadline", register.line), "callcard.register.deadline",
+                   "deprecated for the call cards: it bounds their show and hide too only while"
+                   " callcard.cards.deadline is not set; set callcard.cards.deadline for them")
+    cards_deadline = dataclasses.replace(callcard.cards, deadline=callcard.register.deadline)
+    return dataclasses.replace(callcard, cards=cards_deadline), (note,)
 
 
 def _responsible_numbers(check: Checker, data: LocatedDict, callcard: CallCardSettings,
