@@ -41,6 +41,7 @@ from agi_bitrix.schema import anything, flag, integer, items, number, own, secti
 WEBHOOK_ENV = "AGI_BITRIX_WEBHOOK_URL"
 CLIENT_SECRET_ENV = "AGI_BITRIX_CLIENT_SECRET"
 REDIS_URL_ENV = "AGI_BITRIX_REDIS_URL"
+DEFAULT_COUNTRY = "RU"  # phones.default_country when the file does not set it
 LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
@@ -90,7 +91,7 @@ def _log_format(value: str) -> str:
 
 
 def _region(value: str) -> str:
-    country = (value or Config.default_country).upper()
+    country = (value or DEFAULT_COUNTRY).upper()
     if country not in phonenumbers.SUPPORTED_REGIONS:
         raise ValueError(f"{quoted(country)} is not a region code like RU, KZ, BY")
     return country
@@ -306,13 +307,23 @@ class UsersSettings:
     refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True)
 
 
+def _not_kept(declared: Any) -> Any:
+    """A declared key that parse_config reads and hands on instead of keeping on Config: still a
+    field, so the file's keys, default and check come from Config's declarations like any other,
+    but not set by __init__ and not compared (the class attribute is removed below the class)."""
+    return dataclasses.field(default=declared.default, init=False, repr=False, compare=False,
+                             metadata=declared.metadata)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     path: str
     digest: str  # sha256 of the file, to tell which version is loaded
     server: ServerSettings = section("server", ServerSettings, absent=ServerSettings())
     bitrix: BitrixSettings = section("bitrix", BitrixSettings)
-    default_country: str = text("phones.default_country", "RU", check=_region)
+    # Compiled into the routing policy, the one place the country is kept: read it as
+    # `config.policy.default_country`.
+    default_country: str = _not_kept(text("phones.default_country", DEFAULT_COUNTRY, check=_region))
     variable_prefix: str = text("variables.prefix", "B24_", check=_variable_prefix)
     policy: RoutingPolicy = own("routing")
     cache: CacheSettings = section("cache", CacheSettings, absent=CacheSettings())
@@ -326,6 +337,9 @@ class Config:
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
+
+
+del Config.default_country  # so `config.default_country` fails instead of giving the declared default
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -369,9 +383,9 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
                       "is served on metrics.listen, which is off")
     check.raise_problems()
-    return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
-                  variable_prefix=prefix, policy=policy, cache=cache, metrics=metrics, call_log=call_log,
-                  callcard=callcard, users=users, redis=redis, deprecated=deprecated)
+    return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
+                  cache=cache, metrics=metrics, call_log=call_log, callcard=callcard, users=users, redis=redis,
+                  deprecated=deprecated)
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
