@@ -95,8 +95,7 @@ class RouteScript:
     """The `route` AGI script (and the answer to an unknown one): the router's variables on the
     channel, every call counted in the metrics and the call log."""
 
-    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog,
-                 recorder: CallRecorder | None = None) -> None:
+    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog, recorder: CallRecorder) -> None:
         self.router = router
         self.config = router.config
         self.metrics = metrics
@@ -133,8 +132,7 @@ class RouteScript:
         self.metrics.count_call(record.status, record.route, record.rule)
         self.metrics.call_seconds.observe(seconds)
         self.call_log.record(record)
-        if self.recorder is not None:
-            self.recorder.record(record)
+        self.recorder.record(record)
 
     def fallback_variables(self, reason: str) -> dict[str, str]:
         """Variables for a call we could not route normally (an internal failure)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -77,13 +76,11 @@ def register_arguments(values: list[str], request: AgiRequest, default_country: 
 
 
 class RegisterService:
-    def __init__(self, config: Config, portal: PortalClient, holders: CardHolders,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, config: Config, portal: PortalClient, holders: CardHolders) -> None:
         """`holders` learns who the portal shows the card to (SHOW), so an answer can hide it."""
         self.config = config
         self.portal = portal
         self.holders = holders
-        self.clock = clock
 
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
@@ -164,7 +161,7 @@ class RegisterService:
             "USER_ID": user_id,
             "PHONE_NUMBER": arguments.phone,
             "TYPE": INCOMING,
-            "CALL_START_DATE": self.clock().isoformat(timespec="seconds"),
+            "CALL_START_DATE": datetime.now(UTC).isoformat(timespec="seconds"),
             "CRM_CREATE": settings.crm_create,
             "SHOW": settings.show,
             "LINE_NUMBER": settings.line_number or arguments.did,
