@@ -14,6 +14,7 @@ import re
 import sys
 from datetime import UTC, datetime
 
+from agi_bitrix.callrecord import CallRecord
 from agi_bitrix.config import CallLogSettings
 
 log = logging.getLogger("agi_bitrix.calls")
@@ -49,21 +50,21 @@ class CallLog:
     def close(self) -> None:
         self.configure(CallLogSettings(format="plain"))
 
-    def record(self, uniqueid: str, phone: str, status: str, route: str, target: str, rule: str,
-               error: str, cache: str, seconds: float) -> None:
+    def record(self, call: CallRecord) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
+        phone = call.phone
         fields = {
             # From the AGI header: a hostile client could put spaces or "status=..." in it.
-            "uniqueid": _UNSAFE.sub("?", uniqueid)[:64] or "-",
+            "uniqueid": _UNSAFE.sub("?", call.uniqueid)[:64] or "-",
             "phone": (mask_number(phone) if self.settings.mask_numbers else phone) or "-",
-            "status": status,
-            "route": route,
-            "target": target,
-            "rule": rule,
-            "error": error or "-",
-            "cache": cache or "-",
-            "latency_ms": round(seconds * 1000, 1),
+            "status": call.status,
+            "route": call.route,
+            "target": call.target,
+            "rule": call.rule,
+            "error": call.error or "-",
+            "cache": call.cache or "-",
+            "latency_ms": round(call.seconds * 1000, 1),
         }
         if self.settings.format == "json":
             fields = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **fields}

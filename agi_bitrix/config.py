@@ -41,6 +41,7 @@ from agi_bitrix.schema import anything, flag, integer, items, number, own, secti
 WEBHOOK_ENV = "AGI_BITRIX_WEBHOOK_URL"
 CLIENT_SECRET_ENV = "AGI_BITRIX_CLIENT_SECRET"
 REDIS_URL_ENV = "AGI_BITRIX_REDIS_URL"
+DEFAULT_COUNTRY = "RU"  # phones.default_country when the file does not set it
 LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
@@ -90,7 +91,7 @@ def _log_format(value: str) -> str:
 
 
 def _region(value: str) -> str:
-    country = (value or Config.default_country).upper()
+    country = (value or DEFAULT_COUNTRY).upper()
     if country not in phonenumbers.SUPPORTED_REGIONS:
         raise ValueError(f"{quoted(country)} is not a region code like RU, KZ, BY")
     return country
@@ -249,6 +250,7 @@ class CallLogSettings:
 
 @dataclass(frozen=True)
 class RegisterSettings:
+    # Seconds register may take, request slot included; past it the call goes on without a card.
     deadline: float = number("deadline", 2.0, 0, 30)
     # Bitrix24 user id for calls without an (active) owner; "" = skip them.
     default_user: str = text("default_user", "", check=_user_id)
@@ -258,6 +260,13 @@ class RegisterSettings:
     crm_source: str = text("crm_source", "", check=_crm_source)
     show: bool = flag("show", True)
     line_number: str = text("line_number", "", check=_line_number)  # "" = the dialled number (DID)
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    # Seconds a card's show or hide (telephony.externalCall.show/.hide) may take; it runs in the
+    # background, so this bounds how long it may hold a request slot, never the ring.
+    deadline: float = number("deadline", 2.0, 0, 30)
 
 
 @dataclass(frozen=True)
@@ -288,6 +297,7 @@ class CallCardSettings:
     # With the outbox in Redis: seconds a finish held by a server that stopped waits before another takes it.
     outbox_claim_after: float = number("outbox_claim_after", 60.0, 1, 3600)
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
+    cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
 
 
@@ -297,13 +307,23 @@ class UsersSettings:
     refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True)
 
 
+def _not_kept(declared: Any) -> Any:
+    """A declared key that parse_config reads and hands on instead of keeping on Config: still a
+    field, so the file's keys, default and check come from Config's declarations like any other,
+    but not set by __init__ and not compared (the class attribute is removed below the class)."""
+    return dataclasses.field(default=declared.default, init=False, repr=False, compare=False,
+                             metadata=declared.metadata)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     path: str
     digest: str  # sha256 of the file, to tell which version is loaded
     server: ServerSettings = section("server", ServerSettings, absent=ServerSettings())
     bitrix: BitrixSettings = section("bitrix", BitrixSettings)
-    default_country: str = text("phones.default_country", "RU", check=_region)
+    # Compiled into the routing policy, the one place the country is kept: read it as
+    # `config.policy.default_country`.
+    default_country: str = _not_kept(text("phones.default_country", DEFAULT_COUNTRY, check=_region))
     variable_prefix: str = text("variables.prefix", "B24_", check=_variable_prefix)
     policy: RoutingPolicy = own("routing")
     cache: CacheSettings = section("cache", CacheSettings, absent=CacheSettings())
@@ -314,6 +334,12 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
+    # at WARNING when it starts.
+    deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
+
+
+del Config.default_country  # so `config.default_country` fails instead of giving the declared default
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -346,6 +372,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
+    callcard, deprecated = _cards_deadline(file, data, callcard)
     redis = _redis(check, data, environ, bitrix)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
@@ -356,9 +383,26 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
                       "is served on metrics.listen, which is off")
     check.raise_problems()
-    return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
-                  variable_prefix=prefix, policy=policy, cache=cache, metrics=metrics, call_log=call_log,
-                  callcard=callcard, users=users, redis=redis)
+    return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
+                  cache=cache, metrics=metrics, call_log=call_log, callcard=callcard, users=users, redis=redis,
+                  deprecated=deprecated)
+
+
+def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
+                                                                                       tuple[Problem, ...]]:
+    """callcard.register.deadline bounded the cards' show and hide too, before callcard.cards.deadline:
+    a file that sets the first and not the second keeps that meaning, with a deprecation note."""
+    section = data.get("callcard")
+    register = section.get("register") if isinstance(section, LocatedDict) else None
+    cards = section.get("cards") if isinstance(section, LocatedDict) else None
+    if not isinstance(register, LocatedDict) or "deadline" not in register or (
+            isinstance(cards, LocatedDict) and "deadline" in cards):
+        return callcard, ()
+    note = Problem(file, register.lines.get("deadline", register.line), "callcard.register.deadline",
+                   "deprecated for the call cards: it bounds their show and hide too only while"
+                   " callcard.cards.deadline is not set; set callcard.cards.deadline for them")
+    cards_deadline = dataclasses.replace(callcard.cards, deadline=callcard.register.deadline)
+    return dataclasses.replace(callcard, cards=cards_deadline), (note,)
 
 
 def _responsible_numbers(check: Checker, data: LocatedDict, callcard: CallCardSettings,

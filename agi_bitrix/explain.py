@@ -1,4 +1,5 @@
-"""`agi-bitrix route`: one call routed for real (the portal is asked) and explained step by step."""
+"""`agi-bitrix route`: one call routed for real (the portal is asked) and explained step by step
+(the text is `trace.render`'s, the same the admin page shows)."""
 
 from __future__ import annotations
 
@@ -17,46 +18,8 @@ from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.config import Config
-from agi_bitrix.service import RoutedCall, Router, call_info
-
-
-def _shown(value: str) -> str:
-    """A CRM field as typed (quoted, so stray spaces or junk show), or - when empty."""
-    return repr(value) if value else "-"
-
-
-def render(routed: RoutedCall, portal_url: str) -> str:
-    lines = []
-    call, answer, decision = routed.call, routed.answer, routed.decision
-    lines.append(f"number:   {call.phone or '(no usable caller ID)'}    DID: {call.did or '(none)'}")
-    lines.append(f"portal:   {portal_url}")
-    if answer.status == "ERROR":
-        lines.append(f"answer:   ERROR {answer.error} after {routed.seconds * 1000:.0f} ms")
-    elif answer.status == "NO_CALLERID":
-        lines.append("answer:   not asked (no usable caller ID)")
-    else:
-        lines.append(f"answer:   {answer.status}, {len(answer.entities)} CRM object(s)"
-                     f" in {routed.seconds * 1000:.0f} ms")
-    for index, entity in enumerate(answer.entities, start=1):
-        owner = entity.owner
-        if owner is None:
-            lines.append(f"  {index}. {entity.entity_type} {entity.entity_id}, no owner")
-            continue
-        lines.append(
-            f"  {index}. {entity.entity_type} {entity.entity_id}, owner {owner.user_id}"
-            f" TIMEMAN_STATUS={owner.timeman_status or '(empty)'}"
-            f" inner={_shown(owner.inner_phone)} mobile={_shown(owner.personal_mobile)}"
-            f" work={_shown(owner.work_phone)} personal={_shown(owner.personal_phone)}"
-        )
-    lines.append("rules:")
-    for step in decision.trace:
-        mark = "=>" if step.decided else "  "
-        lines.append(f"  {mark} {step.rule}: {step.reason}")
-    lines.append("variables:")
-    width = max(len(name) for name in routed.variables)
-    for name, value in routed.variables.items():
-        lines.append(f"  {name.ljust(width)} = {value}")
-    return "\n".join(lines)
+from agi_bitrix.service import Router, call_info
+from agi_bitrix.trace import render
 
 
 class RecordingPortal:

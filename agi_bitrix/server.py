@@ -27,7 +27,6 @@ from agi_bitrix.agi.protocol import (
     CommandReply,
     EndOfStream,
     Event,
-    HangUp,
     PeerError,
     ServerConnection,
     loggable,
@@ -57,7 +56,6 @@ class StreamChannel:
         self._reader = reader
         self._writer = writer
         self._conn = conn
-        self.hung_up = False
 
     async def command(self, line: bytes) -> CommandReply | None:
         """Send one command line and return Asterisk's reply (None if the session ended)."""
@@ -76,14 +74,13 @@ class StreamChannel:
         return True
 
     async def _next_reply(self) -> CommandReply | None:
+        # A HANGUP notice from Asterisk is no reply: the loop reads on to the reply.
         while True:
             event = await next_event(self._reader, self._conn)
             if isinstance(event, CommandReply):
                 return event
             if isinstance(event, EndOfStream):
                 return None
-            if isinstance(event, HangUp):
-                self.hung_up = True
 
 
 class AgiServer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -20,6 +19,7 @@ from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.calllog import CallLog
+from agi_bitrix.callrecord import CallRecord, RoutedCall
 from agi_bitrix.config import Config
 from agi_bitrix.monitoring import Metrics
 from agi_bitrix.phones import MAX_NUMBER_CHARS, normalize_number
@@ -45,17 +45,7 @@ class Directory(Protocol):
 class CallRecorder(Protocol):
     """Keeps each call for the admin page (agi_bitrix.web.recent.RecentCalls); on the hot path, so cheap."""
 
-    def record(self, uniqueid: str, phone: str, status: str, route: str, target: str, rule: str,
-               error: str, cache: str, seconds: float, routed: RoutedCall | None) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RoutedCall:
-    call: CallInfo
-    answer: CrmAnswer
-    decision: Decision
-    variables: dict[str, str]
-    seconds: float
+    def record(self, call: CallRecord) -> None: ...
 
 
 def call_info(raw_number: str, raw_did: str, default_country: str) -> CallInfo:
@@ -105,8 +95,7 @@ class RouteScript:
     """The `route` AGI script (and the answer to an unknown one): the router's variables on the
     channel, every call counted in the metrics and the call log."""
 
-    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog,
-                 recorder: CallRecorder | None = None) -> None:
+    def __init__(self, router: Router, metrics: Metrics, call_log: CallLog, recorder: CallRecorder) -> None:
         self.router = router
         self.config = router.config
         self.metrics = metrics
@@ -139,15 +128,11 @@ class RouteScript:
 
     def _account(self, uniqueid: str, variables: dict[str, str], seconds: float, routed: RoutedCall | None) -> None:
         """The call's line in the call log, its place in the metrics and on the admin page, from what was sent."""
-        prefix = self.config.variable_prefix
-        status, route, rule = variables[prefix + "STATUS"], variables[prefix + "ROUTE"], variables[prefix + "RULE"]
-        self.metrics.count_call(status, route, rule)
+        record = CallRecord.sent(uniqueid, variables, self.config.variable_prefix, seconds, routed)
+        self.metrics.count_call(record.status, record.route, record.rule)
         self.metrics.call_seconds.observe(seconds)
-        phone, target, error, cache = (variables[prefix + "PHONE"], variables[prefix + "TARGET"],
-                                       variables[prefix + "ERROR"], variables[prefix + "CACHE"])
-        self.call_log.record(uniqueid, phone, status, route, target, rule, error, cache, seconds)
-        if self.recorder is not None:
-            self.recorder.record(uniqueid, phone, status, route, target, rule, error, cache, seconds, routed)
+        self.call_log.record(record)
+        self.recorder.record(record)
 
     def fallback_variables(self, reason: str) -> dict[str, str]:
         """Variables for a call we could not route normally (an internal failure)."""

@@ -175,6 +175,24 @@ async def test_a_hung_portal_never_holds_the_ring(portal, tmp_path):
     assert session_seconds < 0.1, session_seconds
 
 
+async def test_a_show_gives_up_at_the_cards_own_deadline_not_registers(portal, tmp_path, caplog):
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3",
+                             "register: {deadline: 5}\ncards: {deadline: 0.3}")
+    running = await Running(config).start()
+    try:
+        call_id = (await running.register())["B24_CALL_ID"]
+        portal.fail("hang", method=SHOW)
+        started = time.monotonic()
+        await ringing(running, call_id, "102")
+        await until(lambda: cards_counted(running.app, "show", "failed") == 1, timeout=3)
+        gave_up_after = time.monotonic() - started
+    finally:
+        portal.reset_faults()
+        await running.stop()
+    assert 0.3 <= gave_up_after < 2, gave_up_after
+    assert any("took longer than 0.3 s (callcard.cards.deadline)" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_card_for_a_call_the_portal_does_not_have_is_counted(server, portal):
     call_id = (await server.register())["B24_CALL_ID"]
     await server.finish(call_id, owner="1", dialstatus="NOANSWER")

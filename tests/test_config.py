@@ -310,3 +310,13 @@ def test_a_variable_prefix_with_a_trailing_newline_is_refused():
     assert problems(BASE + 'variables: {prefix: "B24_\\n"}\n') == [
         ("test.yaml:5: variables.prefix: 'B24_\\n' must be letters, digits and _ (at most 20),"
         " not starting with a digit")]
+
+
+def test_the_country_is_kept_once_in_the_routing_policy():
+    """phones.default_country is declared on Config like every key but kept only where it is read."""
+    config = parse_config(BASE + "phones: {default_country: kz}\n", "test.yaml")
+    assert config.policy.default_country == "KZ"
+    assert not hasattr(config, "default_country")
+    assert schema.default(Config, "default_country") == "RU" and "phones" in schema.keys(Config)
+    assert problems(BASE + "phones: {default_country: XX}\n") == [
+        "test.yaml:5: phones.default_country: 'XX' is not a region code like RU, KZ, BY"]

@@ -1,4 +1,4 @@
-"""The package's layers, as README's "Layout" states them: each part imports only what is below it.
+"""The package's layers, as docs/layout.md states them: each part imports only what is below it.
 
 Read from the source with `ast`, so an import that reaches back up fails here, naming the
 module and the import, before it makes the next change slow.
@@ -9,9 +9,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "agi_bitrix"
 
-# What each part may import from the package besides itself. The top (app, cli, service, server,
-# explain, ruletest, demo, monitoring, calllog, config) is not listed: it wires the parts together.
-MAY_IMPORT = {
+# Every part of the package, bottom first, with what it may import from the package besides
+# itself: a module, or a subpackage whose modules import each other freely. Each part may import
+# only parts listed before it, so the table is the layering (docs/layout.md describes each row);
+# a module that no row names fails test_every_module_has_a_row.
+LAYERS: dict[str, set[str]] = {
+    "agi_bitrix": set(),  # the package itself: __version__
     "agi_bitrix.schema": set(),
     "agi_bitrix.phones": set(),
     "agi_bitrix.background": set(),
@@ -19,15 +22,38 @@ MAY_IMPORT = {
     "agi_bitrix.agi": set(),
     "agi_bitrix.bitrix": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.phones", "agi_bitrix.background"},
     "agi_bitrix.routing": {"agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.checking"},
+    "agi_bitrix.config": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones", "agi_bitrix.bitrix.settings",
+                          "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules"},
     "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
                             "agi_bitrix.background"},
-    "agi_bitrix.testing": set(),
-    # The admin page reads what the running parts hold and explains calls as `agi-bitrix route` does.
-    "agi_bitrix.web": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones",
-                       "agi_bitrix.background", "agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.routing",
-                       "agi_bitrix.callcard", "agi_bitrix.config", "agi_bitrix.service", "agi_bitrix.server",
-                       "agi_bitrix.monitoring", "agi_bitrix.calllog", "agi_bitrix.explain"},
+    "agi_bitrix.callrecord": {"agi_bitrix.bitrix.models", "agi_bitrix.routing.engine"},
+    "agi_bitrix.trace": {"agi_bitrix.callrecord"},
+    "agi_bitrix.calllog": {"agi_bitrix.config", "agi_bitrix.callrecord"},
+    "agi_bitrix.monitoring": {"agi_bitrix.bitrix.errors"},
+    "agi_bitrix.server": {"agi_bitrix.agi", "agi_bitrix.config"},
+    "agi_bitrix.service": {"agi_bitrix.agi", "agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.routing",
+                           "agi_bitrix.config", "agi_bitrix.callrecord", "agi_bitrix.calllog",
+                           "agi_bitrix.monitoring"},
+    # The admin page: the running parts' state through the Router it is handed, the recent calls'
+    # records, their trace as `agi-bitrix route` prints it, and the rules as the admin wrote them.
+    "agi_bitrix.web": {"agi_bitrix", "agi_bitrix.bitrix.client", "agi_bitrix.routing.rules", "agi_bitrix.config",
+                       "agi_bitrix.callrecord", "agi_bitrix.trace", "agi_bitrix.calllog", "agi_bitrix.service"},
+    "agi_bitrix.app": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix", "agi_bitrix.config",
+                       "agi_bitrix.callcard", "agi_bitrix.calllog", "agi_bitrix.monitoring", "agi_bitrix.server",
+                       "agi_bitrix.service", "agi_bitrix.web"},
+    "agi_bitrix.explain": {"agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.service", "agi_bitrix.trace"},
+    "agi_bitrix.ruletest": {"agi_bitrix.bitrix.models", "agi_bitrix.checking", "agi_bitrix.routing",
+                            "agi_bitrix.config", "agi_bitrix.service"},
+    "agi_bitrix.oauthlogin": {"agi_bitrix.bitrix", "agi_bitrix.config"},
+    "agi_bitrix.testing": set(),  # stand-ins for the portal and the PBX; nothing of the product
+    "agi_bitrix.demo": {"agi_bitrix.config", "agi_bitrix.app", "agi_bitrix.testing"},
+    "agi_bitrix.cli": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix.oauth", "agi_bitrix.config",
+                       "agi_bitrix.callcard.outbox", "agi_bitrix.app", "agi_bitrix.explain", "agi_bitrix.ruletest",
+                       "agi_bitrix.oauthlogin", "agi_bitrix.demo"},
+    "agi_bitrix.__main__": {"agi_bitrix.cli"},
 }
+# The call-card AGI scripts share what they check alike through callcard/identity.py, not each other.
+CALLCARD_SCRIPTS = {"agi_bitrix.callcard.register", "agi_bitrix.callcard.cards", "agi_bitrix.callcard.finish"}
 # Stand-ins for Portal and PBX: only the demo (and the tests and benchmarks) may use them.
 TESTING_USERS = {"agi_bitrix.demo"}
 # The admin page is wired in by the Application alone; nothing it reads may import it back.
@@ -59,18 +85,64 @@ def package_imports(path: Path) -> set[str]:
 
 
 def within(name: str, part: str) -> bool:
-    return name == part or name.startswith(part + ".")
+    """Whether `name` is the part or one of its modules; the package's root part is its __init__
+    alone (importing `agi_bitrix` for __version__ allows nothing else)."""
+    return name == part or (part != "agi_bitrix" and name.startswith(part + "."))
+
+
+def layer_of(module: str) -> str | None:
+    """The row of LAYERS `module` belongs to: its own, or its subpackage's (the package's root
+    row holds the package's __init__ alone)."""
+    rows = [row for row in LAYERS if within(module, row)]
+    return max(rows, key=len) if rows else None
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_row():
+    assert [module for module in modules() if layer_of(module) is None] == []
+
+
+def test_every_row_names_a_module_and_imports_only_rows_above_it_in_the_table():
+    wrong = []
+    for index, (row, allowed) in enumerate(LAYERS.items()):
+        if not any(layer_of(module) == row for module in modules()):
+            wrong.append(f"{row}: no such module")
+        below = list(LAYERS)[:index]
+        wrong.extend(f"{row} may import {name}, which is not below it" for name in sorted(allowed)
+                     if layer_of(name) not in below)
+    assert wrong == []
 
 
 def test_every_part_imports_only_what_is_below_it():
     wrong = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = module_name(path)
-        part = next((p for p in MAY_IMPORT if within(module, p)), None)
-        if part is not None:
-            wrong.extend(f"{module} imports {name}" for name in sorted(package_imports(path))
-                         if not within(name, part) and not any(within(name, a) for a in MAY_IMPORT[part]))
+    for module, path in modules().items():
+        part = layer_of(module)
+        if part is None:
+            continue  # test_every_module_has_a_row names it
+        wrong.extend(f"{module} imports {name}" for name in sorted(package_imports(path))
+                     if not within(name, part) and not any(within(name, a) for a in LAYERS[part]))
     assert wrong == []
+
+
+def test_the_call_card_scripts_import_none_of_each_other():
+    paths = modules()
+    assert [f"{script} imports {name}" for script in sorted(CALLCARD_SCRIPTS)
+            for name in sorted(package_imports(paths[script])) if name in CALLCARD_SCRIPTS] == []
+
+
+def test_the_layout_document_describes_every_row():
+    text = (PACKAGE.parent / "docs" / "layout.md").read_text(encoding="utf-8")
+    shown = []
+    for row in LAYERS:
+        path = row.replace(".", "/")
+        if row == "agi_bitrix":
+            shown.append("`agi_bitrix/__init__.py`")
+        else:
+            shown.append(f"`{path}/`" if (PACKAGE.parent / path).is_dir() else f"`{path}.py`")
+    assert [where for where in shown if where not in text] == []
 
 
 def test_only_the_demo_uses_the_stand_ins():

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from agi_bitrix.app import Application
+from agi_bitrix.callrecord import CallRecord
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import MetricsSettings, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
@@ -114,7 +115,8 @@ async def test_a_routed_call_is_listed_and_its_trace_explains_it(site):
 async def test_the_list_is_newest_first_and_bounded(site):
     recent = site.app.recent
     for n in range(recent.size + 5):
-        recent.record(f"u{n}", "79161234567", "FOUND", "extension", "101", "owner-at-work", "", "hit", 0.001, None)
+        recent.record(CallRecord(f"u{n}", "79161234567", "FOUND", "extension", "101", "owner-at-work", "", "hit",
+                                 0.001, None))
     await site.call("89262345678")
     _, html = await site.get("/calls")
     numbers = [int(n) for n in re.findall(r'href="/calls/(\d+)"', html)]
@@ -345,7 +347,7 @@ def test_recent_calls_count_per_minute_by_route():
     recent = RecentCalls(size=3, minutes=60, clock=lambda: now[0])
     for route, at in (("extension", 6000), ("extension", 6030), ("queue", 6059), ("mobile", 6061), ("queue", 9540)):
         now[0] = at
-        recent.record("u", "79161234567", "FOUND", route, "t", "r", "", "hit", 0.001, None)
+        recent.record(CallRecord("u", "79161234567", "FOUND", route, "t", "r", "", "hit", 0.001, None))
     assert [c.route for c in recent.newest_first()] == ["queue", "mobile", "queue"]  # the ring keeps 3
     minutes = recent.per_minute()
     assert len(minutes) == 60 and minutes[-1] == {"queue": 1}  # minute 159, now

@@ -34,7 +34,7 @@ from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.callcard.register import CALL_ID_PATTERN
+from agi_bitrix.callcard.identity import CALL_ID_PATTERN
 from agi_bitrix.config import Config
 
 log = logging.getLogger("agi_bitrix.callcard")
@@ -130,12 +130,12 @@ class CardService:
         action = "show" if method == SHOW else "hide"
         params: dict[str, Any] = {"CALL_ID": call_id, "USER_ID": users[0] if len(users) == 1 else users}
         try:
-            async with asyncio.timeout(self.config.callcard.register.deadline):
+            async with asyncio.timeout(self.config.callcard.cards.deadline):
                 # Only a slot that is free now: a card is worth less than a call's lookup.
                 result = await self.portal.call(method, params, max_wait=0.0)
         except TimeoutError:
-            log.warning("call %s: %s of %s for user(s) %s took longer than %.1f s (callcard.register.deadline)",
-                        uniqueid, method, call_id, ",".join(users), self.config.callcard.register.deadline)
+            log.warning("call %s: %s of %s for user(s) %s took longer than %.1f s (callcard.cards.deadline)",
+                        uniqueid, method, call_id, ",".join(users), self.config.callcard.cards.deadline)
             self.count(action, FAILED)
             return
         except BitrixError as error:

@@ -46,8 +46,8 @@ from agi_bitrix.bitrix.errors import (
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
+from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.outbox import Entry, OutboxStore, Outcome
-from agi_bitrix.callcard.register import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.status import ANSWERED, status_code
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +27,8 @@ from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.config import Config, RegisterSettings
+from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
+from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 
 log = logging.getLogger("agi_bitrix.callcard")
@@ -36,10 +36,6 @@ log = logging.getLogger("agi_bitrix.callcard")
 REGISTER = "telephony.externalcall.register"
 INCOMING = 2
 ENTITY_TYPES = ("CONTACT", "COMPANY", "LEAD")
-USER_ID_PATTERN = re.compile(r"^[0-9]{1,20}$")
-# Asterisk's linkedid/uniqueid ("1700000000.42", or a custom id) and the portal's CALL_ID
-# ("externalCall.<hex>.<unix time>").
-CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ERROR = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _ENTITY_TYPE = re.compile(r"^[A-Z][A-Z_]{0,29}$")
 # The portal's LEAD_CREATION_ERROR is a sentence; B24_LEAD_ERROR keeps its start.
@@ -80,13 +76,11 @@ def register_arguments(values: list[str], request: AgiRequest, default_country: 
 
 
 class RegisterService:
-    def __init__(self, config: Config, portal: PortalClient, holders: CardHolders,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, config: Config, portal: PortalClient, holders: CardHolders) -> None:
         """`holders` learns who the portal shows the card to (SHOW), so an answer can hide it."""
         self.config = config
         self.portal = portal
         self.holders = holders
-        self.clock = clock
 
     async def handle_register(self, request: AgiRequest, channel: AgiChannel) -> None:
         uniqueid = loggable(request.get("agi_uniqueid")) or "-"
@@ -167,7 +161,7 @@ class RegisterService:
             "USER_ID": user_id,
             "PHONE_NUMBER": arguments.phone,
             "TYPE": INCOMING,
-            "CALL_START_DATE": self.clock().isoformat(timespec="seconds"),
+            "CALL_START_DATE": datetime.now(UTC).isoformat(timespec="seconds"),
             "CRM_CREATE": settings.crm_create,
             "SHOW": settings.show,
             "LINE_NUMBER": settings.line_number or arguments.did,
@@ -181,16 +175,6 @@ class RegisterService:
             params["CRM_ENTITY_TYPE"] = arguments.entity_type
             params["CRM_ENTITY_ID"] = arguments.entity_id
         return params
-
-
-def responsible_user(settings: RegisterSettings, did: str) -> str:
-    """Who takes a call to `did` (international digits) that has no (active) owner:
-    callcard.register.responsible's user for that DID (the first listed), else default_user."""
-    if did:
-        for entry in settings.responsible:
-            if entry.number == did:
-                return entry.user
-    return settings.default_user
 
 
 @dataclass

@@ -151,11 +151,8 @@ class OAuthServer:
         self._refresh.clear()
 
     def refuse_token_requests(self, code: str, description: str, status: int = 400) -> None:
-        """Answer every token request with this error (PAYMENT_REQUIRED, invalid_scope...) until reset."""
+        """Answer every token request with this error (PAYMENT_REQUIRED, invalid_scope...) from now on."""
         self._refusal = (status, code, description)
-
-    def reset_refusal(self) -> None:
-        self._refusal = None
 
     def install_event(self, client_id: str = "") -> dict[str, str]:
         """The ONAPPINSTALL form for a fresh installation: new tokens and a new application_token (of

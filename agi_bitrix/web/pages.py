@@ -23,10 +23,11 @@ from yarl import URL
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.calllog import mask_number
+from agi_bitrix.callrecord import RoutedCall
 from agi_bitrix.config import Config, MetricsSettings
-from agi_bitrix.explain import render
 from agi_bitrix.routing.rules import Match, Rule
-from agi_bitrix.service import RoutedCall, Router, call_info
+from agi_bitrix.service import Router, call_info
+from agi_bitrix.trace import render
 from agi_bitrix.web.access import COOKIE, Gate, SlidingWindow, access_policy
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCall, RecentCalls
