@@ -224,7 +224,7 @@ def _not_shorter_than_first(most: float, first: float) -> float:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = text("listen", "127.0.0.1", check=parse_listen, sets=("host", "port"))  # listen: HOST:PORT
+    host: str = text("listen", "127.0.0.1", check=parse_listen, sets=("host", "port"), restart=True)  # HOST:PORT
     port: int = 4573
     header_timeout: float = number("header_timeout", 5.0, 0, 60)
     session_timeout: float = number("session_timeout", 30.0, 0, 3600)
@@ -235,11 +235,11 @@ class ServerSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     host: str = anything("listen", "127.0.0.1", check=_metrics_listen,  # listen: HOST:PORT or off
-                         sets=("host", "port", "enabled"))
+                         sets=("host", "port", "enabled"), restart=True)
     port: int = 9573
     enabled: bool = True
     # The admin page's access token (agi_bitrix.web.access); "" = none. Required off loopback.
-    token_file: str = text("token_file", "", check=_token_file)
+    token_file: str = text("token_file", "", check=_token_file, restart=True)
 
 
 @dataclass(frozen=True)
@@ -273,9 +273,10 @@ class CardSettings:
 class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
     record_url: str = text("record_url", "", check=_record_url)
-    retry_first: float = number("retry.first", 5.0, 0, 3600)
-    retry_max: float = number("retry.max", 600.0, 0, 86400, check=_not_shorter_than_first, needs=("retry_first",))
-    give_up_after: float = number("retry.give_up_after", 86400.0, 0, 30 * 86400)
+    retry_first: float = number("retry.first", 5.0, 0, 3600, restart=True)
+    retry_max: float = number("retry.max", 600.0, 0, 86400, check=_not_shorter_than_first, needs=("retry_first",),
+                              restart=True)
+    give_up_after: float = number("retry.give_up_after", 86400.0, 0, 30 * 86400, restart=True)
     # attachRecord with the file MixMonitor wrote: a path template with {call_id}, {uniqueid},
     # {recording}; "" = no upload (callcard/recording.py).
     recording_file: str = text("recording.file", "", check=_recording_file, needs=("record_url",))
@@ -293,9 +294,9 @@ class FinishSettings:
 class CallCardSettings:
     enabled: bool = True  # a config without a callcard section has it off (Config.callcard)
     # The SQLite file; or a redis:// URL for one outbox several servers share (callcard/redis_outbox.py).
-    outbox: str = text("outbox", "/var/lib/agi-bitrix/outbox.sqlite3", check=_outbox)
+    outbox: str = text("outbox", "/var/lib/agi-bitrix/outbox.sqlite3", check=_outbox, restart=True)
     # With the outbox in Redis: seconds a finish held by a server that stopped waits before another takes it.
-    outbox_claim_after: float = number("outbox_claim_after", 60.0, 1, 3600)
+    outbox_claim_after: float = number("outbox_claim_after", 60.0, 1, 3600, restart=True)
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
@@ -304,7 +305,7 @@ class CallCardSettings:
 @dataclass(frozen=True)
 class UsersSettings:
     # Seconds between user.get loads; 0 = no user directory.
-    refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True)
+    refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True, restart=True)
 
 
 def _not_kept(declared: Any) -> Any:
@@ -330,10 +331,11 @@ class Config:
     metrics: MetricsSettings = section("metrics", MetricsSettings, absent=MetricsSettings())
     call_log: CallLogSettings = section("call_log", CallLogSettings, absent=CallLogSettings())
     # The call card and the user directory are on when their section is there, even empty.
-    callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
+    callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False),
+                                         restart=True)
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
-    redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    redis: RedisSettings | None = section("redis", RedisSettings, absent=None, restart=True)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)

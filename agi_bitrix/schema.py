@@ -49,6 +49,11 @@ class Setting:
     # Names of the fields `check` fills: it returns a tuple of their values (one key, several fields).
     sets: tuple[str, ...] = ()
     settings: type | None = None  # SECTION: the declared dataclass of the sub-mapping
+    # A change takes effect only after a restart: a reload keeps the value the process started with,
+    # because the part that uses it is made once (a listener, a pool, the outbox). On a SECTION it
+    # is said of the section's presence; its keys carry their own marks. `restart_changes` finds
+    # them on reload; the settings reference shows them.
+    restart: bool = False
 
 
 _METADATA_KEY = "agi_bitrix.setting"
@@ -63,41 +68,43 @@ def _declare(default: Any, setting: Setting) -> Any:
 
 def number(key: str, default: float, low: float, high: float, *, unit: str = "seconds",
            zero_is_off: bool = False, check: Callable[..., Any] | None = None,
-           needs: tuple[str, ...] = ()) -> Any:
+           needs: tuple[str, ...] = (), restart: bool = False) -> Any:
     """A number of `unit` above `low` and at most `high` (with zero_is_off, 0 too)."""
-    return _declare(default, Setting(key, NUMBER, low, high, unit, zero_is_off, check, needs))
+    return _declare(default, Setting(key, NUMBER, low, high, unit, zero_is_off, check, needs, restart=restart))
 
 
-def integer(key: str, default: int, low: int, high: int) -> Any:
+def integer(key: str, default: int, low: int, high: int, *, restart: bool = False) -> Any:
     """A whole number from `low` to `high`."""
-    return _declare(default, Setting(key, INTEGER, low, high))
+    return _declare(default, Setting(key, INTEGER, low, high, restart=restart))
 
 
-def flag(key: str, default: bool) -> Any:
-    return _declare(default, Setting(key, FLAG))
+def flag(key: str, default: bool, *, restart: bool = False) -> Any:
+    return _declare(default, Setting(key, FLAG, restart=restart))
 
 
 def text(key: str, default: Any = dataclasses.MISSING, *, check: Callable[..., Any] | None = None,
-         sets: tuple[str, ...] = (), needs: tuple[str, ...] = ()) -> Any:
+         sets: tuple[str, ...] = (), needs: tuple[str, ...] = (), restart: bool = False) -> Any:
     """Text; without a default the field is required and the section's reader supplies it."""
-    return _declare(default, Setting(key, TEXT, check=check, needs=needs, sets=sets))
+    return _declare(default, Setting(key, TEXT, check=check, needs=needs, sets=sets, restart=restart))
 
 
-def items(key: str, default: Any, *, check: Callable[[Any], Any]) -> Any:
-    return _declare(default, Setting(key, ITEMS, check=check))
+def items(key: str, default: Any, *, check: Callable[[Any], Any], restart: bool = False) -> Any:
+    return _declare(default, Setting(key, ITEMS, check=check, restart=restart))
 
 
-def anything(key: str, default: Any, *, check: Callable[[Any], Any], sets: tuple[str, ...] = ()) -> Any:
-    return _declare(default, Setting(key, ANY, check=check, sets=sets))
+def anything(key: str, default: Any, *, check: Callable[[Any], Any], sets: tuple[str, ...] = (),
+             restart: bool = False) -> Any:
+    return _declare(default, Setting(key, ANY, check=check, sets=sets, restart=restart))
 
 
-def section(key: str, settings: type, *, absent: Any = dataclasses.MISSING) -> Any:
+def section(key: str, settings: type, *, absent: Any = dataclasses.MISSING, restart: bool = False) -> Any:
     """A sub-mapping read as `settings`; its defaults are what an empty mapping gives.
 
     `absent` is the value without the key at all, when that differs from an empty mapping (a
     section whose presence switches a feature on). Without `absent` the field is required.
+    `restart`: adding or removing the section takes effect only after a restart.
     """
-    return _declare(absent, Setting(key, SECTION, settings=settings))
+    return _declare(absent, Setting(key, SECTION, settings=settings, restart=restart))
 
 
 def own(key: str) -> Any:
@@ -133,3 +140,39 @@ def default(settings: type, name: str) -> Any:
 
 def _field(settings: type, name: str) -> dataclasses.Field[Any]:
     return next(f for f in dataclasses.fields(settings) if f.name == name)
+
+
+def restart_keys(settings: type, under: str = "") -> list[str]:
+    """The keys marked `restart`, sections before their keys, in field order."""
+    found = []
+    for _, setting in declared(settings):
+        key = f"{under}{setting.key}"
+        if setting.restart:
+            found.append(key)
+        if setting.kind == SECTION and setting.settings is not None:
+            found.extend(restart_keys(setting.settings, f"{key}."))
+    return found
+
+
+def restart_changes(settings: type, old: Any, new: Any, under: str = "") -> list[str]:
+    """The keys marked `restart` whose value differs between the instances `old` and `new` of
+    `settings` (either may be None: a section that is absent). A section added or removed is
+    named once, without its keys; the fields a key `sets` count as that key's value."""
+    changed = []
+    for name, setting in declared(settings):
+        key = f"{under}{setting.key}"
+        before, after = _value(old, name), _value(new, name)
+        if setting.kind == SECTION and setting.settings is not None:
+            absent = default(settings, name)
+            if (before == absent) != (after == absent) and setting.restart:
+                changed.append(key)
+            elif before != after:
+                changed.extend(restart_changes(setting.settings, before, after, f"{key}."))
+        elif setting.restart and any(_value(old, field) != _value(new, field) for field in setting.sets or (name,)):
+            changed.append(key)
+    return changed
+
+
+def _value(settings: Any, name: str) -> Any:
+    # A field read but not kept (config.Config.default_country) has no value on the instance.
+    return getattr(settings, name, None)

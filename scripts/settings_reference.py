@@ -5,7 +5,9 @@ Each setting is declared once, in agi_bitrix.config and agi_bitrix.bitrix.settin
 default, bounds and unit (agi_bitrix.schema). The table is made from those declarations, so a key
 added, renamed or given a new default shows up here the next time this runs, and
 tests/test_docs.py fails while docs/settings.md is out of step. Only the part between the two
-markers is rewritten: the explanations around it are written by hand.
+markers is rewritten: the explanations around it are written by hand. The last column says
+whether a change takes effect on reload (SIGHUP) or only after a restart (the declaration's
+`restart`, the same mark a reload warns by).
 """
 
 from __future__ import annotations
@@ -89,11 +91,16 @@ def _accepts(setting: schema.Setting) -> str:
     return "text, checked" if setting.check is not None else "text"
 
 
+ON_RELOAD, AFTER_RESTART = "on reload", "after a restart"
+
+
 def table() -> str:
-    lines = ["| key | default | accepts |", "|---|---|---|"]
+    lines = ["| key | default | accepts | a change takes effect |", "|---|---|---|---|"]
+    restart = set(schema.restart_keys(Config))
     for key, default, accepts in rows():
         shown_default = f"`{default}`" if default not in ("", "required", "none") and " " not in default else default
-        lines.append(f"| `{key}` | {shown_default} | {accepts} |")
+        effect = AFTER_RESTART if key in restart else ON_RELOAD
+        lines.append(f"| `{key}` | {shown_default} | {accepts} | {effect} |")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ def test_the_settings_table_is_in_step_with_the_schema():
 def test_a_key_missing_from_the_settings_table_is_noticed():
     reference = settings_reference()
     document = reference.SETTINGS_DOC.read_text(encoding="utf-8")
-    row = "| `redis.timeout` | `0.1` | over 0, at most 1 seconds |\n"
+    row = "| `redis.timeout` | `0.1` | over 0, at most 1 seconds | after a restart |\n"
     assert row in document
     without_a_key = document.replace(row, "")
     assert reference.with_table(without_a_key) == document

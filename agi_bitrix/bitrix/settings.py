@@ -81,7 +81,7 @@ class OAuthSettings:
     token_file: str = text("token_file")  # JSON with the refresh token; rewritten on every refresh
     token_url: str = text("token_url", "https://oauth.bitrix.info/oauth/token/")
     # Where metrics.listen takes the portal's POST when the application is installed; "" = off.
-    install_path: str = text("install_path", "", check=_install_path)
+    install_path: str = text("install_path", "", check=_install_path, restart=True)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class BitrixSettings:
     # Each method's execution time per ten minutes that the portal allows (a self-hosted portal
     # that enables the limit defaults to 420); we pace each method to stay well under it.
     operating_limit: float = number("operating_limit", OPERATING_LIMIT, 1, 1_000_000, unit="seconds")
-    pool_size: int = integer("pool_size", 10, 1, 1000)
+    pool_size: int = integer("pool_size", 10, 1, 1000, restart=True)
     breaker_failures: int = integer("breaker.failures", 5, 1, 1000)
     breaker_cool_down: float = number("breaker.cool_down", 10.0, 0, 3600)
     oauth: OAuthSettings | None = section("oauth", OAuthSettings, absent=None)
@@ -134,21 +134,22 @@ def _redis_prefix(value: str) -> str:
 @dataclass(frozen=True)
 class RedisSettings:
     """The state servers against one portal share (agi_bitrix.bitrix.shared): its request budget,
-    each method's operating time, the answers, single flight and the breaker. Off without the section."""
+    each method's operating time, the answers, single flight and the breaker. Off without the section.
+    The link is made once at start, so every key takes effect only after a restart."""
 
     # redis://[:PASSWORD@]HOST:PORT/DB; AGI_BITRIX_REDIS_URL overrides it (keeps the password out of the file).
-    url: str = text("url")  # required; checked with check_redis_url
-    key_prefix: str = text("key_prefix", "agi-bitrix:", check=_redis_prefix)
+    url: str = text("url", restart=True)  # required; checked with check_redis_url
+    key_prefix: str = text("key_prefix", "agi-bitrix:", check=_redis_prefix, restart=True)
     # Each Redis command's deadline: well inside the lookup's, since a call waits for it.
-    timeout: float = number("timeout", 0.1, 0, 1)
+    timeout: float = number("timeout", 0.1, 0, 1, restart=True)
     # While Redis is down, how often it is tried again.
-    retry_every: float = number("retry_every", 1.0, 0, 60)
+    retry_every: float = number("retry_every", 1.0, 0, 60, restart=True)
     # While Redis is down each server takes this many-th part of the portal's budget on its own.
-    servers: int = integer("servers", 2, 1, 1000)
+    servers: int = integer("servers", 2, 1, 1000, restart=True)
     # Servers that leave through different addresses: the portal counts each address on its own,
     # so each names its address here and gets a bucket of its own ("" = all share one address).
-    source_address: str = text("source_address", "")
+    source_address: str = text("source_address", "", restart=True)
     # A fresh answer read from Redis is used from this server's memory for this long without asking Redis.
-    near_cache: float = number("near_cache", 1.0, 0, 60, zero_is_off=True)
+    near_cache: float = number("near_cache", 1.0, 0, 60, zero_is_off=True, restart=True)
     # How often the breaker and the operating time are exchanged with the other servers.
-    sync_every: float = number("sync_every", 0.1, 0, 5)
+    sync_every: float = number("sync_every", 0.1, 0, 5, restart=True)
