@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +22,24 @@ from agi_bitrix.bitrix.errors import metric_reason
 log = logging.getLogger("agi_bitrix.monitoring")
 
 BREAKER_STATES = ("closed", "half_open", "open")
+
+
+class WatchedOutbox(Protocol):
+    """What the gauges read of the call card's outbox (agi_bitrix.callcard.outbox.OutboxStore)."""
+
+    problem: str
+    lost: int
+
+    def waiting_of(self, kind: str) -> int: ...
+    def failed_of(self, kind: str) -> int: ...
+    def kept_of(self, kind: str) -> int: ...
+
+
+class WatchedLink(Protocol):
+    """What the gauge reads of the Redis link (agi_bitrix.bitrix.shared)."""
+
+    @property
+    def up(self) -> bool: ...
 
 
 class Metrics:
@@ -81,6 +100,32 @@ class Metrics:
         if child is None:
             child = self._call_counters[(status, route, rule)] = self.calls.labels(status, route, rule)
         child.inc()
+
+    # -- gauges read at scrape time from the running parts -----------------------------------------
+
+    def watch_outbox(self, outbox: WatchedOutbox, finish: str, recording: str) -> None:
+        """The call card's outbox; `finish` and `recording` are its kinds of rows."""
+        r = self.registry
+        Gauge("agi_bitrix_finishes_waiting", "Finishes not yet accepted by the portal (stored, or kept in memory).",
+              registry=r).set_function(lambda: outbox.waiting_of(finish))
+        Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
+              registry=r).set_function(lambda: outbox.failed_of(finish))
+        Gauge("agi_bitrix_recordings_waiting", "Recordings not yet attached (waiting for the file, the finish or"
+              " the portal).", registry=r).set_function(lambda: outbox.waiting_of(recording))
+        Gauge("agi_bitrix_recordings_failed", "Recordings given up (no file, too large, refused), kept in the"
+              " outbox.", registry=r).set_function(lambda: outbox.failed_of(recording))
+        Gauge("agi_bitrix_callcard_up", "1 while the outbox stores finishes, 0 while it cannot (see /healthz).",
+              registry=r).set_function(lambda: 0 if outbox.problem else 1)
+        Gauge("agi_bitrix_finishes_kept_in_memory", "Finishes the outbox could not store yet; lost on a restart.",
+              registry=r).set_function(lambda: outbox.kept_of(finish))
+        Gauge("agi_bitrix_finishes_lost", "Finishes lost since the start: neither stored nor kept (memory full).",
+              registry=r).set_function(lambda: outbox.lost)
+
+    def watch_redis(self, link: WatchedLink) -> None:
+        """The link to the Redis that the servers of one portal share state through."""
+        Gauge("agi_bitrix_redis_up", "1 while the state shared with the other servers answers; 0 while this"
+              " server works alone on its share of the portal's budget (see /healthz).",
+              registry=self.registry).set_function(lambda: 1 if link.up else 0)
 
     def watch(self, sessions: Callable[[], int], breaker_state: Callable[[], str],
               cache_entries: Callable[[], int]) -> None:
