@@ -23,6 +23,11 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probing = False
 
+    def reconfigure(self, failures: int, cool_down: float) -> None:
+        """New bitrix.breaker settings on reload; the state (open, the failures counted) is kept."""
+        self.threshold = failures
+        self.cool_down = cool_down
+
     def allow(self) -> bool:
         """May a request go to the portal now? In half-open state only one (the probe) may."""
         if self.state == CLOSED:

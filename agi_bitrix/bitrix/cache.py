@@ -25,6 +25,10 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def reconfigure(self, settings: CacheSettings) -> None:
+        """New cache settings on reload; the answers are kept (a smaller max_entries evicts on the next store)."""
+        self.settings = settings
+
     def fresh(self, phone: str, max_age: float | None = None) -> CrmAnswer | None:
         """A fresh answer; with `max_age`, only one stored at most that long ago (a near-cache in
         front of the answers shared by servers, agi_bitrix.bitrix.shared)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from agi_bitrix.bitrix.breaker import CLOSED, OPEN, CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.errors import BitrixError, PortalMisconfigured, RequestNotSent, RequestRejected
+from agi_bitrix.bitrix.settings import BitrixSettings, CacheSettings
 from agi_bitrix.bitrix.shared import SharedAnswers
 
 log = logging.getLogger("agi_bitrix.lookup")
@@ -102,6 +103,11 @@ class LookupMemory:
     shared: SharedAnswers | None = None
     # Whether an answer in Redis this version cannot read was logged (once a process: then counted).
     unreadable_logged: bool = False
+
+    def reconfigure(self, cache: CacheSettings, bitrix: BitrixSettings) -> None:
+        """A reload's settings: the answers, the breaker's state and the portal's speed are kept."""
+        self.cache.reconfigure(cache)
+        self.breaker.reconfigure(bitrix.breaker_failures, bitrix.breaker_cool_down)
 
     def portal_answered(self) -> None:
         """The portal answered a request (whatever it said of each number in it)."""
