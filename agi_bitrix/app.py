@@ -1,5 +1,10 @@
 """The running product, wired together; started, reloaded and stopped as one.
 
+Wiring only: each part keeps its own job (the /healthz body: agi_bitrix.health; the gauges:
+Metrics; which outbox: callcard.stores; what a reload cannot apply: the settings declared
+`restart` in the schema). Started in order on one stack, each part pushing its own close, so a
+stop, or a start that fails half-way, closes exactly what was opened, in reverse order.
+
 Two lifetimes meet here. What lives as long as the process — the HTTP session, the listening
 server, the call-card outbox, the user directory, what the lookups learned (answer cache,
 circuit breaker) — is made once. Everything that depends on the loaded config — the portal
@@ -16,34 +21,34 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from prometheus_client import Gauge
 
-from agi_bitrix import __version__
+from agi_bitrix import __version__, schema
 from agi_bitrix.bitrix.breaker import CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.install import InstallCallback
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
-from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
+from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW
 from agi_bitrix.bitrix.shared import SharedState
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
 from agi_bitrix.callcard.holders import CardHolders
-from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, OutboxStore, Outcome, RetryPolicy
+from agi_bitrix.callcard.outbox import FINISH, Entry, Outcome
 from agi_bitrix.callcard.recording import send_recording
-from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
+from agi_bitrix.callcard.stores import make_outbox
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
-from agi_bitrix.config import REDIS_SCHEMES, SHARED_REDIS_OUTBOX, Config, load_config
-from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
+from agi_bitrix.config import Config, load_config
+from agi_bitrix.health import Health
+from agi_bitrix.monitoring import Metrics, MonitoringServer
 from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import Router, RouteScript
 from agi_bitrix.web.pages import AdminPages
@@ -69,8 +74,12 @@ class Runtime:
 class Application:
     def __init__(self, config: Config) -> None:
         """Builds the whole product for `config` without starting anything; call inside the loop."""
+        # What is opened is closed in reverse order, by stop() or by a start that fails half-way:
+        # each part pushes its own close here when it is made or started.
+        self._opened = AsyncExitStack()
         self.metrics = Metrics()
         self.call_log = CallLog(config.call_log)
+        self._opened.callback(self.call_log.close)
         self.started_at = time.monotonic()
         self.config_loaded_at = time.monotonic()
         self.reloads = {"success": 0, "failure": 0}
@@ -78,6 +87,7 @@ class Application:
         self._reloading: set[asyncio.Task[bool]] = set()
         self.recent = RecentCalls()  # the last calls, for the admin page
         self.session: aiohttp.ClientSession = make_session(pool_size=config.bitrix.pool_size)
+        self._opened.push_async_callback(self._close_session)
         # With a redis section, the budget, answers and breaker are those of every server of the portal.
         self.shared = (SharedState.connect(config.redis, *_portal_identity(config))
                        if config.redis is not None else None)
@@ -90,21 +100,13 @@ class Application:
                                     default_country=config.policy.default_country)
                       if config.users.refresh > 0 else None)
         self.card_holders = CardHolders()  # who sees each call's card, across reloads
-        self.outbox: OutboxStore | None = None
-        if config.callcard.enabled:
-            retry = config.callcard.finish
-            policy = RetryPolicy(retry.retry_first, retry.retry_max, retry.give_up_after)
-            if config.callcard.outbox == SHARED_REDIS_OUTBOX and config.redis is not None:
-                self.outbox = RedisOutbox(config.redis.url, self._send, policy,
-                                          claim_after=config.callcard.outbox_claim_after,
-                                          prefix=f"{config.redis.key_prefix}outbox:")
-            elif config.callcard.outbox.startswith(REDIS_SCHEMES):
-                self.outbox = RedisOutbox(config.callcard.outbox, self._send, policy,
-                                          claim_after=config.callcard.outbox_claim_after)
-            else:
-                self.outbox = Outbox(config.callcard.outbox, self._send, policy)
+        self.outbox = make_outbox(config, self._send)
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
+        self.health = Health(self.memory, lambda: self.config, lambda: self.portal.auth,
+                             lambda: len(self.server.sessions), lambda: self.config_loaded_at, self.started_at,
+                             self.outbox, None if self.shared is None else self.shared.link)
+        self._watch()
         oauth = config.bitrix.oauth
         # The portal's install POST, on the monitoring listener (its path takes effect after a restart).
         forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
@@ -112,6 +114,16 @@ class Application:
         pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.metrics)
         self.monitoring = (MonitoringServer(self.metrics, self.health, forms, pages.add_routes)
                            if config.metrics.enabled else None)
+
+    def _watch(self) -> None:
+        """The gauges, read from the long-lived parts at scrape time."""
+        memory, server = self.memory, self.server
+        self.metrics.watch(sessions=lambda: len(server.sessions), breaker_state=lambda: memory.breaker.state,
+                           cache_entries=lambda: len(memory.cache))
+        if self.outbox is not None:
+            self.metrics.watch_outbox(self.outbox, FINISH, RECORDING)
+        if self.shared is not None:
+            self.metrics.watch_redis(self.shared.link)
 
     @property
     def config(self) -> Config:
@@ -153,135 +165,56 @@ class Application:
         return await send_finish(self.runtime.portal, entry)
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
+        """Start the parts in order, the AGI listener last; each pushes its close as it starts. A
+        start that fails closes exactly what was opened, in reverse order, and raises."""
         config = self.config
         try:
             if self.outbox is not None:
                 # Only another process holding the outbox stops the start: the call card must
                 # not take routing down, and an outbox that cannot be used now is retried.
+                self._opened.push_async_callback(self.outbox.close)
                 await self.outbox.open_or_retry_later()
                 self.outbox.start()
-                self._watch_outbox(self.outbox)
             if self.shared is not None:
+                self._opened.push_async_callback(self.shared.link.close)
                 self.shared.link.start()
+            if self.users is not None:
+                self._opened.push_async_callback(self.users.close)
+                self.users.start()
+            await self._start_monitoring(config)
+            # Calls first to stop on the way down: in flight they may still use the parts above.
+            self._opened.push_async_callback(self._stop_calls)
             address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
-            await self._start_monitoring(config)
         except BaseException:
-            await self._stop_background()
-            await self.session.close()
+            await self._opened.aclose()
             raise
-        if self.users is not None:
-            self.users.start()
         log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)", __version__,
                  address[0], address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return address
 
-    def _watch_outbox(self, outbox: OutboxStore) -> None:
-        registry = self.metrics.registry
-        Gauge("agi_bitrix_finishes_waiting", "Finishes not yet accepted by the portal (stored, or kept in memory).",
-              registry=registry).set_function(lambda: outbox.waiting_of(FINISH))
-        Gauge("agi_bitrix_finishes_failed", "Finishes the portal refused for good, kept in the outbox.",
-              registry=registry).set_function(lambda: outbox.failed_of(FINISH))
-        Gauge("agi_bitrix_recordings_waiting", "Recordings not yet attached (waiting for the file, the finish or"
-              " the portal).", registry=registry).set_function(lambda: outbox.waiting_of(RECORDING))
-        Gauge("agi_bitrix_recordings_failed", "Recordings given up (no file, too large, refused), kept in the"
-              " outbox.", registry=registry).set_function(lambda: outbox.failed_of(RECORDING))
-        Gauge("agi_bitrix_callcard_up", "1 while the outbox stores finishes, 0 while it cannot (see /healthz).",
-              registry=registry).set_function(lambda: 0 if outbox.problem else 1)
-        Gauge("agi_bitrix_finishes_kept_in_memory", "Finishes the outbox could not store yet; lost on a restart.",
-              registry=registry).set_function(lambda: outbox.kept_of(FINISH))
-        Gauge("agi_bitrix_finishes_lost", "Finishes lost since the start: neither stored nor kept (memory full).",
-              registry=registry).set_function(lambda: outbox.lost)
-
     async def _start_monitoring(self, config: Config) -> None:
-        memory, server = self.memory, self.server
-        self.metrics.watch(sessions=lambda: len(server.sessions), breaker_state=lambda: memory.breaker.state,
-                           cache_entries=lambda: len(memory.cache))
-        if self.shared is not None:
-            link = self.shared.link
-            Gauge("agi_bitrix_redis_up", "1 while the state shared with the other servers answers; 0 while this"
-                  " server works alone on its share of the portal's budget (see /healthz).",
-                  registry=self.metrics.registry).set_function(lambda: 1 if link.up else 0)
         if self.monitoring is None:
             return
+        self._opened.push_async_callback(self.monitoring.close)
         try:
             host, port = await self.monitoring.start(config.metrics.host, config.metrics.port)
         except OSError as error:
             # Calls matter more than graphs: keep routing, say loudly what is missing.
             log.error("metrics and /healthz are OFF: cannot listen on %s:%s: %s",
                       config.metrics.host, config.metrics.port, error.strerror)
-            self.monitoring = None
+            self.monitoring = None  # what it set up is closed with the rest, by the stack
             return
         log.info("metrics on http://%s:%s/metrics, health on /healthz, admin page on /", host, port)
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """Whether calls can be routed by the CRM now, and why, for /healthz."""
-        memory = self.memory
-        breaker = memory.breaker.state
-        failing = memory.last_failure is not None and (
-            memory.last_success is None or memory.last_failure > memory.last_success)
-        misconfigured = memory.misconfigured if failing else None
-        if misconfigured is not None:
-            portal = f"refuses REST: {misconfigured.reason} ({misconfigured.advice})"
-        elif breaker == "open":
-            portal = "circuit open: not asked until the cool-down ends"
-        elif failing:
-            portal = "failing: the last request failed"
-        elif memory.last_success is None:
-            portal = "not asked yet"
-        else:
-            portal = "answering"
-        auth_ok, auth = self._auth_health()
-        healthy = breaker != "open" and not failing and auth_ok
-        config = self.config
-        return healthy, {
-            "status": "ok" if healthy else "degraded",
-            "portal": {
-                "state": portal,
-                "breaker": breaker,
-                "last_success_seconds_ago": seconds_since(memory.last_success),
-                "last_failure_seconds_ago": seconds_since(memory.last_failure),
-                "last_failure_reason": memory.last_failure_reason or None,
-            },
-            "auth": auth,
-            "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
-                       "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
-            # Shown, but not in the status: a broken call card does not stop calls being routed.
-            "callcard": self._callcard_health(),
-            # Shown, but not in the status either: without Redis each server routes on its own share.
-            "redis": {"state": "off"} if self.shared is None else self.shared.link.health(),
-            "sessions_in_flight": len(self.server.sessions),
-            "cache_entries": len(memory.cache),
-            "uptime_seconds": seconds_since(self.started_at),
-            "version": __version__,
-        }
+    async def _close_session(self) -> None:
+        await self.session.close()  # the one in use then (a test may put another in its place)
 
-    def _callcard_health(self) -> dict[str, Any]:
-        outbox = self.outbox
-        if outbox is None:
-            return {"state": "off"}
-        health = {"state": "down" if outbox.problem else "up", "problem": outbox.problem or None,
-                  "outbox": str(outbox.path), "finishes_waiting": outbox.waiting_of(FINISH),
-                  "finishes_kept_in_memory": outbox.kept_of(FINISH), "finishes_failed": outbox.failed_of(FINISH),
-                  "finishes_lost": outbox.lost}
-        if self.config.callcard.finish.recording_file:
-            health.update(recordings_waiting=outbox.waiting_of(RECORDING),
-                          recordings_failed=outbox.failed_of(RECORDING))
-        return health
-
-    def _auth_health(self) -> tuple[bool, dict[str, Any]]:
-        tokens = self.portal.auth
-        if isinstance(tokens, OAuthTokens):
-            return tokens.state()
-        return True, {"mode": "webhook"}
-
-    async def _stop_background(self) -> None:
-        if self.outbox is not None:
-            await self.outbox.close()
-        if self.shared is not None:
-            await self.shared.link.close()
-        if self.users is not None:
-            await self.users.close()
+    async def _stop_calls(self) -> None:
+        """Stop accepting calls, let those in flight finish (up to server.session_timeout), then the
+        card shows and hides they started."""
+        await self.server.close(grace=self.config.server.session_timeout)
+        await self.runtime.cards.close()
 
     def reload_soon(self) -> None:
         """Start a reload without waiting for it (the SIGHUP handler). The task is kept until it
@@ -318,9 +251,7 @@ class Application:
         self._warn_restart_only(old, new)
         self.runtime = runtime
         # The long-lived parts take the new settings that are theirs.
-        self.memory.cache.settings = new.cache
-        self.memory.breaker.threshold = new.bitrix.breaker_failures
-        self.memory.breaker.cool_down = new.bitrix.breaker_cool_down
+        self.memory.reconfigure(new.cache, new.bitrix)
         if new.bitrix.webhook_url != old.bitrix.webhook_url:
             self.memory.cache.clear()  # answers of another portal
         self.call_log.configure(new.call_log)
@@ -340,31 +271,18 @@ class Application:
                   len(problems) if count is None else count, path, self.config.digest[:12])
         return False
 
-    @staticmethod
-    def _warn_restart_only(old: Config, new: Config) -> None:
-        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
-            log.warning("server.listen changed to %s:%s; it takes effect after a restart",
-                        new.server.host, new.server.port)
-        if new.bitrix.pool_size != old.bitrix.pool_size:
-            log.warning("bitrix.pool_size changed; it takes effect after a restart")
-        if new.metrics != old.metrics:
-            log.warning("metrics.listen or metrics.token_file changed; it takes effect after a restart")
-        if (new.callcard.enabled, new.callcard.outbox) != (old.callcard.enabled, old.callcard.outbox):
-            log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
-        if new.users.refresh != old.users.refresh:
-            log.warning("users.refresh changed; it takes effect after a restart")
-        if new.redis != old.redis or (new.redis is not None and _portal_identity(new) != _portal_identity(old)):
-            log.warning("the redis section or the portal changed; the shared state follows after a restart")
+    def _warn_restart_only(self, old: Config, new: Config) -> None:
+        """Once per key declared `restart` that changed: the reload applies the rest."""
+        for key in schema.restart_changes(Config, old, new):
+            log.warning("%s changed; it takes effect after a restart", key)
+        if self.shared is not None and _portal_identity(new) != _portal_identity(old):
+            # Its keys in Redis name the portal it was connected for.
+            log.warning("the portal changed; the state shared through Redis follows it after a restart")
 
     async def stop(self) -> None:
-        """Stop accepting calls, let those in flight finish (up to server.session_timeout), close."""
-        await self.server.close(grace=self.config.server.session_timeout)
-        await self.runtime.cards.close()
-        await self._stop_background()
-        if self.monitoring is not None:
-            await self.monitoring.close()
-        await self.session.close()
-        self.call_log.close()
+        """Stop accepting calls, let those in flight finish (up to server.session_timeout), then
+        close the other parts in the reverse order of their start."""
+        await self._opened.aclose()
 
 
 async def until_stopped(on_sighup: Callable[[], object] | None = None) -> None:
