@@ -1,5 +1,7 @@
-"""The service files in contrib/ as an admin installs them."""
+"""What an admin installs beside the server: the service files, the alert rules and the dashboard in
+contrib/, and the release's one version."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -11,10 +13,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from agi_bitrix import __version__
+from agi_bitrix.app import Application
+from agi_bitrix.testing.fake_asterisk import fake_call
+from tests.conftest import make_config
 from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,3 +221,46 @@ def scrape(url: str, server: subprocess.Popen, log: Path) -> str:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"no /metrics within 20 s:\n{log.read_text(errors='replace')}")
+
+
+# -- the release: one version ----------------------------------------------------------------------
+
+def test_one_version_for_the_package_the_command_and_the_changelog():
+    # setup.cfg reads agi_bitrix.__version__ (scripts/test reinstalls, so the metadata follows it).
+    assert importlib.metadata.version("agi-bitrix") == __version__
+    result = subprocess.run([sys.executable, "-m", "agi_bitrix", "--version"], capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    assert result.stdout.strip() == f"agi-bitrix {__version__}"
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d\d-\d\d$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert released[0] == __version__, "CHANGELOG.md's newest release is not the package's version"
+
+
+async def test_healthz_the_admin_page_and_the_portals_user_agent_say_the_same_version():
+    user_agents: list[str] = []
+
+    async def portal(request: web.Request) -> web.Response:
+        user_agents.append(request.headers.get("User-Agent", ""))
+        return web.json_response({"result": [], "time": {}})
+
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_route("*", "/{tail:.*}", portal)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    webhook = f"http://127.0.0.1:{runner.addresses[0][1]}/rest/1/abcdefghijklmnop/"
+    app = Application(make_config(webhook, metrics=f'"127.0.0.1:{free_port()}"'))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        await fake_call(host, port, callerid="89161234567")
+        base = "http://{}:{}".format(*app.monitoring.address)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/healthz") as answer:
+                health = await answer.json()
+            async with http.get(base + "/") as answer:
+                page = await answer.text()
+    finally:
+        await app.stop()
+        await runner.cleanup()
+    assert health["version"] == __version__
+    assert f"version {__version__}" in page
+    assert user_agents and set(user_agents) == {f"agi-bitrix/{__version__}"}
