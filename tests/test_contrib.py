@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agi_bitrix import __version__
 from agi_bitrix.app import Application
+from agi_bitrix.config import parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import make_config
 from tests.redis_server import RedisServer, free_port
@@ -206,9 +207,6 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_a_running_server_exports(
     used_by_alerts = {name for rule in alert_rules() for name in METRIC_NAME.findall(rule["expr"])}
     assert used - exported == set(), "the dashboard asks for metrics the server does not export"
     assert used_by_alerts - exported == set(), "the alert rules watch metrics the server does not export"
-    # And nothing the server exports is left off the dashboard.
-    assert {name for name in exported if not name.endswith(("_created", "_sum"))} - used - {
-        f"{name}_count" for name in ("agi_bitrix_call_seconds",)} == set()
 
 
 def scrape(url: str, server: subprocess.Popen, log: Path) -> str:
@@ -264,3 +262,15 @@ async def test_healthz_the_admin_page_and_the_portals_user_agent_say_the_same_ve
     assert health["version"] == __version__
     assert f"version {__version__}" in page
     assert user_agents and set(user_agents) == {f"agi-bitrix/{__version__}"}
+
+
+def test_the_install_docs_server_section_is_valid_config():
+    # The server section docs/install.md shows for agi-bitrix on another host than the PBX.
+    doc = (ROOT / "docs" / "install.md").read_text()
+    snippet = re.search(r"```yaml\n(server:.*?)```", doc, re.S).group(1)
+    config = parse_config(snippet + textwrap.dedent("""\
+        bitrix: {webhook_url: "https://example.bitrix24.ru/rest/1/abcdefghijklmnop/"}
+        routing: {fallback_queue: support, rules: []}
+        """), "docs/install.md")
+    assert (config.server.host, config.server.port) == ("10.0.0.20", 4573)
+    assert [str(network) for network in config.server.allowed_clients] == ["10.0.0.10/32"]

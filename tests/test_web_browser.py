@@ -353,3 +353,17 @@ def test_a_refusal_that_every_page_shares_offers_no_menu_back_to_it(browser, mon
         screenshot(browser, "refused")
     finally:
         server.close()
+
+
+def test_a_hostile_crm_name_in_the_list_of_calls_is_text(browser):
+    name = '<img id="name-injected" src="x">'  # the list shows 60 characters
+    crm = {**SAMPLE_CRM, "79990000888": [{**LONG_CRM["79990000777"][0], "NAME": name, "CRM_ENTITY_ID": 88}]}
+    server = LiveServer(crm=crm)
+    try:
+        server.call("89990000888")
+        browser.get(server.base + "/calls")
+        assert by_css(browser, "#calls td.crm").text == f"{name} (CONTACT 88)"
+        assert all_by_css(browser, "#name-injected, img") == []
+        assert browser.execute_script("return window.injected") is None
+    finally:
+        server.close()
