@@ -40,12 +40,12 @@ REFRESH_SECONDS = 10  # Now and Recent calls reload themselves (a meta refresh: 
 # What an admin does when the OAuth token server refused the application's tokens, by the reason
 # /healthz shows (agi_bitrix.bitrix.oauth.OAuthTokens.state); the words only, the state decides.
 AUTH_ADVICE = {
-    "refresh_token_rejected": "run `agi-bitrix oauth login -c {config}` as the service's user: it stores new"
+    "refresh_token_rejected": "run \"agi-bitrix oauth login -c {config}\" as the service's user: it stores new"
                               " tokens in {token_file}, and the server takes them up by itself",
     "oauth_client_rejected": "check bitrix.oauth.client_id and the client secret against the application's"
                              " card in the portal, then reload the config (systemctl reload agi-bitrix)",
     "oauth_token_file": "the token file {token_file} cannot be read or holds no refresh token: run"
-                        " `agi-bitrix oauth login -c {config}` as the service's user",
+                        " \"agi-bitrix oauth login -c {config}\" as the service's user",
 }
 # No script may run and nothing may be loaded from elsewhere, even if a value slipped through.
 SECURITY_HEADERS = {
