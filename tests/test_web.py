@@ -100,8 +100,9 @@ async def test_a_routed_call_is_listed_and_its_trace_explains_it(site):
     assert status == 200
     row = re.search(r'<tr class="call">(.*?)</tr>', html, re.S).group(1)
     cells = [text_of(c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
-    assert cells[1:] == ["79161234567", "FOUND", "extension", "101", "owner-at-work", "-", "miss", cells[-1]]
-    assert cells[-1].endswith(" ms")
+    assert cells[1:] == ["79161234567", "s", "Иван Петров (CONTACT 12)", "FOUND", "extension", "101",
+                         "owner-at-work", "-", "miss", cells[-1]]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[0]) and cells[-1].endswith(" ms")
     link = re.search(r'href="(/calls/\d+)"', row).group(1)
     status, html = await site.get(link)
     trace = text_of(re.search(r'<pre class="trace" id="trace">(.*?)</pre>', html, re.S).group(1))
