@@ -16,7 +16,7 @@ from agi_bitrix.config import MetricsSettings, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
-from agi_bitrix.web.access import ADMIN_TOKEN_ENV, access_policy
+from agi_bitrix.web.access import ADMIN_TOKEN_ENV, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCalls
 from tests.conftest import make_config
@@ -310,6 +310,46 @@ async def test_a_token_is_required_when_set_and_compared_whole(hostile_portal, m
         assert (await site.get("/calls"))[0] == 200  # the cookie now
         assert (await site.get("/metrics"))[0] == 200
         assert (await site.get("/healthz"))[0] == 200
+    finally:
+        await site.http.close()
+        await site.app.stop()
+
+
+# Each would send the browser to another site after the login: browsers drop tabs and newlines
+# from a URL and read "\\" as "/"; proxies decode %2F; "https:" and "//" name a host outright.
+HOSTILE_NEXT = [
+    "/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example", "//evil.example", "///evil.example",
+    "/\\evil.example", "\\/evil.example", "/\\/evil.example", "/calls\\..\\..\\evil", "https://evil.example/",
+    "https:evil.example", "http:/evil.example", "javascript:alert(1)", "evil.example", " /evil.example",
+    "/%2F/evil.example", "/%2f%2fevil.example", "/%5Cevil.example", "/%5c/evil.example", "/%09/evil.example",
+    "/%0d%0aSet-Cookie:x=1", "/%252F/evil.example", "/%25252F/evil.example", "/\u2215evil.example",
+    "/\uff0fevil.example", "/%E2%88%95evil.example", "/\u200b/evil.example", "/\x00/evil.example",
+    "/\x7f/evil.example", "/calls#//evil.example", "",
+]
+
+
+@pytest.mark.parametrize("target", HOSTILE_NEXT)
+def test_only_a_path_on_this_site_is_a_target_after_the_login(target):
+    assert local_path(target) == "/"
+
+
+def test_a_path_on_this_site_is_kept_as_it_is():
+    for target in ("/", "/calls", "/calls/12", "/try?number=1", "/calls%2F12", "/rules"):
+        assert local_path(target) == target
+
+
+async def test_the_login_never_sends_the_browser_to_another_site(hostile_portal, monkeypatch):
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    site = await open_site(hostile_portal, listen="0.0.0.0")
+    try:
+        for target in HOSTILE_NEXT:
+            status, html = await site.get("/login", params={"next": target})
+            assert status == 200 and re.search(r'name="next" value="([^"]*)"', html).group(1) == "/", target
+        for target in ("/\t/evil.example", "/\\evil.example", "/%2F/evil.example", "/calls"):
+            async with site.http.post(site.base + "/login", data={"token": TOKEN, "next": target},
+                                      allow_redirects=False) as response:
+                expected = "/calls" if target == "/calls" else "/"
+                assert (response.status, response.headers["Location"]) == (303, expected), target
     finally:
         await site.http.close()
         await site.app.stop()

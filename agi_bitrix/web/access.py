@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
+from urllib.parse import unquote
 
 from agi_bitrix.config import MetricsSettings
 
@@ -77,6 +79,33 @@ def access_policy(settings: MetricsSettings, environ: Mapping[str, str]) -> Acce
         return AccessPolicy("", f"metrics.listen is {settings.host}, not a loopback address, and no access token"
                                 f" is set (metrics.token_file or {ADMIN_TOKEN_ENV})", "")
     return AccessPolicy(token, "", where if token else "")
+
+
+# A path on this site as RFC 3986 writes one (unreserved, sub-delims, ':', '@', '/', '%', and a
+# query): no space, no control character, no backslash, nothing outside ASCII.
+_LOCAL_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")
+_DECODE_ROUNDS = 3  # "%252F" is "%2F" once decoded, "/" twice; a third layer is refused
+
+
+def local_path(target: str, default: str = "/") -> str:
+    """`target` when it can only name a path on this site, else `default`.
+
+    Browsers drop tabs and newlines from a URL and read a backslash as a slash, so "/\t/evil" and
+    "/\\evil" both go to another host ("//evil"); encoded forms ("/%2F/evil") reach the same end
+    through a proxy that decodes. So: ASCII path characters only, one leading "/" not followed by
+    another "/" or "\", and the same again after each round of percent-decoding."""
+    if not _LOCAL_PATH.fullmatch(target):
+        return default
+    text = target
+    for _ in range(_DECODE_ROUNDS):
+        if not (text.startswith("/") and text[1:2] not in ("/", "\\") and "\\" not in text
+                and text.isascii() and text.isprintable()):
+            return default
+        decoded = unquote(text)
+        if decoded == text:
+            return target
+        text = decoded
+    return default
 
 
 class Gate:

@@ -27,7 +27,7 @@ from agi_bitrix.config import Config, MetricsSettings
 from agi_bitrix.explain import render
 from agi_bitrix.routing.rules import Match, Rule
 from agi_bitrix.service import RoutedCall, Router, call_info
-from agi_bitrix.web.access import COOKIE, Gate, SlidingWindow, access_policy
+from agi_bitrix.web.access import COOKIE, Gate, SlidingWindow, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCall, RecentCalls
 
@@ -256,11 +256,11 @@ class AdminPages:
     async def _login_form(self, request: web.Request) -> web.Response:
         if self._gate.policy.refusal:
             return self._page("refused.html", status=403, reason=self._gate.policy.refusal)
-        return self._login_page(self._next(request.query.get("next", "/")), "", 200)
+        return self._login_page(local_path(request.query.get("next", "/")), "", 200)
 
     async def _login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        target = self._next(str(form.get("next", "/")))
+        target = local_path(str(form.get("next", "/")))
         if self._gate.policy.refusal:
             return self._page("refused.html", status=403, reason=self._gate.policy.refusal)
         if not self._same_origin(request):
@@ -276,8 +276,3 @@ class AdminPages:
 
     def _login_page(self, target: str, problem: str, status: int) -> web.Response:
         return self._page("login.html", status=status, page="login", next=target, problem=problem)
-
-    @staticmethod
-    def _next(target: str) -> str:
-        """Only a path on this server: never another site after the login."""
-        return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
