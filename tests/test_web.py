@@ -16,7 +16,7 @@ from agi_bitrix.config import MetricsSettings, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
-from agi_bitrix.web.access import ADMIN_TOKEN_ENV, access_policy, local_path
+from agi_bitrix.web.access import ADMIN_TOKEN_ENV, LoginThrottle, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCalls
 from tests.conftest import make_config
@@ -313,6 +313,45 @@ async def test_a_token_is_required_when_set_and_compared_whole(hostile_portal, m
     finally:
         await site.http.close()
         await site.app.stop()
+
+
+async def login_from(site: Site, address: str, token: str) -> int:
+    """POST the login form from a client bound to `address` (a loopback address of its own)."""
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(site.base + "/login", data={"token": token, "next": "/"},
+                             allow_redirects=False) as response:
+            return response.status
+
+
+async def test_wrong_tokens_from_one_address_never_lock_the_right_token_out_for_others(hostile_portal, monkeypatch):
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    site = await open_site(hostile_portal, listen="0.0.0.0")
+    try:
+        assert [await login_from(site, "127.0.0.2", f"guess-{n:012d}") for n in range(10)] == [403] * 10
+        assert await login_from(site, "127.0.0.2", "guess-number-eleven") == 429  # the guesser waits...
+        assert await login_from(site, "127.0.0.2", TOKEN) == 429  # ...and learns nothing from its next try
+        assert await login_from(site, "127.0.0.3", "another-guess-12345") == 403  # counted apart
+        assert await login_from(site, "127.0.0.1", TOKEN) == 303  # the admin logs in
+    finally:
+        await site.http.close()
+        await site.app.stop()
+
+
+def test_wrong_tokens_are_counted_per_address_and_ipv6_prefix_and_forgotten():
+    now = [0.0]
+    throttle = LoginThrottle(3, 60.0, clock=lambda: now[0], max_sources=2)
+    for _ in range(3):
+        throttle.failed("2001:db8:1:2::10")
+    assert throttle.wait("2001:db8:1:2:ffff::1") == 60.0  # the same /64
+    assert throttle.wait("2001:db8:1:3::10") == 0.0
+    throttle.failed("::ffff:192.0.2.7")
+    assert throttle.wait("192.0.2.7") == 0.0 and len(throttle._failures) == 2
+    now[0] = 61.0
+    assert throttle.wait("2001:db8:1:2::10") == 0.0  # a minute later
+    throttle.failed("192.0.2.8")
+    throttle.failed("192.0.2.9")
+    assert set(throttle._failures) == {"192.0.2.8", "192.0.2.9"}  # at most max_sources remembered
 
 
 # Each would send the browser to another site after the login: browsers drop tabs and newlines

@@ -9,7 +9,9 @@
   to everyone and say why. /metrics and /healthz stay open either way (they hold no secret and
   no caller's number), so Prometheus and load balancers need nothing new.
 - Forms that POST carry a per-process CSRF token, and a POST whose Origin is another site is refused.
-- "Try a number" and the login are rate-limited (a sliding window, for the whole process).
+- "Try a number" is rate-limited for the whole process (each try may cost a portal request). Wrong
+  tokens are counted per source (an IPv4 address, an IPv6 /64): a source that sent too many
+  waits, and nobody else does, so a right token is never refused for another's mistakes.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import hmac
 import re
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -157,10 +159,56 @@ class SlidingWindow:
 
     def allow(self) -> float:
         """0 when the event may happen now (and counts it); else seconds until it may."""
+        wait = self.blocked()
+        if not wait:
+            self._times.append(self._clock())
+        return wait
+
+    def blocked(self) -> float:
+        """0 when an event may happen now (without counting one); else seconds until it may."""
         now = self._clock()
         while self._times and self._times[0] <= now - self.period:
             self._times.popleft()
         if len(self._times) >= self.limit:
             return self._times[0] + self.period - now
-        self._times.append(now)
         return 0.0
+
+
+class LoginThrottle:
+    """At most `limit` wrong tokens from one source in any `period` seconds; its next attempts,
+    right or wrong, wait (a guesser learns nothing from them), while other sources are untouched.
+    An IPv6 source counts by its /64, which one host usually holds whole. The sources remembered
+    are bounded: past `max_sources`, the one that failed least recently is forgotten."""
+
+    def __init__(self, limit: int, period: float, clock: Callable[[], float] = time.monotonic,
+                 max_sources: int = 4096) -> None:
+        self.limit = limit
+        self.period = period
+        self.max_sources = max_sources
+        self._clock = clock
+        self._failures: OrderedDict[str, SlidingWindow] = OrderedDict()
+
+    def wait(self, peer: str) -> float:
+        """0 when `peer` may try a token now; else seconds until it may."""
+        window = self._failures.get(source_of(peer))
+        return window.blocked() if window is not None else 0.0
+
+    def failed(self, peer: str) -> None:
+        source = source_of(peer)
+        window = self._failures.pop(source, None) or SlidingWindow(self.limit, self.period, self._clock)
+        self._failures[source] = window  # the most recent failure last
+        window.allow()
+        while len(self._failures) > self.max_sources:
+            self._failures.popitem(last=False)
+
+
+def source_of(peer: str) -> str:
+    """Who is counted for a wrong token: the IPv4 address, or the IPv6 /64 (an IPv4-mapped
+    IPv6 address is its IPv4 one); a peer without an address counts as itself."""
+    try:
+        address = ip_address(peer.split("%")[0])
+    except ValueError:
+        return peer
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ip_network(f"{address}/64", strict=False)) if address.version == 6 else str(address)

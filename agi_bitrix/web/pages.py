@@ -27,14 +27,14 @@ from agi_bitrix.config import Config, MetricsSettings
 from agi_bitrix.explain import render
 from agi_bitrix.routing.rules import Match, Rule
 from agi_bitrix.service import RoutedCall, Router, call_info
-from agi_bitrix.web.access import COOKIE, Gate, SlidingWindow, access_policy, local_path
+from agi_bitrix.web.access import COOKIE, Gate, LoginThrottle, SlidingWindow, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCall, RecentCalls
 
 log = logging.getLogger("agi_bitrix.web")
 
 TRIES_PER_MINUTE = 5  # "Try a number": each may cost a portal request, from the calls' own budget
-LOGINS_PER_MINUTE = 10
+WRONG_TOKENS_PER_MINUTE = 10  # from one source (an address, an IPv6 /64)
 MAX_FIELD = 64  # characters of a number or DID typed into the form
 # No script may run and nothing may be loaded from elsewhere, even if a value slipped through.
 SECURITY_HEADERS = {
@@ -120,7 +120,7 @@ class AdminPages:
         self.environ = os.environ if environ is None else environ
         self.templates = _templates()
         self.tries = SlidingWindow(TRIES_PER_MINUTE, 60.0)
-        self.logins = SlidingWindow(LOGINS_PER_MINUTE, 60.0)
+        self.logins = LoginThrottle(WRONG_TOKENS_PER_MINUTE, 60.0)
         self.gate: Gate | None = None
 
     def add_routes(self, app: web.Application) -> None:
@@ -265,10 +265,14 @@ class AdminPages:
             return self._page("refused.html", status=403, reason=self._gate.policy.refusal)
         if not self._same_origin(request):
             return self._login_page(target, "the form was sent from another site", 403)
-        if self.logins.allow():
-            return self._login_page(target, f"at most {LOGINS_PER_MINUTE} attempts a minute; wait and retry", 429)
+        peer = request.remote or "?"
+        wait = self.logins.wait(peer)
+        if wait:
+            return self._login_page(target, f"at most {WRONG_TOKENS_PER_MINUTE} wrong tokens a minute from one"
+                                            f" address; try again in {wait:.0f} s", 429)
         if not self._gate.token_matches(str(form.get("token", "")).strip()):
-            log.warning("admin page: a wrong access token from %s", request.remote)
+            self.logins.failed(peer)
+            log.warning("admin page: a wrong access token from %s", peer)
             return self._login_page(target, "wrong token", 403)
         response = web.HTTPSeeOther(target)
         response.set_cookie(COOKIE, self._gate.cookie_value, httponly=True, samesite="Strict", path="/")
