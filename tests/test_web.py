@@ -12,7 +12,7 @@ import pytest
 
 from agi_bitrix.app import Application
 from agi_bitrix.checking import ConfigError
-from agi_bitrix.config import MetricsSettings, parse_config
+from agi_bitrix.config import HttpSettings, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
@@ -395,28 +395,28 @@ async def test_the_login_never_sends_the_browser_to_another_site(hostile_portal,
 
 
 async def test_a_token_file_that_cannot_be_used_turns_the_pages_off(tmp_path):
-    settings = MetricsSettings(token_file=str(tmp_path / "missing"))
+    settings = HttpSettings(token_file=str(tmp_path / "missing"))
     assert access_policy(settings, {}).refusal == (
-        f"the access token cannot be read from metrics.token_file {tmp_path / 'missing'}: No such file or directory")
+        f"the access token cannot be read from http.token_file {tmp_path / 'missing'}: No such file or directory")
     (tmp_path / "short").write_text("secret\n")
-    settings = MetricsSettings(host="0.0.0.0", token_file=str(tmp_path / "short"))
+    settings = HttpSettings(host="0.0.0.0", token_file=str(tmp_path / "short"))
     assert "shorter than 16 characters" in access_policy(settings, {}).refusal
     (tmp_path / "token").write_text(TOKEN + "\n")
-    settings = MetricsSettings(host="0.0.0.0", token_file=str(tmp_path / "token"))
+    settings = HttpSettings(host="0.0.0.0", token_file=str(tmp_path / "token"))
     policy = access_policy(settings, {})
     assert (policy.token, policy.refusal) == (TOKEN, "")
     assert access_policy(settings, {ADMIN_TOKEN_ENV: "from-the-environment-1234"}).token == "from-the-environment-1234"
-    on_loopback = access_policy(MetricsSettings(), {ADMIN_TOKEN_ENV: TOKEN})  # a token set is asked for there too
+    on_loopback = access_policy(HttpSettings(), {ADMIN_TOKEN_ENV: TOKEN})  # a token set is asked for there too
     assert on_loopback.token == TOKEN and not on_loopback.open_locally
 
 
 def test_token_file_must_be_an_absolute_path():
-    text = ("metrics: {listen: '127.0.0.1:9573', token_file: admin-token}\n"
+    text = ("http: {listen: '127.0.0.1:9573', token_file: admin-token}\n"
             "bitrix: {webhook_url: 'https://x.bitrix24.ru/rest/1/abc/'}\nrouting: {fallback_queue: support}\n")
     with pytest.raises(ConfigError) as error:
         parse_config(text, "a.yaml")
     assert [str(p) for p in error.value.problems] == [
-        "a.yaml:1: metrics.token_file: 'admin-token' must be an absolute path"]
+        "a.yaml:1: http.token_file: 'admin-token' must be an absolute path"]
 
 
 def test_recent_calls_count_per_minute_by_route():

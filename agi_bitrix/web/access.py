@@ -1,9 +1,9 @@
 """Who may see the admin page, and what a form may do.
 
-- Loopback only by default: with `metrics.listen` on a loopback address and no token, the pages
+- Loopback only by default: with `http.listen` on a loopback address and no token, the pages
   are open to local clients (and to an SSH tunnel), but only under a loopback Host name, so a web
   page elsewhere cannot reach them by pointing its own domain at 127.0.0.1 (DNS rebinding).
-- Elsewhere an access token is required (`metrics.token_file`, or the environment variable
+- Elsewhere an access token is required (`http.token_file`, or the environment variable
   AGI_BITRIX_ADMIN_TOKEN), sent once through the login form and then carried by a cookie, or as
   `Authorization: Bearer TOKEN`; compared in constant time. Without one, the pages are refused
   to everyone and say why. /metrics and /healthz stay open either way (they hold no secret and
@@ -28,7 +28,7 @@ from ipaddress import ip_address, ip_network
 from pathlib import Path
 from urllib.parse import unquote
 
-from agi_bitrix.config import MetricsSettings
+from agi_bitrix.config import HttpSettings
 
 ADMIN_TOKEN_ENV = "AGI_BITRIX_ADMIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -63,11 +63,11 @@ class AccessPolicy:
         return not self.token and not self.refusal
 
 
-def access_policy(settings: MetricsSettings, environ: Mapping[str, str]) -> AccessPolicy:
+def access_policy(settings: HttpSettings, environ: Mapping[str, str]) -> AccessPolicy:
     """What the pages require, from the listen address and the token's source."""
     token, where = environ.get(ADMIN_TOKEN_ENV, "").strip(), f"the environment variable {ADMIN_TOKEN_ENV}"
     if not token and settings.token_file:
-        where = f"metrics.token_file {settings.token_file}"
+        where = f"http.token_file {settings.token_file}"
         try:
             token = Path(settings.token_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
@@ -78,8 +78,8 @@ def access_policy(settings: MetricsSettings, environ: Mapping[str, str]) -> Acce
     if token and len(token) < MIN_TOKEN_LENGTH:
         return AccessPolicy("", f"the access token from {where} is shorter than {MIN_TOKEN_LENGTH} characters", where)
     if not token and not is_loopback(settings.host):
-        return AccessPolicy("", f"metrics.listen is {settings.host}, not a loopback address, and no access token"
-                                f" is set (metrics.token_file or {ADMIN_TOKEN_ENV})", "")
+        return AccessPolicy("", f"http.listen is {settings.host}, not a loopback address, and no access token"
+                                f" is set (http.token_file or {ADMIN_TOKEN_ENV})", "")
     return AccessPolicy(token, "", where if token else "")
 
 

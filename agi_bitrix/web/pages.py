@@ -1,4 +1,4 @@
-"""The admin pages, served by the metrics listener: Now, Recent calls, Try a number, Rules.
+"""The admin pages, served by the HTTP listener: Now, Recent calls, Try a number, Rules.
 
 Everything is rendered by the server with Jinja2, autoescape on: every value from the CRM, the
 caller or the AGI header reaches the page as text, never as markup. No page shows a secret: the
@@ -23,7 +23,7 @@ from yarl import URL
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.calllog import mask_number
-from agi_bitrix.config import Config, MetricsSettings
+from agi_bitrix.config import Config, HttpSettings
 from agi_bitrix.explain import render
 from agi_bitrix.routing.rules import Match, Rule
 from agi_bitrix.service import RoutedCall, Router, call_info
@@ -112,7 +112,7 @@ def _duration(seconds: float | None) -> str:
 
 class AdminPages:
     def __init__(self, running: Callable[[], Running], health: Callable[[], tuple[bool, dict[str, Any]]],
-                 recent: RecentCalls, settings: MetricsSettings, environ: Mapping[str, str] | None = None) -> None:
+                 recent: RecentCalls, settings: HttpSettings, environ: Mapping[str, str] | None = None) -> None:
         self.running = running
         self.health = health
         self.recent = recent
@@ -124,7 +124,7 @@ class AdminPages:
         self.gate: Gate | None = None
 
     def add_routes(self, app: web.Application) -> None:
-        """Called by MonitoringServer.start: reads the token now, so a fixed file needs a restart."""
+        """Called by HttpListener.start: reads the token now, so a fixed file needs a restart."""
         policy = access_policy(self.settings, self.environ)
         self.gate = Gate(policy)
         if policy.refusal:
