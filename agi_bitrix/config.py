@@ -233,8 +233,7 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The HTTP listener (agi_bitrix.http_listener): /metrics, /healthz, the admin page and the
-    portal's install callback. Bounded like the AGI listener: anyone who reaches it can connect."""
+    """The HTTP listener (agi_bitrix.http_listener): /metrics, /healthz, admin page, install callback."""
 
     host: str = anything("listen", "127.0.0.1", check=_http_listen,  # listen: HOST:PORT or off
                          sets=("host", "port", "enabled"))
@@ -249,8 +248,7 @@ class HttpSettings:
     max_connections: int = integer("max_connections", 100, 1, 10_000)
 
 
-# The http section's old name; still read, with a deprecation note (Config.deprecations).
-LEGACY_HTTP_SECTION = "metrics"
+LEGACY_HTTP_SECTION = "metrics"  # the http section's old name: still read, with a deprecation note
 
 
 @dataclass(frozen=True)
@@ -346,7 +344,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         data = LocatedDict()
     if not isinstance(data, LocatedDict):
         raise ConfigError([Problem(file, 1, "", "the file must be a mapping of sections")])
-    check.unknown_keys(data, "", (*schema.keys(Config), LEGACY_HTTP_SECTION))
+    check.unknown_keys(_without(data, LEGACY_HTTP_SECTION), "", schema.keys(Config))  # read, not offered
 
     def read(name: str) -> Any:
         return check.field(Config, name, data)
@@ -354,9 +352,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     # Sections are read in this order, which problems on one line keep.
     server = read("server")
     bitrix = _bitrix(check, check.section(data, "bitrix", "bitrix", schema.keys(BitrixSettings)), environ)
-    cache = read("cache")
+    cache, call_log = read("cache"), read("call_log")
     http, http_name, deprecations = _http(check, data)
-    call_log = read("call_log")
     country = read("default_country")
     prefix = read("variable_prefix")
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
@@ -375,6 +372,13 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
                   variable_prefix=prefix, policy=policy, cache=cache, http=http, call_log=call_log,
                   callcard=callcard, users=users, redis=redis, deprecations=deprecations)
+
+
+def _without(mapping: LocatedDict, key: str) -> LocatedDict:
+    rest = LocatedDict()
+    rest.update((k, v) for k, v in mapping.items() if k != key)
+    rest.line, rest.lines = mapping.line, mapping.lines
+    return rest
 
 
 def _http(check: Checker, data: LocatedDict) -> tuple[HttpSettings, str, tuple[Problem, ...]]:
