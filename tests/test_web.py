@@ -324,7 +324,8 @@ async def login_from(site: Site, address: str, token: str) -> int:
             return response.status
 
 
-async def test_wrong_tokens_from_one_address_never_lock_the_right_token_out_for_others(hostile_portal, monkeypatch):
+async def test_wrong_tokens_from_one_address_never_lock_the_right_token_out_for_others(hostile_portal, monkeypatch,
+                                                                                       caplog):
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
     site = await open_site(hostile_portal, listen="0.0.0.0")
     try:
@@ -336,6 +337,10 @@ async def test_wrong_tokens_from_one_address_never_lock_the_right_token_out_for_
     finally:
         await site.http.close()
         await site.app.stop()
+    logged = [r.getMessage() for r in caplog.records if "wrong access token" in r.getMessage()]
+    assert logged == ["admin page: a wrong access token from 127.0.0.2",
+                      "admin page: 10 wrong access tokens from 127.0.0.2 in a minute; its logins wait",
+                      "admin page: a wrong access token from 127.0.0.3"]  # not one line per guess
 
 
 def test_wrong_tokens_are_counted_per_address_and_ipv6_prefix_and_forgotten():

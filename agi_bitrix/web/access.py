@@ -164,6 +164,12 @@ class SlidingWindow:
             self._times.append(self._clock())
         return wait
 
+    @property
+    def count(self) -> int:
+        """Events in the period up to now."""
+        self.blocked()
+        return len(self._times)
+
     def blocked(self) -> float:
         """0 when an event may happen now (without counting one); else seconds until it may."""
         now = self._clock()
@@ -193,13 +199,15 @@ class LoginThrottle:
         window = self._failures.get(source_of(peer))
         return window.blocked() if window is not None else 0.0
 
-    def failed(self, peer: str) -> None:
+    def failed(self, peer: str) -> int:
+        """Counts a wrong token from `peer`; returns how many its source sent in the period."""
         source = source_of(peer)
         window = self._failures.pop(source, None) or SlidingWindow(self.limit, self.period, self._clock)
         self._failures[source] = window  # the most recent failure last
         window.allow()
         while len(self._failures) > self.max_sources:
             self._failures.popitem(last=False)
+        return window.count
 
 
 def source_of(peer: str) -> str:

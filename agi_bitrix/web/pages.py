@@ -271,8 +271,12 @@ class AdminPages:
             return self._login_page(target, f"at most {WRONG_TOKENS_PER_MINUTE} wrong tokens a minute from one"
                                             f" address; try again in {wait:.0f} s", 429)
         if not self._gate.token_matches(str(form.get("token", "")).strip()):
-            self.logins.failed(peer)
-            log.warning("admin page: a wrong access token from %s", peer)
+            # Logged when a source starts and when it is made to wait, not at every guess.
+            failures = self.logins.failed(peer)
+            if failures == 1:
+                log.warning("admin page: a wrong access token from %s", peer)
+            elif failures == WRONG_TOKENS_PER_MINUTE:
+                log.warning("admin page: %d wrong access tokens from %s in a minute; its logins wait", failures, peer)
             return self._login_page(target, "wrong token", 403)
         response = web.HTTPSeeOther(target)
         response.set_cookie(COOKIE, self._gate.cookie_value, httponly=True, samesite="Strict", path="/")
