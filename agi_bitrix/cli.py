@@ -98,7 +98,7 @@ def _check(path: str) -> int:
         return EXIT_CONFIG
     print(f"{path}: OK ({len(config.policy.rules)} rules, fallback queue {config.policy.fallback_queue},"
           f" listen {config.server.host}:{config.server.port})")
-    for note in config.deprecations:
+    for note in config.deprecated:
         print(f"warning: {note}", file=sys.stderr)
     if config.bitrix.is_placeholder:
         print(f"{path}: note: bitrix.webhook_url is still the shipped example; set yours there or in"
@@ -143,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    for note in config.deprecations:
+    for note in config.deprecated:
         logging.getLogger("agi_bitrix").warning("%s", note)
     host, port = config.server.host, config.server.port
     if args.listen:

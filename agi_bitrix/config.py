@@ -324,8 +324,9 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
-    # Old names still read, each with what to write instead: `check` prints them, `serve` logs them.
-    deprecations: tuple[Problem, ...] = ()
+    # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
+    # at WARNING when it starts.
+    deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -353,7 +354,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     server = read("server")
     bitrix = _bitrix(check, check.section(data, "bitrix", "bitrix", schema.keys(BitrixSettings)), environ)
     cache, call_log = read("cache"), read("call_log")
-    http, http_name, deprecations = _http(check, data)
+    http, http_name, deprecated = _http(check, data)
     country = read("default_country")
     prefix = read("variable_prefix")
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
@@ -371,7 +372,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, default_country=country,
                   variable_prefix=prefix, policy=policy, cache=cache, http=http, call_log=call_log,
-                  callcard=callcard, users=users, redis=redis, deprecations=deprecations)
+                  callcard=callcard, users=users, redis=redis, deprecated=deprecated)
 
 
 def _without(mapping: LocatedDict, key: str) -> LocatedDict:

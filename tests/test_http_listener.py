@@ -192,10 +192,10 @@ def test_the_old_section_name_is_read_with_a_deprecation_note():
                                       " token_file: /etc/agi-bitrix/admin-token", section="metrics"), "a.yaml")
     assert (config.http.host, config.http.port, config.http.token_file) == (
         "0.0.0.0", 9600, "/etc/agi-bitrix/admin-token")
-    assert [str(note) for note in config.deprecations] == [
+    assert [str(note) for note in config.deprecated] == [
         ("a.yaml:1: metrics: deprecated: this section also serves the admin page and the install callback and is"
          " now called http (same keys: listen, token_file, ...); rename it, the old name will go")]
-    assert parse_config(config_text("https://x.bitrix24.ru/rest/1/abc/", "listen: off")).deprecations == ()
+    assert parse_config(config_text("https://x.bitrix24.ru/rest/1/abc/", "listen: off")).deprecated == ()
 
 
 def test_both_names_at_once_are_refused():
