@@ -19,6 +19,7 @@ under "http" and logged at most once per LOG_EVERY seconds, so a flood does not 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -54,11 +55,13 @@ def free_descriptors() -> tuple[int, int] | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return None
+    reserve = max(RESERVE_MIN, soft // 4)
     try:
         used = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself held
-    except OSError:
-        return None
-    return soft - used, max(RESERVE_MIN, soft // 4)
+    except OSError as error:
+        # Not even one descriptor to list them with: none is left.
+        return (0, reserve) if error.errno in (errno.EMFILE, errno.ENFILE) else None
+    return soft - used, reserve
 
 
 class _Refused(asyncio.Protocol):

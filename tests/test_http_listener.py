@@ -19,6 +19,7 @@ import pytest
 from agi_bitrix.app import Application
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import parse_config
+from agi_bitrix.http_listener import RESERVE_MIN, free_descriptors
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import TEST_RULES, until
 from tests.test_cli import ROOT, agi_bitrix, free_port
@@ -223,3 +224,14 @@ async def test_check_and_serve_warn_about_the_old_name(portal, tmp_path):
         process.send_signal(signal.SIGTERM)
         output = (await asyncio.wait_for(process.communicate(), 15))[0].decode()
     assert f"WARNING agi_bitrix: {path}:1: metrics: deprecated:" in output
+
+
+def test_with_no_descriptor_left_to_count_them_none_is_free():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used - 1, hard))  # listdir itself cannot open one
+    try:
+        free = free_descriptors()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert free == (0, RESERVE_MIN)
