@@ -547,9 +547,9 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
 
     merged, extra = yaml.safe_load(textwrap.dedent(oauth)), yaml.safe_load(install)
     merged["bitrix"]["oauth"].update(extra["bitrix"]["oauth"])
-    config = parse_config(yaml.safe_dump({**merged, "metrics": extra["metrics"]}) + routing, "call-card.md",
+    config = parse_config(yaml.safe_dump({**merged, "http": extra["http"]}) + routing, "call-card.md",
                           environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
-    assert (config.bitrix.oauth.install_path, config.metrics.host, config.metrics.enabled) == (
+    assert (config.bitrix.oauth.install_path, config.http.host, config.http.enabled) == (
         "/bitrix/install", "0.0.0.0", True)
 
 

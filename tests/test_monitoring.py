@@ -175,7 +175,7 @@ async def test_metrics_port_taken_does_not_stop_calls(portal, caplog):
             assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "101"
         finally:
             await app.stop()
-    assert any("metrics and /healthz are OFF" in r.getMessage() for r in caplog.records)
+    assert any("metrics, /healthz and the admin page are OFF" in r.getMessage() for r in caplog.records)
 
 
 def session_failing_inside_aiohttp() -> aiohttp.ClientSession:
