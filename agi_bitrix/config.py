@@ -34,6 +34,7 @@ from agi_bitrix.bitrix.settings import (
 )
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
 from agi_bitrix.phones import normalize_number
+from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
 from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
@@ -160,13 +161,7 @@ def _outbox(value: str) -> str:
     if value == SHARED_REDIS_OUTBOX:
         return value
     if value.startswith(REDIS_SCHEMES):
-        parts = urlsplit(value)
-        try:
-            parts.port  # noqa: B018 -- reading it checks it
-        except ValueError:
-            raise ValueError("the Redis URL's port is not a number") from None
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("the Redis URL needs a host, like redis://10.0.0.5:6379/0")
+        parse_redis_url(value)  # as the outbox will read it; the message never quotes the URL
         return value
     if not value.startswith("/"):
         raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file, a redis:// URL,"

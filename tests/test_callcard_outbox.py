@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agi_bitrix.callcard import outbox as outbox_module
+from agi_bitrix.callcard import delivery
 from agi_bitrix.callcard.outbox import (
     DELIVERED_RETENTION,
     Entry,
@@ -400,7 +400,7 @@ async def test_finishes_are_kept_in_memory_while_the_folder_cannot_be_used_and_s
 
 
 async def test_past_the_memory_bound_a_finish_is_lost_loudly_and_counted(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(outbox_module, "MAX_KEPT", 2)
+    monkeypatch.setattr(delivery, "MAX_KEPT", 2)
     blocker = tmp_path / "state"
     blocker.write_text("")
     outbox = Outbox(blocker / "o.sqlite3", ScriptedSender(), RETRY, clock=Clock())

@@ -13,8 +13,8 @@ answer when it lands); the breaker's state and each method's operating time are 
 Redis never costs a call its route: each command has `redis.timeout`; a failure marks the link
 down, and until a ping succeeds again (every `redis.retry_every`) each server works on its own
 state with its 1/`redis.servers` share of the portal's budget, as /healthz and
-agi_bitrix_redis_up say. The redis package's asyncio client is used with its own retries off:
-a caller is waiting, and the local state is the retry.
+agi_bitrix_redis_up say. The client is agi_bitrix.redis_link's (one URL parser and redactor, one
+policy for timeouts, retries off: a caller is waiting, and the local state is the retry).
 """
 
 from __future__ import annotations
@@ -32,17 +32,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from agi_bitrix.bitrix.client import redact
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity, Owner
 from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.settings import CacheSettings, RedisSettings
+from agi_bitrix.redis_link import LinkHealth, RedisError, parse_redis_url
 
 log = logging.getLogger("agi_bitrix.redis")
 
@@ -172,29 +167,32 @@ class SharedStateUnavailable(Exception):
 
 
 class RedisLink:
-    """The connection to Redis, whether it is up, and the exchange the shared parts run on it."""
+    """The shared state's connection to Redis (agi_bitrix.redis_link: its URL, client policy and
+    health), and the exchange the shared parts run on it."""
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
+        self.url = parse_redis_url(settings.url)
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-        self.client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.url, max_connections=POOL_SIZE, timeout=settings.timeout,
-            socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
-            # A caller is waiting: no retries inside the client; our local state is the retry.
-            retry=Retry(NoBackoff(), 0)))
-        self.up = True  # until a command says otherwise; the first exchange checks it
-        self.problem = ""
-        self.changed_at = time.monotonic()
+        self.client = self.url.client(timeout=settings.timeout, max_connections=POOL_SIZE)
+        self.status = LinkHealth()  # up until a command says otherwise; the first exchange checks it
         self._exchanges: list[Callable[[], Awaitable[None]]] = []
         self._scripts: list[str] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._password = self.client.connection_pool.connection_kwargs.get("password") or ""
+
+    @property
+    def up(self) -> bool:
+        return self.status.up
+
+    @property
+    def problem(self) -> str:
+        return self.status.problem
 
     @property
     def redacted_url(self) -> str:
-        return self._clean(self.settings.url)
+        return self.url.redacted
 
     def key(self, *parts: str) -> str:
         return self.settings.key_prefix + ":".join(parts)
@@ -216,7 +214,7 @@ class RedisLink:
         except TimeoutError:
             self._down(f"no answer within {self.settings.timeout:g} s")
         except (RedisError, OSError) as error:
-            self._down(self._clean(f"{type(error).__name__}: {error}"))
+            self._down(self.url.describe(error))
         raise SharedStateUnavailable(self.problem)
 
     def on_exchange(self, exchange: Callable[[], Awaitable[None]]) -> None:
@@ -243,12 +241,11 @@ class RedisLink:
                 await self.client.aclose()
 
     def _down(self, problem: str) -> None:
-        if self.up:
+        was_up = self.up
+        self.status.failed(problem)
+        if was_up:
             log.error("Redis at %s is not answering (%s): each server uses its own state and 1/%d of the"
                       " portal's budget until it is back", self.redacted_url, problem, self.settings.servers)
-            self.changed_at = time.monotonic()
-        self.up = False
-        self.problem = problem
 
     async def _prepare(self) -> None:
         """Connections open and scripts loaded before calls need them: a burst of calls should not
@@ -262,7 +259,7 @@ class RedisLink:
         try:
             await self._prepare()
         except (TimeoutError, RedisError, OSError) as error:
-            self._down(self._clean(f"{type(error).__name__}: {error}" if str(error) else "no answer"))
+            self._down(self.url.describe(error))
         while not self._closed:
             if self.up:
                 for exchange in self._exchanges:
@@ -285,15 +282,11 @@ class RedisLink:
                 continue
             log.warning("Redis at %s answers again: sharing the portal's budget, answers and breaker again",
                         self.redacted_url)
-            self.up, self.problem, self.changed_at = True, "", time.monotonic()
-
-    def _clean(self, text: str) -> str:
-        text = redact(text)
-        return text.replace(self._password, "***") if self._password else text
+            self.status.recovered()
 
     def health(self) -> dict[str, Any]:
         return {"state": "up" if self.up else "down", "url": self.redacted_url, "problem": self.problem or None,
-                "since_seconds": round(time.monotonic() - self.changed_at, 1),
+                "since_seconds": round(time.monotonic() - self.status.changed_at, 1),
                 "budget_share": 1.0 if self.up else round(1 / self.settings.servers, 4)}
 
 
