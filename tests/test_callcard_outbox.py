@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agi_bitrix.callcard import delivery
+from agi_bitrix.callcard.delivery import Verdict, judge
 from agi_bitrix.callcard.outbox import (
     DELIVERED_RETENTION,
     Entry,
@@ -411,3 +412,18 @@ async def test_past_the_memory_bound_a_finish_is_lost_loudly_and_counted(tmp_pat
     await outbox.close()  # still down: the two kept are lost too, each logged
     assert (outbox.kept, outbox.lost) == (0, 3)
     assert sum(r.getMessage().startswith(("finish a is LOST", "finish b is LOST")) for r in caplog.records) == 2
+
+
+# -- the delivery policy alone (callcard/delivery.py's judge: pure, shared by both stores) -----------
+
+@pytest.mark.parametrize("outcome, now, verdict", [
+    (Outcome("delivered", "note"), 100.0, Verdict("delivered", "note")),
+    (Outcome("wait", "being written", retry_at=130.0), 100.0, Verdict("wait", "being written", at=130.0)),
+    # The third attempt failed for now: 5 s doubled twice, and every row waits that long.
+    (Outcome("retry", "timeout"), 100.0, Verdict("retry", "timeout", at=120.0, delay=20.0)),
+    (Outcome("retry", "timeout"), 90.0 + 86400, Verdict("failed", "gave up after 3 attempts in 86400 s: timeout")),
+    (Outcome("failed", "ERROR_CORE: bad"), 100.0, Verdict("failed", "ERROR_CORE: bad")),
+])
+def test_the_judge_of_an_attempt(outcome, now, verdict):
+    entry = Entry("k", {}, attempt=3, queued_at=90.0)
+    assert judge(entry, outcome, now, RetryPolicy(first_delay=5, max_delay=600, give_up_after=86400)) == verdict
