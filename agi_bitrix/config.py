@@ -148,8 +148,10 @@ def _line_number(value: str) -> str:
     return value
 
 
-# callcard.outbox values that name a Redis server rather than a SQLite file.
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+def is_url(value: str) -> bool:
+    """A callcard.outbox value that names a Redis server (any URL: one that is not Redis's is
+    refused as a URL, never quoted, since it may hold a password) rather than a SQLite file."""
+    return "://" in value
 
 
 # `callcard.outbox: redis`: the outbox in the Redis of the `redis` section (its URL, which
@@ -160,7 +162,7 @@ SHARED_REDIS_OUTBOX = "redis"
 def _outbox(value: str) -> str:
     if value == SHARED_REDIS_OUTBOX:
         return value
-    if value.startswith(REDIS_SCHEMES):
+    if is_url(value):
         parse_redis_url(value)  # as the outbox will read it; the message never quotes the URL
         return value
     if not value.startswith("/"):

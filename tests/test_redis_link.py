@@ -90,6 +90,16 @@ def test_check_refuses_a_password_with_a_slash_as_serve_would_and_never_quotes_i
         assert "Traceback" not in output and "Zq9" not in output
 
 
+@pytest.mark.parametrize("outbox", ["REDIS://:s3cret@/0", "Redis://:s3cret@h:1/0?db=x", "http://u:s3cret@h/"])
+def test_an_outbox_url_check_cannot_use_is_never_quoted(outbox):
+    """A scheme in capitals (or not Redis's) was taken for a file name and quoted whole."""
+    text = ('bitrix: {webhook_url: "https://portal.example.com/rest/1/abc/"}\n'
+            f"routing: {{fallback_queue: support}}\ncallcard: {{outbox: '{outbox}'}}\n")
+    with pytest.raises(Exception, match=r"callcard\.outbox") as refused:
+        parse_config(text, "c.yaml")
+    assert "s3cret" not in str(refused.value)
+
+
 def test_check_refuses_unknown_options_and_a_port_that_is_not_a_number():
     for url, problem in (("redis://127.0.0.1:6379/0?timeout=5", "option 'timeout' is not known here"),
                          ("redis://127.0.0.1:63a9/0", "port is not a number")):
