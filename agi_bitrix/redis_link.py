@@ -13,14 +13,22 @@ a message saying so, which never repeats the password.
 The client's policy: each command and connect within `timeout`, and no retries inside the client
 (a caller is waiting; what to do on a failure is the caller's: the shared state falls back to
 this server's own state, the outbox keeps a finish in memory and tries again).
+
+`RedisLink` is a kept connection with its health: a failed command marks it down (logged once),
+a ping every `retry_every` brings it back (logged once), and while it is up the exchanges its
+users registered run every `sync_every`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -29,7 +37,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["LinkHealth", "RedisError", "RedisUrl", "RedisUrlError", "parse_redis_url", "redacted_redis_url"]
+__all__ = ["LinkHealth", "RedisError", "RedisLink", "RedisUnavailable", "RedisUrl", "RedisUrlError", "parse_redis_url",
+           "redacted_redis_url"]
+
+log = logging.getLogger("agi_bitrix.redis")
+_T = TypeVar("_T")
 
 SCHEMES = ("redis", "rediss", "unix")
 EXAMPLE = "redis://HOST:6379/0, rediss://… (TLS) or unix:///run/redis.sock"
@@ -226,3 +238,132 @@ class LinkHealth:
             return False
         self.up, self.problem, self.changed_at = True, "", time.monotonic()
         return True
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer in time, or not at all: the caller goes on without it."""
+
+
+class RedisLink:
+    """A connection to Redis kept up, its health, and the exchanges run on it while it is up.
+
+    `while_down` and `when_back` finish the log lines of the two changes: what the users do."""
+
+    def __init__(self, url: str, *, timeout: float, retry_every: float, sync_every: float, max_connections: int,
+                 while_down: str, when_back: str) -> None:
+        self.url = parse_redis_url(url)
+        self.timeout = timeout
+        self.retry_every = retry_every
+        self.sync_every = sync_every
+        self.client = self.url.client(timeout=timeout, max_connections=max_connections)
+        self.status = LinkHealth()  # up until a command says otherwise; the first exchange checks it
+        self._while_down = while_down
+        self._when_back = when_back
+        self._exchanges: list[Callable[[], Awaitable[None]]] = []
+        self._scripts: list[str] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def up(self) -> bool:
+        return self.status.up
+
+    @property
+    def problem(self) -> str:
+        return self.status.problem
+
+    @property
+    def redacted_url(self) -> str:
+        return self.url.redacted
+
+    def script(self, source: str) -> Any:
+        """A Lua script run by its SHA (loaded on start and on every return of Redis, and by the
+        client itself should Redis have lost it meanwhile)."""
+        self._scripts.append(source)
+        return self.client.register_script(source)
+
+    async def run(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one command within the timeout; RedisUnavailable while Redis is down or on any
+        failure (which marks it down until a ping succeeds)."""
+        if not self.up:
+            raise RedisUnavailable(self.problem)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await command()
+        except TimeoutError:
+            self._down(f"no answer within {self.timeout:g} s")
+        except (RedisError, OSError) as error:
+            self._down(self.url.describe(error))
+        raise RedisUnavailable(self.problem)
+
+    def on_exchange(self, exchange: Callable[[], Awaitable[None]]) -> None:
+        """Run `exchange` every sync_every while Redis is up (it calls `run`)."""
+        self._exchanges.append(exchange)
+
+    def wake(self) -> None:
+        """Exchange now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep())
+
+    async def close(self) -> None:
+        self._closed = True  # besides the cancel: Python 3.11's asyncio.timeout can swallow one
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # Bounded: a stop must not wait on a Redis that does not answer.
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(1.0):
+                await self.client.aclose()
+
+    def health(self) -> dict[str, Any]:
+        return {"state": "up" if self.up else "down", "url": self.redacted_url, "problem": self.problem or None,
+                "since_seconds": round(time.monotonic() - self.status.changed_at, 1)}
+
+    def _down(self, problem: str) -> None:
+        if self.up:
+            log.error("Redis at %s is not answering (%s): %s", self.redacted_url, problem, self._while_down)
+        self.status.failed(problem)
+
+    async def _prepare(self) -> None:
+        """Connections open and scripts loaded before callers need them: a burst of calls should not
+        pay for that within the timeout."""
+        async with asyncio.timeout(max(1.0, self.timeout)):
+            await asyncio.gather(*(self.client.ping() for _ in range(4)))
+            for source in self._scripts:
+                await self.client.script_load(source)
+
+    async def _keep(self) -> None:
+        try:
+            await self._prepare()
+        except (TimeoutError, RedisError, OSError) as error:
+            self._down(self.url.describe(error))
+        while not self._closed:
+            if self.up:
+                await self._exchange_all()
+                continue
+            await asyncio.sleep(self.retry_every)
+            try:
+                await self._prepare()
+            except (TimeoutError, RedisError, OSError):
+                continue
+            log.warning("Redis at %s answers again: %s", self.redacted_url, self._when_back)
+            self.status.recovered()
+
+    async def _exchange_all(self) -> None:
+        for exchange in self._exchanges:
+            try:
+                await exchange()
+            except RedisUnavailable:
+                break
+            except Exception:
+                log.exception("exchange with Redis failed unexpectedly")
+        # A timer, not asyncio.timeout: a cancel at the moment it fires must not be lost.
+        timer = asyncio.get_running_loop().call_later(self.sync_every, self._wake.set)
+        await self._wake.wait()
+        timer.cancel()
+        self._wake.clear()
