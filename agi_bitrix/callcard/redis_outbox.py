@@ -1,7 +1,8 @@
 """The call card's outbox in Redis, shared by several agi-bitrix servers (`callcard.outbox:
 redis://HOST:PORT/DB`): a finish one server accepted is delivered by another if that one dies.
 
-The same contract as the SQLite outbox (outbox.py), which stays the default: one row per key
+The same contract as the SQLite outbox (outbox.py), which stays the default, and the same
+delivery policy and loop (delivery.py); Redis is reached through agi_bitrix.redis_link: one row per key
 (the portal's CALL_ID), a second add of the key is ignored; rows of a kind may wait for another
 row (`after`: a recording for its finish) and fail with it; each attempt is counted before the
 request leaves, so an attempt whose outcome is unknown (a crash, a kill) is retried after the
@@ -12,7 +13,8 @@ In Redis (all names under PREFIX):
 - `row:KEY`, a hash: the row, as in SQLite. Created only if absent (the dedupe: an add is
   "SET NX" of the row, in the same script as the rest), expiring DELIVERED_RETENTION after
   delivery and FAILED_RETENTION after giving up, like the SQLite rows.
-- `stream`, with the consumer group GROUP: one entry per row, naming its key. A server reads new
+- `stream`, with the consumer group GROUP (both made again whenever missing: a Redis restarted
+  empty or flushed loses them, and the outbox says so once): one entry per row, naming its key. A server reads new
   entries (XREADGROUP), which puts them in its pending list; it acknowledges and deletes an
   entry once its row is delivered or given up. It touches its pending entries every third of
   `claim_after` (XCLAIM to itself), so an entry idle longer than that belongs to a server that
