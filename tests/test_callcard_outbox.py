@@ -427,3 +427,13 @@ async def test_past_the_memory_bound_a_finish_is_lost_loudly_and_counted(tmp_pat
 def test_the_judge_of_an_attempt(outcome, now, verdict):
     entry = Entry("k", {}, attempt=3, queued_at=90.0)
     assert judge(entry, outcome, now, RetryPolicy(first_delay=5, max_delay=600, give_up_after=86400)) == verdict
+
+
+def test_down_is_said_once_at_error_however_the_reason_changes_meanwhile(tmp_path, caplog):
+    """A restarting Redis answers "closed by server", then "reset by peer": one change, one ERROR."""
+    outbox = Outbox(tmp_path / "o.sqlite3", ScriptedSender(), RETRY, clock=Clock())
+    outbox._storage_failed("cannot use outbox: ConnectionError: Connection closed by server.")
+    outbox._storage_failed("cannot use outbox: ConnectionError: Connection reset by peer")
+    outbox._storage_failed("cannot use outbox: ConnectionError: Connection reset by peer")
+    assert [r.levelname for r in caplog.records if r.name == "agi_bitrix.outbox"] == ["ERROR", "WARNING"]
+    assert outbox.problem.endswith("reset by peer")

@@ -313,10 +313,14 @@ class DeliveryLoop(OutboxCounts):
     def _storage_failed(self, problem: str) -> None:
         """The store cannot take finishes: note why (logged once per change), try again later."""
         self._storage_retry_at = self._clock() + self.retry.first_delay
-        if problem != self.problem:
+        if not self.problem:
             log.error("call card is DOWN: %s; calls are routed as usual, finishes are kept in memory until the"
                       " outbox works (tried every %.0f s)", problem, self.retry.first_delay)
-            self.problem = problem
+        elif problem != self.problem:
+            # Still down, for another reason (a restarting Redis answers "closed", then "reset"): said,
+            # but the change that matters, down, was said at ERROR once.
+            log.warning("call card is still down: %s", problem)
+        self.problem = problem
         self._wake.set()  # the loop sleeps until the retry from now on
 
     async def _sleep(self) -> None:
