@@ -51,7 +51,7 @@ from agi_bitrix.callcard.outbox import (
     PENDING,
     PURGE_EVERY,
 )
-from agi_bitrix.redis_link import RedisError, parse_redis_url
+from agi_bitrix.redis_link import LinkHealth, RedisError, parse_redis_url
 
 log = logging.getLogger("agi_bitrix.outbox")
 
@@ -163,6 +163,8 @@ class RedisOutbox(DeliveryLoop):
 
     def __init__(self, url: str, send: Sender, retry: RetryPolicy, *, claim_after: float = 60.0,
                  prefix: str = PREFIX, clock: Any = time.time) -> None:
+        # Whether Redis takes finishes: the link's health state, as the shared state keeps it.
+        self.health = LinkHealth()
         super().__init__(send, retry, clock)  # the counts are the cluster's, as last seen
         self.url = parse_redis_url(url)  # checked by the config already, with the same parser
         self.path = self.url.redacted  # what /healthz, the admin page and the log show as the outbox
@@ -177,6 +179,18 @@ class RedisOutbox(DeliveryLoop):
         self._held: dict[str, _Held] = {}  # by stream entry id
         self._maintained_at = float("-inf")
         self._purged_at = 0.0
+
+    @property
+    def problem(self) -> str:
+        """Why the outbox cannot use Redis now, "" while it can (/healthz, metrics)."""
+        return self.health.problem
+
+    @problem.setter
+    def problem(self, problem: str) -> None:
+        if problem:
+            self.health.failed(problem)
+        else:
+            self.health.recovered()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
