@@ -42,7 +42,7 @@ from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
-from agi_bitrix.config import REDIS_SCHEMES, SHARED_REDIS_OUTBOX, Config, load_config
+from agi_bitrix.config import SHARED_REDIS_OUTBOX, Config, is_url, load_config
 from agi_bitrix.http_listener import HttpListener
 from agi_bitrix.monitoring import Metrics, seconds_since
 from agi_bitrix.server import AgiServer, Endpoint
@@ -99,7 +99,7 @@ class Application:
                 self.outbox = RedisOutbox(config.redis.url, self._send, policy,
                                           claim_after=config.callcard.outbox_claim_after,
                                           prefix=f"{config.redis.key_prefix}outbox:")
-            elif config.callcard.outbox.startswith(REDIS_SCHEMES):
+            elif is_url(config.callcard.outbox):
                 self.outbox = RedisOutbox(config.callcard.outbox, self._send, policy,
                                           claim_after=config.callcard.outbox_claim_after)
             else:

@@ -34,6 +34,7 @@ from agi_bitrix.bitrix.settings import (
 )
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
 from agi_bitrix.phones import normalize_number
+from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
 from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
@@ -148,8 +149,10 @@ def _line_number(value: str) -> str:
     return value
 
 
-# callcard.outbox values that name a Redis server rather than a SQLite file.
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+def is_url(value: str) -> bool:
+    """A callcard.outbox value that names a Redis server (any URL: one that is not Redis's is
+    refused as a URL, never quoted, since it may hold a password) rather than a SQLite file."""
+    return "://" in value
 
 
 # `callcard.outbox: redis`: the outbox in the Redis of the `redis` section (its URL, which
@@ -160,14 +163,8 @@ SHARED_REDIS_OUTBOX = "redis"
 def _outbox(value: str) -> str:
     if value == SHARED_REDIS_OUTBOX:
         return value
-    if value.startswith(REDIS_SCHEMES):
-        parts = urlsplit(value)
-        try:
-            parts.port  # noqa: B018 -- reading it checks it
-        except ValueError:
-            raise ValueError("the Redis URL's port is not a number") from None
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("the Redis URL needs a host, like redis://10.0.0.5:6379/0")
+    if is_url(value):
+        parse_redis_url(value)  # as the outbox will read it; the message never quotes the URL
         return value
     if not value.startswith("/"):
         raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file, a redis:// URL,"
