@@ -30,18 +30,8 @@ from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
-    AuthRejected,
-    BadResponse,
     BitrixError,
     CallNotFound,
-    LocalFault,
-    PortalMisconfigured,
-    PortalTimeout,
-    PortalUnavailable,
-    PortalUnreachable,
-    RateLimited,
-    RequestNotSent,
-    TokenFileError,
     WrongAuthType,
 )
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
@@ -57,10 +47,6 @@ log = logging.getLogger("agi_bitrix.callcard")
 
 FINISH = "telephony.externalcall.finish"
 
-# The classes whose retry_later is true, for callcard/recording.py until it asks the error itself
-# (BitrixError.retry_later decides; a test holds the two equal). Finishes ask retry_later.
-RETRYABLE = (PortalTimeout, PortalUnreachable, BadResponse, RateLimited, AuthRejected, PortalUnavailable,
-             PortalMisconfigured, RequestNotSent, TokenFileError, LocalFault)
 RECORDING = "recording"  # the outbox's kind of row for a recording (callcard/recording.py sends it)
 # What a value may be to stand in a recording's path: no "/", nothing hidden, nothing that climbs up.
 _PATH_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
