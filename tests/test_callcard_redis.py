@@ -20,7 +20,8 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, until
-from tests.redis_server import RedisServer, free_port
+from tests.network import free_port
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISH = "telephony.externalcall.finish"

@@ -22,15 +22,10 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import TEST_RULES, until
+from tests.network import free_port
 
 KNOWN_OWNER = SAMPLE_CRM["79161234567"]
 SEARCH = "telephony.externalCall.searchCrmEntities"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:

@@ -9,7 +9,6 @@ chromium-driver as root; without them the tests are skipped locally and fail und
 import asyncio
 import os
 import shutil
-import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from agi_bitrix.app import Application
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from tests.conftest import make_config
+from tests.network import free_port
 from tests.test_web import HOSTILE_CRM, HOSTILE_INNER, HOSTILE_MOBILE, HOSTILE_PHONE, TOKEN
 
 pytestmark = pytest.mark.browser
@@ -44,9 +44,7 @@ class LiveServer:
     """The application (metrics listener and admin page) and the emulator on a loop in a thread."""
 
     def __init__(self, *, listen: str = "127.0.0.1") -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.listen = listen
         self.base = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
