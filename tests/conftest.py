@@ -3,7 +3,7 @@
 import asyncio
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -15,6 +15,7 @@ from agi_bitrix.config import parse_config
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.network import free_port
+from tests.redis_server import RedisServer
 
 TEST_RULES = """\
   - name: sales-did
@@ -88,6 +89,14 @@ async def make_portal() -> AsyncIterator[PortalFactory]:
 async def portal(make_portal: PortalFactory) -> PortalEmulator:
     """The sample portal. Its users (names, a fired owner) matter only where a config turns on `users:`."""
     return await make_portal()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A real redis-server for the test, on a free port, in its own folder (tests/redis_server.py)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

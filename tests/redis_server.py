@@ -51,6 +51,13 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not answer within 10 s:\n{self.log()}")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill: no shutdown, the clients' connections just drop."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -28,13 +28,6 @@ FINISH = "telephony.externalcall.finish"
 RETRY = RetryPolicy(first_delay=0.2, max_delay=1.0, give_up_after=60)
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
 class Sender:
     """Answers each attempt with the next scripted outcome (then `delivered`), recording it."""
 
