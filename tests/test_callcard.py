@@ -2,7 +2,6 @@
 does, against the portal emulator over real HTTP, with the outbox in a real SQLite file."""
 
 import asyncio
-import socket
 import sys
 import textwrap
 import time
@@ -13,10 +12,9 @@ from agi_bitrix.app import Application
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
-from agi_bitrix.testing.portal import PortalEmulator
-from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, until
 from tests.filesystems import fill, remount, tmpfs
+from tests.network import free_port
 
 REGISTER = "telephony.externalcall.register"
 FINISH = "telephony.externalcall.finish"
@@ -43,14 +41,6 @@ def callcard_config(webhook_url, outbox, callcard="", users="users: {refresh: 60
             retry: {retry}
         """) + textwrap.indent(textwrap.dedent(callcard), "  ")
     return parse_config(text, "callcard-test.yaml")
-
-
-@pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
 
 
 class Running:
@@ -432,12 +422,6 @@ async def test_a_reload_changes_register_settings_without_a_restart(portal, tmp_
         await app.stop()
     users = [portal.calls[r.variables["B24_CALL_ID"]].user_id for r in (first, second)]
     assert users == ["1", "2"]
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_serve_refuses_to_share_an_outbox_with_a_running_server(server, portal, tmp_path):

@@ -23,18 +23,12 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, until
-from tests.redis_server import RedisServer, free_port
+from tests.network import free_port
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISH = "telephony.externalcall.finish"
 RETRY = RetryPolicy(first_delay=0.2, max_delay=1.0, give_up_after=60)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 class Sender:

@@ -22,19 +22,7 @@ from agi_bitrix.service import call_info
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import ample_budget
 from tests.test_cli import agi_bitrix
-
-BASE = """\
-bitrix:
-  webhook_url: https://portal.example/rest/1/secretcode/
-routing:
-  fallback_queue: support
-"""
-
-
-def problems(text: str, environ=None) -> list[str]:
-    with pytest.raises(ConfigError) as error:
-        parse_config(textwrap.dedent(text), "test.yaml", environ or {})
-    return [str(p) for p in error.value.problems]
+from tests.test_config import BASE, problems
 
 
 def alias_bomb(levels: int) -> str:

@@ -22,23 +22,6 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import ample_budget, make_config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-async def monitored(portal):
-    metrics_port = free_port()
-    config = make_config(portal.webhook_url, metrics=f'"127.0.0.1:{metrics_port}"')
-    app = Application(config)
-    host, port = await app.start("127.0.0.1", 0)
-    async with aiohttp.ClientSession() as http:
-        yield app, host, port, f"http://127.0.0.1:{metrics_port}", http
-    await app.stop()
-
-
 async def scrape(http, base) -> str:
     async with http.get(f"{base}/metrics") as response:
         assert response.status == 200

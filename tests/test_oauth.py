@@ -21,22 +21,17 @@ from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Token
 from agi_bitrix.bitrix.settings import OAuthSettings
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
-from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_oauth import OAuthServer
-from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import TEST_RULES, until
-from tests.test_cli import free_port
+from tests.network import free_port
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
 
 
 @pytest.fixture
-async def emulator():
-    portal = PortalEmulator(SAMPLE_CRM)
-    await portal.start()
-    yield portal
-    await portal.stop()
+async def emulator(make_portal):
+    return await make_portal()
 
 
 @pytest.fixture

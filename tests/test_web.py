@@ -3,7 +3,6 @@ shows, what it never shows (secrets, markup from the CRM, unmasked numbers), who
 what its form may do. The same page in a real browser: tests/test_web_browser.py."""
 
 import re
-import socket
 from dataclasses import replace
 from html import unescape
 
@@ -21,6 +20,7 @@ from agi_bitrix.web.access import ADMIN_TOKEN_ENV, LoginThrottle, access_policy,
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCalls
 from tests.conftest import make_config
+from tests.network import free_port
 
 # A CRM is edited by people: besides the sample CRM's extension `120&Local/666@evil` and mobile
 # with a newline and an EXEC, an owner whose fields are markup, as a user of the portal could type.
@@ -33,12 +33,6 @@ HOSTILE_CRM = {**SAMPLE_CRM, HOSTILE_PHONE: [{
                     "PERSONAL_MOBILE": HOSTILE_MOBILE, "WORK_PHONE": "", "PERSONAL_PHONE": None},
 }]}
 TOKEN = "correct-horse-battery-staple-42"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Site:
