@@ -31,6 +31,7 @@ from agi_bitrix.bitrix.errors import (
     RequestRejected,
     TokenFileError,
     WrongAuthType,
+    refusal,
 )
 from agi_bitrix.callcard.finish import (
     FinishArguments,
@@ -196,14 +197,17 @@ CALLER = RegisterArguments(phone="79161234567", owner="12", external_call_id=UNI
 
 
 def register_params(callcard: str, arguments: RegisterArguments = CALLER, user_id: str = "12"):
-    service = RegisterService(config(callcard), portal=None, holders=CardHolders(), clock=lambda: NOON)
+    service = RegisterService(config(callcard), portal=None, holders=CardHolders())
     return service.register_params(arguments, user_id)
 
 
 def test_register_params_for_a_call_with_the_defaults():
-    assert register_params("") == {
-        "USER_ID": "12", "PHONE_NUMBER": "79161234567", "TYPE": INCOMING,
-        "CALL_START_DATE": "2026-12-06T12:00:00+00:00", "CRM_CREATE": False, "SHOW": True,
+    before = datetime.now(UTC).replace(microsecond=0)
+    params = register_params("")
+    started = datetime.fromisoformat(params.pop("CALL_START_DATE"))  # ISO 8601 with its offset, to the second
+    assert started.tzinfo is not None and before <= started <= datetime.now(UTC)
+    assert params == {
+        "USER_ID": "12", "PHONE_NUMBER": "79161234567", "TYPE": INCOMING, "CRM_CREATE": False, "SHOW": True,
         "LINE_NUMBER": "74951112233", "EXTERNAL_CALL_ID": UNIQUEID,
     }
 
@@ -312,7 +316,7 @@ class Directory:
 def finish_params(values: list[str], callcard: str = "", users: Directory | None = None):
     cfg = config(callcard)
     service = FinishService(cfg, outbox=None, users=users, holders=CardHolders(), clock=lambda: HANGUP)
-    return service.finish_params(finish_arguments(values, cfg.default_country), UNIQUEID)
+    return service.finish_params(finish_arguments(values, cfg.policy.default_country), UNIQUEID)
 
 
 def test_an_answered_call_lasts_from_its_answer_to_its_hangup_rounded():
@@ -427,7 +431,7 @@ def test_a_recordings_outbox_key_cannot_be_a_finishs():
 def call_not_found() -> BitrixError:
     """The portal's answer to finishing a call it no longer has open (the emulator's wording, from
     the portal's: "Call is not found (call should be registered prior to finishing)")."""
-    return RequestRejected("ERROR_CORE", "Call is not found (call should be registered prior to finishing)")
+    return refusal("ERROR_CORE", "Call is not found (call should be registered prior to finishing)")
 
 
 @pytest.mark.parametrize("error", [
