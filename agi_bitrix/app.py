@@ -48,7 +48,8 @@ from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import Config, load_config
 from agi_bitrix.health import Health
-from agi_bitrix.monitoring import Metrics, MonitoringServer
+from agi_bitrix.http_listener import HttpListener
+from agi_bitrix.monitoring import Metrics
 from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import Router, RouteScript
 from agi_bitrix.web.pages import AdminPages
@@ -108,12 +109,12 @@ class Application:
                              self.outbox, None if self.shared is None else self.shared.link)
         self._watch()
         oauth = config.bitrix.oauth
-        # The portal's install POST, on the monitoring listener (its path takes effect after a restart).
+        # The portal's install POST, on the HTTP listener (its path takes effect after a restart).
         forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
                  if oauth is not None and oauth.install_path else {})
-        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.metrics)
-        self.monitoring = (MonitoringServer(self.metrics, self.health, forms, pages.add_routes)
-                           if config.metrics.enabled else None)
+        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
+        self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, pages.add_routes)
+                              if config.http.enabled else None)
 
     def _watch(self) -> None:
         """The gauges, read from the long-lived parts at scrape time."""
@@ -181,7 +182,7 @@ class Application:
             if self.users is not None:
                 self._opened.push_async_callback(self.users.close)
                 self.users.start()
-            await self._start_monitoring(config)
+            await self._start_http_listener(config)
             # Calls first to stop on the way down: in flight they may still use the parts above.
             self._opened.push_async_callback(self._stop_calls)
             address = await self.server.start(
@@ -193,17 +194,17 @@ class Application:
                  address[0], address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return address
 
-    async def _start_monitoring(self, config: Config) -> None:
-        if self.monitoring is None:
+    async def _start_http_listener(self, config: Config) -> None:
+        if self.http_listener is None:
             return
-        self._opened.push_async_callback(self.monitoring.close)
+        self._opened.push_async_callback(self.http_listener.close)
         try:
-            host, port = await self.monitoring.start(config.metrics.host, config.metrics.port)
+            host, port = await self.http_listener.start(config.http.host, config.http.port)
         except OSError as error:
             # Calls matter more than graphs: keep routing, say loudly what is missing.
-            log.error("metrics and /healthz are OFF: cannot listen on %s:%s: %s",
-                      config.metrics.host, config.metrics.port, error.strerror)
-            self.monitoring = None  # what it set up is closed with the rest, by the stack
+            log.error("metrics, /healthz and the admin page are OFF: cannot listen on %s:%s: %s",
+                      config.http.host, config.http.port, error.strerror)
+            self.http_listener = None  # what it set up is closed with the rest, by the stack
             return
         log.info("metrics on http://%s:%s/metrics, health on /healthz, admin page on /", host, port)
 

@@ -16,8 +16,11 @@ RESTART_ONLY = {
     "server.listen": "the AGI listener",
     "bitrix.pool_size": "the HTTP session's connection pool",
     "bitrix.oauth.install_path": "the HTTP listener's routes",
-    "metrics.listen": "the HTTP listener",
-    "metrics.token_file": "the admin page's access policy, read at start",
+    "http.listen": "the HTTP listener",
+    "http.token_file": "the admin page's access policy, read at start",
+    "http.idle_timeout": "the HTTP listener",
+    "http.request_timeout": "the HTTP listener",
+    "http.max_connections": "the HTTP listener",
     "callcard": "the outbox, made only when the section is there",
     "callcard.outbox": "the outbox",
     "callcard.outbox_claim_after": "the Redis outbox",
@@ -36,7 +39,7 @@ server: {listen: "127.0.0.1:4573"}
 bitrix:
   oauth: {portal_url: "https://portal.example/rest/", client_id: app.1, client_secret: s, token_file: /t.json,
           install_path: /install}
-metrics: {listen: "127.0.0.1:9573", token_file: /etc/agi-bitrix/token}
+http: {listen: "127.0.0.1:9573", token_file: /etc/agi-bitrix/token}
 callcard: {outbox: /var/lib/agi-bitrix/o.sqlite3}
 users: {refresh: 600}
 redis: {url: "redis://127.0.0.1:6379/0"}
@@ -111,7 +114,7 @@ async def test_a_reload_applies_what_it_can_and_names_each_restart_key_once(port
         server: {{listen: "127.0.0.1:{port}"}}
         bitrix: {{webhook_url: "{url}", pool_size: {pool}, breaker: {{failures: {failures}, cool_down: 3}}}}
         cache: {{found_ttl: {ttl}}}
-        metrics: {{listen: "off"}}
+        http: {{listen: "off"}}
         routing: {{fallback_queue: support}}
         """
     write(file, config.format(port=4573, url=portal.webhook_url, pool=10, failures=5, ttl=60))
@@ -138,14 +141,14 @@ async def test_a_reload_keeps_the_cache_unless_the_portal_changed(portal, tmp_pa
         same = tmp_path / "same.yaml"
         write(same, f"""\
             bitrix: {{webhook_url: "{portal.webhook_url}"}}
-            metrics: {{listen: "off"}}
+            http: {{listen: "off"}}
             routing: {{fallback_queue: support}}
             """)
         assert await app.reload(same) and len(app.memory.cache) == 1
         other = tmp_path / "other.yaml"
         write(other, """\
             bitrix: {webhook_url: "https://other.example/rest/1/code/"}
-            metrics: {listen: "off"}
+            http: {listen: "off"}
             routing: {fallback_queue: support}
             """)
         assert await app.reload(other) and len(app.memory.cache) == 0
@@ -158,7 +161,7 @@ async def test_with_redis_a_changed_portal_is_announced_for_the_shared_state(tmp
     file = tmp_path / "agi-bitrix.yaml"
     config = """\
         bitrix: {{webhook_url: "https://{host}/rest/1/code/"}}
-        metrics: {{listen: "off"}}
+        http: {{listen: "off"}}
         redis: {{url: "redis://127.0.0.1:1/0"}}
         routing: {{fallback_queue: support}}
         """

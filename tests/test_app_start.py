@@ -20,8 +20,8 @@ from agi_bitrix.bitrix.shared import RedisLink
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.outbox import OutboxInUse
 from agi_bitrix.config import parse_config
-from agi_bitrix.monitoring import MonitoringServer
-from tests.redis_server import free_port
+from agi_bitrix.http_listener import HttpListener
+from tests.network import free_port
 
 # Another process holding the outbox's lock, as a second agi-bitrix on the same file would.
 HOLD_THE_LOCK = """\
@@ -44,7 +44,7 @@ def every_part(tmp_path, ports):
     return parse_config(textwrap.dedent(f"""\
         server: {{listen: "127.0.0.1:{ports.agi}"}}
         bitrix: {{webhook_url: "http://127.0.0.1:{free_port()}/rest/1/code/"}}
-        metrics: {{listen: "127.0.0.1:{ports.http}"}}
+        http: {{listen: "127.0.0.1:{ports.http}"}}
         callcard: {{outbox: {tmp_path / "outbox.sqlite3"}}}
         users: {{refresh: 600}}
         redis: {{url: "redis://127.0.0.1:{free_port()}/0"}}
@@ -82,7 +82,7 @@ def fail_after(monkeypatch, cls, name):
     monkeypatch.setattr(cls, name, failing)
 
 
-@pytest.mark.parametrize("step", [RedisLink, UserDirectory, MonitoringServer])
+@pytest.mark.parametrize("step", [RedisLink, UserDirectory, HttpListener])
 async def test_a_part_that_fails_to_start_closes_everything_opened_before_it(tmp_path, monkeypatch, step):
     ports = Ports()
     fail_after(monkeypatch, step, "start")
@@ -131,7 +131,7 @@ async def test_an_http_port_taken_keeps_calls_and_stop_closes_everything(tmp_pat
     app = Application(every_part(tmp_path, ports))
     with taken(ports.http):
         assert await app.start() == ("127.0.0.1", ports.agi)  # calls matter more than graphs
-        assert app.monitoring is None
+        assert app.http_listener is None
         await app.stop()
     assert_nothing_left(app, tmp_path, ports)
 

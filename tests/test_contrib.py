@@ -1,11 +1,30 @@
-"""The service files in contrib/ as an admin installs them."""
+"""What an admin installs beside the server: the service files, the alert rules and the dashboard in
+contrib/, and the release's one version."""
 
+import importlib.metadata
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from agi_bitrix import __version__
+from agi_bitrix.app import Application
+from agi_bitrix.config import parse_config
+from agi_bitrix.testing.fake_asterisk import fake_call
+from tests.conftest import make_config
+from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "agi-bitrix.service"
@@ -48,3 +67,210 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+# -- the Prometheus alert rules and the Grafana dashboard -------------------------------------------
+
+PROMETHEUS = ROOT / "contrib" / "prometheus"
+RULES = PROMETHEUS / "agi-bitrix-alerts.yml"
+RULE_TESTS = PROMETHEUS / "agi-bitrix-alerts.test.yml"
+DASHBOARD = ROOT / "contrib" / "grafana" / "agi-bitrix-dashboard.json"
+ALERTS_DOC = ROOT / "docs" / "alerts.md"
+METRIC_NAME = re.compile(r"\bagi_bitrix_[a-z_]+\b")
+# Grafana's variables, as Prometheus would see them once Grafana has filled them in.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$instance": ".*"}
+
+
+def promtool() -> str:
+    """Debian's promtool (the prometheus package; scripts/test installs it). Missing fails under CI."""
+    binary = shutil.which("promtool")
+    if binary is None:
+        message = "promtool is not installed (scripts/test installs Debian's prometheus package)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return binary
+
+
+def run_promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool(), *args], capture_output=True, text=True, check=False, cwd=cwd, timeout=60)
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    queries.extend(variable["query"]["query"] for variable in dashboard["templating"]["list"]
+                   if variable["type"] == "query")
+    return queries
+
+
+def grafana_filled(query: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        query = query.replace(variable, value)
+    return query
+
+
+def test_promtool_accepts_the_alert_rules():
+    result = run_promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+def test_every_alert_fires_when_it_should_and_stays_silent_when_it_should_not():
+    result = run_promtool("test", "rules", str(RULE_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
+    assert tested == {rule["alert"] for rule in alert_rules()}
+
+
+def test_a_broken_rule_fails_the_rule_tests(tmp_path):
+    # The tests have teeth: the call card alert turned upside down (alerting while the card works).
+    broken = RULES.read_text().replace("agi_bitrix_callcard_up == 0", "agi_bitrix_callcard_up == 1")
+    assert broken != RULES.read_text()
+    (tmp_path / RULES.name).write_text(broken)
+    shutil.copy(RULE_TESTS, tmp_path)
+    result = run_promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "AgiBitrixCallCardDown" in result.stdout + result.stderr
+
+
+def test_every_alert_has_a_runbook_entry_in_the_docs():
+    doc = ALERTS_DOC.read_text()
+    headings = {line[len("## "):].strip() for line in doc.splitlines() if line.startswith("## ")}
+    for rule in alert_rules():
+        assert rule["annotations"]["runbook_url"] == f"docs/alerts.md#{rule['alert'].lower()}"
+        assert rule["alert"] in headings, f"docs/alerts.md has no '## {rule['alert']}'"
+        assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path):
+    # As recording rules, so promtool's parser checks each query Grafana will send.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"agi_bitrix_dashboard_query_{n}", "expr": grafana_filled(query)}
+        for n, query in enumerate(dashboard_queries()) if not query.startswith("label_values(")]}]}
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    result = run_promtool("check", "rules", str(tmp_path / "dashboard.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_names(exposition: str) -> set[str]:
+    """Every series name the exposition can hold, samples seen yet or not (a labelled counter with
+    no call yet has only its HELP and TYPE lines)."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "gauge": ("",)}
+    names = set()
+    for family in text_string_to_metric_families(exposition):
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    return names
+
+
+def metrics_config(path: Path, metrics_port: int, redis_url: str) -> Path:
+    # Every part that exports metrics on: the call card's outbox and the redis section.
+    path.write_text(textwrap.dedent(f"""\
+        bitrix: {{webhook_url: "http://127.0.0.1:9/rest/1/unused/"}}
+        metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+        redis: {{url: "{redis_url}", servers: 2}}
+        routing: {{fallback_queue: support, timezone: Europe/Moscow, rules: []}}
+        callcard:
+          outbox: redis
+          register: {{default_user: 1}}
+        """))
+    return path
+
+
+def test_the_dashboard_and_the_alerts_use_only_metrics_a_running_server_exports(tmp_path, redis_server):
+    metrics_port = free_port()
+    config = metrics_config(tmp_path / "agi-bitrix.yaml", metrics_port, redis_server.url)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{free_port()}"],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        exposition = scrape(f"http://127.0.0.1:{metrics_port}/metrics", server, log)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    exported = exported_names(exposition)
+    used = {name for query in dashboard_queries() for name in METRIC_NAME.findall(query)}
+    used_by_alerts = {name for rule in alert_rules() for name in METRIC_NAME.findall(rule["expr"])}
+    assert used - exported == set(), "the dashboard asks for metrics the server does not export"
+    assert used_by_alerts - exported == set(), "the alert rules watch metrics the server does not export"
+
+
+def scrape(url: str, server: subprocess.Popen, log: Path) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text(errors="replace")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"no /metrics within 20 s:\n{log.read_text(errors='replace')}")
+
+
+# -- the release: one version ----------------------------------------------------------------------
+
+def test_one_version_for_the_package_the_command_and_the_changelog():
+    # setup.cfg reads agi_bitrix.__version__ (scripts/test reinstalls, so the metadata follows it).
+    assert importlib.metadata.version("agi-bitrix") == __version__
+    result = subprocess.run([sys.executable, "-m", "agi_bitrix", "--version"], capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    assert result.stdout.strip() == f"agi-bitrix {__version__}"
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d\d-\d\d$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert released[0] == __version__, "CHANGELOG.md's newest release is not the package's version"
+
+
+async def test_healthz_the_admin_page_and_the_portals_user_agent_say_the_same_version():
+    user_agents: list[str] = []
+
+    async def portal(request: web.Request) -> web.Response:
+        user_agents.append(request.headers.get("User-Agent", ""))
+        return web.json_response({"result": [], "time": {}})
+
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_route("*", "/{tail:.*}", portal)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    webhook = f"http://127.0.0.1:{runner.addresses[0][1]}/rest/1/abcdefghijklmnop/"
+    app = Application(make_config(webhook, metrics=f'"127.0.0.1:{free_port()}"'))
+    host, port = await app.start("127.0.0.1", 0)
+    try:
+        await fake_call(host, port, callerid="89161234567")
+        base = "http://{}:{}".format(*app.http_listener.address)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/healthz") as answer:
+                health = await answer.json()
+            async with http.get(base + "/") as answer:
+                page = await answer.text()
+    finally:
+        await app.stop()
+        await runner.cleanup()
+    assert health["version"] == __version__
+    assert f"version {__version__}" in page
+    assert user_agents and set(user_agents) == {f"agi-bitrix/{__version__}"}
+
+
+def test_the_install_docs_server_section_is_valid_config():
+    # The server section docs/install.md shows for agi-bitrix on another host than the PBX.
+    doc = (ROOT / "docs" / "install.md").read_text()
+    snippet = re.search(r"```yaml\n(server:.*?)```", doc, re.S).group(1)
+    config = parse_config(snippet + textwrap.dedent("""\
+        bitrix: {webhook_url: "https://example.bitrix24.ru/rest/1/abcdefghijklmnop/"}
+        routing: {fallback_queue: support, rules: []}
+        """), "docs/install.md")
+    assert (config.server.host, config.server.port) == ("10.0.0.20", 4573)
+    assert [str(network) for network in config.server.allowed_clients] == ["10.0.0.10/32"]

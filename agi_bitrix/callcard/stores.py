@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from agi_bitrix.callcard.outbox import Outbox, OutboxStore, RetryPolicy, Sender
 from agi_bitrix.callcard.redis_outbox import RedisOutbox
-from agi_bitrix.config import REDIS_SCHEMES, SHARED_REDIS_OUTBOX, Config
+from agi_bitrix.config import SHARED_REDIS_OUTBOX, Config, is_url
 
 
 def make_outbox(config: Config, send: Sender) -> OutboxStore | None:
@@ -21,6 +21,6 @@ def make_outbox(config: Config, send: Sender) -> OutboxStore | None:
     if callcard.outbox == SHARED_REDIS_OUTBOX and config.redis is not None:
         return RedisOutbox(config.redis.url, send, policy, claim_after=callcard.outbox_claim_after,
                            prefix=f"{config.redis.key_prefix}outbox:")
-    if callcard.outbox.startswith(REDIS_SCHEMES):
+    if is_url(callcard.outbox):
         return RedisOutbox(callcard.outbox, send, policy, claim_after=callcard.outbox_claim_after)
     return Outbox(callcard.outbox, send, policy)

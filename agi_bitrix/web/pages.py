@@ -1,4 +1,4 @@
-"""The admin pages, served by the metrics listener: Now, Recent calls, Try a number, Rules.
+"""The admin pages, served by the HTTP listener: Now, Recent calls, Try a number, Rules.
 
 Everything is rendered by the server with Jinja2, autoescape on: every value from the CRM, the
 caller or the AGI header reaches the page as text, never as markup. No page shows a secret: the
@@ -24,19 +24,30 @@ from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.calllog import mask_number
 from agi_bitrix.callrecord import RoutedCall
-from agi_bitrix.config import Config, MetricsSettings
+from agi_bitrix.config import Config, HttpSettings
 from agi_bitrix.routing.rules import Match, Rule
 from agi_bitrix.service import Router, call_info
 from agi_bitrix.trace import render
-from agi_bitrix.web.access import COOKIE, Gate, SlidingWindow, access_policy
+from agi_bitrix.web.access import COOKIE, Gate, LoginThrottle, SlidingWindow, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCall, RecentCalls
 
 log = logging.getLogger("agi_bitrix.web")
 
 TRIES_PER_MINUTE = 5  # "Try a number": each may cost a portal request, from the calls' own budget
-LOGINS_PER_MINUTE = 10
+WRONG_TOKENS_PER_MINUTE = 10  # from one source (an address, an IPv6 /64)
 MAX_FIELD = 64  # characters of a number or DID typed into the form
+REFRESH_SECONDS = 10  # Now and Recent calls reload themselves (a meta refresh: no script runs here)
+# What an admin does when the OAuth token server refused the application's tokens, by the reason
+# /healthz shows (agi_bitrix.bitrix.oauth.OAuthTokens.state); the words only, the state decides.
+AUTH_ADVICE = {
+    "refresh_token_rejected": "run \"agi-bitrix oauth login -c {config}\" as the service's user: it stores new"
+                              " tokens in {token_file}, and the server takes them up by itself",
+    "oauth_client_rejected": "check bitrix.oauth.client_id and the client secret against the application's"
+                             " card in the portal, then reload the config (systemctl reload agi-bitrix)",
+    "oauth_token_file": "the token file {token_file} cannot be read or holds no refresh token: run"
+                        " \"agi-bitrix oauth login -c {config}\" as the service's user",
+}
 # No script may run and nothing may be loaded from elsewhere, even if a value slipped through.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self';"
@@ -111,9 +122,18 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
+def _crm_object(call: RecentCall) -> str:
+    """The CRM object the call was routed by: its name and type/id, as the portal sent them."""
+    entity = call.routed.decision.entity if call.routed is not None else None
+    if entity is None:
+        return ""
+    label = f"{entity.entity_type} {entity.entity_id}"
+    return f"{entity.name} ({label})" if entity.name else label
+
+
 class AdminPages:
     def __init__(self, running: Callable[[], Running], health: Callable[[], tuple[bool, dict[str, Any]]],
-                 recent: RecentCalls, settings: MetricsSettings, environ: Mapping[str, str] | None = None) -> None:
+                 recent: RecentCalls, settings: HttpSettings, environ: Mapping[str, str] | None = None) -> None:
         self.running = running
         self.health = health
         self.recent = recent
@@ -121,11 +141,12 @@ class AdminPages:
         self.environ = os.environ if environ is None else environ
         self.templates = _templates()
         self.tries = SlidingWindow(TRIES_PER_MINUTE, 60.0)
-        self.logins = SlidingWindow(LOGINS_PER_MINUTE, 60.0)
+        self.logins = LoginThrottle(WRONG_TOKENS_PER_MINUTE, 60.0)
         self.gate: Gate | None = None
+        self.refresh_seconds = REFRESH_SECONDS
 
     def add_routes(self, app: web.Application) -> None:
-        """Called by MonitoringServer.start: reads the token now, so a fixed file needs a restart."""
+        """Called by HttpListener.start: reads the token now, so a fixed file needs a restart."""
         policy = access_policy(self.settings, self.environ)
         self.gate = Gate(policy)
         if policy.refusal:
@@ -143,12 +164,16 @@ class AdminPages:
 
     # -- rendering and access --
 
-    def _page(self, template: str, status: int = 200, page: str = "", **context: Any) -> web.Response:
-        """`page`: which tab of the menu is this one ("" for none)."""
+    def _page(self, template: str, status: int = 200, page: str = "", nav: bool = True, refresh: bool = False,
+              **context: Any) -> web.Response:
+        """`page`: which tab of the menu is this one ("" for none); `nav`: whether the menu leads
+        anywhere (not when every page would answer the same refusal); `refresh`: whether the page
+        reloads itself every `refresh_seconds`."""
         running = self.running()
         html = self.templates.get_template(template).render(
             page=page, version=__version__, config_path=running.config.path, csrf=self._gate.csrf,
-            needs_login=bool(self._gate.policy.token), **context)
+            needs_login=bool(self._gate.policy.token), nav=nav,
+            refresh_seconds=self.refresh_seconds if refresh else 0, **context)
         return web.Response(text=html, status=status, content_type="text/html", charset="utf-8",
                             headers=SECURITY_HEADERS)
 
@@ -166,7 +191,8 @@ class AdminPages:
                     raise web.HTTPSeeOther(URL("/login").with_query(next=request.path))
                 return self._page("refused.html", status=401, reason="log in first: the access token is required")
             if refusal:
-                return self._page("refused.html", status=403, reason=refusal)
+                # The same refusal answers every page: a menu would only lead back here.
+                return self._page("refused.html", status=403, nav=False, reason=refusal)
             if request.method == "POST" and not self._same_origin(request):
                 return self._page("refused.html", status=403, reason="the form was sent from another site")
             response: web.StreamResponse = await handler(request)
@@ -192,9 +218,10 @@ class AdminPages:
 
     async def _now(self, request: web.Request) -> web.Response:
         healthy, health = self.health()
-        portal = health["portal"]
+        portal, auth = health["portal"], health["auth"]
         return self._page(
-            "now.html", page="now", healthy=healthy, health=health, portal=portal,
+            "now.html", page="now", refresh=True, healthy=healthy, health=health, portal=portal, auth=auth,
+            auth_advice=self._auth_advice(auth),
             last_success=_duration(portal["last_success_seconds_ago"]),
             last_failure=_duration(portal["last_failure_seconds_ago"]),
             uptime=_duration(health["uptime_seconds"]),
@@ -202,10 +229,16 @@ class AdminPages:
             callcard=health["callcard"], portal_url=self.running().portal.redacted_url,
             chart=calls_per_minute(self.recent.per_minute()))
 
+    def _auth_advice(self, auth: Mapping[str, Any]) -> str:
+        advice = AUTH_ADVICE.get(str(auth.get("state", "")))
+        return "" if advice is None else advice.format(config=self.running().config.path,
+                                                       token_file=auth.get("token_file", "?"))
+
     async def _calls(self, request: web.Request) -> web.Response:
-        rows = [{"number": c.number, "when": self._when(c), "phone": self._shown_phone(c.phone), "call": c}
+        rows = [{"number": c.number, "when": self._when(c), "phone": self._shown_phone(c.phone), "call": c,
+                 "did": c.routed.call.did if c.routed is not None else "", "crm": _crm_object(c)}
                 for c in self.recent.newest_first()]
-        return self._page("calls.html", page="calls", rows=rows, kept=self.recent.size,
+        return self._page("calls.html", page="calls", refresh=True, rows=rows, kept=self.recent.size,
                           timezone=str(self.running().config.policy.timezone))
 
     async def _call(self, request: web.Request) -> web.Response:
@@ -217,7 +250,8 @@ class AdminPages:
         trace = (trace_text(call.routed, running.portal.redacted_url, running.config.call_log.mask_numbers)
                  if call.routed is not None else None)
         return self._page("call.html", page="calls", call=call, when=self._when(call),
-                          phone=self._shown_phone(call.phone), trace=trace)
+                          phone=self._shown_phone(call.phone), trace=trace, crm=_crm_object(call),
+                          did=call.routed.call.did if call.routed is not None else "")
 
     async def _try_form(self, request: web.Request) -> web.Response:
         return self._page("try.html", page="try", number="", did="", trace=None, problem="",
@@ -256,20 +290,28 @@ class AdminPages:
 
     async def _login_form(self, request: web.Request) -> web.Response:
         if self._gate.policy.refusal:
-            return self._page("refused.html", status=403, reason=self._gate.policy.refusal)
-        return self._login_page(self._next(request.query.get("next", "/")), "", 200)
+            return self._page("refused.html", status=403, nav=False, reason=self._gate.policy.refusal)
+        return self._login_page(local_path(request.query.get("next", "/")), "", 200)
 
     async def _login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        target = self._next(str(form.get("next", "/")))
+        target = local_path(str(form.get("next", "/")))
         if self._gate.policy.refusal:
-            return self._page("refused.html", status=403, reason=self._gate.policy.refusal)
+            return self._page("refused.html", status=403, nav=False, reason=self._gate.policy.refusal)
         if not self._same_origin(request):
             return self._login_page(target, "the form was sent from another site", 403)
-        if self.logins.allow():
-            return self._login_page(target, f"at most {LOGINS_PER_MINUTE} attempts a minute; wait and retry", 429)
+        peer = request.remote or "?"
+        wait = self.logins.wait(peer)
+        if wait:
+            return self._login_page(target, f"at most {WRONG_TOKENS_PER_MINUTE} wrong tokens a minute from one"
+                                            f" address; try again in {wait:.0f} s", 429)
         if not self._gate.token_matches(str(form.get("token", "")).strip()):
-            log.warning("admin page: a wrong access token from %s", request.remote)
+            # Logged when a source starts and when it is made to wait, not at every guess.
+            failures = self.logins.failed(peer)
+            if failures == 1:
+                log.warning("admin page: a wrong access token from %s", peer)
+            elif failures == WRONG_TOKENS_PER_MINUTE:
+                log.warning("admin page: %d wrong access tokens from %s in a minute; its logins wait", failures, peer)
             return self._login_page(target, "wrong token", 403)
         response = web.HTTPSeeOther(target)
         response.set_cookie(COOKIE, self._gate.cookie_value, httponly=True, samesite="Strict", path="/")
@@ -277,8 +319,3 @@ class AdminPages:
 
     def _login_page(self, target: str, problem: str, status: int) -> web.Response:
         return self._page("login.html", status=status, page="login", next=target, problem=problem)
-
-    @staticmethod
-    def _next(target: str) -> str:
-        """Only a path on this server: never another site after the login."""
-        return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
