@@ -161,18 +161,23 @@ def restart_changes(settings: type, old: Any, new: Any, under: str = "") -> list
     changed = []
     for name, setting in declared(settings):
         key = f"{under}{setting.key}"
-        before, after = _value(old, name), _value(new, name)
+        before, after = _value(settings, old, name), _value(settings, new, name)
         if setting.kind == SECTION and setting.settings is not None:
             absent = default(settings, name)
             if (before == absent) != (after == absent) and setting.restart:
                 changed.append(key)
             elif before != after:
                 changed.extend(restart_changes(setting.settings, before, after, f"{key}."))
-        elif setting.restart and any(_value(old, field) != _value(new, field) for field in setting.sets or (name,)):
+        elif setting.restart and any(_value(settings, old, field) != _value(settings, new, field)
+                                     for field in setting.sets or (name,)):
             changed.append(key)
     return changed
 
 
-def _value(settings: Any, name: str) -> Any:
+def _value(settings: type, instance: Any, name: str) -> Any:
+    """The field's value; in an absent section (None), its default: what is in effect without it."""
+    if instance is None:
+        value = default(settings, name)
+        return None if value is dataclasses.MISSING else value
     # A field read but not kept (config.Config.default_country) has no value on the instance.
-    return getattr(settings, name, None)
+    return getattr(instance, name, None)

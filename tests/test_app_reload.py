@@ -90,6 +90,17 @@ def test_a_section_added_or_removed_is_named_once_without_its_keys():
     assert schema.restart_changes(Config, without, without) == []
 
 
+
+def test_a_section_added_with_a_restart_key_at_its_default_changes_nothing_that_waits():
+    webhook = parse_config("bitrix: {webhook_url: 'https://p.example/rest/1/c/'}\nrouting: {fallback_queue: support}")
+    application = parse_config("bitrix: {oauth: {portal_url: 'https://p.example/rest/', client_id: a, client_secret: s,"
+                               " token_file: /t.json}}\nrouting: {fallback_queue: support}")
+    assert schema.restart_changes(Config, webhook, application) == []  # no install_path: none to serve
+    with_install = dataclasses.replace(application, bitrix=dataclasses.replace(
+        application.bitrix, oauth=dataclasses.replace(application.bitrix.oauth, install_path="/install")))
+    assert schema.restart_changes(Config, webhook, with_install) == ["bitrix.oauth.install_path"]
+
+
 def test_the_declarations_mark_exactly_the_settings_a_reload_cannot_apply():
     assert schema.restart_keys(Config) == list(RESTART_ONLY)
 
