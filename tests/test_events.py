@@ -21,6 +21,8 @@ from agi_bitrix.bitrix.events import (
     read_event,
     record_time,
 )
+from agi_bitrix.checking import ConfigError
+from agi_bitrix.config import parse_config
 from agi_bitrix.monitoring import Metrics, MonitoringServer
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal_events import PortalEvents
@@ -144,7 +146,10 @@ MALFORMED = {
     "CALL_ID with a dialplan's characters": (lambda e: malformed(e, CALL_ID="x,1;Local/1@evil"), "malformed"),
     "USER_ID not a number": (lambda e: malformed(e, USER_ID="1 OR 1"), "malformed"),
     "no USER_ID": (lambda e: malformed(e, USER_ID=""), "malformed"),
-    "a phone number that is not one": (lambda e: malformed(e, PHONE_NUMBER="120&Local/666@evil"), "malformed"),
+    "a phone number that is not one": (
+        lambda e: malformed(e, PHONE_NUMBER="120&Local/666@evil", PHONE_NUMBER_INTERNATIONAL=""), "malformed"),
+    "an international number that is not one": (
+        lambda e: malformed(e, PHONE_NUMBER_INTERNATIONAL="+7916;Local/666@evil"), "malformed"),
     "ts not a time": (lambda e: {**e.event_form(CALL_START, CLICK), "ts": "yesterday"}, "malformed"),
 }
 
@@ -278,3 +283,52 @@ async def test_memory_dedupe_is_bounded_and_forgets_after_its_ttl():
     assert await seen.first_time("a")  # pushed out by the bound: the oldest go first
     now[0] = 11.0
     assert await seen.first_time("d")  # its TTL passed
+
+
+async def test_the_answer_to_a_forgery_does_not_say_which_proof_failed(receiving, portal_events):
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for auth in ({"application_token": "0" * 32}, {"member_id": "b" * 32}, {"domain": "evil.example"}):
+            async with http.post(receiving.url, data=portal_events.event_form(CALL_START, CLICK, **auth)) as answer:
+                answers.append((answer.status, await answer.json()))
+    assert answers == [(403, {"error": "not authentic"})] * 3
+
+
+# -- the events section ---------------------------------------------------------------------------
+
+OAUTH = """\
+bitrix:
+  oauth: {portal_url: "https://b24.example.com/rest/", client_id: local.1, client_secret: s, token_file: /tmp/t.json,
+          install_path: /bitrix/install}
+"""
+WEBHOOK = 'bitrix: {webhook_url: "https://b24.example.com/rest/1/code/"}\n'
+EVENTS_PROBLEMS = {
+    "a webhook": (WEBHOOK, "{mode: offline}", "events.mode: offline needs bitrix.oauth"),
+    "a handler without its URL": (OAUTH, "{mode: handler}", "events.handler.public_url: missing"),
+    "plain HTTP to the internet": (OAUTH, "{mode: handler, handler: {public_url: 'http://pbx.example.com/e'}}",
+                                   "must be an https:// URL"),
+    "the install callback's path": (
+        OAUTH, "{mode: handler, handler: {path: /bitrix/install, public_url: 'https://pbx.example.com/e'}}",
+        "is bitrix.oauth.install_path's too"),
+    "the listener off": (OAUTH + "metrics: {listen: off}\n",
+                         "{mode: handler, handler: {public_url: 'https://pbx.example.com/e'}}",
+                         "is served on metrics.listen, which is off"),
+    "another mode": (OAUTH, "{mode: webhook}", "must be one of off, handler, offline"),
+    "a path over the monitoring": (OAUTH, "{mode: handler, handler: {path: /healthz, public_url: 'https://p.example/e'}}",
+                                   "other than /metrics and /healthz"),
+}
+
+
+@pytest.mark.parametrize("bitrix, events, problem", EVENTS_PROBLEMS.values(), ids=EVENTS_PROBLEMS.keys())
+def test_check_refuses_an_events_section_that_cannot_work(bitrix, events, problem):
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"{bitrix}routing: {{fallback_queue: q}}\nevents: {events}\n")
+    assert problem in str(raised.value)
+
+
+def test_events_are_off_without_the_section_and_offline_needs_no_listener():
+    assert parse_config(f"{WEBHOOK}routing: {{fallback_queue: q}}\n").events.mode == "off"
+    no_install = OAUTH.replace(",\n          install_path: /bitrix/install", "")
+    config = parse_config(f"{no_install}metrics: {{listen: off}}\nrouting: {{fallback_queue: q}}\n"
+                          "events: {mode: offline, offline: {poll_interval: 5}}\n")
+    assert (config.events.mode, config.events.poll_interval) == ("offline", 5.0)

@@ -14,6 +14,7 @@ import pytest
 from agi_bitrix.bitrix.client import make_session
 from agi_bitrix.bitrix.event_gate import EventGate, MemorySeen, TokenFileIdentity
 from agi_bitrix.bitrix.event_poller import OfflinePoller
+from agi_bitrix.bitrix.event_subscription import EventsStatus
 from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.cli import main
@@ -207,3 +208,21 @@ async def test_events_bind_subscribes_in_the_configured_mode_and_status_says_so(
     assert await asyncio.to_thread(main, ["check", "-c", str(config_file)]) == 0
     assert "events: handler on /bitrix/events, the portal POSTs to http://127.0.0.1:1/bitrix/events" in \
         capsys.readouterr().out
+
+
+async def test_health_says_the_mode_whether_it_is_subscribed_and_what_was_refused(emulator, polling, config_file):
+    portal, _ = emulator
+    poller, _, client = polling
+    status = EventsStatus("offline", "", poller.gate, poller)
+    await status.refresh(client)
+    assert (status.health()["subscribed"], status.health()["problem"]) == (
+        False, "not bound: ONEXTERNALCALLSTART, ONEXTERNALCALLBACKSTART (run `agi-bitrix events bind`)")
+    assert await asyncio.to_thread(main, ["events", "bind", "-c", str(config_file)]) == 0
+    await status.refresh(client)
+    portal.events.enqueue(CALL_START, CLICK)
+    portal.events.enqueue(CALL_START, {**CLICK, "USER_ID": "x"})
+    await poller.poll_once()
+    health = status.health()
+    assert (health["mode"], health["subscribed"], health["problem"], health["accepted"]) == ("offline", True, None, 1)
+    assert health["refused"] == {"malformed": 1} and health["last_event_seconds_ago"] < 5
+    assert health["offline"]["confirmed"] == 2 and health["offline"]["problem"] is None

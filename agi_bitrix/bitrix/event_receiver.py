@@ -86,7 +86,9 @@ class EventReceiver:
             form = await self._read(request)
             event = await self.gate.admit_post(form, peer)
         except EventRefused as error:
-            return web.json_response({"error": error.reason}, status=_status(error))
+            # Which proof failed is not told: that the token was right and the portal not would be news.
+            said = "not authentic" if isinstance(error, NotAuthentic) else error.reason
+            return web.json_response({"error": said}, status=_status(error))
         if len(self._tasks) >= MAX_IN_FLIGHT:
             self.busy_refusals += 1
             log.error("Bitrix24 event %s not handled: %d events are still being handled", event.key, len(self._tasks))

@@ -249,10 +249,12 @@ def _line(data: Mapping[str, Any]) -> str:
 
 
 def _phone(data: Mapping[str, Any], country: str) -> str:
-    raw = data.get("PHONE_NUMBER")
+    """PHONE_NUMBER_INTERNATIONAL when the event has it (the portal's own reading, which needs no
+    country of ours), else PHONE_NUMBER; either through agi_bitrix.phones."""
+    raw = data.get("PHONE_NUMBER_INTERNATIONAL") or data.get("PHONE_NUMBER")
     number = normalize_number(raw, country) if isinstance(raw, str) else None
     if number is None:
-        raise MalformedEvent("data[PHONE_NUMBER] is not a phone number")
+        raise MalformedEvent("data[PHONE_NUMBER] (or _INTERNATIONAL) is not a phone number")
     return number
 
 
