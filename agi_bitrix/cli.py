@@ -104,18 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     login.add_argument("--wait", type=_seconds, default=300.0, metavar="SECONDS",
                        help="how long to wait for the redirect (default 300)")
 
-    events = commands.add_parser("events",
-                                 help="click-to-call's events from Bitrix24: subscribe, or see the subscription")
-    events_actions = events.add_subparsers(dest="events_action", required=True, metavar="ACTION")
-    for action, text in (("bind", "subscribe to ONEXTERNALCALLSTART and ONEXTERNALCALLBACKSTART in events.mode"),
-                         ("status", "whether the portal sends those events the way events.mode needs; exit 1 if not")):
-        events_actions.add_parser(action, help=text).add_argument("-c", "--config", required=True, metavar="FILE")
+    _add_events(commands)
 
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
     demo.add_argument("--listen", type=_listen_address, default="127.0.0.1:4573", metavar="HOST:PORT")
     demo.add_argument("--once", action="store_true", help="show the sample calls and exit")
     return parser
+
+
+def _add_events(commands: argparse._SubParsersAction[_Parser]) -> None:
+    events = commands.add_parser("events",
+                                 help="click-to-call's events from Bitrix24: subscribe, or see the subscription")
+    events_actions = events.add_subparsers(dest="events_action", required=True, metavar="ACTION")
+    for action, text in (("bind", "subscribe to ONEXTERNALCALLSTART and ONEXTERNALCALLBACKSTART in events.mode"),
+                         ("status", "whether the portal sends those events the way events.mode needs; exit 1 if not")):
+        events_actions.add_parser(action, help=text).add_argument("-c", "--config", required=True, metavar="FILE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
