@@ -22,6 +22,7 @@ from agi_bitrix.config import parse_config
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_oauth import OAuthServer
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
+from tests.conftest import until
 from tests.test_events import CALL_START, CLICK
 
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
@@ -181,7 +182,7 @@ async def test_polls_wait_for_the_budget_the_calls_lookups_leave(emulator, polli
     clicks(portal, 1)
     await poller.poll_once()
     assert portal.requests_for(GET) == [] and handled == []
-    assert poller.health()["problem"] == "event.offline.get: rate_limited"
+    assert poller.health()["problem"] == "event.offline.get: rate_limited (not sent)"
 
 
 async def test_events_bind_subscribes_in_the_configured_mode_and_status_says_so(emulator, config_file, tmp_path,
@@ -226,3 +227,20 @@ async def test_health_says_the_mode_whether_it_is_subscribed_and_what_was_refuse
     assert (health["mode"], health["subscribed"], health["problem"], health["accepted"]) == ("offline", True, None, 1)
     assert health["refused"] == {"malformed": 1} and health["last_event_seconds_ago"] < 5
     assert health["offline"]["confirmed"] == 2 and health["offline"]["problem"] is None
+
+
+async def test_a_portal_that_refuses_the_queue_is_asked_seldom_and_logged_once(emulator, polling, caplog):
+    """Tokens that are not an administrator's: the portal answers ACCESS_DENIED (event-offline-get.md)."""
+    portal, _ = emulator
+    poller, _, _ = polling
+    portal.fail("error", method=GET, code="ACCESS_DENIED")
+    poller._problem_interval = 0.5
+    poller.start()
+    try:
+        await asyncio.sleep(0.4)
+        assert len(portal.requests_for(GET)) == 1 and poller.health()["problem"] == "event.offline.get: ACCESS_DENIED"
+        portal.reset_faults()
+        await until(lambda: poller.health()["problem"] is None, what="the queue answering again")
+    finally:
+        await poller.close()
+    assert caplog.text.count("offline events: event.offline.get: ACCESS_DENIED") == 1

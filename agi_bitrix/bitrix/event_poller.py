@@ -30,25 +30,31 @@ from typing import Any
 
 from agi_bitrix.background import stop
 from agi_bitrix.bitrix.client import PortalClient
-from agi_bitrix.bitrix.errors import BitrixError
+from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent
 from agi_bitrix.bitrix.event_gate import EventGate
 from agi_bitrix.bitrix.events import DuplicateEvent, EventHandler, EventRefused
 
 log = logging.getLogger("agi_bitrix.events")
 
 OFFLINE_GET, OFFLINE_CLEAR, OFFLINE_ERROR = "event.offline.get", "event.offline.clear", "event.offline.error"
+_NOT_ASKED = " (not sent)"
 BATCH_LIMIT = 50  # event.offline.get's default `limit`
 MAX_ATTEMPTS = 3
+# While the portal refuses the queue (not an administrator's tokens, a plan without it), rounds
+# come this far apart: each one is a request of the calls' budget.
+PROBLEM_INTERVAL = 30.0
 
 
 class OfflinePoller:
     """Takes the portal's offline events every `interval` seconds and confirms each one handled."""
 
     def __init__(self, current: Callable[[], PortalClient], gate: EventGate, handler: EventHandler, *,
-                 interval: float, limit: int = BATCH_LIMIT, max_attempts: int = MAX_ATTEMPTS) -> None:
+                 interval: float, limit: int = BATCH_LIMIT, max_attempts: int = MAX_ATTEMPTS,
+                 problem_interval: float = PROBLEM_INTERVAL) -> None:
         self._current = current  # the running portal client: its tokens and its request budget
         self.gate, self._handler = gate, handler
         self._interval, self._limit, self._max_attempts = interval, limit, max_attempts
+        self._problem_interval = max(interval, problem_interval)
         self._process_id = ""  # records reserved and not all confirmed: asked for again first
         self._attempts: dict[str, int] = {}  # record ID -> handler failures
         self._task: asyncio.Task[None] | None = None
@@ -71,7 +77,8 @@ class OfflinePoller:
                 log.exception("offline events: a round failed unexpectedly")
                 full = False
             if not full:
-                await asyncio.sleep(self._interval)
+                refused = self.problem and not self.problem.endswith(_NOT_ASKED)
+                await asyncio.sleep(self._problem_interval if refused else self._interval)
 
     async def poll_once(self) -> bool:
         """One round; True when the queue gave a full batch (more may be waiting)."""
@@ -151,7 +158,8 @@ class OfflinePoller:
             slot = await portal.take_slot(self._interval, can_wait=True)
             result = await portal.call(method, params, slot=slot)
         except BitrixError as error:
-            problem = f"{method}: {error.reason}"
+            # A round we did not send (no slot) is tried again soon; a refusal by the portal later.
+            problem = f"{method}: {error.reason}" + (_NOT_ASKED if isinstance(error, RequestNotSent) else "")
             if problem != self.problem:
                 log.error("offline events: %s (%s); trying again every %g s", problem, error.detail, self._interval)
             self.problem = problem
