@@ -314,6 +314,52 @@ class UsersSettings:
     refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True)
 
 
+EVENT_MODES = ("off", "handler", "offline")
+_EVENT_PATH = re.compile(r"/[A-Za-z0-9/_.-]{1,200}")
+
+
+def _events_mode(value: str) -> str:
+    if value not in EVENT_MODES:
+        raise ValueError(f"{quoted(value)} must be one of {', '.join(EVENT_MODES)}")
+    return value
+
+
+def _events_path(value: str) -> str:
+    if not _EVENT_PATH.fullmatch(value) or value in ("/metrics", "/healthz"):
+        raise ValueError(f"{quoted(value)} must be a URL path like /bitrix/events, other than /metrics and /healthz")
+    return value
+
+
+def _public_url(value: str) -> str:
+    """Where the portal POSTs events: public HTTPS (api-reference/events/index.md); plain HTTP only
+    to this machine (a test, or a proxy on the same host that the portal does not see)."""
+    if not value:
+        return value
+    parts = urlsplit(value)
+    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme not in ("https", "http") or not parts.hostname or (parts.scheme == "http" and not local) \
+            or parts.query or parts.fragment or parts.username or any(c.isspace() for c in value):
+        raise ValueError(f"{quoted(value)} must be an https:// URL with no query, like"
+                         " https://pbx.example.com/bitrix/events")
+    return value
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    """Click-to-call's events from the portal (agi_bitrix.bitrix.events): off, POSTed to a handler
+    on the HTTP listener, or taken from the portal's offline queue."""
+
+    mode: str = text("mode", "off", check=_events_mode)
+    # The handler's path on http.listen, and the public HTTPS URL the portal is told to POST to
+    # (a reverse proxy passes it to that path: docs/click-to-call.md).
+    handler_path: str = text("handler.path", "/bitrix/events", check=_events_path)
+    public_url: str = text("handler.public_url", "", check=_public_url)
+    # Seconds between two questions to the offline queue (each costs a request of the budget).
+    poll_interval: float = number("offline.poll_interval", 2.0, 0, 600)
+    # An event sent longer ago than this is refused: a replayed POST, or a click nobody waits for.
+    replay_window: float = number("replay_window", 120.0, 0, 3600)
+
+
 def _not_kept(declared: Any) -> Any:
     """A declared key that parse_config reads and hands on instead of keeping on Config: still a
     field, so the file's keys, default and check come from Config's declarations like any other,
@@ -341,6 +387,8 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    # Click-to-call's events: off without the section.
+    events: EventsSettings = section("events", EventsSettings, absent=EventsSettings())
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
@@ -390,10 +438,34 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
                       f"is served on {http_name}.listen, which is off")
+    events = _events(check, data, read("events"), bitrix, http, http_name)
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  deprecated=http_notes + cards_notes)
+                  events=events, deprecated=http_notes + cards_notes)
+
+
+def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: BitrixSettings,
+            http: HttpSettings, http_name: str) -> EventsSettings:
+    """What the events' mode needs besides its own keys: an application (event.bind and the
+    offline queue work only in an application's context), and for a handler its listener and URL."""
+    if events.mode == "off":
+        return events
+    section = data["events"]  # a mapping: mode was read from it
+    line = section.lines.get("mode", section.line)
+    if bitrix.oauth is None:
+        check.problem(line, "events.mode", f"{events.mode} needs bitrix.oauth: Bitrix24 sends events only to an"
+                                           " application, never through a webhook")
+    if events.mode == "handler":
+        handler = section.get("handler")
+        where = handler.line if isinstance(handler, LocatedDict) else line
+        if not events.public_url and not (isinstance(handler, LocatedDict) and "public_url" in handler):
+            check.problem(where, "events.handler.public_url", "missing; the https:// URL the portal POSTs events to")
+        if not http.enabled:
+            check.problem(where, "events.handler.path", f"is served on {http_name}.listen, which is off")
+        if bitrix.oauth is not None and bitrix.oauth.install_path == events.handler_path:
+            check.problem(where, "events.handler.path", "is bitrix.oauth.install_path's too; give each its own")
+    return events
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,

@@ -49,11 +49,12 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.ruletest": {"agi_bitrix.bitrix.models", "agi_bitrix.checking", "agi_bitrix.routing",
                             "agi_bitrix.config", "agi_bitrix.service"},
     "agi_bitrix.oauthlogin": {"agi_bitrix.bitrix", "agi_bitrix.config"},
+    "agi_bitrix.eventscli": {"agi_bitrix.bitrix", "agi_bitrix.config"},
     "agi_bitrix.testing": set(),  # stand-ins for the portal and the PBX; nothing of the product
     "agi_bitrix.demo": {"agi_bitrix.config", "agi_bitrix.app", "agi_bitrix.testing"},
     "agi_bitrix.cli": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix.oauth", "agi_bitrix.config",
                        "agi_bitrix.callcard.outbox", "agi_bitrix.app", "agi_bitrix.explain", "agi_bitrix.ruletest",
-                       "agi_bitrix.oauthlogin", "agi_bitrix.demo"},
+                       "agi_bitrix.oauthlogin", "agi_bitrix.eventscli", "agi_bitrix.demo"},
     "agi_bitrix.__main__": {"agi_bitrix.cli"},
 }
 # The call-card AGI scripts share what they check alike through callcard/identity.py, not each other.
