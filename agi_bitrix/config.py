@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
+from agi_bitrix.ami.errors import SecretUnavailable
+from agi_bitrix.ami.settings import AMI_SECRET_ENV, AmiSettings, read_secret
 from agi_bitrix.bitrix.settings import (
     BitrixSettings,
     CacheSettings,
@@ -334,6 +336,8 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    # Asterisk's manager interface, for the calls the server starts itself; off without the section.
+    ami: AmiSettings | None = section("ami", AmiSettings, absent=None)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
@@ -374,6 +378,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, deprecated = _cards_deadline(file, data, callcard)
     redis = _redis(check, data, environ, bitrix)
+    ami = _ami(check, data, environ)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -385,7 +390,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, metrics=metrics, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  deprecated=deprecated)
+                  ami=ami, deprecated=deprecated)
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
@@ -470,6 +475,24 @@ def _redis(check: Checker, data: LocatedDict, environ: Mapping[str, str],
         check.problem(section.lines.get("timeout", section.line), "redis.timeout",
                       f"{settings.timeout:g} s must be under half of bitrix.deadline ({bitrix.deadline:g} s):"
                       " a call waits for Redis before the portal")
+    return settings
+
+
+def _ami(check: Checker, data: LocatedDict, environ: Mapping[str, str]) -> AmiSettings | None:
+    """The `ami:` section, its secret usable now; `secret` passes the unknown-key check only to be
+    told where the secret goes instead (never quoting it)."""
+    if "ami" not in data:
+        return None
+    section = check.section(data, "ami", "ami", (*schema.keys(AmiSettings), "secret"))
+    if "secret" in section:
+        check.problem(section.lines["secret"], "ami.secret", f"never in this file: use {AMI_SECRET_ENV} or secret_file")
+    settings: AmiSettings = check.read(AmiSettings, section, "ami")
+    if not settings.username:
+        check.problem(section.line, "ami.username", "missing; the [user] of Asterisk's manager.conf")
+    try:
+        read_secret(settings, environ)
+    except SecretUnavailable as error:
+        check.problem(section.lines.get("secret_file", section.line), "ami", str(error))
     return settings
 
 
