@@ -86,7 +86,7 @@ class AmiClient:
         self._became_up = asyncio.Event()
         self._reason = "not started"
         self._changed_at = time.time()
-        self._logged_in_before = False
+        self._logins = 0
         self._reconnects = 0
         self._dropped = 0
         self._version = ""
@@ -202,6 +202,7 @@ class AmiClient:
     async def _keep_connected(self) -> None:
         delay = self.settings.reconnect_first
         while True:
+            logins = self._logins
             try:
                 await self._session()
             except AmiError as error:
@@ -211,11 +212,10 @@ class AmiClient:
                           f" {error.strerror or error.__class__.__name__}")
             except TimeoutError:
                 reason = f"no answer from {self.settings.host}:{self.settings.port} within the connect timeout"
-            was_up = self._up
             self._close_writer()
-            self._fail_waiting(None)
+            self._lost()
             self._set_down(reason)
-            if was_up:
+            if self._logins > logins:  # it was up: a new failure starts from the first delay
                 delay = self.settings.reconnect_first
             # Jitter keeps several servers from hammering a restarted Asterisk in step.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -235,7 +235,7 @@ class AmiClient:
         self._version = banner.version
         reading = asyncio.create_task(self._read(reader, connection), name="ami-reader")
         # The moment the reading ends, whatever waits for an answer fails (the login included).
-        reading.add_done_callback(lambda _: self._fail_waiting(None))
+        reading.add_done_callback(lambda _: self._lost())
         pinging: asyncio.Task[None] | None = None
         try:
             await self._login()
@@ -324,24 +324,31 @@ class AmiClient:
     # -- state -------------------------------------------------------------------------------
 
     def _set_up(self) -> None:
-        if self._logged_in_before:
+        if self._logins:
             self._reconnects += 1
             self._observer.ami_reconnected()
-        self._logged_in_before = True
+        self._logins += 1
         self._up, self._reason, self._changed_at = True, "", time.time()
         self._became_up.set()
         self._observer.ami_up(True)
         log.info("AMI up: logged in to %s:%s as %s (AMI %s)", self.settings.host, self.settings.port,
                  self.settings.username, self._version)
 
+    def _lost(self) -> None:
+        """The connection ended: down at once, and whatever waits fails now (the reason follows)."""
+        if self._up:
+            self._up, self._reason = False, "the connection was lost"
+            self._became_up.clear()
+            self._observer.ami_up(False)
+        self._fail_waiting(None)
+
     def _set_down(self, reason: str) -> None:
-        changed = self._up or reason != self._reason
         if self._up:
             self._observer.ami_up(False)
-        if changed:
+        if reason != self._reason:
             self._changed_at = time.time()
             # Once per change: a refused login retried every 30 s logs once, not every 30 s.
-            if reason not in ("connecting", "not started"):
+            if reason not in ("connecting", "not started", "stopped"):
                 log.warning("AMI down: %s", reason)
         self._up, self._reason = False, reason
         self._became_up.clear()
