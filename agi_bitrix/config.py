@@ -486,9 +486,14 @@ def _ami(check: Checker, data: LocatedDict, environ: Mapping[str, str]) -> AmiSe
     section = check.section(data, "ami", "ami", (*schema.keys(AmiSettings), "secret"))
     if "secret" in section:
         check.problem(section.lines["secret"], "ami.secret", f"never in this file: use {AMI_SECRET_ENV} or secret_file")
-    settings: AmiSettings = check.read(AmiSettings, section, "ami")
-    if not settings.username:
-        check.problem(section.line, "ami.username", "missing; the [user] of Asterisk's manager.conf")
+    given = {name: check.text(section, name, "ami") or "" for name in ("username", "secret_file")}
+    for name, value in given.items():  # required fields (no default), checked as declared
+        try:
+            if value or name == "username":
+                schema.declaration(AmiSettings, name).check(value)  # type: ignore[misc]
+        except ValueError as error:
+            check.problem(section.lines.get(name, section.line), f"ami.{name}", str(error))
+    settings: AmiSettings = check.read(AmiSettings, section, "ami", **given)
     try:
         read_secret(settings, environ)
     except SecretUnavailable as error:

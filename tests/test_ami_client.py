@@ -109,7 +109,7 @@ class FakeAmi:
 
 
 def settings(port: int, **overrides) -> AmiSettings:
-    values = {"host": "127.0.0.1", "port": port, "username": "agi-bitrix", "connect_timeout": 0.5,
+    values = {"host": "127.0.0.1", "port": port, "username": "agi-bitrix", "secret_file": "", "connect_timeout": 0.5,
               "action_timeout": 2.0, "ping_interval": 3600.0, "reconnect_first": 0.05, "reconnect_max": 0.2,
               "event_queue": 100}
     return AmiSettings(**{**values, **overrides})

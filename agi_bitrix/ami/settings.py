@@ -1,9 +1,9 @@
 """The `ami:` section (declared once with agi_bitrix.schema) and the secret it points to.
 
 The secret is never in the YAML: it comes from the environment variable AGI_BITRIX_AMI_SECRET
-or from `secret_file`, a regular file no one but its owner (and the owner's group, read-only)
-may read. It is read again on every login, so a rotated secret needs no restart, and it never
-appears in a message, a log line or a repr.
+or from `secret_file`, a regular file of root or the server's user that no one but its owner
+(and the owner's group, read-only) may read. It is read again on every login, so a rotated
+secret needs no restart, and it never appears in a message, a log line or a repr.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def _no_space(value: str) -> str:
 
 
 def _username(value: str) -> str:
-    return _no_space(value) if value else value  # "" is reported by the section's reader as missing
+    if not value:
+        raise ValueError("missing; the [user] of Asterisk's manager.conf")
+    return _no_space(value)
 
 
 def _absolute(value: str) -> str:
@@ -49,12 +51,13 @@ def _not_shorter_than_first(most: float, first: float) -> float:
 class AmiSettings:
     """How the server reaches Asterisk's manager interface (for the calls it starts itself)."""
 
+    # The [user] of manager.conf; required, read by the section's reader (agi_bitrix.config).
+    username: str = text("username", check=_username)
+    # The secret's file when AGI_BITRIX_AMI_SECRET is not set: absolute, regular, mode 0600 or 0640;
+    # read by the section's reader, "" when the environment holds the secret.
+    secret_file: str = text("secret_file", check=_absolute)
     host: str = text("host", "127.0.0.1", check=_no_space)
     port: int = integer("port", 5038, 1, 65535)
-    # The [user] of manager.conf; required (the section's reader says so when it is missing).
-    username: str = text("username", "", check=_username)
-    # The secret's file when AGI_BITRIX_AMI_SECRET is not set: absolute, regular, mode 0600 or 0640.
-    secret_file: str = text("secret_file", "", check=_absolute)
     # TCP connect, the banner and the Login answer, each.
     connect_timeout: float = number("connect_timeout", 5.0, 0, 60)
     # An action's answer (an Originate's "queued" included; the call's own ring time is its own).
@@ -90,6 +93,9 @@ def _read_secret_file(path: str) -> str:
         status = os.fstat(file.fileno())
         if not stat.S_ISREG(status.st_mode):
             raise SecretUnavailable(f"ami.secret_file {path} is not a regular file")
+        if status.st_uid not in (0, os.geteuid()):  # another user could put a secret of their choosing there
+            raise SecretUnavailable(f"ami.secret_file {path} belongs to user {status.st_uid}, not to root or"
+                                    " the user the server runs as")
         if status.st_mode & _FORBIDDEN_SECRET_MODE:
             raise SecretUnavailable(f"ami.secret_file {path} has mode {stat.S_IMODE(status.st_mode):04o};"
                                     " make it 0600 or 0640 (chmod 600)")

@@ -54,7 +54,7 @@ def ami_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[Aste
 
 
 def settings_for(pbx: AsteriskPbx) -> AmiSettings:
-    return AmiSettings(port=pbx.ami_port, username=pbx.ami_originate_username, connect_timeout=5.0,
+    return AmiSettings(port=pbx.ami_port, username=pbx.ami_originate_username, secret_file="", connect_timeout=5.0,
                        action_timeout=5.0, reconnect_first=0.1, reconnect_max=0.5)
 
 
@@ -110,6 +110,14 @@ async def test_the_minimal_user_may_not_run_a_system_application(client):
     shell = OriginateRequest(channel="Local/s@agi-bitrix-ami-answers", application="System", data="true")
     with pytest.raises(ActionFailed, match="Originate Access Forbidden"):
         await originate(client, shell)
+
+
+async def test_the_minimal_user_may_not_run_cli_commands(client):
+    # write = originate allows the Originate action alone (the only action main/manager.c
+    # registers with EVENT_FLAG_ORIGINATE): a leaked secret cannot stop Asterisk.
+    with pytest.raises(ActionFailed, match="Permission denied"):
+        await client.send("Command", [("Command", "core show uptime")])
+    assert client.up
 
 
 async def test_asterisk_killed_and_started_again_the_client_reconnects_and_the_next_originate_works(
