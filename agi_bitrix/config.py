@@ -488,9 +488,10 @@ def _ami(check: Checker, data: LocatedDict, environ: Mapping[str, str]) -> AmiSe
         check.problem(section.lines["secret"], "ami.secret", f"never in this file: use {AMI_SECRET_ENV} or secret_file")
     given = {name: check.text(section, name, "ami") or "" for name in ("username", "secret_file")}
     for name, value in given.items():  # required fields (no default), checked as declared
+        declared_check = schema.declaration(AmiSettings, name).check
         try:
-            if value or name == "username":
-                schema.declaration(AmiSettings, name).check(value)  # type: ignore[misc]
+            if declared_check is not None:
+                declared_check(value)
         except ValueError as error:
             check.problem(section.lines.get(name, section.line), f"ami.{name}", str(error))
     settings: AmiSettings = check.read(AmiSettings, section, "ami", **given)
