@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
+from agi_bitrix.ami.errors import SecretUnavailable
+from agi_bitrix.ami.settings import AMI_SECRET_ENV, AmiSettings, read_secret
 from agi_bitrix.bitrix.settings import (
     BitrixSettings,
     CacheSettings,
@@ -389,6 +391,8 @@ class Config:
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
     # Click-to-call's events: off without the section.
     events: EventsSettings = section("events", EventsSettings, absent=EventsSettings())
+    # Asterisk's manager interface, for the calls the server starts itself; off without the section.
+    ami: AmiSettings | None = section("ami", AmiSettings, absent=None)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
@@ -430,6 +434,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
     redis = _redis(check, data, environ, bitrix)
+    ami = _ami(check, data, environ)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -442,7 +447,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  events=events, deprecated=http_notes + cards_notes)
+                  events=events, ami=ami, deprecated=http_notes + cards_notes)
 
 
 def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: BitrixSettings,
@@ -574,6 +579,30 @@ def _redis(check: Checker, data: LocatedDict, environ: Mapping[str, str],
         check.problem(section.lines.get("timeout", section.line), "redis.timeout",
                       f"{settings.timeout:g} s must be under half of bitrix.deadline ({bitrix.deadline:g} s):"
                       " a call waits for Redis before the portal")
+    return settings
+
+
+def _ami(check: Checker, data: LocatedDict, environ: Mapping[str, str]) -> AmiSettings | None:
+    """The `ami:` section, its secret usable now; `secret` passes the unknown-key check only to be
+    told where the secret goes instead (never quoting it)."""
+    if "ami" not in data:
+        return None
+    section = check.section(data, "ami", "ami", (*schema.keys(AmiSettings), "secret"))
+    if "secret" in section:
+        check.problem(section.lines["secret"], "ami.secret", f"never in this file: use {AMI_SECRET_ENV} or secret_file")
+    given = {name: check.text(section, name, "ami") or "" for name in ("username", "secret_file")}
+    for name, value in given.items():  # required fields (no default), checked as declared
+        declared_check = schema.declaration(AmiSettings, name).check
+        try:
+            if declared_check is not None:
+                declared_check(value)
+        except ValueError as error:
+            check.problem(section.lines.get(name, section.line), f"ami.{name}", str(error))
+    settings: AmiSettings = check.read(AmiSettings, section, "ami", **given)
+    try:
+        read_secret(settings, environ)
+    except SecretUnavailable as error:
+        check.problem(section.lines.get("secret_file", section.line), "ami", str(error))
     return settings
 
 
