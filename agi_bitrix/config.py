@@ -147,6 +147,28 @@ def _line_number(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class OutgoingLine:  # callcard.outgoing.lines[]: the LINE_NUMBER of outgoing calls through one trunk
+    trunk: str  # the outgoing script's line argument: FreePBX's trunk number, or a name of the dialplan's own
+    line: str
+
+
+_TRUNK = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+
+
+def _outgoing_line(item: Any) -> OutgoingLine:
+    """One {trunk: NAME, line: NUMBER}; both plain words, as the dialplan and the portal take them."""
+    if not isinstance(item, LocatedDict) or sorted(item) != ["line", "trunk"]:
+        raise ValueError(f"expected {{trunk: NAME, line: NUMBER}}, got {quoted(item)}")
+    trunk, line = (str(item[key]).strip() if isinstance(item[key], (int, str)) and not isinstance(item[key], bool)
+                   else "" for key in ("trunk", "line"))
+    if not _TRUNK.match(trunk):
+        raise ValueError("trunk: the trunk's name or number as the dialplan passes it (letters, digits, _ . + -)")
+    if not _LINE_NUMBER.match(line):
+        raise ValueError(f"line: {quoted(line)} is not a LINE_NUMBER (digits, letters, '+', '_', '.', '-')")
+    return OutgoingLine(trunk=trunk, line=line)
+
+
 # callcard.outbox values that name a Redis server rather than a SQLite file.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -261,6 +283,20 @@ class RegisterSettings:
 
 
 @dataclass(frozen=True)
+class OutgoingSettings:
+    """The `outgoing` script (callcard/outgoing.py): employees' calls from their desk phones."""
+
+    # Per trunk, its LINE_NUMBER; the first entry of a trunk wins.
+    lines: tuple[OutgoingLine, ...] = items("lines", (), check=_outgoing_line)
+    line_number: str = text("line_number", "", check=_line_number)  # trunks not listed; "" = no LINE_NUMBER
+    show: bool = flag("show", True)
+    crm_create: bool = flag("crm_create", False)
+
+    def line_of(self, trunk: str) -> str:
+        return next((entry.line for entry in self.lines if entry.trunk == trunk), self.line_number)
+
+
+@dataclass(frozen=True)
 class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
     record_url: str = text("record_url", "", check=_record_url)
@@ -289,6 +325,7 @@ class CallCardSettings:
     outbox_claim_after: float = number("outbox_claim_after", 60.0, 1, 3600)
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
+    outgoing: OutgoingSettings = section("outgoing", OutgoingSettings, absent=OutgoingSettings())
 
 
 @dataclass(frozen=True)
