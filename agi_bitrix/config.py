@@ -46,6 +46,7 @@ RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
 _CRM_SOURCE = re.compile(r"^[A-Za-z0-9_.|-]{1,50}$")
 _LINE_NUMBER = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
+_TRUNK = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -151,9 +152,6 @@ def _line_number(value: str) -> str:
 class OutgoingLine:  # callcard.outgoing.lines[]: the LINE_NUMBER of outgoing calls through one trunk
     trunk: str  # the outgoing script's line argument: FreePBX's trunk number, or a name of the dialplan's own
     line: str
-
-
-_TRUNK = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
 def _outgoing_line(item: Any) -> OutgoingLine:
@@ -283,9 +281,7 @@ class RegisterSettings:
 
 
 @dataclass(frozen=True)
-class OutgoingSettings:
-    """The `outgoing` script (callcard/outgoing.py): employees' calls from their desk phones."""
-
+class OutgoingSettings:  # the `outgoing` script (callcard/outgoing.py): employees' desk-phone calls
     # Per trunk, its LINE_NUMBER; the first entry of a trunk wins.
     lines: tuple[OutgoingLine, ...] = items("lines", (), check=_outgoing_line)
     line_number: str = text("line_number", "", check=_line_number)  # trunks not listed; "" = no LINE_NUMBER
@@ -383,6 +379,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
+    if callcard.outgoing != OutgoingSettings() and users.refresh == 0:
+        outgoing_section = data["callcard"]  # a mapping: outgoing was read from it
+        check.problem(outgoing_section.lines.get("outgoing", outgoing_section.line), "callcard.outgoing",
+                      "needs a users section: the user directory turns the caller's extension into a Bitrix24 user")
     redis = _redis(check, data, environ, bitrix)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it

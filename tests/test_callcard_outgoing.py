@@ -60,7 +60,8 @@ def test_arguments_are_checked_and_the_header_fills_in():
 
 def test_each_trunk_has_its_line_and_the_others_the_default():
     config = parse_config('bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/code/"}\n'
-                          "routing: {fallback_queue: support}\ncallcard:\n" + textwrap.indent(LINES, "  "), "c.yaml")
+                          "routing: {fallback_queue: support}\nusers: {}\ncallcard:\n" + textwrap.indent(LINES, "  "),
+                          "c.yaml")
     outgoing = config.callcard.outgoing
     assert [outgoing.line_of(trunk) for trunk in ("1", "mts", "beeline")] == [
         "74951112233", "74957654321", "74950000000"]
@@ -79,6 +80,7 @@ def test_outgoing_config_problems_are_reported_with_file_line_and_key():
               - {trunk: 3}
             line_number: "+7 495"
             crm_create: maybe
+        users: {}
         """)
     with pytest.raises(ConfigError) as raised:
         parse_config(text, "c.yaml")
@@ -91,6 +93,22 @@ def test_outgoing_config_problems_are_reported_with_file_line_and_key():
         "c.yaml:9: callcard.outgoing.line_number: '+7 495' must be digits, letters, '+', '_', '.', '-'",
         "c.yaml:10: callcard.outgoing.crm_create: expected true or false, got 'maybe'",
     ]
+
+
+def test_outgoing_calls_without_a_user_directory_are_a_problem():
+    text = textwrap.dedent("""\
+        bitrix: {webhook_url: "https://x.bitrix24.ru/rest/1/code/"}
+        routing: {fallback_queue: support}
+        callcard:
+          outbox: /var/lib/agi-bitrix/outbox.sqlite3
+          outgoing: {lines: [{trunk: main, line: "74951112233"}]}
+        """)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "c.yaml")
+    assert [str(p) for p in raised.value.problems] == [
+        ("c.yaml:5: callcard.outgoing: needs a users section: the user directory turns the caller's extension"
+         " into a Bitrix24 user")]
+    assert parse_config(text + "users: {}\n", "c.yaml").callcard.outgoing.line_of("main") == "74951112233"
 
 
 # -- the whole application --------------------------------------------------------------------
