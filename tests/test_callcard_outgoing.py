@@ -18,6 +18,7 @@ from tests.conftest import until
 from tests.test_callcard import FINISH, REGISTER, Running, callcard_config, delivered_finishes
 
 CLIENT = "79161230000"  # a client's mobile, not in the CRM
+IGORS_MOBILE = "+79162220202"  # user 2's PERSONAL_MOBILE
 LINES = """\
 outgoing:
   lines:
@@ -161,11 +162,13 @@ async def test_internal_short_and_emergency_numbers_never_wait_on_the_portal(ser
     assert portal.requests_for(REGISTER) == []
 
 
-async def test_an_extension_without_a_user_is_logged_and_the_call_goes_on(server, portal, caplog):
-    variables = await outgoing(server, extension="199")
+@pytest.mark.parametrize("extension", ["199", "113"], ids=["nobody's", "a deactivated user's"])
+async def test_an_extension_without_a_user_is_logged_and_the_call_goes_on(server, portal, caplog, extension):
+    variables = await outgoing(server, extension=extension)
     assert variables == {"B24_CALL_ID": "", "B24_USER_ID": "", "B24_REGISTER_ERROR": "no_user"}
     assert portal.requests_for(REGISTER) == []
-    assert "outgoing call from extension 199 is not registered: no active Bitrix24 user has it" in caplog.text
+    assert (f"outgoing call from extension {extension} is not registered: no active Bitrix24 user has it"
+            in caplog.text)
 
 
 async def test_a_hung_portal_lets_the_call_go_on_at_the_register_deadline(portal, tmp_path):
@@ -188,9 +191,9 @@ async def test_a_hung_portal_lets_the_call_go_on_at_the_register_deadline(portal
     ("ANSWER", True, "200", "42"), ("BUSY", False, "486", "0"), ("NOANSWER", False, "304", "0")])
 async def test_the_finish_is_the_callers_with_talk_time_and_status(server, portal, dialstatus, answered, code,
                                                                     duration):
-    variables = await outgoing(server)
-    # The sample's finish: the stamp names the caller's extension, so the call stays theirs even
-    # when the client's number is a colleague's mobile.
+    # Anna (extension 101) calls Igor's mobile: the call stays hers. The sample's stamp names the
+    # caller's extension; the number that answered would name Igor.
+    variables = await outgoing(server, dialled=IGORS_MOBILE)
     answered_at, answered_by = ("1700000100.000", "101") if answered else ("", "")
     await server.finish(variables["B24_CALL_ID"], variables["B24_USER_ID"], dialstatus, answered_at, answered_by,
                         "1700000142.200")

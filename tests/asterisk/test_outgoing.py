@@ -20,13 +20,14 @@ from tests.conftest import until
 from .conftest import DEADLINE_MARGIN
 from .crm import crm_object, fresh_phone
 from .sample_calls import WAIT, rings, sample_call
-from .test_callcard import REGISTER, CallCardServer, finished, registered_call
+from .test_callcard import REGISTER, CallCardServer, finished, registered_call, user_directory_refreshed
 from .test_freepbx_sample import freepbx, freepbx_calls  # noqa: F401 -- the FreePBX Asterisk of that module
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
 EMPLOYEE, EXTENSION = "500", "501"  # a Bitrix24 user and their desk phone
 NOBODY = "599"  # an extension no Bitrix24 user has
+COLLEAGUE = "502"  # another user; their extension is their id
 MAIN_LINE, FREEPBX_LINE = "74951112233", "74957654321"
 # callcard.register.deadline, under the server's bitrix.deadline (1.5 s), so that it is the one that ends a register.
 REGISTER_DEADLINE = 1.0
@@ -109,6 +110,9 @@ async def ring_delay(calls: CallDriver, call) -> float:
 async def test_an_answered_desk_call_is_registered_as_outgoing_and_finished_with_its_talk_time(
         calls, portal, outgoing_server, desk_outbound):
     client = fresh_phone()
+    # The client's number is a colleague's mobile too: the call still stays the caller's.
+    portal.set_client(fresh_phone(), [crm_object(int(COLLEAGUE), "OPENED", extension=COLLEAGUE, mobile=client)])
+    await user_directory_refreshed(portal)
     dialled = "8" + client[1:]  # as people dial in Russia; registered in international digits
     call = desk_call(calls, outgoing_server, desk_outbound, dialled, answering=dialled)
     await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=dialled)
