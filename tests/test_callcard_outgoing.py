@@ -203,6 +203,16 @@ async def test_the_finish_is_the_callers_with_talk_time_and_status(server, porta
     assert len(portal.requests_for(FINISH)) == 1
 
 
+@pytest.mark.parametrize(("mark", "code"), [("outgoing", "603-S"), ("", "304")], ids=["outgoing", "incoming"])
+async def test_an_outgoing_call_the_employee_gives_up_on_is_cancelled_not_missed(server, portal, mark, code):
+    variables = await outgoing(server)
+    result = await server.call("finish", (variables["B24_CALL_ID"], variables["B24_USER_ID"], "CANCEL", "", "",
+                                          "1700000142.200", "", "", mark))
+    assert result.commands == []
+    await until(lambda: delivered_finishes(portal))
+    assert delivered_finishes(portal)[0]["STATUS_CODE"] == code
+
+
 async def test_without_a_callcard_section_outgoing_does_nothing(portal):
     from agi_bitrix.app import Application
     from agi_bitrix.testing.fake_asterisk import fake_call

@@ -142,6 +142,19 @@ async def test_a_desk_call_nobody_takes_is_finished_with_the_dial_status(
     assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == (EMPLOYEE, "0", code)
 
 
+async def test_a_desk_call_the_employee_gives_up_on_while_it_rings_is_cancelled(
+        calls, portal, outgoing_server, desk_outbound):
+    client = fresh_phone()
+    call = desk_call(calls, outgoing_server, desk_outbound, client)
+    ring = await calls.wait_for(call, "AgiBitrixTestRing", WAIT)
+    await calls.wait_for(call, "DialBegin", WAIT)
+    await calls.hangup(next(event["Channel"] for event in call.events if event.event == "DialBegin"))
+    finish = (await finished(portal, client)).finish_params
+
+    assert ring["Number"] == client
+    assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == (EMPLOYEE, "0", "603-S")
+
+
 @pytest.mark.parametrize("number", ["112", "104", "205"], ids=["emergency", "short", "internal"])
 async def test_internal_short_and_emergency_numbers_are_never_registered_nor_delayed(
         calls, portal_faults, outgoing_server, desk_outbound, number):
