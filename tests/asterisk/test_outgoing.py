@@ -225,16 +225,20 @@ async def test_freepbx_a_desk_call_through_an_outbound_route_is_registered_with_
     assert 1 <= int(finish["DURATION"]) <= 2
 
 
-async def test_freepbx_a_busy_client_is_finished_busy(freepbx_calls, portal, outgoing_server):  # noqa: F811
+@pytest.mark.parametrize(("settings", "status", "code"), [
+    ({"__TEST_BUSY": "{client}"}, "BUSY", "486"), ({"TRUNK_RING_TIMER": "2"}, "NOANSWER", "304")],
+    ids=["busy", "no-answer"])
+async def test_freepbx_a_desk_call_nobody_takes_is_finished_with_the_dial_status(
+        freepbx_calls, portal, outgoing_server, settings, status, code):  # noqa: F811
     client = fresh_phone()
     call = desk_call(freepbx_calls, outgoing_server, "from-internal", client, AMPUSER=EXTENSION,
-                     __TEST_BUSY=client)
-    # macro-dialout-trunk plays busy tones for 20 s: the employee puts the phone down at once.
-    dial_end = await freepbx_calls.wait_for(call, "DialEnd", WAIT, DialStatus="BUSY")
+                     **{name: value.format(client=client) for name, value in settings.items()})
+    # macro-dialout-trunk plays busy or congestion tones for 20 s: the employee puts the phone down.
+    dial_end = await freepbx_calls.wait_for(call, "DialEnd", WAIT, DialStatus=status)
     await freepbx_calls.hangup(dial_end["Channel"])
     finish = (await finished(portal, client)).finish_params
 
-    assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == (EMPLOYEE, "0", "486")
+    assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == (EMPLOYEE, "0", code)
 
 
 async def test_freepbx_an_incoming_call_sent_on_through_a_trunk_is_no_outgoing_call(
