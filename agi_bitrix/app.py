@@ -37,6 +37,7 @@ from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, OutboxStore, Outcome, RetryPolicy
+from agi_bitrix.callcard.outgoing import OutgoingService
 from agi_bitrix.callcard.recording import send_recording
 from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
@@ -143,7 +144,8 @@ class Application:
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
         handlers = {"route": route.handle_route, "": route.handle_route,
                     "register": register.handle_register, "finish": finish.handle_finish,
-                    "ringing": cards.handle_ringing, "answered": cards.handle_answered}
+                    "ringing": cards.handle_ringing, "answered": cards.handle_answered,
+                    "outgoing": OutgoingService(config, register, self.users).handle_outgoing}
         endpoint = Endpoint(config.server, handlers, route.handle_unknown_script)
         return Runtime(config, portal, lookup, router, register, finish, cards, endpoint)
 

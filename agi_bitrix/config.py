@@ -50,6 +50,7 @@ RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
 _CRM_SOURCE = re.compile(r"^[A-Za-z0-9_.|-]{1,50}$")
 _LINE_NUMBER = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
+_TRUNK = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -155,6 +156,26 @@ def is_url(value: str) -> bool:
     """A callcard.outbox value that names a Redis server (any URL: one that is not Redis's is
     refused as a URL, never quoted, since it may hold a password) rather than a SQLite file."""
     return "://" in value
+
+
+@dataclass(frozen=True)
+class OutgoingLine:  # callcard.outgoing.lines[]: the LINE_NUMBER of outgoing calls through one trunk
+    trunk: str  # the outgoing script's line argument: FreePBX's trunk number, or a name of the dialplan's own
+    line: str
+
+
+def _outgoing_line(item: Any) -> OutgoingLine:
+    """One {trunk: NAME, line: NUMBER}; both plain words, as the dialplan and the portal take them."""
+    if not isinstance(item, LocatedDict) or sorted(item) != ["line", "trunk"]:
+        raise ValueError(f"expected {{trunk: NAME, line: NUMBER}}, got {quoted(item)}")
+    trunk, line = (str(item[key]).strip() if isinstance(item[key], (int, str)) and not isinstance(item[key], bool)
+                   else "" for key in ("trunk", "line"))
+    if not _TRUNK.match(trunk):
+        raise ValueError("trunk: the trunk's name or number as the dialplan passes it (letters, digits, _ . + -)")
+    if not _LINE_NUMBER.match(line):
+        raise ValueError(f"line: {quoted(line)} is not a LINE_NUMBER (digits, letters, '+', '_', '.', '-')")
+    return OutgoingLine(trunk=trunk, line=line)
+
 
 
 # `callcard.outbox: redis`: the outbox in the Redis of the `redis` section (its URL, which
@@ -279,6 +300,18 @@ class CardSettings:
 
 
 @dataclass(frozen=True)
+class OutgoingSettings:  # the `outgoing` script (callcard/outgoing.py): employees' desk-phone calls
+    # Per trunk, its LINE_NUMBER; the first entry of a trunk wins.
+    lines: tuple[OutgoingLine, ...] = items("lines", (), check=_outgoing_line)
+    line_number: str = text("line_number", "", check=_line_number)  # trunks not listed; "" = no LINE_NUMBER
+    show: bool = flag("show", True)
+    crm_create: bool = flag("crm_create", False)
+
+    def line_of(self, trunk: str) -> str:
+        return next((entry.line for entry in self.lines if entry.trunk == trunk), self.line_number)
+
+
+@dataclass(frozen=True)
 class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
     record_url: str = text("record_url", "", check=_record_url)
@@ -308,6 +341,7 @@ class CallCardSettings:
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
+    outgoing: OutgoingSettings = section("outgoing", OutgoingSettings, absent=OutgoingSettings())
 
 
 @dataclass(frozen=True)
@@ -433,6 +467,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
+    if callcard.outgoing != OutgoingSettings() and users.refresh == 0:
+        outgoing_section = data["callcard"]  # a mapping: outgoing was read from it
+        check.problem(outgoing_section.lines.get("outgoing", outgoing_section.line), "callcard.outgoing",
+                      "needs a users section: the user directory turns the caller's extension into a Bitrix24 user")
     redis = _redis(check, data, environ, bitrix)
     ami = _ami(check, data, environ)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:

@@ -119,13 +119,22 @@ class RegisterService:
                      " registered", uniqueid, arguments.did or "-")
             return "", "no_user"
         params = self.register_params(arguments, user_id)
+        return await self.send_register(params, uniqueid, show=settings.show, crm_create=settings.crm_create,
+                                        created=created)
+
+    async def send_register(self, params: dict[str, Any], uniqueid: str, *, show: bool, crm_create: bool,
+                            created: Created | None = None) -> tuple[str, str]:
+        """Send one register (incoming or outgoing) within callcard.register.deadline; (CALL_ID, "") on
+        success, ("", reason) otherwise. What the portal created in the CRM is put in `created`."""
+        deadline = self.config.callcard.register.deadline
+        user_id, phone = params["USER_ID"], params["PHONE_NUMBER"]
         try:
-            async with asyncio.timeout(settings.deadline):
+            async with asyncio.timeout(deadline):
                 # The request budget is the lookups' too: the portal counts every request.
-                result = await self.portal.call(REGISTER, params, max_wait=settings.deadline)
+                result = await self.portal.call(REGISTER, params, max_wait=deadline)
         except TimeoutError:
             log.warning("call %s: register took longer than %.1f s; the call goes on without a card",
-                        uniqueid, settings.deadline)
+                        uniqueid, deadline)
             return "", "timeout"
         except RequestNotSent as error:
             log.warning("call %s: not registered: %s", uniqueid, error)
@@ -140,18 +149,18 @@ class RegisterService:
             log.warning("call %s: register answered without a usable CALL_ID: %.200r", uniqueid, result)
             return "", "bad_result"
         found = created_in_crm(result)
-        log.info("call %s: registered as %s for user %s (external id %s)%s", uniqueid, call_id, user_id,
-                 arguments.external_call_id or "-",
+        log.info("call %s: registered as %s for user %s (type %s, external id %s)%s", uniqueid, call_id, user_id,
+                 params["TYPE"], params["EXTERNAL_CALL_ID"] or "-",
                  f"; created in the CRM: {' '.join(found.entities)}" if found.entities else "")
         if found.lead_error:
             log.warning("call %s: registered, but the portal could not create a lead for %s: %s", uniqueid,
-                        arguments.phone, found.lead_error)
-        elif settings.crm_create and not found.entities and not result.get("CRM_ENTITY_TYPE"):
+                        phone, found.lead_error)
+        elif crm_create and not found.entities and not result.get("CRM_ENTITY_TYPE"):
             log.warning("call %s: registered with crm_create, but the portal names no CRM object for %s",
-                        uniqueid, arguments.phone)
+                        uniqueid, phone)
         if created is not None:
             created.entities, created.lead_error = found.entities, found.lead_error
-        if settings.show:
+        if show:
             self.holders.add(call_id, user_id)
         return call_id, ""
 
