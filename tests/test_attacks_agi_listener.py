@@ -1,13 +1,15 @@
 """Attacks on the AGI listener (server.listen) that no other file tries; see docs/security.md."""
 
 import asyncio
+import logging
 import socket
 import time
+from ipaddress import ip_network
 
 from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
 from tests.conftest import make_config
 from tests.test_cli import SHIPPED, agi_bitrix_async
-from tests.test_operations import started
+from tests.test_operations import closed_at_once, started, with_server
 
 
 async def test_a_header_sent_a_byte_at_a_time_is_cut_off_at_the_header_timeout(portal):
@@ -56,3 +58,19 @@ async def test_serve_on_a_port_another_process_holds_says_so_in_one_line(portal)
     problem = [line for line in result.stderr.splitlines() if "cannot listen" in line]
     assert len(problem) == 1 and f"127.0.0.1:{port}" in problem[0], result.stderr
     assert "Traceback" not in result.stderr and portal.code not in result.stderr
+
+
+async def test_a_flood_from_outside_the_allowed_clients_is_counted_and_logged_once(portal, caplog):
+    """A scanner or a hostile peer outside server.allowed_clients cannot flood the log: every
+    connection is counted, and one line per 10 s says so with the count."""
+    caplog.set_level(logging.WARNING, logger="agi_bitrix.server")
+    app, host, port = await started(with_server(make_config(portal.webhook_url),
+                                                allowed_clients=(ip_network("10.0.0.0/8"),)))
+    try:
+        for _ in range(30):
+            assert await closed_at_once(host, port)
+        assert app.server.refused == 30 and portal.requests == []
+    finally:
+        await app.stop()
+    lines = [record.getMessage() for record in caplog.records if "refused connection from" in record.getMessage()]
+    assert len(lines) == 1 and "address not in server.allowed_clients (1 refused so far)" in lines[0], lines
