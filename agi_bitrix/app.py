@@ -109,8 +109,9 @@ class Application:
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
         oauth = config.bitrix.oauth
         # The portal's install POST, on the HTTP listener (its path takes effect after a restart).
-        forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
-                 if oauth is not None and oauth.install_path else {})
+        install = InstallCallback(lambda: self.runtime.portal, self.session,
+                                  count_refusal=self.metrics.count_install_refused)
+        forms = {oauth.install_path: install.handle} if oauth is not None and oauth.install_path else {}
         pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
         self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, pages.add_routes)
                               if config.http.enabled else None)

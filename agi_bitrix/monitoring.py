@@ -54,6 +54,9 @@ class Metrics:
                                       registry=r)
         self.ami_dropped_events = Counter("agi_bitrix_ami_dropped_events", "AMI events dropped because their"
                                           " listeners were behind (the bounded queue was full).", registry=r)
+        self.install_refused = Counter("agi_bitrix_install_refused", "POSTs to the OAuth install callback not"
+                                       " taken, by reason (agi_bitrix.bitrix.install.InstallRefusal).",
+                                       ["reason"], registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
         # Children for the per-call labels, made once: labels() locks and builds a key each time.
@@ -83,6 +86,10 @@ class Metrics:
 
     def count_http_refused(self, reason: str) -> None:
         self.http_refused.labels(reason).inc()
+
+    def count_install_refused(self, reason: str) -> None:
+        # InstallCallback's count_refusal: its reasons are a closed set (bitrix.install.InstallRefusal).
+        self.install_refused.labels(reason).inc()
 
     def count_call(self, status: str, route: str, rule: str) -> None:
         # labels() takes a lock and builds a key on every call; the few combinations repeat.
