@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
+from agi_bitrix.bitrix.line_settings import Line, line_entry, numbered_lines
 from agi_bitrix.bitrix.settings import (
     BitrixSettings,
     CacheSettings,
@@ -341,6 +342,8 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    # The DIDs the portal knows as external lines (agi_bitrix.bitrix.line_settings), each DID in digits.
+    lines: tuple[Line, ...] = items("lines", (), check=line_entry)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
@@ -381,6 +384,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
+    read("lines")  # each entry's problems
+    lines = numbered_lines(data.get("lines"), country, check.problem)
     redis = _redis(check, data, environ, bitrix)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
@@ -392,7 +397,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
                       f"is served on {http_name}.listen, which is off")
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
-                  cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
+                  cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis, lines=lines,
                   deprecated=http_notes + cards_notes)
 
 
