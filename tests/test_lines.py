@@ -145,6 +145,25 @@ async def test_a_line_the_portal_refuses_is_counted_and_the_others_go_on(portal,
     assert f"lines: {LINE_ADD} {MOSCOW} failed: INTERNAL_SERVER_ERROR" in caplog.text
 
 
+async def test_a_hostile_answer_adds_nothing_and_its_text_is_cut_in_the_log(portal, emulator_oauth, caplog):
+    caplog.set_level(logging.INFO, "agi_bitrix.lines")
+    server, token_path = emulator_oauth
+    config = parse_config(oauth_text(server, token_path), "lines.yaml")
+    portal.external_lines.seed(SPB, "x" * 100_000 + "\n\x1b[2J")
+    portal.fail("malformed", method=LINE_GET_METHOD, result={"NUMBER": MOSCOW}, times=1)
+    async with make_session() as session:
+        client = portal_client(config.bitrix, session)
+        sync = LineSync(config.lines, lambda: client, default_country="RU")
+        malformed = await sync.sync()
+        calls_after_the_malformed = list(portal.external_lines.calls)
+        renamed = await sync.sync()
+    # Not a list: read as an error, not as "no lines" (which would add them all again).
+    assert (malformed.error, malformed.added, calls_after_the_malformed) == ("bad_result", [], [])
+    assert renamed.renamed == [SPB]
+    line = next(record.getMessage() for record in caplog.records if "renamed" in record.getMessage())
+    assert line == f"lines: renamed {SPB} from {'x' * 100!r}... to 'St Petersburg'"
+
+
 async def test_the_command_syncs_through_the_application(portal, emulator_oauth, tmp_path):
     server, token_path = emulator_oauth
     path = tmp_path / "lines.yaml"
@@ -173,6 +192,21 @@ async def test_a_webhook_is_told_the_lines_need_an_application(portal, tmp_path)
     assert "WRONG_AUTH_TYPE" in err and "bitrix.oauth" in err and "could not be read (WRONG_AUTH_TYPE)" in err
     assert portal.code not in out + err
     assert check_status == 0 and f"{path}: warning: lines: telephony.externalLine.get" in check_err
+
+
+async def test_the_server_says_a_webhook_refusal_once_and_does_not_retry(portal, caplog):
+    config = parse_config(f'bitrix: {{webhook_url: "{portal.webhook_url}"}}\n' + ROUTING + LINES)
+    async with make_session() as session:
+        client = portal_client(config.bitrix, session)
+        sync = LineSync(config.lines, lambda: client, default_country="RU")
+        sync.start()
+        await until(sync._task.done, what="the background sync to stop")  # no retry is waiting
+    health = sync.health()
+    assert (health["state"], health["error"], health["known"]) == ("application only: WRONG_AUTH_TYPE",
+                                                                   "WRONG_AUTH_TYPE", 0)
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and "WRONG_AUTH_TYPE" in errors[0] and "bitrix.oauth" in errors[0]
+    assert portal.code not in caplog.text
 
 
 async def test_the_sync_takes_no_slot_of_the_lookups_half(portal, emulator_oauth):

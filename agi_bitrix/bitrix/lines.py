@@ -24,7 +24,7 @@ from typing import Any
 
 from agi_bitrix import background
 from agi_bitrix.bitrix.client import PortalClient, make_session
-from agi_bitrix.bitrix.errors import BitrixError, NotPermitted, WrongAuthType
+from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted, WrongAuthType
 from agi_bitrix.bitrix.line_settings import Line
 from agi_bitrix.bitrix.oauth import OAUTH_DOCS, portal_client
 from agi_bitrix.bitrix.settings import BitrixSettings
@@ -37,6 +37,8 @@ LINE_ADD = "telephony.externalLine.add"
 LINE_UPDATE = "telephony.externalLine.update"
 # A request waits at most this long for a slot that leaves the lookups their half of the burst.
 SLOT_WAIT = 5.0
+# The portal's old NAME in a log line is cut to this: the portal's answer is not ours to trust.
+_SHOWN_NAME = 100
 # After a sync with failures, the next try; a sync that went through is not repeated.
 RETRY_AFTER_FAILURE = 300.0
 
@@ -117,8 +119,11 @@ class LineSync:
     async def _present(self) -> dict[str, Mapping[str, Any]]:
         """The application's lines, by their NUMBER in international digits."""
         answer = await self._call(LINE_GET, {})
+        if not isinstance(answer, list):
+            # Read as "no lines", it would have every line added again; the page documents a list.
+            raise BadResponse("bad_result", f"{LINE_GET}: result is {type(answer).__name__}, expected a list")
         present: dict[str, Mapping[str, Any]] = {}
-        for item in answer if isinstance(answer, list) else []:
+        for item in answer:
             if isinstance(item, Mapping):
                 number = normalize_number(str(item.get("NUMBER") or ""), self.default_country)
                 if number is not None:
@@ -134,7 +139,7 @@ class LineSync:
             # The NUMBER as the portal keeps it: update finds the line by it.
             params = {"NUMBER": str(present.get("NUMBER")), "NAME": line.name}
             method, done = LINE_UPDATE, result.renamed
-            change = f"renamed {line.number} from {str(present.get('NAME') or '')!r} to {line.name!r}"
+            change = f"renamed {line.number} from {_shown(present.get('NAME'))} to {line.name!r}"
         else:
             result.unchanged += 1
             return
@@ -168,8 +173,8 @@ class LineSync:
     # -- in the background -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Sync once in the background, and again after a failure until one goes through; a
-        refusal only an admin can fix (WRONG_AUTH_TYPE, a missing scope) is not retried."""
+        """Sync once in the background, and again after a failure until one goes through;
+        WRONG_AUTH_TYPE is not retried: only another kind of credentials (bitrix.oauth) fixes it."""
         self._task = asyncio.create_task(self._until_synced(), name="external lines")
 
     async def close(self) -> None:
@@ -194,6 +199,11 @@ class LineSync:
                 "renamed": len(last.renamed), "failed": len(last.failed), "others_left_alone": last.foreign,
                 "error": last.error or None,
                 "synced_seconds_ago": None if self.synced_at is None else round(self._clock() - self.synced_at, 1)}
+
+
+def _shown(name: Any) -> str:
+    text = str(name or "")
+    return repr(text[:_SHOWN_NAME]) + ("..." if len(text) > _SHOWN_NAME else "")
 
 
 async def sync_once(bitrix: BitrixSettings, lines: Sequence[Line], default_country: str) -> SyncResult:
