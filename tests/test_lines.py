@@ -274,3 +274,15 @@ async def test_a_portal_failure_during_the_sync_leaves_calls_alone_and_is_report
     assert (health["state"], health["error"]) == ("failed", "timeout")
     assert [record.getMessage() for record in caplog.records if record.name == "agi_bitrix.lines"] == [
         f"lines: {LINE_GET} failed: timeout: {LINE_GET} at {running.app.portal.redacted_url}: no answer within 1 s"]
+
+
+async def test_a_bug_in_the_background_sync_is_logged_and_the_stop_still_works(caplog):
+    def broken_portal():
+        raise ValueError("a bug")
+
+    sync = LineSync((), broken_portal, default_country="RU")
+    sync.lines = parse_config('bitrix: {webhook_url: "https://p.example/rest/1/c/"}\n' + ROUTING + LINES).lines
+    sync.start()
+    await until(lambda: "failed unexpectedly" in caplog.text, what="the bug to be logged")
+    await sync.close()  # waiting for the retry, not ended by the exception: stops without raising
+    assert (sync.health()["state"], sync.health()["error"]) == ("failed", "internal")

@@ -111,6 +111,9 @@ class LineSync:
             for line in self.lines:
                 await self._one(line, present.get(line.number), result)
             return result
+        except Exception:
+            result.error = "internal"  # a bug: its health must not say "synced"
+            raise
         finally:
             self.running = False
             self.last, self.synced_at = result, self._clock()
@@ -183,9 +186,12 @@ class LineSync:
 
     async def _until_synced(self) -> None:
         while True:
-            result = await self.sync()
-            if result.ok or result.wrong_auth_type:
-                return
+            try:
+                result = await self.sync()
+                if result.ok or result.wrong_auth_type:
+                    return
+            except Exception:  # a bug must not end the retries unseen, nor the server's stop
+                log.exception("lines: the sync failed unexpectedly; next try in %.0f s", RETRY_AFTER_FAILURE)
             await asyncio.sleep(RETRY_AFTER_FAILURE)
 
     def health(self) -> dict[str, Any]:
