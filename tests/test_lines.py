@@ -129,6 +129,24 @@ async def test_sync_adds_the_missing_renames_the_changed_leaves_the_others_alone
                        f"lines: renamed {SPB} from 'Old name' to 'St Petersburg'"]
 
 
+async def test_a_reload_with_other_lines_syncs_them_in_the_background(portal, emulator_oauth):
+    server, token_path = emulator_oauth
+    config = parse_config(oauth_text(server, token_path), "lines.yaml")
+    renamed = parse_config(oauth_text(server, token_path, LINES.replace("Moscow office", "Moscow HQ")), "lines.yaml")
+    async with make_session() as session:
+        client = portal_client(config.bitrix, session)
+        sync = LineSync(config.lines, lambda: client, default_country="RU")
+        sync.start()
+        await until(lambda: sync.health()["state"] == "synced", what="the first sync")
+        await sync.reload(config.lines)  # the same lines: nothing to do
+        calls = len(portal.external_lines.calls)
+        await sync.reload(renamed.lines)
+        await until(lambda: sync.health()["state"] == "synced", what="the sync after the reload")
+        await sync.close()
+    assert portal.external_lines.calls[calls:] == [(LINE_GET_METHOD, {}),
+                                                   (LINE_UPDATE_METHOD, {"NUMBER": MOSCOW, "NAME": "Moscow HQ"})]
+
+
 async def test_a_line_the_portal_refuses_is_counted_and_the_others_go_on(portal, emulator_oauth, caplog):
     server, token_path = emulator_oauth
     portal.fail("error", code="INTERNAL_SERVER_ERROR", method=LINE_ADD_METHOD, times=1)

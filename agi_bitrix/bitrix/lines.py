@@ -184,6 +184,14 @@ class LineSync:
         await background.stop(self._task)
         self._task = None
 
+    async def reload(self, lines: Sequence[Line]) -> None:
+        """A reloaded config's lines: synced again in the background when they changed."""
+        if tuple(lines) == self.lines:
+            return
+        await self.close()
+        self.lines, self.last, self.synced_at = tuple(lines), None, None
+        self.start()
+
     async def _until_synced(self) -> None:
         while True:
             try:
