@@ -129,14 +129,16 @@ async def test_sync_adds_the_missing_renames_the_changed_leaves_the_others_alone
                        f"lines: renamed {SPB} from 'Old name' to 'St Petersburg'"]
 
 
-async def test_a_reload_with_other_lines_syncs_them_in_the_background(portal, emulator_oauth):
+async def test_lines_added_or_changed_by_a_reload_are_synced_in_the_background(portal, emulator_oauth):
     server, token_path = emulator_oauth
     config = parse_config(oauth_text(server, token_path), "lines.yaml")
     renamed = parse_config(oauth_text(server, token_path, LINES.replace("Moscow office", "Moscow HQ")), "lines.yaml")
     async with make_session() as session:
         client = portal_client(config.bitrix, session)
-        sync = LineSync(config.lines, lambda: client, default_country="RU")
-        sync.start()
+        sync = LineSync((), lambda: client, default_country="RU")
+        sync.start()  # no lines in the file: nothing asked, nothing shown but "off"
+        assert (sync.health(), portal.external_lines.calls) == ({"state": "off"}, [])
+        await sync.reload(config.lines)
         await until(lambda: sync.health()["state"] == "synced", what="the first sync")
         await sync.reload(config.lines)  # the same lines: nothing to do
         calls = len(portal.external_lines.calls)

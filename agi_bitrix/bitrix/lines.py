@@ -177,8 +177,10 @@ class LineSync:
 
     def start(self) -> None:
         """Sync once in the background, and again after a failure until one goes through;
-        WRONG_AUTH_TYPE is not retried: only another kind of credentials (bitrix.oauth) fixes it."""
-        self._task = asyncio.create_task(self._until_synced(), name="external lines")
+        WRONG_AUTH_TYPE is not retried: only another kind of credentials (bitrix.oauth) fixes it.
+        Without lines nothing is asked: the portal's lines are left alone."""
+        if self.lines:
+            self._task = asyncio.create_task(self._until_synced(), name="external lines")
 
     async def close(self) -> None:
         await background.stop(self._task)
@@ -205,6 +207,8 @@ class LineSync:
     def health(self) -> dict[str, Any]:
         """The lines' part of /healthz: shown, never in the status (calls do not need the lines)."""
         last = self.last
+        if not self.lines:
+            return {"state": "off"}
         if last is None:
             return {"state": "syncing" if self.running else "not synced yet", "configured": len(self.lines)}
         state = ("synced" if last.ok else "application only: WRONG_AUTH_TYPE" if last.wrong_auth_type
