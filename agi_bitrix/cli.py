@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long to wait for the redirect (default 300)")
 
     _add_events(commands)
+    lines = commands.add_parser("lines", help="the configured lines as Bitrix24 external lines")
+    lines_actions = lines.add_subparsers(dest="lines_action", required=True, metavar="ACTION")
+    lines_sync = lines_actions.add_parser(
+        "sync", help="add the missing lines to the portal and rename the changed ones (never deletes); exit 1 on a"
+                     " failure")
+    lines_sync.add_argument("-c", "--config", required=True, metavar="FILE")
 
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
@@ -136,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _oauth_login(args)
     if args.command == "events":
         return _events(args)
+    if args.command == "lines":
+        return _lines_sync(args.config)
     if args.command == "demo":
         from agi_bitrix.demo import run_demo
 
@@ -167,6 +175,7 @@ def _check(path: str) -> int:
               " AGI_BITRIX_WEBHOOK_URL", file=sys.stderr)
     _check_auth(path, config)
     _check_events(path, config)
+    _check_lines(path, config)
     return EXIT_OK
 
 
@@ -213,6 +222,33 @@ def _check_auth(path: str, config: Config) -> None:
     if not present:
         print(f"{path}: note: no tokens in {oauth.token_file} yet; run `agi-bitrix oauth login -c {path}`",
               file=sys.stderr)
+
+
+def _check_lines(path: str, config: Config) -> None:
+    """The lines' sync needs an application: say so before `serve` finds out."""
+    from agi_bitrix.bitrix.lines import WEBHOOK_REFUSAL
+
+    if config.lines and config.bitrix.oauth is None:
+        print(f"{path}: warning: lines: {WEBHOOK_REFUSAL}", file=sys.stderr)
+
+
+def _lines_sync(path: str) -> int:
+    from agi_bitrix.bitrix.lines import WEBHOOK_REFUSAL, sync_once
+
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.lines:
+        print(f"{path}: no lines configured; nothing to sync")
+        return EXIT_OK
+    _check_lines(path, config)
+    result = asyncio.run(sync_once(config.bitrix, config.lines, config.policy.default_country))
+    for change in result.changes:
+        print(f"{path}: lines: {change}")
+    if result.wrong_auth_type:
+        print(f"{path}: error: lines: {WEBHOOK_REFUSAL}", file=sys.stderr)
+    print(f"{path}: lines: {result.summary(len(config.lines))}", file=sys.stdout if result.ok else sys.stderr)
+    return EXIT_OK if result.ok else EXIT_MISMATCH
 
 
 def _oauth_login(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import phonenumbers
 from agi_bitrix import schema
 from agi_bitrix.ami.errors import SecretUnavailable
 from agi_bitrix.ami.settings import AMI_SECRET_ENV, AmiSettings, read_secret
+from agi_bitrix.bitrix.line_settings import Line, line_entry, numbered_lines
 from agi_bitrix.bitrix.settings import (
     BitrixSettings,
     CacheSettings,
@@ -427,6 +428,8 @@ class Config:
     events: EventsSettings = section("events", EventsSettings, absent=EventsSettings())
     # Asterisk's manager interface, for the calls the server starts itself; off without the section.
     ami: AmiSettings | None = section("ami", AmiSettings, absent=None)
+    # The DIDs the portal knows as external lines (agi_bitrix.bitrix.line_settings), each DID in digits.
+    lines: tuple[Line, ...] = items("lines", (), check=line_entry)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
@@ -471,6 +474,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         outgoing_section = data["callcard"]  # a mapping: outgoing was read from it
         check.problem(outgoing_section.lines.get("outgoing", outgoing_section.line), "callcard.outgoing",
                       "needs a users section: the user directory turns the caller's extension into a Bitrix24 user")
+    read("lines")  # each entry's problems
+    lines = numbered_lines(data.get("lines"), country, check.problem)
     redis = _redis(check, data, environ, bitrix)
     ami = _ami(check, data, environ)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
@@ -485,7 +490,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  events=events, ami=ami, deprecated=http_notes + cards_notes)
+                  events=events, ami=ami, lines=lines, deprecated=http_notes + cards_notes)
 
 
 def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: BitrixSettings,

@@ -281,9 +281,9 @@ def test_every_declared_key_is_accepted_and_its_default_is_what_an_absent_key_gi
         written = parse_config(config_with(path, yaml_of_defaults(settings)))
         absent = parse_config(config_with(path, {}))
         assert written == dataclasses.replace(absent, path=written.path), path
-    top_level = yaml_of_defaults(Config)  # phones.default_country, variables.prefix
+    top_level = yaml_of_defaults(Config)  # phones.default_country, variables.prefix, lines
     assert parse_config(BASE + yaml.safe_dump(top_level)) == dataclasses.replace(parse_config(BASE), path="<config>")
-    assert set(top_level) == {"phones", "variables"}
+    assert set(top_level) == {"phones", "variables", "lines"}
     defaults = parse_config(BASE + "callcard:\nusers:\n")
     assert defaults.callcard == CallCardSettings() and defaults.users == UsersSettings()
     assert defaults.bitrix.deadline == schema.default(BitrixSettings, "deadline")
@@ -305,7 +305,7 @@ def test_the_allowed_keys_of_a_section_come_from_its_declarations():
                                            "breaker", "oauth")
     assert schema.keys(BitrixSettings, "rate_limit") == ("per_second", "burst")
     assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "http",
-                                   "call_log", "callcard", "users", "redis", "events", "ami")
+                                   "call_log", "callcard", "users", "redis", "events", "ami", "lines")
     assert problems(BASE + "cache: {colour: 1}\n") == [
         "test.yaml:5: cache.colour: unknown key; expected one of: found_ttl, not_found_ttl, stale_for, max_entries"]
     assert problems(BASE + "cache: 5\n") == [

@@ -25,6 +25,7 @@ from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
+from agi_bitrix.bitrix.line_settings import line_and_source
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
@@ -166,6 +167,9 @@ class RegisterService:
 
     def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
         settings = self.config.callcard.register
+        # The configured line of the DID (the `lines:` list), so the portal's reports split by it.
+        line_number, crm_source = line_and_source(self.config.lines, arguments.did, settings.line_number,
+                                                  settings.crm_source)
         params: dict[str, Any] = {
             "USER_ID": user_id,
             "PHONE_NUMBER": arguments.phone,
@@ -173,13 +177,13 @@ class RegisterService:
             "CALL_START_DATE": datetime.now(UTC).isoformat(timespec="seconds"),
             "CRM_CREATE": settings.crm_create,
             "SHOW": settings.show,
-            "LINE_NUMBER": settings.line_number or arguments.did,
+            "LINE_NUMBER": line_number,
             # Without a value unique to the call the portal merges this call into an earlier one
             # from the same number to the same user within 30 minutes.
             "EXTERNAL_CALL_ID": arguments.external_call_id,
         }
-        if settings.crm_source:
-            params["CRM_SOURCE"] = settings.crm_source
+        if crm_source:
+            params["CRM_SOURCE"] = crm_source
         if arguments.entity_type:
             params["CRM_ENTITY_TYPE"] = arguments.entity_type
             params["CRM_ENTITY_ID"] = arguments.entity_id

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from agi_bitrix.testing.portal_events import PortalEvents
 from agi_bitrix.testing.portal_faults import DOCUMENTED_ERRORS, FaultInjector, nginx_page
+from agi_bitrix.testing.portal_lines import LINE_METHODS
 from agi_bitrix.testing.portal_model import FINISH_METHOD, REGISTER_METHOD, SEARCH_METHOD, PortalModel, normalise_phone
 from agi_bitrix.testing.portal_wire import (
     ErrorAnswer,
@@ -263,7 +264,10 @@ class PortalEmulator(PortalModel):
             raise ErrorAnswer(401, "INVALID_CREDENTIALS", "Invalid request credentials")
         if not self.commercial_plan:
             raise _documented("ACCESS_DENIED")
-        if (self.application_only and (method in APPLICATION_ONLY_METHODS or method in self.events.methods)
+        # The external lines follow their pages (portal_lines): a webhook is refused whatever
+        # `application_only` says, which keeps the register/finish leniency of many portals.
+        if (((self.application_only and (method in APPLICATION_ONLY_METHODS or method in self.events.methods))
+             or method in LINE_METHODS)
                 and request.headers.get(AUTH_TYPE_HEADER) != APPLICATION):
             raise _documented("WRONG_AUTH_TYPE")
         if self._bucket is not None and not self._bucket.admit():
