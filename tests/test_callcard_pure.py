@@ -191,7 +191,6 @@ def test_without_a_responsible_entry_the_default_user_takes_the_call(did):
 
 # -- register's parameters and answer -----------------------------------------------------------
 
-NOON = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 CALLER = RegisterArguments(phone="79161234567", owner="12", external_call_id=UNIQUEID, did="74951112233",
                            entity_type="", entity_id="")
 
