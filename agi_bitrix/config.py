@@ -33,6 +33,7 @@ from agi_bitrix.bitrix.settings import (
     portal_base,
 )
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
+from agi_bitrix.dialpolicy import ClickToCallSettings
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
@@ -339,6 +340,9 @@ class Config:
     # The call card and the user directory are on when their section is there, even empty.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
+    # Click-to-call (ONEXTERNALCALLSTART over AMI): on with its section, declared in dialpolicy.py.
+    clicktocall: ClickToCallSettings = section("clicktocall", ClickToCallSettings,
+                                               absent=ClickToCallSettings(enabled=False))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
@@ -382,6 +386,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
     redis = _redis(check, data, environ, bitrix)
+    clicktocall = read("clicktocall")
+    if clicktocall.enabled and not callcard.enabled:
+        check.problem(data.lines["clicktocall"], "clicktocall",
+                      "needs the callcard section: a click-to-call is finished through its outbox")
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -393,7 +401,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  deprecated=http_notes + cards_notes)
+                  clicktocall=clicktocall, deprecated=http_notes + cards_notes)
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
