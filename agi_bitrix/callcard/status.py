@@ -11,6 +11,7 @@ from __future__ import annotations
 
 ANSWERED = "200"
 MISSED = "304"
+CANCELLED = "603-S"
 
 # Asterisk's DIALSTATUS (set by Dial) when nobody answered.
 DIALSTATUS_CODES = {
@@ -40,3 +41,27 @@ def status_code(answered: bool, dialstatus: str) -> str:
     if answered:
         return ANSWERED
     return DIALSTATUS_CODES.get(dialstatus.strip().upper(), MISSED)
+
+
+# A call an agent placed (click-to-call): the client leg's DIALSTATUS. Nobody waits for a call
+# back here, so each code says what the client's side did.
+OUTGOING_DIALSTATUS_CODES = {
+    "NOANSWER": MISSED,  # the client's phone rang unanswered
+    "CANCEL": CANCELLED,  # the agent hung up while the client's phone rang
+    "BUSY": "486",
+    "CONGESTION": "503",
+    "CHANUNAVAIL": "480",
+    "DONTCALL": "603",
+    "TORTURE": "603",
+    "INVALIDARGS": "503",
+}
+
+
+def outgoing_status_code(answered: bool, dialstatus: str) -> str:
+    """STATUS_CODE for a call an agent placed: 200 once the client answered; else the client
+    leg's DIALSTATUS; none at all (the agent hung up before the client was dialled) is cancelled,
+    and a DIALSTATUS this table does not know is OTHER."""
+    if answered:
+        return ANSWERED
+    status = dialstatus.strip().upper()
+    return OUTGOING_DIALSTATUS_CODES.get(status, "OTHER" if status else CANCELLED)
