@@ -103,6 +103,10 @@ class UserDirectory:
         """Those of `user_ids` whose account is known to be deactivated."""
         return frozenset(uid for uid in user_ids if (user := self._users.get(uid)) is not None and not user.active)
 
+    def by_id(self, user_id: str) -> User | None:
+        """The user with this id, active or not; None when unknown (or before the first load)."""
+        return self._users.get(user_id)
+
     def by_number(self, number: str) -> User | None:
         """The active user whose extension, else whose mobile, is `number`."""
         extension = normalize_extension(number)
