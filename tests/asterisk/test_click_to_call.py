@@ -33,8 +33,10 @@ from tests.conftest import until
 
 from .conftest import TEST_DIALPLAN, TEST_QUEUES, running_pbx
 from .crm import crm_object
+from .freepbx_standins import ROUTE_CID
 from .sample_calls import WAIT, rings
 from .test_callcard import FINISH, REGISTER, running_callcard_server
+from .test_freepbx_sample import FREEPBX_QUEUES, freepbx_config
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
@@ -72,6 +74,21 @@ def click_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[As
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def click_calls(click_pbx: AsteriskPbx) -> AsyncIterator[CallDriver]:
     driver = await CallDriver.connect(click_pbx.ami_port, click_pbx.ami_username, click_pbx.ami_secret)
+    yield driver
+    driver.close()
+
+
+@pytest.fixture(scope="module")
+def freepbx_click_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[AsteriskPbx]:
+    """The FreePBX sample beside the stand-ins of FreePBX's generated dialplan."""
+    yield from running_pbx(asterisk_root, asterisk_build, "click-freepbx", freepbx_config(asterisk_build) + AGENT_PHONES,
+                           FREEPBX_QUEUES)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def freepbx_click_calls(freepbx_click_pbx: AsteriskPbx) -> AsyncIterator[CallDriver]:
+    driver = await CallDriver.connect(freepbx_click_pbx.ami_port, freepbx_click_pbx.ami_username,
+                                      freepbx_click_pbx.ami_secret)
     yield driver
     driver.close()
 
@@ -265,3 +282,26 @@ async def test_an_agent_who_hangs_up_while_the_client_rings_cancels_the_call(cli
     finish = await finish_of(portal, event.call_id)
 
     assert (finish["USER_ID"], finish["DURATION"], finish["STATUS_CODE"]) == (AGENT_ID, "0", "603-S")
+
+
+async def test_on_freepbx_the_client_leg_leaves_through_the_outbound_route_as_the_agents_call(
+        freepbx_click_calls, portal, callcard_server):
+    """extensions_custom.conf's contexts as shipped: the client is dialled through from-internal,
+    whose Outbound Route (stand-in of FreePBX's outrt-) sees the agent's extension and gives the
+    call the route's caller ID; the finish is the same."""
+    client = fresh_client()
+    dialer = dialer_for(freepbx_click_calls, callcard_server, TEST_AGENT="answers", __TEST_ANSWERING=client)
+    flow, outbox = click_to_call(portal, dialer)
+    event = click(portal, client)
+
+    assert await flow.handle(event) == "answered"
+    ring = await freepbx_click_calls.wait_for(dialer.placed[0], "AgiBitrixTestRing", WAIT, Kind="outbound")
+    finish = await finish_of(portal, event.call_id)
+
+    assert (ring["Number"], ring["CallerID"]) == (client, ROUTE_CID)
+    # The route took the caller as the agent's extension: what FreePBX finds the user by.
+    assert [e["Value"] for e in dialer.placed[0].events
+            if e.event == "VarSet" and e["Variable"] == "REALCALLERIDNUM"] == [AGENT_EXTENSION]
+    assert (finish["CALL_ID"], finish["USER_ID"], finish["STATUS_CODE"]) == (event.call_id, AGENT_ID, "200")
+    assert 1 <= int(finish["DURATION"]) <= 2
+    assert outbox.finishes == {}
