@@ -194,6 +194,10 @@ class ClickToCall:
         except DialerError as error:
             return await self._finish(event, Failure(PBX_UNREACHABLE, f"the PBX could not be asked: {error}"),
                                       "pbx_unreachable")
+        except Exception as error:  # a bug (ours or the AMI layer's): the call is still finished
+            log.error("click-to-call %s: the Originate failed unexpectedly", event.call_id, exc_info=error)
+            return await self._finish(event, Failure(PBX_UNREACHABLE, f"internal error ({type(error).__name__})"),
+                                      "internal_error")
         finally:
             self.limits.release(event.user_id)
         if not outcome.answered:
@@ -204,7 +208,7 @@ class ClickToCall:
 
     async def _originate(self, event: ClickToCallEvent, extension: str, number: str) -> OriginateOutcome:
         name = await self._name(number, event)
-        line = event.line_number.strip()
+        line = event.line_number.strip().removeprefix("+")
         variables = {
             f"{self.prefix}CALL_ID": event.call_id,
             f"{self.prefix}USER_ID": event.user_id,
@@ -225,11 +229,17 @@ class ClickToCall:
             return ""
         task = asyncio.ensure_future(self.names.lookup(number))
         self._lookups.add(task)
-        task.add_done_callback(self._lookups.discard)
+        task.add_done_callback(self._lookup_done)
         done, _ = await asyncio.wait({task}, timeout=self.name_wait)
         if not done or task.cancelled() or task.exception() is not None:
             return ""
         return client_name(task.result(), event)
+
+    def _lookup_done(self, task: asyncio.Task[CrmAnswer]) -> None:
+        self._lookups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("click-to-call: the CRM lookup for the client's name failed unexpectedly",
+                      exc_info=task.exception())
 
     async def _finish(self, event: ClickToCallEvent, failure: Failure, outcome: str) -> str:
         params: dict[str, Any] = {"CALL_ID": event.call_id, "USER_ID": event.user_id, "DURATION": 0,

@@ -191,9 +191,10 @@ def test_the_global_rate_is_a_token_bucket():
 # -- the flow, with fakes --
 
 class FakeDialer:
-    def __init__(self, reason: int = 4, error: str = "") -> None:
+    def __init__(self, reason: int = 4, error: str = "", bug: bool = False) -> None:
         self.reason = reason
         self.error = error
+        self.bug = bug
         self.calls: list[dict[str, Any]] = []
         self.release: asyncio.Event | None = None
 
@@ -205,6 +206,8 @@ class FakeDialer:
             await self.release.wait()
         if self.error:
             raise DialerError(self.error)
+        if self.bug:
+            raise KeyError("Reason")
         return OriginateOutcome(self.reason)
 
 
@@ -276,11 +279,26 @@ async def test_a_slow_name_lookup_does_not_hold_the_ring():
     assert dialer.calls[0]["caller_id"] == "79161234567"
 
 
-async def test_a_digit_only_line_number_is_passed_for_the_clients_caller_id():
+@pytest.mark.parametrize(("line", "passed"), [("74951230000", "74951230000"), ("+74951230000", "74951230000"),
+                                              ("sip-line-1", ""), ("7495&1", "")])
+async def test_only_a_line_number_of_digits_is_passed_for_the_clients_caller_id(line, passed):
     dialer = FakeDialer()
     click_to_call, _ = flow(dialer)
-    await click_to_call.handle(ClickToCallEvent(CALL_ID, "81", "89161234567", line_number="74951230000"))
-    assert dialer.calls[0]["variables"]["B24_LINE_NUMBER"] == "74951230000"
+    await click_to_call.handle(ClickToCallEvent(CALL_ID, "81", "89161234567", line_number=line))
+    assert dialer.calls[0]["variables"]["B24_LINE_NUMBER"] == passed
+
+
+class BrokenNames:
+    async def lookup(self, phone: str) -> CrmAnswer:
+        raise RuntimeError("a bug in the lookup")
+
+
+async def test_a_failing_name_lookup_rings_without_the_name_and_says_why(caplog):
+    dialer = FakeDialer()
+    click_to_call, _ = flow(dialer, names=BrokenNames())  # type: ignore[arg-type]
+    assert await click_to_call.handle(event()) == "answered"
+    assert dialer.calls[0]["caller_id"] == "79161234567"
+    assert "the CRM lookup for the client's name failed unexpectedly" in caplog.text
 
 
 @pytest.mark.parametrize(("click", "outcome", "status"), [
@@ -309,6 +327,7 @@ async def test_a_click_that_cannot_ring_is_finished_at_once_without_an_originate
     (FakeDialer(reason=5), "agent_not_answered", "486"),
     (FakeDialer(reason=0), "agent_not_answered", "480"),
     (FakeDialer(error="AMI connection refused"), "pbx_unreachable", "503"),
+    (FakeDialer(bug=True), "internal_error", "503"),
 ])
 async def test_an_agent_leg_that_fails_finishes_the_call_with_its_status(dialer, outcome, status):
     click_to_call, outbox = flow(dialer)
