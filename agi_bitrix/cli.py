@@ -153,6 +153,11 @@ def _check(path: str) -> int:
         print(f"{path}: note: bitrix.webhook_url is still the shipped example; set yours there or in"
               " AGI_BITRIX_WEBHOOK_URL", file=sys.stderr)
     _check_auth(path, config)
+    if config.clicktocall.enabled:
+        from agi_bitrix.dialpolicy import describe, dial_policy
+
+        policy = dial_policy(config.clicktocall, config.policy.default_country)
+        print(f"{path}: click-to-call: rings {config.clicktocall.channel}, then {describe(policy)}")
     return EXIT_OK
 
 

@@ -390,6 +390,9 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if clicktocall.enabled and not callcard.enabled:
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the callcard section: a click-to-call is finished through its outbox")
+    if clicktocall.enabled and not users.refresh:
+        check.problem(data.lines["clicktocall"], "clicktocall",
+                      "needs the users section (with refresh above 0): the user directory gives each user's extension")
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",

@@ -104,6 +104,12 @@ def dial_policy(settings: ClickToCallSettings, default_country: str) -> DialPoli
                       number_types=frozenset(settings.number_types), default_country=default_country)
 
 
+def describe(policy: DialPolicy) -> str:
+    """What the policy lets a click dial, for `agi-bitrix check`."""
+    kinds = ", ".join(name for name in NUMBER_TYPES if name in policy.number_types)
+    return f"dials valid {kinds} numbers of {', '.join(sorted(policy.countries))}; never emergency numbers"
+
+
 @dataclass(frozen=True)
 class Destination:
     number: str  # E.164 digits, no "+": what the PBX is given as the extension to dial

@@ -6,6 +6,8 @@ runs the same flow against a real Asterisk 20 and 22."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,6 +71,7 @@ def test_each_refusal_carries_the_documented_status():
 def test_an_admin_widens_the_policy_in_yaml_but_never_to_emergency_numbers():
     config = parse_config(BASE + """\
 callcard: {}
+users: {}
 clicktocall:
   dial_policy: {countries: [RU, KZ, DE], number_types: [fixed_line, MOBILE, TOLL_FREE, PREMIUM_RATE, UAN]}
 """)
@@ -80,7 +83,7 @@ clicktocall:
 
 
 def test_the_countries_default_to_the_phones_country():
-    config = parse_config(BASE + "phones: {default_country: KZ}\ncallcard: {}\nclicktocall: {}\n")
+    config = parse_config(BASE + "phones: {default_country: KZ}\ncallcard: {}\nusers: {}\nclicktocall: {}\n")
     policy = dial_policy(config.clicktocall, config.policy.default_country)
     assert policy.countries == {"KZ"}
     assert isinstance(refused := dial_destination("+7 916 123-45-67", policy), Refusal) and refused.reason == "country"
@@ -96,6 +99,8 @@ clicktocall:
 """, "test.yaml")
     assert [str(problem) for problem in error.value.problems] == [
         "test.yaml:5: clicktocall: needs the callcard section: a click-to-call is finished through its outbox",
+        ("test.yaml:5: clicktocall: needs the users section (with refresh above 0): the user directory gives each"
+        " user's extension"),
         ("test.yaml:6: clicktocall.channel: 'PJSIP/101&PJSIP/102' must be a channel like PJSIP/{extension} or"
         " Local/{extension}@from-internal, with {extension} in it"),
         "test.yaml:7: clicktocall.context: 'outbound,1' is not a dialplan context name (letters, digits, _ and -)",
@@ -107,7 +112,7 @@ clicktocall:
 
 def test_a_channel_template_holds_no_other_field():
     with pytest.raises(ConfigError, match="the only field"):
-        parse_config(BASE + "callcard: {}\nclicktocall: {channel: 'PJSIP/{extension}{context}'}\n")
+        parse_config(BASE + "callcard: {}\nusers: {}\nclicktocall: {channel: 'PJSIP/{extension}{context}'}\n")
 
 
 # -- the status tables --
@@ -365,3 +370,14 @@ async def test_an_event_without_a_usable_call_or_user_id_is_dropped(click):
     click_to_call, outbox = flow(dialer)
     assert await click_to_call.handle(click) == "bad_event"
     assert dialer.calls == [] and outbox.added == {}
+
+
+def test_check_says_what_a_click_may_dial(tmp_path):
+    path = tmp_path / "agi-bitrix.yaml"
+    path.write_text(BASE + "callcard: {outbox: /tmp/outbox.sqlite3}\nusers: {}\n"
+                           "clicktocall: {dial_policy: {countries: [RU, KZ], number_types: [MOBILE, VOIP]}}\n")
+    result = subprocess.run([sys.executable, "-m", "agi_bitrix", "check", "-c", str(path)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (f"{path}: click-to-call: rings PJSIP/{{extension}}, then dials valid MOBILE, VOIP numbers of KZ, RU;"
+            " never emergency numbers") in result.stdout

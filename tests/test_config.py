@@ -256,8 +256,8 @@ def config_with(path, mapping):
         data["bitrix"] = {"oauth": dict(OAUTH)}
     if path == "redis":
         data["redis"] = {"url": "redis://127.0.0.1:6379/0"}
-    if path == "clicktocall":  # a click-to-call is finished through the call card's outbox
-        data["callcard"] = {}
+    if path == "clicktocall":  # finished through the call card's outbox; extensions from the user directory
+        data["callcard"] = data["users"] = {}
     holder = data
     for part in path.split("."):
         holder = holder.setdefault(part, {})

@@ -57,8 +57,8 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.testing": set(),  # stand-ins for the portal and the PBX; nothing of the product
     "agi_bitrix.demo": {"agi_bitrix.config", "agi_bitrix.app", "agi_bitrix.testing"},
     "agi_bitrix.cli": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix.oauth", "agi_bitrix.config",
-                       "agi_bitrix.callcard.outbox", "agi_bitrix.app", "agi_bitrix.explain", "agi_bitrix.ruletest",
-                       "agi_bitrix.oauthlogin", "agi_bitrix.demo"},
+                       "agi_bitrix.dialpolicy", "agi_bitrix.callcard.outbox", "agi_bitrix.app", "agi_bitrix.explain",
+                       "agi_bitrix.ruletest", "agi_bitrix.oauthlogin", "agi_bitrix.demo"},
     "agi_bitrix.__main__": {"agi_bitrix.cli"},
 }
 # The call-card AGI scripts share what they check alike through callcard/identity.py, not each other.
