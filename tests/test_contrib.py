@@ -1,6 +1,7 @@
 """What an admin installs beside the server: the service files, the alert rules and the dashboard in
 contrib/, and the release's one version."""
 
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -20,8 +21,11 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from agi_bitrix import __version__
+from agi_bitrix.ami.client import AmiClient
+from agi_bitrix.ami.settings import AmiSettings
 from agi_bitrix.app import Application
 from agi_bitrix.config import parse_config
+from agi_bitrix.monitoring import Metrics
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import make_config
 from tests.redis_server import RedisServer, free_port
@@ -143,6 +147,24 @@ def test_a_broken_rule_fails_the_rule_tests(tmp_path):
     result = run_promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert result.returncode != 0
     assert "AgiBitrixCallCardDown" in result.stdout + result.stderr
+
+
+async def test_the_ami_down_alerts_series_exists_only_where_an_ami_client_runs():
+    # AgiBitrixAmiDown is `agi_bitrix_ami_up == 0`: a server without an ami section must have no
+    # sample (no alert), one whose Asterisk was never reached must have 0 (the alert), not nothing.
+    without_ami = Metrics()
+    assert without_ami.registry.get_sample_value("agi_bitrix_ami_up") is None
+    assert "# TYPE agi_bitrix_ami_up gauge" in without_ami.exposition().decode()
+    metrics = Metrics()
+    settings = AmiSettings(username="agi-bitrix", secret_file="", port=free_port(), connect_timeout=0.5,
+                           reconnect_first=0.05, reconnect_max=0.2)
+    client = AmiClient(settings, lambda: "unused-secret", observer=metrics)
+    client.start()
+    try:
+        await asyncio.sleep(0.2)  # a few refused connections
+        assert metrics.registry.get_sample_value("agi_bitrix_ami_up") == 0
+    finally:
+        await client.stop()
 
 
 def test_every_alert_has_a_runbook_entry_in_the_docs():
