@@ -138,15 +138,28 @@ def test_every_alert_fires_when_it_should_and_stays_silent_when_it_should_not():
     assert tested == {rule["alert"] for rule in alert_rules()}
 
 
-def test_a_broken_rule_fails_the_rule_tests(tmp_path):
-    # The tests have teeth: the call card alert turned upside down (alerting while the card works).
-    broken = RULES.read_text().replace("agi_bitrix_callcard_up == 0", "agi_bitrix_callcard_up == 1")
-    assert broken != RULES.read_text()
-    (tmp_path / RULES.name).write_text(broken)
+# The tests have teeth: each rule broken as a careless edit would, and the rule tests catch it.
+BROKEN_RULES = {
+    "the call card alert upside down (alerting while the card works)":
+        ("agi_bitrix_callcard_up == 0", "agi_bitrix_callcard_up == 1", "AgiBitrixCallCardDown"),
+    "AMI down upside down": ("agi_bitrix_ami_up == 0", "agi_bitrix_ami_up == 1", "AgiBitrixAmiDown"),
+    "repeated events counted as forged": ('{reason!="duplicate"}', "", "AgiBitrixForgedEvents"),
+    "slow requests taken for the listener's cap":
+        ('{reason=~"max_connections|descriptors"}', "", "AgiBitrixHttpListenerRefusing"),
+    "a rolling upgrade's few minutes alerting": ("unreadable_total[10m])) > 0\n        for: 30m",
+                                                 "unreadable_total[10m])) > 0\n        for: 5m",
+                                                 "AgiBitrixSharedAnswersUnreadable"),
+}
+
+
+@pytest.mark.parametrize("old, new, alert", BROKEN_RULES.values(), ids=BROKEN_RULES.keys())
+def test_a_broken_rule_fails_the_rule_tests(tmp_path, old, new, alert):
+    assert RULES.read_text().count(old) == 1
+    (tmp_path / RULES.name).write_text(RULES.read_text().replace(old, new))
     shutil.copy(RULE_TESTS, tmp_path)
     result = run_promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert result.returncode != 0
-    assert "AgiBitrixCallCardDown" in result.stdout + result.stderr
+    assert alert in result.stdout + result.stderr
 
 
 async def test_the_ami_down_alerts_series_exists_only_where_an_ami_client_runs():
