@@ -211,11 +211,13 @@ def exported_names(exposition: str) -> set[str]:
 
 
 def metrics_config(path: Path, metrics_port: int, redis_url: str) -> Path:
-    # Every part that exports metrics on: the call card's outbox and the redis section.
+    # Every part that exports metrics on: the call card's outbox, the redis section, the HTTP
+    # listener and an ami section (its Asterisk on a closed port: down, still exported).
     path.write_text(textwrap.dedent(f"""\
         bitrix: {{webhook_url: "http://127.0.0.1:9/rest/1/unused/"}}
-        metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+        http: {{listen: "127.0.0.1:{metrics_port}"}}
         redis: {{url: "{redis_url}", servers: 2}}
+        ami: {{username: agi-bitrix, port: {free_port()}}}
         routing: {{fallback_queue: support, timezone: Europe/Moscow, rules: []}}
         callcard:
           outbox: redis
@@ -231,7 +233,8 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_a_running_server_exports(
     with open(log, "wb") as output:
         server = subprocess.Popen(
             [sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{free_port()}"],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path,
+            env={**os.environ, "AGI_BITRIX_AMI_SECRET": "unused-ami-secret"})
     try:
         exposition = scrape(f"http://127.0.0.1:{metrics_port}/metrics", server, log)
     finally:
