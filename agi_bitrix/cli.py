@@ -176,6 +176,11 @@ def _check(path: str) -> int:
     _check_auth(path, config)
     _check_events(path, config)
     _check_lines(path, config)
+    if config.clicktocall.enabled:
+        from agi_bitrix.dialpolicy import describe, dial_policy
+
+        policy = dial_policy(config.clicktocall, config.policy.default_country)
+        print(f"{path}: click-to-call: rings {config.clicktocall.channel}, then {describe(policy)}")
     return EXIT_OK
 
 

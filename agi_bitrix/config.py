@@ -36,6 +36,7 @@ from agi_bitrix.bitrix.settings import (
     portal_base,
 )
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
+from agi_bitrix.dialpolicy import ClickToCallSettings
 from agi_bitrix.phones import normalize_number
 from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
@@ -424,6 +425,9 @@ class Config:
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False),
                                          restart=True)
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
+    # Click-to-call (ONEXTERNALCALLSTART over AMI): on with its section, declared in dialpolicy.py.
+    clicktocall: ClickToCallSettings = section("clicktocall", ClickToCallSettings,
+                                               absent=ClickToCallSettings(enabled=False))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None, restart=True)
     # Click-to-call's events: off without the section.
@@ -480,6 +484,13 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     lines = numbered_lines(data.get("lines"), country, check.problem)
     redis = _redis(check, data, environ, bitrix)
     ami = _ami(check, data, environ)
+    clicktocall = read("clicktocall")
+    if clicktocall.enabled and not callcard.enabled:
+        check.problem(data.lines["clicktocall"], "clicktocall",
+                      "needs the callcard section: a click-to-call is finished through its outbox")
+    if clicktocall.enabled and not users.refresh:
+        check.problem(data.lines["clicktocall"], "clicktocall",
+                      "needs the users section (with refresh above 0): the user directory gives each user's extension")
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -492,7 +503,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  events=events, ami=ami, lines=lines, deprecated=http_notes + cards_notes)
+                  events=events, ami=ami, lines=lines, clicktocall=clicktocall, deprecated=http_notes + cards_notes)
 
 
 def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: BitrixSettings,

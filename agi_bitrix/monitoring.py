@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from agi_bitrix.bitrix.errors import metric_reason
 
@@ -67,8 +68,9 @@ class Metrics:
         self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
         self.shared_unreadable = Counter("agi_bitrix_shared_answers_unreadable", "Answers in Redis this version"
                                          " could not decode (another version's shape), taken as misses.", registry=r)
-        self.ami_connected = Gauge("agi_bitrix_ami_up", "1 while logged in to Asterisk's AMI (with an ami"
-                                   " section), else 0.", registry=r)
+        self.ami_connected = _ReportedGauge("agi_bitrix_ami_up", "1 while logged in to Asterisk's AMI, 0 while"
+                                            " not; no sample without an AMI client (no ami section).")
+        r.register(self.ami_connected)
         self.ami_reconnects = Counter("agi_bitrix_ami_reconnects", "Logins to AMI again after a lost connection.",
                                       registry=r)
         self.ami_dropped_events = Counter("agi_bitrix_ami_dropped_events", "AMI events dropped because their"
@@ -76,6 +78,8 @@ class Metrics:
         self.install_refused = Counter("agi_bitrix_install_refused", "POSTs to the OAuth install callback not"
                                        " taken, by reason (agi_bitrix.bitrix.install.InstallRefusal).",
                                        ["reason"], registry=r)
+        self.events_refused = Counter("agi_bitrix_events_refused", "Bitrix24 events (click-to-call) not acted"
+                                      " on, by reason (agi_bitrix.bitrix.events.EventRefused).", ["reason"], registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
         # Children for the per-call labels, made once: labels() locks and builds a key each time.
@@ -146,13 +150,19 @@ class Metrics:
     # -- what the AMI client reports (agi_bitrix.ami.client.AmiObserver) -------------------------
 
     def ami_up(self, up: bool) -> None:
-        self.ami_connected.set(1 if up else 0)
+        self.ami_connected.value = 1 if up else 0
 
     def ami_reconnected(self) -> None:
         self.ami_reconnects.inc()
 
     def ami_events_dropped(self, count: int) -> None:
         self.ami_dropped_events.inc(count)
+
+    # -- what the events' gate reports (agi_bitrix.bitrix.events.EventObserver) -----------------
+
+    def event_refused(self, reason: str) -> None:
+        # A closed set: each EventRefused class's `reason`.
+        self.events_refused.labels(reason).inc()
 
     def watch(self, sessions: Callable[[], int], breaker_state: Callable[[], str],
               cache_entries: Callable[[], int]) -> None:
@@ -164,6 +174,21 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReportedGauge:
+    """A gauge with no sample until its value is first reported: an alert on it stays silent where
+    the part that reports it does not run (AMI down only for servers with an ami section)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.value: float | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
 
 
 def _is_state(current: Callable[[], str], state: str) -> float:

@@ -1,6 +1,7 @@
 """What an admin installs beside the server: the service files, the alert rules and the dashboard in
 contrib/, and the release's one version."""
 
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -20,8 +21,11 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from agi_bitrix import __version__
+from agi_bitrix.ami.client import AmiClient
+from agi_bitrix.ami.settings import AmiSettings
 from agi_bitrix.app import Application
 from agi_bitrix.config import parse_config
+from agi_bitrix.monitoring import Metrics
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import make_config
 from tests.redis_server import RedisServer, free_port
@@ -134,15 +138,46 @@ def test_every_alert_fires_when_it_should_and_stays_silent_when_it_should_not():
     assert tested == {rule["alert"] for rule in alert_rules()}
 
 
-def test_a_broken_rule_fails_the_rule_tests(tmp_path):
-    # The tests have teeth: the call card alert turned upside down (alerting while the card works).
-    broken = RULES.read_text().replace("agi_bitrix_callcard_up == 0", "agi_bitrix_callcard_up == 1")
-    assert broken != RULES.read_text()
-    (tmp_path / RULES.name).write_text(broken)
+# The tests have teeth: each rule broken as a careless edit would, and the rule tests catch it.
+BROKEN_RULES = {
+    "the call card alert upside down (alerting while the card works)":
+        ("agi_bitrix_callcard_up == 0", "agi_bitrix_callcard_up == 1", "AgiBitrixCallCardDown"),
+    "AMI down upside down": ("agi_bitrix_ami_up == 0", "agi_bitrix_ami_up == 1", "AgiBitrixAmiDown"),
+    "repeated events counted as forged": ('{reason!="duplicate"}', "", "AgiBitrixForgedEvents"),
+    "slow requests taken for the listener's cap":
+        ('{reason=~"max_connections|descriptors"}', "", "AgiBitrixHttpListenerRefusing"),
+    "a rolling upgrade's few minutes alerting": ("unreadable_total[10m])) > 0\n        for: 30m",
+                                                 "unreadable_total[10m])) > 0\n        for: 5m",
+                                                 "AgiBitrixSharedAnswersUnreadable"),
+}
+
+
+@pytest.mark.parametrize("old, new, alert", BROKEN_RULES.values(), ids=BROKEN_RULES.keys())
+def test_a_broken_rule_fails_the_rule_tests(tmp_path, old, new, alert):
+    assert RULES.read_text().count(old) == 1
+    (tmp_path / RULES.name).write_text(RULES.read_text().replace(old, new))
     shutil.copy(RULE_TESTS, tmp_path)
     result = run_promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert result.returncode != 0
-    assert "AgiBitrixCallCardDown" in result.stdout + result.stderr
+    assert alert in result.stdout + result.stderr
+
+
+async def test_the_ami_down_alerts_series_exists_only_where_an_ami_client_runs():
+    # AgiBitrixAmiDown is `agi_bitrix_ami_up == 0`: a server without an ami section must have no
+    # sample (no alert), one whose Asterisk was never reached must have 0 (the alert), not nothing.
+    without_ami = Metrics()
+    assert without_ami.registry.get_sample_value("agi_bitrix_ami_up") is None
+    assert "# TYPE agi_bitrix_ami_up gauge" in without_ami.exposition().decode()
+    metrics = Metrics()
+    settings = AmiSettings(username="agi-bitrix", secret_file="", port=free_port(), connect_timeout=0.5,
+                           reconnect_first=0.05, reconnect_max=0.2)
+    client = AmiClient(settings, lambda: "unused-secret", observer=metrics)
+    client.start()
+    try:
+        await asyncio.sleep(0.2)  # a few refused connections
+        assert metrics.registry.get_sample_value("agi_bitrix_ami_up") == 0
+    finally:
+        await client.stop()
 
 
 def test_every_alert_has_a_runbook_entry_in_the_docs():
@@ -176,11 +211,13 @@ def exported_names(exposition: str) -> set[str]:
 
 
 def metrics_config(path: Path, metrics_port: int, redis_url: str) -> Path:
-    # Every part that exports metrics on: the call card's outbox and the redis section.
+    # Every part that exports metrics on: the call card's outbox, the redis section, the HTTP
+    # listener and an ami section (its Asterisk on a closed port: down, still exported).
     path.write_text(textwrap.dedent(f"""\
         bitrix: {{webhook_url: "http://127.0.0.1:9/rest/1/unused/"}}
-        metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+        http: {{listen: "127.0.0.1:{metrics_port}"}}
         redis: {{url: "{redis_url}", servers: 2}}
+        ami: {{username: agi-bitrix, port: {free_port()}}}
         routing: {{fallback_queue: support, timezone: Europe/Moscow, rules: []}}
         callcard:
           outbox: redis
@@ -196,7 +233,8 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_a_running_server_exports(
     with open(log, "wb") as output:
         server = subprocess.Popen(
             [sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{free_port()}"],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path,
+            env={**os.environ, "AGI_BITRIX_AMI_SECRET": "unused-ami-secret"})
     try:
         exposition = scrape(f"http://127.0.0.1:{metrics_port}/metrics", server, log)
     finally:

@@ -50,6 +50,7 @@ class Receiving:
 
     def __init__(self, receiver, server, url, handled):
         self.receiver, self.server, self.url, self.handled = receiver, server, url, handled
+        self.metrics = server.metrics
 
     @property
     def refused(self):
@@ -66,10 +67,11 @@ async def start_receiving(portal_events, token_path, seen=None, handler=None, wi
     async def take(event):
         handled.append(event)
 
+    metrics = Metrics()
     gate = EventGate(TokenFileIdentity(str(token_path), f"https://{portal_events.domain}/rest/"),
-                     seen or MemorySeen(window), country="RU", replay_window=window)
+                     seen or MemorySeen(window), country="RU", replay_window=window, observer=metrics)
     receiver = EventReceiver(gate, handler or take, "/bitrix/events")
-    server = HttpListener(HttpSettings(), Metrics(), lambda: (True, {}), pages=receiver.add_routes)
+    server = HttpListener(HttpSettings(), metrics, lambda: (True, {}), pages=receiver.add_routes)
     host, port = await server.start("127.0.0.1", 0)
     return Receiving(receiver, server, f"http://{host}:{port}/bitrix/events", handled)
 
@@ -136,6 +138,8 @@ async def test_a_forged_or_replayed_event_never_reaches_the_handler(receiving, p
     assert await receiving.post(portal_events.event_form(CALL_START, CLICK)) == 200
     await until(lambda: receiving.handled, what="the genuine event")
     assert len(receiving.handled) == 1 and receiving.refused == {reason: 1}
+    # What the forged-events alert (AgiBitrixEventsForged) watches.
+    assert receiving.metrics.registry.get_sample_value("agi_bitrix_events_refused_total", {"reason": reason}) == 1
 
 
 def malformed(portal_events, **data):

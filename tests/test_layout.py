@@ -25,12 +25,16 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.bitrix": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.phones", "agi_bitrix.background",
                           "agi_bitrix.redis_link"},
     "agi_bitrix.routing": {"agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.checking"},
+    "agi_bitrix.dialpolicy": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones"},
     "agi_bitrix.config": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones", "agi_bitrix.bitrix.settings",
                           "agi_bitrix.bitrix.line_settings",
                           "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules", "agi_bitrix.redis_link",
-                          "agi_bitrix.ami.settings", "agi_bitrix.ami.errors"},
+                          "agi_bitrix.ami.settings", "agi_bitrix.ami.errors", "agi_bitrix.dialpolicy"},
     "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
                             "agi_bitrix.background", "agi_bitrix.redis_link"},
+    # Click-to-call's flow: the user directory, the outbox and status codes, the dial policy, the name's filter.
+    "agi_bitrix.clicktocall": {"agi_bitrix.bitrix", "agi_bitrix.callcard", "agi_bitrix.dialpolicy",
+                               "agi_bitrix.routing.variables"},
     "agi_bitrix.callrecord": {"agi_bitrix.bitrix.models", "agi_bitrix.routing.engine"},
     "agi_bitrix.trace": {"agi_bitrix.callrecord"},
     "agi_bitrix.calllog": {"agi_bitrix.config", "agi_bitrix.callrecord"},
@@ -61,8 +65,9 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.testing": set(),  # stand-ins for the portal and the PBX; nothing of the product
     "agi_bitrix.demo": {"agi_bitrix.config", "agi_bitrix.app", "agi_bitrix.testing"},
     "agi_bitrix.cli": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix.oauth", "agi_bitrix.config",
-                       "agi_bitrix.callcard.outbox", "agi_bitrix.app", "agi_bitrix.explain", "agi_bitrix.ruletest",
-                       "agi_bitrix.oauthlogin", "agi_bitrix.eventscli", "agi_bitrix.demo", "agi_bitrix.bitrix.lines"},
+                       "agi_bitrix.dialpolicy", "agi_bitrix.callcard.outbox", "agi_bitrix.app", "agi_bitrix.explain",
+                       "agi_bitrix.ruletest", "agi_bitrix.oauthlogin", "agi_bitrix.eventscli", "agi_bitrix.demo",
+                       "agi_bitrix.bitrix.lines"},
     "agi_bitrix.__main__": {"agi_bitrix.cli"},
 }
 # The call-card AGI scripts share what they check alike through callcard/identity.py, not each other.

@@ -383,11 +383,14 @@ async def test_a_rejected_refresh_token_stops_asking_until_the_token_file_change
     healthy, state = portal.auth.state()
     assert not healthy and state["state"] == "refresh_token_rejected"
     assert "not asked again until" in state["detail"]
+    # What to do comes with the state, chosen by the error's class (RefreshTokenRejected): log in again.
+    assert state["advice"]["run"] == "agi-bitrix oauth login" and str(token_path) in state["advice"]["do"]
     # An admin (or oauth login) writes a good refresh token: the next request uses it.
     _, refresh = oauth_portal.issue_tokens()
     TokenFile(token_path).save(Tokens("", refresh, 0.0))
     assert await portal.search_crm_entities("79161234567")
     assert portal.auth.state()[0] and oauth_portal.refreshes == 1
+    assert "advice" not in portal.auth.state()[1]
 
 
 async def test_a_removed_application_stops_asking_and_a_reload_asks_again(oauth_portal, token_path, session):
@@ -408,6 +411,9 @@ async def test_a_removed_application_stops_asking_and_a_reload_asks_again(oauth_
     with pytest.raises(RequestNotSent, match="oauth_client_rejected"):
         await portal.search_crm_entities("79161234567")
     assert oauth_portal.token_requests == 1
+    # OAuthClientRejected: logging in again cannot help while the client id or secret is wrong.
+    advice = portal.auth.state()[1]["advice"]
+    assert "bitrix.oauth.client_id" in advice["do"] and "run" not in advice
     reloaded = portal_client(parse_config(textwrap.dedent(config_text)).bitrix, session, previous=portal)
     assert reloaded.auth is portal.auth
     with pytest.raises(PortalError, match="oauth_client_rejected"):

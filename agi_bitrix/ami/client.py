@@ -98,6 +98,8 @@ class AmiClient:
         """Starts connecting (and reconnecting) in the background; returns at once."""
         if not self._tasks:
             self._set_down("connecting")
+            # Down until logged in: an Asterisk never reached shows as down (0), not as no AMI at all.
+            self._observer.ami_up(False)
             self._tasks = [asyncio.create_task(self._keep_connected(), name="ami-connection"),
                            asyncio.create_task(self._deliver_events(), name="ami-events")]
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from agi_bitrix.bitrix.events import (
     DuplicateEvent,
     Event,
+    EventObserver,
     EventRefused,
     MalformedEvent,
     PortalIdentity,
@@ -127,10 +128,11 @@ class EventGate:
     reason and logged once per reason a minute (RefusalCounter)."""
 
     def __init__(self, identity: Callable[[], PortalIdentity], seen: SeenEvents, *, country: str,
-                 replay_window: float, clock: Callable[[], float] = time.time) -> None:
+                 replay_window: float, clock: Callable[[], float] = time.time,
+                 observer: EventObserver | None = None) -> None:
         self._identity, self.seen = identity, seen
         self._country, self._window, self._clock = country, replay_window, clock
-        self.refusals = RefusalCounter()
+        self.refusals = RefusalCounter(observer=observer)
         self.accepted = 0
         self.last_event_at: float | None = None  # unix time an event last passed
 

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from agi_bitrix.phones import normalize_number
 
@@ -258,18 +258,29 @@ def _phone(data: Mapping[str, Any], country: str) -> str:
     return number
 
 
+class EventObserver(Protocol):
+    """Where refusals are reported for metrics (agi_bitrix.monitoring.Metrics implements it)."""
+
+    def event_refused(self, reason: str) -> None:
+        """One event refused; `reason` is its EventRefused class's `reason`."""
+
+
 class RefusalCounter:
     """Refusals counted by reason; each reason logged at once, then at most once per `interval`
     with how many more came: a flood of forged POSTs is a line a minute, not one per POST."""
 
-    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic,
+                 observer: EventObserver | None = None) -> None:
         self.counts: Counter[str] = Counter()
+        self._observer = observer
         self._interval, self._clock = interval, clock
         self._next_line: dict[str, tuple[float, int]] = {}  # reason -> (next line's time, refusals held)
 
     def refused(self, error: EventRefused, where: str) -> None:
         reason = error.reason
         self.counts[reason] += 1
+        if self._observer is not None:
+            self._observer.event_refused(reason)
         now = self._clock()
         due, held = self._next_line.get(reason, (0.0, 0))
         if now < due:

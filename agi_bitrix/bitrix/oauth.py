@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
@@ -149,6 +149,36 @@ def _refusal(code: str, status: int, grant_type: str) -> PortalRefused:
     return refusal_class(safe_code)(f"oauth_{safe_code}", f"the OAuth token server refused: {said}")
 
 
+class _Advice(NamedTuple):
+    do: str  # "{token_file}" is the token file's path
+    login: bool  # the remedy is `agi-bitrix oauth login` (the admin page adds its config file)
+
+
+# What an admin does about the error that put the tokens in their state, by its class (the most
+# specific one listed wins); the error classes are errors.py's.
+_ADVICE: dict[type[BitrixError], _Advice] = {
+    RefreshTokenRejected: _Advice(login=True, do="the token server refused the refresh token (unused for 180"
+                                  " days, already spent, or the application removed): log in again as the service's"
+                                  " user; it stores new tokens in {token_file} and the server takes them up by itself"),
+    OAuthClientRejected: _Advice(login=False, do="check bitrix.oauth.client_id and the client secret against the"
+                                 " application's card in the portal, then reload the config (systemctl reload"
+                                 " agi-bitrix)"),
+    TokenFileError: _Advice(login=True, do="the token file {token_file} cannot be read or holds no refresh token:"
+                            " log in again as the service's user"),
+}
+LOGIN_COMMAND = "agi-bitrix oauth login"
+
+
+def advice_for(error: BitrixError, token_file: str) -> dict[str, str]:
+    """/healthz's `advice` for the error behind the state (empty when an admin has nothing to do):
+    `do`, and `run` when the remedy is logging in again."""
+    for cls in type(error).__mro__:
+        advice = _ADVICE.get(cls)
+        if advice is not None:
+            return {"do": advice.do.format(token_file=token_file), **({"run": LOGIN_COMMAND} if advice.login else {})}
+    return {}
+
+
 class OAuthTokens:
     """The current access token, refreshed when needed; shared by every request of the process."""
 
@@ -264,10 +294,9 @@ class OAuthTokens:
         """Whether the application can get tokens, and what is known, for /healthz."""
         tokens = self._tokens
         stopped = self._stopped
-        if stopped is not None:
-            state = stopped.reason
-        elif self._problem is not None:
-            state = self._problem.reason
+        cause = stopped or self._problem
+        if cause is not None:
+            state = cause.reason
         elif tokens is None:
             state = "not used yet"
         else:
@@ -286,6 +315,8 @@ class OAuthTokens:
                               f" {self.token_file.path} changes (agi-bitrix oauth login) or the config is reloaded")
         elif self._problem is not None:
             body["detail"] = self._problem.detail
+        if cause is not None and (advice := advice_for(cause, str(self.token_file.path))):
+            body["advice"] = advice
         healthy = stopped is None and not isinstance(self._problem, TokenFileError)
         return healthy, body
 

@@ -108,6 +108,10 @@ class UserDirectory:
         number = normalize_extension(extension)
         return self._by_extension.get(number) if number else None
 
+    def by_id(self, user_id: str) -> User | None:
+        """The user with this id, active or not; None when unknown (or before the first load)."""
+        return self._users.get(user_id)
+
     def by_number(self, number: str) -> User | None:
         """The active user whose extension, else whose mobile, is `number`."""
         extension = normalize_extension(number)

@@ -3,8 +3,10 @@
 Dialplan (in the `h` extension or a hangup handler of the caller's channel):
 AGI(agi://HOST:PORT/finish,${B24_CALL_ID},${B24_USER_ID},${DIALSTATUS},${SHARED(B24_ANSWERED_AT)},
 ${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}[,DID[,outgoing]]])
-The DID picks callcard.register.responsible's user for a call without an owner, as register did;
-"outgoing" marks a call the outgoing script registered (a CANCEL is then 603-S, not missed).
+The DID picks callcard.register.responsible's user for a call without an owner, as register did.
+"outgoing" marks a call our user B24_USER_ID placed (the outgoing script's desk calls, and
+click-to-call, agi_bitrix/clicktocall.py): that user finishes it, and the status says what the
+client's side did (status.outgoing_status_code: a CANCEL is 603-S, not a missed call).
 
 The answer stamp (B24_ANSWERED_AT, B24_ANSWERED_BY) is written by the [agi-bitrix-answered]
 subroutine that Dial's U() and Queue's gosub run on the channel that answered; talk time is
@@ -40,7 +42,7 @@ from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.outbox import Entry, OutboxStore, Outcome
-from agi_bitrix.callcard.status import ANSWERED, status_code
+from agi_bitrix.callcard.status import ANSWERED, outgoing_status_code, status_code
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 
@@ -48,7 +50,8 @@ log = logging.getLogger("agi_bitrix.callcard")
 
 FINISH = "telephony.externalcall.finish"
 
-OUTGOING_MARK = "outgoing"  # finish's 9th argument for a call the outgoing script registered
+OUTGOING_MARK = "outgoing"  # finish's 9th argument: a call our user placed
+
 RECORDING = "recording"  # the outbox's kind of row for a recording (callcard/recording.py sends it)
 # What a value may be to stand in a recording's path: no "/", nothing hidden, nothing that climbs up.
 _PATH_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
@@ -64,7 +67,7 @@ class FinishArguments:
     hangup_at: float | None
     recording: str
     did: str = ""  # international digits, or ""
-    outgoing: bool = False  # the 9th argument "outgoing": a call the outgoing script registered
+    outgoing: bool = False  # placed by our user `owner` (the 9th argument is "outgoing")
 
 
 def finish_expressions(prefix: str) -> tuple[str, ...]:
@@ -84,7 +87,7 @@ def finish_arguments(values: list[str], default_country: str) -> FinishArguments
         hangup_at=_epoch(args[5]),
         recording=os.path.basename(args[6]),
         did=normalize_number(args[7], default_country) or "",
-        outgoing=args[8] == OUTGOING_MARK,
+        outgoing=args[8].strip().lower() == OUTGOING_MARK,
     )
 
 
@@ -138,8 +141,14 @@ class FinishService:
         if arguments.answered_at is not None:
             hangup_at = arguments.hangup_at if arguments.hangup_at is not None else self.clock()
             duration = max(0, round(hangup_at - arguments.answered_at))
-        user_id = self.taken_by(arguments) if answered else ""
-        user_id = user_id or arguments.owner or responsible_user(settings.register, arguments.did)
+        if arguments.outgoing:
+            # The agent who placed it; whoever answered is the client, never a user to credit.
+            user_id = arguments.owner
+            status = outgoing_status_code(answered, arguments.dialstatus)
+        else:
+            user_id = self.taken_by(arguments) if answered else ""
+            user_id = user_id or arguments.owner or responsible_user(settings.register, arguments.did)
+            status = status_code(answered, arguments.dialstatus)
         if not user_id:
             log.warning("call %s: finish %s has no user (no owner, no responsible, no default_user); not sent",
                         uniqueid, arguments.call_id)
@@ -148,7 +157,7 @@ class FinishService:
             "CALL_ID": arguments.call_id,
             "USER_ID": user_id,
             "DURATION": duration,
-            "STATUS_CODE": status_code(answered, arguments.dialstatus, outgoing=arguments.outgoing),
+            "STATUS_CODE": status,
         }
         record_url = self.record_url(arguments, uniqueid) if answered else ""
         if record_url:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 ANSWERED = "200"
 MISSED = "304"
+CANCELLED = "603-S"
 
 # Asterisk's DIALSTATUS (set by Dial) when nobody answered.
 DIALSTATUS_CODES = {
@@ -29,12 +30,7 @@ DIALSTATUS_CODES = {
 }
 
 
-# An outgoing call (callcard/outgoing.py) the employee gave up on while it rang was cancelled, not
-# missed: the portal's missed-call handling is for incoming calls.
-OUTGOING_CODES = {**DIALSTATUS_CODES, "CANCEL": "603-S"}
-
-
-def status_code(answered: bool, dialstatus: str, *, outgoing: bool = False) -> str:
+def status_code(answered: bool, dialstatus: str) -> str:
     """STATUS_CODE for a call that was `answered` (someone took it) or ended with `dialstatus`.
 
     An answer stamp wins over DIALSTATUS, which only tells about the last Dial(): a call that
@@ -44,4 +40,29 @@ def status_code(answered: bool, dialstatus: str, *, outgoing: bool = False) -> s
     """
     if answered:
         return ANSWERED
-    return (OUTGOING_CODES if outgoing else DIALSTATUS_CODES).get(dialstatus.strip().upper(), MISSED)
+    return DIALSTATUS_CODES.get(dialstatus.strip().upper(), MISSED)
+
+
+# A call our user placed (a desk phone's outgoing call, or click-to-call): the client leg's
+# DIALSTATUS. Nobody waits for a call back here, so each code says what the client's side did;
+# the portal's missed-call handling is for incoming calls.
+OUTGOING_DIALSTATUS_CODES = {
+    "NOANSWER": MISSED,  # the client's phone rang unanswered
+    "CANCEL": CANCELLED,  # the agent hung up while the client's phone rang
+    "BUSY": "486",
+    "CONGESTION": "503",
+    "CHANUNAVAIL": "480",
+    "DONTCALL": "603",
+    "TORTURE": "603",
+    "INVALIDARGS": "503",
+}
+
+
+def outgoing_status_code(answered: bool, dialstatus: str) -> str:
+    """STATUS_CODE for a call our user placed: 200 once the client answered; else the client
+    leg's DIALSTATUS; none at all (the agent hung up before the client was dialled) is cancelled,
+    and a DIALSTATUS this table does not know is OTHER."""
+    if answered:
+        return ANSWERED
+    status = dialstatus.strip().upper()
+    return OUTGOING_DIALSTATUS_CODES.get(status, "OTHER" if status else CANCELLED)

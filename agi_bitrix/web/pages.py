@@ -38,16 +38,6 @@ TRIES_PER_MINUTE = 5  # "Try a number": each may cost a portal request, from the
 WRONG_TOKENS_PER_MINUTE = 10  # from one source (an address, an IPv6 /64)
 MAX_FIELD = 64  # characters of a number or DID typed into the form
 REFRESH_SECONDS = 10  # Now and Recent calls reload themselves (a meta refresh: no script runs here)
-# What an admin does when the OAuth token server refused the application's tokens, by the reason
-# /healthz shows (agi_bitrix.bitrix.oauth.OAuthTokens.state); the words only, the state decides.
-AUTH_ADVICE = {
-    "refresh_token_rejected": "run \"agi-bitrix oauth login -c {config}\" as the service's user: it stores new"
-                              " tokens in {token_file}, and the server takes them up by itself",
-    "oauth_client_rejected": "check bitrix.oauth.client_id and the client secret against the application's"
-                             " card in the portal, then reload the config (systemctl reload agi-bitrix)",
-    "oauth_token_file": "the token file {token_file} cannot be read or holds no refresh token: run"
-                        " \"agi-bitrix oauth login -c {config}\" as the service's user",
-}
 # No script may run and nothing may be loaded from elsewhere, even if a value slipped through.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self';"
@@ -221,18 +211,13 @@ class AdminPages:
         portal, auth = health["portal"], health["auth"]
         return self._page(
             "now.html", page="now", refresh=True, healthy=healthy, health=health, portal=portal, auth=auth,
-            auth_advice=self._auth_advice(auth),
+            auth_advice=auth.get("advice"),
             last_success=_duration(portal["last_success_seconds_ago"]),
             last_failure=_duration(portal["last_failure_seconds_ago"]),
             uptime=_duration(health["uptime_seconds"]),
             loaded=_duration(health["config"]["loaded_seconds_ago"]),
             callcard=health["callcard"], portal_url=self.running().portal.redacted_url,
             chart=calls_per_minute(self.recent.per_minute()))
-
-    def _auth_advice(self, auth: Mapping[str, Any]) -> str:
-        advice = AUTH_ADVICE.get(str(auth.get("state", "")))
-        return "" if advice is None else advice.format(config=self.running().config.path,
-                                                       token_file=auth.get("token_file", "?"))
 
     async def _calls(self, request: web.Request) -> web.Response:
         rows = [{"number": c.number, "when": self._when(c), "phone": self._shown_phone(c.phone), "call": c,
