@@ -137,8 +137,8 @@ class Application:
         router = Router(config, lookup, users=self.users)
         route = RouteScript(router, self.metrics, self.call_log, self.recent)
         register = RegisterService(config, portal, self.card_holders)
-        finish = FinishService(config, self.outbox, self.users, self.card_holders)
         cards = CardService(config, portal, self.users, self.card_holders, self.metrics.count_card)
+        finish = FinishService(config, self.outbox, self.users, self.card_holders, hide_cards=cards.hide_at_finish)
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
         handlers = {"route": route.handle_route, "": route.handle_route,
                     "register": register.handle_register, "finish": finish.handle_finish,
@@ -150,6 +150,7 @@ class Application:
         # Through the portal client and settings of the config in force when the outbox gets to it.
         if entry.kind == RECORDING:
             return await send_recording(self.runtime.portal, entry, self.config.callcard.finish)
+        await self.runtime.cards.settled(entry.key)  # the hide at finish first: the portal ignores it after
         return await send_finish(self.runtime.portal, entry)
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:

@@ -113,12 +113,16 @@ def _epoch(text: str) -> float | None:
 
 class FinishService:
     def __init__(self, config: Config, outbox: OutboxStore | None, users: UserDirectory | None, holders: CardHolders,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 hide_cards: Callable[[str, list[str], str], None] | None = None) -> None:
+        """`hide_cards(call_id, user_ids, uniqueid)` hides a finished call's card from those who
+        still hold it but the finish's user (CardService.hide_at_finish), without waiting."""
         self.config = config
         self.outbox = outbox
         self.users = users
         self.holders = holders  # a finished call's card holders are forgotten
         self.clock = clock
+        self.hide_cards = hide_cards
 
     async def handle_finish(self, request: AgiRequest, channel: AgiChannel) -> None:
         """Store the finish and close the session: the hangup never waits for the portal."""
@@ -131,8 +135,9 @@ class FinishService:
         if not arguments.call_id:
             log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
             return
-        self.holders.forget(arguments.call_id)
+        holders = self.holders.release(arguments.call_id)
         params = self.finish_params(arguments, uniqueid)
+        self.close_cards(arguments.call_id, holders, params["USER_ID"] if params else "", uniqueid)
         if params is None:
             return
         added = await self.outbox.add(arguments.call_id, params)
@@ -144,6 +149,13 @@ class FinishService:
                      params["STATUS_CODE"])
             if self.config.callcard.finish.recording_file and params["STATUS_CODE"] == ANSWERED:
                 await self.queue_recording(arguments, uniqueid)
+
+    def close_cards(self, call_id: str, holders: list[str], finish_user: str, uniqueid: str) -> None:
+        """A call nobody answered leaves its card open on every phone it rang: the finish closes
+        it for its own user only, so the others get a hide now (before the finish is sent)."""
+        others = [user for user in holders if user != finish_user]
+        if others and self.hide_cards is not None:
+            self.hide_cards(call_id, others, uniqueid)
 
     def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
         settings = self.config.callcard

@@ -170,8 +170,11 @@ class PortalModel:
         call = self.calls.get(str(params.get("CALL_ID", "")))
         if call is None or call.finish_params is not None:
             raise ErrorAnswer(400, "", "Call is not found (call should be registered prior to finishing)")
-        self._resolve_user(params)
+        user_id = self._resolve_user(params)
         call.finish_params = dict(params)
+        # voximplant's Rest\Helper::finishExternalCall hides the card from the finish's user, and
+        # from nobody else: the others' cards stay open until a hide.
+        call.card_shown_to.discard(user_id)
         duration = _int_or_zero(params.get("DURATION"))
         status_code = str(params.get("STATUS_CODE") or ("200" if duration > 0 else "304"))
         return {

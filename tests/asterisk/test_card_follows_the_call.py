@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), p
 
 SHOW = "telephony.externalcall.show"
 HIDE = "telephony.externalcall.hide"
+FINISH = "telephony.externalcall.finish"
 MEMBERS = {"301": 301, "302": 302, "303": 303}  # extension: Bitrix24 user id
 
 
@@ -120,6 +121,57 @@ async def test_a_hung_portal_does_not_hold_the_members_ring(calls, portal, card_
         portal.reset_faults()
     # Three pre-dial AGI sessions, each waiting for nothing but the server's reply.
     assert ringing_after < 1.0, ringing_after
+
+
+def methods_in_order(portal, call_id):
+    """Each request about this call, as (method, USER_ID as a set), in the order the portal got them."""
+    found = []
+    for request in portal.requests:
+        if request.params.get("CALL_ID") == call_id:
+            users = request.params.get("USER_ID")
+            found.append((request.method, frozenset(users.values()) if isinstance(users, dict) else frozenset([users])))
+    return found
+
+
+async def test_a_queue_call_the_caller_abandons_is_hidden_from_every_member(
+        calls, portal, card_server, three_member_queue):
+    """Three members ring, nobody answers, the caller hangs up after 3 s: the finish goes to the
+    owner (whose card it closes) and one hide, before it, closes the three members' cards."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(309, "PAUSED", extension="309")])
+
+    call = callcard_call(calls, card_server, phone)
+    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+    for extension in MEMBERS:
+        await calls.wait_for(call, "AgiBitrixTestRing", WAIT, Number=extension)
+    await asyncio.sleep(3)
+    await calls.hangup(joined["Channel"])
+    card = await finished(portal, phone)
+
+    assert (card.finish_params["USER_ID"], card.finish_params["STATUS_CODE"]) == ("309", "304")
+    requests = methods_in_order(portal, card.call_id)
+    assert sorted(requests[:3], key=lambda request: sorted(request[1])) == [
+        (SHOW, {"301"}), (SHOW, {"302"}), (SHOW, {"303"})]
+    assert requests[3:] == [(HIDE, {"301", "302", "303"}), (FINISH, {"309"})]
+    assert card.card_shown_to == set()
+
+
+async def test_a_slow_portal_shows_the_queues_three_cards_together(calls, portal, card_server, three_member_queue):
+    """Each show takes 1.5 s to answer: the three members' shows still reach the portal together,
+    not one after the other's answer."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(310, "PAUSED", extension="310")])
+    portal.fail("slow", method=SHOW, delay=1.5)
+    try:
+        call = callcard_call(calls, card_server, phone)
+        joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+        call_id = registered_call(portal, phone).call_id
+        await until(lambda: len(card_requests(portal, SHOW, call_id)) == 3, WAIT, interval=0.05)
+        await calls.hangup(joined["Channel"])
+    finally:
+        portal.reset_faults()
+    arrived = [request.at for request in portal.requests_for(SHOW) if request.params.get("CALL_ID") == call_id]
+    assert max(arrived) - min(arrived) < 1.0, arrived
 
 
 async def test_no_card_hook_runs_with_the_call_card_off(calls, portal, server, three_member_queue):
