@@ -42,8 +42,9 @@ from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
-from agi_bitrix.config import REDIS_SCHEMES, SHARED_REDIS_OUTBOX, Config, load_config
-from agi_bitrix.monitoring import Metrics, MonitoringServer, seconds_since
+from agi_bitrix.config import SHARED_REDIS_OUTBOX, Config, is_url, load_config
+from agi_bitrix.http_listener import HttpListener
+from agi_bitrix.monitoring import Metrics, seconds_since
 from agi_bitrix.server import AgiServer, Endpoint
 from agi_bitrix.service import Router, RouteScript
 from agi_bitrix.web.pages import AdminPages
@@ -98,7 +99,7 @@ class Application:
                 self.outbox = RedisOutbox(config.redis.url, self._send, policy,
                                           claim_after=config.callcard.outbox_claim_after,
                                           prefix=f"{config.redis.key_prefix}outbox:")
-            elif config.callcard.outbox.startswith(REDIS_SCHEMES):
+            elif is_url(config.callcard.outbox):
                 self.outbox = RedisOutbox(config.callcard.outbox, self._send, policy,
                                           claim_after=config.callcard.outbox_claim_after)
             else:
@@ -106,12 +107,12 @@ class Application:
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
         oauth = config.bitrix.oauth
-        # The portal's install POST, on the monitoring listener (its path takes effect after a restart).
+        # The portal's install POST, on the HTTP listener (its path takes effect after a restart).
         forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
                  if oauth is not None and oauth.install_path else {})
-        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.metrics)
-        self.monitoring = (MonitoringServer(self.metrics, self.health, forms, pages.add_routes)
-                           if config.metrics.enabled else None)
+        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
+        self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, pages.add_routes)
+                              if config.http.enabled else None)
 
     @property
     def config(self) -> Config:
@@ -203,15 +204,15 @@ class Application:
             Gauge("agi_bitrix_redis_up", "1 while the state shared with the other servers answers; 0 while this"
                   " server works alone on its share of the portal's budget (see /healthz).",
                   registry=self.metrics.registry).set_function(lambda: 1 if link.up else 0)
-        if self.monitoring is None:
+        if self.http_listener is None:
             return
         try:
-            host, port = await self.monitoring.start(config.metrics.host, config.metrics.port)
+            host, port = await self.http_listener.start(config.http.host, config.http.port)
         except OSError as error:
             # Calls matter more than graphs: keep routing, say loudly what is missing.
-            log.error("metrics and /healthz are OFF: cannot listen on %s:%s: %s",
-                      config.metrics.host, config.metrics.port, error.strerror)
-            self.monitoring = None
+            log.error("metrics, /healthz and the admin page are OFF: cannot listen on %s:%s: %s",
+                      config.http.host, config.http.port, error.strerror)
+            self.http_listener = None
             return
         log.info("metrics on http://%s:%s/metrics, health on /healthz, admin page on /", host, port)
 
@@ -348,8 +349,8 @@ class Application:
                         new.server.host, new.server.port)
         if new.bitrix.pool_size != old.bitrix.pool_size:
             log.warning("bitrix.pool_size changed; it takes effect after a restart")
-        if new.metrics != old.metrics:
-            log.warning("metrics.listen or metrics.token_file changed; it takes effect after a restart")
+        if new.http != old.http:
+            log.warning("the http section (listen, token_file, ...) changed; it takes effect after a restart")
         if (new.callcard.enabled, new.callcard.outbox) != (old.callcard.enabled, old.callcard.outbox):
             log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
         if new.users.refresh != old.users.refresh:
@@ -362,8 +363,8 @@ class Application:
         await self.server.close(grace=self.config.server.session_timeout)
         await self.runtime.cards.close()
         await self._stop_background()
-        if self.monitoring is not None:
-            await self.monitoring.close()
+        if self.http_listener is not None:
+            await self.http_listener.close()
         await self.session.close()
         self.call_log.close()
 

@@ -34,6 +34,7 @@ from agi_bitrix.bitrix.settings import (
 )
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
 from agi_bitrix.phones import normalize_number
+from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
 from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
@@ -66,10 +67,10 @@ def _network(value: Any) -> IPv4Network | IPv6Network:
         raise ValueError(f"{quoted(value)} is not an address or network like 10.0.0.0/24") from None
 
 
-def _metrics_listen(value: Any) -> tuple[str, int, bool]:
+def _http_listen(value: Any) -> tuple[str, int, bool]:
     """HOST:PORT, or off -> (host, port, enabled)."""
     if value in (None, False, "", "off"):  # YAML reads an unquoted off as false
-        return MetricsSettings.host, MetricsSettings.port, False
+        return HttpSettings.host, HttpSettings.port, False
     try:
         host, port = parse_listen(str(value))
     except ValueError as error:
@@ -148,8 +149,10 @@ def _line_number(value: str) -> str:
     return value
 
 
-# callcard.outbox values that name a Redis server rather than a SQLite file.
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+def is_url(value: str) -> bool:
+    """A callcard.outbox value that names a Redis server (any URL: one that is not Redis's is
+    refused as a URL, never quoted, since it may hold a password) rather than a SQLite file."""
+    return "://" in value
 
 
 # `callcard.outbox: redis`: the outbox in the Redis of the `redis` section (its URL, which
@@ -160,14 +163,8 @@ SHARED_REDIS_OUTBOX = "redis"
 def _outbox(value: str) -> str:
     if value == SHARED_REDIS_OUTBOX:
         return value
-    if value.startswith(REDIS_SCHEMES):
-        parts = urlsplit(value)
-        try:
-            parts.port  # noqa: B018 -- reading it checks it
-        except ValueError:
-            raise ValueError("the Redis URL's port is not a number") from None
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("the Redis URL needs a host, like redis://10.0.0.5:6379/0")
+    if is_url(value):
+        parse_redis_url(value)  # as the outbox will read it; the message never quotes the URL
         return value
     if not value.startswith("/"):
         raise ValueError(f"{quoted(value)} must be an absolute path to the SQLite file, a redis:// URL,"
@@ -233,13 +230,23 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
-class MetricsSettings:
-    host: str = anything("listen", "127.0.0.1", check=_metrics_listen,  # listen: HOST:PORT or off
+class HttpSettings:
+    """The HTTP listener (agi_bitrix.http_listener): /metrics, /healthz, admin page, install callback."""
+
+    host: str = anything("listen", "127.0.0.1", check=_http_listen,  # listen: HOST:PORT or off
                          sets=("host", "port", "enabled"))
     port: int = 9573
     enabled: bool = True
     # The admin page's access token (agi_bitrix.web.access); "" = none. Required off loopback.
     token_file: str = text("token_file", "", check=_token_file)
+    # A connection that sends no complete request header for this long (first or next) is closed.
+    idle_timeout: float = number("idle_timeout", 15.0, 0, 3600)
+    # A request's body read and its answer made within this, or 408 and the connection closed.
+    request_timeout: float = number("request_timeout", 30.0, 0, 3600)
+    max_connections: int = integer("max_connections", 100, 1, 10_000)
+
+
+LEGACY_HTTP_SECTION = "metrics"  # the http section's old name: still read, with a deprecation note
 
 
 @dataclass(frozen=True)
@@ -327,7 +334,7 @@ class Config:
     variable_prefix: str = text("variables.prefix", "B24_", check=_variable_prefix)
     policy: RoutingPolicy = own("routing")
     cache: CacheSettings = section("cache", CacheSettings, absent=CacheSettings())
-    metrics: MetricsSettings = section("metrics", MetricsSettings, absent=MetricsSettings())
+    http: HttpSettings = section("http", HttpSettings, absent=HttpSettings())
     call_log: CallLogSettings = section("call_log", CallLogSettings, absent=CallLogSettings())
     # The call card and the user directory are on when their section is there, even empty.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
@@ -358,7 +365,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         data = LocatedDict()
     if not isinstance(data, LocatedDict):
         raise ConfigError([Problem(file, 1, "", "the file must be a mapping of sections")])
-    check.unknown_keys(data, "", schema.keys(Config))
+    check.unknown_keys(_without(data, LEGACY_HTTP_SECTION), "", schema.keys(Config))  # read, not offered
 
     def read(name: str) -> Any:
         return check.field(Config, name, data)
@@ -366,26 +373,27 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     # Sections are read in this order, which problems on one line keep.
     server = read("server")
     bitrix = _bitrix(check, check.section(data, "bitrix", "bitrix", schema.keys(BitrixSettings)), environ)
-    cache, metrics, call_log = read("cache"), read("metrics"), read("call_log")
+    cache, call_log = read("cache"), read("call_log")
+    http, http_name, http_notes = _http(check, data)
     country = read("default_country")
     prefix = read("variable_prefix")
     policy = compile_routing(check, check.section(data, "routing", "routing", ROUTING_KEYS), country)
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
-    callcard, deprecated = _cards_deadline(file, data, callcard)
+    callcard, cards_notes = _cards_deadline(file, data, callcard)
     redis = _redis(check, data, environ, bitrix)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
                       "redis names the redis section's Redis, but there is no redis section")
-    if bitrix.oauth is not None and bitrix.oauth.install_path and not metrics.enabled:
+    if bitrix.oauth is not None and bitrix.oauth.install_path and not http.enabled:
         oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
-                      "is served on metrics.listen, which is off")
+                      f"is served on {http_name}.listen, which is off")
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
-                  cache=cache, metrics=metrics, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  deprecated=deprecated)
+                  cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
+                  deprecated=http_notes + cards_notes)
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
@@ -403,6 +411,30 @@ def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) ->
                    " callcard.cards.deadline is not set; set callcard.cards.deadline for them")
     cards_deadline = dataclasses.replace(callcard.cards, deadline=callcard.register.deadline)
     return dataclasses.replace(callcard, cards=cards_deadline), (note,)
+
+
+def _without(mapping: LocatedDict, key: str) -> LocatedDict:
+    rest = LocatedDict()
+    rest.update((k, v) for k, v in mapping.items() if k != key)
+    rest.line, rest.lines = mapping.line, mapping.lines
+    return rest
+
+
+def _http(check: Checker, data: LocatedDict) -> tuple[HttpSettings, str, tuple[Problem, ...]]:
+    """The http section, or the same keys under its old name `metrics` with a deprecation note;
+    also the name the file uses, for messages about it."""
+    if LEGACY_HTTP_SECTION not in data:
+        return check.field(Config, "http", data), "http", ()
+    line = data.lines[LEGACY_HTTP_SECTION]
+    if "http" in data:
+        check.problem(line, LEGACY_HTTP_SECTION, "is the old name of the http section, which is also here;"
+                                                 " move its keys into http")
+        return check.field(Config, "http", data), "http", ()
+    section = check.section(data, LEGACY_HTTP_SECTION, LEGACY_HTTP_SECTION, schema.keys(HttpSettings))
+    note = Problem(check.file, line, LEGACY_HTTP_SECTION,
+                   "deprecated: this section also serves the admin page and the install callback and is now"
+                   " called http (same keys: listen, token_file, ...); rename it, the old name will go")
+    return check.read(HttpSettings, section, LEGACY_HTTP_SECTION), LEGACY_HTTP_SECTION, (note,)
 
 
 def _responsible_numbers(check: Checker, data: LocatedDict, callcard: CallCardSettings,

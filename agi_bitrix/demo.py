@@ -44,8 +44,8 @@ async def run_demo(host: str, port: int, *, once: bool = False) -> int:
             host, port = await app.start(host, 0)
         print(f"Bitrix24 emulator: {app.portal.redacted_url} ({len(SAMPLE_CRM)} sample clients)")
         print(f"FastAGI server:    agi://{host}:{port}/route (shipped default rules)")
-        if app.monitoring is not None and app.monitoring.address is not None:
-            web_host, web_port = app.monitoring.address
+        if app.http_listener is not None and app.http_listener.address is not None:
+            web_host, web_port = app.http_listener.address
             print(f"Admin page:        http://{web_host}:{web_port}/ (why each call went where; try a number)")
         print()
         matched = await _play_samples(host, port, config.variable_prefix)

@@ -1,4 +1,4 @@
-"""What Grafana and a load balancer see: Prometheus metrics and a health check over HTTP.
+"""What Grafana sees: the Prometheus metrics, served by the HTTP listener (agi_bitrix.http_listener).
 
 Counters and histograms are pushed by the parts that see the events (calls, portal requests,
 reloads); gauges (sessions in flight, breaker state, cache size) are read when scraped. Each
@@ -10,11 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agi_bitrix.bitrix.errors import metric_reason
 
@@ -39,6 +37,8 @@ class Metrics:
         self.reloads = Counter("agi_bitrix_config_reloads", "Config reloads by result.", ["result"], registry=r)
         self.refused = Counter("agi_bitrix_refused_connections", "Connections dropped before a session.",
                                ["reason"], registry=r)
+        self.http_refused = Counter("agi_bitrix_http_refused_connections", "Connections to the HTTP listener"
+                                    " closed unserved, by reason.", ["reason"], registry=r)
         self.sessions = Gauge("agi_bitrix_sessions_in_flight", "FastAGI sessions open now.", registry=r)
         self.breaker = Gauge("agi_bitrix_portal_breaker_state",
                              "1 for the circuit breaker's current state.", ["state"], registry=r)
@@ -75,6 +75,9 @@ class Metrics:
     def count_refused(self, reason: str) -> None:
         self.refused.labels(reason).inc()
 
+    def count_http_refused(self, reason: str) -> None:
+        self.http_refused.labels(reason).inc()
+
     def count_call(self, status: str, route: str, rule: str) -> None:
         # labels() takes a lock and builds a key on every call; the few combinations repeat.
         child = self._call_counters.get((status, route, rule))
@@ -92,58 +95,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-# A handler of form POSTs: (the request's text fields, the peer's address) -> (HTTP status, JSON body).
-FormHandler = Callable[[Mapping[str, str], str], Awaitable[tuple[int, dict[str, str]]]]
-
-
-class MonitoringServer:
-    """/metrics (Prometheus text format), /healthz (JSON; 503 when calls cannot be routed by CRM),
-    the form POSTs the portal sends here (the OAuth install callback), by path, and the admin
-    page's routes (agi_bitrix.web), added by `pages`."""
-
-    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]],
-                 forms: Mapping[str, FormHandler] | None = None,
-                 pages: Callable[[web.Application], None] | None = None) -> None:
-        self.metrics = metrics
-        self.health = health
-        self.forms = dict(forms or {})
-        self.pages = pages
-        self._runner: web.AppRunner | None = None
-        self.address: tuple[str, int] | None = None
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        for path, handler in self.forms.items():
-            app.router.add_post(path, functools.partial(self._form, handler))
-        if self.pages is not None:
-            self.pages(app)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.address = self._runner.addresses[0][:2]
-        return self.address
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        healthy, body = self.health()
-        return web.json_response(body, status=200 if healthy else 503)
-
-    async def _form(self, handler: FormHandler, request: web.Request) -> web.Response:
-        fields = dict(request.query.items())
-        fields.update((key, value) for key, value in (await request.post()).items() if isinstance(value, str))
-        status, body = await handler(fields, request.remote or "?")
-        return web.json_response(body, status=status)
 
 
 def _is_state(current: Callable[[], str], state: str) -> float:

@@ -151,7 +151,7 @@ def bench_config(webhook_url: str, port: int, deadline: float = 2.0, ttl: float 
     metrics = f"'127.0.0.1:{metrics_port}'" if metrics_port else "off"
     path.write_text(
         f"server: {{listen: '127.0.0.1:{port}', max_sessions: 5000, header_timeout: 10}}\n"
-        f"metrics: {{listen: {metrics}}}\n"
+        f"http: {{listen: {metrics}}}\n"
         f"bitrix: {{webhook_url: '{webhook_url}', deadline: {deadline},"
         " rate_limit: {per_second: 10000, burst: 100000}, pool_size: 50}\n"
         f"cache: {{found_ttl: {ttl}, not_found_ttl: {ttl}}}\n" + routing, encoding="utf-8")

@@ -86,7 +86,7 @@ def server_config(webhook_url: str, port: int, metrics_port: int, operating_limi
     path = Path(tempfile.mkdtemp(prefix="agi-portal-bench-")) / "bench.yaml"
     path.write_text(
         f"server: {{listen: '127.0.0.1:{port}', max_sessions: 5000}}\n"
-        f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n"
+        f"http: {{listen: '127.0.0.1:{metrics_port}'}}\n"
         f"bitrix: {{webhook_url: '{webhook_url}', deadline: {DEADLINE}, operating_limit: {operating_limit}}}\n"
         + routing, encoding="utf-8")
     return path

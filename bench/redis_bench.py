@@ -36,7 +36,7 @@ CONCURRENCY = 50
 
 def config(webhook_url: str, redis: str) -> str:
     return f"""\
-metrics: {{listen: off}}
+http: {{listen: off}}
 server: {{listen: "127.0.0.1:4573"}}
 bitrix: {{webhook_url: "{webhook_url}", deadline: 1.0}}
 {redis}

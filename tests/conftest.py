@@ -3,15 +3,19 @@
 import asyncio
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
+import aiohttp
 import pytest
 
 from agi_bitrix.app import Application
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import parse_config
 from agi_bitrix.testing.portal import PortalEmulator
-from agi_bitrix.testing.sample_data import SAMPLE_CRM
+from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
+from tests.network import free_port
+from tests.redis_server import RedisServer
 
 TEST_RULES = """\
   - name: sales-did
@@ -58,12 +62,53 @@ def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float =
     return parse_config(text, "test-config.yaml")
 
 
+PortalFactory = Callable[..., Awaitable[PortalEmulator]]
+
+
 @pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
+async def make_portal() -> AsyncIterator[PortalFactory]:
+    """Starts portal emulators for one test and stops them all after it: `await make_portal()` is the
+    sample portal (the demo's CRM and users); keywords go to `PortalEmulator` (crm=, code=,
+    rate_limit=, round_trip=, application_only=, ...), so a test names only what it changes."""
+    started: list[PortalEmulator] = []
+
+    async def make(**options: Any) -> PortalEmulator:
+        options.setdefault("crm", SAMPLE_CRM)
+        options.setdefault("users", SAMPLE_USERS)
+        emulator = PortalEmulator(**options)
+        await emulator.start()
+        started.append(emulator)
+        return emulator
+
+    yield make
+    for emulator in reversed(started):
+        await emulator.stop()
+
+
+@pytest.fixture
+async def portal(make_portal: PortalFactory) -> PortalEmulator:
+    """The sample portal. Its users (names, a fired owner) matter only where a config turns on `users:`."""
+    return await make_portal()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A real redis-server for the test, on a free port, in its own folder (tests/redis_server.py)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def monitored(portal):
+    """The application with its monitoring listener on a free port, against the sample portal;
+    yields (app, AGI host, AGI port, the listener's base URL, an HTTP session)."""
+    metrics_port = free_port()
+    app = Application(make_config(portal.webhook_url, metrics=f'"127.0.0.1:{metrics_port}"'))
+    host, port = await app.start("127.0.0.1", 0)
+    async with aiohttp.ClientSession() as http:
+        yield app, host, port, f"http://127.0.0.1:{metrics_port}", http
+    await app.stop()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 does, against the portal emulator over real HTTP, with the outbox in a real SQLite file."""
 
 import asyncio
-import socket
 import sys
 import textwrap
 import time
@@ -13,10 +12,9 @@ from agi_bitrix.app import Application
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
-from agi_bitrix.testing.portal import PortalEmulator
-from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, until
 from tests.filesystems import fill, remount, tmpfs
+from tests.network import free_port
 
 REGISTER = "telephony.externalcall.register"
 FINISH = "telephony.externalcall.finish"
@@ -43,14 +41,6 @@ def callcard_config(webhook_url, outbox, callcard="", users="users: {refresh: 60
             retry: {retry}
         """) + textwrap.indent(textwrap.dedent(callcard), "  ")
     return parse_config(text, "callcard-test.yaml")
-
-
-@pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
 
 
 class Running:
@@ -434,12 +424,6 @@ async def test_a_reload_changes_register_settings_without_a_restart(portal, tmp_
     assert users == ["1", "2"]
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def test_serve_refuses_to_share_an_outbox_with_a_running_server(server, portal, tmp_path):
     # `server` holds tmp_path/outbox.sqlite3; a second process on the same file would send
     # finishes twice, so it must not start.
@@ -547,9 +531,9 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
 
     merged, extra = yaml.safe_load(textwrap.dedent(oauth)), yaml.safe_load(install)
     merged["bitrix"]["oauth"].update(extra["bitrix"]["oauth"])
-    config = parse_config(yaml.safe_dump({**merged, "metrics": extra["metrics"]}) + routing, "call-card.md",
+    config = parse_config(yaml.safe_dump({**merged, "http": extra["http"]}) + routing, "call-card.md",
                           environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
-    assert (config.bitrix.oauth.install_path, config.metrics.host, config.metrics.enabled) == (
+    assert (config.bitrix.oauth.install_path, config.http.host, config.http.enabled) == (
         "/bitrix/install", "0.0.0.0", True)
 
 

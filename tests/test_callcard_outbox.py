@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agi_bitrix.callcard import outbox as outbox_module
+from agi_bitrix.callcard import delivery
+from agi_bitrix.callcard.delivery import Verdict, judge
 from agi_bitrix.callcard.outbox import (
     DELIVERED_RETENTION,
     Entry,
@@ -400,7 +401,7 @@ async def test_finishes_are_kept_in_memory_while_the_folder_cannot_be_used_and_s
 
 
 async def test_past_the_memory_bound_a_finish_is_lost_loudly_and_counted(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(outbox_module, "MAX_KEPT", 2)
+    monkeypatch.setattr(delivery, "MAX_KEPT", 2)
     blocker = tmp_path / "state"
     blocker.write_text("")
     outbox = Outbox(blocker / "o.sqlite3", ScriptedSender(), RETRY, clock=Clock())
@@ -411,3 +412,28 @@ async def test_past_the_memory_bound_a_finish_is_lost_loudly_and_counted(tmp_pat
     await outbox.close()  # still down: the two kept are lost too, each logged
     assert (outbox.kept, outbox.lost) == (0, 3)
     assert sum(r.getMessage().startswith(("finish a is LOST", "finish b is LOST")) for r in caplog.records) == 2
+
+
+# -- the delivery policy alone (callcard/delivery.py's judge: pure, shared by both stores) -----------
+
+@pytest.mark.parametrize("outcome, now, verdict", [
+    (Outcome("delivered", "note"), 100.0, Verdict("delivered", "note")),
+    (Outcome("wait", "being written", retry_at=130.0), 100.0, Verdict("wait", "being written", at=130.0)),
+    # The third attempt failed for now: 5 s doubled twice, and every row waits that long.
+    (Outcome("retry", "timeout"), 100.0, Verdict("retry", "timeout", at=120.0, delay=20.0)),
+    (Outcome("retry", "timeout"), 90.0 + 86400, Verdict("failed", "gave up after 3 attempts in 86400 s: timeout")),
+    (Outcome("failed", "ERROR_CORE: bad"), 100.0, Verdict("failed", "ERROR_CORE: bad")),
+])
+def test_the_judge_of_an_attempt(outcome, now, verdict):
+    entry = Entry("k", {}, attempt=3, queued_at=90.0)
+    assert judge(entry, outcome, now, RetryPolicy(first_delay=5, max_delay=600, give_up_after=86400)) == verdict
+
+
+def test_down_is_said_once_at_error_however_the_reason_changes_meanwhile(tmp_path, caplog):
+    """A restarting Redis answers "closed by server", then "reset by peer": one change, one ERROR."""
+    outbox = Outbox(tmp_path / "o.sqlite3", ScriptedSender(), RETRY, clock=Clock())
+    outbox._storage_failed("cannot use outbox: ConnectionError: Connection closed by server.")
+    outbox._storage_failed("cannot use outbox: ConnectionError: Connection reset by peer")
+    outbox._storage_failed("cannot use outbox: ConnectionError: Connection reset by peer")
+    assert [r.levelname for r in caplog.records if r.name == "agi_bitrix.outbox"] == ["ERROR", "WARNING"]
+    assert outbox.problem.endswith("reset by peer")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agi_bitrix.testing.fake_asterisk import fake_call
+from tests.network import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "agi-bitrix.yaml"
@@ -71,12 +72,6 @@ async def agi_bitrix_async(*args, env=None):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_serve_routes_a_call_and_never_logs_the_webhook_code(portal):

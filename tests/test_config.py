@@ -179,12 +179,12 @@ def test_operational_settings():
     assert [str(n) for n in config.server.allowed_clients] == ["10.0.0.5/32", "192.168.1.0/24", "::1/128"]
     assert (config.server.session_timeout, config.server.max_sessions) == (20.0, 500)
     assert (config.cache.found_ttl, config.cache.not_found_ttl, config.cache.stale_for) == (0.0, 10.0, 600.0)
-    assert not config.metrics.enabled
+    assert not config.http.enabled
     assert (config.call_log.format, config.call_log.mask_numbers) == ("json", True)
     defaults = parse_config(BASE)
     assert [str(n) for n in defaults.server.allowed_clients] == ["127.0.0.0/8", "::1/128"]
     assert (defaults.bitrix.rate_per_second, defaults.bitrix.rate_burst) == (2.0, 40)
-    assert (defaults.metrics.host, defaults.metrics.port) == ("127.0.0.1", 9573)
+    assert (defaults.http.host, defaults.http.port) == ("127.0.0.1", 9573)
 
 
 def test_operational_mistakes():
@@ -291,7 +291,7 @@ def test_the_allowed_keys_of_a_section_come_from_its_declarations():
     assert schema.keys(BitrixSettings) == ("webhook_url", "deadline", "rate_limit", "operating_limit", "pool_size",
                                            "breaker", "oauth")
     assert schema.keys(BitrixSettings, "rate_limit") == ("per_second", "burst")
-    assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "metrics",
+    assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "http",
                                    "call_log", "callcard", "users", "redis")
     assert problems(BASE + "cache: {colour: 1}\n") == [
         "test.yaml:5: cache.colour: unknown key; expected one of: found_ttl, not_found_ttl, stale_for, max_entries"]

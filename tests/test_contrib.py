@@ -250,7 +250,7 @@ async def test_healthz_the_admin_page_and_the_portals_user_agent_say_the_same_ve
     host, port = await app.start("127.0.0.1", 0)
     try:
         await fake_call(host, port, callerid="89161234567")
-        base = "http://{}:{}".format(*app.monitoring.address)
+        base = "http://{}:{}".format(*app.http_listener.address)
         async with aiohttp.ClientSession() as http:
             async with http.get(base + "/healthz") as answer:
                 health = await answer.json()

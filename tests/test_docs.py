@@ -61,7 +61,7 @@ def test_a_key_missing_from_the_settings_table_is_noticed():
 def test_the_settings_table_shows_each_declaration():
     table = {key: (default, accepts) for key, default, accepts in settings_reference().rows()}
     assert table["server.listen"][0] == "127.0.0.1:4573"
-    assert table["metrics.listen"][0] == "127.0.0.1:9573"
+    assert table["http.listen"][0] == "127.0.0.1:9573"
     assert table["bitrix.deadline"] == ("2", "over 0, at most 30 seconds")
     assert table["bitrix.oauth.token_url"][0] == "https://oauth.bitrix.info/oauth/token/"
     assert table["cache.found_ttl"][1].endswith("(0: off)")

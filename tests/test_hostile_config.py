@@ -22,19 +22,7 @@ from agi_bitrix.service import call_info
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import ample_budget
 from tests.test_cli import agi_bitrix
-
-BASE = """\
-bitrix:
-  webhook_url: https://portal.example/rest/1/secretcode/
-routing:
-  fallback_queue: support
-"""
-
-
-def problems(text: str, environ=None) -> list[str]:
-    with pytest.raises(ConfigError) as error:
-        parse_config(textwrap.dedent(text), "test.yaml", environ or {})
-    return [str(p) for p in error.value.problems]
+from tests.test_config import BASE, problems
 
 
 def alias_bomb(levels: int) -> str:
@@ -105,7 +93,7 @@ def test_quoted_values_are_cut_and_long_keys_too():
     assert found == [
         "test.yaml:4: routing.fallback_queue: '" + "q" * 79 + "… must be letters, digits, '_', '.', '-'",
         "test.yaml:5: " + "z" * 160 + "…: unknown key; expected one of: server, bitrix, phones, variables,"
-        " routing, cache, metrics, call_log, callcard, users, redis",
+        " routing, cache, http, call_log, callcard, users, redis",
     ]
 
 

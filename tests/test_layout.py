@@ -18,14 +18,16 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.schema": set(),
     "agi_bitrix.phones": set(),
     "agi_bitrix.background": set(),
+    "agi_bitrix.redis_link": set(),
     "agi_bitrix.checking": {"agi_bitrix.schema"},
     "agi_bitrix.agi": set(),
-    "agi_bitrix.bitrix": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.phones", "agi_bitrix.background"},
+    "agi_bitrix.bitrix": {"agi_bitrix", "agi_bitrix.schema", "agi_bitrix.phones", "agi_bitrix.background",
+                          "agi_bitrix.redis_link"},
     "agi_bitrix.routing": {"agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.checking"},
     "agi_bitrix.config": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones", "agi_bitrix.bitrix.settings",
-                          "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules"},
+                          "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules", "agi_bitrix.redis_link"},
     "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
-                            "agi_bitrix.background"},
+                            "agi_bitrix.background", "agi_bitrix.redis_link"},
     "agi_bitrix.callrecord": {"agi_bitrix.bitrix.models", "agi_bitrix.routing.engine"},
     "agi_bitrix.trace": {"agi_bitrix.callrecord"},
     "agi_bitrix.calllog": {"agi_bitrix.config", "agi_bitrix.callrecord"},
@@ -38,9 +40,11 @@ LAYERS: dict[str, set[str]] = {
     # records, their trace as `agi-bitrix route` prints it, and the rules as the admin wrote them.
     "agi_bitrix.web": {"agi_bitrix", "agi_bitrix.bitrix.client", "agi_bitrix.routing.rules", "agi_bitrix.config",
                        "agi_bitrix.callrecord", "agi_bitrix.trace", "agi_bitrix.calllog", "agi_bitrix.service"},
+    # The one HTTP listener: /metrics, /healthz, and what the Application hands it (admin page, install callback).
+    "agi_bitrix.http_listener": {"agi_bitrix.config", "agi_bitrix.monitoring"},
     "agi_bitrix.app": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix", "agi_bitrix.config",
                        "agi_bitrix.callcard", "agi_bitrix.calllog", "agi_bitrix.monitoring", "agi_bitrix.server",
-                       "agi_bitrix.service", "agi_bitrix.web"},
+                       "agi_bitrix.service", "agi_bitrix.web", "agi_bitrix.http_listener"},
     "agi_bitrix.explain": {"agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.service", "agi_bitrix.trace"},
     "agi_bitrix.ruletest": {"agi_bitrix.bitrix.models", "agi_bitrix.checking", "agi_bitrix.routing",
                             "agi_bitrix.config", "agi_bitrix.service"},
@@ -58,10 +62,14 @@ CALLCARD_SCRIPTS = {"agi_bitrix.callcard.register", "agi_bitrix.callcard.cards",
 TESTING_USERS = {"agi_bitrix.demo"}
 # The admin page is wired in by the Application alone; nothing it reads may import it back.
 WEB_USERS = {"agi_bitrix.app"}
-# Redis is reached through the shared state and the Redis outbox alone: everything else sees their
-# narrow interfaces (RequestBudget, OperatingBudget, CircuitBreaker, SharedAnswers, OutboxStore)
-# and works the same without it.
-REDIS_USERS = {"agi_bitrix.bitrix.shared", "agi_bitrix.callcard.redis_outbox"}
+# Redis is reached through one link (its URL parser and redactor, its client policy, its health):
+# the shared state and the Redis outbox connect through it, everything else sees their narrow
+# interfaces (RequestBudget, OperatingBudget, CircuitBreaker, SharedAnswers, OutboxStore) and
+# works the same without it.
+REDIS_USERS = {"agi_bitrix.redis_link"}
+# Who connects through the link.
+REDIS_LINK_USERS = {"agi_bitrix.bitrix.shared", "agi_bitrix.callcard.redis_outbox", "agi_bitrix.bitrix.settings",
+                    "agi_bitrix.config"}
 
 
 def module_name(path: Path) -> str:
@@ -168,6 +176,12 @@ def test_only_the_shared_state_talks_to_redis():
             if any(name == "redis" or name.startswith("redis.") for name in names):
                 users.add(module_name(path))
     assert users == REDIS_USERS
+
+
+def test_only_the_shared_state_the_outbox_and_the_url_check_use_the_redis_link():
+    users = {module_name(path) for path in PACKAGE.rglob("*.py")
+             if "agi_bitrix.redis_link" in package_imports(path)}
+    assert users == REDIS_LINK_USERS
 
 
 def test_both_forms_of_import_are_seen(tmp_path):

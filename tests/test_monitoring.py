@@ -22,23 +22,6 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import ample_budget, make_config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-async def monitored(portal):
-    metrics_port = free_port()
-    config = make_config(portal.webhook_url, metrics=f'"127.0.0.1:{metrics_port}"')
-    app = Application(config)
-    host, port = await app.start("127.0.0.1", 0)
-    async with aiohttp.ClientSession() as http:
-        yield app, host, port, f"http://127.0.0.1:{metrics_port}", http
-    await app.stop()
-
-
 async def scrape(http, base) -> str:
     async with http.get(f"{base}/metrics") as response:
         assert response.status == 200
@@ -175,7 +158,7 @@ async def test_metrics_port_taken_does_not_stop_calls(portal, caplog):
             assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "101"
         finally:
             await app.stop()
-    assert any("metrics and /healthz are OFF" in r.getMessage() for r in caplog.records)
+    assert any("metrics, /healthz and the admin page are OFF" in r.getMessage() for r in caplog.records)
 
 
 def session_failing_inside_aiohttp() -> aiohttp.ClientSession:

@@ -21,22 +21,17 @@ from agi_bitrix.bitrix.oauth import EXPIRY_MARGIN, OAuthTokens, TokenFile, Token
 from agi_bitrix.bitrix.settings import OAuthSettings
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
-from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_oauth import OAuthServer
-from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import TEST_RULES, until
-from tests.test_cli import free_port
+from tests.network import free_port
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
 
 
 @pytest.fixture
-async def emulator():
-    portal = PortalEmulator(SAMPLE_CRM)
-    await portal.start()
-    yield portal
-    await portal.stop()
+async def emulator(make_portal):
+    return await make_portal()
 
 
 @pytest.fixture
@@ -455,7 +450,7 @@ async def test_rejected_tokens_show_in_healthz_and_every_call_gets_the_reason(oa
     try:
         # More calls than bitrix.breaker.failures: still the true reason, not circuit_open.
         calls = [(await fake_call(host, port, callerid=f"8916123456{n}")).variables for n in range(5)]
-        status, health = await get_health(app.monitoring.address)
+        status, health = await get_health(app.http_listener.address)
     finally:
         await app.stop()
     assert {(v["B24_STATUS"], v["B24_ERROR"], v["B24_TARGET"]) for v in calls} == {
@@ -468,7 +463,7 @@ async def test_rejected_tokens_show_in_healthz_and_every_call_gets_the_reason(oa
 
 
 async def test_healthz_names_the_webhook_mode(portal_webhook_app):
-    status, health = await get_health(portal_webhook_app.monitoring.address)
+    status, health = await get_health(portal_webhook_app.http_listener.address)
     assert status == 200 and health["auth"] == {"mode": "webhook"}
 
 
@@ -492,7 +487,7 @@ async def installing(oauth_portal, tmp_path):
                           metrics=f'"127.0.0.1:{free_port()}"')
     app = Application(config)
     address = await app.start("127.0.0.1", 0)
-    host, port = app.monitoring.address
+    host, port = app.http_listener.address
     yield app, address, f"http://{host}:{port}/bitrix/install", token_path
     await app.stop()
 

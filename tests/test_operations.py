@@ -6,6 +6,7 @@ import time
 from ipaddress import ip_network
 
 from agi_bitrix.app import Application
+from agi_bitrix.config import load_config
 from agi_bitrix.server import _allowed
 from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
 from tests.conftest import make_config, until
@@ -19,6 +20,21 @@ async def started(config):
     app = Application(config)
     host, port = await app.start("127.0.0.1", 0)
     return app, host, port
+
+
+async def started_from_file(path, text):
+    """The application started from a config file at `path` holding `text`; a test rewrites it to reload."""
+    path.write_text(text)
+    return await started(load_config(path))
+
+
+def config_up_to_the_rules(portal) -> str:
+    """A config file's text for `portal`, ending where its rules begin: a test appends them."""
+    return (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
+            "routing:\n  fallback_queue: support\n  rules:\n")
+
+
+EVERYONE_TO_SALES = "    - {name: everyone-to-sales, route: {queue: sales}}\n"
 
 
 async def closed_at_once(host, port) -> bool:
@@ -100,12 +116,8 @@ async def test_graceful_stop_finishes_calls_in_flight(portal):
 
 async def test_reload_applies_a_good_config_and_refuses_a_bad_one(portal, tmp_path):
     path = tmp_path / "agi-bitrix.yaml"
-    text = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
-            "routing:\n  fallback_queue: support\n  rules:\n")
-    path.write_text(text + "    - {name: everyone-to-sales, route: {queue: sales}}\n")
-    from agi_bitrix.config import load_config
-
-    app, host, port = await started(load_config(path))
+    text = config_up_to_the_rules(portal)
+    app, host, port = await started_from_file(path, text + EVERYONE_TO_SALES)
     try:
         assert (await fake_call(host, port, callerid="89161234567")).variables["B24_TARGET"] == "sales"
         path.write_text(text + "    - {name: everyone-to-desk, route: {extension: '100'}}\n")
@@ -125,10 +137,7 @@ async def test_reload_swaps_the_whole_runtime_and_keeps_what_outlives_it(portal,
     base = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0,'
             ' rate_limit: {per_second: 2, burst: 40}}\n'
             "routing:\n  fallback_queue: support\n  rules: []\n")
-    path.write_text(base)
-    from agi_bitrix.config import load_config
-
-    app, host, port = await started(load_config(path))
+    app, host, port = await started_from_file(path, base)
     try:
         first = app.runtime
         path.write_text(base.replace("fallback_queue: support", "fallback_queue: sales"))
@@ -173,12 +182,8 @@ async def test_many_stalled_sockets_do_not_delay_calls(portal):
 async def test_calls_are_answered_while_a_big_config_reloads(portal, tmp_path):
     """Parsing and checking thousands of rules takes seconds; it must not stop the event loop."""
     path = tmp_path / "agi-bitrix.yaml"
-    head = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
-            "routing:\n  fallback_queue: support\n  rules:\n")
-    path.write_text(head + "    - {name: everyone-to-sales, route: {queue: sales}}\n")
-    from agi_bitrix.config import load_config
-
-    app, host, port = await started(load_config(path))
+    head = config_up_to_the_rules(portal)
+    app, host, port = await started_from_file(path, head + EVERYONE_TO_SALES)
     rules = "".join(f"    - {{name: did-{n}, match: {{did: ['7495{n:07d}'], caller_regex: '7916{n % 1000:03d}.*'}},"
                     f" route: {{queue: q{n % 50}}}}}\n" for n in range(4000))
     path.write_text(head + rules + "    - {name: everyone-to-desk, route: {extension: '100'}}\n")
@@ -205,12 +210,8 @@ async def test_calls_are_answered_while_a_big_config_reloads(portal, tmp_path):
 async def test_two_reloads_in_a_row_run_one_after_the_other_and_any_failure_is_a_refused_reload(portal, tmp_path,
                                                                                                 caplog):
     path = tmp_path / "agi-bitrix.yaml"
-    head = (f'bitrix: {{webhook_url: "{portal.webhook_url}", deadline: 1.0}}\n'
-            "routing:\n  fallback_queue: support\n  rules:\n")
-    path.write_text(head + "    - {name: first, route: {queue: sales}}\n")
-    from agi_bitrix.config import load_config
-
-    app, host, port = await started(load_config(path))
+    head = config_up_to_the_rules(portal)
+    app, host, port = await started_from_file(path, head + "    - {name: first, route: {queue: sales}}\n")
     try:
         path.write_text(head + "    - {name: second, route: {queue: sales}}\n")
         app.reload_soon()

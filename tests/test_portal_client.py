@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import aiohttp
@@ -22,16 +21,16 @@ from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import ample_budget
+from tests.network import free_port as closed_port
 
 SECRET = "s3cr3t-webhook-code"
 ANNA = "79161234567"
 TIMEOUT = 0.2
 
 
-@pytest_asyncio.fixture
-async def portal():
-    async with PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, code=SECRET) as emulator:
-        yield emulator
+@pytest.fixture
+async def portal(make_portal):
+    return await make_portal(code=SECRET)
 
 
 @pytest_asyncio.fixture
@@ -51,12 +50,6 @@ async def failure(coroutine) -> PortalError:
     error = caught.value
     assert SECRET not in error.detail and SECRET not in str(error) and SECRET not in repr(error)
     return error
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- answers ----------------------------------------------------------------------------------------

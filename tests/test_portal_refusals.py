@@ -12,7 +12,6 @@ import logging
 import aiohttp
 import pytest
 
-from agi_bitrix.app import Application
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.errors import NotPermitted, PaymentRequired, PortalRefused
 from agi_bitrix.bitrix.oauth import request_tokens
@@ -21,32 +20,19 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_oauth import OAuthServer
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
-from tests.conftest import ample_budget, make_config, until
+from tests.conftest import ample_budget, until
 from tests.test_callcard import FINISH, REGISTER, UNKNOWN, Running, callcard_config, delivered_finishes
-from tests.test_monitoring import free_port
 from tests.test_oauth import CLIENT_ID, CLIENT_SECRET, oauth_settings_for
 
 SEARCH = "telephony.externalcall.searchcrmentities"
 
 
 @pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def monitored(portal):
-    metrics_port = free_port()
-    config = make_config(portal.webhook_url, metrics=f'"127.0.0.1:{metrics_port}"')
-    app = Application(config)
-    host, port = await app.start("127.0.0.1", 0)
+def monitored(monitored):
+    """conftest's `monitored`, with the breaker's cool-down short and the URL of /healthz."""
+    app, host, port, base, http = monitored
     app.memory.breaker.cool_down = 0.3  # what a reload of bitrix.breaker.cool_down sets
-    async with aiohttp.ClientSession() as http:
-        yield app, host, port, f"http://127.0.0.1:{metrics_port}/healthz", http
-    await app.stop()
+    return app, host, port, f"{base}/healthz", http
 
 
 async def health(http, url):

@@ -61,14 +61,6 @@ def recording_config(webhook_url, tmp_path, recording="", deadline=1.0, record_u
     return parse_config(text, "recording-test.yaml")
 
 
-@pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
-
-
 def write_closed(path, content=WAV, age=60.0):
     """A recording MixMonitor closed `age` seconds ago."""
     path.parent.mkdir(exist_ok=True)

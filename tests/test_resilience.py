@@ -313,11 +313,8 @@ KNOWN_OWNER = SAMPLE_CRM["79161234567"]
 
 
 @pytest.fixture
-async def timed_portal():
-    emulator = PortalEmulator(SAMPLE_CRM, rate_limit=(4.0, 50), round_trip=0.025)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
+async def timed_portal(make_portal):
+    return await make_portal(rate_limit=(4.0, 50), round_trip=0.025)
 
 
 @pytest.fixture

@@ -102,20 +102,27 @@ def test_hostile_mobile_falls_back_to_the_next_target():
     assert (d.route, d.target) == ("queue", "support")
 
 
-def policy(rules: str, extra: str = ""):
-    text = textwrap.dedent("""\
+def policy_text(rules: str, intervals: str = "") -> str:
+    """A config of `rules` (a YAML list), the fallback queue `support` and `intervals` (YAML under routing)."""
+    return textwrap.dedent("""\
         bitrix: {webhook_url: "https://p.example/rest/1/x/"}
         routing:
           fallback_queue: support
           timezone: Europe/Moscow
-          time_intervals:
-            business-hours:
-              - weekdays: [mon-fri]
-                times: ["09:00-18:00"]
-            nights: [{times: ["22:00-06:00"]}]
-          rules:
-        """) + textwrap.indent(textwrap.dedent(rules), "    ") + extra
-    return parse_config(text).policy
+        """) + intervals + "  rules:\n" + textwrap.indent(textwrap.dedent(rules), "    ")
+
+
+BUSINESS_HOURS_AND_NIGHTS = """\
+  time_intervals:
+    business-hours:
+      - weekdays: [mon-fri]
+        times: ["09:00-18:00"]
+    nights: [{times: ["22:00-06:00"]}]
+"""
+
+
+def policy(rules: str, extra: str = ""):
+    return parse_config(policy_text(rules, BUSINESS_HOURS_AND_NIGHTS) + extra).policy
 
 
 VIP = policy("""\
@@ -313,13 +320,7 @@ SPLIT_DAY = """\
 
 def one_rule(rule: str, intervals: str = ""):
     """A policy of one rule (named "r") and the fallback queue `support`."""
-    text = textwrap.dedent("""\
-        bitrix: {webhook_url: "https://p.example/rest/1/x/"}
-        routing:
-          fallback_queue: support
-          timezone: Europe/Moscow
-        """) + intervals + "  rules:\n" + textwrap.indent(textwrap.dedent(rule), "    ")
-    return parse_config(text).policy
+    return parse_config(policy_text(rule, intervals)).policy
 
 
 def decided(match: str, *entities, phone="79161234567", did="74951112233", now="thu 12:00", inactive=frozenset()):

@@ -3,10 +3,6 @@ happens when Redis goes away. Against a real redis-server on a free port (Debian
 installs it) and the portal emulator enforcing its bucket."""
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import time
 
 import pytest
@@ -22,59 +18,10 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import TEST_RULES, until
+from tests.network import free_port
 
 KNOWN_OWNER = SAMPLE_CRM["79161234567"]
 SEARCH = "telephony.externalCall.searchCrmEntities"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class RedisServer:
-    """A real redis-server in a temporary folder, started and killed by the test."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is missing; scripts/test installs it (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed (scripts/test installs it as root)")
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def server_config(portal, redis_url, *, deadline=1.0, rate=(2.0, 40), breaker="{failures: 3, cool_down: 1.0}",

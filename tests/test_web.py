@@ -3,7 +3,6 @@ shows, what it never shows (secrets, markup from the CRM, unmasked numbers), who
 what its form may do. The same page in a real browser: tests/test_web_browser.py."""
 
 import re
-import socket
 from dataclasses import replace
 from html import unescape
 
@@ -13,14 +12,15 @@ import pytest
 from agi_bitrix.app import Application
 from agi_bitrix.callrecord import CallRecord
 from agi_bitrix.checking import ConfigError
-from agi_bitrix.config import MetricsSettings, parse_config
+from agi_bitrix.config import HttpSettings, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
-from agi_bitrix.web.access import ADMIN_TOKEN_ENV, access_policy
+from agi_bitrix.web.access import ADMIN_TOKEN_ENV, LoginThrottle, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCalls
 from tests.conftest import make_config
+from tests.network import free_port
 
 # A CRM is edited by people: besides the sample CRM's extension `120&Local/666@evil` and mobile
 # with a newline and an EXEC, an owner whose fields are markup, as a user of the portal could type.
@@ -33,12 +33,6 @@ HOSTILE_CRM = {**SAMPLE_CRM, HOSTILE_PHONE: [{
                     "PERSONAL_MOBILE": HOSTILE_MOBILE, "WORK_PHONE": "", "PERSONAL_PHONE": None},
 }]}
 TOKEN = "correct-horse-battery-staple-42"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Site:
@@ -318,29 +312,113 @@ async def test_a_token_is_required_when_set_and_compared_whole(hostile_portal, m
         await site.app.stop()
 
 
+async def login_from(site: Site, address: str, token: str) -> int:
+    """POST the login form from a client bound to `address` (a loopback address of its own)."""
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(site.base + "/login", data={"token": token, "next": "/"},
+                             allow_redirects=False) as response:
+            return response.status
+
+
+async def test_wrong_tokens_from_one_address_never_lock_the_right_token_out_for_others(hostile_portal, monkeypatch,
+                                                                                       caplog):
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    site = await open_site(hostile_portal, listen="0.0.0.0")
+    try:
+        assert [await login_from(site, "127.0.0.2", f"guess-{n:012d}") for n in range(10)] == [403] * 10
+        assert await login_from(site, "127.0.0.2", "guess-number-eleven") == 429  # the guesser waits...
+        assert await login_from(site, "127.0.0.2", TOKEN) == 429  # ...and learns nothing from its next try
+        assert await login_from(site, "127.0.0.3", "another-guess-12345") == 403  # counted apart
+        assert await login_from(site, "127.0.0.1", TOKEN) == 303  # the admin logs in
+    finally:
+        await site.http.close()
+        await site.app.stop()
+    logged = [r.getMessage() for r in caplog.records if "wrong access token" in r.getMessage()]
+    assert logged == ["admin page: a wrong access token from 127.0.0.2",
+                      "admin page: 10 wrong access tokens from 127.0.0.2 in a minute; its logins wait",
+                      "admin page: a wrong access token from 127.0.0.3"]  # not one line per guess
+
+
+def test_wrong_tokens_are_counted_per_address_and_ipv6_prefix_and_forgotten():
+    now = [0.0]
+    throttle = LoginThrottle(3, 60.0, clock=lambda: now[0], max_sources=2)
+    for _ in range(3):
+        throttle.failed("2001:db8:1:2::10")
+    assert throttle.wait("2001:db8:1:2:ffff::1") == 60.0  # the same /64
+    assert throttle.wait("2001:db8:1:3::10") == 0.0
+    throttle.failed("::ffff:192.0.2.7")
+    assert throttle.wait("192.0.2.7") == 0.0 and len(throttle._failures) == 2
+    now[0] = 61.0
+    assert throttle.wait("2001:db8:1:2::10") == 0.0  # a minute later
+    throttle.failed("192.0.2.8")
+    throttle.failed("192.0.2.9")
+    assert set(throttle._failures) == {"192.0.2.8", "192.0.2.9"}  # at most max_sources remembered
+
+
+# Each would send the browser to another site after the login: browsers drop tabs and newlines
+# from a URL and read "\\" as "/"; proxies decode %2F; "https:" and "//" name a host outright.
+HOSTILE_NEXT = [
+    "/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example", "//evil.example", "///evil.example",
+    "/\\evil.example", "\\/evil.example", "/\\/evil.example", "/calls\\..\\..\\evil", "https://evil.example/",
+    "https:evil.example", "http:/evil.example", "javascript:alert(1)", "evil.example", " /evil.example",
+    "/%2F/evil.example", "/%2f%2fevil.example", "/%5Cevil.example", "/%5c/evil.example", "/%09/evil.example",
+    "/%0d%0aSet-Cookie:x=1", "/%252F/evil.example", "/%25252F/evil.example", "/\u2215evil.example",
+    "/\uff0fevil.example", "/%E2%88%95evil.example", "/\u200b/evil.example", "/\x00/evil.example",
+    "/\x7f/evil.example", "/calls#//evil.example", "",
+]
+
+
+@pytest.mark.parametrize("target", HOSTILE_NEXT)
+def test_only_a_path_on_this_site_is_a_target_after_the_login(target):
+    assert local_path(target) == "/"
+
+
+def test_a_path_on_this_site_is_kept_as_it_is():
+    for target in ("/", "/calls", "/calls/12", "/try?number=1", "/calls%2F12", "/rules"):
+        assert local_path(target) == target
+
+
+async def test_the_login_never_sends_the_browser_to_another_site(hostile_portal, monkeypatch):
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    site = await open_site(hostile_portal, listen="0.0.0.0")
+    try:
+        for target in HOSTILE_NEXT:
+            status, html = await site.get("/login", params={"next": target})
+            assert status == 200 and re.search(r'name="next" value="([^"]*)"', html).group(1) == "/", target
+        for target in ("/\t/evil.example", "/\\evil.example", "/%2F/evil.example", "/calls"):
+            async with site.http.post(site.base + "/login", data={"token": TOKEN, "next": target},
+                                      allow_redirects=False) as response:
+                expected = "/calls" if target == "/calls" else "/"
+                assert (response.status, response.headers["Location"]) == (303, expected), target
+    finally:
+        await site.http.close()
+        await site.app.stop()
+
+
 async def test_a_token_file_that_cannot_be_used_turns_the_pages_off(tmp_path):
-    settings = MetricsSettings(token_file=str(tmp_path / "missing"))
+    settings = HttpSettings(token_file=str(tmp_path / "missing"))
     assert access_policy(settings, {}).refusal == (
-        f"the access token cannot be read from metrics.token_file {tmp_path / 'missing'}: No such file or directory")
+        f"the access token cannot be read from http.token_file {tmp_path / 'missing'}: No such file or directory")
     (tmp_path / "short").write_text("secret\n")
-    settings = MetricsSettings(host="0.0.0.0", token_file=str(tmp_path / "short"))
+    settings = HttpSettings(host="0.0.0.0", token_file=str(tmp_path / "short"))
     assert "shorter than 16 characters" in access_policy(settings, {}).refusal
     (tmp_path / "token").write_text(TOKEN + "\n")
-    settings = MetricsSettings(host="0.0.0.0", token_file=str(tmp_path / "token"))
+    settings = HttpSettings(host="0.0.0.0", token_file=str(tmp_path / "token"))
     policy = access_policy(settings, {})
     assert (policy.token, policy.refusal) == (TOKEN, "")
     assert access_policy(settings, {ADMIN_TOKEN_ENV: "from-the-environment-1234"}).token == "from-the-environment-1234"
-    on_loopback = access_policy(MetricsSettings(), {ADMIN_TOKEN_ENV: TOKEN})  # a token set is asked for there too
+    on_loopback = access_policy(HttpSettings(), {ADMIN_TOKEN_ENV: TOKEN})  # a token set is asked for there too
     assert on_loopback.token == TOKEN and not on_loopback.open_locally
 
 
 def test_token_file_must_be_an_absolute_path():
-    text = ("metrics: {listen: '127.0.0.1:9573', token_file: admin-token}\n"
+    text = ("http: {listen: '127.0.0.1:9573', token_file: admin-token}\n"
             "bitrix: {webhook_url: 'https://x.bitrix24.ru/rest/1/abc/'}\nrouting: {fallback_queue: support}\n")
     with pytest.raises(ConfigError) as error:
         parse_config(text, "a.yaml")
     assert [str(p) for p in error.value.problems] == [
-        "a.yaml:1: metrics.token_file: 'admin-token' must be an absolute path"]
+        "a.yaml:1: http.token_file: 'admin-token' must be an absolute path"]
 
 
 def test_recent_calls_count_per_minute_by_route():

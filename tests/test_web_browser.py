@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_oauth import OAuthServer
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
 from tests.conftest import make_config
+from tests.network import free_port
 from tests.test_oauth import CLIENT_ID, CLIENT_SECRET, oauth_config
 from tests.test_web import HOSTILE_CRM, HOSTILE_INNER, HOSTILE_MOBILE, HOSTILE_PHONE, TOKEN
 
@@ -52,9 +52,7 @@ class LiveServer:
 
     def __init__(self, *, listen: str = "127.0.0.1", crm: dict | None = None, oauth_folder: Path | None = None,
                  refresh_token: str | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.listen = listen
         self.base = f"http://127.0.0.1:{self.port}"
         self.oauth_server: OAuthServer | None = None
@@ -63,7 +61,7 @@ class LiveServer:
         self.thread.start()
         self.portal, self.app, self.agi = self.run(self._start(HOSTILE_CRM if crm is None else crm, oauth_folder,
                                                                refresh_token))
-        self.pages = self.app.monitoring.pages.__self__  # the AdminPages behind the routes
+        self.pages = self.app.http_listener.pages.__self__  # the AdminPages behind the routes
 
     async def _start(self, crm: dict, oauth_folder: Path | None,
                      refresh_token: str | None) -> tuple[PortalEmulator, Application, tuple[str, int]]:

@@ -10,7 +10,7 @@ Every error carries `reason`, short and machine-readable, which becomes `B24_ERR
 label, and `detail`, for humans and logs, which never holds a secret.
 
 What each refusal asks of us (the REST docs' _includes/system-errors.md and
-settings/oauth/error-codes.md):
+settings/oauth/error-codes.md); a queued request asks `retry_later`, which each class declares:
 - retry later: RateLimited, PortalUnavailable (and the timeouts and broken connections);
 - refresh: TokenExpired (a new access token may well be let in; the client refreshes once);
 - an admin must act: the other AuthRejected (a webhook code or token the portal does not know,
@@ -29,6 +29,12 @@ from typing import ClassVar
 class BitrixError(Exception):
     """A Bitrix24 request that gave no usable answer."""
 
+    # Retry later? True when the failure says nothing about the request itself (the portal or the
+    # way to it is down or busy, it does not let us in right now, we did not ask): a queued request
+    # (a finish, a recording) is kept and tried again, since an admin fixes credentials, scopes,
+    # payment, plan, URL or token file without touching the queue. False: this request is refused.
+    retry_later: ClassVar[bool] = False
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(reason, detail)
         self.reason = reason
@@ -45,13 +51,19 @@ class PortalError(BitrixError):
 class PortalTimeout(PortalError):
     """No answer within the deadline (reason "timeout", "oauth_timeout")."""
 
+    retry_later = True
+
 
 class PortalUnreachable(PortalError):
     """No connection, or it broke: refused, reset, DNS, TLS (reason "connect", "oauth_connect")."""
 
+    retry_later = True
+
 
 class BadResponse(PortalError):
     """An answer that is not the portal's: not HTTP, not JSON, not the method's shape, too large."""
+
+    retry_later = True
 
 
 class PortalRefused(PortalError):
@@ -62,6 +74,8 @@ class PortalRefused(PortalError):
 class RateLimited(PortalRefused):
     """Too many requests (QUERY_LIMIT_EXCEEDED, OVERLOAD_LIMIT, HTTP 429): every request of ours holds back."""
 
+    retry_later = True
+
 
 class OperatingTimeExceeded(RateLimited):
     """OPERATION_TIME_LIMIT: this one method used up its execution time in the portal's ten-minute
@@ -71,6 +85,8 @@ class OperatingTimeExceeded(RateLimited):
 
 class AuthRejected(PortalRefused):
     """The webhook, token or application is not (or no longer) let in, or lacks the scope."""
+
+    retry_later = True
 
 
 class TokenExpired(AuthRejected):
@@ -137,6 +153,8 @@ class PortalMisconfigured(PortalRefused):
     fails the same way until an admin changes the plan or the URL, so it opens the circuit breaker
     and /healthz names it; it is not one request's parameters."""
 
+    retry_later = True
+
     ADVICE: ClassVar[Mapping[str, str]] = {
         "ACCESS_DENIED": "Bitrix24 offers the REST API only on commercial plans (or the webhook's user has no access):"
                          " check the portal's plan and the user behind the webhook or application",
@@ -157,8 +175,16 @@ class BodyTooLarge(RequestRejected):
     The same body is refused every time; a smaller one may pass."""
 
 
+class CallNotFound(RequestRejected):
+    """The portal has no open call by this CALL_ID (any more): "Call is not found ..." with an empty
+    error code (bitrix24-rest-notes.md), answered to finish and attachRecord. After an attempt whose
+    answer was lost, it means that attempt finished the call."""
+
+
 class PortalUnavailable(PortalRefused):
     """The portal's side is broken right now (HTTP 5xx, INTERNAL_SERVER_ERROR, PORTAL_DELETED)."""
+
+    retry_later = True
 
 
 class RequestNotSent(BitrixError):
@@ -168,6 +194,8 @@ class RequestNotSent(BitrixError):
     rejected the application's tokens earlier and is not asked again until they change
     ("refresh_token_rejected", "oauth_client_rejected")."""
 
+    retry_later = True
+
 
 class LocalFault(BitrixError):
     """This machine could not make the request at all: a portal URL the HTTP library cannot encode
@@ -175,9 +203,13 @@ class LocalFault(BitrixError):
     the lookup path ("internal"). Not the portal's fault, but calls cannot be routed by the CRM
     while it lasts, so it counts as the portal failing."""
 
+    retry_later = True
+
 
 class TokenFileError(BitrixError):
     """The OAuth token file on this machine cannot be read or holds no refresh token."""
+
+    retry_later = True
 
     def __init__(self, detail: str) -> None:
         super().__init__("oauth_token_file", detail)
@@ -201,6 +233,8 @@ _REFUSALS: dict[str, type[PortalRefused]] = {
     **dict.fromkeys(("INTERNAL_SERVER_ERROR", "PORTAL_DELETED"), PortalUnavailable),
 }
 _SERVER_ERROR = re.compile(r"http_5[0-9][0-9]")
+# The portal names a call it does not have in words only (its error code is empty or generic).
+_CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
 
 # What a portal's error code must look like to be passed on as a reason (B24_ERROR, logs): an
 # identifier, ASCII, at most 64 characters. Anything else (a sentence, a newline, Cyrillic,
@@ -246,5 +280,9 @@ def refusal_class(code: str) -> type[PortalRefused]:
 
 
 def refusal(reason: str, detail: str) -> PortalRefused:
-    """The error for a portal answer that refused, by its code (or `http_NNN`)."""
-    return refusal_class(reason)(reason, detail)
+    """The error for a portal answer that refused, by its code (or `http_NNN`), or by its words
+    where the portal gives no code of its own (a call it does not have)."""
+    kind = refusal_class(reason)
+    if kind in (PortalRefused, RequestRejected) and _CALL_NOT_FOUND.search(detail):
+        return CallNotFound(reason, detail)
+    return kind(reason, detail)

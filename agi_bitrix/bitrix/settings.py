@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.schema import integer, number, section, text
 
 _PLACEHOLDER_CODE = "your-webhook-code"
@@ -115,13 +116,11 @@ class CacheSettings:
     max_entries: int = integer("max_entries", 100_000, 0, 10_000_000)
 
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
 def check_redis_url(value: str) -> str:
-    # The message never quotes the URL: it may hold a password.
-    if value and not value.startswith(_REDIS_SCHEMES):
-        raise ValueError("expected a URL like redis://HOST:6379/0, rediss://… (TLS) or unix:///run/redis.sock")
+    """The URL read as `serve` reads it (agi_bitrix.redis_link); the message never quotes it: it may
+    hold a password."""
+    if value:
+        parse_redis_url(value)
     return value
 
 

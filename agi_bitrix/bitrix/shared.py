@@ -13,13 +13,12 @@ answer when it lands); the breaker's state and each method's operating time are 
 Redis never costs a call its route: each command has `redis.timeout`; a failure marks the link
 down, and until a ping succeeds again (every `redis.retry_every`) each server works on its own
 state with its 1/`redis.servers` share of the portal's budget, as /healthz and
-agi_bitrix_redis_up say. The redis package's asyncio client is used with its own retries off:
-a caller is waiting, and the local state is the retry.
+agi_bitrix_redis_up say. The client is agi_bitrix.redis_link's (one URL parser and redactor, one
+policy for timeouts, retries off: a caller is waiting, and the local state is the retry).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -27,26 +26,19 @@ import logging
 import math
 import os
 import socket
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
+from agi_bitrix import redis_link
 from agi_bitrix.bitrix.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from agi_bitrix.bitrix.client import redact
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity, Owner
 from agi_bitrix.bitrix.operating import OperatingBudget
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.bitrix.settings import CacheSettings, RedisSettings
+from agi_bitrix.redis_link import RedisUnavailable
 
 log = logging.getLogger("agi_bitrix.redis")
 
-_T = TypeVar("_T")
 # Connections to Redis at once: commands are short, a few cover hundreds of calls a second.
 POOL_SIZE = 32
 # How often a server waiting for another's answer looks for it.
@@ -167,134 +159,29 @@ return 1
 """
 
 
-class SharedStateUnavailable(Exception):
-    """Redis did not answer in time, or not at all: the caller uses this server's own state."""
+# What the lookup catches: Redis did not answer in time, or not at all; it uses this server's own state.
+SharedStateUnavailable = RedisUnavailable
 
 
-class RedisLink:
-    """The connection to Redis, whether it is up, and the exchange the shared parts run on it."""
+class RedisLink(redis_link.RedisLink):
+    """The shared state's link to Redis (agi_bitrix.redis_link), with the redis section's settings:
+    while it is down each server takes 1/`servers` of the portal's budget."""
 
     def __init__(self, settings: RedisSettings) -> None:
+        super().__init__(
+            settings.url, timeout=settings.timeout, retry_every=settings.retry_every,
+            sync_every=settings.sync_every, max_connections=POOL_SIZE,
+            while_down=f"each server uses its own state and 1/{settings.servers} of the portal's budget until it"
+                       " is back",
+            when_back="sharing the portal's budget, answers and breaker again")
         self.settings = settings
         self.server_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-        self.client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.url, max_connections=POOL_SIZE, timeout=settings.timeout,
-            socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
-            # A caller is waiting: no retries inside the client; our local state is the retry.
-            retry=Retry(NoBackoff(), 0)))
-        self.up = True  # until a command says otherwise; the first exchange checks it
-        self.problem = ""
-        self.changed_at = time.monotonic()
-        self._exchanges: list[Callable[[], Awaitable[None]]] = []
-        self._scripts: list[str] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._password = self.client.connection_pool.connection_kwargs.get("password") or ""
-
-    @property
-    def redacted_url(self) -> str:
-        return self._clean(self.settings.url)
 
     def key(self, *parts: str) -> str:
         return self.settings.key_prefix + ":".join(parts)
 
-    def script(self, source: str) -> Any:
-        """A Lua script run by its SHA (loaded on start and on every return of Redis, and by the
-        client itself should Redis have lost it meanwhile)."""
-        self._scripts.append(source)
-        return self.client.register_script(source)
-
-    async def run(self, command: Callable[[], Awaitable[_T]]) -> _T:
-        """Run one command within redis.timeout; SharedStateUnavailable while Redis is down or on
-        any failure (which marks it down until a ping succeeds)."""
-        if not self.up:
-            raise SharedStateUnavailable(self.problem)
-        try:
-            async with asyncio.timeout(self.settings.timeout):
-                return await command()
-        except TimeoutError:
-            self._down(f"no answer within {self.settings.timeout:g} s")
-        except (RedisError, OSError) as error:
-            self._down(self._clean(f"{type(error).__name__}: {error}"))
-        raise SharedStateUnavailable(self.problem)
-
-    def on_exchange(self, exchange: Callable[[], Awaitable[None]]) -> None:
-        """Run `exchange` every redis.sync_every while Redis is up (it calls `run`)."""
-        self._exchanges.append(exchange)
-
-    def wake(self) -> None:
-        """Exchange now (the breaker opened or closed here)."""
-        self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._keep())
-
-    async def close(self) -> None:
-        self._closed = True  # besides the cancel: Python 3.11's asyncio.timeout can swallow one
-        self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        # Bounded: a stop must not wait on a Redis that does not answer.
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
-            async with asyncio.timeout(1.0):
-                await self.client.aclose()
-
-    def _down(self, problem: str) -> None:
-        if self.up:
-            log.error("Redis at %s is not answering (%s): each server uses its own state and 1/%d of the"
-                      " portal's budget until it is back", self.redacted_url, problem, self.settings.servers)
-            self.changed_at = time.monotonic()
-        self.up = False
-        self.problem = problem
-
-    async def _prepare(self) -> None:
-        """Connections open and scripts loaded before calls need them: a burst of calls should not
-        pay for that within redis.timeout."""
-        async with asyncio.timeout(max(1.0, self.settings.timeout)):
-            await asyncio.gather(*(self.client.ping() for _ in range(4)))
-            for source in self._scripts:
-                await self.client.script_load(source)
-
-    async def _keep(self) -> None:
-        try:
-            await self._prepare()
-        except (TimeoutError, RedisError, OSError) as error:
-            self._down(self._clean(f"{type(error).__name__}: {error}" if str(error) else "no answer"))
-        while not self._closed:
-            if self.up:
-                for exchange in self._exchanges:
-                    try:
-                        await exchange()
-                    except SharedStateUnavailable:
-                        break
-                    except Exception:
-                        log.exception("exchange with Redis failed unexpectedly")
-                # A timer, not asyncio.timeout: a cancel at the moment it fires must not be lost.
-                timer = asyncio.get_running_loop().call_later(self.settings.sync_every, self._wake.set)
-                await self._wake.wait()
-                timer.cancel()
-                self._wake.clear()
-                continue
-            await asyncio.sleep(self.settings.retry_every)
-            try:
-                await self._prepare()
-            except (TimeoutError, RedisError, OSError):
-                continue
-            log.warning("Redis at %s answers again: sharing the portal's budget, answers and breaker again",
-                        self.redacted_url)
-            self.up, self.problem, self.changed_at = True, "", time.monotonic()
-
-    def _clean(self, text: str) -> str:
-        text = redact(text)
-        return text.replace(self._password, "***") if self._password else text
-
     def health(self) -> dict[str, Any]:
-        return {"state": "up" if self.up else "down", "url": self.redacted_url, "problem": self.problem or None,
-                "since_seconds": round(time.monotonic() - self.changed_at, 1),
-                "budget_share": 1.0 if self.up else round(1 / self.settings.servers, 4)}
+        return {**super().health(), "budget_share": 1.0 if self.up else round(1 / self.settings.servers, 4)}
 
 
 def portal_keys(rest_url: str, identity: str, source_address: str) -> tuple[str, str]:

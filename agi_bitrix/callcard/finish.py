@@ -30,17 +30,8 @@ from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
-    AuthRejected,
-    BadResponse,
     BitrixError,
-    LocalFault,
-    PortalMisconfigured,
-    PortalTimeout,
-    PortalUnavailable,
-    PortalUnreachable,
-    RateLimited,
-    RequestNotSent,
-    TokenFileError,
+    CallNotFound,
     WrongAuthType,
 )
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
@@ -56,15 +47,6 @@ log = logging.getLogger("agi_bitrix.callcard")
 
 FINISH = "telephony.externalcall.finish"
 
-# Failures that say nothing about this finish: the portal (or the way to it) is down, busy or
-# not letting us in right now, or we did not ask. An admin fixes credentials, scopes, the
-# application's payment, the plan, the portal URL (or one that cannot be encoded) and the token
-# file without touching the queued finishes, so those are held and retried too, until
-# callcard.finish.retry.give_up_after.
-RETRYABLE = (PortalTimeout, PortalUnreachable, BadResponse, RateLimited, AuthRejected, PortalUnavailable,
-             PortalMisconfigured, RequestNotSent, TokenFileError, LocalFault)
-# The portal's answer to a finish for a call it does not have open (any more).
-_CALL_NOT_FOUND = re.compile(r"call is not found", re.IGNORECASE)
 RECORDING = "recording"  # the outbox's kind of row for a recording (callcard/recording.py sends it)
 # What a value may be to stand in a recording's path: no "/", nothing hidden, nothing that climbs up.
 _PATH_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
@@ -244,9 +226,10 @@ async def send_finish(portal: PortalClient, entry: Entry) -> Outcome:
 
 def finish_outcome(error: BitrixError, attempt: int) -> Outcome:
     detail = f"{error.reason}: {error.detail}"
-    if isinstance(error, RETRYABLE):
+    # Held and retried until callcard.finish.retry.give_up_after (bitrix/errors.py says which).
+    if error.retry_later:
         return Outcome("retry", detail)
-    if attempt > 1 and _CALL_NOT_FOUND.search(error.detail):
+    if attempt > 1 and isinstance(error, CallNotFound):
         # An earlier attempt whose answer was lost (a timeout, a crash) did finish the call:
         # the portal closes a call once and then no longer knows it.
         log.info("finish of an earlier attempt went through; the portal no longer has the call open")

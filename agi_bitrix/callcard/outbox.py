@@ -35,14 +35,30 @@ import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar, TypeVarTuple
+from typing import Any, Protocol, TypeVar, TypeVarTuple
 
 from agi_bitrix import background
+from agi_bitrix.callcard.delivery import (
+    FINISH,
+    MAX_KEPT,
+    Added,
+    DeliveryLoop,
+    Entry,
+    KeptRow,
+    OutboxCounts,
+    Outcome,
+    RetryPolicy,
+    Sender,
+)
+
+# What the call card, the application and the Redis outbox import from here.
+__all__ = ["DELIVERED", "DELIVERED_RETENTION", "FAILED", "FAILED_RETENTION", "FINISH", "MAX_KEPT", "PENDING",
+           "PURGE_EVERY", "Added", "Entry", "Outbox", "OutboxCounts", "OutboxError", "OutboxInUse", "OutboxStore",
+           "Outcome", "RetryPolicy", "Sender"]
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
@@ -50,21 +66,14 @@ _Args = TypeVarTuple("_Args")
 log = logging.getLogger("agi_bitrix.outbox")
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-FINISH = "finish"  # the kind of a row added without one
 
 # A duplicate add arrives seconds after the first; delivered rows are kept well beyond that.
 DELIVERED_RETENTION = 2 * 86400.0
 # Failed rows are kept for an admin to read (and replay by hand) for a month.
 FAILED_RETENTION = 30 * 86400.0
 PURGE_EVERY = 3600.0
-# Finishes kept in memory while the file cannot take them (a few hundred bytes each); past
-# this, a finish is lost, logged at ERROR and counted.
-MAX_KEPT = 10_000
 # Group and others: none of them may read, write or even list the outbox's files.
 _OPEN_TO_OTHERS = 0o077
-
-# What add() did with a finish.
-Added = Literal["stored", "kept", "duplicate", "lost"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -96,51 +105,6 @@ class OutboxInUse(OutboxError):
     """Another process holds the outbox's lock: starting would deliver its finishes twice."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    first_delay: float = 5.0  # seconds before the second attempt; doubles with each failure
-    max_delay: float = 600.0
-    give_up_after: float = 86400.0  # counted from the add
-
-    def delay(self, attempts: int) -> float:
-        """The wait after the `attempts`-th failed attempt."""
-        return min(self.max_delay, self.first_delay * 2 ** min(attempts - 1, 60))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one attempt achieved: `delivered`, `retry` (a passing failure), `failed` (for good), or
-    `wait`: nothing was sent, the row is not ready (a recording still being written) and is looked
-    at again at `retry_at`, without holding the other rows back."""
-
-    kind: str
-    detail: str = ""
-    retry_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    params: dict[str, Any]
-    attempt: int  # 1 for the first attempt
-    queued_at: float
-    kind: str = FINISH
-
-
-@dataclass(frozen=True)
-class _Kept:
-    """A row the file could not take yet, as it will be stored."""
-
-    params: str  # JSON
-    queued_at: float
-    kind: str
-    after: str
-    not_before: float
-
-
-Sender = Callable[[Entry], Awaitable[Outcome]]
-
-
 class OutboxStore(Protocol):
     """What the call card and the application use of an outbox: this SQLite one, or the one in
     Redis that several servers share (redis_outbox.py)."""
@@ -161,82 +125,17 @@ class OutboxStore(Protocol):
                   not_before: float | None = None) -> Added: ...
 
 
-class OutboxCounts:
-    """What the metrics and /healthz read of an outbox, whatever stores its rows: rows waiting and
-    given up by kind (as last seen in the store), rows kept in memory, rows lost."""
+class Outbox(DeliveryLoop):
+    STORAGE_ERRORS = (OutboxError, sqlite3.Error)
 
-    def __init__(self) -> None:
-        # Kept in memory for /metrics, which is read without waiting for the store, by kind.
-        self._waiting: Counter[str] = Counter()
-        self._failed: Counter[str] = Counter()
-        # Rows the store could not take, oldest first, by key (each store's own record, with a `kind`).
-        self._kept: dict[str, Any] = {}
-        self.lost = 0  # neither stored nor kept: memory full, or still kept when the server stopped
-        # Why the outbox cannot store finishes now, "" while it can (for /healthz and metrics).
-        self.problem = ""
-
-    @property
-    def waiting(self) -> int:
-        """Rows stored and not yet delivered (or given up)."""
-        return sum(self._waiting.values())
-
-    @property
-    def failed(self) -> int:
-        """Rows given up, kept in the store."""
-        return sum(self._failed.values())
-
-    @property
-    def kept(self) -> int:
-        """Rows waiting in memory for the store to take them."""
-        return len(self._kept)
-
-    def waiting_of(self, kind: str) -> int:
-        """Rows of `kind` not yet delivered: stored, or kept in memory."""
-        return self._waiting[kind] + self.kept_of(kind)
-
-    def failed_of(self, kind: str) -> int:
-        return self._failed[kind]
-
-    def kept_of(self, kind: str) -> int:
-        return sum(1 for row in self._kept.values() if row.kind == kind)
-
-    def _keep_in_memory(self, key: str, row: Any) -> Added:
-        """Keep a row the store cannot take now (up to MAX_KEPT); every one said at ERROR."""
-        kind = row.kind
-        if len(self._kept) >= MAX_KEPT:
-            self.lost += 1
-            log.error("%s %s is LOST: the outbox cannot store it (%s) and %d rows already wait in memory",
-                      kind, key, self.problem, MAX_KEPT)
-            return "lost"
-        self._kept[key] = row
-        log.error("%s %s kept in memory (%d there now): %s; it is stored and delivered once the outbox works",
-                  kind, key, len(self._kept), self.problem)
-        return "kept"
-
-    def _lose_kept(self) -> None:
-        """The server stops with rows still in memory: each is lost, and said so."""
-        for key, row in self._kept.items():
-            log.error("%s %s is LOST: kept in memory when the server stopped (%s)", row.kind, key, self.problem)
-        self.lost += len(self._kept)
-        self._kept.clear()
-
-
-class Outbox(OutboxCounts):
     def __init__(self, path: str | os.PathLike[str], send: Sender, retry: RetryPolicy, *,
                  clock: Callable[[], float] = time.time) -> None:
-        super().__init__()
+        super().__init__(send, retry, clock)
         self.path = Path(path)
-        self._send = send
-        self.retry = retry
-        self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._paused_until = 0.0
         self._purged_at = 0.0
-        self._storage_retry_at = 0.0
         self._warned_open_to_others: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -260,48 +159,20 @@ class Outbox(OutboxCounts):
         except OutboxError as error:
             self._storage_failed(str(error))
 
-    def start(self) -> None:
-        """Start delivering in the background (after open or open_or_retry_later)."""
-        self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
-
     async def close(self) -> None:
+        self._stopping = True
         await background.stop(self._task)
         self._task = None
         if self._executor is not None:
             if self._kept:
                 try:  # a last chance for the finishes kept in memory
-                    await self._store_kept()
-                except (OutboxError, sqlite3.Error) as error:
-                    self.problem = _describe(self.path, error)
+                    await self._reopen()
+                except self.STORAGE_ERRORS as error:
+                    self.problem = self._describe(error)
             await self._run(self._close)
             self._executor.shutdown(wait=True)
             self._executor = None
         self._lose_kept()
-
-    # -- the API -----------------------------------------------------------------------------
-
-    async def add(self, key: str, params: dict[str, Any], *, kind: str = FINISH, after: str = "",
-                  not_before: float | None = None) -> Added:
-        """Queue `params` under `key`: durably, or in memory while the file cannot take it.
-
-        `after`: the key of a row that must be delivered first (and whose failure fails this one);
-        `not_before`: the clock time of the first attempt (default: at once)."""
-        if key in self._kept:
-            return "duplicate"
-        now = self._clock()
-        row = _Kept(json.dumps(params, ensure_ascii=False), now, kind, after, now if not_before is None else not_before)
-        if self._db is not None:
-            try:
-                added = await self._run(self._insert, key, row)
-            except sqlite3.Error as error:  # the disk is full, or the file broke
-                self._storage_failed(_describe(self.path, error))
-            else:
-                if not added:
-                    return "duplicate"
-                self._waiting[kind] += 1
-                self._wake.set()
-                return "stored"
-        return self._keep_in_memory(key, row)
 
     async def count(self, state: str) -> int:
         return await self._run(self._count, state)
@@ -310,47 +181,18 @@ class Outbox(OutboxCounts):
         """One row as a dict (for tests and diagnostics), or None."""
         return await self._run(self._row, key)
 
-    # -- the delivery loop -------------------------------------------------------------------
+    # -- the store's part of the delivery loop (delivery.py) ---------------------------------
 
-    async def _deliver_forever(self) -> None:
-        while True:
-            try:
-                if not self.problem:
-                    await self._deliver_due()
-                elif self._clock() >= self._storage_retry_at:
-                    await self._store_kept()
-                    await self._deliver_due()  # delivery writes too: each attempt is counted first
-                    log.warning("call card is up again: outbox %s stores finishes", self.path)
-                    self.problem = ""
-            except asyncio.CancelledError:
-                raise
-            except (OutboxError, sqlite3.Error) as error:
-                self._storage_failed(_describe(self.path, error))
-            except Exception:
-                # A bug: keep the loop alive, and do not spin.
-                log.exception("outbox delivery failed unexpectedly; trying again in %.0f s",
-                              self.retry.first_delay)
-                self._paused_until = self._clock() + self.retry.first_delay
-            await self._sleep()
+    def _can_store(self) -> bool:
+        return self._db is not None
 
-    def _storage_failed(self, problem: str) -> None:
-        """The file cannot take finishes: note why (logged once per change), try again later."""
-        self._storage_retry_at = self._clock() + self.retry.first_delay
-        if problem != self.problem:
-            log.error("call card is DOWN: %s; calls are routed as usual, finishes are kept in memory until the"
-                      " outbox works (tried every %.0f s)", problem, self.retry.first_delay)
-            self.problem = problem
-        self._wake.set()  # the loop sleeps until the retry from now on
+    async def _insert(self, key: str, row: KeptRow) -> bool:
+        return await self._run(self._insert_row, key, row)
 
-    async def _store_kept(self) -> None:
-        """Open the file if need be and store the finishes kept in memory; raises while it cannot."""
+    async def _reopen(self) -> None:
         if self._db is None:
             await self.open()
-        while self._kept:
-            key, row = next(iter(self._kept.items()))
-            if await self._run(self._insert, key, row):
-                self._waiting[row.kind] += 1
-            del self._kept[key]
+        await self._store_kept()
 
     async def _deliver_due(self) -> None:
         while self._clock() >= self._paused_until:
@@ -362,67 +204,34 @@ class Outbox(OutboxCounts):
             entry = await self._run(self._take_due, now)
             if entry is None:
                 return
-            try:
-                outcome = await self._send(entry)
-            except Exception as error:  # a sender bug must not lose the row: retry it
-                log.exception("sending %s %s failed unexpectedly", entry.kind, entry.key)
-                outcome = Outcome("retry", f"internal: {type(error).__name__}")
-            await self._record(entry, outcome)
+            await self._deliver(entry)
 
-    async def _record(self, entry: Entry, outcome: Outcome) -> None:
-        now = self._clock()
-        if outcome.kind == "delivered":
-            await self._run(self._finish_row, entry.key, DELIVERED, now, outcome.detail)
-            self._waiting[entry.kind] -= 1
-            return
-        if outcome.kind == "wait":
-            # Nothing was sent: the attempt is not counted, and the other rows go on.
-            await self._run(self._reschedule, entry.key, outcome.retry_at, outcome.detail)
-            return
-        if outcome.kind == "retry" and now - entry.queued_at < self.retry.give_up_after:
-            delay = self.retry.delay(entry.attempt)
-            await self._run(self._note_error, entry.key, outcome.detail)
-            # The portal is unwell: the other rows would fail the same way, so all wait.
-            self._paused_until = now + delay
-            log.warning("%s %s not delivered (attempt %d: %s); next attempt in %.0f s",
-                        entry.kind, entry.key, entry.attempt, outcome.detail, delay)
-            return
-        if outcome.kind == "retry":
-            detail = f"gave up after {entry.attempt} attempts in {now - entry.queued_at:.0f} s: {outcome.detail}"
-        else:
-            detail = outcome.detail
-        followers = await self._run(self._fail_row, entry.key, now, detail)
-        self._waiting[entry.kind] -= 1
-        self._failed[entry.kind] += 1
-        log.error("%s %s will not be delivered: %s (kept in %s)", entry.kind, entry.key, detail, self.path)
-        for key, kind in followers:
-            self._waiting[kind] -= 1
-            self._failed[kind] += 1
-            log.error("%s %s will not be delivered either: it waited for %s %s", kind, key, entry.kind, entry.key)
-
-    async def _sleep(self) -> None:
-        # Cleared before looking: a row added from here on wakes us, one added before is seen.
-        self._wake.clear()
-        now = self._clock()
-        next_due = None
-        if not self.problem:
-            try:
-                next_due = await self._run(self._next_due)
-            except (OutboxError, sqlite3.Error) as error:
-                self._storage_failed(_describe(self.path, error))
-        if self.problem:
-            wake_at = self._storage_retry_at  # nothing to deliver before the file works again
-        else:
-            wake_at = max(self._paused_until, next_due if next_due is not None else now + PURGE_EVERY)
-        if wake_at <= now:
-            return
+    async def _wake_at(self, now: float) -> float:
         try:
-            # Not wait_for: on Python 3.11 it can swallow a cancel that races with the wake-up,
-            # and close() would then wait forever.
-            async with asyncio.timeout(wake_at - now):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
+            next_due = await self._run(self._next_due)
+        except self.STORAGE_ERRORS as error:
+            self._storage_failed(self._describe(error))
+            return self._storage_retry_at
+        return max(self._paused_until, next_due if next_due is not None else now + PURGE_EVERY)
+
+    async def _mark_delivered(self, entry: Entry, detail: str) -> None:
+        await self._run(self._finish_row, entry.key, DELIVERED, self._clock(), detail)
+
+    async def _mark_wait(self, entry: Entry, at: float, detail: str) -> None:
+        await self._run(self._reschedule, entry.key, at, detail)
+
+    async def _mark_retry(self, entry: Entry, at: float, detail: str) -> None:
+        # The row's next attempt was set when it was taken (each attempt is counted first).
+        await self._run(self._note_error, entry.key, detail)
+
+    async def _mark_failed(self, entry: Entry, now: float, detail: str) -> list[tuple[str, str]]:
+        return await self._run(self._fail_row, entry.key, now, detail)
+
+    def _describe(self, error: Exception) -> str:
+        """Why the outbox cannot store finishes, in one line."""
+        if isinstance(error, OutboxError):
+            return str(error)
+        return f"cannot write outbox {self.path}: {error}"
 
     async def _run(self, function: Callable[[*_Args], _T], *args: *_Args) -> _T:
         if self._executor is None:
@@ -558,7 +367,7 @@ class Outbox(OutboxCounts):
             raise OutboxError(f"outbox {self.path} is not open")
         return self._db
 
-    def _insert(self, key: str, row: _Kept) -> bool:
+    def _insert_row(self, key: str, row: KeptRow) -> bool:
         cursor = self._connection.execute(
             "INSERT OR IGNORE INTO outbox (key, params, state, queued_at, next_attempt_at, kind, after_key)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -632,13 +441,6 @@ class Outbox(OutboxCounts):
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._connection)
-
-
-def _describe(path: Path, error: Exception) -> str:
-    """Why the outbox cannot store finishes, in one line."""
-    if isinstance(error, OutboxError):
-        return str(error)
-    return f"cannot write outbox {path}: {error}"
 
 
 def _identity(status: os.stat_result) -> tuple[int, int]:

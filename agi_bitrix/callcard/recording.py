@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, BodyTooLarge
-from agi_bitrix.callcard.finish import RETRYABLE
 from agi_bitrix.callcard.outbox import Entry, Outcome
 from agi_bitrix.config import FinishSettings
 
@@ -228,7 +227,7 @@ async def send_recording(portal: PortalClient, entry: Entry, settings: FinishSet
                           json_body=True, max_wait=0.0, timeout=settings.recording_timeout, large_body=True)
     except BitrixError as error:
         detail = f"{error.reason}: {error.detail}"
-        if isinstance(error, RETRYABLE):
+        if error.retry_later:
             return Outcome("retry", detail)
         if isinstance(error, BodyTooLarge):
             detail += (f"; the portal takes no body this large ({look.size / MIB:.1f} MiB, a third more in base64):"

@@ -1,7 +1,8 @@
 """The call card's outbox in Redis, shared by several agi-bitrix servers (`callcard.outbox:
 redis://HOST:PORT/DB`): a finish one server accepted is delivered by another if that one dies.
 
-The same contract as the SQLite outbox (outbox.py), which stays the default: one row per key
+The same contract as the SQLite outbox (outbox.py), which stays the default, and the same
+delivery policy and loop (delivery.py); Redis is reached through agi_bitrix.redis_link: one row per key
 (the portal's CALL_ID), a second add of the key is ignored; rows of a kind may wait for another
 row (`after`: a recording for its finish) and fail with it; each attempt is counted before the
 request leaves, so an attempt whose outcome is unknown (a crash, a kill) is retried after the
@@ -12,7 +13,8 @@ In Redis (all names under PREFIX):
 - `row:KEY`, a hash: the row, as in SQLite. Created only if absent (the dedupe: an add is
   "SET NX" of the row, in the same script as the rest), expiring DELIVERED_RETENTION after
   delivery and FAILED_RETENTION after giving up, like the SQLite rows.
-- `stream`, with the consumer group GROUP: one entry per row, naming its key. A server reads new
+- `stream`, with the consumer group GROUP (both made again whenever missing: a Redis restarted
+  empty or flushed loses them, and the outbox says so once): one entry per row, naming its key. A server reads new
   entries (XREADGROUP), which puts them in its pending list; it acknowledges and deletes an
   entry once its row is delivered or given up. It touches its pending entries every third of
   `claim_after` (XCLAIM to itself), so an entry idle longer than that belongs to a server that
@@ -30,7 +32,6 @@ failover at most), not Redis Cluster: the scripts touch keys they derive from th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -39,27 +40,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
 
 from agi_bitrix import background
+from agi_bitrix.callcard.delivery import DeliveryLoop, Entry, KeptRow, RetryPolicy, Sender
 from agi_bitrix.callcard.outbox import (
     DELIVERED,
     DELIVERED_RETENTION,
     FAILED,
     FAILED_RETENTION,
-    FINISH,
     PENDING,
     PURGE_EVERY,
-    Added,
-    Entry,
-    OutboxCounts,
-    Outcome,
-    RetryPolicy,
-    Sender,
 )
+from agi_bitrix.redis_link import LinkHealth, RedisError, parse_redis_url
 
 log = logging.getLogger("agi_bitrix.outbox")
 
@@ -67,23 +59,38 @@ PREFIX = "agi-bitrix:outbox:"
 GROUP = "agi-bitrix"
 # A Redis request that takes longer fails: the finish is then kept in memory, the call goes on.
 REDIS_TIMEOUT = 2.0
+# The loop's commands run one after another; an add may run beside them.
+_CONNECTIONS = 4
 # A consumer (one run of one server) with nothing pending, not seen for this long, is forgotten.
 FORGET_CONSUMER_AFTER = 86400.0
 _READ_BATCH = 100
 
+# The stream and its consumer group, made when missing: a Redis restarted empty (no AOF), flushed,
+# or new has neither, and every read and acknowledgement would fail (NOGROUP) until they exist.
+# From the stream's start: entries added before the group count too. pcall: an existing group
+# answers an error (BUSYGROUP), which is the case where nothing is to be done.
+_ENSURE_GROUP = """
+local made = redis.pcall('XGROUP', 'CREATE', ARGV[1] .. 'stream', ARGV[2], '0', 'MKSTREAM')
+if type(made) == 'table' and made.err then return 0 end
+return 1
+"""
+
 # KEYS: none (one Redis; the keys follow from the prefix and the row's key).
-# ARGV: prefix, key, params, kind, after, queued_at, next_attempt_at. 1 = added, 0 = duplicate.
+# ARGV: prefix, key, params, kind, after, queued_at, next_attempt_at, group.
+# 1 = added, 0 = duplicate; plus 2 when the stream and its group had to be made.
 _ADD = """
 local p, key = ARGV[1], ARGV[2]
 local row = p .. 'row:' .. key
 if redis.call('EXISTS', row) == 1 then return 0 end
+local made = redis.pcall('XGROUP', 'CREATE', p .. 'stream', ARGV[8], '0', 'MKSTREAM')
+local group_made = (type(made) == 'table' and made.err) and 0 or 2
 redis.call('HSET', row, 'params', ARGV[3], 'kind', ARGV[4], 'after', ARGV[5], 'queued_at', ARGV[6],
            'next_attempt_at', ARGV[7], 'attempts', 0, 'state', 'pending', 'last_error', '')
 redis.call('ZADD', p .. 'pending:' .. ARGV[4], ARGV[6], key)
 redis.call('SADD', p .. 'kinds', ARGV[4])
 if ARGV[5] ~= '' then redis.call('SADD', p .. 'followers:' .. ARGV[5], key) end
 redis.call('XADD', p .. 'stream', '*', 'key', key)
-return 1
+return 1 + group_made
 """
 
 # ARGV: prefix, key, now, first_delay, max_delay.
@@ -142,18 +149,6 @@ return 1
 """
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and /healthz."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
-
-
 @dataclass
 class _Held:
     """A stream entry in this server's pending list, and when its row is worth looking at."""
@@ -163,57 +158,50 @@ class _Held:
     after: str = ""
 
 
-@dataclass(frozen=True)
-class _Kept:
-    params: str
-    queued_at: float
-    kind: str
-    after: str
-    not_before: float
+class RedisOutbox(DeliveryLoop):
+    STORAGE_ERRORS = (RedisError, OSError)
 
-
-class RedisOutbox(OutboxCounts):
     def __init__(self, url: str, send: Sender, retry: RetryPolicy, *, claim_after: float = 60.0,
                  prefix: str = PREFIX, clock: Any = time.time) -> None:
-        super().__init__()  # the counts are the cluster's, as last seen
-        self.url = url
-        self.path = redacted(url)  # what /healthz and the log show as the outbox
-        self._send = send
-        self.retry = retry
+        # Whether Redis takes finishes: the link's health state, as the shared state keeps it.
+        self.health = LinkHealth()
+        super().__init__(send, retry, clock)  # the counts are the cluster's, as last seen
+        self.url = parse_redis_url(url)  # checked by the config already, with the same parser
+        self.path = self.url.redacted  # what /healthz, the admin page and the log show as the outbox
         self.claim_after = claim_after
         self._prefix = prefix
-        self._clock = clock
         # One run of one server: a takeover never mistakes a restarted server for the old one.
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         # Typed Any: redis-py's types cannot tell that decode_responses=True answers str, not bytes.
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
-        self._group_ready = False
+        self._opened_once = False
         self._held: dict[str, _Held] = {}  # by stream entry id
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._paused_until = 0.0
         self._maintained_at = float("-inf")
         self._purged_at = 0.0
-        self._storage_retry_at = 0.0
+
+    @property
+    def problem(self) -> str:
+        """Why the outbox cannot use Redis now, "" while it can (/healthz, metrics)."""
+        return self.health.problem
+
+    @problem.setter
+    def problem(self, problem: str) -> None:
+        if problem:
+            self.health.failed(problem)
+        else:
+            self.health.recovered()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._redis is None:
-            self._redis = aioredis.from_url(self.url, socket_timeout=REDIS_TIMEOUT,
-                                            socket_connect_timeout=REDIS_TIMEOUT, decode_responses=True)
-            for name, script in (("add", _ADD), ("take", _TAKE), ("done", _DONE), ("reschedule", _RESCHEDULE)):
+            self._redis = self.url.client(timeout=REDIS_TIMEOUT, max_connections=_CONNECTIONS, decode_responses=True)
+            for name, script in (("add", _ADD), ("take", _TAKE), ("done", _DONE), ("reschedule", _RESCHEDULE),
+                                 ("ensure_group", _ENSURE_GROUP)):
                 self._scripts[name] = self._redis.register_script(script)
-        if not self._group_ready:
-            try:
-                # From the stream's start: entries added before any server made the group count too.
-                await self._redis.xgroup_create(self._key("stream"), GROUP, id="0", mkstream=True)
-            except ResponseError as error:
-                if "BUSYGROUP" not in str(error):
-                    raise
-            self._group_ready = True
+        await self._ensure_group()
+        self._opened_once = True
         await self._count()
         log.info("outbox %s open (consumer %s); %s waiting for delivery in it", self.path, self.consumer,
                  ", ".join(f"{count} {kind}(s)" for kind, count in sorted(self._waiting.items()) if count)
@@ -222,12 +210,8 @@ class RedisOutbox(OutboxCounts):
     async def open_or_retry_later(self) -> None:
         try:
             await self.open()
-        except (RedisError, OSError) as error:
+        except self.STORAGE_ERRORS as error:
             self._storage_failed(self._describe(error))
-
-    def start(self) -> None:
-        self._stopping = False
-        self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
 
     async def close(self) -> None:
         # Asked to stop by a flag as well as by the cancel: a cancel that lands inside a redis-py
@@ -240,34 +224,13 @@ class RedisOutbox(OutboxCounts):
             if self._kept:
                 try:  # a last chance for the finishes kept in memory
                     await self._store_kept()
-                except (RedisError, OSError) as error:
+                except self.STORAGE_ERRORS as error:
                     self.problem = self._describe(error)
             # What this server holds stays in its pending list: another server (or this one,
             # restarted) takes it over after claim_after. Nothing is lost by stopping.
             await self._redis.aclose()
             self._redis = None
         self._lose_kept()
-
-    # -- the API ---------------------------------------------------------------------------------
-
-    async def add(self, key: str, params: dict[str, Any], *, kind: str = FINISH, after: str = "",
-                  not_before: float | None = None) -> Added:
-        if key in self._kept:
-            return "duplicate"
-        now = self._clock()
-        row = _Kept(json.dumps(params, ensure_ascii=False), now, kind, after, now if not_before is None else not_before)
-        if self._redis is not None and not self.problem:
-            try:
-                added = await self._insert(key, row)
-            except (RedisError, OSError) as error:
-                self._storage_failed(self._describe(error))
-            else:
-                if not added:
-                    return "duplicate"
-                self._waiting[kind] += 1
-                self._wake.set()
-                return "stored"
-        return self._keep_in_memory(key, row)
 
     async def count(self, state: str) -> int:
         redis = self._connection()
@@ -282,33 +245,85 @@ class RedisOutbox(OutboxCounts):
         found["attempts"] = int(found["attempts"])
         return found
 
-    # -- the delivery loop ----------------------------------------------------------------------
+    # -- the store's part of the delivery loop (delivery.py) -----------------------------------
 
-    async def _deliver_forever(self) -> None:
-        while not self._stopping:
-            try:
-                if self.problem and self._clock() >= self._storage_retry_at:
-                    await self.open()
-                    await self._store_kept()
-                    log.warning("call card is up again: outbox %s stores finishes", self.path)
-                    self.problem = ""
-                if not self.problem:
-                    await self._maintain()
-                    await self._deliver_due()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as error:
-                self._storage_failed(self._describe(error))
-            except Exception:
-                log.exception("outbox delivery failed unexpectedly; trying again in %.0f s", self.retry.first_delay)
-                self._paused_until = self._clock() + self.retry.first_delay
-            await self._sleep()
+    def _can_store(self) -> bool:
+        return self._redis is not None and not self.problem
+
+    async def _insert(self, key: str, row: KeptRow) -> bool:
+        added = int(await self._scripts["add"](args=[
+            self._prefix, key, row.params, row.kind, row.after, repr(row.queued_at),
+            repr(max(row.not_before, self._clock())), GROUP]))
+        if added & 2:
+            self._group_made()
+        return bool(added & 1)
+
+    async def _reopen(self) -> None:
+        await self.open()
+        await self._store_kept()
+
+    async def _deliver_due(self) -> None:
+        await self._maintain()
+        while self._clock() >= self._paused_until:
+            now = self._clock()
+            due = sorted((held.due_at, entry_id) for entry_id, held in self._held.items() if held.due_at <= now)
+            if not due:
+                return
+            for _, entry_id in due:
+                if self._clock() < self._paused_until:
+                    return
+                await self._attempt(entry_id)
+
+    async def _wake_at(self, now: float) -> float:
+        next_due = min((held.due_at for held in self._held.values()), default=float("inf"))
+        return min(max(self._paused_until, next_due), self._maintained_at + self.claim_after / 3)
+
+    async def _mark_delivered(self, entry: Entry, detail: str) -> None:
+        now = self._clock()
+        await self._done(entry, DELIVERED, now, detail)
+        await self._release(entry.key)
+        for follower in self._held.values():  # its recording, if we hold it, may go now
+            if follower.after == entry.key:
+                follower.due_at = now
+
+    async def _mark_wait(self, entry: Entry, at: float, detail: str) -> None:
+        await self._scripts["reschedule"](args=[self._prefix, entry.key, repr(at), detail])
+        self._due(entry.key, at)
+
+    async def _mark_retry(self, entry: Entry, at: float, detail: str) -> None:
+        await self._connection().hset(self._key(f"row:{entry.key}"), "last_error", detail)
+        self._due(entry.key, at)
+
+    async def _mark_failed(self, entry: Entry, now: float, detail: str) -> list[tuple[str, str]]:
+        followers = await self._done(entry, FAILED, now, detail)
+        await self._release(entry.key)
+        return followers
+
+    def _describe(self, error: Exception) -> str:
+        return f"cannot use outbox {self.path}: {self.url.describe(error)}"
+
+    # -- the stream -------------------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        if await self._scripts["ensure_group"](args=[self._prefix, GROUP]):
+            self._group_made()
+
+    def _group_made(self) -> None:
+        """The stream and its group were missing and are made again: Redis lost the outbox."""
+        if not self._opened_once:
+            return  # a new Redis (or prefix): nothing was there to lose
+        log.error("outbox %s: Redis had lost the outbox's stream (it restarted empty, was flushed or replaced);"
+                  " made it again and goes on with the finishes added from now on. What was stored before is"
+                  " lost: keep Redis's data with AOF (docs/call-card.md)", self.path)
+        self._held.clear()  # their entries went with the stream
+        self._maintained_at = float("-inf")
 
     async def _maintain(self) -> None:
         """New entries; and every third of claim_after: keep ours, take over those of stopped servers."""
         now = self._clock()
         redis = self._connection()
         stream = self._key("stream")
+        await self._ensure_group()
         if now - self._maintained_at >= self.claim_after / 3:
             self._maintained_at = now
             await self._keep_held(redis, stream)
@@ -358,17 +373,6 @@ class RedisOutbox(OutboxCounts):
                     and consumer["idle"] > FORGET_CONSUMER_AFTER * 1000):
                 await redis.xgroup_delconsumer(stream, GROUP, consumer["name"])
 
-    async def _deliver_due(self) -> None:
-        while self._clock() >= self._paused_until:
-            now = self._clock()
-            due = sorted((held.due_at, entry_id) for entry_id, held in self._held.items() if held.due_at <= now)
-            if not due:
-                return
-            for _, entry_id in due:
-                if self._clock() < self._paused_until:
-                    return
-                await self._attempt(entry_id)
-
     async def _attempt(self, entry_id: str) -> None:
         held = self._held.get(entry_id)
         if held is None:
@@ -378,7 +382,7 @@ class RedisOutbox(OutboxCounts):
         answer = await self._scripts["take"](args=[self._prefix, held.key, repr(now), retry.first_delay,
                                                    retry.max_delay])
         if answer[0] == "gone":  # delivered or given up (by whoever held it before), or expired
-            await self._release(entry_id)
+            await self._release_entry(entry_id)
             return
         if answer[0] == "later":
             held.due_at = float(answer[1])
@@ -388,60 +392,30 @@ class RedisOutbox(OutboxCounts):
             return
         _, params, attempt, queued_at, kind, held.after = answer
         entry = Entry(held.key, json.loads(params), int(attempt), float(queued_at), kind)
-        try:
-            outcome = await self._send(entry)
-        except Exception as error:  # a sender bug must not lose the row: retry it
-            log.exception("sending %s %s failed unexpectedly", entry.kind, entry.key)
-            outcome = Outcome("retry", f"internal: {type(error).__name__}")
-        await self._record(entry_id, entry, outcome)
-
-    async def _record(self, entry_id: str, entry: Entry, outcome: Outcome) -> None:
-        now = self._clock()
-        held = self._held[entry_id]
-        if outcome.kind == "delivered":
-            await self._done(entry, DELIVERED, now, outcome.detail)
-            await self._release(entry_id)
-            for follower in self._held.values():  # its recording, if we hold it, may go now
-                if follower.after == entry.key:
-                    follower.due_at = now
-            return
-        if outcome.kind == "wait":
-            await self._scripts["reschedule"](args=[self._prefix, entry.key, repr(outcome.retry_at), outcome.detail])
-            held.due_at = outcome.retry_at
-            return
-        if outcome.kind == "retry" and now - entry.queued_at < self.retry.give_up_after:
-            delay = self.retry.delay(entry.attempt)
-            await self._connection().hset(self._key(f"row:{entry.key}"), "last_error", outcome.detail)
-            self._paused_until = now + delay
-            held.due_at = now + delay
-            log.warning("%s %s not delivered (attempt %d: %s); next attempt in %.0f s",
-                        entry.kind, entry.key, entry.attempt, outcome.detail, delay)
-            return
-        if outcome.kind == "retry":
-            detail = f"gave up after {entry.attempt} attempts in {now - entry.queued_at:.0f} s: {outcome.detail}"
-        else:
-            detail = outcome.detail
-        followers = await self._done(entry, FAILED, now, detail)
-        await self._release(entry_id)
-        log.error("%s %s will not be delivered: %s (kept in %s)", entry.kind, entry.key, detail, self.path)
-        for key, kind in followers:
-            log.error("%s %s will not be delivered either: it waited for %s %s", kind, key, entry.kind, entry.key)
+        await self._deliver(entry)
 
     async def _done(self, entry: Entry, state: str, now: float, detail: str) -> list[tuple[str, str]]:
         retention = DELIVERED_RETENTION if state == DELIVERED else FAILED_RETENTION
         given_up = await self._scripts["done"](args=[
             self._prefix, entry.key, state, repr(now), detail, int(retention),
             f"not sent: {entry.key} was not delivered ({detail})", int(FAILED_RETENTION)])
-        self._waiting[entry.kind] -= 1
-        if state == FAILED:
-            self._failed[entry.kind] += 1
-        followers = list(zip(given_up[::2], given_up[1::2], strict=True))
-        for _, kind in followers:
-            self._waiting[kind] -= 1
-            self._failed[kind] += 1
-        return followers
+        return list(zip(given_up[::2], given_up[1::2], strict=True))
 
-    async def _release(self, entry_id: str) -> None:
+    def _entry_id(self, key: str) -> str | None:
+        """The stream entry this server holds for a row's key (the one just attempted)."""
+        return next((entry_id for entry_id, held in self._held.items() if held.key == key), None)
+
+    def _due(self, key: str, at: float) -> None:
+        held = self._held.get(self._entry_id(key) or "")
+        if held is not None:
+            held.due_at = at
+
+    async def _release(self, key: str) -> None:
+        entry_id = self._entry_id(key)
+        if entry_id is not None:
+            await self._release_entry(entry_id)
+
+    async def _release_entry(self, entry_id: str) -> None:
         """The entry's row is done: out of the pending list and the stream."""
         redis = self._connection()
         stream = self._key("stream")
@@ -450,24 +424,6 @@ class RedisOutbox(OutboxCounts):
             pipe.xdel(stream, entry_id)
             await pipe.execute()
         self._held.pop(entry_id, None)
-
-    async def _sleep(self) -> None:
-        self._wake.clear()
-        now = self._clock()
-        if self._stopping:
-            return
-        if self.problem:
-            wake_at = self._storage_retry_at
-        else:
-            next_due = min((held.due_at for held in self._held.values()), default=float("inf"))
-            wake_at = min(max(self._paused_until, next_due), self._maintained_at + self.claim_after / 3)
-        if wake_at <= now:
-            return
-        try:
-            async with asyncio.timeout(wake_at - now):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
 
     # -- Redis ---------------------------------------------------------------------------------
 
@@ -478,19 +434,6 @@ class RedisOutbox(OutboxCounts):
         if self._redis is None:
             raise RedisError(f"outbox {self.path} is not open")
         return self._redis
-
-    async def _insert(self, key: str, row: _Kept) -> bool:
-        added = await self._scripts["add"](args=[
-            self._prefix, key, row.params, row.kind, row.after, repr(row.queued_at),
-            repr(max(row.not_before, self._clock()))])
-        return bool(added)
-
-    async def _store_kept(self) -> None:
-        while self._kept:
-            key, row = next(iter(self._kept.items()))
-            if await self._insert(key, row):
-                self._waiting[row.kind] += 1
-            del self._kept[key]
 
     async def _count(self) -> None:
         redis = self._connection()
@@ -508,14 +451,3 @@ class RedisOutbox(OutboxCounts):
         for kind in await redis.smembers(self._key("kinds")):
             await redis.zremrangebyscore(self._key(f"{DELIVERED}:{kind}"), "-inf", now - DELIVERED_RETENTION)
             await redis.zremrangebyscore(self._key(f"{FAILED}:{kind}"), "-inf", now - FAILED_RETENTION)
-
-    def _storage_failed(self, problem: str) -> None:
-        self._storage_retry_at = self._clock() + self.retry.first_delay
-        if problem != self.problem:
-            log.error("call card is DOWN: %s; calls are routed as usual, finishes are kept in memory until the"
-                      " outbox works (tried every %.0f s)", problem, self.retry.first_delay)
-            self.problem = problem
-        self._wake.set()
-
-    def _describe(self, error: Exception) -> str:
-        return f"cannot use outbox {self.path}: {type(error).__name__}: {error}"

@@ -1,4 +1,4 @@
-"""The admin pages, served by the metrics listener: Now, Recent calls, Try a number, Rules.
+"""The admin pages, served by the HTTP listener: Now, Recent calls, Try a number, Rules.
 
 Everything is rendered by the server with Jinja2, autoescape on: every value from the CRM, the
 caller or the AGI header reaches the page as text, never as markup. No page shows a secret: the
@@ -24,18 +24,18 @@ from agi_bitrix import __version__
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.calllog import mask_number
 from agi_bitrix.callrecord import RoutedCall
-from agi_bitrix.config import Config, MetricsSettings
+from agi_bitrix.config import Config, HttpSettings
 from agi_bitrix.routing.rules import Match, Rule
 from agi_bitrix.service import Router, call_info
 from agi_bitrix.trace import render
-from agi_bitrix.web.access import COOKIE, Gate, SlidingWindow, access_policy
+from agi_bitrix.web.access import COOKIE, Gate, LoginThrottle, SlidingWindow, access_policy, local_path
 from agi_bitrix.web.chart import calls_per_minute
 from agi_bitrix.web.recent import RecentCall, RecentCalls
 
 log = logging.getLogger("agi_bitrix.web")
 
 TRIES_PER_MINUTE = 5  # "Try a number": each may cost a portal request, from the calls' own budget
-LOGINS_PER_MINUTE = 10
+WRONG_TOKENS_PER_MINUTE = 10  # from one source (an address, an IPv6 /64)
 MAX_FIELD = 64  # characters of a number or DID typed into the form
 REFRESH_SECONDS = 10  # Now and Recent calls reload themselves (a meta refresh: no script runs here)
 # What an admin does when the OAuth token server refused the application's tokens, by the reason
@@ -133,7 +133,7 @@ def _crm_object(call: RecentCall) -> str:
 
 class AdminPages:
     def __init__(self, running: Callable[[], Running], health: Callable[[], tuple[bool, dict[str, Any]]],
-                 recent: RecentCalls, settings: MetricsSettings, environ: Mapping[str, str] | None = None) -> None:
+                 recent: RecentCalls, settings: HttpSettings, environ: Mapping[str, str] | None = None) -> None:
         self.running = running
         self.health = health
         self.recent = recent
@@ -141,12 +141,12 @@ class AdminPages:
         self.environ = os.environ if environ is None else environ
         self.templates = _templates()
         self.tries = SlidingWindow(TRIES_PER_MINUTE, 60.0)
-        self.logins = SlidingWindow(LOGINS_PER_MINUTE, 60.0)
+        self.logins = LoginThrottle(WRONG_TOKENS_PER_MINUTE, 60.0)
         self.gate: Gate | None = None
         self.refresh_seconds = REFRESH_SECONDS
 
     def add_routes(self, app: web.Application) -> None:
-        """Called by MonitoringServer.start: reads the token now, so a fixed file needs a restart."""
+        """Called by HttpListener.start: reads the token now, so a fixed file needs a restart."""
         policy = access_policy(self.settings, self.environ)
         self.gate = Gate(policy)
         if policy.refusal:
@@ -291,19 +291,27 @@ class AdminPages:
     async def _login_form(self, request: web.Request) -> web.Response:
         if self._gate.policy.refusal:
             return self._page("refused.html", status=403, nav=False, reason=self._gate.policy.refusal)
-        return self._login_page(self._next(request.query.get("next", "/")), "", 200)
+        return self._login_page(local_path(request.query.get("next", "/")), "", 200)
 
     async def _login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        target = self._next(str(form.get("next", "/")))
+        target = local_path(str(form.get("next", "/")))
         if self._gate.policy.refusal:
             return self._page("refused.html", status=403, nav=False, reason=self._gate.policy.refusal)
         if not self._same_origin(request):
             return self._login_page(target, "the form was sent from another site", 403)
-        if self.logins.allow():
-            return self._login_page(target, f"at most {LOGINS_PER_MINUTE} attempts a minute; wait and retry", 429)
+        peer = request.remote or "?"
+        wait = self.logins.wait(peer)
+        if wait:
+            return self._login_page(target, f"at most {WRONG_TOKENS_PER_MINUTE} wrong tokens a minute from one"
+                                            f" address; try again in {wait:.0f} s", 429)
         if not self._gate.token_matches(str(form.get("token", "")).strip()):
-            log.warning("admin page: a wrong access token from %s", request.remote)
+            # Logged when a source starts and when it is made to wait, not at every guess.
+            failures = self.logins.failed(peer)
+            if failures == 1:
+                log.warning("admin page: a wrong access token from %s", peer)
+            elif failures == WRONG_TOKENS_PER_MINUTE:
+                log.warning("admin page: %d wrong access tokens from %s in a minute; its logins wait", failures, peer)
             return self._login_page(target, "wrong token", 403)
         response = web.HTTPSeeOther(target)
         response.set_cookie(COOKIE, self._gate.cookie_value, httponly=True, samesite="Strict", path="/")
@@ -311,8 +319,3 @@ class AdminPages:
 
     def _login_page(self, target: str, problem: str, status: int) -> web.Response:
         return self._page("login.html", status=status, page="login", next=target, problem=problem)
-
-    @staticmethod
-    def _next(target: str) -> str:
-        """Only a path on this server: never another site after the login."""
-        return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"

@@ -45,8 +45,8 @@ class ProductServer:
         # for the tests after them: both protections are the unit tests' subject.
         bitrix["rate_limit"] = {"per_second": 10000, "burst": 100000}
         bitrix["breaker"] = {"failures": 1000}
-        # Several servers run at once in this suite; none needs a metrics port.
-        config["metrics"] = {"listen": "off"}
+        # Several servers run at once in this suite; none needs an HTTP port.
+        config["http"] = {"listen": "off"}
         if self.fallback_queue is not None:
             config["routing"]["fallback_queue"] = self.fallback_queue
         config["routing"]["rules"] = self.first_rules + config["routing"]["rules"]

@@ -10,6 +10,8 @@ server restart and none is delivered twice.
 
 import asyncio
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import pytest_asyncio
@@ -54,14 +56,23 @@ class CallCardServer(ProductServer):
                     db.execute("SELECT key, state, attempts FROM outbox")}
 
 
-@pytest.fixture(scope="module")
-def callcard_server(portal, tmp_path_factory):
+@contextmanager
+def running_callcard_server(portal, workdir, **options) -> Iterator[CallCardServer]:
+    """A CallCardServer (`options` as for it) running in `workdir` while the block runs."""
     # The default user must be known to the portal for register to accept it.
     portal.set_client(fresh_phone(), [crm_object(int(DEFAULT_USER), "OPENED", extension="190")])
-    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("callcard"))
+    server = CallCardServer(portal.webhook_url, workdir, **options)
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def callcard_server(portal, tmp_path_factory):
+    with running_callcard_server(portal, tmp_path_factory.mktemp("callcard")) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(loop_scope="session")

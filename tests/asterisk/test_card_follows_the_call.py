@@ -17,11 +17,10 @@ from tests.conftest import until
 from .crm import crm_object, fresh_phone
 from .sample_calls import WAIT, sample_call
 from .test_callcard import (
-    DEFAULT_USER,
-    CallCardServer,
     callcard_call,
     finished,
     registered_call,
+    running_callcard_server,
     user_directory_refreshed,
 )
 
@@ -40,11 +39,8 @@ def member(extension):
 @pytest.fixture(scope="module")
 def card_server(portal, tmp_path_factory):
     """The shipped config with a call card (register SHOW on) and the user directory."""
-    portal.set_client(fresh_phone(), [crm_object(int(DEFAULT_USER), "OPENED", extension="190")])
-    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("cards"))
-    server.start()
-    yield server
-    server.stop()
+    with running_callcard_server(portal, tmp_path_factory.mktemp("cards")) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(loop_scope="session")

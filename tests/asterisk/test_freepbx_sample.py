@@ -20,7 +20,7 @@ from .conftest import STAND_IN_CONTEXTS, running_pbx
 from .crm import crm_object, fresh_phone
 from .freepbx_standins import ROUTE_CID, freepbx_dialplan
 from .sample_calls import WAIT, joined_queue, rings, sample_call
-from .test_callcard import DEFAULT_USER, CallCardServer, finished, user_directory_refreshed
+from .test_callcard import finished, running_callcard_server, user_directory_refreshed
 from .test_card_follows_the_call import HIDE, SHOW, card_requests, ring_names
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
@@ -183,11 +183,8 @@ async def test_freepbx_the_mobile_sees_the_clients_number_not_the_routes(freepbx
 
 @pytest.fixture(scope="module")
 def freepbx_callcard(portal, tmp_path_factory):
-    portal.set_client(fresh_phone(), [crm_object(90, "OPENED", extension="190")])
-    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("freepbx-callcard"), fallback_queue="400")
-    server.start()
-    yield server
-    server.stop()
+    with running_callcard_server(portal, tmp_path_factory.mktemp("freepbx-callcard"), fallback_queue="400") as server:
+        yield server
 
 
 def callcard_trunk_call(calls, server, phone, answering="", **settings):
@@ -258,12 +255,9 @@ async def test_freepbx_call_card_caller_giving_up_in_the_queue_after_a_failed_ex
 @pytest.fixture(scope="module")
 def freepbx_ringing_card(portal, tmp_path_factory):
     """A call card whose register does not pop the card up (show: false): only ringing phones get it."""
-    portal.set_client(fresh_phone(), [crm_object(int(DEFAULT_USER), "OPENED", extension="190")])
-    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("freepbx-ringing"), fallback_queue="400",
-                            show=False)
-    server.start()
-    yield server
-    server.stop()
+    with running_callcard_server(portal, tmp_path_factory.mktemp("freepbx-ringing"), fallback_queue="400",
+                                 show=False) as server:
+        yield server
 
 
 async def test_freepbx_the_card_follows_the_call_from_the_extension_to_the_queue_member_who_answers(

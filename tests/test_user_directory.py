@@ -12,8 +12,6 @@ from agi_bitrix.config import parse_config
 from agi_bitrix.routing.engine import CallInfo, decide
 from agi_bitrix.routing.variables import channel_variables
 from agi_bitrix.testing.fake_asterisk import fake_call
-from agi_bitrix.testing.portal import PortalEmulator
-from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import TEST_RULES, ample_budget, until
 from tests.test_routing import NOON, POLICY, entity, found
 
@@ -42,14 +40,6 @@ def test_user_records_are_read_strictly(item, expected):
 ])
 def test_answering_number_from_what_the_dialplan_reports(answered_by, number):
     assert answering_number(answered_by) == number
-
-
-@pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
 
 
 @pytest.fixture

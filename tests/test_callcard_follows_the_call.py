@@ -10,22 +10,12 @@ from prometheus_client import generate_latest
 
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import parse_config
-from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_model import PortalModel
-from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
 from tests.conftest import until
 from tests.test_callcard import ANNA, DID, FINISH, UNKNOWN, Running, callcard_config, delivered_finishes
 
 SHOW = "telephony.externalcall.show"
 HIDE = "telephony.externalcall.hide"
-
-
-@pytest.fixture
-async def portal():
-    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
 
 
 @pytest.fixture

@@ -22,12 +22,6 @@ ANNA = "79161234567"
 
 
 @pytest_asyncio.fixture
-async def portal():
-    async with PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS) as emulator:
-        yield emulator
-
-
-@pytest_asyncio.fixture
 async def http():
     async with aiohttp.ClientSession() as session:
         yield session
