@@ -32,7 +32,7 @@ from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW
 from agi_bitrix.bitrix.shared import SharedState
-from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.bitrix.users import UserDirectory, directory_health
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
 from agi_bitrix.callcard.holders import CardHolders
@@ -88,7 +88,7 @@ class Application:
             else self.shared.breaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down),
             shared=None if self.shared is None else self.shared.answers)
         self.users = (UserDirectory(lambda: self.runtime.portal, refresh=config.users.refresh,
-                                    default_country=config.policy.default_country)
+                                    default_country=config.policy.default_country, automatic=config.users.automatic)
                       if config.users.refresh > 0 else None)
         self.card_holders = CardHolders()  # who sees each call's card, across reloads
         self.outbox: OutboxStore | None = None
@@ -246,6 +246,7 @@ class Application:
                 "last_failure_reason": memory.last_failure_reason or None,
             },
             "auth": auth,
+            "users": directory_health(self.users),  # shown, not in the status: calls are routed either way
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
             # Shown, but not in the status: a broken call card does not stop calls being routed.

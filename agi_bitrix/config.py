@@ -17,7 +17,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -312,6 +312,11 @@ class CallCardSettings:
 class UsersSettings:
     # Seconds between user.get loads; 0 = no user directory.
     refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True)
+    # No users section: the directory is on only while the credentials carry the user scope
+    # (bitrix/users.py asks), so that a deactivated owner's calls never ring his mobile by default.
+    automatic: bool = False
+    WITHOUT_THE_SECTION: ClassVar[str] = ("on while the credentials carry the `user` scope (asked at start);"
+                                          " present (even empty): the defaults below")
 
 
 def _not_kept(declared: Any) -> Any:
@@ -336,9 +341,10 @@ class Config:
     cache: CacheSettings = section("cache", CacheSettings, absent=CacheSettings())
     http: HttpSettings = section("http", HttpSettings, absent=HttpSettings())
     call_log: CallLogSettings = section("call_log", CallLogSettings, absent=CallLogSettings())
-    # The call card and the user directory are on when their section is there, even empty.
+    # The call card is on when its section is there, even empty; the user directory too, and
+    # without its section whenever the credentials carry the user scope.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
-    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
+    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(automatic=True))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each

@@ -212,7 +212,7 @@ async def test_without_a_call_card_or_a_user_directory_nothing_is_sent(portal, t
         routing: {{fallback_queue: support}}
         users: {{refresh: 600}}
         """.replace("        ", ""), "no-callcard.yaml")
-    no_users = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", users="")
+    no_users = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", users="users: {refresh: 0}")
     for config in (no_callcard, no_users):
         running = await Running(config).start()
         try:

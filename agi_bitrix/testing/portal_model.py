@@ -30,6 +30,7 @@ ATTACH_RECORD_METHOD = "telephony.externalcall.attachrecord"
 SHOW_METHOD = "telephony.externalcall.show"
 HIDE_METHOD = "telephony.externalcall.hide"
 USER_GET_METHOD = "user.get"
+SCOPE_METHOD = "scope"
 # api-reference/telephony/telephony-external-call-attach-record.md: FILENAME's extensions.
 RECORD_EXTENSIONS = (".wav", ".mp3")
 
@@ -91,6 +92,8 @@ class PortalModel:
         # When set, register's CRM_CREATE makes no lead and answers LEAD_CREATION_ERROR with this
         # text, as a portal whose CRM refuses the lead does (leads switched off, a required field).
         self.lead_creation_error = ""
+        # What the `scope` method answers: the scopes the webhook or application was given.
+        self.scopes = ["crm", "telephony", "user"]
         for phone, entities in (crm or {}).items():
             self.set_client(phone, entities)
 
@@ -112,6 +115,7 @@ class PortalModel:
             SHOW_METHOD: self._show,
             HIDE_METHOD: self._hide,
             USER_GET_METHOD: self._user_get,
+            SCOPE_METHOD: self._scope,
         }.get(method)
         if handler is None:
             raise ErrorAnswer(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
@@ -247,6 +251,11 @@ class PortalModel:
         call.card_shown_to.difference_update(users)
         call.card_requests.append(("hide", users))
         return {"result": True}
+
+    def _scope(self, params: dict[str, Any]) -> dict[str, Any]:
+        """dev.1c-bitrix.ru/rest_help/general/scope.php (api-reference/common/scope.md): without
+        parameters, the scopes this application or webhook has, as a list of names."""
+        return {"result": list(self.scopes)}
 
     def _open_call(self, params: Mapping[str, Any]) -> RegisteredCall | None:
         call = self.calls.get(str(params.get("CALL_ID", "")))
