@@ -35,6 +35,7 @@ from agi_bitrix.bitrix.shared import SharedState
 from agi_bitrix.bitrix.users import UserDirectory, directory_health
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
+from agi_bitrix.callcard.follow_up import FOLLOW_UP, send_follow_up
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, OutboxStore, Outcome, RetryPolicy
 from agi_bitrix.callcard.recording import send_recording
@@ -151,6 +152,8 @@ class Application:
         # Through the portal client and settings of the config in force when the outbox gets to it.
         if entry.kind == RECORDING:
             return await send_recording(self.runtime.portal, entry, self.config.callcard.finish)
+        if entry.kind == FOLLOW_UP:
+            return await send_follow_up(self.runtime.portal, entry)
         await self.runtime.cards.settled(entry.key)  # the hide at finish first: the portal ignores it after
         return await send_finish(self.runtime.portal, entry)
 

@@ -276,6 +276,24 @@ class CardSettings:
     deadline: float = number("deadline", 2.0, 0, 30)
 
 
+FOLLOW_UP_KINDS = ("off", "todo", "notify")
+
+
+def _follow_up_kind(value: str) -> str:
+    if value not in FOLLOW_UP_KINDS:
+        raise ValueError(f"{quoted(value)} is not one of {', '.join(FOLLOW_UP_KINDS)}")
+    return value
+
+
+@dataclass(frozen=True)
+class FollowUpSettings:
+    # What a missed call from a client the CRM knows leaves for the person it was finished to:
+    # off; todo (crm.activity.todo.add on the client's CRM object); notify (im.notify.personal.add).
+    kind: str = text("kind", "off", check=_follow_up_kind)
+    # Seconds from the hangup to the to-do's deadline.
+    deadline: float = number("deadline", 3600.0, 0, 30 * 86400)
+
+
 @dataclass(frozen=True)
 class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
@@ -306,6 +324,7 @@ class CallCardSettings:
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
+    follow_up: FollowUpSettings = section("follow_up", FollowUpSettings, absent=FollowUpSettings())
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ SHOW_METHOD = "telephony.externalcall.show"
 HIDE_METHOD = "telephony.externalcall.hide"
 USER_GET_METHOD = "user.get"
 SCOPE_METHOD = "scope"
+TODO_ADD_METHOD = "crm.activity.todo.add"
+NOTIFY_METHOD = "im.notify.personal.add"
 # api-reference/telephony/telephony-external-call-attach-record.md: FILENAME's extensions.
 RECORD_EXTENSIONS = (".wav", ".mp3")
 
@@ -94,6 +96,10 @@ class PortalModel:
         self.lead_creation_error = ""
         # What the `scope` method answers: the scopes the webhook or application was given.
         self.scopes = ["crm", "telephony", "user"]
+        # What crm.activity.todo.add and im.notify.personal.add were given, in order.
+        self.todos: list[dict[str, Any]] = []
+        self.notifications: list[dict[str, Any]] = []
+        self._activity_ids = itertools.count(500)
         for phone, entities in (crm or {}).items():
             self.set_client(phone, entities)
 
@@ -116,6 +122,8 @@ class PortalModel:
             HIDE_METHOD: self._hide,
             USER_GET_METHOD: self._user_get,
             SCOPE_METHOD: self._scope,
+            TODO_ADD_METHOD: self._todo_add,
+            NOTIFY_METHOD: self._notify,
         }.get(method)
         if handler is None:
             raise ErrorAnswer(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
@@ -256,6 +264,26 @@ class PortalModel:
         """dev.1c-bitrix.ru/rest_help/general/scope.php (api-reference/common/scope.md): without
         parameters, the scopes this application or webhook has, as a list of names."""
         return {"result": list(self.scopes)}
+
+    def _todo_add(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/crm/timeline/activities/todo/crm-activity-todo-add.md (dev.1c-bitrix.ru
+        rest_help/crm/rest_activity/todo/crm_activity_todo_add.php): ownerTypeId, ownerId and
+        deadline are required; title, description, responsibleId optional. Answers {"id": N}."""
+        for name in ("ownerTypeId", "ownerId", "deadline"):
+            if _php_empty(params.get(name)):
+                raise ErrorAnswer(400, "ERROR_CORE", f"Required parameter {name} is not set")
+        self.todos.append(dict(params))
+        return {"result": {"id": next(self._activity_ids)}}
+
+    def _notify(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/chats/notifications/im-notify-personal-add.md: USER_ID and MESSAGE
+        required; answers the notification's id."""
+        if _php_empty(params.get("USER_ID")):
+            raise ErrorAnswer(400, "USER_ID_EMPTY", "Recipient user ID not specified")
+        if _php_empty(params.get("MESSAGE")):
+            raise ErrorAnswer(400, "MESSAGE_EMPTY", "Message text not specified")
+        self.notifications.append(dict(params))
+        return {"result": len(self.notifications)}
 
     def _open_call(self, params: Mapping[str, Any]) -> RegisteredCall | None:
         call = self.calls.get(str(params.get("CALL_ID", "")))
