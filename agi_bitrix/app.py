@@ -38,6 +38,7 @@ from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
 from agi_bitrix.callcard.follow_up import FOLLOW_UP, send_follow_up
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, OutboxStore, Outcome, RetryPolicy
+from agi_bitrix.callcard.outgoing import OutgoingService
 from agi_bitrix.callcard.recording import send_recording
 from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
@@ -109,8 +110,9 @@ class Application:
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
         oauth = config.bitrix.oauth
         # The portal's install POST, on the HTTP listener (its path takes effect after a restart).
-        forms = ({oauth.install_path: InstallCallback(lambda: self.runtime.portal, self.session).handle}
-                 if oauth is not None and oauth.install_path else {})
+        install = InstallCallback(lambda: self.runtime.portal, self.session,
+                                  count_refusal=self.metrics.count_install_refused)
+        forms = {oauth.install_path: install.handle} if oauth is not None and oauth.install_path else {}
         pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
         self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, pages.add_routes)
                               if config.http.enabled else None)
@@ -144,7 +146,8 @@ class Application:
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
         handlers = {"route": route.handle_route, "": route.handle_route,
                     "register": register.handle_register, "finish": finish.handle_finish,
-                    "ringing": cards.handle_ringing, "answered": cards.handle_answered}
+                    "ringing": cards.handle_ringing, "answered": cards.handle_answered,
+                    "outgoing": OutgoingService(config, register, self.users).handle_outgoing}
         endpoint = Endpoint(config.server, handlers, route.handle_unknown_script)
         return Runtime(config, portal, lookup, router, register, finish, cards, endpoint)
 

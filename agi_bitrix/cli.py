@@ -1,4 +1,4 @@
-"""The `agi-bitrix` command: serve, check, route, test, demo, oauth login."""
+"""The `agi-bitrix` command: serve, check, route, test, demo, oauth login, events."""
 
 from __future__ import annotations
 
@@ -104,11 +104,28 @@ def _parser() -> argparse.ArgumentParser:
     login.add_argument("--wait", type=_seconds, default=300.0, metavar="SECONDS",
                        help="how long to wait for the redirect (default 300)")
 
+    _add_events(commands)
+    lines = commands.add_parser("lines", help="the configured lines as Bitrix24 external lines")
+    lines_actions = lines.add_subparsers(dest="lines_action", required=True, metavar="ACTION")
+    lines_sync = lines_actions.add_parser(
+        "sync", help="add the missing lines to the portal and rename the changed ones (never deletes); exit 1 on a"
+                     " failure")
+    lines_sync.add_argument("-c", "--config", required=True, metavar="FILE")
+
     demo = commands.add_parser(
         "demo", help="run the server against a built-in Bitrix24 emulator with sample CRM data")
     demo.add_argument("--listen", type=_listen_address, default="127.0.0.1:4573", metavar="HOST:PORT")
     demo.add_argument("--once", action="store_true", help="show the sample calls and exit")
     return parser
+
+
+def _add_events(commands: argparse._SubParsersAction[_Parser]) -> None:
+    events = commands.add_parser("events",
+                                 help="click-to-call's events from Bitrix24: subscribe, or see the subscription")
+    events_actions = events.add_subparsers(dest="events_action", required=True, metavar="ACTION")
+    for action, text in (("bind", "subscribe to ONEXTERNALCALLSTART and ONEXTERNALCALLBACKSTART in events.mode"),
+                         ("status", "whether the portal sends those events the way events.mode needs; exit 1 if not")):
+        events_actions.add_parser(action, help=text).add_argument("-c", "--config", required=True, metavar="FILE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _test(args)
     if args.command == "oauth":
         return _oauth_login(args)
+    if args.command == "events":
+        return _events(args)
+    if args.command == "lines":
+        return _lines_sync(args.config)
     if args.command == "demo":
         from agi_bitrix.demo import run_demo
 
@@ -154,7 +175,34 @@ def _check(path: str) -> int:
               " AGI_BITRIX_WEBHOOK_URL", file=sys.stderr)
     _check_auth(path, config)
     _check_users(path, config)
+    _check_events(path, config)
+    _check_lines(path, config)
     return EXIT_OK
+
+
+def _check_events(path: str, config: Config) -> None:
+    events = config.events
+    if events.mode == "handler":
+        print(f"{path}: events: handler on {events.handler_path}, the portal POSTs to {events.public_url}"
+              f" (`agi-bitrix events status -c {path}` asks the portal whether it is subscribed)")
+    elif events.mode == "offline":
+        print(f"{path}: events: offline, the portal's queue polled every {events.poll_interval:g} s"
+              f" (`agi-bitrix events status -c {path}` asks the portal whether it is subscribed)")
+    else:
+        print(f"{path}: events: off (no click-to-call)")
+
+
+def _events(args: argparse.Namespace) -> int:
+    from agi_bitrix.eventscli import events_command
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if config.events.mode == "off":
+        print(f"agi-bitrix events: events.mode is off in {args.config}; set handler or offline", file=sys.stderr)
+        return EXIT_CONFIG
+    complete = asyncio.run(events_command(config, args.events_action, out=sys.stdout, err=sys.stderr))
+    return EXIT_OK if complete else EXIT_MISMATCH
 
 
 def _check_auth(path: str, config: Config) -> None:
@@ -198,6 +246,33 @@ def _check_users(path: str, config: Config) -> None:
         print(f"{path}: warning: deactivated owners are NOT skipped: the token file's scopes lack user, so a"
               " fired owner's calls still ring his phones; add the user scope to the application and run"
               " `agi-bitrix oauth login` again", file=sys.stderr)
+
+
+def _check_lines(path: str, config: Config) -> None:
+    """The lines' sync needs an application: say so before `serve` finds out."""
+    from agi_bitrix.bitrix.lines import WEBHOOK_REFUSAL
+
+    if config.lines and config.bitrix.oauth is None:
+        print(f"{path}: warning: lines: {WEBHOOK_REFUSAL}", file=sys.stderr)
+
+
+def _lines_sync(path: str) -> int:
+    from agi_bitrix.bitrix.lines import WEBHOOK_REFUSAL, sync_once
+
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.lines:
+        print(f"{path}: no lines configured; nothing to sync")
+        return EXIT_OK
+    _check_lines(path, config)
+    result = asyncio.run(sync_once(config.bitrix, config.lines, config.policy.default_country))
+    for change in result.changes:
+        print(f"{path}: lines: {change}")
+    if result.wrong_auth_type:
+        print(f"{path}: error: lines: {WEBHOOK_REFUSAL}", file=sys.stderr)
+    print(f"{path}: lines: {result.summary(len(config.lines))}", file=sys.stdout if result.ok else sys.stderr)
+    return EXIT_OK if result.ok else EXIT_MISMATCH
 
 
 def _oauth_login(args: argparse.Namespace) -> int:

@@ -23,6 +23,9 @@ from urllib.parse import urlsplit
 import phonenumbers
 
 from agi_bitrix import schema
+from agi_bitrix.ami.errors import SecretUnavailable
+from agi_bitrix.ami.settings import AMI_SECRET_ENV, AmiSettings, read_secret
+from agi_bitrix.bitrix.line_settings import Line, line_entry, numbered_lines
 from agi_bitrix.bitrix.settings import (
     BitrixSettings,
     CacheSettings,
@@ -48,6 +51,7 @@ RECORD_URL_FIELDS = ("call_id", "uniqueid", "recording")
 _PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,19}$")
 _CRM_SOURCE = re.compile(r"^[A-Za-z0-9_.|-]{1,50}$")
 _LINE_NUMBER = re.compile(r"^[A-Za-z0-9_.+-]{1,50}$")
+_TRUNK = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -153,6 +157,26 @@ def is_url(value: str) -> bool:
     """A callcard.outbox value that names a Redis server (any URL: one that is not Redis's is
     refused as a URL, never quoted, since it may hold a password) rather than a SQLite file."""
     return "://" in value
+
+
+@dataclass(frozen=True)
+class OutgoingLine:  # callcard.outgoing.lines[]: the LINE_NUMBER of outgoing calls through one trunk
+    trunk: str  # the outgoing script's line argument: FreePBX's trunk number, or a name of the dialplan's own
+    line: str
+
+
+def _outgoing_line(item: Any) -> OutgoingLine:
+    """One {trunk: NAME, line: NUMBER}; both plain words, as the dialplan and the portal take them."""
+    if not isinstance(item, LocatedDict) or sorted(item) != ["line", "trunk"]:
+        raise ValueError(f"expected {{trunk: NAME, line: NUMBER}}, got {quoted(item)}")
+    trunk, line = (str(item[key]).strip() if isinstance(item[key], (int, str)) and not isinstance(item[key], bool)
+                   else "" for key in ("trunk", "line"))
+    if not _TRUNK.match(trunk):
+        raise ValueError("trunk: the trunk's name or number as the dialplan passes it (letters, digits, _ . + -)")
+    if not _LINE_NUMBER.match(line):
+        raise ValueError(f"line: {quoted(line)} is not a LINE_NUMBER (digits, letters, '+', '_', '.', '-')")
+    return OutgoingLine(trunk=trunk, line=line)
+
 
 
 # `callcard.outbox: redis`: the outbox in the Redis of the `redis` section (its URL, which
@@ -295,6 +319,18 @@ class FollowUpSettings:
 
 
 @dataclass(frozen=True)
+class OutgoingSettings:  # the `outgoing` script (callcard/outgoing.py): employees' desk-phone calls
+    # Per trunk, its LINE_NUMBER; the first entry of a trunk wins.
+    lines: tuple[OutgoingLine, ...] = items("lines", (), check=_outgoing_line)
+    line_number: str = text("line_number", "", check=_line_number)  # trunks not listed; "" = no LINE_NUMBER
+    show: bool = flag("show", True)
+    crm_create: bool = flag("crm_create", False)
+
+    def line_of(self, trunk: str) -> str:
+        return next((entry.line for entry in self.lines if entry.trunk == trunk), self.line_number)
+
+
+@dataclass(frozen=True)
 class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
     record_url: str = text("record_url", "", check=_record_url)
@@ -325,6 +361,7 @@ class CallCardSettings:
     cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
     follow_up: FollowUpSettings = section("follow_up", FollowUpSettings, absent=FollowUpSettings())
+    outgoing: OutgoingSettings = section("outgoing", OutgoingSettings, absent=OutgoingSettings())
 
 
 @dataclass(frozen=True)
@@ -336,6 +373,52 @@ class UsersSettings:
     automatic: bool = False
     WITHOUT_THE_SECTION: ClassVar[str] = ("on while the credentials carry the `user` scope (asked at start);"
                                           " present (even empty): the defaults below")
+
+
+EVENT_MODES = ("off", "handler", "offline")
+_EVENT_PATH = re.compile(r"/[A-Za-z0-9/_.-]{1,200}")
+
+
+def _events_mode(value: str) -> str:
+    if value not in EVENT_MODES:
+        raise ValueError(f"{quoted(value)} must be one of {', '.join(EVENT_MODES)}")
+    return value
+
+
+def _events_path(value: str) -> str:
+    if not _EVENT_PATH.fullmatch(value) or value in ("/metrics", "/healthz"):
+        raise ValueError(f"{quoted(value)} must be a URL path like /bitrix/events, other than /metrics and /healthz")
+    return value
+
+
+def _public_url(value: str) -> str:
+    """Where the portal POSTs events: public HTTPS (api-reference/events/index.md); plain HTTP only
+    to this machine (a test, or a proxy on the same host that the portal does not see)."""
+    if not value:
+        return value
+    parts = urlsplit(value)
+    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme not in ("https", "http") or not parts.hostname or (parts.scheme == "http" and not local) \
+            or parts.query or parts.fragment or parts.username or any(c.isspace() for c in value):
+        raise ValueError(f"{quoted(value)} must be an https:// URL with no query, like"
+                         " https://pbx.example.com/bitrix/events")
+    return value
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    """Click-to-call's events from the portal (agi_bitrix.bitrix.events): off, POSTed to a handler
+    on the HTTP listener, or taken from the portal's offline queue."""
+
+    mode: str = text("mode", "off", check=_events_mode)
+    # The handler's path on http.listen, and the public HTTPS URL the portal is told to POST to
+    # (a reverse proxy passes it to that path: docs/click-to-call.md).
+    handler_path: str = text("handler.path", "/bitrix/events", check=_events_path)
+    public_url: str = text("handler.public_url", "", check=_public_url)
+    # Seconds between two questions to the offline queue (each costs a request of the budget).
+    poll_interval: float = number("offline.poll_interval", 2.0, 0, 600)
+    # An event sent longer ago than this is refused: a replayed POST, or a click nobody waits for.
+    replay_window: float = number("replay_window", 120.0, 0, 3600)
 
 
 def _not_kept(declared: Any) -> Any:
@@ -366,6 +449,12 @@ class Config:
     users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(automatic=True))
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None)
+    # Click-to-call's events: off without the section.
+    events: EventsSettings = section("events", EventsSettings, absent=EventsSettings())
+    # Asterisk's manager interface, for the calls the server starts itself; off without the section.
+    ami: AmiSettings | None = section("ami", AmiSettings, absent=None)
+    # The DIDs the portal knows as external lines (agi_bitrix.bitrix.line_settings), each DID in digits.
+    lines: tuple[Line, ...] = items("lines", (), check=line_entry)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
     # at WARNING when it starts.
     deprecated: tuple[Problem, ...] = dataclasses.field(default=(), compare=False)
@@ -406,7 +495,15 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
+    # Outgoing calls rely on the directory: an explicit users section, not one the scope may switch off.
+    if callcard.outgoing != OutgoingSettings() and (users.refresh == 0 or users.automatic):
+        outgoing_section = data["callcard"]  # a mapping: outgoing was read from it
+        check.problem(outgoing_section.lines.get("outgoing", outgoing_section.line), "callcard.outgoing",
+                      "needs a users section: the user directory turns the caller's extension into a Bitrix24 user")
+    read("lines")  # each entry's problems
+    lines = numbered_lines(data.get("lines"), country, check.problem)
     redis = _redis(check, data, environ, bitrix)
+    ami = _ami(check, data, environ)
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -415,10 +512,34 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         oauth_section = data["bitrix"]["oauth"]  # a mapping: install_path was read from it
         check.problem(oauth_section.lines.get("install_path", oauth_section.line), "bitrix.oauth.install_path",
                       f"is served on {http_name}.listen, which is off")
+    events = _events(check, data, read("events"), bitrix, http, http_name)
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  deprecated=http_notes + cards_notes)
+                  events=events, ami=ami, lines=lines, deprecated=http_notes + cards_notes)
+
+
+def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: BitrixSettings,
+            http: HttpSettings, http_name: str) -> EventsSettings:
+    """What the events' mode needs besides its own keys: an application (event.bind and the
+    offline queue work only in an application's context), and for a handler its listener and URL."""
+    if events.mode == "off":
+        return events
+    section = data["events"]  # a mapping: mode was read from it
+    line = section.lines.get("mode", section.line)
+    if bitrix.oauth is None:
+        check.problem(line, "events.mode", f"{events.mode} needs bitrix.oauth: Bitrix24 sends events only to an"
+                                           " application, never through a webhook")
+    if events.mode == "handler":
+        handler = section.get("handler")
+        where = handler.line if isinstance(handler, LocatedDict) else line
+        if not events.public_url and not (isinstance(handler, LocatedDict) and "public_url" in handler):
+            check.problem(where, "events.handler.public_url", "missing; the https:// URL the portal POSTs events to")
+        if not http.enabled:
+            check.problem(where, "events.handler.path", f"is served on {http_name}.listen, which is off")
+        if bitrix.oauth is not None and bitrix.oauth.install_path == events.handler_path:
+            check.problem(where, "events.handler.path", "is bitrix.oauth.install_path's too; give each its own")
+    return events
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,
@@ -527,6 +648,30 @@ def _redis(check: Checker, data: LocatedDict, environ: Mapping[str, str],
         check.problem(section.lines.get("timeout", section.line), "redis.timeout",
                       f"{settings.timeout:g} s must be under half of bitrix.deadline ({bitrix.deadline:g} s):"
                       " a call waits for Redis before the portal")
+    return settings
+
+
+def _ami(check: Checker, data: LocatedDict, environ: Mapping[str, str]) -> AmiSettings | None:
+    """The `ami:` section, its secret usable now; `secret` passes the unknown-key check only to be
+    told where the secret goes instead (never quoting it)."""
+    if "ami" not in data:
+        return None
+    section = check.section(data, "ami", "ami", (*schema.keys(AmiSettings), "secret"))
+    if "secret" in section:
+        check.problem(section.lines["secret"], "ami.secret", f"never in this file: use {AMI_SECRET_ENV} or secret_file")
+    given = {name: check.text(section, name, "ami") or "" for name in ("username", "secret_file")}
+    for name, value in given.items():  # required fields (no default), checked as declared
+        declared_check = schema.declaration(AmiSettings, name).check
+        try:
+            if declared_check is not None:
+                declared_check(value)
+        except ValueError as error:
+            check.problem(section.lines.get(name, section.line), f"ami.{name}", str(error))
+    settings: AmiSettings = check.read(AmiSettings, section, "ami", **given)
+    try:
+        read_secret(settings, environ)
+    except SecretUnavailable as error:
+        check.problem(section.lines.get("secret_file", section.line), "ami", str(error))
     return settings
 
 

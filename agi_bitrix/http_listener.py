@@ -61,7 +61,9 @@ def free_descriptors() -> tuple[int, int] | None:
     except OSError as error:
         # Not even one descriptor to list them with: none is left.
         return (0, reserve) if error.errno in (errno.EMFILE, errno.ENFILE) else None
-    return soft - used, reserve
+    # The limit bounds descriptor numbers, not their count: with holes below it, more may be open
+    # than the limit and listdir still succeed. None is free then.
+    return max(0, soft - used), reserve
 
 
 class _Refused(asyncio.Protocol):

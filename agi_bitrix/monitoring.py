@@ -48,6 +48,15 @@ class Metrics:
         self.cache_entries = Gauge("agi_bitrix_cache_entries", "Numbers in the answer cache.", registry=r)
         self.shared_unreadable = Counter("agi_bitrix_shared_answers_unreadable", "Answers in Redis this version"
                                          " could not decode (another version's shape), taken as misses.", registry=r)
+        self.ami_connected = Gauge("agi_bitrix_ami_up", "1 while logged in to Asterisk's AMI (with an ami"
+                                   " section), else 0.", registry=r)
+        self.ami_reconnects = Counter("agi_bitrix_ami_reconnects", "Logins to AMI again after a lost connection.",
+                                      registry=r)
+        self.ami_dropped_events = Counter("agi_bitrix_ami_dropped_events", "AMI events dropped because their"
+                                          " listeners were behind (the bounded queue was full).", registry=r)
+        self.install_refused = Counter("agi_bitrix_install_refused", "POSTs to the OAuth install callback not"
+                                       " taken, by reason (agi_bitrix.bitrix.install.InstallRefusal).",
+                                       ["reason"], registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result)
         # Children for the per-call labels, made once: labels() locks and builds a key each time.
@@ -78,12 +87,27 @@ class Metrics:
     def count_http_refused(self, reason: str) -> None:
         self.http_refused.labels(reason).inc()
 
+    def count_install_refused(self, reason: str) -> None:
+        # InstallCallback's count_refusal: its reasons are a closed set (bitrix.install.InstallRefusal).
+        self.install_refused.labels(reason).inc()
+
     def count_call(self, status: str, route: str, rule: str) -> None:
         # labels() takes a lock and builds a key on every call; the few combinations repeat.
         child = self._call_counters.get((status, route, rule))
         if child is None:
             child = self._call_counters[(status, route, rule)] = self.calls.labels(status, route, rule)
         child.inc()
+
+    # -- what the AMI client reports (agi_bitrix.ami.client.AmiObserver) -------------------------
+
+    def ami_up(self, up: bool) -> None:
+        self.ami_connected.set(1 if up else 0)
+
+    def ami_reconnected(self) -> None:
+        self.ami_reconnects.inc()
+
+    def ami_events_dropped(self, count: int) -> None:
+        self.ami_dropped_events.inc(count)
 
     def watch(self, sessions: Callable[[], int], breaker_state: Callable[[], str],
               cache_entries: Callable[[], int]) -> None:

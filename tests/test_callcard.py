@@ -514,7 +514,7 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "call-card.md").read_text(encoding="utf-8")
-    callcard, redis_outbox, oauth, install = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    callcard, redis_outbox, lines, oauth, install = re.findall(r"```yaml\n(.*?)```", doc, re.S)
     routing = "routing: {fallback_queue: support}\n"
     config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing
                           + textwrap.dedent(callcard), "call-card.md")
@@ -523,6 +523,9 @@ def test_the_yaml_in_the_call_card_docs_is_valid_config():
     config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing
                           + textwrap.dedent(redis_outbox), "call-card.md")
     assert (config.callcard.outbox, config.callcard.outbox_claim_after) == ("redis://:PASSWORD@10.0.0.5:6379/0", 60.0)
+    config = parse_config('bitrix: {webhook_url: "https://portal.example/rest/1/code/"}\n' + routing + lines)
+    assert [(line.number, line.crm_source) for line in config.lines] == [("74951112233", "CALL"),
+                                                                          ("78005550000", "ADVERTISING")]
     config = parse_config(textwrap.dedent(oauth) + routing, "call-card.md",
                           environ={"AGI_BITRIX_CLIENT_SECRET": "s"})
     assert config.bitrix.oauth.token_file == "/var/lib/agi-bitrix/oauth.json"

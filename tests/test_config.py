@@ -1,4 +1,6 @@
 import dataclasses
+import os
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -249,6 +251,15 @@ def yaml_of_defaults(settings):
 OAUTH = {"portal_url": "https://p.example/rest/", "client_id": "c", "client_secret": "s", "token_file": "/t.json"}
 
 
+def _ami_secret_file() -> str:
+    """A private secret file for the `ami` section (its secret must be usable for the file to pass)."""
+    path = Path(tempfile.gettempdir()) / f"agi-bitrix-test-ami-{os.getpid()}.secret"
+    if not path.exists():
+        path.write_text("secret\n")
+        path.chmod(0o600)
+    return str(path)
+
+
 def config_with(path, mapping):
     """BASE as a dict with `mapping` at the section `path`; an OAuth section replaces the webhook."""
     data = yaml.safe_load(BASE)
@@ -256,6 +267,8 @@ def config_with(path, mapping):
         data["bitrix"] = {"oauth": dict(OAUTH)}
     if path == "redis":
         data["redis"] = {"url": "redis://127.0.0.1:6379/0"}
+    if path == "ami":
+        data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
     holder = data
     for part in path.split("."):
         holder = holder.setdefault(part, {})
@@ -268,9 +281,9 @@ def test_every_declared_key_is_accepted_and_its_default_is_what_an_absent_key_gi
         written = parse_config(config_with(path, yaml_of_defaults(settings)))
         absent = parse_config(config_with(path, {}))
         assert written == dataclasses.replace(absent, path=written.path), path
-    top_level = yaml_of_defaults(Config)  # phones.default_country, variables.prefix
+    top_level = yaml_of_defaults(Config)  # phones.default_country, variables.prefix, lines
     assert parse_config(BASE + yaml.safe_dump(top_level)) == dataclasses.replace(parse_config(BASE), path="<config>")
-    assert set(top_level) == {"phones", "variables"}
+    assert set(top_level) == {"phones", "variables", "lines"}
     defaults = parse_config(BASE + "callcard:\nusers:\n")
     assert defaults.callcard == CallCardSettings() and defaults.users == UsersSettings()
     assert defaults.bitrix.deadline == schema.default(BitrixSettings, "deadline")
@@ -292,7 +305,7 @@ def test_the_allowed_keys_of_a_section_come_from_its_declarations():
                                            "breaker", "oauth")
     assert schema.keys(BitrixSettings, "rate_limit") == ("per_second", "burst")
     assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "http",
-                                   "call_log", "callcard", "users", "redis")
+                                   "call_log", "callcard", "users", "redis", "events", "ami", "lines")
     assert problems(BASE + "cache: {colour: 1}\n") == [
         "test.yaml:5: cache.colour: unknown key; expected one of: found_ttl, not_found_ttl, stale_for, max_entries"]
     assert problems(BASE + "cache: 5\n") == [

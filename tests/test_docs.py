@@ -134,3 +134,53 @@ def test_links_lead_somewhere(name):
         if anchor and page.suffix == ".md" and anchor not in anchors(page):
             broken.append(target)
     assert broken == []
+
+
+# -- docs/security.md: every test it names as holding an attack exists --
+
+SECURITY = ROOT / "docs" / "security.md"
+# `tests/…py::name` (a class's test as `tests/…py::Class::name`); a parametrized test may carry its id.
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)((?:::\w+)+)(?:\[[^\]`]*\])?")
+
+
+def collected_tests(path: Path) -> set[str]:
+    """The tests pytest collects from a file, as `name` or `Class::name`."""
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+            found.add(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            found.update(f"{node.name}::{item.name}" for item in node.body
+                         if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef) and item.name.startswith("test"))
+    return found
+
+
+def named_tests(text: str) -> list[tuple[str, str]]:
+    return [(path, names[2:]) for path, names in TEST_REFERENCE.findall(text)]
+
+
+def unknown_tests(text: str) -> list[str]:
+    """The `tests/…::name` references in `text` that name no file or no test in it."""
+    unknown = []
+    for path, name in named_tests(text):
+        file = ROOT / path
+        if not file.is_file() or name not in collected_tests(file):
+            unknown.append(f"{path}::{name}")
+    return unknown
+
+
+def test_every_test_the_security_doc_names_exists():
+    text = SECURITY.read_text(encoding="utf-8")
+    assert len(named_tests(text)) > 100
+    assert unknown_tests(text) == []
+    # A shorthand `::name` would leave which file to guess: each reference names its file.
+    assert re.findall(r"(?<![\w.])::\w+", text) == []
+
+
+def test_a_renamed_or_removed_test_is_noticed():
+    assert unknown_tests("`tests/test_docs.py::test_every_test_the_security_doc_names_exists`") == []
+    assert unknown_tests("`tests/test_docs.py::test_that_was_renamed`, `tests/test_nowhere.py::test_x`") == [
+        "tests/test_docs.py::test_that_was_renamed", "tests/test_nowhere.py::test_x"]
+    assert unknown_tests("`tests/test_docs.py::test_cookbook_recipes_are_valid_config[some-id]`") == []

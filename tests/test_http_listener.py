@@ -229,9 +229,11 @@ async def test_check_and_serve_warn_about_the_old_name(portal, tmp_path):
 def test_with_no_descriptor_left_to_count_them_none_is_free():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     used = len(os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (used - 5, hard))  # listdir itself cannot open one
+    limit = used - 5
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))  # listdir itself cannot open one
     try:
         free = free_descriptors()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert free == (0, RESERVE_MIN)
+    # The reserve follows the limit: in a long test run this process may hold hundreds of descriptors.
+    assert free == (0, max(RESERVE_MIN, limit // 4))

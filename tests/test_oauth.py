@@ -801,6 +801,9 @@ async def test_a_flood_of_forged_installs_leaves_the_calls_their_requests(instal
     statuses, calls = await asyncio.gather(flood(url, form), calls_during(app, host, port))
     assert {(v["B24_STATUS"], v["B24_TARGET"]) for v in calls} == {("FOUND", "101")}
     assert set(statuses) == {403} and oauth_portal.app_info_requests == 0
+    # Each refusal is counted for the alerts, not only logged (the Application wires the counter in).
+    assert sum(sample.value for metric in app.metrics.install_refused.collect() for sample in metric.samples
+               if sample.name.endswith("_total")) == len(statuses)
     # Before the first install, forged ones are checked with the portal: only as many as the allowance.
     token_path.unlink()
     statuses = await flood(url, form)

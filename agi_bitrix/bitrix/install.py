@@ -26,7 +26,8 @@ Anyone can POST here, so nothing is asked of the portal before the cheap local c
 the `app.info` questions have an allowance of their own (VERIFY_BURST, then one per
 VERIFY_INTERVAL seconds), refused at once when spent: a flood of forged installs cannot spend the
 request budget the calls' lookups need. Refusals are logged at once, then at most once a minute
-per kind with a count.
+per kind with a count, and each is reported to `count_refusal` with one of InstallRefusal (the
+Application counts them in agi_bitrix_install_refused_total{reason}; this module knows no metrics).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import aiohttp
 
@@ -55,6 +56,23 @@ VERIFY_BURST = 3
 VERIFY_INTERVAL = 20.0
 REFUSAL_LOG_INTERVAL = 60.0
 REINSTALL_DOCS = 'docs/call-card.md, section "Installing again"'
+# Why an install POST was not taken: a closed set (mypy holds every call to it), so a flood of
+# forged POSTs cannot grow a metric's labels.
+InstallRefusal = Literal[
+    "no_oauth",                    # 404: the config has no OAuth application (a reload turned it off)
+    "no_tokens",                   # 400: no access and refresh token in the request
+    "no_application_token",        # 400: a first install without the portal's proof for later calls
+    "other_portal",                # 403: it names another portal than bitrix.oauth.portal_url
+    "allowance_spent",             # 429: more first installs than the portal is asked about
+    "portal_rejected_token",       # 403: the portal does not accept the access token it came with
+    "other_application",           # 403: app.info names another application
+    "portal_unreachable",          # 502: the portal could not be asked
+    "tokens_already_stored",       # 403: a token file without application_token (oauth login)
+    "application_token_mismatch",  # 403: a later call without the stored application_token
+    "stored_meanwhile",            # 409: a token file appeared while the install was checked
+    "not_saved",                   # 500: the token file could not be written
+]
+INSTALL_REFUSALS: tuple[InstallRefusal, ...] = get_args(InstallRefusal)
 
 
 # An answer to the portal: the HTTP status and a JSON body.
@@ -135,23 +153,30 @@ class InstallCallback:
     """Answers the portal's install POSTs for the application configured now."""
 
     def __init__(self, current: Callable[[], PortalClient], session: aiohttp.ClientSession, *,
-                 timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 count_refusal: Callable[[InstallRefusal], None] = lambda reason: None) -> None:
         self._current = current  # the running portal client: its tokens and its request budget
         self._session = session
         self._timeout = timeout
         self._allowance = RateLimiter(1 / VERIFY_INTERVAL, VERIFY_BURST, clock)
         self._refusals = _QuietLog(REFUSAL_LOG_INTERVAL, clock)
+        self._count_refusal = count_refusal  # called with one of InstallRefusal
+
+    def _refuse(self, reason: InstallRefusal, status: int, error: str) -> InstallAnswer:
+        """Every answer but success goes through here, so each is counted with its bounded reason."""
+        self._count_refusal(reason)
+        return (status, {"error": error})
 
     async def handle(self, form: Mapping[str, str], peer: str) -> InstallAnswer:
         portal = self._current()
         tokens = portal.auth
         if not isinstance(tokens, OAuthTokens):
-            return (404, {"error": "no OAuth application is configured"})
+            return self._refuse("no_oauth", 404, "no OAuth application is configured")
         event = _read(form)
         if event is None:
             self._refusals.warning("OAuth install callback from %s refused: no access and refresh token in the"
                                    " request", peer)
-            return (400, {"error": "auth data is required"})
+            return self._refuse("no_tokens", 400, "auth data is required")
         first = tokens.token_file.stamp() is None
         refused = (self._first_install_refused(event, tokens, peer) if first
                    else self._later_call_refused(event, tokens, peer))
@@ -169,11 +194,11 @@ class InstallCallback:
         except FileExistsError:
             log.warning("OAuth install callback: %s appeared while this install was checked; not replaced",
                         tokens.token_file.path)
-            return (409, {"error": "tokens were stored meanwhile"})
+            return self._refuse("stored_meanwhile", 409, "tokens were stored meanwhile")
         except (OSError, TokenFileError) as error:
             detail = error.detail if isinstance(error, TokenFileError) else error.strerror
             log.error("OAuth install callback: cannot save the tokens to %s (%s)", tokens.token_file.path, detail)
-            return (500, {"error": "the tokens could not be saved"})
+            return self._refuse("not_saved", 500, "the tokens could not be saved")
         log.info("OAuth: application installed on %s (member_id %s, scopes %s); tokens saved in %s",
                  event.domain or tokens.settings.portal_url, event.tokens.member_id or "-",
                  event.tokens.scope or "-", tokens.token_file.path)
@@ -189,14 +214,15 @@ class InstallCallback:
                 " by `agi-bitrix oauth login` or by hand), so no install call can be proven to come from the"
                 " portal. To install the application again, remove that file first: %s",
                 peer, tokens.token_file.path, REINSTALL_DOCS)
-            return (403, {"error": "tokens are already stored; remove the token file to install again"})
+            return self._refuse("tokens_already_stored", 403,
+                                "tokens are already stored; remove the token file to install again")
         given = event.application_token
         if not hmac.compare_digest(given.encode(), expected.encode()):
             self._refusals.warning(
                 f"OAuth install callback from %s refused: its application_token"
                 f" {'does not match' if given else 'is missing, unlike'} the one stored in %s",
                 peer, tokens.token_file.path)
-            return (403, {"error": "application_token does not match"})
+            return self._refuse("application_token_mismatch", 403, "application_token does not match")
         return None
 
     def _first_install_refused(self, event: _InstallEvent, tokens: OAuthTokens, peer: str) -> InstallAnswer | None:
@@ -206,18 +232,18 @@ class InstallCallback:
         if not event.application_token:
             self._refusals.warning("OAuth install callback from %s refused: no application_token, so the portal's"
                                    " later calls could not be told from anyone's", peer)
-            return (400, {"error": "application_token is required"})
+            return self._refuse("no_application_token", 400, "application_token is required")
         configured = tokens.settings.portal_url
         endpoint = event.tokens.client_endpoint
         if not endpoint or not same_portal(endpoint, configured):
             self._refusals.warning("OAuth install callback from %s refused: it names another portal than"
                                    " bitrix.oauth.portal_url (%s)", peer, configured)
-            return (403, {"error": "not the configured portal"})
+            return self._refuse("other_portal", 403, "not the configured portal")
         if self._allowance.reserve(0.0) is None:
             self._refusals.warning("OAuth install callback from %s refused: more first installs than the portal"
                                    " is asked about (%d, then one per %g s); try again later",
                                    peer, VERIFY_BURST, VERIFY_INTERVAL)
-            return (429, {"error": "too many installation attempts; try again later"})
+            return self._refuse("allowance_spent", 429, "too many installation attempts; try again later")
         return None
 
     async def _verify(self, event: _InstallEvent, tokens: OAuthTokens, portal: PortalClient) -> InstallAnswer | None:
@@ -231,16 +257,16 @@ class InstallCallback:
         except AuthRejected as error:
             log.warning("OAuth install callback refused: the portal did not accept the access token it came with"
                         " (%s: %s)", error.reason, error.detail)
-            return (403, {"error": "the portal does not accept these tokens"})
+            return self._refuse("portal_rejected_token", 403, "the portal does not accept these tokens")
         except BitrixError as error:
             log.error("OAuth install callback: cannot check its tokens with the portal (%s: %s); not saved",
                       error.reason, error.detail)
-            return (502, {"error": "the portal could not be asked"})
+            return self._refuse("portal_unreachable", 502, "the portal could not be asked")
         code = _application_code(info)
         if code != tokens.settings.client_id:
             log.warning("OAuth install callback refused: its access token is another application's (app.info"
                         " CODE %r, bitrix.oauth.client_id %s)", code[:64], tokens.settings.client_id)
-            return (403, {"error": "the tokens belong to another application"})
+            return self._refuse("other_application", 403, "the tokens belong to another application")
         return None
 
 

@@ -130,6 +130,11 @@ class UserDirectory:
         """Those of `user_ids` whose account is known to be deactivated."""
         return frozenset(uid for uid in user_ids if (user := self._users.get(uid)) is not None and not user.active)
 
+    def by_extension(self, extension: str) -> User | None:
+        """The active user whose extension (UF_PHONE_INNER) is `extension`; never a mobile."""
+        number = normalize_extension(extension)
+        return self._by_extension.get(number) if number else None
+
     def by_number(self, number: str) -> User | None:
         """The active user whose extension, else whose mobile, is `number`."""
         extension = normalize_extension(number)

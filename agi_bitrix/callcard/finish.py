@@ -2,8 +2,9 @@
 
 Dialplan (in the `h` extension or a hangup handler of the caller's channel):
 AGI(agi://HOST:PORT/finish,${B24_CALL_ID},${B24_USER_ID},${DIALSTATUS},${SHARED(B24_ANSWERED_AT)},
-${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}[,DID]])
-The DID picks callcard.register.responsible's user for a call without an owner, as register did.
+${SHARED(B24_ANSWERED_BY)},${STRFTIME(,,%s.%3q)}[,${MIXMONITOR_FILENAME}[,DID[,outgoing]]])
+The DID picks callcard.register.responsible's user for a call without an owner, as register did;
+"outgoing" marks a call the outgoing script registered (a CANCEL is then 603-S, not missed).
 
 The answer stamp (B24_ANSWERED_AT, B24_ANSWERED_BY) is written by the [agi-bitrix-answered]
 subroutine that Dial's U() and Queue's gosub run on the channel that answered; talk time is
@@ -49,6 +50,7 @@ log = logging.getLogger("agi_bitrix.callcard")
 
 FINISH = "telephony.externalcall.finish"
 
+OUTGOING_MARK = "outgoing"  # finish's 9th argument for a call the outgoing script registered
 RECORDING = "recording"  # the outbox's kind of row for a recording (callcard/recording.py sends it)
 # What a value may be to stand in a recording's path: no "/", nothing hidden, nothing that climbs up.
 _PATH_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
@@ -64,6 +66,7 @@ class FinishArguments:
     hangup_at: float | None
     recording: str
     did: str = ""  # international digits, or ""
+    outgoing: bool = False  # the 9th argument "outgoing": a call the outgoing script registered
 
 
 def finish_expressions(prefix: str) -> tuple[str, ...]:
@@ -73,7 +76,7 @@ def finish_expressions(prefix: str) -> tuple[str, ...]:
 
 
 def finish_arguments(values: list[str], default_country: str) -> FinishArguments:
-    args = [value.strip() for value in values] + [""] * 8
+    args = [value.strip() for value in values] + [""] * 9
     return FinishArguments(
         call_id=args[0] if CALL_ID_PATTERN.match(args[0]) else "",
         owner=args[1] if USER_ID_PATTERN.match(args[1]) else "",
@@ -83,6 +86,7 @@ def finish_arguments(values: list[str], default_country: str) -> FinishArguments
         hangup_at=_epoch(args[5]),
         recording=os.path.basename(args[6]),
         did=normalize_number(args[7], default_country) or "",
+        outgoing=args[8] == OUTGOING_MARK,
     )
 
 
@@ -181,7 +185,7 @@ class FinishService:
             "CALL_ID": arguments.call_id,
             "USER_ID": user_id,
             "DURATION": duration,
-            "STATUS_CODE": status_code(answered, arguments.dialstatus),
+            "STATUS_CODE": status_code(answered, arguments.dialstatus, outgoing=arguments.outgoing),
         }
         record_url = self.record_url(arguments, uniqueid) if answered else ""
         if record_url:

@@ -26,6 +26,7 @@ private (folder 0700, files 0600) and a lock file left readable by an older vers
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import logging
@@ -251,8 +252,9 @@ class Outbox(DeliveryLoop):
         except OSError as error:
             raise OutboxError(f"cannot open outbox {self.path}: {error.strerror or error}") from None
         try:
-            # SQLite gives the -wal and -shm files the database file's mode: create it 0600.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            # SQLite gives the -wal and -shm files the database file's mode: create it 0600. Never
+            # through a link: it would make (or chmod, below) a file wherever the link points.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
             for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
                 self._make_private(path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -334,9 +336,12 @@ class Outbox(DeliveryLoop):
 
     def _make_private(self, path: Path) -> None:
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
+            status = path.lstat()
         except FileNotFoundError:
             return
+        if stat.S_ISLNK(status.st_mode):  # SQLite would open the journal through it
+            raise OSError(errno.ELOOP, f"{path.name} is a symbolic link; refused")
+        mode = stat.S_IMODE(status.st_mode)
         if not mode & _OPEN_TO_OTHERS:
             return
         try:

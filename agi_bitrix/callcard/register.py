@@ -25,6 +25,7 @@ from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, RequestNotSent, WrongAuthType
+from agi_bitrix.bitrix.line_settings import line_and_source
 from agi_bitrix.callcard.dialplan import dialplan_values
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
@@ -119,13 +120,22 @@ class RegisterService:
                      " registered", uniqueid, arguments.did or "-")
             return "", "no_user"
         params = self.register_params(arguments, user_id)
+        return await self.send_register(params, uniqueid, show=settings.show, crm_create=settings.crm_create,
+                                        created=created)
+
+    async def send_register(self, params: dict[str, Any], uniqueid: str, *, show: bool, crm_create: bool,
+                            created: Created | None = None) -> tuple[str, str]:
+        """Send one register (incoming or outgoing) within callcard.register.deadline; (CALL_ID, "") on
+        success, ("", reason) otherwise. What the portal created in the CRM is put in `created`."""
+        deadline = self.config.callcard.register.deadline
+        user_id, phone = params["USER_ID"], params["PHONE_NUMBER"]
         try:
-            async with asyncio.timeout(settings.deadline):
+            async with asyncio.timeout(deadline):
                 # The request budget is the lookups' too: the portal counts every request.
-                result = await self.portal.call(REGISTER, params, max_wait=settings.deadline)
+                result = await self.portal.call(REGISTER, params, max_wait=deadline)
         except TimeoutError:
             log.warning("call %s: register took longer than %.1f s; the call goes on without a card",
-                        uniqueid, settings.deadline)
+                        uniqueid, deadline)
             return "", "timeout"
         except RequestNotSent as error:
             log.warning("call %s: not registered: %s", uniqueid, error)
@@ -140,23 +150,26 @@ class RegisterService:
             log.warning("call %s: register answered without a usable CALL_ID: %.200r", uniqueid, result)
             return "", "bad_result"
         found = created_in_crm(result)
-        log.info("call %s: registered as %s for user %s (external id %s)%s", uniqueid, call_id, user_id,
-                 arguments.external_call_id or "-",
+        log.info("call %s: registered as %s for user %s (type %s, external id %s)%s", uniqueid, call_id, user_id,
+                 params["TYPE"], params["EXTERNAL_CALL_ID"] or "-",
                  f"; created in the CRM: {' '.join(found.entities)}" if found.entities else "")
         if found.lead_error:
             log.warning("call %s: registered, but the portal could not create a lead for %s: %s", uniqueid,
-                        arguments.phone, found.lead_error)
-        elif settings.crm_create and not found.entities and not result.get("CRM_ENTITY_TYPE"):
+                        phone, found.lead_error)
+        elif crm_create and not found.entities and not result.get("CRM_ENTITY_TYPE"):
             log.warning("call %s: registered with crm_create, but the portal names no CRM object for %s",
-                        uniqueid, arguments.phone)
+                        uniqueid, phone)
         if created is not None:
             created.entities, created.lead_error = found.entities, found.lead_error
-        if settings.show:
+        if show:
             self.holders.add(call_id, user_id)
         return call_id, ""
 
     def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
         settings = self.config.callcard.register
+        # The configured line of the DID (the `lines:` list), so the portal's reports split by it.
+        line_number, crm_source = line_and_source(self.config.lines, arguments.did, settings.line_number,
+                                                  settings.crm_source)
         params: dict[str, Any] = {
             "USER_ID": user_id,
             "PHONE_NUMBER": arguments.phone,
@@ -164,13 +177,13 @@ class RegisterService:
             "CALL_START_DATE": datetime.now(UTC).isoformat(timespec="seconds"),
             "CRM_CREATE": settings.crm_create,
             "SHOW": settings.show,
-            "LINE_NUMBER": settings.line_number or arguments.did,
+            "LINE_NUMBER": line_number,
             # Without a value unique to the call the portal merges this call into an earlier one
             # from the same number to the same user within 30 minutes.
             "EXTERNAL_CALL_ID": arguments.external_call_id,
         }
-        if settings.crm_source:
-            params["CRM_SOURCE"] = settings.crm_source
+        if crm_source:
+            params["CRM_SOURCE"] = crm_source
         if arguments.entity_type:
             params["CRM_ENTITY_TYPE"] = arguments.entity_type
             params["CRM_ENTITY_ID"] = arguments.entity_id

@@ -29,7 +29,12 @@ DIALSTATUS_CODES = {
 }
 
 
-def status_code(answered: bool, dialstatus: str) -> str:
+# An outgoing call (callcard/outgoing.py) the employee gave up on while it rang was cancelled, not
+# missed: the portal's missed-call handling is for incoming calls.
+OUTGOING_CODES = {**DIALSTATUS_CODES, "CANCEL": "603-S"}
+
+
+def status_code(answered: bool, dialstatus: str, *, outgoing: bool = False) -> str:
     """STATUS_CODE for a call that was `answered` (someone took it) or ended with `dialstatus`.
 
     An answer stamp wins over DIALSTATUS, which only tells about the last Dial(): a call that
@@ -39,4 +44,4 @@ def status_code(answered: bool, dialstatus: str) -> str:
     """
     if answered:
         return ANSWERED
-    return DIALSTATUS_CODES.get(dialstatus.strip().upper(), MISSED)
+    return (OUTGOING_CODES if outgoing else DIALSTATUS_CODES).get(dialstatus.strip().upper(), MISSED)

@@ -6,8 +6,9 @@ under server, service, app, agi/, bitrix/, routing/ or callcard/ imports this pa
 nothing here imports the product.
 
 - `portal`: the Bitrix24 portal emulator served over HTTP (what the demo runs), built from
-  `portal_model` (the portal's data and REST methods), `portal_faults` (fault injection, for
-  tests and benchmarks) and `portal_wire` (how the portal speaks HTTP); `portal_cli` serves the
+  `portal_model` (the portal's data and REST methods), `portal_lines` (the application's
+  external lines), `portal_faults` (fault injection, for tests and benchmarks) and `portal_wire`
+  (how the portal speaks HTTP); `portal_cli` serves the
   sample CRM from the command line; `portal_oauth` is a local application's OAuth side (authorize,
   token server, REST with `auth`, the install event) in front of the emulator.
 - `sample_data`: a small believable CRM and the callers the demo plays.

@@ -130,6 +130,10 @@ class AsteriskPbx:
         self.ami_port = free_tcp_port()
         self.ami_username = "agi-bitrix-test"
         self.ami_secret = secrets.token_hex(12)
+        # A second AMI user with only what the server's own calls need (docs/ami.md): Originate to
+        # a context, and the call events its outcome comes in.
+        self.ami_originate_username = "agi-bitrix-originate"
+        self.ami_originate_secret = secrets.token_hex(12)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -183,6 +187,14 @@ deny = 0.0.0.0/0.0.0.0
 permit = 127.0.0.1/255.255.255.255
 read = all
 write = all
+
+[{self.ami_originate_username}]
+secret = {self.ami_originate_secret}
+deny = 0.0.0.0/0.0.0.0
+permit = 127.0.0.1/255.255.255.255
+read = call
+write = originate
+displayconnects = no
 """,
             "extensions.conf": extensions,
             # Asterisk 20's app_queue declines to load without a [general] section.
@@ -247,6 +259,13 @@ write = all
                 self.process.wait(timeout=10)
         self.process = None
         shutil.rmtree(self.host_home, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Kills Asterisk at once (SIGKILL), keeping its configuration: start() brings it back
+        on the same ports, as a crashed and restarted Asterisk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
 
     def log_tail(self, lines: int = 80) -> str:
         text = ""

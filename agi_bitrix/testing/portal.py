@@ -28,7 +28,9 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from agi_bitrix.testing.portal_events import PortalEvents
 from agi_bitrix.testing.portal_faults import DOCUMENTED_ERRORS, FaultInjector, nginx_page
+from agi_bitrix.testing.portal_lines import LINE_METHODS
 from agi_bitrix.testing.portal_model import FINISH_METHOD, REGISTER_METHOD, SEARCH_METHOD, PortalModel, normalise_phone
 from agi_bitrix.testing.portal_wire import (
     ErrorAnswer,
@@ -169,6 +171,7 @@ class PortalEmulator(PortalModel):
         self._bucket = _LeakyBucket(*rate_limit) if rate_limit else None
         self._runner: web.AppRunner | None = None
         self.webhook_url = ""
+        self.events = PortalEvents()  # event.bind, event.get, the offline queue (portal_events)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -261,7 +264,10 @@ class PortalEmulator(PortalModel):
             raise ErrorAnswer(401, "INVALID_CREDENTIALS", "Invalid request credentials")
         if not self.commercial_plan:
             raise _documented("ACCESS_DENIED")
-        if (self.application_only and method in APPLICATION_ONLY_METHODS
+        # The external lines follow their pages (portal_lines): a webhook is refused whatever
+        # `application_only` says, which keeps the register/finish leniency of many portals.
+        if (((self.application_only and (method in APPLICATION_ONLY_METHODS or method in self.events.methods))
+             or method in LINE_METHODS)
                 and request.headers.get(AUTH_TYPE_HEADER) != APPLICATION):
             raise _documented("WRONG_AUTH_TYPE")
         if self._bucket is not None and not self._bucket.admit():
@@ -273,6 +279,10 @@ class PortalEmulator(PortalModel):
         if processing:
             await asyncio.sleep(processing)
         return {**answer, "processing": processing}
+
+    def call_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        event_method = self.events.methods.get(method)
+        return event_method(params) if event_method is not None else super().call_method(method, params)
 
     def _run(self, method: str, params: dict[str, Any], started: float) -> tuple[dict[str, Any], float]:
         """One method call as the portal runs it, from `started`: refused while the method is over

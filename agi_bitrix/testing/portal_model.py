@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agi_bitrix.testing.portal_lines import LINE_METHODS, ExternalLines
 from agi_bitrix.testing.portal_wire import ErrorAnswer
 
 SEARCH_METHOD = "telephony.externalcall.searchcrmentities"
@@ -100,6 +101,7 @@ class PortalModel:
         self.todos: list[dict[str, Any]] = []
         self.notifications: list[dict[str, Any]] = []
         self._activity_ids = itertools.count(500)
+        self.external_lines = ExternalLines()  # telephony.externalLine.* (portal_lines)
         for phone, entities in (crm or {}).items():
             self.set_client(phone, entities)
 
@@ -113,6 +115,8 @@ class PortalModel:
 
     def call_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """The answer of a method the emulator knows, for a direct call or a batch command."""
+        if method in LINE_METHODS:
+            return self.external_lines.answer(method, params)
         handler: Callable[[dict[str, Any]], dict[str, Any]] | None = {
             SEARCH_METHOD: self._search,
             REGISTER_METHOD: self._register,

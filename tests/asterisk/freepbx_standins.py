@@ -31,6 +31,14 @@ def queue_call(build: AsteriskBuild) -> str:
 
 def freepbx_dialplan(build: AsteriskBuild) -> str:
     return r"""
+; Trunk 1 (core writes OUT_N and OUT_N_SUFFIX of each trunk into [globals]) is the stand-in
+; trunk; TRUNK_RING_TIMER and TRUNK_OPTIONS as Settings > Advanced Settings set them (ours).
+[globals](+)
+OUT_1=Local
+OUT_1_SUFFIX=@agi-bitrix-test-outbound
+TRUNK_RING_TIMER=300
+TRUNK_OPTIONS=T
+
 ; An inbound route (core: ext-did / from-pstn) whose destination is the custom destination
 ; custom-agi-bitrix,s,1: FROM_DID carries the dialled number.
 [from-pstn]
@@ -102,14 +110,59 @@ exten => s,1,Set(GOSUB_RETVAL=${SHARED(BLKVM,${BLKVM_CHANNEL})})
  same => n,Return(${GOSUB_RETVAL})
 
 ; core functions.inc.php, outbound routes ("outrt-"): a route with a Route CID (not forced):
-; the company number, unless KEEPCID=TRUE; then macro-dialout-trunk, which runs
-; macro-outbound-callerid for trunk 1 before it dials.
+; the company number, unless KEEPCID=TRUE; then one trunk, 1, through macro-dialout-trunk
+; (ARG1 trunk, ARG2 number, ARG3 route password, ARG4 "continue" on failure); when it returns (the
+; trunk failed), macro-outisbusy's congestion.
 [outrt-1]
 exten => _7XXXXXXXXXX,1,Set(REALCALLERIDNUM=${IF($["${REALCALLERIDNUM}" = ""]?${CALLERID(number)}:${REALCALLERIDNUM})})
  same => n,ExecIf($["${KEEPCID}"!="TRUE" & ${LEN(${DB(AMPUSER/${AMPUSER}/outboundcid)})}=0 & ${LEN(${TRUNKCIDOVERRIDE})}=0]?Set(TRUNKCIDOVERRIDE=""" + ROUTE_CID + r"""))
  same => n,Set(_CALLERIDNUMINTERNAL=${CALLERID(num)})
- same => n,Gosub(macro-outbound-callerid,s,1(1))
- same => n,Goto(agi-bitrix-test-outbound,${EXTEN},1)
+ same => n,Gosub(macro-dialout-trunk,s,1(1,${EXTEN},,))
+ same => n,Congestion(20)
+
+; core functions.inc.php, "macro-dialout-trunk" (release/16.0 and release/17.0), the steps of a
+; trunk that has no dial options, channel limit, prefix rules or PIN of its own: the trunk's Dial
+; options, macro-outbound-callerid, OUTNUM, then at "gocall" the hook an installation may fill,
+; dialout-trunk-predial-hook (etc/extensions.conf defines it blank, after extensions_custom.conf),
+; then the Dial() (in 17 moved into trunk-dial-with-exten) and what each DIALSTATUS leads to.
+; Left out: the announcements before s-NOANSWER's congestion, and the trunk argument of
+; func-apply-sipheaders. Trunk 1 dials the stand-in trunk (OUT_1, OUT_1_SUFFIX below).
+[macro-dialout-trunk]
+exten => s,1,Set(DIAL_TRUNK=${ARG1})
+ same => n,Set(DIAL_NUMBER=${ARG2})
+ same => n,Set(DIAL_TRUNK_OPTIONS=${DIAL_OPTIONS})
+ same => n,Set(OUTBOUND_GROUP=OUT_${DIAL_TRUNK})
+ same => n,Set(DIAL_TRUNK_OPTIONS=${IF($["${DB_EXISTS(TRUNK/${DIAL_TRUNK}/dialopts)}" = "1"]?${DB_RESULT}:${TRUNK_OPTIONS})})
+ same => n(nomax),Gosub(macro-outbound-callerid,s,1(${DIAL_TRUNK}))
+ same => n,Set(OUTNUM=${OUTPREFIX_${DIAL_TRUNK}}${DIAL_NUMBER})
+ same => n(gocall),Gosub(macro-dialout-trunk-predial-hook,s,1)
+ same => n,GotoIf($["${PREDIAL_HOOK_RET}" = "BYPASS"]?bypass,1)
+ same => n,Gosub(trunk-dial-with-exten,${DIAL_NUMBER},1)
+ same => n,NoOp(Dial failed for some reason with DIALSTATUS = ${DIALSTATUS} and HANGUPCAUSE = ${HANGUPCAUSE})
+ same => n,Goto(s-${DIALSTATUS},1)
+exten => s-BUSY,1,PlayTones(busy)
+ same => n,Busy(20)
+exten => s-ANSWER,1,Hangup()
+exten => s-NOANSWER,1,Progress()
+ same => n,Congestion(20)
+; Any other status: on to the route's next trunk (FreePBX goes there through HANGUPCAUSE).
+exten => _s-.,1,Goto(continue,1)
+exten => continue,1,ExecIf($["${AMPUSER}"!="" ]?Set(CALLERID(number)=${AMPUSER}))
+ same => n,Return()
+exten => bypass,1,Return()
+
+[trunk-dial-with-exten]
+exten => _[+-X].,1,Dial(${OUT_${DIAL_TRUNK}}/${OUTNUM}${OUT_${DIAL_TRUNK}_SUFFIX},${TRUNK_RING_TIMER},${DIAL_TRUNK_OPTIONS}b(func-apply-sipheaders^s^1))
+ same => n,Return()
+
+[func-apply-sipheaders]
+exten => s,1,Return()
+
+; core etc/extensions.conf (release/17.0; 16.0 ends it with MacroExit()): the hook, blank. The
+; sample's own definition came first (extensions_custom.conf), so this line is refused as a
+; duplicate, as on FreePBX.
+[macro-dialout-trunk-predial-hook]
+exten => s,1,Return()
 
 ; core functions.inc.php, "macro-outbound-callerid" (ARG1: the trunk), the steps that decide
 ; the number; trunk 1 sets no CID of its own and OUTKEEPCID_1 is off ("Allow Any CID").
