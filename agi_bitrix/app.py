@@ -32,9 +32,10 @@ from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW
 from agi_bitrix.bitrix.shared import SharedState
-from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.bitrix.users import UserDirectory, directory_health
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
+from agi_bitrix.callcard.follow_up import FOLLOW_UP, send_follow_up
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import FINISH, Entry, Outbox, OutboxStore, Outcome, RetryPolicy
 from agi_bitrix.callcard.outgoing import OutgoingService
@@ -89,7 +90,7 @@ class Application:
             else self.shared.breaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down),
             shared=None if self.shared is None else self.shared.answers)
         self.users = (UserDirectory(lambda: self.runtime.portal, refresh=config.users.refresh,
-                                    default_country=config.policy.default_country)
+                                    default_country=config.policy.default_country, automatic=config.users.automatic)
                       if config.users.refresh > 0 else None)
         self.card_holders = CardHolders()  # who sees each call's card, across reloads
         self.outbox: OutboxStore | None = None
@@ -140,8 +141,8 @@ class Application:
         router = Router(config, lookup, users=self.users)
         route = RouteScript(router, self.metrics, self.call_log, self.recent)
         register = RegisterService(config, portal, self.card_holders)
-        finish = FinishService(config, self.outbox, self.users, self.card_holders)
         cards = CardService(config, portal, self.users, self.card_holders, self.metrics.count_card)
+        finish = FinishService(config, self.outbox, self.users, self.card_holders, hide_cards=cards.hide_at_finish)
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
         handlers = {"route": route.handle_route, "": route.handle_route,
                     "register": register.handle_register, "finish": finish.handle_finish,
@@ -154,6 +155,9 @@ class Application:
         # Through the portal client and settings of the config in force when the outbox gets to it.
         if entry.kind == RECORDING:
             return await send_recording(self.runtime.portal, entry, self.config.callcard.finish)
+        if entry.kind == FOLLOW_UP:
+            return await send_follow_up(self.runtime.portal, entry)
+        await self.runtime.cards.settled(entry.key)  # the hide at finish first: the portal ignores it after
         return await send_finish(self.runtime.portal, entry)
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
@@ -248,6 +252,7 @@ class Application:
                 "last_failure_reason": memory.last_failure_reason or None,
             },
             "auth": auth,
+            "users": directory_health(self.users),  # shown, not in the status: calls are routed either way
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at)},
             # Shown, but not in the status: a broken call card does not stop calls being routed.

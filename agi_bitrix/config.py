@@ -17,7 +17,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -301,6 +301,24 @@ class CardSettings:
     deadline: float = number("deadline", 2.0, 0, 30)
 
 
+FOLLOW_UP_KINDS = ("off", "todo", "notify")
+
+
+def _follow_up_kind(value: str) -> str:
+    if value not in FOLLOW_UP_KINDS:
+        raise ValueError(f"{quoted(value)} is not one of {', '.join(FOLLOW_UP_KINDS)}")
+    return value
+
+
+@dataclass(frozen=True)
+class FollowUpSettings:
+    # What a missed call from a client the CRM knows leaves for the person it was finished to:
+    # off; todo (crm.activity.todo.add on the client's CRM object); notify (im.notify.personal.add).
+    kind: str = text("kind", "off", check=_follow_up_kind)
+    # Seconds from the hangup to the to-do's deadline.
+    deadline: float = number("deadline", 3600.0, 0, 30 * 86400)
+
+
 @dataclass(frozen=True)
 class OutgoingSettings:  # the `outgoing` script (callcard/outgoing.py): employees' desk-phone calls
     # Per trunk, its LINE_NUMBER; the first entry of a trunk wins.
@@ -343,6 +361,7 @@ class CallCardSettings:
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
+    follow_up: FollowUpSettings = section("follow_up", FollowUpSettings, absent=FollowUpSettings())
     outgoing: OutgoingSettings = section("outgoing", OutgoingSettings, absent=OutgoingSettings())
 
 
@@ -350,6 +369,11 @@ class CallCardSettings:
 class UsersSettings:
     # Seconds between user.get loads; 0 = no user directory.
     refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True)
+    # No users section: the directory is on only while the credentials carry the user scope
+    # (bitrix/users.py asks), so that a deactivated owner's calls never ring his mobile by default.
+    automatic: bool = False
+    WITHOUT_THE_SECTION: ClassVar[str] = ("on while the credentials carry the `user` scope (asked at start);"
+                                          " present (even empty): the defaults below")
 
 
 EVENT_MODES = ("off", "handler", "offline")
@@ -420,9 +444,10 @@ class Config:
     cache: CacheSettings = section("cache", CacheSettings, absent=CacheSettings())
     http: HttpSettings = section("http", HttpSettings, absent=HttpSettings())
     call_log: CallLogSettings = section("call_log", CallLogSettings, absent=CallLogSettings())
-    # The call card and the user directory are on when their section is there, even empty.
+    # The call card is on when its section is there, even empty; the user directory too, and
+    # without its section whenever the credentials carry the user scope.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False))
-    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
+    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(automatic=True))
     # Click-to-call (ONEXTERNALCALLSTART over AMI): on with its section, declared in dialpolicy.py.
     clicktocall: ClickToCallSettings = section("clicktocall", ClickToCallSettings,
                                                absent=ClickToCallSettings(enabled=False))
@@ -474,7 +499,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
-    if callcard.outgoing != OutgoingSettings() and users.refresh == 0:
+    # Outgoing calls rely on the directory: an explicit users section, not one the scope may switch off.
+    if callcard.outgoing != OutgoingSettings() and (users.refresh == 0 or users.automatic):
         outgoing_section = data["callcard"]  # a mapping: outgoing was read from it
         check.problem(outgoing_section.lines.get("outgoing", outgoing_section.line), "callcard.outgoing",
                       "needs a users section: the user directory turns the caller's extension into a Bitrix24 user")
@@ -486,7 +512,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if clicktocall.enabled and not callcard.enabled:
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the callcard section: a click-to-call is finished through its outbox")
-    if clicktocall.enabled and not users.refresh:
+    if clicktocall.enabled and (users.refresh == 0 or users.automatic):
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the users section (with refresh above 0): the user directory gives each user's extension")
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:

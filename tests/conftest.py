@@ -47,6 +47,16 @@ def ample_budget() -> RateLimiter:
     return RateLimiter(per_second=1000, burst=1000)
 
 
+# The user directory's own requests (at start, then every users.refresh): on by default, they
+# are no call's.
+DIRECTORY_METHODS = ("scope", "user.get")
+
+
+def call_requests(portal) -> list:
+    """What the calls (and the admin page's dry runs) asked the portal: all but the directory's."""
+    return [request for request in portal.requests if request.method not in DIRECTORY_METHODS]
+
+
 def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float = 1.0,
                 metrics: str = "off", extra: str = ""):
     text = textwrap.dedent(f"""\

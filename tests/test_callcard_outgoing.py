@@ -14,7 +14,7 @@ from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import parse_config
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
-from tests.conftest import until
+from tests.conftest import call_requests, until
 from tests.test_callcard import FINISH, REGISTER, Running, callcard_config, delivered_finishes
 
 CLIENT = "79161230000"  # a client's mobile, not in the CRM
@@ -225,4 +225,4 @@ async def test_without_a_callcard_section_outgoing_does_nothing(portal):
     finally:
         await app.stop()
     assert result.variables == {"B24_CALL_ID": "", "B24_USER_ID": "", "B24_REGISTER_ERROR": "disabled"}
-    assert portal.requests == []
+    assert call_requests(portal) == []
