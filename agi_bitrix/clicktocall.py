@@ -206,6 +206,11 @@ class ClickToCall:
                  user.extension, destination.number)
         return self._count("answered")
 
+    async def refuse_busy(self, event: ClickToCallEvent) -> str:
+        """Too many clicks are being placed on this server at once: finished now, never queued."""
+        return await self._finish(event, Failure(RATE_EXCEEDED, "too many clicks being placed at once on this server"),
+                                  "server_busy")
+
     async def _originate(self, event: ClickToCallEvent, extension: str, number: str) -> OriginateOutcome:
         name = await self._name(number, event)
         line = event.line_number.strip().removeprefix("+")

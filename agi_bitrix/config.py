@@ -512,6 +512,9 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if clicktocall.enabled and not callcard.enabled:
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the callcard section: a click-to-call is finished through its outbox")
+    if clicktocall.enabled and ami is None:
+        check.problem(data.lines["clicktocall"], "clicktocall",
+                      "needs the ami section: a click rings the agent's phone through Asterisk's manager (Originate)")
     if clicktocall.enabled and (users.refresh == 0 or users.automatic):
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the users section (with refresh above 0): the user directory gives each user's extension")

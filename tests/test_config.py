@@ -269,8 +269,9 @@ def config_with(path, mapping):
         data["redis"] = {"url": "redis://127.0.0.1:6379/0"}
     if path == "ami":
         data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
-    if path == "clicktocall":  # finished through the call card's outbox; extensions from the user directory
-        data["callcard"] = data["users"] = {}
+    if path == "clicktocall":  # finished through the call card's outbox; extensions from the user directory;
+        data["callcard"] = data["users"] = {}  # the agent's phone rung through AMI
+        data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
     holder = data
     for part in path.split("."):
         holder = holder.setdefault(part, {})

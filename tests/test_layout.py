@@ -48,10 +48,14 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.web": {"agi_bitrix", "agi_bitrix.bitrix.client", "agi_bitrix.routing.rules", "agi_bitrix.config",
                        "agi_bitrix.callrecord", "agi_bitrix.trace", "agi_bitrix.calllog", "agi_bitrix.service"},
     # The one HTTP listener: /metrics, /healthz, and what the Application hands it (admin page, install callback).
+    # Click-to-call as one running part: the AMI client, the events' receiver or poller, the flow.
+    "agi_bitrix.clicktocall_service": {"agi_bitrix.ami", "agi_bitrix.bitrix", "agi_bitrix.clicktocall",
+                                       "agi_bitrix.config"},
     "agi_bitrix.http_listener": {"agi_bitrix.config", "agi_bitrix.monitoring"},
     "agi_bitrix.app": {"agi_bitrix", "agi_bitrix.checking", "agi_bitrix.bitrix", "agi_bitrix.config",
                        "agi_bitrix.callcard", "agi_bitrix.calllog", "agi_bitrix.monitoring", "agi_bitrix.server",
-                       "agi_bitrix.service", "agi_bitrix.web", "agi_bitrix.http_listener"},
+                       "agi_bitrix.service", "agi_bitrix.web", "agi_bitrix.http_listener",
+                       "agi_bitrix.clicktocall_service"},
     "agi_bitrix.explain": {"agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.service", "agi_bitrix.trace"},
     "agi_bitrix.ruletest": {"agi_bitrix.bitrix.models", "agi_bitrix.checking", "agi_bitrix.routing",
                             "agi_bitrix.config", "agi_bitrix.service"},
