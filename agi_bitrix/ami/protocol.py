@@ -55,6 +55,16 @@ class Banner:
     version: str  # the AMI version, e.g. 9.0.0 (Asterisk 22), 7.0.3 (Asterisk 20)
 
 
+class _Field:
+    """One field of a message read as an attribute (its first value, "" when absent)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __get__(self, message: AmiMessage, owner: type[AmiMessage] | None = None) -> str:
+        return message.get(self._name)
+
+
 @dataclass(frozen=True, slots=True)
 class AmiMessage:
     """One message: its fields in order (names may repeat), and a Follows body's lines."""
@@ -71,29 +81,20 @@ class AmiMessage:
         wanted = name.lower()
         return [value for key, value in self.fields if key.lower() == wanted]
 
-    @property
-    def action_id(self) -> str:
-        return self.get("ActionID")
+    action_id = _Field("ActionID")
 
 
 @dataclass(frozen=True, slots=True)
 class Response(AmiMessage):
     """The answer to an action: Success, Error, Follows, Goodbye."""
 
-    @property
-    def status(self) -> str:
-        return self.get("Response")
-
-    @property
-    def message(self) -> str:
-        return self.get("Message")
+    status = _Field("Response")
+    message = _Field("Message")
 
 
 @dataclass(frozen=True, slots=True)
 class Event(AmiMessage):
-    @property
-    def name(self) -> str:
-        return self.get("Event")
+    name = _Field("Event")
 
 
 @dataclass(frozen=True, slots=True)
