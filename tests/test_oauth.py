@@ -370,7 +370,7 @@ async def test_a_removed_application_stops_asking_and_a_reload_asks_again(oauth_
     with pytest.raises(RequestNotSent, match="oauth_client_rejected"):
         await portal.search_crm_entities("79161234567")
     assert oauth_portal.token_requests == 1
-    reloaded = portal_client(parse_config(config_text).bitrix, session, previous=portal)
+    reloaded = portal_client(parse_config(textwrap.dedent(config_text)).bitrix, session, previous=portal)
     assert reloaded.auth is portal.auth
     with pytest.raises(PortalError, match="oauth_client_rejected"):
         await reloaded.search_crm_entities("79161234567")
