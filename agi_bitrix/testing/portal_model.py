@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from agi_bitrix.testing.portal_lines import LINE_METHODS, ExternalLines
 from agi_bitrix.testing.portal_wire import ErrorAnswer
@@ -245,23 +245,23 @@ class PortalModel:
         """api-reference/telephony/telephony-external-call-show.md: USER_ID one id or a list, by
         default the user the call was registered for; `true`, or `false` for a call it does not
         have (an unknown CALL_ID, or one already finished: finish ends the call)."""
-        call = self._open_call(params)
-        if call is None:
-            return {"result": False}
-        users = _user_ids(params.get("USER_ID")) or (call.user_id,)
-        call.card_shown_to.update(users)
-        call.card_requests.append(("show", users))
-        return {"result": True}
+        return self._card(params, "show")
 
     def _hide(self, params: dict[str, Any]) -> dict[str, Any]:
         """api-reference/telephony/telephony-external-call-hide.md: USER_ID as for show; no
         error codes of its own, `false` when the CALL_ID is not found."""
+        return self._card(params, "hide")
+
+    def _card(self, params: dict[str, Any], action: Literal["show", "hide"]) -> dict[str, Any]:
         call = self._open_call(params)
         if call is None:
             return {"result": False}
         users = _user_ids(params.get("USER_ID")) or (call.user_id,)
-        call.card_shown_to.difference_update(users)
-        call.card_requests.append(("hide", users))
+        if action == "show":
+            call.card_shown_to.update(users)
+        else:
+            call.card_shown_to.difference_update(users)
+        call.card_requests.append((action, users))
         return {"result": True}
 
     def _scope(self, params: dict[str, Any]) -> dict[str, Any]:
