@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from prometheus_client import Gauge
 
 from agi_bitrix import __version__
@@ -28,6 +29,7 @@ from agi_bitrix.bitrix.breaker import CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.install import InstallCallback
+from agi_bitrix.bitrix.lines import LineSync
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens, portal_client
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW
@@ -44,6 +46,7 @@ from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
+from agi_bitrix.clicktocall_service import ClickToCallService, CurrentLookup
 from agi_bitrix.config import SHARED_REDIS_OUTBOX, Config, is_url, load_config
 from agi_bitrix.http_listener import HttpListener
 from agi_bitrix.monitoring import Metrics, seconds_since
@@ -113,8 +116,20 @@ class Application:
         install = InstallCallback(lambda: self.runtime.portal, self.session,
                                   count_refusal=self.metrics.count_install_refused)
         forms = {oauth.install_path: install.handle} if oauth is not None and oauth.install_path else {}
+        # The configured DIDs as the portal's external lines, synced in the background.
+        self.lines = LineSync(config.lines, lambda: self.runtime.portal, default_country=config.policy.default_country)
+        # Click-to-call: AMI, the portal's events and the flow, each on with its section.
+        self.clicktocall = ClickToCallService(
+            config, current_portal=lambda: self.runtime.portal, users=self.users, outbox=self.outbox,
+            names=CurrentLookup(lambda: self.runtime.lookup), link=None if self.shared is None else self.shared.link,
+            ami_observer=self.metrics, event_observer=self.metrics)
         pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
-        self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, pages.add_routes)
+
+        def routes(app: web.Application) -> None:
+            pages.add_routes(app)
+            self.clicktocall.add_routes(app)  # handler mode's events POST (its path takes effect after a restart)
+
+        self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, routes)
                               if config.http.enabled else None)
 
     @property
@@ -180,6 +195,8 @@ class Application:
             raise
         if self.users is not None:
             self.users.start()
+        self.lines.start()
+        await self.clicktocall.start()
         log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)", __version__,
                  address[0], address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return address
@@ -259,6 +276,9 @@ class Application:
             "callcard": self._callcard_health(),
             # Shown, but not in the status either: without Redis each server routes on its own share.
             "redis": {"state": "off"} if self.shared is None else self.shared.link.health(),
+            # Shown, not in the status: incoming calls are routed without lines, AMI or click-to-call.
+            "lines": self.lines.health(),
+            **self.clicktocall.health(),
             "sessions_in_flight": len(self.server.sessions),
             "cache_entries": len(memory.cache),
             "uptime_seconds": seconds_since(self.started_at),
@@ -285,6 +305,8 @@ class Application:
         return True, {"mode": "webhook"}
 
     async def _stop_background(self) -> None:
+        await self.clicktocall.close()  # first: a click still being placed finishes through the outbox
+        await self.lines.close()
         if self.outbox is not None:
             await self.outbox.close()
         if self.shared is not None:
@@ -333,6 +355,7 @@ class Application:
         if new.bitrix.webhook_url != old.bitrix.webhook_url:
             self.memory.cache.clear()  # answers of another portal
         self.call_log.configure(new.call_log)
+        await self.lines.reload(new.lines)
         self.reloads["success"] += 1
         self.metrics.reloads.labels("success").inc()
         self.config_loaded_at = time.monotonic()

@@ -28,6 +28,7 @@ from agi_bitrix.bitrix.event_poller import OfflinePoller
 from agi_bitrix.bitrix.event_receiver import EventReceiver
 from agi_bitrix.bitrix.event_subscription import EventsStatus
 from agi_bitrix.bitrix.events import HANDLER, OFFLINE, CallbackStart, Event, EventObserver, ExternalCallStart
+from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.shared import RedisLink
 from agi_bitrix.clicktocall import (
     ClickToCall,
@@ -67,6 +68,17 @@ class AmiDialer:
         except AmiError as error:
             raise DialerError(f"{type(error).__name__}: {error}") from error
         return OriginateOutcome(result.reason)
+
+
+class CurrentLookup:
+    """The client's name for the agent's display, from the CRM lookup of the config in force (the
+    same cache, breaker and request budget as incoming calls)."""
+
+    def __init__(self, current: Callable[[], CrmNames]) -> None:
+        self._current = current
+
+    async def lookup(self, phone: str) -> CrmAnswer:
+        return await self._current().lookup(phone)
 
 
 class ClickToCallService:
@@ -190,4 +202,4 @@ class _NoAmi:
         raise DialerError("no ami section: the server has no connection to Asterisk's manager")
 
 
-__all__ = ["OFFLINE", "AmiDialer", "ClickToCallService"]
+__all__ = ["OFFLINE", "AmiDialer", "ClickToCallService", "CurrentLookup"]
