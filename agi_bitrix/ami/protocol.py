@@ -133,14 +133,13 @@ class AmiConnection:
         if self._broken is not None:
             raise ProtocolViolation(self._broken)
         try:
-            return self._next()
+            # Asterisk's first line is its banner; everything after it is messages.
+            return self._next_message() if self._banner_seen else self._banner()
         except ProtocolViolation as error:
             self._broken = str(error)
             raise
 
-    def _next(self) -> Message | NeedData:
-        if not self._banner_seen:
-            return self._banner()
+    def _next_message(self) -> Message | NeedData:
         while True:
             line = self._line(MAX_LINE_BYTES)
             if line is None:
