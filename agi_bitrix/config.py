@@ -41,7 +41,7 @@ from agi_bitrix.phones import normalize_number
 from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
-from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
+from agi_bitrix.schema import anything, flag, integer, items, not_shorter_than, number, own, section, text
 
 WEBHOOK_ENV = "AGI_BITRIX_WEBHOOK_URL"
 CLIENT_SECRET_ENV = "AGI_BITRIX_CLIENT_SECRET"
@@ -236,11 +236,6 @@ def _recording_file(template: str, record_url: str) -> str:
     return template
 
 
-def _not_shorter_than_first(most: float, first: float) -> float:
-    if most < first:
-        raise ValueError(f"{most:g} is shorter than retry.first ({first:g})")
-    return most
-
 
 # -- the sections --
 
@@ -336,7 +331,8 @@ class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
     record_url: str = text("record_url", "", check=_record_url)
     retry_first: float = number("retry.first", 5.0, 0, 3600)
-    retry_max: float = number("retry.max", 600.0, 0, 86400, check=_not_shorter_than_first, needs=("retry_first",))
+    retry_max: float = number("retry.max", 600.0, 0, 86400, check=not_shorter_than("retry.first"),
+                              needs=("retry_first",))
     give_up_after: float = number("retry.give_up_after", 86400.0, 0, 30 * 86400)
     # attachRecord with the file MixMonitor wrote: a path template with {call_id}, {uniqueid},
     # {recording}; "" = no upload (callcard/recording.py).

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agi_bitrix.ami.errors import SecretUnavailable
-from agi_bitrix.schema import integer, number, text
+from agi_bitrix.schema import integer, not_shorter_than, number, text
 
 AMI_SECRET_ENV = "AGI_BITRIX_AMI_SECRET"
 # A secret file may be read by its owner and read (not written) by its group: 0600, 0640, 0400, 0440.
@@ -41,11 +41,6 @@ def _absolute(value: str) -> str:
     return value
 
 
-def _not_shorter_than_first(most: float, first: float) -> float:
-    if most < first:
-        raise ValueError(f"{most:g} is shorter than reconnect.first ({first:g})")
-    return most
-
 
 @dataclass(frozen=True)
 class AmiSettings:
@@ -66,7 +61,7 @@ class AmiSettings:
     ping_interval: float = number("ping_interval", 20.0, 0, 3600)
     # The wait before connecting again: first, doubled on each failure up to max.
     reconnect_first: float = number("reconnect.first", 0.5, 0, 60)
-    reconnect_max: float = number("reconnect.max", 30.0, 0, 3600, check=_not_shorter_than_first,
+    reconnect_max: float = number("reconnect.max", 30.0, 0, 3600, check=not_shorter_than("reconnect.first"),
                                   needs=("reconnect_first",))
     # Events waiting for their listeners; past it new ones are dropped and counted, never piled up.
     event_queue: int = integer("event_queue", 10_000, 1, 1_000_000)
