@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
 from agi_bitrix import __version__, schema
 from agi_bitrix.bitrix.breaker import CircuitBreaker
 from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.install import InstallCallback
+from agi_bitrix.bitrix.lines import LineSync
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.oauth import portal_client
 from agi_bitrix.bitrix.settings import OPERATING_WINDOW
@@ -39,6 +41,7 @@ from agi_bitrix.bitrix.shared import SharedState
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.cards import CardService
 from agi_bitrix.callcard.finish import RECORDING, FinishService, send_finish
+from agi_bitrix.callcard.follow_up import FOLLOW_UP, send_follow_up
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.outbox import FINISH, Entry, Outcome
 from agi_bitrix.callcard.outgoing import OutgoingService
@@ -47,6 +50,7 @@ from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.callcard.stores import make_outbox
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
+from agi_bitrix.clicktocall_service import ClickToCallService, CurrentLookup
 from agi_bitrix.config import Config, load_config
 from agi_bitrix.health import Health
 from agi_bitrix.http_listener import HttpListener
@@ -99,24 +103,42 @@ class Application:
             else self.shared.breaker(config.bitrix.breaker_failures, config.bitrix.breaker_cool_down),
             shared=None if self.shared is None else self.shared.answers)
         self.users = (UserDirectory(lambda: self.runtime.portal, refresh=config.users.refresh,
-                                    default_country=config.policy.default_country)
+                                    default_country=config.policy.default_country, automatic=config.users.automatic)
                       if config.users.refresh > 0 else None)
         self.card_holders = CardHolders()  # who sees each call's card, across reloads
         self.outbox = make_outbox(config, self._send)
         self.runtime = self._build(config, previous=None)
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
+        # The configured DIDs as the portal's external lines, synced in the background.
+        self.lines = LineSync(config.lines, lambda: self.runtime.portal, default_country=config.policy.default_country)
+        # Click-to-call: AMI, the portal's events and the flow, each on with its section.
+        self.clicktocall = ClickToCallService(
+            config, current_portal=lambda: self.runtime.portal, users=self.users, outbox=self.outbox,
+            names=CurrentLookup(lambda: self.runtime.lookup), link=None if self.shared is None else self.shared.link,
+            ami_observer=self.metrics, event_observer=self.metrics)
         self.health = Health(self.memory, lambda: self.config, lambda: self.portal.auth,
                              lambda: len(self.server.sessions), lambda: self.config_loaded_at, self.started_at,
-                             self.outbox, None if self.shared is None else self.shared.link)
+                             self.outbox, None if self.shared is None else self.shared.link, users=self.users,
+                             lines=self.lines, clicktocall=self.clicktocall)
         self._watch()
+        self.http_listener = self._http_listener(config)
+
+    def _http_listener(self, config: Config) -> HttpListener | None:
+        """/metrics, /healthz, the admin page, the install callback and the events' handler: each
+        path takes effect after a restart, with the listener."""
+        if not config.http.enabled:
+            return None
         oauth = config.bitrix.oauth
-        # The portal's install POST, on the HTTP listener (its path takes effect after a restart).
         install = InstallCallback(lambda: self.runtime.portal, self.session,
                                   count_refusal=self.metrics.count_install_refused)
         forms = {oauth.install_path: install.handle} if oauth is not None and oauth.install_path else {}
         pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
-        self.http_listener = (HttpListener(config.http, self.metrics, self.health, forms, pages.add_routes)
-                              if config.http.enabled else None)
+
+        def routes(app: web.Application) -> None:
+            pages.add_routes(app)
+            self.clicktocall.add_routes(app)  # handler mode's events POST
+
+        return HttpListener(config.http, self.metrics, self.health, forms, routes)
 
     def _watch(self) -> None:
         """The gauges, read from the long-lived parts at scrape time."""
@@ -152,8 +174,8 @@ class Application:
         router = Router(config, lookup, users=self.users)
         route = RouteScript(router, self.metrics, self.call_log, self.recent)
         register = RegisterService(config, portal, self.card_holders)
-        finish = FinishService(config, self.outbox, self.users, self.card_holders)
         cards = CardService(config, portal, self.users, self.card_holders, self.metrics.count_card)
+        finish = FinishService(config, self.outbox, self.users, self.card_holders, hide_cards=cards.hide_at_finish)
         # The AGI scripts, by their path in AGI(agi://HOST:PORT/PATH,...): a new one goes here.
         handlers = {"route": route.handle_route, "": route.handle_route,
                     "register": register.handle_register, "finish": finish.handle_finish,
@@ -166,11 +188,14 @@ class Application:
         # Through the portal client and settings of the config in force when the outbox gets to it.
         if entry.kind == RECORDING:
             return await send_recording(self.runtime.portal, entry, self.config.callcard.finish)
+        if entry.kind == FOLLOW_UP:
+            return await send_follow_up(self.runtime.portal, entry)
+        await self.runtime.cards.settled(entry.key)  # the hide at finish first: the portal ignores it after
         return await send_finish(self.runtime.portal, entry)
 
     async def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-        """Start the parts in order, the AGI listener last; each pushes its close as it starts. A
-        start that fails closes exactly what was opened, in reverse order, and raises."""
+        """Start the parts in order, each pushing its close as it starts: a start that fails closes
+        exactly what was opened, in reverse order, and raises; stop() closes it all the same way."""
         config = self.config
         try:
             if self.outbox is not None:
@@ -182,20 +207,28 @@ class Application:
             if self.shared is not None:
                 self._opened.push_async_callback(self.shared.link.close)
                 self.shared.link.start()
-            if self.users is not None:
-                self._opened.push_async_callback(self.users.close)
-                self.users.start()
-            await self._start_http_listener(config)
-            # Calls first to stop on the way down: in flight they may still use the parts above.
+            await self._start_http_listener(config)  # closed after the calls: /healthz answers meanwhile
             self._opened.push_async_callback(self._stop_calls)
             address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
+            await self._start_background()
         except BaseException:
             await self._opened.aclose()
             raise
         log.info("agi-bitrix %s listening on %s:%s, portal %s, config %s (sha256 %s)", __version__,
                  address[0], address[1], self.portal.redacted_url, config.path, config.digest[:12])
         return address
+
+    async def _start_background(self) -> None:
+        """What asks the portal in the background starts once calls are served (their requests first)."""
+        if self.users is not None:
+            self._opened.push_async_callback(self.users.close)
+            self.users.start()
+        self._opened.push_async_callback(self.lines.close)
+        self.lines.start()
+        # Closed before the outbox: a click still being placed finishes through it.
+        self._opened.push_async_callback(self.clicktocall.close)
+        await self.clicktocall.start()
 
     async def _start_http_listener(self, config: Config) -> None:
         if self.http_listener is None:
@@ -259,6 +292,7 @@ class Application:
         if new.bitrix.webhook_url != old.bitrix.webhook_url:
             self.memory.cache.clear()  # answers of another portal
         self.call_log.configure(new.call_log)
+        await self.lines.reload(new.lines)
         self.reloads["success"] += 1
         self.metrics.reloads.labels("success").inc()
         self.config_loaded_at = time.monotonic()

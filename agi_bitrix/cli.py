@@ -174,6 +174,7 @@ def _check(path: str) -> int:
         print(f"{path}: note: bitrix.webhook_url is still the shipped example; set yours there or in"
               " AGI_BITRIX_WEBHOOK_URL", file=sys.stderr)
     _check_auth(path, config)
+    _check_users(path, config)
     _check_events(path, config)
     _check_lines(path, config)
     if config.clicktocall.enabled:
@@ -227,6 +228,29 @@ def _check_auth(path: str, config: Config) -> None:
     if not present:
         print(f"{path}: note: no tokens in {oauth.token_file} yet; run `agi-bitrix oauth login -c {path}`",
               file=sys.stderr)
+
+
+def _check_users(path: str, config: Config) -> None:
+    """Whether routing will skip deactivated owners (their calls must not ring a fired owner's mobile)."""
+    from agi_bitrix.bitrix.oauth import TokenFile
+
+    if not config.users.automatic:
+        state = "skipped (users section)" if config.users.refresh > 0 else "NOT skipped (users.refresh is 0)"
+        print(f"{path}: deactivated owners: {state}")
+        return
+    oauth = config.bitrix.oauth
+    saved = TokenFile(oauth.token_file).load_if_present() if oauth is not None else None
+    scopes = saved.scope.replace(" ", ",").split(",") if saved is not None else []
+    if not any(scopes):
+        print(f"{path}: note: deactivated owners: skipped only if the credentials carry the user scope, which"
+              " cannot be known here; serve asks the portal's scope method at start and says so in /healthz"
+              " (users.deactivated_owners)", file=sys.stderr)
+    elif "user" in scopes:
+        print(f"{path}: deactivated owners: skipped (the token file's scopes include user)")
+    else:
+        print(f"{path}: warning: deactivated owners are NOT skipped: the token file's scopes lack user, so a"
+              " fired owner's calls still ring his phones; add the user scope to the application and run"
+              " `agi-bitrix oauth login` again", file=sys.stderr)
 
 
 def _check_lines(path: str, config: Config) -> None:

@@ -159,13 +159,9 @@ class ClickToCall:
                  name_wait: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         """`names`: the CRM lookup that gives the client's name (None: the number alone is shown);
         the ring waits at most `name_wait` seconds for it."""
-        self.settings = settings
-        self.policy = dial_policy(settings, default_country)
-        self.prefix = prefix
-        self.dialer = dialer
-        self.users = users
-        self.outbox = outbox
-        self.names = names
+        self.settings, self.prefix, self.policy = settings, prefix, dial_policy(settings, default_country)
+        # Its neighbours, as Protocols: the PBX, the user directory, the outbox, the CRM.
+        self.dialer, self.users, self.outbox, self.names = dialer, users, outbox, names
         self.name_wait = name_wait
         self.limits = ClickLimits(settings.rate_per_second, settings.rate_burst, clock)
         self.outcomes: Counter[str] = Counter()  # how clicks ended, for metrics and /healthz
@@ -205,6 +201,11 @@ class ClickToCall:
         log.info("click-to-call %s: user %s answered on %s; dialling %s", event.call_id, event.user_id,
                  user.extension, destination.number)
         return self._count("answered")
+
+    async def refuse_busy(self, event: ClickToCallEvent) -> str:
+        """Too many clicks are being placed on this server at once: finished now, never queued."""
+        return await self._finish(event, Failure(RATE_EXCEEDED, "too many clicks being placed at once on this server"),
+                                  "server_busy")
 
     async def _originate(self, event: ClickToCallEvent, extension: str, number: str) -> OriginateOutcome:
         name = await self._name(number, event)

@@ -17,7 +17,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -41,7 +41,7 @@ from agi_bitrix.phones import normalize_number
 from agi_bitrix.redis_link import parse_redis_url
 from agi_bitrix.routing.compiler import ROUTING_KEYS, compile_routing
 from agi_bitrix.routing.rules import RoutingPolicy
-from agi_bitrix.schema import anything, flag, integer, items, number, own, section, text
+from agi_bitrix.schema import anything, flag, integer, items, not_shorter_than, number, own, section, text
 
 WEBHOOK_ENV = "AGI_BITRIX_WEBHOOK_URL"
 CLIENT_SECRET_ENV = "AGI_BITRIX_CLIENT_SECRET"
@@ -236,11 +236,6 @@ def _recording_file(template: str, record_url: str) -> str:
     return template
 
 
-def _not_shorter_than_first(most: float, first: float) -> float:
-    if most < first:
-        raise ValueError(f"{most:g} is shorter than retry.first ({first:g})")
-    return most
-
 
 # -- the sections --
 
@@ -301,6 +296,24 @@ class CardSettings:
     deadline: float = number("deadline", 2.0, 0, 30)
 
 
+FOLLOW_UP_KINDS = ("off", "todo", "notify")
+
+
+def _follow_up_kind(value: str) -> str:
+    if value not in FOLLOW_UP_KINDS:
+        raise ValueError(f"{quoted(value)} is not one of {', '.join(FOLLOW_UP_KINDS)}")
+    return value
+
+
+@dataclass(frozen=True)
+class FollowUpSettings:
+    # What a missed call from a client the CRM knows leaves for the person it was finished to:
+    # off; todo (crm.activity.todo.add on the client's CRM object); notify (im.notify.personal.add).
+    kind: str = text("kind", "off", check=_follow_up_kind)
+    # Seconds from the hangup to the to-do's deadline.
+    deadline: float = number("deadline", 3600.0, 0, 30 * 86400)
+
+
 @dataclass(frozen=True)
 class OutgoingSettings:  # the `outgoing` script (callcard/outgoing.py): employees' desk-phone calls
     # Per trunk, its LINE_NUMBER; the first entry of a trunk wins.
@@ -318,8 +331,8 @@ class FinishSettings:
     # Template with {call_id}, {uniqueid}, {recording}; "" = no RECORD_URL.
     record_url: str = text("record_url", "", check=_record_url)
     retry_first: float = number("retry.first", 5.0, 0, 3600, restart=True)
-    retry_max: float = number("retry.max", 600.0, 0, 86400, check=_not_shorter_than_first, needs=("retry_first",),
-                              restart=True)
+    retry_max: float = number("retry.max", 600.0, 0, 86400, check=not_shorter_than("retry.first"),
+                              needs=("retry_first",), restart=True)
     give_up_after: float = number("retry.give_up_after", 86400.0, 0, 30 * 86400, restart=True)
     # attachRecord with the file MixMonitor wrote: a path template with {call_id}, {uniqueid},
     # {recording}; "" = no upload (callcard/recording.py).
@@ -344,6 +357,7 @@ class CallCardSettings:
     register: RegisterSettings = section("register", RegisterSettings, absent=RegisterSettings())
     cards: CardSettings = section("cards", CardSettings, absent=CardSettings())
     finish: FinishSettings = section("finish", FinishSettings, absent=FinishSettings())
+    follow_up: FollowUpSettings = section("follow_up", FollowUpSettings, absent=FollowUpSettings())
     outgoing: OutgoingSettings = section("outgoing", OutgoingSettings, absent=OutgoingSettings())
 
 
@@ -351,6 +365,11 @@ class CallCardSettings:
 class UsersSettings:
     # Seconds between user.get loads; 0 = no user directory.
     refresh: float = number("refresh", 600.0, 0, 86400, zero_is_off=True, restart=True)
+    # No users section: the directory is on only while the credentials carry the user scope
+    # (bitrix/users.py asks), so that a deactivated owner's calls never ring his mobile by default.
+    automatic: bool = False
+    WITHOUT_THE_SECTION: ClassVar[str] = ("on while the credentials carry the `user` scope (asked at start);"
+                                          " present (even empty): the defaults below")
 
 
 EVENT_MODES = ("off", "handler", "offline")
@@ -388,15 +407,15 @@ class EventsSettings:
     """Click-to-call's events from the portal (agi_bitrix.bitrix.events): off, POSTed to a handler
     on the HTTP listener, or taken from the portal's offline queue."""
 
-    mode: str = text("mode", "off", check=_events_mode)
+    mode: str = text("mode", "off", check=_events_mode, restart=True)
     # The handler's path on http.listen, and the public HTTPS URL the portal is told to POST to
     # (a reverse proxy passes it to that path: docs/click-to-call.md).
-    handler_path: str = text("handler.path", "/bitrix/events", check=_events_path)
-    public_url: str = text("handler.public_url", "", check=_public_url)
+    handler_path: str = text("handler.path", "/bitrix/events", check=_events_path, restart=True)
+    public_url: str = text("handler.public_url", "", check=_public_url, restart=True)
     # Seconds between two questions to the offline queue (each costs a request of the budget).
-    poll_interval: float = number("offline.poll_interval", 2.0, 0, 600)
+    poll_interval: float = number("offline.poll_interval", 2.0, 0, 600, restart=True)
     # An event sent longer ago than this is refused: a replayed POST, or a click nobody waits for.
-    replay_window: float = number("replay_window", 120.0, 0, 3600)
+    replay_window: float = number("replay_window", 120.0, 0, 3600, restart=True)
 
 
 def _not_kept(declared: Any) -> Any:
@@ -421,19 +440,20 @@ class Config:
     cache: CacheSettings = section("cache", CacheSettings, absent=CacheSettings())
     http: HttpSettings = section("http", HttpSettings, absent=HttpSettings())
     call_log: CallLogSettings = section("call_log", CallLogSettings, absent=CallLogSettings())
-    # The call card and the user directory are on when their section is there, even empty.
+    # The call card is on when its section is there, even empty; the user directory too, and
+    # without its section whenever the credentials carry the user scope.
     callcard: CallCardSettings = section("callcard", CallCardSettings, absent=CallCardSettings(enabled=False),
                                          restart=True)
-    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(refresh=0.0))
+    users: UsersSettings = section("users", UsersSettings, absent=UsersSettings(automatic=True), restart=True)
     # Click-to-call (ONEXTERNALCALLSTART over AMI): on with its section, declared in dialpolicy.py.
     clicktocall: ClickToCallSettings = section("clicktocall", ClickToCallSettings,
-                                               absent=ClickToCallSettings(enabled=False))
+                                               absent=ClickToCallSettings(enabled=False), restart=True)
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None, restart=True)
     # Click-to-call's events: off without the section.
     events: EventsSettings = section("events", EventsSettings, absent=EventsSettings())
     # Asterisk's manager interface, for the calls the server starts itself; off without the section.
-    ami: AmiSettings | None = section("ami", AmiSettings, absent=None)
+    ami: AmiSettings | None = section("ami", AmiSettings, absent=None, restart=True)
     # The DIDs the portal knows as external lines (agi_bitrix.bitrix.line_settings), each DID in digits.
     lines: tuple[Line, ...] = items("lines", (), check=line_entry)
     # Keys that still work as before but are deprecated: `check` prints them, `serve` logs each
@@ -476,7 +496,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     callcard, users = read("callcard"), read("users")
     callcard = _responsible_numbers(check, data, callcard, country)
     callcard, cards_notes = _cards_deadline(file, data, callcard)
-    if callcard.outgoing != OutgoingSettings() and users.refresh == 0:
+    # Outgoing calls rely on the directory: an explicit users section, not one the scope may switch off.
+    if callcard.outgoing != OutgoingSettings() and (users.refresh == 0 or users.automatic):
         outgoing_section = data["callcard"]  # a mapping: outgoing was read from it
         check.problem(outgoing_section.lines.get("outgoing", outgoing_section.line), "callcard.outgoing",
                       "needs a users section: the user directory turns the caller's extension into a Bitrix24 user")
@@ -488,7 +509,10 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if clicktocall.enabled and not callcard.enabled:
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the callcard section: a click-to-call is finished through its outbox")
-    if clicktocall.enabled and not users.refresh:
+    if clicktocall.enabled and ami is None:
+        check.problem(data.lines["clicktocall"], "clicktocall",
+                      "needs the ami section: a click rings the agent's phone through Asterisk's manager (Originate)")
+    if clicktocall.enabled and (users.refresh == 0 or users.automatic):
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the users section (with refresh above 0): the user directory gives each user's extension")
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:

@@ -17,7 +17,7 @@ from agi_bitrix.app import Application, until_stopped
 from agi_bitrix.config import Config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
-from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM
+from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM, SAMPLE_USERS
 
 
 def default_config(webhook_url: str) -> Config:
@@ -28,7 +28,7 @@ def default_config(webhook_url: str) -> Config:
 async def run_demo(host: str, port: int, *, once: bool = False) -> int:
     """`host`, `port`: where the FastAGI server listens (a checked --listen)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    emulator = PortalEmulator(SAMPLE_CRM)
+    emulator = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS)
     webhook_url = await emulator.start()
     config = default_config(webhook_url)
     app = Application(config)
@@ -42,6 +42,10 @@ async def run_demo(host: str, port: int, *, once: bool = False) -> int:
                 return 1
             print(f"{host}:{port} is taken; using a free port instead")
             host, port = await app.start(host, 0)
+        if app.users is not None:
+            # The directory the server loads by default (the webhook has the user scope), before
+            # the first sample: Andrey, deactivated, must not get his calls.
+            await app.users.refresh_once()
         print(f"Bitrix24 emulator: {app.portal.redacted_url} ({len(SAMPLE_CRM)} sample clients)")
         print(f"FastAGI server:    agi://{host}:{port}/route (shipped default rules)")
         if app.http_listener is not None and app.http_listener.address is not None:

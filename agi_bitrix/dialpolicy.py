@@ -77,19 +77,20 @@ class ClickToCallSettings:
 
     enabled: bool = True
     # The agent's phone, rung first: {extension} is the user's UF_PHONE_INNER.
-    channel: str = text("channel", "PJSIP/{extension}", check=_channel_template)
+    channel: str = text("channel", "PJSIP/{extension}", check=_channel_template, restart=True)
     # Where the agent's channel goes once answered, with the client's number as the extension.
-    context: str = text("context", "agi-bitrix-click-to-call", check=_context)
+    context: str = text("context", "agi-bitrix-click-to-call", check=_context, restart=True)
     # Seconds the agent's phone rings before the click ends as "agent did not answer".
-    ring: float = number("ring", 30.0, 0, 300)
+    ring: float = number("ring", 30.0, 0, 300, restart=True)
     # A global rate of clicks this server acts on (a token bucket); one click per user at a time.
-    rate_per_second: float = number("rate.per_second", 2.0, 0, 1000, unit="clicks per second")
-    rate_burst: int = integer("rate.burst", 10, 1, 10_000)
+    rate_per_second: float = number("rate.per_second", 2.0, 0, 1000, unit="clicks per second", restart=True)
+    rate_burst: int = integer("rate.burst", 10, 1, 10_000, restart=True)
     # The dial policy: the countries (default: phones.default_country) and libphonenumber's types.
-    countries: tuple[str, ...] = items("dial_policy.countries", (), check=_region_code)
-    number_types: tuple[str, ...] = items("dial_policy.number_types", DEFAULT_NUMBER_TYPES, check=_number_type)
+    countries: tuple[str, ...] = items("dial_policy.countries", (), check=_region_code, restart=True)
+    number_types: tuple[str, ...] = items("dial_policy.number_types", DEFAULT_NUMBER_TYPES, check=_number_type,
+                                          restart=True)
     # Show the CRM object's name on the agent's phone (a lookup, within bitrix.deadline).
-    show_name: bool = flag("show_name", True)
+    show_name: bool = flag("show_name", True, restart=True)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The /healthz body: whether calls can be routed by the CRM now, and why, from the parts' own state.
 
-Only the portal decides the status (and so the load balancer's 200 or 503): a broken call card or
+Only the portal and the auth decide the status (and so the load balancer's 200 or 503): a broken call card or
 a Redis that is down is shown, never counted, since calls are routed without either. Each part is
 read through what it already tells about itself (the lookup memory's last success and failure,
 the breaker's state, the OAuth tokens' `state()`, the outbox's counts, the Redis link's
@@ -16,14 +16,16 @@ from typing import Any, Protocol
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.memory import LookupMemory
 from agi_bitrix.bitrix.oauth import OAuthTokens
+from agi_bitrix.bitrix.users import UserDirectory, directory_health
 from agi_bitrix.callcard.finish import RECORDING
 from agi_bitrix.callcard.outbox import FINISH, OutboxStore
 from agi_bitrix.config import Config
 from agi_bitrix.monitoring import seconds_since
 
 
-class LinkHealth(Protocol):
-    """The Redis link (agi_bitrix.bitrix.shared) as /healthz reads it."""
+class PartHealth(Protocol):
+    """A part that says its own state for /healthz: the Redis link, the external lines' sync, or
+    click-to-call (whose health() is a mapping of its sections: ami, events, clicktocall)."""
 
     def health(self) -> dict[str, Any]: ...
 
@@ -40,7 +42,11 @@ class Health:
     config_loaded_at: Callable[[], float]  # time.monotonic() of the last successful load
     started_at: float  # time.monotonic() when the process was built
     outbox: OutboxStore | None = None
-    redis: LinkHealth | None = None
+    redis: PartHealth | None = None
+    # Shown, never in the status: incoming calls are routed without any of them.
+    users: UserDirectory | None = None
+    lines: PartHealth | None = None
+    clicktocall: PartHealth | None = None
 
     def __call__(self) -> tuple[bool, dict[str, Any]]:
         portal_ok, portal = portal_health(self.memory)
@@ -51,12 +57,16 @@ class Health:
             "status": "ok" if healthy else "degraded",
             "portal": portal,
             "auth": auth,
+            "users": directory_health(self.users),  # shown, not in the status: calls are routed either way
             "config": {"path": config.path, "sha256": config.digest, "rules": len(config.policy.rules),
                        "loaded_seconds_ago": seconds_since(self.config_loaded_at())},
             # Shown, but not in the status: a broken call card does not stop calls being routed.
             "callcard": callcard_health(self.outbox, recordings=bool(config.callcard.finish.recording_file)),
             # Shown, but not in the status either: without Redis each server routes on its own share.
             "redis": {"state": "off"} if self.redis is None else self.redis.health(),
+            # Shown, not in the status: incoming calls are routed without lines, AMI or click-to-call.
+            "lines": {"state": "off"} if self.lines is None else self.lines.health(),
+            **({} if self.clicktocall is None else self.clicktocall.health()),
             "sessions_in_flight": self.sessions(),
             "cache_entries": len(self.memory.cache),
             "uptime_seconds": seconds_since(self.started_at),

@@ -142,6 +142,18 @@ def _field(settings: type, name: str) -> dataclasses.Field[Any]:
     return next(f for f in dataclasses.fields(settings) if f.name == name)
 
 
+def not_shorter_than(key: str) -> Callable[[float, float], float]:
+    """A check for a duration that may not be shorter than the one at `key` (its field given in
+    `needs`): a backoff's `max` against its `first`, say."""
+
+    def check(value: float, shortest: float) -> float:
+        if value < shortest:
+            raise ValueError(f"{value:g} is shorter than {key} ({shortest:g})")
+        return value
+
+    return check
+
+
 def restart_keys(settings: type, under: str = "") -> list[str]:
     """The keys marked `restart`, sections before their keys, in field order."""
     found = []

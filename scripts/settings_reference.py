@@ -46,6 +46,8 @@ def _section_presence(settings: type, name: str, section: type) -> str:
     """How the section's presence matters: required, off without it, or (when an empty mapping
     gives the same as no mapping) nothing to say."""
     absent = schema.default(settings, name)
+    if getattr(section, "WITHOUT_THE_SECTION", ""):  # a section that says what its absence means
+        return str(section.WITHOUT_THE_SECTION)  # type: ignore[attr-defined]
     if absent is dataclasses.MISSING:
         return "required"
     if absent is None:

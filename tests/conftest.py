@@ -42,9 +42,29 @@ async def until(predicate: Callable[[], object], timeout: float = 5.0, interval:
         await asyncio.sleep(interval)
 
 
+def oauth_section(portal_url: str, client_id: str, token_file: object, token_url: str,
+                  client_secret: str | None = None, deadline: float | None = None) -> str:
+    """A config's `bitrix:` section for an OAuth application, as YAML at column 0."""
+    lines = ["bitrix:", *([f"  deadline: {deadline:g}"] if deadline is not None else []), "  oauth:",
+             f'    portal_url: "{portal_url}"', f'    client_id: "{client_id}"',
+             *([f'    client_secret: "{client_secret}"'] if client_secret is not None else []),
+             f'    token_file: "{token_file}"', f'    token_url: "{token_url}"']
+    return "\n".join(lines) + "\n"
+
+
 def ample_budget() -> RateLimiter:
     """A request budget that never holds a test's requests back (the portal client needs one)."""
     return RateLimiter(per_second=1000, burst=1000)
+
+
+# The user directory's own requests (at start, then every users.refresh): on by default, they
+# are no call's.
+DIRECTORY_METHODS = ("scope", "user.get")
+
+
+def call_requests(portal) -> list:
+    """What the calls (and the admin page's dry runs) asked the portal: all but the directory's."""
+    return [request for request in portal.requests if request.method not in DIRECTORY_METHODS]
 
 
 def make_config(webhook_url: str, deadline: float = 1.0, header_timeout: float = 1.0,

@@ -3,15 +3,12 @@ lives in Redis. Persistence as docs/call-card.md asks for: AOF, appendfsync ever
 
 Without redis-server the tests that need it are skipped, and fail under CI=true."""
 
-import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
+from tests.needs import required_binary
 from tests.network import free_port
 
 
@@ -26,12 +23,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        binary = shutil.which("redis-server")
-        if binary is None:
-            message = "redis-server is not installed (scripts/test installs Debian's redis-server)"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+        binary = required_binary("redis-server", "Debian's redis-server")
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "redis.log", "ab") as log:
             self.process = subprocess.Popen(

@@ -27,10 +27,21 @@ RESTART_ONLY = {
     "callcard.finish.retry.first": "the outbox's retry policy",
     "callcard.finish.retry.max": "the outbox's retry policy",
     "callcard.finish.retry.give_up_after": "the outbox's retry policy",
+    "users": "the user directory: with the section always, without it only with the user scope",
     "users.refresh": "the user directory, made only when refresh is over 0",
+    "clicktocall": "click-to-call's flow (ClickToCallService)",
+    **{f"clicktocall.{key}": "click-to-call's flow" for key in (
+        "channel", "context", "ring", "rate.per_second", "rate.burst", "dial_policy.countries",
+        "dial_policy.number_types", "show_name")},
     "redis": "the Redis link and the shared state",
     **{f"redis.{key}": "the Redis link and the shared state" for key in (
         "url", "key_prefix", "timeout", "retry_every", "servers", "source_address", "near_cache", "sync_every")},
+    **{f"events.{key}": "the events' handler or poller (ClickToCallService)" for key in (
+        "mode", "handler.path", "handler.public_url", "offline.poll_interval", "replay_window")},
+    "ami": "the AMI client (ClickToCallService)",
+    **{f"ami.{key}": "the AMI client" for key in (
+        "username", "secret_file", "host", "port", "connect_timeout", "action_timeout", "ping_interval",
+        "reconnect.first", "reconnect.max", "event_queue")},
 }
 
 # A file with every section, so every declared key has a value to change.
@@ -44,6 +55,7 @@ callcard: {outbox: /var/lib/agi-bitrix/o.sqlite3}
 users: {refresh: 600}
 redis: {url: "redis://127.0.0.1:6379/0"}
 ami: {username: agi-bitrix, secret_file: /etc/agi-bitrix/ami-secret}
+clicktocall: {}
 routing: {fallback_queue: support}
 """
 
@@ -69,7 +81,7 @@ def changed(settings, path):
     elif isinstance(value, (int, float)):
         new = value + 1
     elif isinstance(value, tuple):
-        new = value[:-1]
+        new = value[:-1] if value else ("another",)
     else:
         new = f"{value}x"
     return dataclasses.replace(settings, **{name: new})
@@ -86,8 +98,8 @@ def test_a_section_added_or_removed_is_named_once_without_its_keys():
     bare = "bitrix: {webhook_url: 'https://p.example/rest/1/c/'}\nrouting: {fallback_queue: support}\n"
     sections = "callcard: {outbox: /o.sqlite3}\nusers: {}\nredis: {url: 'redis://127.0.0.1:6379/0'}\n"
     without, with_them = parse_config(bare), parse_config(bare + sections)
-    assert schema.restart_changes(Config, without, with_them) == ["callcard", "users.refresh", "redis"]
-    assert schema.restart_changes(Config, with_them, without) == ["callcard", "users.refresh", "redis"]
+    assert schema.restart_changes(Config, without, with_them) == ["callcard", "users", "redis"]
+    assert schema.restart_changes(Config, with_them, without) == ["callcard", "users", "redis"]
     assert schema.restart_changes(Config, without, without) == []
 
 

@@ -7,7 +7,7 @@ import time
 from ipaddress import ip_network
 
 from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
-from tests.conftest import make_config
+from tests.conftest import call_requests, make_config
 from tests.test_cli import SHIPPED, agi_bitrix_async
 from tests.test_operations import closed_at_once, started, with_server
 
@@ -69,7 +69,7 @@ async def test_a_flood_from_outside_the_allowed_clients_is_counted_and_logged_on
     try:
         for _ in range(30):
             assert await closed_at_once(host, port)
-        assert app.server.refused == 30 and portal.requests == []
+        assert app.server.refused == 30 and call_requests(portal) == []
     finally:
         await app.stop()
     lines = [record.getMessage() for record in caplog.records if "refused connection from" in record.getMessage()]

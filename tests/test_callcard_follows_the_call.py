@@ -94,6 +94,81 @@ async def test_a_calls_hide_waits_for_its_shows_still_under_way(server, portal):
     assert portal.calls[call_id].card_shown_to == {"3"}
 
 
+def calls_in_order(portal, call_id):
+    """Every request about this call as (method, USER_ID), in the order the portal got them."""
+    return [(request.method, request.params.get("USER_ID")) for request in portal.requests
+            if request.params.get("CALL_ID") == call_id]
+
+
+async def test_a_call_nobody_answers_is_hidden_from_everyone_it_rang_but_the_finishs_user(server, portal):
+    """Anna's client, card shown to Anna (register's SHOW); a queue rings Igor, Olga and Pavel;
+    the caller gives up. The finish goes to Anna and closes her card; the three others get one
+    hide, before the finish (the portal hides nothing for a call it has finished)."""
+    call_id = (await server.register())["B24_CALL_ID"]
+    for extension in ("102", "103", "105"):
+        await ringing(server, call_id, extension)
+    await until(lambda: len(card_requests(portal, SHOW)) == 3)
+
+    await server.finish(call_id, owner="1", dialstatus="NOANSWER")
+    await until(lambda: delivered_finishes(portal))
+
+    assert calls_in_order(portal, call_id) == [
+        (SHOW.lower(), "2"), (SHOW.lower(), "3"), (SHOW.lower(), "5"),
+        (HIDE.lower(), {"0": "2", "1": "3", "2": "5"}), (FINISH, "1")]
+    assert portal.calls[call_id].card_shown_to == set()  # the finish closed Anna's
+    assert cards_counted(server.app, "hide", "done") == 1
+
+
+async def test_the_finish_waits_for_the_hide_and_the_hangup_waits_for_neither(portal, tmp_path):
+    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", "cards: {deadline: 0.5}")
+    running = await Running(config).start()
+    try:
+        call_id = (await running.register())["B24_CALL_ID"]
+        await ringing(running, call_id, "102")
+        await until(lambda: card_requests(portal, SHOW))
+        portal.fail("slow", method=HIDE, delay=0.3)
+        started = time.monotonic()
+        await running.finish(call_id, owner="1", dialstatus="NOANSWER")
+        session_seconds = time.monotonic() - started
+        await until(lambda: delivered_finishes(portal))
+    finally:
+        portal.reset_faults()
+        await running.stop()
+    assert session_seconds < 0.2, session_seconds
+    hide, finish = portal.requests_for(HIDE)[0], portal.requests_for(FINISH)[0]
+    assert finish.at - hide.at >= 0.25  # sent once the hide was answered
+    assert hide.params["USER_ID"] == "2"
+
+
+async def test_an_answered_call_hides_nothing_more_at_its_finish(server, portal):
+    call_id = (await server.register())["B24_CALL_ID"]
+    await ringing(server, call_id, "102")
+    await ringing(server, call_id, "103")
+    await answered(server, call_id, "103")
+    await server.finish(call_id, owner="1", answered_at="100.0", answered_by="103", hangup_at="110.0")
+    await until(lambda: delivered_finishes(portal))
+    # The answer hid it from Anna and Igor; the finish, sent for Olga, closes hers.
+    assert card_requests(portal, HIDE) == [{"CALL_ID": call_id, "USER_ID": {"0": "1", "1": "2"}}]
+    assert delivered_finishes(portal)[0]["USER_ID"] == "3"
+
+
+async def test_the_phones_of_one_call_are_shown_the_card_together_on_a_slow_portal(server, portal):
+    """Each show takes 0.4 s: the three phones' shows still leave together, and the answer's hide
+    goes once they are all answered."""
+    call_id = (await server.register())["B24_CALL_ID"]
+    portal.fail("slow", method=SHOW, delay=0.4)
+    for extension in ("102", "103", "105"):
+        await ringing(server, call_id, extension)
+    await answered(server, call_id, "105")
+    await until(lambda: card_requests(portal, HIDE), what="the hide")
+
+    shows = [request.at for request in portal.requests_for(SHOW)]
+    hide = portal.requests_for(HIDE)[0].at
+    assert len(shows) == 3 and max(shows) - min(shows) < 0.2, shows
+    assert hide - max(shows) >= 0.35
+    assert portal.calls[call_id].card_shown_to == {"5"}
+
+
 async def test_a_ring_after_the_answer_shows_no_card(server, portal):
     """The queue's rings and the answer come as separate sessions: one that arrives after the
     answer is a phone that is about to stop ringing, not a new holder of the card."""
@@ -137,7 +212,7 @@ async def test_without_a_call_card_or_a_user_directory_nothing_is_sent(portal, t
         routing: {{fallback_queue: support}}
         users: {{refresh: 600}}
         """.replace("        ", ""), "no-callcard.yaml")
-    no_users = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", users="")
+    no_users = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", users="users: {refresh: 0}")
     for config in (no_callcard, no_users):
         running = await Running(config).start()
         try:

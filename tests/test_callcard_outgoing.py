@@ -14,8 +14,15 @@ from agi_bitrix.checking import ConfigError
 from agi_bitrix.config import parse_config
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.sample_data import SAMPLE_CRM, SAMPLE_USERS
-from tests.conftest import until
-from tests.test_callcard import FINISH, REGISTER, Running, callcard_config, delivered_finishes
+from tests.conftest import call_requests, until
+from tests.test_callcard import (
+    FINISH,
+    REGISTER,
+    Running,
+    callcard_config,
+    delivered_finishes,
+    register_with_a_hung_portal,
+)
 
 CLIENT = "79161230000"  # a client's mobile, not in the CRM
 IGORS_MOBILE = "+79162220202"  # user 2's PERSONAL_MOBILE
@@ -172,17 +179,7 @@ async def test_an_extension_without_a_user_is_logged_and_the_call_goes_on(server
 
 
 async def test_a_hung_portal_lets_the_call_go_on_at_the_register_deadline(portal, tmp_path):
-    config = callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", "register: {deadline: 0.3}\n",
-                             deadline=5.0)
-    running = await Running(config).start()
-    portal.fail("hang", method=REGISTER)
-    try:
-        started = time.monotonic()
-        variables = await outgoing(running)
-        took = time.monotonic() - started
-    finally:
-        portal.reset_faults()
-        await running.stop()
+    variables, took = await register_with_a_hung_portal(portal, tmp_path, outgoing)
     assert variables == {"B24_CALL_ID": "", "B24_USER_ID": "1", "B24_REGISTER_ERROR": "timeout"}
     assert 0.3 <= took < 0.8
 
@@ -225,4 +222,4 @@ async def test_without_a_callcard_section_outgoing_does_nothing(portal):
     finally:
         await app.stop()
     assert result.variables == {"B24_CALL_ID": "", "B24_USER_ID": "", "B24_REGISTER_ERROR": "disabled"}
-    assert portal.requests == []
+    assert call_requests(portal) == []

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from agi_bitrix.testing.fake_asterisk import fake_call
+from tests.conftest import oauth_section
 from tests.network import free_port
+from tests.serve_process import start_serve, stop_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "agi-bitrix.yaml"
@@ -75,26 +76,15 @@ async def agi_bitrix_async(*args, env=None):
 
 
 async def test_serve_routes_a_call_and_never_logs_the_webhook_code(portal):
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agi_bitrix", "serve", "-c", str(SHIPPED), "--listen", f"127.0.0.1:{port}",
-        env={**os.environ, "AGI_BITRIX_WEBHOOK_URL": portal.webhook_url}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    process, port = await start_serve(SHIPPED, {"AGI_BITRIX_WEBHOOK_URL": portal.webhook_url})
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
         result = await fake_call("127.0.0.1", port, callerid="89161234567")
         assert result.variables["B24_TARGET"] == "101"
         portal.fail("error", status=401, code="INVALID_CREDENTIALS", description="Invalid request credentials")
         result = await fake_call("127.0.0.1", port, callerid="89262345678")  # not cached yet
         assert result.variables["B24_ERROR"] == "INVALID_CREDENTIALS"
     finally:
-        process.send_signal(signal.SIGTERM)
-        output = (await asyncio.wait_for(process.communicate(), 10))[0].decode()
+        output = await stop_serve(process)
     assert process.returncode == 0, output
     assert "listening on 127.0.0.1" in output and "/rest/1/***/" in output
     assert "status=FOUND route=extension target=101 rule=owner-at-work" in output
@@ -134,19 +124,8 @@ async def test_sighup_reloads_and_sigterm_finishes_calls_in_flight(portal, tmp_p
     path = tmp_path / "agi-bitrix.yaml"
     base = "bitrix: {deadline: 1.5}\nrouting:\n  fallback_queue: support\n  rules:\n"
     path.write_text(base + "    - {name: to-sales, route: {queue: sales}}\n")
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agi_bitrix", "serve", "-c", str(path), "--listen", f"127.0.0.1:{port}",
-        env={**os.environ, "AGI_BITRIX_WEBHOOK_URL": portal.webhook_url}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    process, port = await start_serve(path, {"AGI_BITRIX_WEBHOOK_URL": portal.webhook_url})
     try:
-        for _ in range(100):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
         assert (await fake_call("127.0.0.1", port, callerid="1")).variables["B24_TARGET"] == "sales"
         path.write_text(base + "    - {name: to-desk, route: {extension: '100'}}\n")
         process.send_signal(signal.SIGHUP)
@@ -220,18 +199,17 @@ def test_demo_on_an_address_it_cannot_listen_on_says_so_in_one_line():
 OAUTH_CLIENT_ID, OAUTH_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
 
 
+def application_section(tmp_path, server):
+    """The `bitrix:` section for the local application `server` knows, its tokens in tmp_path."""
+    return oauth_section(server.client_endpoint, OAUTH_CLIENT_ID, tmp_path / "oauth.json",
+                         f"{server.url}/oauth/token/", OAUTH_SECRET)
+
+
 def oauth_config_file(tmp_path, server, callcard=False):
     path = tmp_path / "oauth.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        bitrix:
-          oauth:
-            portal_url: "{server.client_endpoint}"
-            client_id: "{OAUTH_CLIENT_ID}"
-            client_secret: "{OAUTH_SECRET}"
-            token_file: "{tmp_path / 'oauth.json'}"
-            token_url: "{server.url}/oauth/token/"
-        users: {{refresh: 600}}
-        routing: {{fallback_queue: support}}
+    path.write_text(application_section(tmp_path, server) + textwrap.dedent("""\
+        users: {refresh: 600}
+        routing: {fallback_queue: support}
         """) + (f"callcard: {{outbox: {tmp_path / 'outbox.sqlite3'}}}\n" if callcard else ""))
     return path
 
@@ -377,15 +355,8 @@ async def test_a_newcomer_goes_from_no_token_to_a_finished_call_with_its_recordi
     monitor = tmp_path / "monitor"
     monitor.mkdir()
     config = tmp_path / "agi-bitrix.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(application_section(tmp_path, server) + textwrap.dedent(f"""\
         metrics: {{listen: off}}
-        bitrix:
-          oauth:
-            portal_url: "{server.client_endpoint}"
-            client_id: "{OAUTH_CLIENT_ID}"
-            client_secret: "{OAUTH_SECRET}"
-            token_file: "{tmp_path / 'oauth.json'}"
-            token_url: "{server.url}/oauth/token/"
         routing:
           fallback_queue: support
           rules:
@@ -407,15 +378,7 @@ async def test_a_newcomer_goes_from_no_token_to_a_finished_call_with_its_recordi
         assert code == 0, stderr
         assert "saved in" in stdout and "warning" not in stderr  # the scopes the config needs are there
 
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agi_bitrix", "serve", "-c", str(config), "--listen", f"127.0.0.1:{port}",
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+        process, _ = await start_serve(config, port=port)
         routed = (await fake_call("127.0.0.1", port, callerid="89161234567", uniqueid="1700000000.5")).variables
         assert (routed["B24_STATUS"], routed["B24_TARGET"], routed["B24_USER_ID"]) == ("FOUND", "101", "1")
         registered = (await fake_call("127.0.0.1", port, script="register", uniqueid="1700000000.5", args=(
@@ -432,8 +395,7 @@ async def test_a_newcomer_goes_from_no_token_to_a_finished_call_with_its_recordi
             await asyncio.sleep(0.1)
     finally:
         if process is not None:
-            process.send_signal(signal.SIGTERM)
-            output = (await asyncio.wait_for(process.communicate(), 10))[0].decode()
+            output = await stop_serve(process)
         await server.stop()
         await portal.stop()
     call = portal.calls[call_id]

@@ -6,6 +6,7 @@ runs the same flow against a real Asterisk 20 and 22."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -37,6 +38,9 @@ bitrix:
 routing:
   fallback_queue: support
 """
+# A click rings the agent's phone through AMI: the section, with its secret from the environment.
+AMI = "ami: {username: agi-bitrix}\n"
+AMI_ENV = {"AGI_BITRIX_AMI_SECRET": "the-ami-secret-of-these-tests"}
 CALL_ID = "externalCall.0a1b2c3d4e5f.1700000000"
 DEFAULT = DialPolicy(frozenset({"RU"}), frozenset({"FIXED_LINE", "MOBILE", "FIXED_LINE_OR_MOBILE"}), "RU")
 
@@ -69,12 +73,12 @@ def test_each_refusal_carries_the_documented_status():
 
 
 def test_an_admin_widens_the_policy_in_yaml_but_never_to_emergency_numbers():
-    config = parse_config(BASE + """\
+    config = parse_config(BASE + AMI + """\
 callcard: {}
 users: {}
 clicktocall:
   dial_policy: {countries: [RU, KZ, DE], number_types: [fixed_line, MOBILE, TOLL_FREE, PREMIUM_RATE, UAN]}
-""")
+""", environ=AMI_ENV)
     policy = dial_policy(config.clicktocall, config.policy.default_country)
     assert dial_destination("+7 809 123-45-67", policy) == Destination("78091234567")
     assert dial_destination("+49 30 12345678", policy) == Destination("493012345678")
@@ -83,7 +87,8 @@ clicktocall:
 
 
 def test_the_countries_default_to_the_phones_country():
-    config = parse_config(BASE + "phones: {default_country: KZ}\ncallcard: {}\nusers: {}\nclicktocall: {}\n")
+    config = parse_config(BASE + AMI + "phones: {default_country: KZ}\ncallcard: {}\nusers: {}\nclicktocall: {}\n",
+                          environ=AMI_ENV)
     policy = dial_policy(config.clicktocall, config.policy.default_country)
     assert policy.countries == {"KZ"}
     assert isinstance(refused := dial_destination("+7 916 123-45-67", policy), Refusal) and refused.reason == "country"
@@ -99,6 +104,8 @@ clicktocall:
 """, "test.yaml")
     assert [str(problem) for problem in error.value.problems] == [
         "test.yaml:5: clicktocall: needs the callcard section: a click-to-call is finished through its outbox",
+        ("test.yaml:5: clicktocall: needs the ami section: a click rings the agent's phone through Asterisk's manager"
+         " (Originate)"),
         ("test.yaml:5: clicktocall: needs the users section (with refresh above 0): the user directory gives each"
         " user's extension"),
         ("test.yaml:6: clicktocall.channel: 'PJSIP/101&PJSIP/102' must be a channel like PJSIP/{extension} or"
@@ -374,10 +381,10 @@ async def test_an_event_without_a_usable_call_or_user_id_is_dropped(click):
 
 def test_check_says_what_a_click_may_dial(tmp_path):
     path = tmp_path / "agi-bitrix.yaml"
-    path.write_text(BASE + "callcard: {outbox: /tmp/outbox.sqlite3}\nusers: {}\n"
-                           "clicktocall: {dial_policy: {countries: [RU, KZ], number_types: [MOBILE, VOIP]}}\n")
+    path.write_text(BASE + AMI + "callcard: {outbox: /tmp/outbox.sqlite3}\nusers: {}\n"
+                                 "clicktocall: {dial_policy: {countries: [RU, KZ], number_types: [MOBILE, VOIP]}}\n")
     result = subprocess.run([sys.executable, "-m", "agi_bitrix", "check", "-c", str(path)], capture_output=True,
-                            text=True, timeout=60, check=False)
+                            text=True, timeout=60, check=False, env={**os.environ, **AMI_ENV})
     assert result.returncode == 0, result.stderr
     assert (f"{path}: click-to-call: rings PJSIP/{{extension}}, then dials valid MOBILE, VOIP numbers of KZ, RU;"
             " never emergency numbers") in result.stdout

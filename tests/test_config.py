@@ -269,8 +269,9 @@ def config_with(path, mapping):
         data["redis"] = {"url": "redis://127.0.0.1:6379/0"}
     if path == "ami":
         data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
-    if path == "clicktocall":  # finished through the call card's outbox; extensions from the user directory
-        data["callcard"] = data["users"] = {}
+    if path == "clicktocall":  # finished through the call card's outbox; extensions from the user directory;
+        data["callcard"] = data["users"] = {}  # the agent's phone rung through AMI
+        data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
     holder = data
     for part in path.split("."):
         holder = holder.setdefault(part, {})
@@ -314,8 +315,10 @@ def test_the_allowed_keys_of_a_section_come_from_its_declarations():
         "test.yaml:5: cache: expected a mapping of found_ttl, not_found_ttl, stale_for, max_entries"]
 
 
-def test_the_user_directory_is_off_without_its_section_and_on_at_the_declared_default_with_it():
-    assert parse_config(BASE).users.refresh == 0.0
+def test_the_user_directory_is_on_by_scope_without_its_section_and_on_at_the_declared_default_with_it():
+    # Without the section: on while the credentials carry the user scope (bitrix/users.py asks).
+    assert parse_config(BASE).users == UsersSettings(refresh=600.0, automatic=True)
+    assert not parse_config(BASE + "users: {}\n").users.automatic
     assert parse_config(BASE + "users: {}\n").users.refresh == schema.default(UsersSettings, "refresh") == 600.0
     assert parse_config(BASE + "users: {refresh: 0}\n").users.refresh == 0.0
 

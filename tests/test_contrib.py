@@ -28,6 +28,7 @@ from agi_bitrix.config import parse_config
 from agi_bitrix.monitoring import Metrics
 from agi_bitrix.testing.fake_asterisk import fake_call
 from tests.conftest import make_config
+from tests.needs import required_binary
 from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,13 +95,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$instance": ".
 
 def promtool() -> str:
     """Debian's promtool (the prometheus package; scripts/test installs it). Missing fails under CI."""
-    binary = shutil.which("promtool")
-    if binary is None:
-        message = "promtool is not installed (scripts/test installs Debian's prometheus package)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return binary
+    return required_binary("promtool", "Debian's prometheus package")
 
 
 def run_promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[str]:

@@ -1,14 +1,10 @@
 """Keys renamed or narrowed keep working as before, with a note: `check` prints it, `serve` logs
 it at WARNING when it starts. Real processes for both, as an admin runs them."""
 
-import asyncio
-import os
-import signal
-import socket
-import sys
 
 from agi_bitrix.config import parse_config
-from tests.test_cli import ROOT, agi_bitrix, free_port
+from tests.serve_process import start_serve, stop_serve
+from tests.test_cli import agi_bitrix
 from tests.test_config import BASE
 
 REGISTER_DEADLINE = BASE + """\
@@ -54,19 +50,7 @@ async def test_serve_logs_the_note_at_warning_when_it_starts(portal, tmp_path):
     path = tmp_path / "a.yaml"
     path.write_text(REGISTER_DEADLINE.replace("https://portal.example/rest/1/secretcode/", portal.webhook_url)
                     .replace("/var/lib/agi-bitrix/outbox.sqlite3", str(tmp_path / "outbox" / "o.sqlite3")))
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agi_bitrix", "serve", "-c", str(path), "--listen", f"127.0.0.1:{port}",
-        env=dict(os.environ), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        output = (await asyncio.wait_for(process.communicate(), 10))[0].decode()
+    process, _ = await start_serve(path)
+    output = await stop_serve(process)
     assert process.returncode == 0, output
     assert f"WARNING agi_bitrix: {path}:8: {NOTE}" in output

@@ -27,7 +27,7 @@ from agi_bitrix.http_listener import HttpListener
 from agi_bitrix.monitoring import Metrics
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal_events import PortalEvents
-from tests.conftest import until
+from tests.conftest import call_requests, until
 
 CALL_START, CALLBACK_START = "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART"
 # on-external-call-start.md's example, with a Russian number (the config's country).
@@ -250,7 +250,7 @@ async def test_a_flood_of_forged_posts_is_one_log_line_a_reason_and_calls_are_st
         await receiving.server.close()
     assert set(statuses) == {403} and receiving.handled == [] and receiving.refused == {"wrong_token": 1000}
     assert {(v["B24_STATUS"], v["B24_TARGET"]) for v in answers} == {("FOUND", "101")}
-    assert {r.method for r in portal.requests} == {"telephony.externalcall.searchcrmentities"}
+    assert {r.method for r in call_requests(portal)} == {"telephony.externalcall.searchcrmentities"}
     lines = [r for r in caplog.records if "Bitrix24 event from" in r.getMessage()]
     assert len(lines) == 1 and portal_events.application_token not in caplog.text
 

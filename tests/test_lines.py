@@ -273,11 +273,10 @@ async def test_a_portal_failure_during_the_sync_leaves_calls_alone_and_is_report
     caplog.set_level(logging.WARNING, "agi_bitrix.lines")
     config = with_lines(callcard_config(portal.webhook_url, tmp_path / "o.sqlite3", "register: {default_user: 1}"),
                         LINES)
-    running = await Running(config).start()
     portal.fail("hang", method=LINE_GET_METHOD)
-    sync = LineSync(config.lines, lambda: running.app.portal, default_country="RU")
+    running = await Running(config).start()
+    sync = running.app.lines  # the server's own sync, started with it
     try:
-        sync.start()
         await until(lambda: portal.requests_for(LINE_GET_METHOD), what="the sync to ask the portal")
         assert sync.health() == {"state": "syncing", "configured": 3}
         routed = await running.call("route", (), callerid=ANNA, extension=DID, uniqueid="1.5")
@@ -286,7 +285,6 @@ async def test_a_portal_failure_during_the_sync_leaves_calls_alone_and_is_report
         await until(lambda: sync.last is not None, what="the sync to give up")
         health = sync.health()
     finally:
-        await sync.close()
         await running.stop()
     # The call was routed and registered while the sync hung on the portal.
     assert still_hanging

@@ -22,11 +22,13 @@ from agi_bitrix.bitrix.settings import OAuthSettings
 from agi_bitrix.config import load_config, parse_config
 from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal_oauth import OAuthServer
-from tests.conftest import TEST_RULES, until
+from tests.conftest import TEST_RULES, oauth_section, until
 from tests.network import free_port
 
 SEARCH = "telephony.externalCall.searchCrmEntities"
 CLIENT_ID, CLIENT_SECRET = "local.5f1a2b3c4d5e6f.12345678", "client-secret-x9y8z7"
+# The rest of a config that routes by the test rules.
+WITH_TEST_RULES = "routing:\n  fallback_queue: support\n  rules:\n" + textwrap.indent(TEST_RULES, "    ")
 
 
 @pytest.fixture
@@ -61,18 +63,15 @@ async def session():
         yield http
 
 
+def application_section(oauth_portal, token_file, secret=CLIENT_SECRET, deadline=None):
+    """The `bitrix:` section for the emulator's application; `secret` None leaves it to the environment."""
+    return oauth_section(f"{oauth_portal.url}/rest/", CLIENT_ID, token_file, f"{oauth_portal.url}/oauth/token/",
+                         secret, deadline)
+
+
 def client(oauth_portal, token_path, session, **overrides):
-    config = parse_config(textwrap.dedent(f"""\
-        bitrix:
-          deadline: 2
-          oauth:
-            portal_url: "{oauth_portal.url}/rest/"
-            client_id: "{CLIENT_ID}"
-            client_secret: "{overrides.get('secret', CLIENT_SECRET)}"
-            token_file: "{token_path}"
-            token_url: "{oauth_portal.url}/oauth/token/"
-        routing: {{fallback_queue: support}}
-        """))
+    config = parse_config(application_section(oauth_portal, token_path, overrides.get("secret", CLIENT_SECRET),
+                                              deadline=2) + "routing: {fallback_queue: support}\n")
     return portal_client(config.bitrix, session)
 
 
@@ -178,17 +177,7 @@ async def test_the_whole_server_routes_calls_as_an_oauth_application(oauth_porta
                                                                    monkeypatch):
     monkeypatch.setenv("AGI_BITRIX_CLIENT_SECRET", CLIENT_SECRET)
     config_path = tmp_path / "agi-bitrix.yaml"
-    config_path.write_text(textwrap.dedent(f"""\
-        bitrix:
-          oauth:
-            portal_url: "{oauth_portal.url}/rest/"
-            client_id: "{CLIENT_ID}"
-            token_file: "{token_path}"
-            token_url: "{oauth_portal.url}/oauth/token/"
-        routing:
-          fallback_queue: support
-          rules:
-        """) + textwrap.indent(TEST_RULES, "    "))
+    config_path.write_text(application_section(oauth_portal, token_path, None) + WITH_TEST_RULES)
     app = Application(load_config(config_path))
     host, port = await app.start("127.0.0.1", 0)
     try:
@@ -210,15 +199,8 @@ async def test_a_missing_token_file_routes_the_call_with_its_reason(oauth_portal
     """A fault on this machine, not the portal's: the call still gets the fallback with a true reason."""
     monkeypatch.setenv("AGI_BITRIX_CLIENT_SECRET", CLIENT_SECRET)
     config_path = tmp_path / "agi-bitrix.yaml"
-    config_path.write_text(textwrap.dedent(f"""\
-        bitrix:
-          oauth:
-            portal_url: "{oauth_portal.url}/rest/"
-            client_id: "{CLIENT_ID}"
-            token_file: "{tmp_path / 'nowhere' / 'oauth.json'}"
-            token_url: "{oauth_portal.url}/oauth/token/"
-        routing: {{fallback_queue: support}}
-        """))
+    config_path.write_text(application_section(oauth_portal, tmp_path / "nowhere" / "oauth.json", None)
+                           + "routing: {fallback_queue: support}\n")
     app = Application(load_config(config_path))
     host, port = await app.start("127.0.0.1", 0)
     try:
@@ -255,18 +237,7 @@ def test_config_takes_a_webhook_or_an_application_not_both():
 async def test_the_dry_run_works_as_an_oauth_application(oauth_portal, token_path):
     from agi_bitrix.explain import explain_call
 
-    config = parse_config(textwrap.dedent(f"""\
-        bitrix:
-          oauth:
-            portal_url: "{oauth_portal.url}/rest/"
-            client_id: "{CLIENT_ID}"
-            client_secret: "{CLIENT_SECRET}"
-            token_file: "{token_path}"
-            token_url: "{oauth_portal.url}/oauth/token/"
-        routing:
-          fallback_queue: support
-          rules:
-        """) + textwrap.indent(TEST_RULES, "    "))
+    config = parse_config(application_section(oauth_portal, token_path) + WITH_TEST_RULES)
     text = await explain_call(config, "89161234567")
     assert "answer:   FOUND, 2 CRM object(s)" in text and f"portal:   {oauth_portal.url}/rest/" in text
     assert "secret" not in text
@@ -394,17 +365,8 @@ async def test_a_rejected_refresh_token_stops_asking_until_the_token_file_change
 
 
 async def test_a_removed_application_stops_asking_and_a_reload_asks_again(oauth_portal, token_path, session):
-    config_text = f"""\
-        bitrix:
-          oauth:
-            portal_url: "{oauth_portal.url}/rest/"
-            client_id: "{CLIENT_ID}"
-            client_secret: "{CLIENT_SECRET}"
-            token_file: "{token_path}"
-            token_url: "{oauth_portal.url}/oauth/token/"
-        routing: {{fallback_queue: support}}
-        """
-    portal = portal_client(parse_config(textwrap.dedent(config_text)).bitrix, session)
+    config_text = application_section(oauth_portal, token_path) + "routing: {fallback_queue: support}\n"
+    portal = portal_client(parse_config(config_text).bitrix, session)
     oauth_portal.uninstall()
     with pytest.raises(PortalError, match="oauth_client_rejected"):
         await portal.search_crm_entities("79161234567")

@@ -9,7 +9,7 @@ from agi_bitrix.app import Application
 from agi_bitrix.config import load_config
 from agi_bitrix.server import _allowed
 from agi_bitrix.testing.fake_asterisk import asterisk_header, fake_call
-from tests.conftest import make_config, until
+from tests.conftest import call_requests, make_config, until
 
 
 def with_server(config, **changes):
@@ -63,7 +63,7 @@ async def test_clients_outside_allowed_networks_are_refused(portal):
                                                 allowed_clients=(ip_network("10.0.0.0/8"),)))
     try:
         assert await closed_at_once(host, port)
-        assert app.server.refused == 1 and portal.requests == []
+        assert app.server.refused == 1 and call_requests(portal) == []
     finally:
         await app.stop()
 

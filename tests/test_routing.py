@@ -20,7 +20,7 @@ from agi_bitrix.routing.engine import (
     owner_phones,
 )
 from agi_bitrix.routing.variables import NAMES, channel_variables
-from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM
+from agi_bitrix.testing.sample_data import SAMPLE_CALLS, SAMPLE_CRM, SAMPLE_USERS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agi-bitrix.yaml"
 POLICY = load_config(SHIPPED, environ={}).policy
@@ -80,7 +80,10 @@ def test_missing_timeman_key_counts_as_not_in_use():
 def test_sample_crm_routes_as_the_demo_promises(sample):
     entities = SAMPLE_CRM.get(sample.phone)
     answer = found(*entities) if entities else CrmAnswer("NOT_FOUND")
-    assert route(answer, phone=sample.phone)[:2] == (sample.route, sample.target)
+    # The demo's user directory (on by default) knows who is deactivated.
+    inactive = frozenset(uid for uid, user in SAMPLE_USERS.items() if user.get("ACTIVE") is False)
+    d = decide(CallInfo(sample.phone, "74950000000"), answer, POLICY, NOON, inactive)
+    assert (d.route, d.target) == (sample.route, sample.target)
 
 
 def test_first_object_decides_by_default():

@@ -7,7 +7,7 @@ import pytest
 
 from agi_bitrix.app import Application
 from agi_bitrix.testing.fake_asterisk import asterisk_header, command_words, fake_call, mset_pairs
-from tests.conftest import make_config
+from tests.conftest import call_requests, make_config
 
 
 async def call(agi_server, **header):
@@ -28,7 +28,7 @@ async def test_found_call_gets_all_variables_in_one_command(agi_server, portal):
         "B24_NAME": "Иван Петров",
     }
     # The portal is asked in international digits, whatever format the PBX used.
-    assert [r.params.get("PHONE_NUMBER") for r in portal.requests] == ["79161234567"]
+    assert [r.params.get("PHONE_NUMBER") for r in call_requests(portal)] == ["79161234567"]
 
 
 @pytest.mark.parametrize("callerid", ["89262345678", "+7 926 234-56-78", "9262345678", "79262345678"])
@@ -42,7 +42,7 @@ async def test_caller_id_formats(agi_server, callerid):
 async def test_no_caller_id_asks_nobody(agi_server, portal, callerid):
     v = await call(agi_server, callerid=callerid)
     assert (v["B24_STATUS"], v["B24_ROUTE"], v["B24_TARGET"], v["B24_PHONE"]) == ("NO_CALLERID", "queue", "support", "")
-    assert portal.requests == []
+    assert call_requests(portal) == []
 
 
 async def test_first_argument_overrides_number_and_second_the_did(agi_server, portal):

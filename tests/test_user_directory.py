@@ -1,5 +1,6 @@
 """The user directory (user.get) and what routing does with deactivated owners."""
 
+import json
 import logging
 import textwrap
 
@@ -194,22 +195,71 @@ def app_config(webhook_url, users):
     return parse_config(text)
 
 
-@pytest.mark.parametrize("users, expected", [
-    ("", ("mobile", "79268889900", "owner-day-over", "13")),
-    ("users: {refresh: 600}", ("queue", "support", "fallback", "")),
+@pytest.mark.parametrize("users, scopes, expected", [
+    # No users section: on, since the webhook has the user scope (the portal's `scope` says so).
+    ("", ["crm", "telephony", "user"], ("queue", "support", "fallback", "")),
+    ("users: {refresh: 600}", ["crm", "telephony", "user"], ("queue", "support", "fallback", "")),
+    # Without the scope nothing can tell a fired owner: the default cannot be safe (healthz says why).
+    ("", ["telephony"], ("mobile", "79268889900", "owner-day-over", "13")),
+    ("users: {refresh: 0}", ["crm", "telephony", "user"], ("mobile", "79268889900", "owner-day-over", "13")),
 ])
-async def test_the_server_skips_deactivated_owners_when_the_directory_is_on(portal, users, expected, caplog):
+async def test_the_server_skips_deactivated_owners_by_default_when_the_auth_has_the_user_scope(
+        portal, users, scopes, expected, caplog):
     caplog.set_level(logging.INFO)
+    portal.scopes = scopes
     app = Application(app_config(portal.webhook_url, users))
     host, port = await app.start("127.0.0.1", 0)
     try:
         if app.users is not None:
-            await app.users.load()
+            await app.users.refresh_once()
         v = (await fake_call(host, port, callerid="8" + ANDREY[1:], uniqueid="7.1")).variables
+        health = app.health()[1]["users"]
     finally:
         await app.stop()
     assert (v["B24_ROUTE"], v["B24_TARGET"], v["B24_RULE"], v["B24_USER_ID"]) == expected
-    assert ("call 7.1: deactivated owner(s) 13 skipped" in caplog.text) == bool(users)
+    skipped = expected[0] == "queue"
+    assert ("call 7.1: deactivated owner(s) 13 skipped" in caplog.text) == skipped
+    assert health["deactivated_owners"] == ("skipped" if skipped else "not skipped")
+    # The portal is asked for its scopes only when no users section decides.
+    assert bool(portal.requests_for("scope")) == (users == "")
+    assert bool(portal.requests_for(USER_GET)) == skipped
+
+
+async def test_when_the_scope_cannot_be_known_healthz_and_the_log_say_so_and_it_is_asked_again(
+        portal, caplog):
+    portal.fail("html", method="scope", status=502, times=1)
+    app = Application(app_config(portal.webhook_url, ""))
+    await app.start("127.0.0.1", 0)
+    try:
+        wait = await app.users.refresh_once()
+        unknown = app.health()[1]["users"]
+        await app.users.refresh_once()
+        known = app.health()[1]["users"]
+    finally:
+        await app.stop()
+    assert wait == 30.0  # RETRY_AFTER_FAILURE, not the 600 s refresh
+    assert unknown == {"deactivated_owners": "unknown", "why": "the portal's scope method failed: http_502",
+                       "users": 0, "loaded": False}
+    assert "deactivated owners unknown (the portal's scope method failed: http_502)" in caplog.text
+    assert known["deactivated_owners"] == "skipped" and known["users"] == 14
+
+
+async def test_an_oauth_token_files_scope_decides_without_asking_the_portal(tmp_path):
+    from agi_bitrix.bitrix.client import PortalClient, make_session
+    from agi_bitrix.bitrix.oauth import OAuthTokens, TokenFile, Tokens
+    from agi_bitrix.bitrix.settings import OAuthSettings
+
+    token_path = tmp_path / "oauth.json"
+    async with make_session() as session:
+        auth = OAuthTokens(OAuthSettings("http://127.0.0.1:9/rest/", "local.1", "secret", str(token_path),
+                                         "http://127.0.0.1:9/oauth/token/"), session)
+        client = PortalClient("http://127.0.0.1:9/rest/", session, timeout=0.5, budget=ample_budget(), auth=auth)
+        directory = UserDirectory(lambda: client, refresh=600, default_country="RU", automatic=True)
+        answers = []
+        for scope in ("telephony,crm", "telephony,user"):
+            TokenFile(token_path).save(Tokens("a", "r", 9e9, scope=scope))
+            answers.append(await directory.user_scope())
+    assert answers == [False, True]  # and no request: the portal at 127.0.0.1:9 answers nothing
 
 
 async def test_the_dry_run_explains_a_skipped_owner_like_the_server_decides(portal):
@@ -222,3 +272,27 @@ async def test_the_dry_run_explains_a_skipped_owner_like_the_server_decides(port
     portal.fail("error", method=USER_GET, status=401, code="insufficient_scope", description="no")
     text = await explain_call(config, "8" + ANDREY[1:])
     assert "users:    not loaded (insufficient_scope); deactivated owners were not skipped" in text
+
+
+def test_check_says_whether_deactivated_owners_will_be_skipped(tmp_path):
+    from tests.test_cli import agi_bitrix
+
+    def check(users="", oauth_scope=None):
+        auth = 'webhook_url: "https://portal.example/rest/1/code/"'
+        if oauth_scope is not None:
+            token_file = tmp_path / "oauth.json"
+            token_file.write_text(json.dumps({"access_token": "a", "refresh_token": "r", "expires_at": 1.0,
+                                              "scope": oauth_scope}))
+            auth = (f"oauth: {{portal_url: 'https://portal.example/rest/', client_id: local.1,"
+                    f" client_secret: s, token_file: '{token_file}'}}")
+        config = tmp_path / "agi-bitrix.yaml"
+        config.write_text(f"bitrix: {{{auth}}}\nrouting: {{fallback_queue: support}}\n{users}\n")
+        result = agi_bitrix("check", "-c", str(config))
+        assert result.returncode == 0, result.stderr
+        return result.stdout + result.stderr
+
+    assert "skipped only if the credentials carry the user scope, which cannot be known here" in check()
+    assert "deactivated owners: skipped (users section)" in check("users: {refresh: 600}")
+    assert "deactivated owners: NOT skipped (users.refresh is 0)" in check("users: {refresh: 0}")
+    assert "deactivated owners: skipped (the token file's scopes include user)" in check(oauth_scope="telephony,user")
+    assert "deactivated owners are NOT skipped: the token file's scopes lack user" in check(oauth_scope="telephony")

@@ -23,7 +23,7 @@ from agi_bitrix.testing.fake_asterisk import fake_call
 from agi_bitrix.testing.portal import PortalEmulator
 from agi_bitrix.testing.portal_oauth import OAuthServer
 from agi_bitrix.testing.sample_data import SAMPLE_CRM
-from tests.conftest import make_config
+from tests.conftest import call_requests, make_config
 from tests.network import free_port
 from tests.test_oauth import CLIENT_ID, CLIENT_SECRET, oauth_config
 from tests.test_web import HOSTILE_CRM, HOSTILE_INNER, HOSTILE_MOBILE, HOSTILE_PHONE, TOKEN
@@ -203,7 +203,7 @@ def test_try_a_number_shows_the_decision(browser, live):
     assert "answer:   FOUND, 1 CRM object(s)" in trace
     assert "  => owner-day-over: matched COMPANY 4; dials owner's mobile" in trace
     assert "B24_TARGET         = 79035551234" in trace
-    assert len(live.portal.requests) == 1
+    assert len(call_requests(live.portal)) == 1
     screenshot(browser, "try")
     browser.get(live.base + "/rules")
     names = [row.find_elements("css selector", "td")[1].text.split("\n")[0]

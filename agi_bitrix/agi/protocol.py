@@ -13,11 +13,13 @@ connection refuses to go on.
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass, field
-from typing import Final, Literal, TypeAlias
+from typing import TypeAlias
 from urllib.parse import SplitResult, parse_qsl, urlsplit
+
+from agi_bitrix.sansio import NEED_DATA as NEED_DATA  # what its users test next_event against
+from agi_bitrix.sansio import NeedData
 
 # Asterisk 22 sends ~25 header lines of well under 100 bytes each; arguments and long
 # channel names push a real header to a couple of KiB. 16 KiB leaves ample room while a
@@ -31,19 +33,6 @@ MAX_ARG_NUMBER_DIGITS = 4
 MAX_REPLY_LINE_BYTES = 8 * 1024
 # A 520 usage text is a few dozen lines; bound it so a peer cannot keep us reading forever.
 MAX_USAGE_LINES = 200
-
-
-class _Sentinel(enum.Enum):
-    # A one-member enum rather than a plain object, so that `event is NEED_DATA` narrows the type.
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return self.name
-
-    __str__ = __repr__
-
-
-NEED_DATA: Final = _Sentinel.NEED_DATA
 
 
 class PeerError(Exception):
@@ -107,7 +96,6 @@ class EndOfStream:
 
 # Everything next_event() can return besides NEED_DATA.
 Event: TypeAlias = AgiRequest | CommandReply | HangUp | EndOfStream
-_NeedData: TypeAlias = Literal[_Sentinel.NEED_DATA]
 
 
 _REPLY_LINE = re.compile(r"^(\d{3})([ -])(.*)$")
@@ -180,7 +168,7 @@ class ServerConnection:
 
     # -- events out -----------------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._failed:
             raise RuntimeError("connection already failed")
         try:
@@ -189,7 +177,7 @@ class ServerConnection:
             self._failed = True
             raise
 
-    def _next_event(self) -> Event | _NeedData:
+    def _next_event(self) -> Event | NeedData:
         if not self._header_done:
             return self._next_header_event()
         while True:
@@ -207,7 +195,7 @@ class ServerConnection:
             if event is not None:
                 return event
 
-    def _next_header_event(self) -> AgiRequest | _NeedData:
+    def _next_header_event(self) -> AgiRequest | NeedData:
         # The block ends at the first empty line. It is cut out whole and decoded in one go: the
         # header is the bulk of what a session reads, so it is worth not walking it line by line.
         buffer = self._buffer

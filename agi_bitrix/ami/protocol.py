@@ -18,14 +18,15 @@ become an AMI header of its own.
 
 from __future__ import annotations
 
-import enum
 import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias
+from typing import TypeAlias
 
 from agi_bitrix.ami.errors import ProtocolViolation, UnsafeAction
+from agi_bitrix.sansio import NEED_DATA as NEED_DATA  # what its users test next_event against
+from agi_bitrix.sansio import NeedData
 
 BANNER_PREFIX = "Asterisk Call Manager/"
 # The banner is ~30 bytes ("Asterisk Call Manager/9.0.0").
@@ -49,21 +50,19 @@ _ACTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
 
-class _Sentinel(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return self.name
-
-    __str__ = __repr__
-
-
-NEED_DATA: Final = _Sentinel.NEED_DATA
-
-
 @dataclass(frozen=True, slots=True)
 class Banner:
     version: str  # the AMI version, e.g. 9.0.0 (Asterisk 22), 7.0.3 (Asterisk 20)
+
+
+class _Field:
+    """One field of a message read as an attribute (its first value, "" when absent)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __get__(self, message: AmiMessage, owner: type[AmiMessage] | None = None) -> str:
+        return message.get(self._name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,29 +81,20 @@ class AmiMessage:
         wanted = name.lower()
         return [value for key, value in self.fields if key.lower() == wanted]
 
-    @property
-    def action_id(self) -> str:
-        return self.get("ActionID")
+    action_id = _Field("ActionID")
 
 
 @dataclass(frozen=True, slots=True)
 class Response(AmiMessage):
     """The answer to an action: Success, Error, Follows, Goodbye."""
 
-    @property
-    def status(self) -> str:
-        return self.get("Response")
-
-    @property
-    def message(self) -> str:
-        return self.get("Message")
+    status = _Field("Response")
+    message = _Field("Message")
 
 
 @dataclass(frozen=True, slots=True)
 class Event(AmiMessage):
-    @property
-    def name(self) -> str:
-        return self.get("Event")
+    name = _Field("Event")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +103,6 @@ class EndOfStream:
 
 
 Message: TypeAlias = Banner | Response | Event | EndOfStream
-_NeedData: TypeAlias = Literal[_Sentinel.NEED_DATA]
 
 
 class AmiConnection:
@@ -139,19 +128,18 @@ class AmiConnection:
             self._eof = True
         self._buffer += data
 
-    def next_event(self) -> Message | _NeedData:
+    def next_event(self) -> Message | NeedData:
         """The next whole message, NEED_DATA, or ProtocolViolation (for good)."""
         if self._broken is not None:
             raise ProtocolViolation(self._broken)
         try:
-            return self._next()
+            # Asterisk's first line is its banner; everything after it is messages.
+            return self._next_message() if self._banner_seen else self._banner()
         except ProtocolViolation as error:
             self._broken = str(error)
             raise
 
-    def _next(self) -> Message | _NeedData:
-        if not self._banner_seen:
-            return self._banner()
+    def _next_message(self) -> Message | NeedData:
         while True:
             line = self._line(MAX_LINE_BYTES)
             if line is None:
@@ -167,7 +155,7 @@ class AmiConnection:
             if message is not None:
                 return message
 
-    def _banner(self) -> Banner | EndOfStream | _NeedData:
+    def _banner(self) -> Banner | EndOfStream | NeedData:
         line = self._line(MAX_BANNER_BYTES)
         if line is None:
             if self._eof:

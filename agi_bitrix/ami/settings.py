@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agi_bitrix.ami.errors import SecretUnavailable
-from agi_bitrix.schema import integer, number, text
+from agi_bitrix.schema import integer, not_shorter_than, number, text
 
 AMI_SECRET_ENV = "AGI_BITRIX_AMI_SECRET"
 # A secret file may be read by its owner and read (not written) by its group: 0600, 0640, 0400, 0440.
@@ -41,35 +41,30 @@ def _absolute(value: str) -> str:
     return value
 
 
-def _not_shorter_than_first(most: float, first: float) -> float:
-    if most < first:
-        raise ValueError(f"{most:g} is shorter than reconnect.first ({first:g})")
-    return most
-
 
 @dataclass(frozen=True)
 class AmiSettings:
     """How the server reaches Asterisk's manager interface (for the calls it starts itself)."""
 
     # The [user] of manager.conf; required, read by the section's reader (agi_bitrix.config).
-    username: str = text("username", check=_username)
+    username: str = text("username", check=_username, restart=True)
     # The secret's file when AGI_BITRIX_AMI_SECRET is not set: absolute, regular, mode 0600 or 0640;
     # read by the section's reader, "" when the environment holds the secret.
-    secret_file: str = text("secret_file", check=_absolute)
-    host: str = text("host", "127.0.0.1", check=_no_space)
-    port: int = integer("port", 5038, 1, 65535)
+    secret_file: str = text("secret_file", check=_absolute, restart=True)
+    host: str = text("host", "127.0.0.1", check=_no_space, restart=True)
+    port: int = integer("port", 5038, 1, 65535, restart=True)
     # TCP connect, the banner and the Login answer, each.
-    connect_timeout: float = number("connect_timeout", 5.0, 0, 60)
+    connect_timeout: float = number("connect_timeout", 5.0, 0, 60, restart=True)
     # An action's answer (an Originate's "queued" included; the call's own ring time is its own).
-    action_timeout: float = number("action_timeout", 5.0, 0, 120)
+    action_timeout: float = number("action_timeout", 5.0, 0, 120, restart=True)
     # A Ping this often while idle; unanswered within action_timeout, the connection is dropped and made again.
-    ping_interval: float = number("ping_interval", 20.0, 0, 3600)
+    ping_interval: float = number("ping_interval", 20.0, 0, 3600, restart=True)
     # The wait before connecting again: first, doubled on each failure up to max.
-    reconnect_first: float = number("reconnect.first", 0.5, 0, 60)
-    reconnect_max: float = number("reconnect.max", 30.0, 0, 3600, check=_not_shorter_than_first,
-                                  needs=("reconnect_first",))
+    reconnect_first: float = number("reconnect.first", 0.5, 0, 60, restart=True)
+    reconnect_max: float = number("reconnect.max", 30.0, 0, 3600, check=not_shorter_than("reconnect.first"),
+                                  needs=("reconnect_first",), restart=True)
     # Events waiting for their listeners; past it new ones are dropped and counted, never piled up.
-    event_queue: int = integer("event_queue", 10_000, 1, 1_000_000)
+    event_queue: int = integer("event_queue", 10_000, 1, 1_000_000, restart=True)
 
 
 def read_secret(settings: AmiSettings, environ: Mapping[str, str]) -> str:

@@ -45,9 +45,9 @@ log = logging.getLogger("agi_bitrix.portal")
 SEARCH_CRM_ENTITIES = "telephony.externalCall.searchCrmEntities"
 SEARCH_KEY = SEARCH_CRM_ENTITIES.lower()  # how the operating-time budget names it
 BATCH = "batch"
-# Requests no caller waits for (app.info: the install callback's check): they take a slot only while
-# half the burst stays free for lookups.
-_CAN_WAIT = frozenset({"telephony.externalcall.finish", "user.get", "app.info"})
+# Requests no caller waits for (app.info: the install callback's check; scope: the user
+# directory's): they take a slot only while half the burst stays free for lookups.
+_CAN_WAIT = frozenset({"telephony.externalcall.finish", "user.get", "scope", "app.info"})
 
 # A searchCrmEntities answer is at most 150 objects of a few hundred bytes; anything near this
 # size is not a portal answer, and reading it whole would let a proxy exhaust our memory.

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
+from agi_bitrix.bitrix.refusals import REFUSAL_LOG_INTERVAL, QuietLog
 from agi_bitrix.phones import normalize_number
 
 log = logging.getLogger("agi_bitrix.events")
@@ -49,7 +50,6 @@ _TEXT_LIMIT = 1000  # a callback's TEXT: read to the agent, never dialled
 _LINE_LIMIT = 64
 # Clocks differ: an event stamped this far in our future is still taken.
 CLOCK_SKEW = 60.0
-REFUSAL_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -108,39 +108,51 @@ class EventRefused(Exception):
 
 
 class UnknownEvent(EventRefused):
+    """An event name this server does not act on (the portal sends what the application bound)."""
+
     reason = "unknown_event"
 
 
 class MalformedEvent(EventRefused):
+    """Not of the documented shape: a field missing, repeated or not text, a time or number unreadable."""
+
     reason = "malformed"
 
 
 class NotAuthentic(EventRefused):
+    """Not shown to come from our portal; the subclasses say how."""
+
     reason = "not_authentic"
 
 
 class NoTokenStored(NotAuthentic):
+    """Nothing to check against: the install event's application_token was never stored, so an
+    event cannot be told from a forged one."""
+
     reason = "no_application_token"
 
 
 class WrongToken(NotAuthentic):
-    reason = "wrong_token"
+    reason = "wrong_token"  # auth[application_token] missing, or not the one the install event brought
 
 
 class WrongPortal(NotAuthentic):
-    reason = "wrong_portal"
+    reason = "wrong_portal"  # auth[member_id] or auth[domain] is not the configured portal's
 
 
 class StaleEvent(EventRefused):
+    """Sent longer ago than events.replay_window, or stamped in the future beyond CLOCK_SKEW: a
+    replay, or a queue that waited too long for the call to still be wanted."""
+
     reason = "stale"
 
 
 class DuplicateEvent(EventRefused):
-    reason = "duplicate"
+    reason = "duplicate"  # its key was taken already (by this server, or another one through Redis)
 
 
 class TooLarge(EventRefused):
-    reason = "too_large"
+    reason = "too_large"  # a body past the receiver's limit, refused before it is read
 
 
 def event_name(form: Mapping[str, str]) -> str:
@@ -273,19 +285,10 @@ class RefusalCounter:
                  observer: EventObserver | None = None) -> None:
         self.counts: Counter[str] = Counter()
         self._observer = observer
-        self._interval, self._clock = interval, clock
-        self._next_line: dict[str, tuple[float, int]] = {}  # reason -> (next line's time, refusals held)
+        self._lines = QuietLog(log, "refused for this reason", interval, clock)
 
     def refused(self, error: EventRefused, where: str) -> None:
-        reason = error.reason
-        self.counts[reason] += 1
+        self.counts[error.reason] += 1
         if self._observer is not None:
-            self._observer.event_refused(reason)
-        now = self._clock()
-        due, held = self._next_line.get(reason, (0.0, 0))
-        if now < due:
-            self._next_line[reason] = (due, held + 1)
-            return
-        self._next_line[reason] = (now + self._interval, 0)
-        suffix = f" ({held} more refused for this reason since the last such line)" if held else ""
-        log.warning("Bitrix24 event from %s refused (%s): %s%s", where, reason, error, suffix)
+            self._observer.event_refused(error.reason)
+        self._lines.warning("Bitrix24 event from %s refused (%s): %s", where, error.reason, error, kind=error.reason)

@@ -45,6 +45,7 @@ from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import AuthRejected, BitrixError, TokenExpired, TokenFileError
 from agi_bitrix.bitrix.oauth import OAuthTokens, same_portal
 from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.bitrix.refusals import REFUSAL_LOG_INTERVAL, QuietLog
 from agi_bitrix.bitrix.tokenfile import Tokens
 
 log = logging.getLogger("agi_bitrix.oauth")
@@ -54,7 +55,6 @@ APP_INFO = "app.info"
 # admin retry at once. Then one per VERIFY_INTERVAL seconds.
 VERIFY_BURST = 3
 VERIFY_INTERVAL = 20.0
-REFUSAL_LOG_INTERVAL = 60.0
 REINSTALL_DOCS = 'docs/call-card.md, section "Installing again"'
 # Why an install POST was not taken: a closed set (mypy holds every call to it), so a flood of
 # forged POSTs cannot grow a metric's labels.
@@ -130,25 +130,6 @@ class _OneToken:
         return self._base
 
 
-class _QuietLog:
-    """A refusal is logged at once, then at most once per `interval` per kind, with how many more
-    came: a flood of forged POSTs is one line a minute, not one per POST."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval, self._clock = interval, clock
-        self._kinds: dict[str, tuple[float, int]] = {}  # message -> (next line's time, refusals held)
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self._clock()
-        due, held = self._kinds.get(message, (0.0, 0))
-        if now < due:
-            self._kinds[message] = (due, held + 1)
-            return
-        self._kinds[message] = (now + self._interval, 0)
-        suffix = f" ({held} more like it since the last such line)" if held else ""
-        log.warning("%s%s", message % args, suffix)
-
-
 class InstallCallback:
     """Answers the portal's install POSTs for the application configured now."""
 
@@ -159,7 +140,7 @@ class InstallCallback:
         self._session = session
         self._timeout = timeout
         self._allowance = RateLimiter(1 / VERIFY_INTERVAL, VERIFY_BURST, clock)
-        self._refusals = _QuietLog(REFUSAL_LOG_INTERVAL, clock)
+        self._refusals = QuietLog(log, "like it", REFUSAL_LOG_INTERVAL, clock)
         self._count_refusal = count_refusal  # called with one of InstallRefusal
 
     def _refuse(self, reason: InstallRefusal, status: int, error: str) -> InstallAnswer:

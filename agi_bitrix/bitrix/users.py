@@ -4,6 +4,12 @@ Two things need them: routing, to skip owners whose account is deactivated (the 
 names fired employees as owners), and finish, to turn the extension or mobile that answered a
 call into the Bitrix24 user who took it. A failed refresh keeps the last good snapshot; before
 the first load nobody is known to be inactive, so routing works as if there were no directory.
+
+Without a `users` section the directory is on whenever the credentials carry the `user` scope
+(`automatic`): the OAuth token file's `scope` says so, else the portal's own `scope` method
+(api-reference/common/scope.md: without parameters, the scopes of the current application or
+webhook). A portal that cannot be asked leaves it unknown, said in /healthz and the log, and asked
+again after RETRY_AFTER_FAILURE.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ from typing import Any
 from agi_bitrix import background
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BadResponse, BitrixError, NotPermitted, PortalMisconfigured
+from agi_bitrix.bitrix.oauth import OAuthTokens
 from agi_bitrix.phones import dialable_number, normalize_extension, normalize_number
 
 log = logging.getLogger("agi_bitrix.users")
 
 USER_GET = "user.get"
+SCOPE = "scope"  # the scopes the credentials carry
+USER_SCOPE = "user"
+# What `automatic` found, for /healthz: whether deactivated owners are skipped.
+SKIPPED, NOT_SKIPPED, UNKNOWN = "skipped", "not skipped", "unknown"
 # user.get answers 50 users per page and takes the offset of the next page as `start`.
 PAGE_SIZE = 50
 # 500 pages are 25,000 users, far beyond any portal this serves; a portal that ignores `start`
@@ -72,6 +83,14 @@ def _scalar(value: Any) -> str:
     return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
 
 
+def directory_health(users: UserDirectory | None) -> dict[str, Any]:
+    """/healthz's `users`: whether deactivated owners are skipped, and why."""
+    if users is None:
+        return {"deactivated_owners": NOT_SKIPPED, "why": "users.refresh is 0: no user directory"}
+    return {"deactivated_owners": users.skipping, "why": users.why, "users": users.size,
+            "loaded": users.loaded_at is not None}
+
+
 def answering_number(answered_by: str) -> str:
     """The number in what the dialplan reports as having answered, or "".
 
@@ -84,11 +103,15 @@ def answering_number(answered_by: str) -> str:
 
 class UserDirectory:
     def __init__(self, portal: Callable[[], PortalClient], *, refresh: float, default_country: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, automatic: bool = False) -> None:
         """`portal` gives the portal client in use (a reload may replace it); the directory itself
-        outlives reloads."""
+        outlives reloads. `automatic`: no users section; loaded only while the credentials carry
+        the user scope."""
         self.portal_source = portal
         self.refresh = refresh
+        self.automatic = automatic
+        # Whether deactivated owners are skipped, and why (for /healthz and `check`).
+        self.skipping, self.why = (UNKNOWN, "not asked yet") if automatic else (SKIPPED, "users section")
         self.default_country = default_country
         self._clock = clock
         self._users: dict[str, User] = {}
@@ -98,6 +121,10 @@ class UserDirectory:
         self._task: asyncio.Task[None] | None = None
 
     # -- what the calls ask ------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._users)
 
     def inactive_among(self, user_ids: Iterable[str]) -> frozenset[str]:
         """Those of `user_ids` whose account is known to be deactivated."""
@@ -167,19 +194,60 @@ class UserDirectory:
         await background.stop(self._task)
         self._task = None
 
+    async def user_scope(self) -> bool | None:
+        """Whether the credentials carry the user scope; None when that cannot be known now."""
+        portal = self.portal_source()
+        if isinstance(portal.auth, OAuthTokens):
+            saved = portal.auth.token_file.load_if_present()
+            scopes = saved.scope.replace(" ", ",").split(",") if saved is not None else []
+            if any(scopes):
+                return USER_SCOPE in scopes
+        try:
+            result = await portal.call(SCOPE, {}, max_wait=PAGE_SLOT_WAIT)
+        except BitrixError as error:
+            self._decide(UNKNOWN, f"the portal's scope method failed: {error.reason}")
+            return None
+        if not isinstance(result, list):
+            self._decide(UNKNOWN, f"the portal's scope method answered {type(result).__name__}, not a list")
+            return None
+        return USER_SCOPE in result
+
+    def _decide(self, skipping: str, why: str) -> None:
+        if (skipping, why) != (self.skipping, self.why):  # logged once per change
+            level = logging.INFO if skipping == SKIPPED else logging.WARNING
+            log.log(level, "user directory: deactivated owners %s (%s)", skipping, why)
+        self.skipping, self.why = skipping, why
+
+    async def refresh_once(self) -> float:
+        """One load (after the scope check, when automatic); the seconds until the next one."""
+        if self.automatic:
+            has_scope = await self.user_scope()
+            if has_scope is None:
+                return min(self.refresh, RETRY_AFTER_FAILURE)
+            if not has_scope:
+                self._decide(NOT_SKIPPED, "the credentials lack the user scope: a deactivated owner's calls"
+                             " still go to their phones; add the scope, or set users.refresh: 0 to say so")
+                return self.refresh
+        try:
+            await self.load()
+        except BitrixError as error:
+            self._log_failure(error)
+            return min(self.refresh, RETRY_AFTER_FAILURE)
+        if self.automatic:
+            self._decide(SKIPPED, "the credentials carry the user scope")
+        return self.refresh
+
+    def _log_failure(self, error: BitrixError) -> None:
+        hint = ""
+        if isinstance(error, PortalMisconfigured):
+            hint = f" ({error.advice})"
+        elif isinstance(error, NotPermitted):
+            hint = " (the webhook needs the 'user' scope, an application in its card)"
+        log.warning("user directory not refreshed: %s%s; keeping %s; next try in %.0f s",
+                    error, hint, "the last snapshot" if self.loaded_at is not None else "no users",
+                    min(self.refresh, RETRY_AFTER_FAILURE))
+
     async def _refresh_forever(self) -> None:
         while True:
-            try:
-                await self.load()
-                wait = self.refresh
-            except BitrixError as error:
-                wait = min(self.refresh, RETRY_AFTER_FAILURE)
-                hint = ""
-                if isinstance(error, PortalMisconfigured):
-                    hint = f" ({error.advice})"
-                elif isinstance(error, NotPermitted):
-                    hint = " (the webhook needs the 'user' scope, an application in its card)"
-                log.warning("user directory not refreshed: %s%s; keeping %s; next try in %.0f s",
-                            error, hint, "the last snapshot" if self.loaded_at is not None else "no users",
-                            wait)
+            wait = await self.refresh_once()
             await asyncio.sleep(wait)

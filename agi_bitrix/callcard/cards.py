@@ -16,8 +16,9 @@ show or hide goes to the portal afterwards, in the background, and only through 
 that is free at once (like a finish), so it never holds a ring and never takes a slot a call's
 lookup needs. Who holds each call's card is kept in memory (`CardHolders`, outliving reloads):
 register's SHOW adds the registered user, each ring its user, the answer keeps only the one who
-answered, and finish forgets the call. After a restart between the ring and the answer the
-others' cards are not hidden; they close when the call is finished.
+answered, and finish forgets the call and hides the card from everyone who still holds it but the
+finish's user (a call nobody answered: all the phones it rang). After a restart between the ring
+and the end of the call the others' cards are not hidden.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class CardService:
         self.holders = holders
         self.count = count
         self._sending: set[asyncio.Task[None]] = set()
-        # Per call, its last show or hide under way: the next one for that call waits for it.
-        self._last: dict[str, asyncio.Task[None]] = {}
+        # Per call, its shows and hides under way: a hide waits for all of them, a show only for
+        # the hides (the shows for the phones of one queue go out together).
+        self._under_way: dict[str, dict[asyncio.Task[None], str]] = {}
 
     async def handle_ringing(self, request: AgiRequest, channel: AgiChannel) -> None:
         """A phone is about to ring: show the card to its user, if they do not have it yet."""
@@ -106,24 +108,45 @@ class CardService:
             return None
         return call_id, user.user_id
 
+    def hide_at_finish(self, call_id: str, users: list[str], uniqueid: str) -> None:
+        """The call ended (the finish script ran): hide its card from `users`, everyone still
+        holding it but the finish's user, whose card the finish closes (the portal's
+        finishExternalCall hides it from the finish's USER_ID only). In the background; the
+        finish waits for it (`settled`): the portal hides nothing for a call it has finished."""
+        if self.config.callcard.enabled and users:
+            self._send(HIDE, call_id, users, uniqueid)
+
+    async def settled(self, call_id: str) -> None:
+        """Wait until this call's shows and hides under way are done (each within its deadline)."""
+        under_way = list(self._under_way.get(call_id, ()))
+        if under_way:
+            await asyncio.wait(under_way)
+
     def _send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
         # After the session: the ring or the bridge waits for nothing but the AGI round trip.
-        task = asyncio.create_task(self._in_turn(self._last.get(call_id), method, call_id, users, uniqueid))
-        self._last[call_id] = task
+        # One call's cards reach the portal in the order the phones rang and answered: a ring's
+        # show still on its way must not land after the hide that closes that card, and a show
+        # after a hide waits for it. Shows for different phones do not wait for each other: with
+        # a slow portal, a queue's members would otherwise see the card one deadline apart.
+        under_way = self._under_way.setdefault(call_id, {})
+        before = [task for task, kind in under_way.items() if method == HIDE or kind == HIDE]
+        task = asyncio.create_task(self._in_turn(before, method, call_id, users, uniqueid))
+        under_way[task] = method
         self._sending.add(task)
         task.add_done_callback(functools.partial(self._sent, call_id))
 
     def _sent(self, call_id: str, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
-        if self._last.get(call_id) is task:
-            del self._last[call_id]
+        under_way = self._under_way.get(call_id)
+        if under_way is not None:
+            under_way.pop(task, None)
+            if not under_way:
+                del self._under_way[call_id]
 
-    async def _in_turn(self, previous: asyncio.Task[None] | None, method: str, call_id: str, users: list[str],
+    async def _in_turn(self, before: list[asyncio.Task[None]], method: str, call_id: str, users: list[str],
                        uniqueid: str) -> None:
-        # One call's shows and hides reach the portal in the order the phones rang and answered:
-        # a ring's show still on its way must not land after the hide that closes that card.
-        if previous is not None:
-            await asyncio.wait([previous])
+        if before:
+            await asyncio.wait(before)
         await self._request(method, call_id, users, uniqueid)
 
     async def _request(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:

@@ -5,8 +5,8 @@ what becomes of the row (delivered, looked at again without counting the attempt
 a backoff, or given up). `DeliveryLoop` is the loop around it: it stores a row or keeps it in
 memory while the store cannot take it, sends an attempt (a sender's bug is retried, never loses
 a row), applies the verdict, says the store is down once per change and tries it again every
-`retry.first_delay`. A store keeps only what is its own: how a row is inserted, taken, marked,
-and when the next one is due.
+`retry.first_delay`. A store (`Rows`) keeps only what is its own: how a row is inserted, taken,
+marked, and when the next one is due.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
+
+from agi_bitrix import background
 
 log = logging.getLogger("agi_bitrix.outbox")
 
@@ -161,68 +164,133 @@ class OutboxCounts:
         self._kept.clear()
 
 
-class DeliveryLoop(OutboxCounts):
-    """The loop and the policy both stores share; a store supplies the methods marked as its own."""
+class OutboxError(Exception):
+    """The outbox cannot be opened (path, permissions, another process holds it)."""
+
+
+class OutboxInUse(OutboxError):
+    """Another process holds the outbox's store: starting would deliver its finishes twice."""
+
+
+class Counts(NamedTuple):
+    """The rows a store holds, by kind."""
+
+    waiting: Counter[str]
+    failed: Counter[str]
+
+
+class Rows(Protocol):
+    """Where an outbox keeps its rows (SQLite: outbox.py; Redis: redis_outbox.py): storage only.
+
+    It inserts, takes (counting the attempt before the request leaves) and marks rows; what an
+    attempt's outcome means, the backoff, the memory kept while the store is down and the loop
+    are the DeliveryLoop's."""
 
     # The failures of the store itself (not of a delivery): the outbox is down while they last.
-    STORAGE_ERRORS: ClassVar[tuple[type[Exception], ...]] = ()
-    path: Any  # where the rows are, as the log and /healthz show it (no password)
+    errors: ClassVar[tuple[type[Exception], ...]]
 
-    def __init__(self, send: Sender, retry: RetryPolicy, clock: Callable[[], float]) -> None:
+    @property
+    def path(self) -> Path | str: ...  # where the rows are, as the log and /healthz show it (no password)
+
+    @property
+    def is_open(self) -> bool: ...  # takes rows now
+
+    async def open(self) -> Counts: ...  # raises OutboxInUse when another process holds it
+    async def close(self) -> None: ...
+
+    async def insert(self, key: str, row: KeptRow, now: float) -> bool:
+        """Store a row; False when its key is there already."""
+        ...
+
+    async def tidy(self, now: float) -> tuple[Counter[str] | None, Counter[str]] | None:
+        """The store's upkeep when due (old rows purged, new ones read); the counts (waiting, failed)
+        when it read them, waiting None where the loop's own count is the store's (one server)."""
+        ...
+
+    async def take(self, now: float, retry: RetryPolicy) -> Entry | None:
+        """A row due now, its attempt counted and its next one set `retry.delay` later; None when none is."""
+        ...
+
+    async def due_at(self) -> tuple[float | None, float]:
+        """When a row is next due (None: none waits), and when the next upkeep is."""
+        ...
+
+    async def mark(self, entry: Entry, verdict: Verdict, now: float) -> list[tuple[str, str]]:
+        """Apply the verdict on an attempt; a row given up takes the rows waiting for it along:
+        those, as (key, kind)."""
+        ...
+
+    def describe(self, error: Exception) -> str: ...  # why the store cannot be used, in one line
+    async def count(self, state: str) -> int: ...  # for tests and diagnostics
+    async def row(self, key: str) -> dict[str, Any] | None: ...  # one row as a dict, or None
+
+
+class DeliveryLoop(OutboxCounts):
+    """The loop and the policy both stores share, around the rows of one store."""
+
+    def __init__(self, rows: Rows, send: Sender, retry: RetryPolicy, clock: Callable[[], float]) -> None:
+        self._rows = rows
         super().__init__()
         self._send = send
         self.retry = retry
         self._clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._opened = False  # open was tried: the store has something to close
         self._stopping = False
         self._paused_until = 0.0
         self._storage_retry_at = 0.0
 
-    # -- the store's own ---------------------------------------------------------------------
-
-    def _can_store(self) -> bool:
-        raise NotImplementedError
-
-    async def _insert(self, key: str, row: KeptRow) -> bool:
-        """Store a row; False when its key is there already."""
-        raise NotImplementedError
-
-    async def _reopen(self) -> None:
-        """Make the store usable again after a failure (and store the rows kept in memory)."""
-        raise NotImplementedError
-
-    async def _deliver_due(self) -> None:
-        """Send the rows due now (through `_deliver`), until none is or the loop is paused."""
-        raise NotImplementedError
-
-    async def _wake_at(self, now: float) -> float:
-        """When a row is next due (the store works)."""
-        raise NotImplementedError
-
-    async def _mark_delivered(self, entry: Entry, detail: str) -> None:
-        raise NotImplementedError
-
-    async def _mark_wait(self, entry: Entry, at: float, detail: str) -> None:
-        """Nothing was sent: the attempt is not counted, the row is looked at again `at`."""
-        raise NotImplementedError
-
-    async def _mark_retry(self, entry: Entry, at: float, detail: str) -> None:
-        raise NotImplementedError
-
-    async def _mark_failed(self, entry: Entry, now: float, detail: str) -> list[tuple[str, str]]:
-        """Give the row up, and the pending rows waiting for it: those, as (key, kind)."""
-        raise NotImplementedError
-
-    def _describe(self, error: Exception) -> str:
-        raise NotImplementedError
+    @property
+    def path(self) -> Path | str:
+        return self._rows.path
 
     # -- the API -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._opened = True
+        self._waiting, self._failed = await self._rows.open()
+
+    async def open_or_retry_later(self) -> None:
+        """Open; when the store cannot be used now, say why and let the background task retry.
+
+        Only a store held by another process is raised (OutboxInUse): two servers delivering
+        the same rows would finish calls twice."""
+        try:
+            await self.open()
+        except OutboxInUse:
+            raise
+        except self._rows.errors as error:
+            self._storage_failed(self._rows.describe(error))
 
     def start(self) -> None:
         """Start delivering in the background (after open or open_or_retry_later)."""
         self._stopping = False
         self._task = asyncio.create_task(self._deliver_forever(), name=f"outbox {self.path}")
+
+    async def close(self) -> None:
+        # Asked to stop by a flag as well as by the cancel: a cancel that lands inside a redis-py
+        # command can be lost (seen with redis 8.1: the loop went on, and close waited for it).
+        self._stopping = True
+        self._wake.set()
+        await background.stop(self._task)
+        self._task = None
+        if self._opened:
+            if self._kept:
+                try:  # a last chance for the finishes kept in memory
+                    await self._reopen()
+                except self._rows.errors as error:
+                    self.problem = self._rows.describe(error)
+            await self._rows.close()
+            self._opened = False
+        self._lose_kept()
+
+    async def count(self, state: str) -> int:
+        return await self._rows.count(state)
+
+    async def row(self, key: str) -> dict[str, Any] | None:
+        """One row as a dict (for tests and diagnostics), or None."""
+        return await self._rows.row(key)
 
     async def add(self, key: str, params: dict[str, Any], *, kind: str = FINISH, after: str = "",
                   not_before: float | None = None) -> Added:
@@ -235,11 +303,11 @@ class DeliveryLoop(OutboxCounts):
         now = self._clock()
         first_at = now if not_before is None else not_before
         row = KeptRow(json.dumps(params, ensure_ascii=False), now, kind, after, first_at)
-        if self._can_store():
+        if self._rows.is_open:
             try:
-                added = await self._insert(key, row)
-            except self.STORAGE_ERRORS as error:  # a full disk, a broken file, Redis gone
-                self._storage_failed(self._describe(error))
+                added = await self._rows.insert(key, row, now)
+            except self._rows.errors as error:  # a full disk, a broken file, Redis gone
+                self._storage_failed(self._rows.describe(error))
             else:
                 if not added:
                     return "duplicate"
@@ -262,8 +330,8 @@ class DeliveryLoop(OutboxCounts):
                     self.problem = ""
             except asyncio.CancelledError:
                 raise
-            except self.STORAGE_ERRORS as error:
-                self._storage_failed(self._describe(error))
+            except self._rows.errors as error:
+                self._storage_failed(self._rows.describe(error))
             except Exception:
                 # A bug: keep the loop alive, and do not spin.
                 log.exception("outbox delivery failed unexpectedly; trying again in %.0f s", self.retry.first_delay)
@@ -279,18 +347,14 @@ class DeliveryLoop(OutboxCounts):
             outcome = Outcome("retry", f"internal: {type(error).__name__}")
         now = self._clock()
         verdict = judge(entry, outcome, now, self.retry)
+        followers = await self._rows.mark(entry, verdict, now)
         if verdict.action == "delivered":
-            await self._mark_delivered(entry, verdict.detail)
             self._waiting[entry.kind] -= 1
-        elif verdict.action == "wait":
-            await self._mark_wait(entry, verdict.at, verdict.detail)
         elif verdict.action == "retry":
-            await self._mark_retry(entry, verdict.at, verdict.detail)
             self._paused_until = verdict.at  # the portal is unwell: the other rows would fail alike
             log.warning("%s %s not delivered (attempt %d: %s); next attempt in %.0f s",
                         entry.kind, entry.key, entry.attempt, verdict.detail, verdict.delay)
-        else:
-            followers = await self._mark_failed(entry, now, verdict.detail)
+        elif verdict.action == "failed":
             self._count_failed(entry.key, entry.kind, verdict.detail, followers)
 
     def _count_failed(self, key: str, kind: str, detail: str, followers: list[tuple[str, str]]) -> None:
@@ -302,11 +366,30 @@ class DeliveryLoop(OutboxCounts):
             self._failed[follower_kind] += 1
             log.error("%s %s will not be delivered either: it waited for %s %s", follower_kind, follower, kind, key)
 
+    async def _deliver_due(self) -> None:
+        """The store's upkeep, then the rows due now, one at a time, until none is or the loop is paused."""
+        counts = await self._rows.tidy(self._clock())
+        if counts is not None:
+            waiting, self._failed = counts
+            if waiting is not None:
+                self._waiting = waiting
+        while self._clock() >= self._paused_until:
+            entry = await self._rows.take(self._clock(), self.retry)
+            if entry is None:
+                return
+            await self._deliver(entry)
+
+    async def _reopen(self) -> None:
+        """Make the store usable again after a failure, and store the rows kept in memory."""
+        if not self._rows.is_open:
+            await self.open()
+        await self._store_kept()
+
     async def _store_kept(self) -> None:
         """Store the rows kept in memory, oldest first; raises while the store cannot."""
         while self._kept:
             key, row = next(iter(self._kept.items()))
-            if await self._insert(key, row):
+            if await self._rows.insert(key, row, self._clock()):
                 self._waiting[row.kind] += 1
             del self._kept[key]
 
@@ -329,7 +412,7 @@ class DeliveryLoop(OutboxCounts):
         if self._stopping:
             return
         now = self._clock()
-        wake_at = self._storage_retry_at if self.problem else await self._wake_at(now)
+        wake_at = self._storage_retry_at if self.problem else await self._wake_at()
         if self.problem:  # _wake_at may have found the store broken
             wake_at = self._storage_retry_at
         if wake_at <= now:
@@ -341,3 +424,12 @@ class DeliveryLoop(OutboxCounts):
                 await self._wake.wait()
         except TimeoutError:
             pass
+
+    async def _wake_at(self) -> float:
+        """When a row is next due (not before a pause ends), or the store's upkeep is."""
+        try:
+            next_due, upkeep_at = await self._rows.due_at()
+        except self._rows.errors as error:
+            self._storage_failed(self._rows.describe(error))
+            return self._storage_retry_at
+        return min(max(self._paused_until, float("inf") if next_due is None else next_due), upkeep_at)

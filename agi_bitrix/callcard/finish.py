@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
+from agi_bitrix.agi.quoting import agi_command
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import (
     BitrixError,
@@ -39,10 +40,11 @@ from agi_bitrix.bitrix.errors import (
 )
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.dialplan import dialplan_values
+from agi_bitrix.callcard.follow_up import FOLLOW_UP, follow_up_key, follow_up_row
 from agi_bitrix.callcard.holders import CardHolders
 from agi_bitrix.callcard.identity import CALL_ID_PATTERN, USER_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.outbox import Entry, OutboxStore, Outcome
-from agi_bitrix.callcard.status import ANSWERED, outgoing_status_code, status_code
+from agi_bitrix.callcard.status import ANSWERED, MISSED, outgoing_status_code, status_code
 from agi_bitrix.config import Config
 from agi_bitrix.phones import normalize_number
 
@@ -102,12 +104,16 @@ def _epoch(text: str) -> float | None:
 
 class FinishService:
     def __init__(self, config: Config, outbox: OutboxStore | None, users: UserDirectory | None, holders: CardHolders,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 hide_cards: Callable[[str, list[str], str], None] | None = None) -> None:
+        """`hide_cards(call_id, user_ids, uniqueid)` hides a finished call's card from those who
+        still hold it but the finish's user (CardService.hide_at_finish), without waiting."""
         self.config = config
         self.outbox = outbox
         self.users = users
         self.holders = holders  # a finished call's card holders are forgotten
         self.clock = clock
+        self.hide_cards = hide_cards
 
     async def handle_finish(self, request: AgiRequest, channel: AgiChannel) -> None:
         """Store the finish and close the session: the hangup never waits for the portal."""
@@ -120,8 +126,9 @@ class FinishService:
         if not arguments.call_id:
             log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
             return
-        self.holders.forget(arguments.call_id)
+        holders = self.holders.release(arguments.call_id)
         params = self.finish_params(arguments, uniqueid)
+        self.close_cards(arguments.call_id, holders, params["USER_ID"] if params else "", uniqueid)
         if params is None:
             return
         added = await self.outbox.add(arguments.call_id, params)
@@ -133,6 +140,36 @@ class FinishService:
                      params["STATUS_CODE"])
             if self.config.callcard.finish.recording_file and params["STATUS_CODE"] == ANSWERED:
                 await self.queue_recording(arguments, uniqueid)
+            if self.config.callcard.follow_up.kind != "off" and params["STATUS_CODE"] == MISSED:
+                await self.queue_follow_up(channel, arguments, params["USER_ID"], uniqueid)
+
+    async def queue_follow_up(self, channel: AgiChannel, arguments: FinishArguments, user_id: str,
+                              uniqueid: str) -> None:
+        """A missed call from a client the CRM knows: its follow-up, as an outbox row of its own
+        sent once the finish is delivered (callcard/follow_up.py). The client is the CRM object
+        routing found, read from the caller's channel: one more round trip, only for such calls."""
+        assert self.outbox is not None
+        prefix = self.config.variable_prefix
+        reply = await channel.command(agi_command(
+            "GET FULL VARIABLE", f"${{{prefix}ENTITY_TYPE}},${{{prefix}ENTITY_ID}},${{{prefix}PHONE}}"))
+        values = [*(reply.data or "").split(",", 2), "", ""] if reply is not None and reply.ok else ["", "", ""]
+        hangup_at = arguments.hangup_at if arguments.hangup_at is not None else self.clock()
+        row = follow_up_row(self.config.callcard.follow_up, call_id=arguments.call_id, user_id=user_id,
+                            entity_type=values[0], entity_id=values[1], phone=values[2].strip(), hangup_at=hangup_at)
+        if row is None:
+            log.info("call %s: missed, but from no CRM object routing knew; no follow-up", uniqueid)
+            return
+        added = await self.outbox.add(follow_up_key(arguments.call_id), row, kind=FOLLOW_UP, after=arguments.call_id)
+        if added in ("stored", "kept"):
+            log.info("call %s: follow-up (%s) of missed call %s queued for user %s on %s %s", uniqueid, row["kind"],
+                     arguments.call_id, user_id, row["entity_type"], row["entity_id"])
+
+    def close_cards(self, call_id: str, holders: list[str], finish_user: str, uniqueid: str) -> None:
+        """A call nobody answered leaves its card open on every phone it rang: the finish closes
+        it for its own user only, so the others get a hide now (before the finish is sent)."""
+        others = [user for user in holders if user != finish_user]
+        if others and self.hide_cards is not None:
+            self.hide_cards(call_id, others, uniqueid)
 
     def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
         settings = self.config.callcard

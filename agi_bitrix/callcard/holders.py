@@ -1,7 +1,8 @@
 """Who has each call's card on screen, as this server asked the portal (callcard/cards.py).
 
 Register's SHOW adds the registered user, each ring its user; the answer keeps only the one who
-answered; finish forgets the call. Kept in memory for the life of the process (reloads keep it).
+answered; finish forgets the call and hides the card from whoever still holds it (but the finish's
+user, whose card the portal's finish closes). Kept in memory for the life of the process (reloads keep it).
 """
 
 from __future__ import annotations
@@ -41,15 +42,20 @@ class CardHolders:
     def keep_only(self, call_id: str, user_id: str) -> list[str]:
         """The call was answered by `user_id`: the others, who no longer hold it."""
         holders = self._calls.get(call_id, set())
-        others = sorted(holders - {user_id}, key=lambda uid: (len(uid), uid))
+        others = _in_order(holders - {user_id})
         holders.intersection_update({user_id})
         if call_id in self._calls:
             self._answered.add(call_id)
         return others
 
-    def forget(self, call_id: str) -> None:
-        self._calls.pop(call_id, None)
+    def release(self, call_id: str) -> list[str]:
+        """The call ended: forget it, and say who still held its card."""
         self._answered.discard(call_id)
+        return _in_order(self._calls.pop(call_id, set()))
 
     def __len__(self) -> int:
         return len(self._calls)
+
+
+def _in_order(user_ids: set[str]) -> list[str]:
+    return sorted(user_ids, key=lambda uid: (len(uid), uid))  # numeric order for numeric ids

@@ -40,20 +40,23 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, TypeVarTuple
+from typing import Any, ClassVar, Protocol, TypeVar, TypeVarTuple
 
-from agi_bitrix import background
 from agi_bitrix.callcard.delivery import (
     FINISH,
     MAX_KEPT,
     Added,
+    Counts,
     DeliveryLoop,
     Entry,
     KeptRow,
     OutboxCounts,
+    OutboxError,
+    OutboxInUse,
     Outcome,
     RetryPolicy,
     Sender,
+    Verdict,
 )
 
 # What the call card, the application and the Redis outbox import from here.
@@ -98,14 +101,6 @@ _DUE = ("state = ? AND next_attempt_at <= ? AND NOT EXISTS"
         " (SELECT 1 FROM outbox AS first WHERE first.key = outbox.after_key AND first.state = 'pending')")
 
 
-class OutboxError(Exception):
-    """The outbox cannot be opened (path, permissions, another process holds it)."""
-
-
-class OutboxInUse(OutboxError):
-    """Another process holds the outbox's lock: starting would deliver its finishes twice."""
-
-
 class OutboxStore(Protocol):
     """What the call card and the application use of an outbox: this SQLite one, or the one in
     Redis that several servers share (redis_outbox.py)."""
@@ -127,108 +122,81 @@ class OutboxStore(Protocol):
 
 
 class Outbox(DeliveryLoop):
-    STORAGE_ERRORS = (OutboxError, sqlite3.Error)
+    """The outbox in a SQLite file: the delivery loop (delivery.py) around SqliteRows."""
 
     def __init__(self, path: str | os.PathLike[str], send: Sender, retry: RetryPolicy, *,
                  clock: Callable[[], float] = time.time) -> None:
-        super().__init__(send, retry, clock)
-        self.path = Path(path)
+        super().__init__(SqliteRows(Path(path)), send, retry, clock)
+
+
+class SqliteRows:
+    """The rows in one SQLite file, behind delivery.Rows; every query runs in a thread of its own."""
+
+    errors: ClassVar[tuple[type[Exception], ...]] = (OutboxError, sqlite3.Error)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._purged_at = 0.0
         self._warned_open_to_others: set[str] = set()
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
 
-    async def open(self) -> None:
+    async def open(self) -> Counts:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
-        self._waiting, self._failed = await self._run(self._open)
+        counts = await self._run(self._open)
         log.info("outbox %s open; %s waiting for delivery", self.path,
-                 ", ".join(f"{count} {kind}(s)" for kind, count in sorted(self._waiting.items())) or "nothing")
-
-    async def open_or_retry_later(self) -> None:
-        """Open; when the file cannot be used now, say why and let the background task retry.
-
-        Only a lock held by another process is raised (OutboxInUse): two servers delivering
-        the same rows would finish calls twice."""
-        try:
-            await self.open()
-        except OutboxInUse:
-            raise
-        except OutboxError as error:
-            self._storage_failed(str(error))
+                 ", ".join(f"{count} {kind}(s)" for kind, count in sorted(counts.waiting.items())) or "nothing")
+        return counts
 
     async def close(self) -> None:
-        self._stopping = True
-        await background.stop(self._task)
-        self._task = None
         if self._executor is not None:
-            if self._kept:
-                try:  # a last chance for the finishes kept in memory
-                    await self._reopen()
-                except self.STORAGE_ERRORS as error:
-                    self.problem = self._describe(error)
             await self._run(self._close)
             self._executor.shutdown(wait=True)
             self._executor = None
-        self._lose_kept()
 
     async def count(self, state: str) -> int:
         return await self._run(self._count, state)
 
     async def row(self, key: str) -> dict[str, Any] | None:
-        """One row as a dict (for tests and diagnostics), or None."""
         return await self._run(self._row, key)
 
-    # -- the store's part of the delivery loop (delivery.py) ---------------------------------
+    async def insert(self, key: str, row: KeptRow, now: float) -> bool:
+        return await self._run(self._insert_row, key, row, now)
 
-    def _can_store(self) -> bool:
-        return self._db is not None
+    async def tidy(self, now: float) -> tuple[Counter[str] | None, Counter[str]] | None:
+        if now - self._purged_at < PURGE_EVERY:
+            return None
+        await self._run(self._purge, now)
+        self._purged_at = now
+        # Only the failed are counted again (some were purged): the loop counts what waits, and a
+        # count read here could miss a row being added meanwhile.
+        return None, await self._run(self._count_by_kind, FAILED)
 
-    async def _insert(self, key: str, row: KeptRow) -> bool:
-        return await self._run(self._insert_row, key, row)
+    async def take(self, now: float, retry: RetryPolicy) -> Entry | None:
+        return await self._run(self._take_due, now, retry)
 
-    async def _reopen(self) -> None:
-        if self._db is None:
-            await self.open()
-        await self._store_kept()
+    async def due_at(self) -> tuple[float | None, float]:
+        return await self._run(self._next_due), self._purged_at + PURGE_EVERY
 
-    async def _deliver_due(self) -> None:
-        while self._clock() >= self._paused_until:
-            now = self._clock()
-            if now - self._purged_at >= PURGE_EVERY:
-                await self._run(self._purge, now)
-                self._failed = await self._run(self._count_by_kind, FAILED)
-                self._purged_at = now
-            entry = await self._run(self._take_due, now)
-            if entry is None:
-                return
-            await self._deliver(entry)
+    async def mark(self, entry: Entry, verdict: Verdict, now: float) -> list[tuple[str, str]]:
+        if verdict.action == "delivered":
+            await self._run(self._finish_row, entry.key, DELIVERED, now, verdict.detail)
+        elif verdict.action == "wait":
+            await self._run(self._reschedule, entry.key, verdict.at, verdict.detail)
+        elif verdict.action == "retry":
+            # The row's next attempt was set when it was taken (each attempt is counted first).
+            await self._run(self._note_error, entry.key, verdict.detail)
+        else:
+            return await self._run(self._fail_row, entry.key, now, verdict.detail)
+        return []
 
-    async def _wake_at(self, now: float) -> float:
-        try:
-            next_due = await self._run(self._next_due)
-        except self.STORAGE_ERRORS as error:
-            self._storage_failed(self._describe(error))
-            return self._storage_retry_at
-        return max(self._paused_until, next_due if next_due is not None else now + PURGE_EVERY)
-
-    async def _mark_delivered(self, entry: Entry, detail: str) -> None:
-        await self._run(self._finish_row, entry.key, DELIVERED, self._clock(), detail)
-
-    async def _mark_wait(self, entry: Entry, at: float, detail: str) -> None:
-        await self._run(self._reschedule, entry.key, at, detail)
-
-    async def _mark_retry(self, entry: Entry, at: float, detail: str) -> None:
-        # The row's next attempt was set when it was taken (each attempt is counted first).
-        await self._run(self._note_error, entry.key, detail)
-
-    async def _mark_failed(self, entry: Entry, now: float, detail: str) -> list[tuple[str, str]]:
-        return await self._run(self._fail_row, entry.key, now, detail)
-
-    def _describe(self, error: Exception) -> str:
+    def describe(self, error: Exception) -> str:
         """Why the outbox cannot store finishes, in one line."""
         if isinstance(error, OutboxError):
             return str(error)
@@ -241,7 +209,7 @@ class Outbox(DeliveryLoop):
 
     # -- in the SQLite thread ----------------------------------------------------------------
 
-    def _open(self) -> tuple[Counter[str], Counter[str]]:
+    def _open(self) -> Counts:
         """Open the file, private to this user; the rows waiting and failed in it, by kind."""
         folder = self.path.parent
         try:
@@ -281,7 +249,7 @@ class Outbox(DeliveryLoop):
             self._release_lock()
             raise OutboxError(f"cannot open outbox {self.path}: {error}") from None
         self._db = db
-        return counts[PENDING], counts[FAILED]
+        return Counts(counts[PENDING], counts[FAILED])
 
     def _take_lock(self) -> int:
         """An exclusive flock on the lock file, which no other user can open (0600)."""
@@ -372,14 +340,14 @@ class Outbox(DeliveryLoop):
             raise OutboxError(f"outbox {self.path} is not open")
         return self._db
 
-    def _insert_row(self, key: str, row: KeptRow) -> bool:
+    def _insert_row(self, key: str, row: KeptRow, now: float) -> bool:
         cursor = self._connection.execute(
             "INSERT OR IGNORE INTO outbox (key, params, state, queued_at, next_attempt_at, kind, after_key)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, row.params, PENDING, row.queued_at, max(row.not_before, self._clock()), row.kind, row.after))
+            (key, row.params, PENDING, row.queued_at, max(row.not_before, now), row.kind, row.after))
         return cursor.rowcount == 1
 
-    def _take_due(self, now: float) -> Entry | None:
+    def _take_due(self, now: float, retry: RetryPolicy) -> Entry | None:
         with self._transaction():
             row = self._connection.execute(
                 f"SELECT key, params, attempts, queued_at, kind FROM outbox WHERE {_DUE}"
@@ -390,7 +358,7 @@ class Outbox(DeliveryLoop):
             # Counted before the request leaves: after a crash mid-request this row waits out
             # the backoff and is retried as an attempt whose outcome is unknown.
             self._connection.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE key = ?",
-                                     (attempt, now + self.retry.delay(attempt), row["key"]))
+                                     (attempt, now + retry.delay(attempt), row["key"]))
         return Entry(row["key"], json.loads(row["params"]), attempt, row["queued_at"], row["kind"])
 
     def _note_error(self, key: str, detail: str) -> None:

@@ -30,7 +30,7 @@ from agi_bitrix.agi.channel import AgiChannel
 from agi_bitrix.agi.protocol import AgiRequest, loggable
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.dialplan import dialplan_values
-from agi_bitrix.callcard.register import CALL_ID_PATTERN, Created, RegisterService
+from agi_bitrix.callcard.register import CALL_ID_PATTERN, Created, RegisterService, set_register_answer
 from agi_bitrix.config import Config
 from agi_bitrix.phones import dialable_number, normalize_extension
 
@@ -109,11 +109,8 @@ class OutgoingService:
         prefix = self.config.variable_prefix
         # B24_USER_ID is the caller's user: finish sends it for a call nobody answered.
         variables = {f"{prefix}CALL_ID": call_id, f"{prefix}USER_ID": user_id, f"{prefix}REGISTER_ERROR": error}
-        if self.config.callcard.outgoing.crm_create:
-            variables[f"{prefix}CRM_CREATED"] = " ".join(created.entities)
-            variables[f"{prefix}LEAD_ERROR"] = created.lead_error
-        if not await channel.set_variables(variables):
-            log.info("call %s: the channel went away before B24_CALL_ID was set", uniqueid)
+        await set_register_answer(channel, uniqueid, prefix, variables,
+                                  created if self.config.callcard.outgoing.crm_create else None)
 
     async def register_outgoing(self, request: AgiRequest, values: list[str],
                                 created: Created | None = None) -> tuple[str, str, str]:

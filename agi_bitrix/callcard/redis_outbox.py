@@ -39,10 +39,9 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from agi_bitrix import background
-from agi_bitrix.callcard.delivery import DeliveryLoop, Entry, KeptRow, RetryPolicy, Sender
+from agi_bitrix.callcard.delivery import Counts, DeliveryLoop, Entry, KeptRow, RetryPolicy, Sender, Verdict
 from agi_bitrix.callcard.outbox import (
     DELIVERED,
     DELIVERED_RETENTION,
@@ -159,13 +158,41 @@ class _Held:
 
 
 class RedisOutbox(DeliveryLoop):
-    STORAGE_ERRORS = (RedisError, OSError)
+    """The outbox in Redis: the delivery loop (delivery.py) around RedisRows."""
+
+    _rows: RedisRows
 
     def __init__(self, url: str, send: Sender, retry: RetryPolicy, *, claim_after: float = 60.0,
                  prefix: str = PREFIX, clock: Any = time.time) -> None:
+        # The counts are the cluster's, as last seen.
+        super().__init__(RedisRows(url, claim_after=claim_after, prefix=prefix), send, retry, clock)
+
+    @property
+    def problem(self) -> str:
+        """Why the outbox cannot use Redis now, "" while it can (/healthz, metrics)."""
+        return self._rows.health.problem
+
+    @problem.setter
+    def problem(self, problem: str) -> None:
+        if problem:
+            self._rows.health.failed(problem)
+        else:
+            self._rows.health.recovered()
+
+    @property
+    def _held(self) -> dict[str, _Held]:
+        """The stream entries this server holds (the tests wait for them to be released)."""
+        return self._rows.held
+
+
+class RedisRows:
+    """The rows in Redis, behind delivery.Rows: one server's view of the stream they share."""
+
+    errors: ClassVar[tuple[type[Exception], ...]] = (RedisError, OSError)
+
+    def __init__(self, url: str, *, claim_after: float, prefix: str) -> None:
         # Whether Redis takes finishes: the link's health state, as the shared state keeps it.
         self.health = LinkHealth()
-        super().__init__(send, retry, clock)  # the counts are the cluster's, as last seen
         self.url = parse_redis_url(url)  # checked by the config already, with the same parser
         self.path = self.url.redacted  # what /healthz, the admin page and the log show as the outbox
         self.claim_after = claim_after
@@ -176,25 +203,15 @@ class RedisOutbox(DeliveryLoop):
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
         self._opened_once = False
-        self._held: dict[str, _Held] = {}  # by stream entry id
+        self.held: dict[str, _Held] = {}  # by stream entry id
         self._maintained_at = float("-inf")
         self._purged_at = 0.0
 
     @property
-    def problem(self) -> str:
-        """Why the outbox cannot use Redis now, "" while it can (/healthz, metrics)."""
-        return self.health.problem
+    def is_open(self) -> bool:
+        return self._redis is not None and self.health.up
 
-    @problem.setter
-    def problem(self, problem: str) -> None:
-        if problem:
-            self.health.failed(problem)
-        else:
-            self.health.recovered()
-
-    # -- lifecycle -------------------------------------------------------------------------------
-
-    async def open(self) -> None:
+    async def open(self) -> Counts:
         if self._redis is None:
             self._redis = self.url.client(timeout=REDIS_TIMEOUT, max_connections=_CONNECTIONS, decode_responses=True)
             for name, script in (("add", _ADD), ("take", _TAKE), ("done", _DONE), ("reschedule", _RESCHEDULE),
@@ -202,35 +219,18 @@ class RedisOutbox(DeliveryLoop):
                 self._scripts[name] = self._redis.register_script(script)
         await self._ensure_group()
         self._opened_once = True
-        await self._count()
+        counts = await self._count()
         log.info("outbox %s open (consumer %s); %s waiting for delivery in it", self.path, self.consumer,
-                 ", ".join(f"{count} {kind}(s)" for kind, count in sorted(self._waiting.items()) if count)
+                 ", ".join(f"{count} {kind}(s)" for kind, count in sorted(counts.waiting.items()) if count)
                  or "nothing")
-
-    async def open_or_retry_later(self) -> None:
-        try:
-            await self.open()
-        except self.STORAGE_ERRORS as error:
-            self._storage_failed(self._describe(error))
+        return counts
 
     async def close(self) -> None:
-        # Asked to stop by a flag as well as by the cancel: a cancel that lands inside a redis-py
-        # command can be lost (seen with redis 8.1: the loop went on, and close waited for it).
-        self._stopping = True
-        self._wake.set()
-        await background.stop(self._task)
-        self._task = None
+        # What this server holds stays in its pending list: another server (or this one,
+        # restarted) takes it over after claim_after. Nothing is lost by stopping.
         if self._redis is not None:
-            if self._kept:
-                try:  # a last chance for the finishes kept in memory
-                    await self._store_kept()
-                except self.STORAGE_ERRORS as error:
-                    self.problem = self._describe(error)
-            # What this server holds stays in its pending list: another server (or this one,
-            # restarted) takes it over after claim_after. Nothing is lost by stopping.
             await self._redis.aclose()
             self._redis = None
-        self._lose_kept()
 
     async def count(self, state: str) -> int:
         redis = self._connection()
@@ -245,61 +245,46 @@ class RedisOutbox(DeliveryLoop):
         found["attempts"] = int(found["attempts"])
         return found
 
-    # -- the store's part of the delivery loop (delivery.py) -----------------------------------
-
-    def _can_store(self) -> bool:
-        return self._redis is not None and not self.problem
-
-    async def _insert(self, key: str, row: KeptRow) -> bool:
+    async def insert(self, key: str, row: KeptRow, now: float) -> bool:
         added = int(await self._scripts["add"](args=[
             self._prefix, key, row.params, row.kind, row.after, repr(row.queued_at),
-            repr(max(row.not_before, self._clock())), GROUP]))
+            repr(max(row.not_before, now)), GROUP]))
         if added & 2:
             self._group_made()
         return bool(added & 1)
 
-    async def _reopen(self) -> None:
-        await self.open()
-        await self._store_kept()
+    async def take(self, now: float, retry: RetryPolicy) -> Entry | None:
+        due = sorted((held.due_at, entry_id) for entry_id, held in self.held.items() if held.due_at <= now)
+        for _, entry_id in due:
+            entry = await self._attempt(entry_id, now, retry)
+            if entry is not None:
+                return entry
+        return None
 
-    async def _deliver_due(self) -> None:
-        await self._maintain()
-        while self._clock() >= self._paused_until:
-            now = self._clock()
-            due = sorted((held.due_at, entry_id) for entry_id, held in self._held.items() if held.due_at <= now)
-            if not due:
-                return
-            for _, entry_id in due:
-                if self._clock() < self._paused_until:
-                    return
-                await self._attempt(entry_id)
+    async def due_at(self) -> tuple[float | None, float]:
+        next_due = min((held.due_at for held in self.held.values()), default=None)
+        return next_due, self._maintained_at + self.claim_after / 3
 
-    async def _wake_at(self, now: float) -> float:
-        next_due = min((held.due_at for held in self._held.values()), default=float("inf"))
-        return min(max(self._paused_until, next_due), self._maintained_at + self.claim_after / 3)
+    async def mark(self, entry: Entry, verdict: Verdict, now: float) -> list[tuple[str, str]]:
+        if verdict.action == "delivered":
+            await self._done(entry, DELIVERED, now, verdict.detail)
+            await self._release(entry.key)
+            for follower in self.held.values():  # its recording, if we hold it, may go now
+                if follower.after == entry.key:
+                    follower.due_at = now
+        elif verdict.action == "wait":
+            await self._scripts["reschedule"](args=[self._prefix, entry.key, repr(verdict.at), verdict.detail])
+            self._due(entry.key, verdict.at)
+        elif verdict.action == "retry":
+            await self._connection().hset(self._key(f"row:{entry.key}"), "last_error", verdict.detail)
+            self._due(entry.key, verdict.at)
+        else:
+            followers = await self._done(entry, FAILED, now, verdict.detail)
+            await self._release(entry.key)
+            return followers
+        return []
 
-    async def _mark_delivered(self, entry: Entry, detail: str) -> None:
-        now = self._clock()
-        await self._done(entry, DELIVERED, now, detail)
-        await self._release(entry.key)
-        for follower in self._held.values():  # its recording, if we hold it, may go now
-            if follower.after == entry.key:
-                follower.due_at = now
-
-    async def _mark_wait(self, entry: Entry, at: float, detail: str) -> None:
-        await self._scripts["reschedule"](args=[self._prefix, entry.key, repr(at), detail])
-        self._due(entry.key, at)
-
-    async def _mark_retry(self, entry: Entry, at: float, detail: str) -> None:
-        await self._connection().hset(self._key(f"row:{entry.key}"), "last_error", detail)
-        self._due(entry.key, at)
-
-    async def _mark_failed(self, entry: Entry, now: float, detail: str) -> list[tuple[str, str]]:
-        followers = await self._done(entry, FAILED, now, detail)
-        await self._release(entry.key)
-        return followers
-
-    def _describe(self, error: Exception) -> str:
+    def describe(self, error: Exception) -> str:
         return f"cannot use outbox {self.path}: {self.url.describe(error)}"
 
     # -- the stream -------------------------------------------------------------------------------
@@ -315,12 +300,11 @@ class RedisOutbox(DeliveryLoop):
         log.error("outbox %s: Redis had lost the outbox's stream (it restarted empty, was flushed or replaced);"
                   " made it again and goes on with the finishes added from now on. What was stored before is"
                   " lost: keep Redis's data with AOF (docs/call-card.md)", self.path)
-        self._held.clear()  # their entries went with the stream
+        self.held.clear()  # their entries went with the stream
         self._maintained_at = float("-inf")
 
-    async def _maintain(self) -> None:
+    async def tidy(self, now: float) -> Counts:
         """New entries; and every third of claim_after: keep ours, take over those of stopped servers."""
-        now = self._clock()
         redis = self._connection()
         stream = self._key("stream")
         await self._ensure_group()
@@ -335,24 +319,24 @@ class RedisOutbox(DeliveryLoop):
             answer = await redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=_READ_BATCH)
             entries = answer[0][1] if answer else []
             for entry_id, fields in entries:
-                self._held[entry_id] = _Held(fields.get("key", ""))
+                self.held[entry_id] = _Held(fields.get("key", ""))
             if len(entries) < _READ_BATCH:
                 break
-        await self._count()
+        return await self._count()
 
     async def _keep_held(self, redis: Any, stream: str) -> None:
         """Reset the idle time of the entries still ours; forget those another server took over."""
         pending = await redis.xpending_range(stream, GROUP, min="-", max="+", count=100_000,
                                              consumername=self.consumer)
         ours = {item["message_id"] for item in pending}
-        for entry_id in [entry_id for entry_id in self._held if entry_id not in ours]:
-            log.warning("outbox entry %s (%s) was taken over by another server", entry_id, self._held[entry_id].key)
-            del self._held[entry_id]
+        for entry_id in [entry_id for entry_id in self.held if entry_id not in ours]:
+            log.warning("outbox entry %s (%s) was taken over by another server", entry_id, self.held[entry_id].key)
+            del self.held[entry_id]
         if ours:
             await redis.xclaim(stream, GROUP, self.consumer, 0, list(ours), justid=True)
-        for entry_id in ours - self._held.keys():  # read, but the answer was lost (a timeout)
+        for entry_id in ours - self.held.keys():  # read, but the answer was lost (a timeout)
             for found_id, fields in await redis.xrange(stream, entry_id, entry_id):
-                self._held[found_id] = _Held(fields["key"])
+                self.held[found_id] = _Held(fields["key"])
 
     async def _take_over(self, redis: Any, stream: str) -> None:
         """Entries idle past claim_after: their server stopped (or lost Redis) with them."""
@@ -365,7 +349,7 @@ class RedisOutbox(DeliveryLoop):
                 if fields is None:  # deleted from the stream meanwhile
                     continue
                 log.warning("outbox entry %s (%s) taken over from a server that stopped", entry_id, fields.get("key"))
-                self._held[entry_id] = _Held(fields.get("key", ""))
+                self.held[entry_id] = _Held(fields.get("key", ""))
             if start == "0-0":
                 break
         for consumer in await redis.xinfo_consumers(stream, GROUP):
@@ -373,26 +357,24 @@ class RedisOutbox(DeliveryLoop):
                     and consumer["idle"] > FORGET_CONSUMER_AFTER * 1000):
                 await redis.xgroup_delconsumer(stream, GROUP, consumer["name"])
 
-    async def _attempt(self, entry_id: str) -> None:
-        held = self._held.get(entry_id)
+    async def _attempt(self, entry_id: str, now: float, retry: RetryPolicy) -> Entry | None:
+        """The row of a held entry, taken, when it is due and not waiting for another row."""
+        held = self.held.get(entry_id)
         if held is None:
-            return
-        retry = self.retry
-        now = self._clock()
+            return None
         answer = await self._scripts["take"](args=[self._prefix, held.key, repr(now), retry.first_delay,
                                                    retry.max_delay])
         if answer[0] == "gone":  # delivered or given up (by whoever held it before), or expired
             await self._release_entry(entry_id)
-            return
+            return None
         if answer[0] == "later":
             held.due_at = float(answer[1])
-            return
+            return None
         if answer[0] == "blocked":  # the row it waits for is pending, maybe on another server
             held.due_at = now + retry.first_delay
-            return
+            return None
         _, params, attempt, queued_at, kind, held.after = answer
-        entry = Entry(held.key, json.loads(params), int(attempt), float(queued_at), kind)
-        await self._deliver(entry)
+        return Entry(held.key, json.loads(params), int(attempt), float(queued_at), kind)
 
     async def _done(self, entry: Entry, state: str, now: float, detail: str) -> list[tuple[str, str]]:
         retention = DELIVERED_RETENTION if state == DELIVERED else FAILED_RETENTION
@@ -403,10 +385,10 @@ class RedisOutbox(DeliveryLoop):
 
     def _entry_id(self, key: str) -> str | None:
         """The stream entry this server holds for a row's key (the one just attempted)."""
-        return next((entry_id for entry_id, held in self._held.items() if held.key == key), None)
+        return next((entry_id for entry_id, held in self.held.items() if held.key == key), None)
 
     def _due(self, key: str, at: float) -> None:
-        held = self._held.get(self._entry_id(key) or "")
+        held = self.held.get(self._entry_id(key) or "")
         if held is not None:
             held.due_at = at
 
@@ -423,7 +405,7 @@ class RedisOutbox(DeliveryLoop):
             pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
-        self._held.pop(entry_id, None)
+        self.held.pop(entry_id, None)
 
     # -- Redis ---------------------------------------------------------------------------------
 
@@ -435,7 +417,7 @@ class RedisOutbox(DeliveryLoop):
             raise RedisError(f"outbox {self.path} is not open")
         return self._redis
 
-    async def _count(self) -> None:
+    async def _count(self) -> Counts:
         redis = self._connection()
         kinds = sorted(await redis.smembers(self._key("kinds")))
         async with redis.pipeline(transaction=False) as pipe:
@@ -443,8 +425,8 @@ class RedisOutbox(DeliveryLoop):
                 pipe.zcard(self._key(f"{PENDING}:{kind}"))
                 pipe.zcard(self._key(f"{FAILED}:{kind}"))
             counts = await pipe.execute()
-        self._waiting = Counter(dict(zip(kinds, counts[::2], strict=True)))
-        self._failed = Counter(dict(zip(kinds, counts[1::2], strict=True)))
+        return Counts(Counter(dict(zip(kinds, counts[::2], strict=True))),
+                      Counter(dict(zip(kinds, counts[1::2], strict=True))))
 
     async def _purge(self, redis: Any, now: float) -> None:
         """The rows themselves expire; their names leave the sorted sets here."""

@@ -94,12 +94,8 @@ class RegisterService:
             call_id, error = "", "internal"
         prefix = self.config.variable_prefix
         variables = {f"{prefix}CALL_ID": call_id, f"{prefix}REGISTER_ERROR": error}
-        if self.config.callcard.register.crm_create:
-            # What CRM_CREATE did, so a lead the portal could not create is not silent.
-            variables[f"{prefix}CRM_CREATED"] = " ".join(created.entities)
-            variables[f"{prefix}LEAD_ERROR"] = created.lead_error
-        if not await channel.set_variables(variables):
-            log.info("call %s: the channel went away before B24_CALL_ID was set", uniqueid)
+        await set_register_answer(channel, uniqueid, prefix, variables,
+                                  created if self.config.callcard.register.crm_create else None)
 
     async def register(self, request: AgiRequest, values: list[str],
                        created: Created | None = None) -> tuple[str, str]:
@@ -196,6 +192,17 @@ class Created:
 
     entities: list[str] = field(default_factory=list)
     lead_error: str = ""
+
+
+async def set_register_answer(channel: AgiChannel, uniqueid: str, prefix: str, variables: dict[str, str],
+                              created: Created | None) -> None:
+    """Set a register's answer on the channel (incoming or outgoing): `variables`, and what
+    CRM_CREATE did when it was asked (`created`), so a lead the portal could not create is not silent."""
+    if created is not None:
+        variables = {**variables, f"{prefix}CRM_CREATED": " ".join(created.entities),
+                     f"{prefix}LEAD_ERROR": created.lead_error}
+    if not await channel.set_variables(variables):
+        log.info("call %s: the channel went away before B24_CALL_ID was set", uniqueid)
 
 
 def created_in_crm(result: dict[str, Any]) -> Created:

@@ -114,8 +114,10 @@ class FakeCallResult:
     commands: list[str] = field(default_factory=list)
 
 
-async def fake_call(host: str, port: int, *, timeout: float = 10.0, **header) -> FakeCallResult:
-    """Run one FastAGI session like Asterisk would; returns the variables the server set."""
+async def fake_call(host: str, port: int, *, timeout: float = 10.0, full_variable: str | None = None,
+                    **header) -> FakeCallResult:
+    """Run one FastAGI session like Asterisk would; returns the variables the server set.
+    `full_variable`: what GET FULL VARIABLE evaluates to (else "200 result=0", nothing set)."""
     result = FakeCallResult()
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -130,6 +132,10 @@ async def fake_call(host: str, port: int, *, timeout: float = 10.0, **header) ->
                     result.variables.update(mset_pairs(words[2]))
                 elif len(words) >= 4 and [w.upper() for w in words[:2]] == ["SET", "VARIABLE"]:
                     result.variables[words[2]] = words[3]
+                elif full_variable is not None and [w.upper() for w in words[:3]] == ["GET", "FULL", "VARIABLE"]:
+                    writer.write(f"200 result=1 ({full_variable})\n".encode())
+                    await writer.drain()
+                    continue
                 writer.write(b"200 result=0\n")
                 await writer.drain()
     finally:

@@ -180,22 +180,9 @@ enabled = yes
 bindaddr = 127.0.0.1
 port = {self.ami_port}
 channelvars = TEST_CALL_ID
-
-[{self.ami_username}]
-secret = {self.ami_secret}
-deny = 0.0.0.0/0.0.0.0
-permit = 127.0.0.1/255.255.255.255
-read = all
-write = all
-
-[{self.ami_originate_username}]
-secret = {self.ami_originate_secret}
-deny = 0.0.0.0/0.0.0.0
-permit = 127.0.0.1/255.255.255.255
-read = call
-write = originate
-displayconnects = no
-""",
+""" + _manager_user(self.ami_username, self.ami_secret, read="all", write="all")
+                + _manager_user(self.ami_originate_username, self.ami_originate_secret, read="call",
+                                write="originate", extra="displayconnects = no\n"),
             "extensions.conf": extensions,
             # Asterisk 20's app_queue declines to load without a [general] section.
             "queues.conf": queues or "[general]\n",
@@ -275,3 +262,9 @@ displayconnects = no
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 text += f"--- {name} ---\n" + "\n".join(tail) + "\n"
         return text
+
+
+def _manager_user(name: str, secret: str, *, read: str, write: str, extra: str = "") -> str:
+    """One [user] of manager.conf, reachable from this host only."""
+    return (f"\n[{name}]\nsecret = {secret}\ndeny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.1/255.255.255.255\n"
+            f"read = {read}\nwrite = {write}\n{extra}")

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from agi_bitrix.testing.portal_lines import LINE_METHODS, ExternalLines
 from agi_bitrix.testing.portal_wire import ErrorAnswer
@@ -31,6 +31,9 @@ ATTACH_RECORD_METHOD = "telephony.externalcall.attachrecord"
 SHOW_METHOD = "telephony.externalcall.show"
 HIDE_METHOD = "telephony.externalcall.hide"
 USER_GET_METHOD = "user.get"
+SCOPE_METHOD = "scope"
+TODO_ADD_METHOD = "crm.activity.todo.add"
+NOTIFY_METHOD = "im.notify.personal.add"
 # api-reference/telephony/telephony-external-call-attach-record.md: FILENAME's extensions.
 RECORD_EXTENSIONS = (".wav", ".mp3")
 
@@ -92,6 +95,12 @@ class PortalModel:
         # When set, register's CRM_CREATE makes no lead and answers LEAD_CREATION_ERROR with this
         # text, as a portal whose CRM refuses the lead does (leads switched off, a required field).
         self.lead_creation_error = ""
+        # What the `scope` method answers: the scopes the webhook or application was given.
+        self.scopes = ["crm", "telephony", "user"]
+        # What crm.activity.todo.add and im.notify.personal.add were given, in order.
+        self.todos: list[dict[str, Any]] = []
+        self.notifications: list[dict[str, Any]] = []
+        self._activity_ids = itertools.count(500)
         self.external_lines = ExternalLines()  # telephony.externalLine.* (portal_lines)
         for phone, entities in (crm or {}).items():
             self.set_client(phone, entities)
@@ -116,6 +125,9 @@ class PortalModel:
             SHOW_METHOD: self._show,
             HIDE_METHOD: self._hide,
             USER_GET_METHOD: self._user_get,
+            SCOPE_METHOD: self._scope,
+            TODO_ADD_METHOD: self._todo_add,
+            NOTIFY_METHOD: self._notify,
         }.get(method)
         if handler is None:
             raise ErrorAnswer(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
@@ -174,8 +186,11 @@ class PortalModel:
         call = self.calls.get(str(params.get("CALL_ID", "")))
         if call is None or call.finish_params is not None:
             raise ErrorAnswer(400, "", "Call is not found (call should be registered prior to finishing)")
-        self._resolve_user(params)
+        user_id = self._resolve_user(params)
         call.finish_params = dict(params)
+        # voximplant's Rest\Helper::finishExternalCall hides the card from the finish's user, and
+        # from nobody else: the others' cards stay open until a hide.
+        call.card_shown_to.discard(user_id)
         duration = _int_or_zero(params.get("DURATION"))
         status_code = str(params.get("STATUS_CODE") or ("200" if duration > 0 else "304"))
         return {
@@ -230,24 +245,49 @@ class PortalModel:
         """api-reference/telephony/telephony-external-call-show.md: USER_ID one id or a list, by
         default the user the call was registered for; `true`, or `false` for a call it does not
         have (an unknown CALL_ID, or one already finished: finish ends the call)."""
-        call = self._open_call(params)
-        if call is None:
-            return {"result": False}
-        users = _user_ids(params.get("USER_ID")) or (call.user_id,)
-        call.card_shown_to.update(users)
-        call.card_requests.append(("show", users))
-        return {"result": True}
+        return self._card(params, "show")
 
     def _hide(self, params: dict[str, Any]) -> dict[str, Any]:
         """api-reference/telephony/telephony-external-call-hide.md: USER_ID as for show; no
         error codes of its own, `false` when the CALL_ID is not found."""
+        return self._card(params, "hide")
+
+    def _card(self, params: dict[str, Any], action: Literal["show", "hide"]) -> dict[str, Any]:
         call = self._open_call(params)
         if call is None:
             return {"result": False}
         users = _user_ids(params.get("USER_ID")) or (call.user_id,)
-        call.card_shown_to.difference_update(users)
-        call.card_requests.append(("hide", users))
+        if action == "show":
+            call.card_shown_to.update(users)
+        else:
+            call.card_shown_to.difference_update(users)
+        call.card_requests.append((action, users))
         return {"result": True}
+
+    def _scope(self, params: dict[str, Any]) -> dict[str, Any]:
+        """dev.1c-bitrix.ru/rest_help/general/scope.php (api-reference/common/scope.md): without
+        parameters, the scopes this application or webhook has, as a list of names."""
+        return {"result": list(self.scopes)}
+
+    def _todo_add(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/crm/timeline/activities/todo/crm-activity-todo-add.md (dev.1c-bitrix.ru
+        rest_help/crm/rest_activity/todo/crm_activity_todo_add.php): ownerTypeId, ownerId and
+        deadline are required; title, description, responsibleId optional. Answers {"id": N}."""
+        for name in ("ownerTypeId", "ownerId", "deadline"):
+            if _php_empty(params.get(name)):
+                raise ErrorAnswer(400, "ERROR_CORE", f"Required parameter {name} is not set")
+        self.todos.append(dict(params))
+        return {"result": {"id": next(self._activity_ids)}}
+
+    def _notify(self, params: dict[str, Any]) -> dict[str, Any]:
+        """api-reference/chats/notifications/im-notify-personal-add.md: USER_ID and MESSAGE
+        required; answers the notification's id."""
+        if _php_empty(params.get("USER_ID")):
+            raise ErrorAnswer(400, "USER_ID_EMPTY", "Recipient user ID not specified")
+        if _php_empty(params.get("MESSAGE")):
+            raise ErrorAnswer(400, "MESSAGE_EMPTY", "Message text not specified")
+        self.notifications.append(dict(params))
+        return {"result": len(self.notifications)}
 
     def _open_call(self, params: Mapping[str, Any]) -> RegisteredCall | None:
         call = self.calls.get(str(params.get("CALL_ID", "")))

@@ -89,21 +89,14 @@ SAMPLE_CRM: dict[str, list[dict[str, Any]]] = {
 }
 
 # What user.get knows beyond the search answer: names and whether the account is active.
+_STAFF = ["Анна Смирнова", "Игорь Петров", "Ольга Кузнецова", "Дмитрий Волков", "Елена Морозова",
+          "Сергей Соколов", "Мария Лебедева", "Павел Новиков", "Наталья Козлова", "Артём Зайцев",
+          "Виктор Павлов", "Юлия Васильева", "Андрей Михайлов", "Роман Фёдоров"]
+_FIRED = {"13"}  # Andrey: the portal still names him as an owner, his account is deactivated
 SAMPLE_USERS: dict[str, dict[str, Any]] = {
-    "1": {"NAME": "Анна", "LAST_NAME": "Смирнова"},
-    "2": {"NAME": "Игорь", "LAST_NAME": "Петров"},
-    "3": {"NAME": "Ольга", "LAST_NAME": "Кузнецова"},
-    "4": {"NAME": "Дмитрий", "LAST_NAME": "Волков"},
-    "5": {"NAME": "Елена", "LAST_NAME": "Морозова"},
-    "6": {"NAME": "Сергей", "LAST_NAME": "Соколов"},
-    "7": {"NAME": "Мария", "LAST_NAME": "Лебедева"},
-    "8": {"NAME": "Павел", "LAST_NAME": "Новиков"},
-    "9": {"NAME": "Наталья", "LAST_NAME": "Козлова"},
-    "10": {"NAME": "Артём", "LAST_NAME": "Зайцев"},
-    "11": {"NAME": "Виктор", "LAST_NAME": "Павлов"},
-    "12": {"NAME": "Юлия", "LAST_NAME": "Васильева"},
-    "13": {"NAME": "Андрей", "LAST_NAME": "Михайлов", "ACTIVE": False},
-    "14": {"NAME": "Роман", "LAST_NAME": "Фёдоров"},
+    str(number): {"NAME": name.split()[0], "LAST_NAME": name.split()[1]} | (
+        {"ACTIVE": False} if str(number) in _FIRED else {})
+    for number, name in enumerate(_STAFF, start=1)
 }
 
 
@@ -140,8 +133,8 @@ SAMPLE_CALLS: list[SampleCall] = [
                "Viktor's mobile hides a newline and an EXEC command: refused as not dialable."),
     SampleCall("79163332211", "mobile", "79057654321",
                "Yulia forgot to close her day (EXPIRED): her mobile '8 905 765-43-21' is dialled."),
-    SampleCall("74991112233", "mobile", "79268889900",
-               "Andrey was fired, but the portal still names him owner: his mobile is dialled."),
+    SampleCall("74991112233", "queue", "support",
+               "Andrey was fired, but the portal still names him owner: skipped, the queue takes the call."),
     SampleCall("79164445566", "queue", "support",
                "Roman's day is closed and his mobile is '112': an emergency number is never dialled."),
     SampleCall("79990001122", "queue", "support", "Not in the CRM: the queue takes the call."),

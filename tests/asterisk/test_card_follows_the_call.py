@@ -8,6 +8,7 @@ import time
 
 import pytest
 import pytest_asyncio
+import yaml
 
 from agi_bitrix.routing.variables import display_name
 from agi_bitrix.testing.ami_calls import event_name_of
@@ -17,6 +18,8 @@ from tests.conftest import until
 from .crm import crm_object, fresh_phone
 from .sample_calls import WAIT, sample_call
 from .test_callcard import (
+    DEFAULT_USER,
+    CallCardServer,
     callcard_call,
     finished,
     registered_call,
@@ -28,6 +31,7 @@ pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), p
 
 SHOW = "telephony.externalcall.show"
 HIDE = "telephony.externalcall.hide"
+FINISH = "telephony.externalcall.finish"
 MEMBERS = {"301": 301, "302": 302, "303": 303}  # extension: Bitrix24 user id
 
 
@@ -116,6 +120,95 @@ async def test_a_hung_portal_does_not_hold_the_members_ring(calls, portal, card_
         portal.reset_faults()
     # Three pre-dial AGI sessions, each waiting for nothing but the server's reply.
     assert ringing_after < 1.0, ringing_after
+
+
+def methods_in_order(portal, call_id):
+    """Each request about this call, as (method, USER_ID as a set), in the order the portal got them."""
+    found = []
+    for request in portal.requests:
+        if request.params.get("CALL_ID") == call_id:
+            users = request.params.get("USER_ID")
+            found.append((request.method, frozenset(users.values()) if isinstance(users, dict) else frozenset([users])))
+    return found
+
+
+async def test_a_queue_call_the_caller_abandons_is_hidden_from_every_member(
+        calls, portal, card_server, three_member_queue):
+    """Three members ring, nobody answers, the caller hangs up after 3 s: the finish goes to the
+    owner (whose card it closes) and one hide, before it, closes the three members' cards."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(309, "PAUSED", extension="309")])
+
+    call = callcard_call(calls, card_server, phone)
+    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+    for extension in MEMBERS:
+        await calls.wait_for(call, "AgiBitrixTestRing", WAIT, Number=extension)
+    await asyncio.sleep(3)
+    await calls.hangup(joined["Channel"])
+    card = await finished(portal, phone)
+
+    assert (card.finish_params["USER_ID"], card.finish_params["STATUS_CODE"]) == ("309", "304")
+    requests = methods_in_order(portal, card.call_id)
+    assert sorted(requests[:3], key=lambda request: sorted(request[1])) == [
+        (SHOW, {"301"}), (SHOW, {"302"}), (SHOW, {"303"})]
+    assert requests[3:] == [(HIDE, {"301", "302", "303"}), (FINISH, {"309"})]
+    assert card.card_shown_to == set()
+
+
+async def test_a_slow_portal_shows_the_queues_three_cards_together(calls, portal, card_server, three_member_queue):
+    """Each show takes 1.5 s to answer: the three members' shows still reach the portal together,
+    not one after the other's answer."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(310, "PAUSED", extension="310")])
+    portal.fail("slow", method=SHOW, delay=1.5)
+    try:
+        call = callcard_call(calls, card_server, phone)
+        joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+        call_id = registered_call(portal, phone).call_id
+        await until(lambda: len(card_requests(portal, SHOW, call_id)) == 3, WAIT, interval=0.05)
+        await calls.hangup(joined["Channel"])
+    finally:
+        portal.reset_faults()
+    arrived = [request.at for request in portal.requests_for(SHOW) if request.params.get("CALL_ID") == call_id]
+    assert max(arrived) - min(arrived) < 1.0, arrived
+
+
+@pytest.fixture(scope="module")
+def follow_up_server(portal, tmp_path_factory):
+    """The card server's config with callcard.follow_up: a to-do for each missed call of a client."""
+    portal.set_client(fresh_phone(), [crm_object(int(DEFAULT_USER), "OPENED", extension="190")])
+    server = CallCardServer(portal.webhook_url, tmp_path_factory.mktemp("follow-up"))
+    config = yaml.safe_load(server.config_path.read_text())
+    config["callcard"]["follow_up"] = {"kind": "todo", "deadline": 3600}
+    server.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_missed_call_from_a_known_client_leaves_one_todo_on_its_crm_object(
+        calls, portal, follow_up_server, three_member_queue):
+    """The hangup handler reads the CRM object routing found off the caller's channel; the to-do
+    goes to the portal after the finish, once."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(311, "PAUSED", entity_type="COMPANY", entity_id=3110, extension="311")])
+    todos = len(portal.todos)
+
+    call = callcard_call(calls, follow_up_server, phone)
+    joined = await calls.wait_for(call, "QueueCallerJoin", WAIT)
+    await calls.hangup(joined["Channel"])
+    card = await finished(portal, phone)
+    await until(lambda: len(portal.todos) > todos, WAIT, interval=0.05)
+    await asyncio.sleep(0.5)  # time for a second one, if there were going to be one
+
+    assert (card.finish_params["USER_ID"], card.finish_params["STATUS_CODE"]) == ("311", "304")
+    todo = portal.todos[todos:]
+    assert [(t["ownerTypeId"], t["ownerId"], t["responsibleId"], t["title"]) for t in todo] == [
+        ("4", "3110", "311", f"Missed call from {phone}")]
+    finish_at = portal.requests_for(FINISH)[-1].at
+    assert [r.at for r in portal.requests_for("crm.activity.todo.add")][-1] >= finish_at
 
 
 async def test_no_card_hook_runs_with_the_call_card_off(calls, portal, server, three_member_queue):
