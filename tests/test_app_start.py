@@ -16,9 +16,11 @@ import textwrap
 import pytest
 
 from agi_bitrix.app import Application
+from agi_bitrix.bitrix.lines import LineSync
 from agi_bitrix.bitrix.shared import RedisLink
 from agi_bitrix.bitrix.users import UserDirectory
 from agi_bitrix.callcard.outbox import OutboxInUse
+from agi_bitrix.clicktocall_service import ClickToCallService
 from agi_bitrix.config import parse_config
 from agi_bitrix.http_listener import HttpListener
 from tests.network import free_port
@@ -39,8 +41,9 @@ class Ports:
 
 
 def every_part(tmp_path, ports):
-    """A config with every long-lived part: outbox, Redis link (to a closed port: it keeps
-    retrying in the background), user directory, HTTP listener and the AGI listener."""
+    """A config with every long-lived part: outbox, Redis link and AMI client (to closed ports:
+    they keep retrying in the background), user directory, external lines, click-to-call, the
+    HTTP listener and the AGI listener."""
     return parse_config(textwrap.dedent(f"""\
         server: {{listen: "127.0.0.1:{ports.agi}"}}
         bitrix: {{webhook_url: "http://127.0.0.1:{free_port()}/rest/1/code/"}}
@@ -48,8 +51,11 @@ def every_part(tmp_path, ports):
         callcard: {{outbox: {tmp_path / "outbox.sqlite3"}}}
         users: {{refresh: 600}}
         redis: {{url: "redis://127.0.0.1:{free_port()}/0"}}
+        ami: {{username: agi-bitrix, port: {free_port()}}}
+        clicktocall: {{}}
+        lines: [{{did: "+7 495 111-22-33", name: Sales}}]
         routing: {{fallback_queue: support}}
-        """), str(tmp_path / "agi-bitrix.yaml"))
+        """), str(tmp_path / "agi-bitrix.yaml"), {"AGI_BITRIX_AMI_SECRET": "a-secret-of-sixteen+"})
 
 
 def assert_nothing_left(app, tmp_path, ports):
@@ -82,7 +88,7 @@ def fail_after(monkeypatch, cls, name):
     monkeypatch.setattr(cls, name, failing)
 
 
-@pytest.mark.parametrize("step", [RedisLink, UserDirectory, HttpListener])
+@pytest.mark.parametrize("step", [RedisLink, HttpListener, UserDirectory, LineSync, ClickToCallService])
 async def test_a_part_that_fails_to_start_closes_everything_opened_before_it(tmp_path, monkeypatch, step):
     ports = Ports()
     fail_after(monkeypatch, step, "start")
