@@ -113,8 +113,9 @@ class FinishService:
         if not arguments.call_id:
             log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
             return
+        handed_to = self.holders.handed_to(arguments.call_id)  # a transfer's user (callcard/transfers.py)
         self.holders.forget(arguments.call_id)
-        params = self.finish_params(arguments, uniqueid)
+        params = self.finish_params(arguments, uniqueid, handed_to)
         if params is None:
             return
         added = await self.outbox.add(arguments.call_id, params)
@@ -127,14 +128,16 @@ class FinishService:
             if self.config.callcard.finish.recording_file and params["STATUS_CODE"] == ANSWERED:
                 await self.queue_recording(arguments, uniqueid)
 
-    def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
+    def finish_params(self, arguments: FinishArguments, uniqueid: str, handed_to: str = "") -> dict[str, Any] | None:
+        """`handed_to`: the user the last transfer gave the answered call to; named instead of who
+        answered first, with the talk time still counted from that first answer."""
         settings = self.config.callcard
         answered = arguments.answered_at is not None or arguments.dialstatus == "ANSWER"
         duration = 0
         if arguments.answered_at is not None:
             hangup_at = arguments.hangup_at if arguments.hangup_at is not None else self.clock()
             duration = max(0, round(hangup_at - arguments.answered_at))
-        user_id = self.taken_by(arguments) if answered else ""
+        user_id = (handed_to or self.taken_by(arguments)) if answered else ""
         user_id = user_id or arguments.owner or responsible_user(settings.register, arguments.did)
         if not user_id:
             log.warning("call %s: finish %s has no user (no owner, no responsible, no default_user); not sent",
