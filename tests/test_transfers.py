@@ -118,30 +118,40 @@ def answered_call(holders, call_id="externalCall.1"):
 def test_the_listener_shows_the_target_hides_the_transferer_and_notes_who_talks():
     holders, cards = CardHolders(), FakeCards()
     call_id = answered_call(holders)
-    TransferFollower(holders, FakeUsers(), cards)(blind_event("102"))
+    TransferFollower(holders, FakeUsers(), lambda: cards)(blind_event("102"))
     assert cards.sent == [(SHOW, call_id, ["2"]), (HIDE, call_id, ["1"])]
     assert holders.holders_of(call_id) == {"2"} and holders.handed_to(call_id) == "2"
 
 
-@pytest.mark.parametrize("number", ["79162220202", "74951112233", "999"])
+@pytest.mark.parametrize("number", ["79162220202", "74951112233", "999",
+                                    "102\r\nEvent: Hangup", "102@evil", "1" * 200])
 def test_the_listener_leaves_a_transfer_to_a_mobile_an_external_or_unknown_number_alone(number):
     holders, cards = CardHolders(), FakeCards()
     call_id = answered_call(holders)
-    TransferFollower(holders, FakeUsers(), cards)(blind_event(number))
+    TransferFollower(holders, FakeUsers(), lambda: cards)(blind_event(number))
     assert cards.sent == [] and holders.holders_of(call_id) == {"1"} and holders.handed_to(call_id) == ""
 
 
 def test_the_listener_ignores_calls_it_did_not_register():
     holders, cards = CardHolders(), FakeCards()
     answered_call(holders)
-    TransferFollower(holders, FakeUsers(), cards)(blind_event("102", linkedid="1700000099.7"))
+    TransferFollower(holders, FakeUsers(), lambda: cards)(blind_event("102", linkedid="1700000099.7"))
     assert cards.sent == []
+
+
+def test_what_is_kept_for_transfers_is_bounded_like_the_calls():
+    holders = CardHolders(max_calls=2)
+    for number in range(3):
+        holders.link(f"externalCall.{number}", f"1700000000.{number}")
+        holders.hand_over(f"externalCall.{number}", "2")
+    assert holders.call_of("1700000000.0") is None and holders.handed_to("externalCall.0") == ""
+    assert holders.call_of("1700000000.2") == "externalCall.2" and holders.handed_to("externalCall.2") == "2"
 
 
 def test_a_second_transfer_moves_it_again():
     holders, cards = CardHolders(), FakeCards()
     call_id = answered_call(holders)
-    follow = TransferFollower(holders, FakeUsers(), cards)
+    follow = TransferFollower(holders, FakeUsers(), lambda: cards)
     follow(blind_event("102"))
     follow(attended_event("PJSIP/101-0000000c"))
     assert cards.sent[2:] == [(SHOW, call_id, ["1"]), (HIDE, call_id, ["2"])]
@@ -159,7 +169,7 @@ async def server(portal, tmp_path):
 
 def follower(server):
     app = server.app
-    return TransferFollower(app.card_holders, app.users, app.runtime.cards)
+    return TransferFollower(app.card_holders, app.users, lambda: app.runtime.cards)
 
 
 async def test_a_blind_transfer_moves_the_card_and_the_finish_names_the_last_user_with_the_whole_talk(

@@ -25,7 +25,7 @@ with the user who transferred, as Bitrix24's telephony requirements ask
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,7 +105,8 @@ def extension_user(users: UserDirectory | None, number: str) -> str:
 class TransferFollower:
     """The AMI listener (AmiClient.add_listener) that moves the card on each transfer."""
 
-    def __init__(self, holders: CardHolders, users: UserDirectory | None, cards: CardService) -> None:
+    def __init__(self, holders: CardHolders, users: UserDirectory | None, cards: Callable[[], CardService]) -> None:
+        """`cards` gives the CardService in use (a reload replaces it; the holders outlive it)."""
         self.holders = holders
         self.users = users
         self.cards = cards
@@ -126,7 +127,8 @@ class TransferFollower:
         self.holders.hand_over(call_id, move.talking)
         log.info("%s to %s: the card goes to user %s", where, target, move.talking)
         uniqueid = loggable(transfer.linkedid) or "-"
+        cards = self.cards()
         if move.show:
-            self.cards.send(SHOW, call_id, [move.show], uniqueid)
+            cards.send(SHOW, call_id, [move.show], uniqueid)
         if move.hide:
-            self.cards.send(HIDE, call_id, list(move.hide), uniqueid)
+            cards.send(HIDE, call_id, list(move.hide), uniqueid)
