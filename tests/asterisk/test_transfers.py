@@ -222,6 +222,35 @@ async def test_a_blind_transfer_by_the_hash_key_on_the_agents_phone(
     assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
 
 
+async def test_a_queue_member_transfers_by_the_hash_key(transfer_pbx, transfer_calls, portal, app_with_transfers,
+                                                      agents):
+    """The sample's Queue() option t: the member who answered may transfer too."""
+    phone = fresh_phone()
+    portal.set_client(phone, [crm_object(int(AGENT), "PAUSED", extension=AGENT)])  # on a break: the queue
+    member = f"Local/{AGENT}@agi-bitrix-test-talking-phones/n"
+    transfer_pbx.cli(f"queue add member {member} to support")
+    try:
+        call, _agent, client = await answered_by_agent(transfer_calls, app_with_transfers, phone,
+                                                       keys=f"#{COLLEAGUE}")
+        answered_at = time.monotonic()
+        await transfer_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=COLLEAGUE)
+        await asyncio.sleep(1.0)
+        await transfer_calls.hangup(client)
+    finally:
+        transfer_pbx.cli(f"queue remove member {member} from support")
+    talked = time.monotonic() - answered_at
+    card = await finished(portal, phone)
+
+    requests = call_requests(portal, phone, card.call_id)
+    # Register shows the owner the card; the member's ring showed it to AGENT, who is the owner.
+    assert sequence(requests, app_with_transfers) == [LOOKUP, REGISTER, SHOW, HIDE, FINISH], requests
+    assert requests[2][1] == {"CALL_ID": card.call_id, "USER_ID": COLLEAGUE}
+    assert requests[3][1] == {"CALL_ID": card.call_id, "USER_ID": AGENT}
+    finish = requests[4][1]
+    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (COLLEAGUE, "200")
+    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+
+
 async def test_an_attended_transfer_by_the_atxfer_key_moves_the_card_when_the_agent_hangs_up(
         transfer_calls, phone_keys, portal, app_with_transfers, agents):
     phone = fresh_phone()
