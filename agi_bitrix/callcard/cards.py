@@ -106,11 +106,6 @@ class CardService:
             return None
         return call_id, user.user_id
 
-    def send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
-        """A show or hide decided elsewhere (a transfer, callcard/transfers.py), in turn with the
-        call's others."""
-        self._send(method, call_id, users, uniqueid)
-
     def _send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
         # After the session: the ring or the bridge waits for nothing but the AGI round trip.
         task = asyncio.create_task(self._in_turn(self._last.get(call_id), method, call_id, users, uniqueid))
@@ -161,3 +156,8 @@ class CardService:
         """Let the shows and hides under way end (each within its deadline)."""
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+
+    def send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
+        """A show or hide decided elsewhere (a transfer, callcard/transfers.py), in turn with the
+        call's others."""
+        self._send(method, call_id, users, uniqueid)

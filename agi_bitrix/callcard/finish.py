@@ -113,9 +113,8 @@ class FinishService:
         if not arguments.call_id:
             log.info("call %s: no B24_CALL_ID (the call was not registered); nothing to finish", uniqueid)
             return
-        handed_to = self.holders.handed_to(arguments.call_id)  # a transfer's user (callcard/transfers.py)
         self.holders.forget(arguments.call_id)
-        params = self.finish_params(arguments, uniqueid, handed_to)
+        params = self.finish_params(arguments, uniqueid)
         if params is None:
             return
         added = await self.outbox.add(arguments.call_id, params)
@@ -128,16 +127,14 @@ class FinishService:
             if self.config.callcard.finish.recording_file and params["STATUS_CODE"] == ANSWERED:
                 await self.queue_recording(arguments, uniqueid)
 
-    def finish_params(self, arguments: FinishArguments, uniqueid: str, handed_to: str = "") -> dict[str, Any] | None:
-        """`handed_to`: the user the last transfer gave the answered call to; named instead of who
-        answered first, with the talk time still counted from that first answer."""
+    def finish_params(self, arguments: FinishArguments, uniqueid: str) -> dict[str, Any] | None:
         settings = self.config.callcard
         answered = arguments.answered_at is not None or arguments.dialstatus == "ANSWER"
         duration = 0
         if arguments.answered_at is not None:
             hangup_at = arguments.hangup_at if arguments.hangup_at is not None else self.clock()
             duration = max(0, round(hangup_at - arguments.answered_at))
-        user_id = (handed_to or self.taken_by(arguments)) if answered else ""
+        user_id = self.taken_by(arguments) if answered else ""
         user_id = user_id or arguments.owner or responsible_user(settings.register, arguments.did)
         if not user_id:
             log.warning("call %s: finish %s has no user (no owner, no responsible, no default_user); not sent",
@@ -175,7 +172,12 @@ class FinishService:
             log.info("call %s: recording %s queued for %s", uniqueid, path, arguments.call_id)
 
     def taken_by(self, arguments: FinishArguments) -> str:
-        """The Bitrix24 user whose extension or mobile answered, or "" when unknown."""
+        """The Bitrix24 user whose extension or mobile answered, or "" when unknown; after a
+        transfer to a colleague's extension, that colleague (callcard/transfers.py): the talk time
+        still counts from the first answer."""
+        handed_to = self.holders.handed_to(arguments.call_id)
+        if handed_to:
+            return handed_to
         number = answering_number(arguments.answered_by)
         user = self.users.by_number(number) if number and self.users is not None else None
         return user.user_id if user is not None else ""

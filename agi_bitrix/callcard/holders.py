@@ -13,6 +13,13 @@ from collections import OrderedDict
 MAX_CALLS = 10_000
 
 
+def _bounded_put(mapping: OrderedDict[str, str], key: str, value: str, limit: int) -> None:
+    mapping[key] = value
+    mapping.move_to_end(key)
+    while len(mapping) > limit:
+        mapping.popitem(last=False)
+
+
 class CardHolders:
     """Who has each call's card on screen, as this server asked the portal; lives as long as the
     process."""
@@ -22,8 +29,8 @@ class CardHolders:
         self._answered: set[str] = set()  # calls someone took: a later ring shows nothing
         self._max_calls = max_calls
         # For transfers (callcard/transfers.py): each call's Asterisk linkedid, and the user a
-        # transfer handed it to; bounded like the calls, and not cleared by forget() (finish reads
-        # handed_to() first; a CALL_ID never comes back).
+        # transfer handed it to; bounded like the calls, and kept when the call's holders are
+        # dropped at its finish (the finish's user is decided after that; a CALL_ID never comes back).
         self._linked: OrderedDict[str, str] = OrderedDict()
         self._handed: OrderedDict[str, str] = OrderedDict()
 
@@ -83,10 +90,3 @@ class CardHolders:
 
     def __len__(self) -> int:
         return len(self._calls)
-
-
-def _bounded_put(mapping: OrderedDict[str, str], key: str, value: str, limit: int) -> None:
-    mapping[key] = value
-    mapping.move_to_end(key)
-    while len(mapping) > limit:
-        mapping.popitem(last=False)

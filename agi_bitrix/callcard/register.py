@@ -153,7 +153,7 @@ class RegisterService:
             created.entities, created.lead_error = found.entities, found.lead_error
         if settings.show:
             self.holders.add(call_id, user_id)
-        self.holders.link(call_id, arguments.external_call_id)  # AMI's transfer events name the linkedid
+        self.holders.link(call_id, params["EXTERNAL_CALL_ID"])  # AMI's transfer events name the linkedid
         return call_id, ""
 
     def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
