@@ -15,6 +15,7 @@ from agi_bitrix.callcard.transfers import (
     ATTENDED,
     BLIND,
     STAYS,
+    BridgeMembers,
     CardMove,
     Transfer,
     TransferFollower,
@@ -146,6 +147,53 @@ def test_what_is_kept_for_transfers_is_bounded_like_the_calls():
         holders.hand_over(f"externalCall.{number}", "2")
     assert holders.call_of("1700000000.0") is None and holders.handed_to("externalCall.0") == ""
     assert holders.call_of("1700000000.2") == "externalCall.2" and holders.handed_to("externalCall.2") == "2"
+
+
+def bridge_event(name, bridge, channel):
+    return Event((("Event", name), ("BridgeUniqueid", bridge), ("Channel", channel), ("Linkedid", LINKEDID)))
+
+
+def attended_without_target():
+    """As Asterisk 20 and 22 sent it when the colleague's channel had already moved into the
+    client's bridge: DestType Bridge, no TransferTarget fields."""
+    return Event((("Event", "AttendedTransfer"), ("Result", "Success"),
+                  ("OrigTransfererChannel", "Local/101@phones-00000001;1"), ("OrigTransfererLinkedid", LINKEDID),
+                  ("SecondTransfererChannel", "Local/101@phones-00000001;1"),
+                  ("TransfereeChannel", "PJSIP/trunk-00000000"), ("TransfereeLinkedid", LINKEDID),
+                  ("IsExternal", "No"), ("DestType", "Bridge"), ("DestBridgeUniqueid", "client-bridge")))
+
+
+def test_an_attended_transfer_without_its_target_finds_the_colleague_already_in_the_clients_bridge():
+    holders, cards = CardHolders(), FakeCards()
+    call_id = answered_call(holders)
+    follow = TransferFollower(holders, FakeUsers(), lambda: cards)
+    follow(bridge_event("BridgeEnter", "client-bridge", "PJSIP/trunk-00000000"))
+    follow(bridge_event("BridgeEnter", "client-bridge", "Local/101@phones-00000001;1"))
+    follow(bridge_event("BridgeLeave", "client-bridge", "Local/101@phones-00000001;1"))
+    follow(bridge_event("BridgeEnter", "client-bridge", "Local/102@agi-bitrix-transfer-00000002;1"))
+    follow(attended_without_target())
+    assert cards.sent == [(SHOW, call_id, ["2"]), (HIDE, call_id, ["1"])]
+
+
+def test_an_attended_transfer_without_its_target_waits_for_the_colleague_to_enter():
+    holders, cards = CardHolders(), FakeCards()
+    call_id = answered_call(holders)
+    follow = TransferFollower(holders, FakeUsers(), lambda: cards)
+    follow(bridge_event("BridgeEnter", "client-bridge", "PJSIP/trunk-00000000"))
+    follow(attended_without_target())
+    assert cards.sent == []
+    follow(bridge_event("BridgeEnter", "client-bridge", "PJSIP/102-0000000b"))
+    follow(bridge_event("BridgeEnter", "client-bridge", "PJSIP/103-0000000c"))  # a later one is not it
+    assert cards.sent == [(SHOW, call_id, ["2"]), (HIDE, call_id, ["1"])]
+
+
+def test_the_bridges_kept_are_bounded():
+    bridges = BridgeMembers(max_bridges=2)
+    for number in range(3):
+        bridges.note(bridge_event("BridgeEnter", f"bridge-{number}", "PJSIP/101-00000001"))
+    assert bridges.members("bridge-0") == frozenset() and bridges.members("bridge-2") == {"PJSIP/101-00000001"}
+    bridges.note(bridge_event("BridgeDestroy", "bridge-2", ""))
+    assert bridges.members("bridge-2") == frozenset()
 
 
 def test_a_second_transfer_moves_it_again():

@@ -25,19 +25,21 @@ with the user who transferred, as Bitrix24's telephony requirements ask
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from agi_bitrix.agi.protocol import loggable
 from agi_bitrix.bitrix.users import UserDirectory, answering_number
 from agi_bitrix.callcard.cards import HIDE, SHOW, CardService
-from agi_bitrix.callcard.holders import CardHolders
+from agi_bitrix.callcard.holders import MAX_CALLS, CardHolders
 from agi_bitrix.phones import normalize_extension
 
 log = logging.getLogger("agi_bitrix.callcard")
 
 BLIND, ATTENDED = "blind", "attended"
+WAITING_MAX = 1000  # attended transfers waiting for their colleague's BridgeEnter
 
 
 class AmiEvent(Protocol):
@@ -55,6 +57,10 @@ class Transfer:
     linkedid: str  # the client's linkedid: which call
     target: str  # the number the client was transferred to; "" when Asterisk does not say
     transferer: str  # the channel that let the call go (for the log)
+    # An attended transfer whose event names no target: the bridge the client is in now, and the
+    # channels there that are not the colleague (the client, the transferring channels).
+    dest_bridge: str = ""
+    not_target: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,18 @@ def transfer_from_event(event: AmiEvent) -> Transfer | None:
     # an atxfer dialled, Local/102@ctx-...;1). A merge into a conference (Threeway), an app or a
     # Local link names no single target: the card stays.
     linkedid = event.get("TransfereeLinkedid") or event.get("OrigTransfererLinkedid")
-    target = answering_number(event.get("TransferTargetChannel")) if event.get("DestType") == "Bridge" else ""
-    return Transfer(ATTENDED, linkedid, target, event.get("OrigTransfererChannel"))
+    transferer = event.get("OrigTransfererChannel")
+    if event.get("DestType") != "Bridge":
+        return Transfer(ATTENDED, linkedid, "", transferer)
+    target = event.get("TransferTargetChannel")
+    if target:
+        return Transfer(ATTENDED, linkedid, answering_number(target), transferer)
+    # Seen on 20 and 22: when the colleague's channel has already moved into the client's bridge as
+    # the snapshot is taken, the event has no TransferTarget fields; that channel is found among
+    # the bridge's members (BridgeEnter, class call), which TransferFollower keeps.
+    not_target = frozenset(filter(None, (event.get("TransfereeChannel"), transferer,
+                                         event.get("SecondTransfererChannel"))))
+    return Transfer(ATTENDED, linkedid, "", transferer, event.get("DestBridgeUniqueid"), not_target)
 
 
 def card_move(holders: Collection[str], target_user: str) -> CardMove:
@@ -102,6 +118,41 @@ def extension_user(users: UserDirectory | None, number: str) -> str:
     return user.user_id if user is not None and user.extension == extension else ""
 
 
+class BridgeMembers:
+    """Who is in each bridge, from BridgeEnter / BridgeLeave / BridgeDestroy; bounded (the oldest
+    bridges are forgotten first)."""
+
+    def __init__(self, max_bridges: int = MAX_CALLS) -> None:
+        self._bridges: OrderedDict[str, set[str]] = OrderedDict()
+        self._max_bridges = max_bridges
+
+    def note(self, event: AmiEvent) -> str:
+        """Takes a bridge event; returns the channel that entered a bridge, or ""."""
+        bridge, channel = event.get("BridgeUniqueid"), event.get("Channel")
+        if not bridge:
+            return ""
+        if event.name == "BridgeDestroy":
+            self._bridges.pop(bridge, None)
+        elif event.name == "BridgeLeave":
+            self._bridges.get(bridge, set()).discard(channel)
+        elif event.name == "BridgeEnter" and channel:
+            self._bridges.setdefault(bridge, set()).add(channel)
+            self._bridges.move_to_end(bridge)
+            while len(self._bridges) > self._max_bridges:
+                self._bridges.popitem(last=False)
+            return channel
+        return ""
+
+    def members(self, bridge: str) -> frozenset[str]:
+        return frozenset(self._bridges.get(bridge, ()))
+
+
+def only_target(members: Collection[str], not_target: Collection[str]) -> str:
+    """The one channel of `members` that is not in `not_target`, or "" (none, or several)."""
+    candidates = [channel for channel in members if channel not in not_target]
+    return candidates[0] if len(candidates) == 1 else ""
+
+
 class TransferFollower:
     """The AMI listener (AmiClient.add_listener) that moves the card on each transfer."""
 
@@ -110,14 +161,41 @@ class TransferFollower:
         self.holders = holders
         self.users = users
         self.cards = cards
+        self.bridges = BridgeMembers()
+        # Attended transfers waiting for their colleague's BridgeEnter, by the client's bridge.
+        self._waiting: OrderedDict[str, tuple[str, Transfer]] = OrderedDict()
 
     def __call__(self, event: AmiEvent) -> None:
+        if event.name.startswith("Bridge"):
+            self._bridge_event(event)
+            return
         transfer = transfer_from_event(event)
         if transfer is None:
             return
         call_id = self.holders.call_of(transfer.linkedid)
         if call_id is None:
             return  # a call this server did not register (or no call card): nothing to move
+        if transfer.dest_bridge:
+            target = only_target(self.bridges.members(transfer.dest_bridge), transfer.not_target)
+            if not target:  # the colleague's BridgeEnter has not come yet
+                self._waiting[transfer.dest_bridge] = (call_id, transfer)
+                while len(self._waiting) > WAITING_MAX:
+                    self._waiting.popitem(last=False)
+                return
+            transfer = replace(transfer, target=answering_number(target))
+        self._move(call_id, transfer)
+
+    def _bridge_event(self, event: AmiEvent) -> None:
+        entered = self.bridges.note(event)
+        bridge = event.get("BridgeUniqueid")
+        if event.name == "BridgeDestroy":
+            self._waiting.pop(bridge, None)
+        waiting = self._waiting.get(bridge) if entered else None
+        if waiting is not None and entered not in waiting[1].not_target:
+            del self._waiting[bridge]
+            self._move(waiting[0], replace(waiting[1], target=answering_number(entered)))
+
+    def _move(self, call_id: str, transfer: Transfer) -> None:
         where = f"{transfer.kind} transfer of {call_id} by {loggable(transfer.transferer) or '-'}"
         target = loggable(transfer.target) or "-"
         move = card_move(self.holders.holders_of(call_id), extension_user(self.users, transfer.target))

@@ -156,7 +156,8 @@ async def answered_by_agent(calls, app, phone, keys=""):
 def sequence(requests, app):
     """The methods in order; a failure also says whether the events' connection was ever lost."""
     assert app.ami_events.health()["reconnects"] == 0, app.ami_events.health()
-    return [method for method, _ in requests]
+    methods = [method for method, _ in requests]
+    return methods
 
 
 def call_requests(portal, phone, call_id):
