@@ -44,6 +44,7 @@ from agi_bitrix.callcard.outgoing import OutgoingService
 from agi_bitrix.callcard.recording import send_recording
 from agi_bitrix.callcard.redis_outbox import RedisOutbox
 from agi_bitrix.callcard.register import RegisterService
+from agi_bitrix.callcard.transfers import TransferFollower
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.clicktocall_service import ClickToCallService, CurrentLookup
@@ -123,6 +124,10 @@ class Application:
             config, current_portal=lambda: self.runtime.portal, users=self.users, outbox=self.outbox,
             names=CurrentLookup(lambda: self.runtime.lookup), link=None if self.shared is None else self.shared.link,
             ami_observer=self.metrics, event_observer=self.metrics)
+        if self.clicktocall.ami is not None and config.callcard.enabled:
+            # The card follows blind and attended transfers (AMI's transfer events, read = call).
+            self.clicktocall.ami.add_listener(
+                TransferFollower(self.card_holders, self.users, lambda: self.runtime.cards))
         pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
 
         def routes(app: web.Application) -> None:
