@@ -48,6 +48,7 @@ from agi_bitrix.callcard.outgoing import OutgoingService
 from agi_bitrix.callcard.recording import send_recording
 from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.callcard.stores import make_outbox
+from agi_bitrix.callcard.transfers import TransferFollower
 from agi_bitrix.calllog import CallLog
 from agi_bitrix.checking import ConfigError
 from agi_bitrix.clicktocall_service import ClickToCallService, CurrentLookup
@@ -111,17 +112,24 @@ class Application:
         self.server = AgiServer(lambda: self.runtime.endpoint, on_refused=self.metrics.count_refused)
         # The configured DIDs as the portal's external lines, synced in the background.
         self.lines = LineSync(config.lines, lambda: self.runtime.portal, default_country=config.policy.default_country)
-        # Click-to-call: AMI, the portal's events and the flow, each on with its section.
-        self.clicktocall = ClickToCallService(
-            config, current_portal=lambda: self.runtime.portal, users=self.users, outbox=self.outbox,
-            names=CurrentLookup(lambda: self.runtime.lookup), link=None if self.shared is None else self.shared.link,
-            ami_observer=self.metrics, event_observer=self.metrics)
+        self.clicktocall = self._click_to_call(config)
         self.health = Health(self.memory, lambda: self.config, lambda: self.portal.auth,
                              lambda: len(self.server.sessions), lambda: self.config_loaded_at, self.started_at,
                              self.outbox, None if self.shared is None else self.shared.link, users=self.users,
                              lines=self.lines, clicktocall=self.clicktocall)
         self._watch()
         self.http_listener = self._http_listener(config)
+
+    def _click_to_call(self, config: Config) -> ClickToCallService:
+        """AMI, the portal's events and the flow, each on with its section."""
+        clicktocall = ClickToCallService(
+            config, current_portal=lambda: self.runtime.portal, users=self.users, outbox=self.outbox,
+            names=CurrentLookup(lambda: self.runtime.lookup), link=None if self.shared is None else self.shared.link,
+            ami_observer=self.metrics, event_observer=self.metrics)
+        if clicktocall.ami is not None and config.callcard.enabled:
+            # The card follows blind and attended transfers (AMI's transfer events, read = call).
+            clicktocall.ami.add_listener(TransferFollower(self.card_holders, self.users, lambda: self.runtime.cards))
+        return clicktocall
 
     def _http_listener(self, config: Config) -> HttpListener | None:
         """/metrics, /healthz, the admin page, the install callback and the events' handler: each

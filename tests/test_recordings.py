@@ -143,15 +143,20 @@ async def test_a_recording_that_never_appears_fails_clearly(portal, tmp_path, ca
                for r in caplog.records)
 
 
-async def test_a_recording_over_the_size_limit_is_not_read(portal, tmp_path):
-    write_closed(tmp_path / "monitor" / f"{UNIQUEID}.wav")  # ~10 kB
-    running = await Running(recording_config(portal.webhook_url, tmp_path, "settle: 0.1\nmax_size: 0.005\n")).start()
+async def recording_row_given_up(config):
+    """One answered call whose recording fails for good: its outbox row."""
+    running = await Running(config).start()
     try:
         call_id = await answered_call(running)
         await until(lambda: running.app.outbox.failed_of("recording") == 1)
-        row = await running.app.outbox.row(f"{call_id}/recording")
+        return await running.app.outbox.row(f"{call_id}/recording")
     finally:
         await running.stop()
+
+
+async def test_a_recording_over_the_size_limit_is_not_read(portal, tmp_path):
+    write_closed(tmp_path / "monitor" / f"{UNIQUEID}.wav")  # ~10 kB
+    row = await recording_row_given_up(recording_config(portal.webhook_url, tmp_path, "settle: 0.1\nmax_size: 0.005\n"))
     assert "MiB, over callcard.finish.recording.max_size (0.005 MiB)" in row["last_error"]
     assert portal.requests_for(ATTACH) == []
 
@@ -160,13 +165,9 @@ async def test_a_body_over_the_portals_limit_says_what_to_do(tmp_path):
     portal = PortalEmulator(SAMPLE_CRM, users=SAMPLE_USERS, max_body=8000)
     await portal.start()
     write_closed(tmp_path / "monitor" / f"{UNIQUEID}.wav")
-    running = await Running(recording_config(portal.webhook_url, tmp_path, "settle: 0.1\n")).start()
     try:
-        call_id = await answered_call(running)
-        await until(lambda: running.app.outbox.failed_of("recording") == 1)
-        row = await running.app.outbox.row(f"{call_id}/recording")
+        row = await recording_row_given_up(recording_config(portal.webhook_url, tmp_path, "settle: 0.1\n"))
     finally:
-        await running.stop()
         await portal.stop()
     assert row["last_error"].startswith("http_413: ")
     assert "lower callcard.finish.recording.max_size, or publish the recordings and use record_url" in row["last_error"]

@@ -179,3 +179,8 @@ class CardService:
         """Let the shows and hides under way end (each within its deadline)."""
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+
+    def send(self, method: str, call_id: str, users: list[str], uniqueid: str) -> None:
+        """A show or hide decided elsewhere (a transfer, callcard/transfers.py), in turn with the
+        call's others."""
+        self._send(method, call_id, users, uniqueid)

@@ -222,7 +222,12 @@ class FinishService:
             log.info("call %s: recording %s queued for %s", uniqueid, path, arguments.call_id)
 
     def taken_by(self, arguments: FinishArguments) -> str:
-        """The Bitrix24 user whose extension or mobile answered, or "" when unknown."""
+        """The Bitrix24 user whose extension or mobile answered, or "" when unknown; after a
+        transfer to a colleague's extension, that colleague (callcard/transfers.py): the talk time
+        still counts from the first answer."""
+        handed_to = self.holders.handed_to(arguments.call_id)
+        if handed_to:
+            return handed_to
         number = answering_number(arguments.answered_by)
         user = self.users.by_number(number) if number and self.users is not None else None
         return user.user_id if user is not None else ""

@@ -14,6 +14,13 @@ from collections import OrderedDict
 MAX_CALLS = 10_000
 
 
+def _bounded_put(mapping: OrderedDict[str, str], key: str, value: str, limit: int) -> None:
+    mapping[key] = value
+    mapping.move_to_end(key)
+    while len(mapping) > limit:
+        mapping.popitem(last=False)
+
+
 class CardHolders:
     """Who has each call's card on screen, as this server asked the portal; lives as long as the
     process."""
@@ -22,6 +29,11 @@ class CardHolders:
         self._calls: OrderedDict[str, set[str]] = OrderedDict()
         self._answered: set[str] = set()  # calls someone took: a later ring shows nothing
         self._max_calls = max_calls
+        # For transfers (callcard/transfers.py): each call's Asterisk linkedid, and the user a
+        # transfer handed it to; bounded like the calls, and kept when the call's holders are
+        # dropped at its finish (the finish's user is decided after that; a CALL_ID never comes back).
+        self._linked: OrderedDict[str, str] = OrderedDict()
+        self._handed: OrderedDict[str, str] = OrderedDict()
 
     def add(self, call_id: str, user_id: str) -> bool:
         """Note that `user_id` sees the card; False when they already did, or the call was answered
@@ -52,6 +64,31 @@ class CardHolders:
         """The call ended: forget it, and say who still held its card."""
         self._answered.discard(call_id)
         return _in_order(self._calls.pop(call_id, set()))
+
+    # -- transfers (callcard/transfers.py) -----------------------------------------------------
+
+    def link(self, call_id: str, linkedid: str) -> None:
+        """Register's note: Asterisk's AMI events name this call by `linkedid`."""
+        if linkedid:
+            _bounded_put(self._linked, linkedid, call_id, self._max_calls)
+
+    def call_of(self, linkedid: str) -> str | None:
+        return self._linked.get(linkedid) if linkedid else None
+
+    def holders_of(self, call_id: str) -> frozenset[str]:
+        return frozenset(self._calls.get(call_id, ()))
+
+    def hand_over(self, call_id: str, user_id: str) -> None:
+        """A transfer gave the call to `user_id`: they alone hold the card, and finish names them."""
+        holders = self._calls.setdefault(call_id, set())
+        holders.clear()
+        holders.add(user_id)
+        self._answered.add(call_id)
+        _bounded_put(self._handed, call_id, user_id, self._max_calls)
+
+    def handed_to(self, call_id: str) -> str:
+        """The user the last transfer gave the call to, or ""."""
+        return self._handed.get(call_id, "")
 
     def __len__(self) -> int:
         return len(self._calls)

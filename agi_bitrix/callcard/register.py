@@ -159,6 +159,7 @@ class RegisterService:
             created.entities, created.lead_error = found.entities, found.lead_error
         if show:
             self.holders.add(call_id, user_id)
+        self.holders.link(call_id, params["EXTERNAL_CALL_ID"])  # AMI's transfer events name the linkedid
         return call_id, ""
 
     def register_params(self, arguments: RegisterArguments, user_id: str) -> dict[str, Any]:
