@@ -215,10 +215,14 @@ class Application:
             if self.shared is not None:
                 self._opened.push_async_callback(self.shared.link.close)
                 self.shared.link.start()
-            await self._start_http_listener(config)  # closed after the calls: /healthz answers meanwhile
+            if self.http_listener is not None:
+                # Closed after the calls, so /healthz answers while they finish; started after the
+                # AGI listener, so a server that cannot take calls says only that.
+                self._opened.push_async_callback(self.http_listener.close)
             self._opened.push_async_callback(self._stop_calls)
             address = await self.server.start(
                 config.server.host if host is None else host, config.server.port if port is None else port)
+            await self._start_http_listener(config)
             await self._start_background()
         except BaseException:
             await self._opened.aclose()
@@ -241,7 +245,6 @@ class Application:
     async def _start_http_listener(self, config: Config) -> None:
         if self.http_listener is None:
             return
-        self._opened.push_async_callback(self.http_listener.close)
         try:
             host, port = await self.http_listener.start(config.http.host, config.http.port)
         except OSError as error:
