@@ -128,7 +128,7 @@ class Application:
             # The card follows blind and attended transfers (AMI's transfer events, read = call).
             self.clicktocall.ami.add_listener(
                 TransferFollower(self.card_holders, self.users, lambda: self.runtime.cards))
-        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
+        self.pages = pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
 
         def routes(app: web.Application) -> None:
             pages.add_routes(app)
