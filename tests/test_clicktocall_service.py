@@ -114,13 +114,13 @@ async def test_past_the_bound_a_click_is_finished_at_once_not_queued(monkeypatch
     await part.close()
 
 
-async def test_a_callback_request_is_said_and_counted_not_dialled(caplog):
+async def test_a_callback_request_without_a_callback_section_is_said_and_counted_not_dialled(caplog):
     dialer = FakeDialer()
     part, _ = service(dialer)
     await part.take(CallbackStart(phone="79161234567", text="", voice="", line_number="", crm_entity_type="",
                                   crm_entity_id="", sent_at=0.0, source="offline", key="k"))
-    assert dialer.calls == [] and part.health()["clicktocall"]["callbacks_ignored"] == 1
-    assert "callback requests are not handled by this version" in caplog.text
+    assert dialer.calls == [] and part.health()["callback"] == {"state": "off", "ignored": 1}
+    assert "no callback section, so nobody calls back" in caplog.text
     await part.close()
 
 
@@ -129,6 +129,7 @@ async def test_health_says_what_is_off():
                           "routing: {fallback_queue: support}\n")
     part = ClickToCallService(config, current_portal=lambda: None, users=None, outbox=None,  # type: ignore[arg-type]
                               names=None, link=None)
-    assert part.health() == {"ami": {"state": "off"}, "events": {"mode": "off"}, "clicktocall": {"state": "off"}}
+    assert part.health() == {"ami": {"state": "off"}, "events": {"mode": "off"}, "clicktocall": {"state": "off"},
+                             "callback": {"state": "off", "ignored": 0}}
     await part.start()
     await part.close()
