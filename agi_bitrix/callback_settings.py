@@ -16,7 +16,8 @@ from agi_bitrix.dialpolicy import channel_template, context_name
 from agi_bitrix.schema import anything, integer, number, text
 
 _QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,79}$")
-_SOUND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_/.-]{0,119}$")
+# Relative to Asterisk's sounds folder (custom/callback-request), or a full path; no extension.
+_SOUND = re.compile(r"^/?[A-Za-z0-9_][A-Za-z0-9_/.-]{0,199}$")
 
 
 def _queue(value: Any) -> str:
@@ -29,7 +30,8 @@ def _queue(value: Any) -> str:
 def _sound(value: Any) -> str:
     name = str(value).strip()
     if name and (not _SOUND.fullmatch(name) or ".." in name):
-        raise ValueError(f"{quoted(value)} is not a sound file name for Playback() (like custom/callback-request)")
+        raise ValueError(f"{quoted(value)} is not a sound file name for Playback() (like custom/callback-request,"
+                         " or a full path without the extension)")
     return name
 
 
