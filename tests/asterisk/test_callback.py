@@ -43,12 +43,15 @@ from tests.conftest import ample_budget
 
 from .conftest import TEST_DIALPLAN, running_pbx
 from .crm import crm_object
+from .freepbx_standins import ROUTE_CID
 from .test_callcard import FINISH, REGISTER
 from .test_click_to_call import AGENT_EXTENSION, AGENT_ID, AGENT_PHONES
+from .test_freepbx_sample import FREEPBX_QUEUES, freepbx_config
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
 QUEUE, LINE = "callback-sales", "74951230000"
+FREEPBX_QUEUE = "402"  # FreePBX names a queue by its number
 # The line's queue: one member, the agent's phone stand-in (answers when TEST_AGENT is "answers").
 CALLBACK_QUEUES = f"""
 [general]
@@ -70,14 +73,34 @@ def callback_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator
     yield from running_pbx(asterisk_root, asterisk_build, "callback", TEST_DIALPLAN + AGENT_PHONES, CALLBACK_QUEUES)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def ami(callback_pbx: AsteriskPbx) -> AsyncIterator[AmiClient]:
+@pytest.fixture(scope="module")
+def freepbx_callback_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[AsteriskPbx]:
+    """The FreePBX sample beside the stand-ins of FreePBX's generated dialplan; the queue by number."""
+    queues = FREEPBX_QUEUES + CALLBACK_QUEUES.replace("[general]", "").replace(QUEUE, FREEPBX_QUEUE)
+    yield from running_pbx(asterisk_root, asterisk_build, "callback-freepbx", freepbx_config(asterisk_build)
+                           + AGENT_PHONES, queues)
+
+
+async def connected(pbx: AsteriskPbx) -> AmiClient:
     """The product's AMI client, as a user that may read `user` events (the attempts' reports)."""
-    settings = AmiSettings(port=callback_pbx.ami_port, username=callback_pbx.ami_username, secret_file="",
+    settings = AmiSettings(port=pbx.ami_port, username=pbx.ami_username, secret_file="",
                            connect_timeout=5.0, action_timeout=5.0, reconnect_first=0.1, reconnect_max=0.5)
-    client = AmiClient(settings, lambda: callback_pbx.ami_secret)
+    client = AmiClient(settings, lambda: pbx.ami_secret)
     client.start()
     assert await client.wait_up(10), client.health()
+    return client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def ami(callback_pbx: AsteriskPbx) -> AsyncIterator[AmiClient]:
+    client = await connected(callback_pbx)
+    yield client
+    await client.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def freepbx_ami(freepbx_callback_pbx: AsteriskPbx) -> AsyncIterator[AmiClient]:
+    client = await connected(freepbx_callback_pbx)
     yield client
     await client.stop()
 
@@ -268,3 +291,20 @@ async def test_a_premium_rate_number_is_refused_by_the_dial_policy_and_finished_
     assert (finish["USER_ID"], str(finish["DURATION"]), finish["STATUS_CODE"]) == (AGENT_ID, "0", "403")
     assert "PREMIUM_RATE" in finish["FAILED_REASON"]
     assert heard.user_events("AgiBitrixTestAgentRing") == heard.user_events("AgiBitrixTestRing") == []
+
+
+async def test_on_freepbx_the_queue_by_number_rings_the_agent_and_the_client_leaves_through_the_outbound_route(
+        freepbx_callback_pbx, freepbx_ami, portal, portal_client):
+    """extensions_custom.conf's contexts as shipped: the client is dialled through from-internal, whose
+    Outbound Route (stand-in of FreePBX's outrt-) gives the call the route's caller ID."""
+    client = fresh_client()
+    outcome, methods, heard, _ = await run(freepbx_callback_pbx, portal, freepbx_ami, portal_client, client,
+                                           client_answers=(1,), line_queues=((LINE, FREEPBX_QUEUE),))
+
+    assert outcome == "reached"
+    assert_registered(methods, client)
+    assert len(heard.user_events("AgiBitrixTestAgentRing", Number=AGENT_EXTENSION)) == 1
+    assert [e.get("CallerID") for e in heard.user_events("AgiBitrixTestRing", Number=client)] == [ROUTE_CID]
+    [report] = heard.user_events("AgiBitrixCallbackDone")
+    assert (report.get("DialStatus"), report.get("Announcement")) == ("ANSWER", "SUCCESS")
+    assert methods[2][1]["STATUS_CODE"] == "200" and 1 <= int(methods[2][1]["DURATION"]) <= 2
