@@ -39,6 +39,8 @@ from agi_bitrix.callcard.status import ANSWERED, outgoing_status_code
 from agi_bitrix.callrecord import RoutedCall
 from agi_bitrix.clicktocall import (
     PBX_UNREACHABLE,
+    USER_BUSY,
+    ClickLimits,
     Dialer,
     DialerError,
     FinishQueue,
@@ -162,6 +164,8 @@ class Callback:
         self.registrar = registrar
         self.outbox = outbox
         self.sleep = sleep
+        # One callback per number at a time (a form sent twice), within click-to-call's global rate.
+        self.limits = ClickLimits(config.clicktocall.rate_per_second, config.clicktocall.rate_burst)
         self.outcomes: Counter[str] = Counter()  # how requests ended, for /healthz
         self._reports: dict[str, asyncio.Future[Event]] = {}
 
@@ -179,6 +183,17 @@ class Callback:
         phone = normalize_number(request.phone_number, default_country) or request.phone_number.strip()[:40]
         line = request.line_number.strip().removeprefix("+")
         log.info("callback request for %s on line %s: %r", phone, line or "-", request.text[:500])
+        refused = self.limits.admit(phone)
+        if refused is not None:
+            log.warning("callback request for %s dropped: %s", phone,
+                        "this number is being called back already" if refused.status == USER_BUSY else refused.reason)
+            return self._count("already_calling_back" if refused.status == USER_BUSY else "rate")
+        try:
+            return await self._handle(request, phone, line)
+        finally:
+            self.limits.release(phone)
+
+    async def _handle(self, request: CallbackRequest, phone: str, line: str) -> str:
         decision = await self._decision(phone, line)
         user_id = self._user(decision, line)
         if not user_id:

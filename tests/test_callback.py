@@ -23,7 +23,7 @@ from agi_bitrix.callback import (
 from agi_bitrix.callback_settings import CallbackSettings
 from agi_bitrix.callrecord import RoutedCall
 from agi_bitrix.clicktocall import DialerError, OriginateOutcome
-from agi_bitrix.config import parse_config
+from agi_bitrix.config import ConfigError, parse_config
 from agi_bitrix.routing.engine import CallInfo, Decision
 
 ANSWERED, NO_ANSWER, BUSY = OriginateOutcome(4), OriginateOutcome(3), OriginateOutcome(5)
@@ -199,3 +199,44 @@ async def test_without_an_owner_or_responsible_user_nothing_is_registered_or_dia
     assert await callback_flow(journal).handle(lineless) == "no_user"
     assert [entry[0] for entry in journal.entries] == ["route"]
     assert "not registered, not called back" in caplog.text
+
+
+async def test_a_form_sent_twice_while_its_number_is_called_back_is_dropped_and_the_rate_holds(caplog):
+    release = asyncio.Event()
+    journal = Journal([TALKED])
+    flow = callback_flow(journal)
+    original = journal.route
+
+    async def slow_route(call: CallInfo, uniqueid: str = "-") -> RoutedCall:
+        await release.wait()
+        return await original(call, uniqueid)
+
+    journal.route = slow_route  # type: ignore[method-assign]
+    first = asyncio.create_task(flow.handle(REQUEST))
+    await asyncio.sleep(0)
+    assert await flow.handle(REQUEST) == "already_calling_back"
+    release.set()
+    assert await first == "reached"
+    assert "this number is being called back already" in caplog.text
+    flow.limits.bucket.reserve = lambda max_wait: None  # type: ignore[method-assign,assignment]  # the bucket is empty
+    assert await flow.handle(REQUEST) == "rate"
+    assert [name for name, _ in journal.entries].count("register") == 1
+
+
+async def test_a_report_with_another_attempts_token_wakes_nothing():
+    """Whoever can send a UserEvent over AMI cannot end an attempt without its random token."""
+    journal = Journal([ANSWERED])
+    flow = callback_flow(journal, max_call=0.2)
+    forged = Event((("Event", "UserEvent"), ("UserEvent", "AgiBitrixCallbackDone"), ("Attempt", "0123456789abcdef"),
+                    *TALKED.items()))
+    asyncio.get_running_loop().call_later(0.05, flow.on_ami_event, forged)
+    assert await flow.handle(REQUEST) == "not_reached"
+    assert journal.entries[-1][1]["STATUS_CODE"] == "OTHER"
+
+
+@pytest.mark.parametrize("sound", ["beep,skip", "beep&custom/other", "../../etc/passwd", "beep)", "a b"])
+def test_an_announcement_that_could_add_playback_options_or_climb_out_is_refused(sound):
+    text = ("bitrix: {webhook_url: 'https://portal.example/rest/1/secretcode/'}\nrouting: {fallback_queue: support}\n"
+            f"callcard: {{}}\nami: {{username: x}}\ncallback: {{announcement: {sound!r}}}\n")
+    with pytest.raises(ConfigError, match=r"callback\.announcement"):
+        parse_config(text, environ={"AGI_BITRIX_AMI_SECRET": "s"})
