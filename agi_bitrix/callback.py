@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -53,6 +54,9 @@ from agi_bitrix.phones import normalize_number
 from agi_bitrix.routing.engine import CallInfo, Decision
 
 log = logging.getLogger("agi_bitrix.callback")
+
+_NOT_DIGITS = re.compile(r"[^0-9+]")
+_LINE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 CALLBACK = 4  # register's TYPE (api-reference/telephony/telephony-external-call-register.md)
 DONE_EVENT = "AgiBitrixCallbackDone"  # the sample's UserEvent when an attempt's channel hangs up
@@ -180,8 +184,11 @@ class Callback:
     async def handle(self, request: CallbackRequest) -> str:
         """Call the client back; returns how it ended (a token for logs and /healthz)."""
         default_country = self.config.policy.default_country
-        phone = normalize_number(request.phone_number, default_country) or request.phone_number.strip()[:40]
+        # What the form gave, when it is no number: only its digits and "+" reach the logs and the portal.
+        phone = (normalize_number(request.phone_number, default_country)
+                 or _NOT_DIGITS.sub("", request.phone_number)[:32])
         line = request.line_number.strip().removeprefix("+")
+        line = line if _LINE.fullmatch(line) else ""  # a line's number or code, nothing that could forge a log line
         log.info("callback request for %s on line %s: %r", phone, line or "-", request.text[:500])
         refused = self.limits.admit(phone)
         if refused is not None:
@@ -223,6 +230,9 @@ class Callback:
                 attempt = await self._attempt(call_id, target, number, line)
             except DialerError as error:
                 attempt = Attempt(OriginateOutcome(0), pbx_error=str(error))
+            except Exception as error:  # a bug (ours or the AMI layer's): the callback is still finished
+                log.error("callback %s: the attempt failed unexpectedly", call_id, exc_info=error)
+                attempt = Attempt(OriginateOutcome(0), pbx_error=f"internal error ({type(error).__name__})")
             pause = retry_after(attempt, number_of_attempts, self.settings)
             if pause is None:
                 break

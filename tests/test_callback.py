@@ -186,6 +186,22 @@ async def test_an_unreachable_pbx_is_tried_once_and_finished_with_503():
     assert journal.entries[-1][1]["STATUS_CODE"] == "503"
 
 
+async def test_a_bug_in_the_dialer_still_finishes_the_callback_once(caplog):
+    journal = Journal([])  # originate pops from an empty list: an IndexError, as a bug would raise
+    assert await callback_flow(journal).handle(REQUEST) == "not_reached"
+    assert [entry[0] for entry in journal.entries] == ["route", "register", "originate", "finish"]
+    assert journal.entries[-1][1]["FAILED_REASON"] == "the PBX could not be asked: internal error (IndexError)"
+    assert "the attempt failed unexpectedly" in caplog.text
+
+
+async def test_a_form_whose_number_is_junk_logs_and_registers_only_its_digits(caplog):
+    journal = Journal([])
+    junk = dataclasses.replace(REQUEST, phone_number="12\nINFO forged log line 34")
+    assert await callback_flow(journal).handle(junk) == "refused_not_a_number"
+    assert journal.entries[1][1]["PHONE_NUMBER"] == "1234"
+    assert "forged" not in caplog.text and journal.entries[-1][1]["STATUS_CODE"] == "404"
+
+
 async def test_an_attempt_whose_report_never_comes_is_finished_as_unknown_and_not_tried_again():
     journal = Journal([ANSWERED])  # answered, and no report follows
     assert await callback_flow(journal, max_call=0.05).handle(REQUEST) == "not_reached"
