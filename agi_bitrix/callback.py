@@ -23,6 +23,7 @@ attempts were made. The form's TEXT is logged with the request (register has no 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -33,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from agi_bitrix.ami.protocol import Event
+from agi_bitrix.bitrix.users import User, answering_number
 from agi_bitrix.callback_settings import CallbackSettings
 from agi_bitrix.callcard.identity import CALL_ID_PATTERN, responsible_user
 from agi_bitrix.callcard.register import ENTITY_TYPES
@@ -60,6 +62,7 @@ _LINE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 CALLBACK = 4  # register's TYPE (api-reference/telephony/telephony-external-call-register.md)
 DONE_EVENT = "AgiBitrixCallbackDone"  # the sample's UserEvent when an attempt's channel hangs up
+AGENT_EVENT = "AgiBitrixCallbackAgent"  # the sample's UserEvent from the queue member who answered
 UNKNOWN = "OTHER"  # an attempt whose report never came (AMI lost): no retry, it may have reached the client
 
 
@@ -91,6 +94,13 @@ class Attempt:
     talk: float | None = None  # seconds the client talked; None: the client did not answer
     unknown: bool = False  # the agent answered, but the attempt's report never came
     pbx_error: str = ""  # the PBX could not be asked (the Originate may even have been sent)
+    agent_channel: str = ""  # the queue member's channel that answered ("" when no queue rang)
+
+
+class NumberLookup(Protocol):
+    """The user directory (bitrix/users.py): whose extension or mobile a number is."""
+
+    def by_number(self, number: str) -> User | None: ...
 
 
 class Routes(Protocol):
@@ -159,7 +169,9 @@ def attempt_of(event: Event, agent: OriginateOutcome) -> Attempt:
 
 class Callback:
     def __init__(self, config: Config, *, dialer: Dialer, routes: Routes, registrar: Registrar, outbox: FinishQueue,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+                 users: NumberLookup | None = None, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        """`users`: who the queue member that talked to the client is, for the finish (None: the
+        registered user is named)."""
         self.config = config
         self.settings: CallbackSettings = config.callback
         self.policy = dial_policy(config.clicktocall, config.policy.default_country)
@@ -167,18 +179,26 @@ class Callback:
         self.routes = routes
         self.registrar = registrar
         self.outbox = outbox
+        self.users = users
         self.sleep = sleep
         # One callback per number at a time (a form sent twice), within click-to-call's global rate.
         self.limits = ClickLimits(config.clicktocall.rate_per_second, config.clicktocall.rate_burst)
         self.outcomes: Counter[str] = Counter()  # how requests ended, for /healthz
         self._reports: dict[str, asyncio.Future[Event]] = {}
+        self._agents: dict[str, str] = {}  # attempt token -> the member's channel that answered
 
     def on_ami_event(self, event: Event) -> None:
-        """The AMI client's listener: an attempt's report wakes the attempt waiting for it."""
-        if event.name != "UserEvent" or event.get("UserEvent") != DONE_EVENT:
+        """The AMI client's listener: an attempt's report wakes the attempt waiting for it; the
+        member who answered (reported first) is kept for it."""
+        if event.name != "UserEvent" or event.get("UserEvent") not in (DONE_EVENT, AGENT_EVENT):
             return
-        waiting = self._reports.get(event.get("Attempt"))
-        if waiting is not None and not waiting.done():
+        token = event.get("Attempt")
+        waiting = self._reports.get(token)
+        if waiting is None or waiting.done():
+            return
+        if event.get("UserEvent") == AGENT_EVENT:
+            self._agents[token] = event.get("Agent")[:200]
+        else:
             waiting.set_result(event)
 
     async def handle(self, request: CallbackRequest) -> str:
@@ -238,7 +258,7 @@ class Callback:
                 break
             await self.sleep(pause)
         status = finish_status(attempt, number_of_attempts)
-        await self._finish(call_id, user_id, status)
+        await self._finish(call_id, self._talked_with(attempt) or user_id, status)
         return self._count("reached" if status[0] == ANSWERED else "not_reached")
 
     async def _attempt(self, call_id: str, target: AgentTarget, number: str, line: str) -> Attempt:
@@ -246,7 +266,8 @@ class Callback:
         report: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._reports[token] = report
         prefix = self.config.variable_prefix
-        variables = {f"{prefix}CALL_ID": call_id, f"{prefix}CALLBACK_ATTEMPT": token,
+        # The attempt's token reaches the queue member's channel too (inherited: "__").
+        variables = {f"{prefix}CALL_ID": call_id, f"__{prefix}CALLBACK_ATTEMPT": token,
                      f"{prefix}CALLBACK_SOUND": self.settings.announcement, f"{prefix}LINE_NUMBER": line}
         try:
             agent = await self.dialer.originate(target.channel, self.settings.context, number, variables, number,
@@ -259,9 +280,17 @@ class Callback:
                 log.error("callback %s: no report of the attempt within callback.max_call (%g s)", call_id,
                           self.settings.max_call)
                 return Attempt(agent, unknown=True)
-            return attempt_of(event, agent)
+            return dataclasses.replace(attempt_of(event, agent), agent_channel=self._agents.get(token, ""))
         finally:
             self._reports.pop(token, None)
+            self._agents.pop(token, None)
+
+    def _talked_with(self, attempt: Attempt) -> str:
+        """The user whose phone, a queue member, talked to the client; "" when unknown."""
+        if attempt.talk is None or not attempt.agent_channel or self.users is None:
+            return ""
+        user = self.users.by_number(answering_number(attempt.agent_channel))
+        return user.user_id if user is not None else ""
 
     async def _decision(self, phone: str, line: str) -> Decision | None:
         try:

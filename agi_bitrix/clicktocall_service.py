@@ -146,9 +146,10 @@ class ClickToCallService:
         if not config.callback.enabled or outbox is None or names is None:
             return None
         dialer: Dialer = AmiDialer(self.ami) if self.ami is not None else _NoAmi()
-        router = Router(config, names, users=users if isinstance(users, UserDirectory) else None)
+        directory = users if isinstance(users, UserDirectory) else None
+        router = Router(config, names, users=directory)
         flow = Callback(config, dialer=dialer, routes=router, registrar=PortalRegistrar(config, current_portal),
-                        outbox=outbox)
+                        outbox=outbox, users=directory)
         if self.ami is not None:
             self.ami.add_listener(flow.on_ami_event)
         return flow

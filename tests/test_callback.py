@@ -11,6 +11,7 @@ import pytest
 
 from agi_bitrix.ami.protocol import Event
 from agi_bitrix.bitrix.models import CrmAnswer, CrmEntity, Owner
+from agi_bitrix.bitrix.users import User
 from agi_bitrix.callback import (
     Attempt,
     Callback,
@@ -120,8 +121,12 @@ class Journal:
         if isinstance(outcome, OriginateOutcome):
             return outcome
         assert self.flow is not None  # the report arrives while the attempt waits for it
-        fields = {"Event": "UserEvent", "UserEvent": "AgiBitrixCallbackDone",
-                  "Attempt": variables["B24_CALLBACK_ATTEMPT"], **outcome}
+        token = variables["__B24_CALLBACK_ATTEMPT"]
+        if "Agent" in outcome:  # the member's report comes first, before the call is connected
+            self.flow.on_ami_event(Event((("Event", "UserEvent"), ("UserEvent", "AgiBitrixCallbackAgent"),
+                                          ("Attempt", token), ("Agent", outcome["Agent"]))))
+        fields = {"Event": "UserEvent", "UserEvent": "AgiBitrixCallbackDone", "Attempt": token,
+                  **{key: value for key, value in outcome.items() if key != "Agent"}}
         asyncio.get_running_loop().call_soon(self.flow.on_ami_event, Event(tuple(fields.items())))
         return ANSWERED
 
@@ -133,9 +138,17 @@ class Journal:
         self.entries.append(("sleep", seconds))
 
 
+class Members:
+    """The user directory: extension 181 is user 81's."""
+
+    def by_number(self, number: str) -> User | None:
+        return User("81", True, extension="181") if number == "181" else None
+
+
 def callback_flow(journal: Journal, **settings: Any) -> Callback:
     config = dataclasses.replace(CONFIG, callback=dataclasses.replace(SETTINGS, **settings))
-    flow = Callback(config, dialer=journal, routes=journal, registrar=journal, outbox=journal, sleep=journal.sleep)
+    flow = Callback(config, dialer=journal, routes=journal, registrar=journal, outbox=journal, users=Members(),
+                    sleep=journal.sleep)
     journal.flow = flow
     return flow
 
@@ -159,6 +172,13 @@ async def test_a_client_who_answers_the_second_attempt_is_registered_once_and_fi
     assert journal.entries[2] == journal.entries[4] == dialled
     assert journal.entries[-1] == ("finish", {"CALL_ID": "externalCall.1", "USER_ID": "9", "DURATION": 30,
                                               "STATUS_CODE": "200"})
+
+
+async def test_the_finish_names_the_queue_member_who_talked_to_the_client_not_the_registered_user():
+    journal = Journal([{**RANG, "Agent": "PJSIP/182-00000001"}, {**TALKED, "Agent": "PJSIP/181-00000002"}])
+    assert await callback_flow(journal).handle(REQUEST) == "reached"
+    assert journal.entries[1][1]["USER_ID"] == "9"  # registered for the line's responsible user
+    assert journal.entries[-1][1]["USER_ID"] == "81"  # who answered the attempt that reached the client
 
 
 async def test_a_client_who_never_answers_is_finished_as_missed_after_the_configured_attempts():

@@ -47,7 +47,8 @@ LAYERS: dict[str, set[str]] = {
                            "agi_bitrix.config", "agi_bitrix.callrecord", "agi_bitrix.calllog",
                            "agi_bitrix.monitoring"},
     # Callback requests' flow: routed by the Router's decision, dialled like a click, finished through the outbox.
-    "agi_bitrix.callback": {"agi_bitrix.ami.protocol", "agi_bitrix.callback_settings", "agi_bitrix.callcard",
+    "agi_bitrix.callback": {"agi_bitrix.ami.protocol", "agi_bitrix.bitrix.users", "agi_bitrix.callback_settings",
+                            "agi_bitrix.callcard",
                             "agi_bitrix.callrecord", "agi_bitrix.clicktocall", "agi_bitrix.config",
                             "agi_bitrix.dialpolicy", "agi_bitrix.phones", "agi_bitrix.routing.engine"},
     # The admin page: the running parts' state through the Router it is handed, the recent calls'

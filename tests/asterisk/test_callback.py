@@ -32,6 +32,7 @@ from agi_bitrix.bitrix.cache import AnswerCache
 from agi_bitrix.bitrix.client import PortalClient, make_session
 from agi_bitrix.bitrix.lookup import CrmLookup, LookupMemory
 from agi_bitrix.bitrix.settings import CacheSettings
+from agi_bitrix.bitrix.users import User
 from agi_bitrix.callback import Callback, CallbackRequest
 from agi_bitrix.callback_settings import CallbackSettings
 from agi_bitrix.clicktocall import OriginateOutcome
@@ -52,6 +53,7 @@ pytestmark = [pytest.mark.asterisk, pytest.mark.asyncio(loop_scope="session"), p
 
 QUEUE, LINE = "callback-sales", "74951230000"
 FREEPBX_QUEUE = "402"  # FreePBX names a queue by its number
+RESPONSIBLE_ID = "9"  # callcard.register.default_user: who a queue's callback is registered for
 # The line's queue: one member, the agent's phone stand-in (answers when TEST_AGENT is "answers").
 CALLBACK_QUEUES = f"""
 [general]
@@ -109,6 +111,7 @@ async def freepbx_ami(freepbx_callback_pbx: AsteriskPbx) -> AsyncIterator[AmiCli
 async def portal_client(portal) -> AsyncIterator[PortalClient]:
     # The portal knows the agent (register checks USER_ID): a CRM object of theirs makes them a user.
     portal.set_client("74950000081", [crm_object(int(AGENT_ID), "OPENED", extension=AGENT_EXTENSION)])
+    portal.set_client("74950000009", [crm_object(int(RESPONSIBLE_ID), "OPENED")])
     async with make_session() as session:
         yield PortalClient(portal.webhook_url, session, timeout=2.0, budget=ample_budget())
 
@@ -173,7 +176,7 @@ def callback_flow(portal, ami: AmiClient, portal_client: PortalClient, dialer: A
     config = parse_config(f"bitrix: {{webhook_url: '{portal.webhook_url}'}}\n"
                           "routing: {fallback_queue: support, rules: [{name: owner-at-work,"
                           " match: {timeman: [OPENED]}, route: [extension, queue]}]}\n"
-                          f"callcard: {{register: {{default_user: '{AGENT_ID}'}}}}\n")
+                          f"callcard: {{register: {{default_user: '{RESPONSIBLE_ID}'}}}}\n")
     callback = CallbackSettings(line_queues=((LINE, QUEUE),), owner_channel="Local/{extension}@agi-bitrix-test-agents",
                                 announcement=sound, ring=10.0, attempts=2, interval=0.5, min_talk=0.5,
                                 max_call=60.0)
@@ -181,8 +184,15 @@ def callback_flow(portal, ami: AmiClient, portal_client: PortalClient, dialer: A
     memory = LookupMemory(AnswerCache(CacheSettings()), CircuitBreaker(failures=10_000, cool_down=1))
     router = Router(config, CrmLookup(portal_client, memory, deadline=1.5))
     flow = Callback(config, dialer=dialer, routes=router, registrar=PortalRegistrar(config, lambda: portal_client),
-                    outbox=PortalOutbox(portal_client))
+                    outbox=PortalOutbox(portal_client), users=Members())
     return flow, ami.add_listener(flow.on_ami_event)
+
+
+class Members:
+    """The user directory: the agent's extension is the agent's."""
+
+    def by_number(self, number: str) -> User | None:
+        return User(AGENT_ID, True, extension=AGENT_EXTENSION) if number == AGENT_EXTENSION else None
 
 
 def request(client: str) -> CallbackRequest:
@@ -210,12 +220,12 @@ async def run(pbx, portal, ami, portal_client, client: str, client_answers: tupl
     return outcome, telephony_methods(portal, since), heard, dialer
 
 
-def assert_registered(methods: list[tuple[str, dict[str, Any]]], client: str) -> str:
+def assert_registered(methods: list[tuple[str, dict[str, Any]]], client: str, user: str = RESPONSIBLE_ID) -> str:
     assert [name for name, _ in methods] == [SEARCH, REGISTER, FINISH], methods
     register = methods[1][1]
     assert {key: str(register.get(key)) for key in ("USER_ID", "PHONE_NUMBER", "TYPE", "LINE_NUMBER",
                                                     "CRM_ENTITY_TYPE", "CRM_ENTITY_ID")} == {
-        "USER_ID": AGENT_ID, "PHONE_NUMBER": client, "TYPE": "4", "LINE_NUMBER": LINE, "CRM_ENTITY_TYPE": "CONTACT",
+        "USER_ID": user, "PHONE_NUMBER": client, "TYPE": "4", "LINE_NUMBER": LINE, "CRM_ENTITY_TYPE": "CONTACT",
         "CRM_ENTITY_ID": "710"}
     return methods[2][1]["CALL_ID"]
 
@@ -228,7 +238,8 @@ async def test_the_queue_agent_answers_hears_the_announcement_and_the_client_ans
     assert outcome == "reached" and dialer.attempts == 1
     call_id = assert_registered(methods, client)
     finish = methods[2][1]
-    # The client's stand-in talks for one second (Answer, Wait(1), Hangup).
+    # The client's stand-in talks for one second (Answer, Wait(1), Hangup); the finish names the
+    # queue member who talked, not the line's responsible user the callback was registered for.
     assert (finish["CALL_ID"], finish["USER_ID"], finish["STATUS_CODE"]) == (call_id, AGENT_ID, "200")
     assert 1 <= int(finish["DURATION"]) <= 2 and "FAILED_REASON" not in finish
     assert len(heard.user_events("AgiBitrixTestAgentRing", Number=AGENT_EXTENSION)) == 1
@@ -247,7 +258,7 @@ async def test_a_client_who_does_not_answer_is_called_again_and_answers_the_seco
     assert [e.get("DialStatus") for e in heard.user_events("AgiBitrixCallbackDone")] == ["NOANSWER", "ANSWER"]
     assert len(heard.user_events("AgiBitrixTestRing", Number=client)) == 2
     finish = methods[2][1]
-    assert finish["STATUS_CODE"] == "200" and 1 <= int(finish["DURATION"]) <= 2
+    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (AGENT_ID, "200") and 1 <= int(finish["DURATION"]) <= 2
 
 
 async def test_a_client_who_never_answers_is_finished_as_missed_after_the_configured_attempts(
@@ -260,7 +271,7 @@ async def test_a_client_who_never_answers_is_finished_as_missed_after_the_config
     assert [e.get("DialStatus") for e in heard.user_events("AgiBitrixCallbackDone")] == ["NOANSWER", "NOANSWER"]
     finish = methods[2][1]
     assert (finish["USER_ID"], str(finish["DURATION"]), finish["STATUS_CODE"], finish["FAILED_REASON"]) == (
-        AGENT_ID, "0", "304", "the client was not reached (NOANSWER) after 2 attempt(s)")
+        RESPONSIBLE_ID, "0", "304", "the client was not reached (NOANSWER) after 2 attempt(s)")
 
 
 async def test_the_owner_at_work_gets_the_callback_on_their_own_phone(callback_pbx, ami, portal, portal_client,
@@ -272,7 +283,7 @@ async def test_the_owner_at_work_gets_the_callback_on_their_own_phone(callback_p
                                            line_queues=())
 
     assert outcome == "reached"
-    assert_registered(methods, client)
+    assert_registered(methods, client, user=AGENT_ID)
     # No queue for the line, and routing's queue (support) does not exist on this Asterisk: the
     # agent's phone rang as the owner's extension (owner_channel), or not at all.
     assert len(heard.user_events("AgiBitrixTestAgentRing", Number=AGENT_EXTENSION)) == 1
@@ -288,7 +299,7 @@ async def test_a_premium_rate_number_is_refused_by_the_dial_policy_and_finished_
     assert outcome == "refused_number_type" and dialer.attempts == 0
     assert_registered(methods, premium)
     finish = methods[2][1]
-    assert (finish["USER_ID"], str(finish["DURATION"]), finish["STATUS_CODE"]) == (AGENT_ID, "0", "403")
+    assert (finish["USER_ID"], str(finish["DURATION"]), finish["STATUS_CODE"]) == (RESPONSIBLE_ID, "0", "403")
     assert "PREMIUM_RATE" in finish["FAILED_REASON"]
     assert heard.user_events("AgiBitrixTestAgentRing") == heard.user_events("AgiBitrixTestRing") == []
 
@@ -307,4 +318,5 @@ async def test_on_freepbx_the_queue_by_number_rings_the_agent_and_the_client_lea
     assert [e.get("CallerID") for e in heard.user_events("AgiBitrixTestRing", Number=client)] == [ROUTE_CID]
     [report] = heard.user_events("AgiBitrixCallbackDone")
     assert (report.get("DialStatus"), report.get("Announcement")) == ("ANSWER", "SUCCESS")
-    assert methods[2][1]["STATUS_CODE"] == "200" and 1 <= int(methods[2][1]["DURATION"]) <= 2
+    assert (methods[2][1]["USER_ID"], methods[2][1]["STATUS_CODE"]) == (AGENT_ID, "200")
+    assert 1 <= int(methods[2][1]["DURATION"]) <= 2
