@@ -30,6 +30,10 @@ from agi_bitrix.bitrix.event_subscription import EventsStatus
 from agi_bitrix.bitrix.events import HANDLER, OFFLINE, CallbackStart, Event, EventObserver, ExternalCallStart
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.shared import RedisLink
+from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.callback import Callback, CallbackRequest
+from agi_bitrix.callcard.holders import CardHolders
+from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.clicktocall import (
     ClickToCall,
     ClickToCallEvent,
@@ -41,6 +45,7 @@ from agi_bitrix.clicktocall import (
     UserLookup,
 )
 from agi_bitrix.config import Config
+from agi_bitrix.service import Router
 
 log = logging.getLogger("agi_bitrix.clicktocall")
 
@@ -81,6 +86,20 @@ class CurrentLookup:
         return await self._current().lookup(phone)
 
 
+class PortalRegistrar:
+    """The callback's register through RegisterService, with the portal of the config in force."""
+
+    def __init__(self, config: Config, current_portal: Callable[[], PortalClient]) -> None:
+        self.config = config
+        self._current_portal = current_portal
+        self._holders = CardHolders()
+
+    async def send_register(self, params: dict[str, Any], uniqueid: str, *, show: bool,
+                            crm_create: bool) -> tuple[str, str]:
+        register = RegisterService(self.config, self._current_portal(), self._holders)
+        return await register.send_register(params, uniqueid, show=show, crm_create=crm_create)
+
+
 class ClickToCallService:
     """AMI (with an `ami` section), the events (with `events.mode` not off) and the flow (with a
     `clicktocall` section), as one part of the Application."""
@@ -98,6 +117,7 @@ class ClickToCallService:
             self.flow = ClickToCall(config.clicktocall, default_country=config.policy.default_country,
                                     prefix=config.variable_prefix, dialer=dialer, users=users, outbox=outbox,
                                     names=names)
+        self.callback = self._callback_flow(config, current_portal, users, outbox, names)
         self._clicks: set[asyncio.Task[str]] = set()
         self.callbacks_ignored = 0
         self._current_portal = current_portal
@@ -119,6 +139,21 @@ class ClickToCallService:
             part = self.poller = OfflinePoller(current_portal, gate, self.take, interval=events.poll_interval)
         self.status = EventsStatus(events.mode, events.public_url, gate, part)
 
+    def _callback_flow(self, config: Config, current_portal: Callable[[], PortalClient], users: UserLookup | None,
+                       outbox: FinishQueue | None, names: CrmNames | None) -> Callback | None:
+        """The callback requests' flow (with a `callback` section): routed like an incoming call
+        by the same Router, each attempt's report heard on the AMI connection."""
+        if not config.callback.enabled or outbox is None or names is None:
+            return None
+        dialer: Dialer = AmiDialer(self.ami) if self.ami is not None else _NoAmi()
+        directory = users if isinstance(users, UserDirectory) else None
+        router = Router(config, names, users=directory)
+        flow = Callback(config, dialer=dialer, routes=router, registrar=PortalRegistrar(config, current_portal),
+                        outbox=outbox, users=directory)
+        if self.ami is not None:
+            self.ami.add_listener(flow.on_ami_event)
+        return flow
+
     def add_routes(self, app: web.Application) -> None:
         """Handler mode's POST route, on the HTTP listener beside the admin page."""
         if self.receiver is not None:
@@ -128,9 +163,7 @@ class ClickToCallService:
         """The events' handler: returns once the click is the flow's (the offline poller confirms
         the record then), not when the call ends; the flow finishes every click it does not place."""
         if isinstance(event, CallbackStart):
-            self.callbacks_ignored += 1
-            log.warning("callback request from the CRM for %s: callback requests are not handled by this version;"
-                        " the portal's own callback handling applies", event.phone[:40])
+            await self._take_callback(event)
             return
         assert isinstance(event, ExternalCallStart)
         if self.flow is None:
@@ -143,6 +176,24 @@ class ClickToCallService:
             await self.flow.refuse_busy(click)
             return
         task = asyncio.create_task(self.flow.handle(click))
+        self._clicks.add(task)
+        task.add_done_callback(self._click_done)
+
+    async def _take_callback(self, event: CallbackStart) -> None:
+        if self.callback is None:
+            self.callbacks_ignored += 1
+            log.error("callback request from the CRM for %s: no callback section, so nobody calls back",
+                      event.phone[:40])
+            return
+        request = CallbackRequest(event.phone, event.text, event.line_number, event.crm_entity_type,
+                                  event.crm_entity_id, event.key)
+        if len(self._clicks) >= MAX_CLICKS_IN_FLIGHT:
+            self.callbacks_ignored += 1
+            log.error("callback request for %s: %d clicks and callbacks are in flight on this server; not called"
+                      " back", event.phone[:40], len(self._clicks))
+            return
+        # Attempts and their intervals take minutes: the same bounded set of tasks as clicks.
+        task = asyncio.create_task(self.callback.handle(request))
         self._clicks.add(task)
         task.add_done_callback(self._click_done)
 
@@ -190,6 +241,8 @@ class ClickToCallService:
             "clicktocall": ({"state": "off"} if self.flow is None else
                             {"state": "on", "in_flight": len(self._clicks), "outcomes": dict(self.flow.outcomes),
                              "callbacks_ignored": self.callbacks_ignored}),
+            "callback": ({"state": "off", "ignored": self.callbacks_ignored} if self.callback is None else
+                         {"state": "on", "outcomes": dict(self.callback.outcomes), "ignored": self.callbacks_ignored}),
         }
 
 
