@@ -113,9 +113,9 @@ class ClickServer(CallCardServer):
         self.config = config
         self.set_events_mode("handler")
 
-    def set_events_mode(self, mode: str) -> None:
+    def set_events_mode(self, mode: str, poll_interval: float = POLL_INTERVAL) -> None:
         self.config["events"] = ({"mode": "handler", "handler": {"path": EVENTS_PATH, "public_url": self.events_url}}
-                                 if mode == "handler" else {"mode": "offline", "offline": {"poll_interval": POLL_INTERVAL}})
+                                 if mode == "handler" else {"mode": "offline", "offline": {"poll_interval": poll_interval}})
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     @property
@@ -280,9 +280,10 @@ async def install(server: ClickServer, portal: PortalEmulator, oauth: OAuthServe
     portal.events.application_token = oauth.application_token
 
 
-async def switch_mode(server: ClickServer, mode: str) -> None:
+async def switch_mode(server: ClickServer, mode: str, poll_interval: float = POLL_INTERVAL) -> None:
+    """The admin's way: the config, `events bind`, a restart."""
     server.stop()
-    server.set_events_mode(mode)
+    server.set_events_mode(mode, poll_interval)
     await server.bind_events()
     server.start()
     await until(lambda: server.health()["ami"].get("up") and server.health()["users"].get("users"), WAIT,
