@@ -64,7 +64,7 @@ AGI_BITRIX_OUTBOUND_CONTEXT={CLIENTS_CONTEXT}
 AGI_BITRIX_CLIENT_RING=10
 
 [{AGENTS_CONTEXT}]
-exten => _X.,1,UserEvent({AGENT_RING},Number: ${{EXTEN}},CallId: ${{B24_CALL_ID}},CallerID: ${{CALLERID(num)}})
+exten => _X.,1,UserEvent({AGENT_RING},Number: ${{EXTEN}},CallId: ${{B24_CALL_ID}},CallerID: ${{CALLERID(num)}},At: ${{STRFTIME(,,%s.%3q)}})
  same => n,Set(TIMEOUT(absolute)=60)
  same => n,GotoIf($["${{EXTEN:0:1}}" = "1"]?answer)
  same => n,Wait(120)
@@ -223,10 +223,11 @@ class Click:
 
 
 @asynccontextmanager
-async def running_emulator() -> AsyncIterator[tuple[PortalEmulator, OAuthServer]]:
-    """The portal with our application installable, and every agent in its user directory."""
+async def running_emulator(**options: Any) -> AsyncIterator[tuple[PortalEmulator, OAuthServer]]:
+    """The portal (`options` as for PortalEmulator) with our application installable, and every
+    agent in its user directory."""
     # application_only: event.* through a webhook would be refused, as the docs say.
-    portal = PortalEmulator(application_only=True)
+    portal = PortalEmulator(application_only=True, **options)
     await portal.start()
     oauth = await OAuthServer(portal, client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
     portal.events.domain, portal.events.member_id = oauth.domain, oauth.member_id
