@@ -8,9 +8,10 @@ callback, subscribed with `agi-bitrix events bind`, `ami`, `events`, `clicktocal
 phones. Each click is a genuine ONEXTERNALCALLSTART from a different user: in handler mode the
 emulator POSTs it to the server; in offline mode it is queued in the emulator's offline queue,
 which the server polls. A click is timed from the POST (or the moment it is queued) to the
-agent's phone ringing: the UserEvent the agent's stand-in sends as its channel enters the
-dialplan, carrying the click's CALL_ID, read over an AMI connection of the bench's own. Then each
-agent answers, the client is dialled, talks one second and hangs up, and the call is finished.
+agent's phone ringing: the time Asterisk stamps on the UserEvent the agent's stand-in sends as
+its channel enters the dialplan (with the click's CALL_ID; read over an AMI connection of the
+bench's own). Then each agent answers, the client is dialled, talks one second and hangs up, and
+the call is finished.
 
     .venv/bin/python bench/click_bench.py [--clicks 50] [--poll-interval 1.0] [--round-trip 0.05] [--shipped-budget]
                                                                                 # ~30 s; 60 s with --shipped-budget

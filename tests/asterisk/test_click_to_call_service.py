@@ -19,6 +19,7 @@ test_click_to_call.py holds the dialplan's own rows (busy client, cancel, FreePB
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -177,6 +178,24 @@ async def test_asterisk_killed_and_restarted_the_server_finishes_clicks_as_faile
     assert phones.agents_rung_for(call_id) == ["106"] and len(phones.clients_rung(client)) == 1
     assert (finish["CALL_ID"], finish["STATUS_CODE"]) == (call_id, "200")
     assert server.health()["ami"]["reconnects"] >= 1
+
+
+async def test_a_reload_that_changes_click_to_call_says_it_needs_a_restart(setup, phones, clicks):
+    """ami, events and clicktocall are read at start: a SIGHUP that changes them must not look applied."""
+    server, _ = setup
+    server.config["clicktocall"]["ring"] = RING + 1
+    server.set_events_mode("handler")  # writes the config
+    try:
+        server.process.send_signal(signal.SIGHUP)
+        await until(lambda: "config reloaded" in server.log(), WAIT, interval=0.1, what="the reload")
+        assert "the ami, events or clicktocall section changed; it takes effect after a restart" in server.log()
+        # Still working with what it started with.
+        client = fresh_client()
+        call_id = await clicks.click("9", client)
+        assert (await clicks.finish_of(call_id))["STATUS_CODE"] == "200"
+    finally:
+        server.config["clicktocall"]["ring"] = RING
+        server.set_events_mode("handler")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
