@@ -390,6 +390,8 @@ class Application:
             log.warning("callcard section or callcard.outbox changed; it takes effect after a restart")
         if new.users.refresh != old.users.refresh:
             log.warning("users.refresh changed; it takes effect after a restart")
+        if (new.ami, new.events, new.clicktocall) != (old.ami, old.events, old.clicktocall):
+            log.warning("the ami, events or clicktocall section changed; it takes effect after a restart")
         if new.redis != old.redis or (new.redis is not None and _portal_identity(new) != _portal_identity(old)):
             log.warning("the redis section or the portal changed; the shared state follows after a restart")
 

@@ -52,6 +52,12 @@ log = logging.getLogger("agi_bitrix.clicktocall")
 # Clicks being placed at once (each holds a task until its agent's phone answers or gives up);
 # past it a click is finished at once as the server being busy, never queued without bound.
 MAX_CLICKS_IN_FLIGHT = 200
+# How often /healthz's events.subscribed is asked again (event.get, a request that can wait): the
+# portal drops our bindings when the application is updated or removed (event-bind.md), and the
+# admin installs the application and runs `events bind` while the server runs (its install callback
+# takes the install), so an answer from the start alone would stay wrong until a restart.
+STATUS_REFRESH = 300.0
+STATUS_RETRY = 10.0  # while not subscribed, or the portal could not tell
 
 
 class AmiDialer:
@@ -208,15 +214,22 @@ class ClickToCallService:
         if self.poller is not None:
             self.poller.start()
         if self.status is not None:
-            # Whether the portal still has our bindings; a request that can wait, in the background.
+            # Whether the portal has our bindings, asked again and again; requests that can wait, in
+            # the background.
             self._status_task = asyncio.create_task(self._refresh_status())
 
     async def _refresh_status(self) -> None:
         assert self.status is not None
-        try:
-            await self.status.refresh(self._current_portal())
-        except Exception:  # a bug: /healthz says unknown, the log says why
-            log.exception("click-to-call events: asking event.get failed unexpectedly")
+        failed_before = False
+        while True:
+            try:
+                await self.status.refresh(self._current_portal())
+                failed_before = False
+            except Exception:  # a bug: /healthz says unknown, the log says why (once, not every retry)
+                if not failed_before:
+                    log.exception("click-to-call events: asking event.get failed unexpectedly")
+                failed_before = True
+            await asyncio.sleep(STATUS_REFRESH if self.status.subscribed else STATUS_RETRY)
 
     async def close(self) -> None:
         if self.receiver is not None:
