@@ -118,6 +118,7 @@ class Application:
                              self.outbox, None if self.shared is None else self.shared.link, users=self.users,
                              lines=self.lines, clicktocall=self.clicktocall)
         self._watch()
+        self.pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
         self.http_listener = self._http_listener(config)
 
     def _click_to_call(self, config: Config) -> ClickToCallService:
@@ -140,7 +141,7 @@ class Application:
         install = InstallCallback(lambda: self.runtime.portal, self.session,
                                   count_refusal=self.metrics.count_install_refused)
         forms = {oauth.install_path: install.handle} if oauth is not None and oauth.install_path else {}
-        pages = AdminPages(lambda: self.runtime, self.health, self.recent, config.http)
+        pages = self.pages
 
         def routes(app: web.Application) -> None:
             pages.add_routes(app)

@@ -30,6 +30,10 @@ from agi_bitrix.bitrix.event_subscription import EventsStatus
 from agi_bitrix.bitrix.events import HANDLER, OFFLINE, CallbackStart, Event, EventObserver, ExternalCallStart
 from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.bitrix.shared import RedisLink
+from agi_bitrix.bitrix.users import UserDirectory
+from agi_bitrix.callback import Callback, CallbackRequest
+from agi_bitrix.callcard.holders import CardHolders
+from agi_bitrix.callcard.register import RegisterService
 from agi_bitrix.clicktocall import (
     ClickToCall,
     ClickToCallEvent,
@@ -41,12 +45,19 @@ from agi_bitrix.clicktocall import (
     UserLookup,
 )
 from agi_bitrix.config import Config
+from agi_bitrix.service import Router
 
 log = logging.getLogger("agi_bitrix.clicktocall")
 
 # Clicks being placed at once (each holds a task until its agent's phone answers or gives up);
 # past it a click is finished at once as the server being busy, never queued without bound.
 MAX_CLICKS_IN_FLIGHT = 200
+# How often /healthz's events.subscribed is asked again (event.get, a request that can wait): the
+# portal drops our bindings when the application is updated or removed (event-bind.md), and the
+# admin installs the application and runs `events bind` while the server runs (its install callback
+# takes the install), so an answer from the start alone would stay wrong until a restart.
+STATUS_REFRESH = 300.0
+STATUS_RETRY = 10.0  # while not subscribed, or the portal could not tell
 
 
 class AmiDialer:
@@ -81,6 +92,20 @@ class CurrentLookup:
         return await self._current().lookup(phone)
 
 
+class PortalRegistrar:
+    """The callback's register through RegisterService, with the portal of the config in force."""
+
+    def __init__(self, config: Config, current_portal: Callable[[], PortalClient]) -> None:
+        self.config = config
+        self._current_portal = current_portal
+        self._holders = CardHolders()
+
+    async def send_register(self, params: dict[str, Any], uniqueid: str, *, show: bool,
+                            crm_create: bool) -> tuple[str, str]:
+        register = RegisterService(self.config, self._current_portal(), self._holders)
+        return await register.send_register(params, uniqueid, show=show, crm_create=crm_create)
+
+
 class ClickToCallService:
     """AMI (with an `ami` section), the events (with `events.mode` not off) and the flow (with a
     `clicktocall` section), as one part of the Application."""
@@ -98,6 +123,7 @@ class ClickToCallService:
             self.flow = ClickToCall(config.clicktocall, default_country=config.policy.default_country,
                                     prefix=config.variable_prefix, dialer=dialer, users=users, outbox=outbox,
                                     names=names)
+        self.callback = self._callback_flow(config, current_portal, users, outbox, names)
         self._clicks: set[asyncio.Task[str]] = set()
         self.callbacks_ignored = 0
         self._current_portal = current_portal
@@ -119,6 +145,21 @@ class ClickToCallService:
             part = self.poller = OfflinePoller(current_portal, gate, self.take, interval=events.poll_interval)
         self.status = EventsStatus(events.mode, events.public_url, gate, part)
 
+    def _callback_flow(self, config: Config, current_portal: Callable[[], PortalClient], users: UserLookup | None,
+                       outbox: FinishQueue | None, names: CrmNames | None) -> Callback | None:
+        """The callback requests' flow (with a `callback` section): routed like an incoming call
+        by the same Router, each attempt's report heard on the AMI connection."""
+        if not config.callback.enabled or outbox is None or names is None:
+            return None
+        dialer: Dialer = AmiDialer(self.ami) if self.ami is not None else _NoAmi()
+        directory = users if isinstance(users, UserDirectory) else None
+        router = Router(config, names, users=directory)
+        flow = Callback(config, dialer=dialer, routes=router, registrar=PortalRegistrar(config, current_portal),
+                        outbox=outbox, users=directory)
+        if self.ami is not None:
+            self.ami.add_listener(flow.on_ami_event)
+        return flow
+
     def add_routes(self, app: web.Application) -> None:
         """Handler mode's POST route, on the HTTP listener beside the admin page."""
         if self.receiver is not None:
@@ -128,9 +169,7 @@ class ClickToCallService:
         """The events' handler: returns once the click is the flow's (the offline poller confirms
         the record then), not when the call ends; the flow finishes every click it does not place."""
         if isinstance(event, CallbackStart):
-            self.callbacks_ignored += 1
-            log.warning("callback request from the CRM for %s: callback requests are not handled by this version;"
-                        " the portal's own callback handling applies", event.phone[:40])
+            await self._take_callback(event)
             return
         assert isinstance(event, ExternalCallStart)
         if self.flow is None:
@@ -146,6 +185,24 @@ class ClickToCallService:
         self._clicks.add(task)
         task.add_done_callback(self._click_done)
 
+    async def _take_callback(self, event: CallbackStart) -> None:
+        if self.callback is None:
+            self.callbacks_ignored += 1
+            log.error("callback request from the CRM for %s: no callback section, so nobody calls back",
+                      event.phone[:40])
+            return
+        request = CallbackRequest(event.phone, event.text, event.line_number, event.crm_entity_type,
+                                  event.crm_entity_id, event.key)
+        if len(self._clicks) >= MAX_CLICKS_IN_FLIGHT:
+            self.callbacks_ignored += 1
+            log.error("callback request for %s: %d clicks and callbacks are in flight on this server; not called"
+                      " back", event.phone[:40], len(self._clicks))
+            return
+        # Attempts and their intervals take minutes: the same bounded set of tasks as clicks.
+        task = asyncio.create_task(self.callback.handle(request))
+        self._clicks.add(task)
+        task.add_done_callback(self._click_done)
+
     def _click_done(self, task: asyncio.Task[str]) -> None:
         self._clicks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -157,15 +214,22 @@ class ClickToCallService:
         if self.poller is not None:
             self.poller.start()
         if self.status is not None:
-            # Whether the portal still has our bindings; a request that can wait, in the background.
+            # Whether the portal has our bindings, asked again and again; requests that can wait, in
+            # the background.
             self._status_task = asyncio.create_task(self._refresh_status())
 
     async def _refresh_status(self) -> None:
         assert self.status is not None
-        try:
-            await self.status.refresh(self._current_portal())
-        except Exception:  # a bug: /healthz says unknown, the log says why
-            log.exception("click-to-call events: asking event.get failed unexpectedly")
+        failed_before = False
+        while True:
+            try:
+                await self.status.refresh(self._current_portal())
+                failed_before = False
+            except Exception:  # a bug: /healthz says unknown, the log says why (once, not every retry)
+                if not failed_before:
+                    log.exception("click-to-call events: asking event.get failed unexpectedly")
+                failed_before = True
+            await asyncio.sleep(STATUS_REFRESH if self.status.subscribed else STATUS_RETRY)
 
     async def close(self) -> None:
         if self.receiver is not None:
@@ -190,6 +254,8 @@ class ClickToCallService:
             "clicktocall": ({"state": "off"} if self.flow is None else
                             {"state": "on", "in_flight": len(self._clicks), "outcomes": dict(self.flow.outcomes),
                              "callbacks_ignored": self.callbacks_ignored}),
+            "callback": ({"state": "off", "ignored": self.callbacks_ignored} if self.callback is None else
+                         {"state": "on", "outcomes": dict(self.callback.outcomes), "ignored": self.callbacks_ignored}),
         }
 
 

@@ -35,6 +35,7 @@ from agi_bitrix.bitrix.settings import (
     check_redis_url,
     portal_base,
 )
+from agi_bitrix.callback_settings import CallbackSettings
 from agi_bitrix.checking import Checker, ConfigError, LocatedDict, LocatedList, Problem, quoted, read_file
 from agi_bitrix.dialpolicy import ClickToCallSettings
 from agi_bitrix.phones import normalize_number
@@ -448,6 +449,9 @@ class Config:
     # Click-to-call (ONEXTERNALCALLSTART over AMI): on with its section, declared in dialpolicy.py.
     clicktocall: ClickToCallSettings = section("clicktocall", ClickToCallSettings,
                                                absent=ClickToCallSettings(enabled=False), restart=True)
+    # Callback requests (ONEXTERNALCALLBACKSTART over AMI): on with its section, declared in callback_settings.py.
+    callback: CallbackSettings = section("callback", CallbackSettings, absent=CallbackSettings(enabled=False),
+                                        restart=True)
     # State shared with the other servers of one portal; off (all in this process) without the section.
     redis: RedisSettings | None = section("redis", RedisSettings, absent=None, restart=True)
     # Click-to-call's events: off without the section.
@@ -515,6 +519,13 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if clicktocall.enabled and (users.refresh == 0 or users.automatic):
         check.problem(data.lines["clicktocall"], "clicktocall",
                       "needs the users section (with refresh above 0): the user directory gives each user's extension")
+    callback = read("callback")
+    if callback.enabled and not callcard.enabled:
+        check.problem(data.lines["callback"], "callback",
+                      "needs the callcard section: a callback is registered and finished through it")
+    if callback.enabled and ami is None:
+        check.problem(data.lines["callback"], "callback",
+                      "needs the ami section: a callback rings the agents through Asterisk's manager (Originate)")
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -527,7 +538,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     check.raise_problems()
     return Config(path=file, digest=digest, server=server, bitrix=bitrix, variable_prefix=prefix, policy=policy,
                   cache=cache, http=http, call_log=call_log, callcard=callcard, users=users, redis=redis,
-                  events=events, ami=ami, lines=lines, clicktocall=clicktocall, deprecated=http_notes + cards_notes)
+                  events=events, ami=ami, lines=lines, clicktocall=clicktocall, callback=callback,
+                  deprecated=http_notes + cards_notes)
 
 
 def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: BitrixSettings,

@@ -42,16 +42,19 @@ _CHANNEL_TEMPLATE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/[A-Za-z0-9_@./:+{}-]{1,1
 _CONTEXT = re.compile(r"^[A-Za-z0-9_-]{1,79}$")
 
 
-def _channel_template(value: str) -> str:
-    if not _CHANNEL_TEMPLATE.fullmatch(value) or "{extension}" not in value:
-        raise ValueError(f"{quoted(value)} must be a channel like PJSIP/{{extension}} or"
-                         " Local/{extension}@from-internal, with {extension} in it")
-    if value.replace("{extension}", "").count("{") or value.replace("{extension}", "").count("}"):
-        raise ValueError(f"{quoted(value)}: {{extension}} is the only field a channel may hold")
+def channel_template(value: str, field: str = "extension") -> str:
+    """A channel to Originate with one `{field}` in it (callback.py's settings check theirs too)."""
+    example = "PJSIP/{extension} or Local/{extension}@from-internal" if field == "extension" else \
+        f"Local/{{{field}}}@agi-bitrix-callback-agents"
+    if not _CHANNEL_TEMPLATE.fullmatch(value) or f"{{{field}}}" not in value:
+        raise ValueError(f"{quoted(value)} must be a channel like {example}, with {{{field}}} in it")
+    rest = value.replace(f"{{{field}}}", "")
+    if rest.count("{") or rest.count("}"):
+        raise ValueError(f"{quoted(value)}: {{{field}}} is the only field a channel may hold")
     return value
 
 
-def _context(value: str) -> str:
+def context_name(value: str) -> str:
     if not _CONTEXT.fullmatch(value):
         raise ValueError(f"{quoted(value)} is not a dialplan context name (letters, digits, _ and -)")
     return value
@@ -77,9 +80,9 @@ class ClickToCallSettings:
 
     enabled: bool = True
     # The agent's phone, rung first: {extension} is the user's UF_PHONE_INNER.
-    channel: str = text("channel", "PJSIP/{extension}", check=_channel_template, restart=True)
+    channel: str = text("channel", "PJSIP/{extension}", check=channel_template, restart=True)
     # Where the agent's channel goes once answered, with the client's number as the extension.
-    context: str = text("context", "agi-bitrix-click-to-call", check=_context, restart=True)
+    context: str = text("context", "agi-bitrix-click-to-call", check=context_name, restart=True)
     # Seconds the agent's phone rings before the click ends as "agent did not answer".
     ring: float = number("ring", 30.0, 0, 300, restart=True)
     # A global rate of clicks this server acts on (a token bucket); one click per user at a time.

@@ -33,6 +33,10 @@ RESTART_ONLY = {
     **{f"clicktocall.{key}": "click-to-call's flow" for key in (
         "channel", "context", "ring", "rate.per_second", "rate.burst", "dial_policy.countries",
         "dial_policy.number_types", "show_name")},
+    "callback": "the callback requests' flow (ClickToCallService), with its own Router",
+    **{f"callback.{key}": "the callback requests' flow" for key in (
+        "queue_channel", "owner_channel", "context", "line_queues", "queue", "announcement", "ring", "attempts",
+        "interval", "min_talk", "max_call")},
     "redis": "the Redis link and the shared state",
     **{f"redis.{key}": "the Redis link and the shared state" for key in (
         "url", "key_prefix", "timeout", "retry_every", "servers", "source_address", "near_cache", "sync_every")},
@@ -56,6 +60,7 @@ users: {refresh: 600}
 redis: {url: "redis://127.0.0.1:6379/0"}
 ami: {username: agi-bitrix, secret_file: /etc/agi-bitrix/ami-secret}
 clicktocall: {}
+callback: {}
 routing: {fallback_queue: support}
 """
 

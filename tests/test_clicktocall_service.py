@@ -10,6 +10,7 @@ import pytest
 from agi_bitrix.ami.errors import AmiUnavailable, OriginateOutcomeUnknown
 from agi_bitrix.ami.protocol import Event as AmiEvent
 from agi_bitrix.bitrix.events import CallbackStart, ExternalCallStart
+from agi_bitrix.bitrix.models import CrmAnswer
 from agi_bitrix.clicktocall import DialerError, OriginateOutcome
 from agi_bitrix.clicktocall_service import MAX_CLICKS_IN_FLIGHT, AmiDialer, ClickToCallService
 from agi_bitrix.config import parse_config
@@ -114,13 +115,13 @@ async def test_past_the_bound_a_click_is_finished_at_once_not_queued(monkeypatch
     await part.close()
 
 
-async def test_a_callback_request_is_said_and_counted_not_dialled(caplog):
+async def test_a_callback_request_without_a_callback_section_is_said_and_counted_not_dialled(caplog):
     dialer = FakeDialer()
     part, _ = service(dialer)
     await part.take(CallbackStart(phone="79161234567", text="", voice="", line_number="", crm_entity_type="",
                                   crm_entity_id="", sent_at=0.0, source="offline", key="k"))
-    assert dialer.calls == [] and part.health()["clicktocall"]["callbacks_ignored"] == 1
-    assert "callback requests are not handled by this version" in caplog.text
+    assert dialer.calls == [] and part.health()["callback"] == {"state": "off", "ignored": 1}
+    assert "no callback section, so nobody calls back" in caplog.text
     await part.close()
 
 
@@ -129,6 +130,42 @@ async def test_health_says_what_is_off():
                           "routing: {fallback_queue: support}\n")
     part = ClickToCallService(config, current_portal=lambda: None, users=None, outbox=None,  # type: ignore[arg-type]
                               names=None, link=None)
-    assert part.health() == {"ami": {"state": "off"}, "events": {"mode": "off"}, "clicktocall": {"state": "off"}}
+    assert part.health() == {"ami": {"state": "off"}, "events": {"mode": "off"}, "clicktocall": {"state": "off"},
+                             "callback": {"state": "off", "ignored": 0}}
     await part.start()
+    await part.close()
+
+
+class NotFound:
+    async def lookup(self, phone: str) -> CrmAnswer:
+        return CrmAnswer("NOT_FOUND")
+
+
+class Registered:
+    def __init__(self) -> None:
+        self.params: list[dict[str, Any]] = []
+
+    async def send_register(self, params: dict[str, Any], uniqueid: str, *, show: bool,
+                            crm_create: bool) -> tuple[str, str]:
+        self.params.append(params)
+        return CALL_ID, ""
+
+
+async def test_a_callback_request_goes_to_the_callback_flow_in_the_background_and_its_reports_are_heard():
+    text = CONFIG.replace("callcard: {}", "callcard: {register: {default_user: '9'}}") + "callback: {}\n"
+    config = parse_config(text, environ={"AGI_BITRIX_AMI_SECRET": "a-secret-of-the-test"})
+    outbox = Outbox()
+    part = ClickToCallService(config, current_portal=lambda: None, users=Users(), outbox=outbox,  # type: ignore[arg-type]
+                              names=NotFound(), link=None)
+    assert part.callback is not None and part.ami is not None
+    assert part.callback.on_ami_event in part.ami._listeners  # each attempt's report reaches the flow
+    registered = part.callback.registrar = Registered()
+    part.callback.dialer = FakeDialer(error="AmiUnavailable: not connected")
+    await asyncio.wait_for(part.take(CallbackStart(phone="+79161234567", text="call me", voice="", line_number="",
+                                                   crm_entity_type="", crm_entity_id="", sent_at=0.0,
+                                                   source="offline", key="k")), 0.5)
+    await asyncio.sleep(0.05)
+    assert [params["TYPE"] for params in registered.params] == [4]
+    assert outbox.added[CALL_ID]["STATUS_CODE"] == "503"
+    assert part.health()["callback"] == {"state": "on", "outcomes": {"not_reached": 1}, "ignored": 0}
     await part.close()

@@ -269,8 +269,9 @@ def config_with(path, mapping):
         data["redis"] = {"url": "redis://127.0.0.1:6379/0"}
     if path == "ami":
         data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
-    if path == "clicktocall":  # finished through the call card's outbox; extensions from the user directory;
-        data["callcard"] = data["users"] = {}  # the agent's phone rung through AMI
+    # Finished through the call card's outbox; extensions from the user directory; the agent's phone rung through AMI.
+    if path in ("clicktocall", "callback"):
+        data["callcard"] = data["users"] = {}
         data["ami"] = {"username": "agi-bitrix", "secret_file": _ami_secret_file()}
     holder = data
     for part in path.split("."):
@@ -308,7 +309,8 @@ def test_the_allowed_keys_of_a_section_come_from_its_declarations():
                                            "breaker", "oauth")
     assert schema.keys(BitrixSettings, "rate_limit") == ("per_second", "burst")
     assert schema.keys(Config) == ("server", "bitrix", "phones", "variables", "routing", "cache", "http",
-                                   "call_log", "callcard", "users", "clicktocall", "redis", "events", "ami", "lines")
+                                   "call_log", "callcard", "users", "clicktocall", "callback", "redis", "events", "ami",
+                                   "lines")
     assert problems(BASE + "cache: {colour: 1}\n") == [
         "test.yaml:5: cache.colour: unknown key; expected one of: found_ttl, not_found_ttl, stale_for, max_entries"]
     assert problems(BASE + "cache: 5\n") == [

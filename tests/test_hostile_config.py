@@ -93,7 +93,7 @@ def test_quoted_values_are_cut_and_long_keys_too():
     assert found == [
         "test.yaml:4: routing.fallback_queue: '" + "q" * 79 + "… must be letters, digits, '_', '.', '-'",
         "test.yaml:5: " + "z" * 160 + "…: unknown key; expected one of: server, bitrix, phones, variables,"
-        " routing, cache, http, call_log, callcard, users, clicktocall, redis, events, ami, lines",
+        " routing, cache, http, call_log, callcard, users, clicktocall, callback, redis, events, ami, lines",
     ]
 
 

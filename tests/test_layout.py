@@ -27,10 +27,12 @@ LAYERS: dict[str, set[str]] = {
                           "agi_bitrix.redis_link"},
     "agi_bitrix.routing": {"agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.checking"},
     "agi_bitrix.dialpolicy": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones"},
+    "agi_bitrix.callback_settings": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.dialpolicy"},
     "agi_bitrix.config": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones", "agi_bitrix.bitrix.settings",
                           "agi_bitrix.bitrix.line_settings",
                           "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules", "agi_bitrix.redis_link",
-                          "agi_bitrix.ami.settings", "agi_bitrix.ami.errors", "agi_bitrix.dialpolicy"},
+                          "agi_bitrix.ami.settings", "agi_bitrix.ami.errors", "agi_bitrix.dialpolicy",
+                          "agi_bitrix.callback_settings"},
     "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
                             "agi_bitrix.background", "agi_bitrix.redis_link"},
     # Click-to-call's flow: the user directory, the outbox and status codes, the dial policy, the name's filter.
@@ -44,6 +46,11 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.service": {"agi_bitrix.agi", "agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.routing",
                            "agi_bitrix.config", "agi_bitrix.callrecord", "agi_bitrix.calllog",
                            "agi_bitrix.monitoring"},
+    # Callback requests' flow: routed by the Router's decision, dialled like a click, finished through the outbox.
+    "agi_bitrix.callback": {"agi_bitrix.ami.protocol", "agi_bitrix.bitrix.users", "agi_bitrix.callback_settings",
+                            "agi_bitrix.callcard",
+                            "agi_bitrix.callrecord", "agi_bitrix.clicktocall", "agi_bitrix.config",
+                            "agi_bitrix.dialpolicy", "agi_bitrix.phones", "agi_bitrix.routing.engine"},
     # The admin page: the running parts' state through the Router it is handed, the recent calls'
     # records, their trace as `agi-bitrix route` prints it, and the rules as the admin wrote them.
     "agi_bitrix.web": {"agi_bitrix", "agi_bitrix.bitrix.client", "agi_bitrix.routing.rules", "agi_bitrix.config",
@@ -51,7 +58,8 @@ LAYERS: dict[str, set[str]] = {
     # The one HTTP listener: /metrics, /healthz, and what the Application hands it (admin page, install callback).
     # Click-to-call as one running part: the AMI client, the events' receiver or poller, the flow.
     "agi_bitrix.clicktocall_service": {"agi_bitrix.ami", "agi_bitrix.bitrix", "agi_bitrix.clicktocall",
-                                       "agi_bitrix.config"},
+                                       "agi_bitrix.config", "agi_bitrix.callback", "agi_bitrix.callcard.holders",
+                                       "agi_bitrix.callcard.register", "agi_bitrix.service"},
     "agi_bitrix.http_listener": {"agi_bitrix.config", "agi_bitrix.monitoring"},
     # The /healthz body, from the parts' own state: the lookup memory, the tokens, the outbox.
     "agi_bitrix.health": {"agi_bitrix", "agi_bitrix.bitrix.memory", "agi_bitrix.bitrix.oauth",

@@ -61,7 +61,7 @@ class LiveServer:
         self.thread.start()
         self.portal, self.app, self.agi = self.run(self._start(HOSTILE_CRM if crm is None else crm, oauth_folder,
                                                                refresh_token))
-        self.pages = self.app.http_listener.pages.__self__  # the AdminPages behind the routes
+        self.pages = self.app.pages  # the AdminPages behind the routes
 
     async def _start(self, crm: dict, oauth_folder: Path | None,
                      refresh_token: str | None) -> tuple[PortalEmulator, Application, tuple[str, int]]:

@@ -32,12 +32,14 @@ SAMPLES_DIR = REPO / "asterisk-samples"
 # Only what the tests use. res_speech comes first: res_agi needs its symbols. Local channels,
 # the manager (AMI) and MSet are built into Asterisk 20 and 22; app_queue is for the sample
 # dialplan, func_version for its choice of Queue() arguments, func_db and app_playtones for the
-# FreePBX stand-ins.
+# FreePBX stand-ins, app_playback and format_sln for the callback sample's announcement (a file the
+# test writes: Asterisk 20's build has no sounds).
 MODULES = (
     "res_speech", "res_agi", "pbx_config", "app_verbose", "app_userevent", "app_dial",
     "app_queue", "app_stack", "app_exec", "func_callerid", "func_channel", "func_strings", "func_logic",
     "func_global", "func_base64", "func_timeout", "func_version", "func_db", "app_playtones", "res_clioriginate",
-    "bridge_simple", "bridge_native_rtp", "bridge_builtin_features", "chan_bridge_media",
+    "bridge_simple", "bridge_native_rtp", "bridge_builtin_features", "chan_bridge_media", "app_playback",
+    "format_sln",
 )
 
 
