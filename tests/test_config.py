@@ -217,7 +217,8 @@ import yaml  # noqa: E402
 
 from agi_bitrix import schema  # noqa: E402
 from agi_bitrix.bitrix.settings import BitrixSettings  # noqa: E402
-from agi_bitrix.config import CallCardSettings, Config, UsersSettings  # noqa: E402
+from agi_bitrix.callcard_settings import CallCardSettings  # noqa: E402
+from agi_bitrix.config import Config, UsersSettings  # noqa: E402
 
 
 def declared_sections(settings=Config, path=""):

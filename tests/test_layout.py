@@ -28,13 +28,14 @@ LAYERS: dict[str, set[str]] = {
     "agi_bitrix.routing": {"agi_bitrix.bitrix.models", "agi_bitrix.phones", "agi_bitrix.checking"},
     "agi_bitrix.dialpolicy": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones"},
     "agi_bitrix.callback_settings": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.dialpolicy"},
+    "agi_bitrix.callcard_settings": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.redis_link"},
     "agi_bitrix.config": {"agi_bitrix.schema", "agi_bitrix.checking", "agi_bitrix.phones", "agi_bitrix.bitrix.settings",
                           "agi_bitrix.bitrix.line_settings",
-                          "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules", "agi_bitrix.redis_link",
+                          "agi_bitrix.routing.compiler", "agi_bitrix.routing.rules",
                           "agi_bitrix.ami.settings", "agi_bitrix.ami.errors", "agi_bitrix.dialpolicy",
-                          "agi_bitrix.callback_settings"},
+                          "agi_bitrix.callback_settings", "agi_bitrix.callcard_settings"},
     "agi_bitrix.callcard": {"agi_bitrix.agi", "agi_bitrix.bitrix", "agi_bitrix.config", "agi_bitrix.phones",
-                            "agi_bitrix.background", "agi_bitrix.redis_link"},
+                            "agi_bitrix.background", "agi_bitrix.redis_link", "agi_bitrix.callcard_settings"},
     # Click-to-call's flow: the user directory, the outbox and status codes, the dial policy, the name's filter.
     "agi_bitrix.clicktocall": {"agi_bitrix.bitrix", "agi_bitrix.callcard", "agi_bitrix.dialpolicy",
                                "agi_bitrix.routing.variables"},
@@ -95,7 +96,7 @@ WEB_USERS = {"agi_bitrix.app"}
 REDIS_USERS = {"agi_bitrix.redis_link"}
 # Who connects through the link.
 REDIS_LINK_USERS = {"agi_bitrix.bitrix.shared", "agi_bitrix.callcard.redis_outbox", "agi_bitrix.bitrix.settings",
-                    "agi_bitrix.config"}
+                    "agi_bitrix.callcard_settings"}
 
 
 def module_name(path: Path) -> str:

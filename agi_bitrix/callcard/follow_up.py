@@ -26,7 +26,7 @@ from typing import Any
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.callcard.delivery import Entry, Outcome
-from agi_bitrix.config import FollowUpSettings
+from agi_bitrix.callcard_settings import FollowUpSettings
 
 log = logging.getLogger("agi_bitrix.callcard")
 

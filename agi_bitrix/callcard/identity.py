@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from agi_bitrix.config import RegisterSettings
+from agi_bitrix.callcard_settings import RegisterSettings
 
 USER_ID_PATTERN = re.compile(r"^[0-9]{1,20}$")
 # Asterisk's linkedid/uniqueid ("1700000000.42", or a custom id) and the portal's CALL_ID

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from agi_bitrix.bitrix.client import PortalClient
 from agi_bitrix.bitrix.errors import BitrixError, BodyTooLarge
 from agi_bitrix.callcard.outbox import Entry, Outcome
-from agi_bitrix.config import FinishSettings
+from agi_bitrix.callcard_settings import FinishSettings
 
 log = logging.getLogger("agi_bitrix.callcard")
 

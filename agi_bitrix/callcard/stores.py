@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from agi_bitrix.callcard.outbox import Outbox, OutboxStore, RetryPolicy, Sender
 from agi_bitrix.callcard.redis_outbox import RedisOutbox
-from agi_bitrix.config import SHARED_REDIS_OUTBOX, Config, is_url
+from agi_bitrix.callcard_settings import SHARED_REDIS_OUTBOX, is_url
+from agi_bitrix.config import Config
 
 
 def make_outbox(config: Config, send: Sender) -> OutboxStore | None:
