@@ -161,14 +161,17 @@ class Application:
 
     @property
     def config(self) -> Config:
+        """The config in force: the current Runtime's (a reload swaps the Runtime whole)."""
         return self.runtime.config
 
     @property
     def portal(self) -> PortalClient:
+        """The current Runtime's portal client, with its request budget and tokens."""
         return self.runtime.portal
 
     @property
     def lookup(self) -> CrmLookup:
+        """The current Runtime's CRM lookup (its memory outlives reloads)."""
         return self.runtime.lookup
 
     def _build(self, config: Config, previous: Runtime | None) -> Runtime:

@@ -175,11 +175,8 @@ class Callback:
         self.config = config
         self.settings: CallbackSettings = config.callback
         self.policy = dial_policy(config.clicktocall, config.policy.default_country)
-        self.dialer = dialer
-        self.routes = routes
-        self.registrar = registrar
-        self.outbox = outbox
-        self.users = users
+        # Its neighbours, as Protocols: the PBX, the routing, register, the outbox, the directory.
+        self.dialer, self.routes, self.registrar, self.outbox, self.users = dialer, routes, registrar, outbox, users
         self.sleep = sleep
         # One callback per number at a time (a form sent twice), within click-to-call's global rate.
         self.limits = ClickLimits(config.clicktocall.rate_per_second, config.clicktocall.rate_burst)

@@ -244,23 +244,15 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     lines = numbered_lines(data.get("lines"), country, check.problem)
     redis = _redis(check, data, environ, bitrix)
     ami = _ami(check, data, environ)
-    clicktocall = read("clicktocall")
-    if clicktocall.enabled and not callcard.enabled:
-        check.problem(data.lines["clicktocall"], "clicktocall",
-                      "needs the callcard section: a click-to-call is finished through its outbox")
-    if clicktocall.enabled and ami is None:
-        check.problem(data.lines["clicktocall"], "clicktocall",
-                      "needs the ami section: a click rings the agent's phone through Asterisk's manager (Originate)")
-    if clicktocall.enabled and (users.refresh == 0 or users.automatic):
-        check.problem(data.lines["clicktocall"], "clicktocall",
-                      "needs the users section (with refresh above 0): the user directory gives each user's extension")
-    callback = read("callback")
-    if callback.enabled and not callcard.enabled:
-        check.problem(data.lines["callback"], "callback",
-                      "needs the callcard section: a callback is registered and finished through it")
-    if callback.enabled and ami is None:
-        check.problem(data.lines["callback"], "callback",
-                      "needs the ami section: a callback rings the agents through Asterisk's manager (Originate)")
+    clicktocall, callback = read("clicktocall"), read("callback")
+    _needs(check, data, "clicktocall", clicktocall.enabled, [
+        (not callcard.enabled, "needs the callcard section: a click-to-call is finished through its outbox"),
+        (ami is None, "needs the ami section: a click rings the agent's phone through Asterisk's manager (Originate)"),
+        (users.refresh == 0 or users.automatic,
+         "needs the users section (with refresh above 0): the user directory gives each user's extension")])
+    _needs(check, data, "callback", callback.enabled, [
+        (not callcard.enabled, "needs the callcard section: a callback is registered and finished through it"),
+        (ami is None, "needs the ami section: a callback rings the agents through Asterisk's manager (Originate)")])
     if callcard.enabled and callcard.outbox == SHARED_REDIS_OUTBOX and redis is None:
         section = data["callcard"]  # a mapping: outbox was read from it
         check.problem(section.lines.get("outbox", section.line), "callcard.outbox",
@@ -298,6 +290,14 @@ def _events(check: Checker, data: LocatedDict, events: EventsSettings, bitrix: B
         if bitrix.oauth is not None and bitrix.oauth.install_path == events.handler_path:
             check.problem(where, "events.handler.path", "is bitrix.oauth.install_path's too; give each its own")
     return events
+
+
+def _needs(check: Checker, data: LocatedDict, key: str, enabled: bool, needs: list[tuple[bool, str]]) -> None:
+    """A section that is on and lacks what it works through: one problem per missing part."""
+    if enabled:
+        for missing, message in needs:
+            if missing:
+                check.problem(data.lines[key], key, message)
 
 
 def _cards_deadline(file: str, data: LocatedDict, callcard: CallCardSettings) -> tuple[CallCardSettings,

@@ -267,15 +267,8 @@ class RedisLink:
 
     @property
     def up(self) -> bool:
+        """Whether the last exchange with Redis went through (its health is `status`)."""
         return self.status.up
-
-    @property
-    def problem(self) -> str:
-        return self.status.problem
-
-    @property
-    def redacted_url(self) -> str:
-        return self.url.redacted
 
     def script(self, source: str) -> Any:
         """A Lua script run by its SHA (loaded on start and on every return of Redis, and by the
@@ -287,7 +280,7 @@ class RedisLink:
         """Run one command within the timeout; RedisUnavailable while Redis is down or on any
         failure (which marks it down until a ping succeeds)."""
         if not self.up:
-            raise RedisUnavailable(self.problem)
+            raise RedisUnavailable(self.status.problem)
         try:
             async with asyncio.timeout(self.timeout):
                 return await command()
@@ -295,7 +288,7 @@ class RedisLink:
             self._down(f"no answer within {self.timeout:g} s")
         except (RedisError, OSError) as error:
             self._down(self.url.describe(error))
-        raise RedisUnavailable(self.problem)
+        raise RedisUnavailable(self.status.problem)
 
     def on_exchange(self, exchange: Callable[[], Awaitable[None]]) -> None:
         """Run `exchange` every sync_every while Redis is up (it calls `run`)."""
@@ -321,12 +314,12 @@ class RedisLink:
                 await self.client.aclose()
 
     def health(self) -> dict[str, Any]:
-        return {"state": "up" if self.up else "down", "url": self.redacted_url, "problem": self.problem or None,
+        return {"state": "up" if self.up else "down", "url": self.url.redacted, "problem": self.status.problem or None,
                 "since_seconds": round(time.monotonic() - self.status.changed_at, 1)}
 
     def _down(self, problem: str) -> None:
         if self.up:
-            log.error("Redis at %s is not answering (%s): %s", self.redacted_url, problem, self._while_down)
+            log.error("Redis at %s is not answering (%s): %s", self.url.redacted, problem, self._while_down)
         self.status.failed(problem)
 
     async def _prepare(self) -> None:
@@ -351,7 +344,7 @@ class RedisLink:
                 await self._prepare()
             except (TimeoutError, RedisError, OSError):
                 continue
-            log.warning("Redis at %s answers again: %s", self.redacted_url, self._when_back)
+            log.warning("Redis at %s answers again: %s", self.url.redacted, self._when_back)
             self.status.recovered()
 
     async def _exchange_all(self) -> None:
