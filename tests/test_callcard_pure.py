@@ -16,23 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from agi_bitrix.agi.protocol import AgiRequest
-from agi_bitrix.bitrix.errors import (
-    AuthRejected,
-    BadResponse,
-    BitrixError,
-    LocalFault,
-    PortalMisconfigured,
-    PortalRefused,
-    PortalTimeout,
-    PortalUnavailable,
-    PortalUnreachable,
-    RateLimited,
-    RequestNotSent,
-    RequestRejected,
-    TokenFileError,
-    WrongAuthType,
-    refusal,
-)
+from agi_bitrix.bitrix import errors
 from agi_bitrix.callcard.finish import (
     FinishArguments,
     FinishService,
@@ -427,24 +411,24 @@ def test_a_recordings_outbox_key_cannot_be_a_finishs():
 
 # -- what a failed finish attempt means ------------------------------------------------------------
 
-def call_not_found() -> BitrixError:
+def call_not_found() -> errors.BitrixError:
     """The portal's answer to finishing a call it no longer has open (the emulator's wording, from
     the portal's: "Call is not found (call should be registered prior to finishing)")."""
-    return refusal("ERROR_CORE", "Call is not found (call should be registered prior to finishing)")
+    return errors.refusal("ERROR_CORE", "Call is not found (call should be registered prior to finishing)")
 
 
 @pytest.mark.parametrize("error", [
-    PortalTimeout("timeout", "no answer within 1.0 s"),
-    PortalUnreachable("connect", "connection refused"),
-    BadResponse("bad_json", "not JSON"),
-    RateLimited("QUERY_LIMIT_EXCEEDED", "Too many requests"),
-    AuthRejected("INVALID_CREDENTIALS", "Invalid request credentials"),
-    WrongAuthType("WRONG_AUTH_TYPE", "Current authorization type is denied for this method"),
-    PortalUnavailable("http_503", "Service Unavailable"),
-    PortalMisconfigured("NO_AUTH_FOUND", "Wrong authorization data"),
-    RequestNotSent("circuit_open", "the portal failed 5 times"),
-    TokenFileError("no such file"),
-    LocalFault("session_closed", "the HTTP session is closed"),
+    errors.PortalTimeout("timeout", "no answer within 1.0 s"),
+    errors.PortalUnreachable("connect", "connection refused"),
+    errors.BadResponse("bad_json", "not JSON"),
+    errors.RateLimited("QUERY_LIMIT_EXCEEDED", "Too many requests"),
+    errors.AuthRejected("INVALID_CREDENTIALS", "Invalid request credentials"),
+    errors.WrongAuthType("WRONG_AUTH_TYPE", "Current authorization type is denied for this method"),
+    errors.PortalUnavailable("http_503", "Service Unavailable"),
+    errors.PortalMisconfigured("NO_AUTH_FOUND", "Wrong authorization data"),
+    errors.RequestNotSent("circuit_open", "the portal failed 5 times"),
+    errors.TokenFileError("no such file"),
+    errors.LocalFault("session_closed", "the HTTP session is closed"),
 ])
 def test_a_finish_that_failed_for_a_passing_reason_is_tried_again(error):
     for attempt in (1, 7):
@@ -453,8 +437,8 @@ def test_a_finish_that_failed_for_a_passing_reason_is_tried_again(error):
 
 
 @pytest.mark.parametrize("error", [
-    RequestRejected("ERROR_ARGUMENT", "Argument STATUS_CODE is invalid"),
-    PortalRefused("SOMETHING_NEW", "a code this server does not know"),
+    errors.RequestRejected("ERROR_ARGUMENT", "Argument STATUS_CODE is invalid"),
+    errors.PortalRefused("SOMETHING_NEW", "a code this server does not know"),
 ])
 def test_a_finish_the_portal_refuses_for_what_it_says_fails_for_good(error):
     for attempt in (1, 2):

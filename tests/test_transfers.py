@@ -22,8 +22,9 @@ from agi_bitrix.callcard.transfers import (
     card_move,
     transfer_from_event,
 )
+from tests import test_callcard
 from tests.conftest import until
-from tests.test_callcard import Running, callcard_config, delivered_finishes
+from tests.test_callcard import delivered_finishes
 
 LINKEDID = "1700000000.1"
 
@@ -208,11 +209,7 @@ def test_a_second_transfer_moves_it_again():
 
 # -- end to end: the application, the listener wired by hand, the portal emulator ---------------
 
-@pytest.fixture
-async def server(portal, tmp_path):
-    running = await Running(callcard_config(portal.webhook_url, tmp_path / "outbox.sqlite3")).start()
-    yield running
-    await running.stop()
+server = test_callcard.server  # the fixture: the application with the call card, started for each test
 
 
 def follower(server):

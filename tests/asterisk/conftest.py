@@ -190,10 +190,14 @@ def asterisk_build(request, asterisk_root: Path) -> AsteriskBuild:
 
 
 def running_pbx(root: Path, build: AsteriskBuild, name: str, extensions: str, queues: str,
-                resolv_conf: str | None = None) -> Iterator[AsteriskPbx]:
-    """An Asterisk with this configuration (and this /etc/resolv.conf) for as long as the generator runs."""
+                resolv_conf: str | None = None, *,
+                prepare: Callable[[AsteriskPbx], None] | None = None) -> Iterator[AsteriskPbx]:
+    """An Asterisk with this configuration (and this /etc/resolv.conf) for as long as the generator
+    runs; `prepare` may change its configuration files before it starts."""
     pbx = AsteriskPbx(root, name, build, resolv_conf)
     pbx.write_config(extensions, queues)
+    if prepare is not None:
+        prepare(pbx)
     try:
         pbx.start()
     except AsteriskUnavailable as error:

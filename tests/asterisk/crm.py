@@ -3,6 +3,7 @@ numbers no other test uses (the server caches answers per number)."""
 
 import itertools
 import os
+from collections.abc import Callable, Iterator
 
 _numbers = itertools.count(1)
 _ABSENT = object()
@@ -11,6 +12,14 @@ _ABSENT = object()
 def fresh_phone() -> str:
     """A Russian mobile in international digits that no other call of this run has used."""
     return f"79{os.getpid() % 100:02d}{next(_numbers):07d}"
+
+
+def fresh_mobiles(prefix: str, numbers: Iterator[int]) -> Callable[[], str]:
+    """A test file's fresh_client: a Moscow mobile starting with `prefix` (a valid MOBILE number of
+    RU) with the next of `numbers`, so no other client of this run has used it."""
+    def fresh_client() -> str:
+        return f"{prefix}{os.getpid() % 1000:03d}{next(numbers):04d}"
+    return fresh_client
 
 
 def crm_object(owner_id: int, timeman=_ABSENT, *, entity_type: str = "CONTACT", entity_id: int = 1,

@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
@@ -43,7 +42,7 @@ from agi_bitrix.testing.pbx_harness import AsteriskBuild, AsteriskPbx
 from tests.conftest import ample_budget
 
 from .conftest import TEST_DIALPLAN, running_pbx
-from .crm import crm_object
+from .crm import crm_object, fresh_mobiles
 from .freepbx_standins import ROUTE_CID
 from .test_callcard import FINISH, REGISTER
 from .test_click_to_call import AGENT_EXTENSION, AGENT_ID, AGENT_PHONES
@@ -62,12 +61,8 @@ strategy = ringall
 member => Local/{AGENT_EXTENSION}@agi-bitrix-test-agents/n
 """
 SEARCH = "telephony.externalcall.searchcrmentities"  # as the emulator records a method: lower case
-_numbers = itertools.count(1)
-
-
-def fresh_client() -> str:
-    """A Moscow mobile no other request of this run has used (the lookup caches answers per number)."""
-    return f"7916{os.getpid() % 1000:03d}{5000 + next(_numbers):04d}"
+# A Moscow mobile no other request of this run has used (the lookup caches answers per number).
+fresh_client = fresh_mobiles("7916", itertools.count(5001))
 
 
 @pytest.fixture(scope="module")

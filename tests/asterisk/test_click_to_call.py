@@ -32,7 +32,7 @@ from agi_bitrix.testing.pbx_harness import AsteriskBuild, AsteriskPbx
 from tests.conftest import until
 
 from .conftest import TEST_DIALPLAN, TEST_QUEUES, running_pbx
-from .crm import crm_object
+from .crm import crm_object, fresh_mobiles
 from .freepbx_standins import ROUTE_CID
 from .sample_calls import WAIT, rings
 from .test_callcard import FINISH, REGISTER, running_callcard_server
@@ -58,12 +58,9 @@ AGENT_CHANNEL = "Local/{extension}@agi-bitrix-test-agents"
 AGENT_ID, AGENT_EXTENSION = "81", "181"
 LINE = "74951230000"
 CLIENT_NAME = "Анна Смирнова (Ромашка)"
-_numbers = itertools.count(1)
-
-
-def fresh_client() -> str:
-    """A Moscow mobile (a valid MOBILE number of RU) no other click of this run has used."""
-    return f"7916{os.getpid() % 1000:03d}{next(_numbers):04d}"
+_numbers = itertools.count(1)  # the clients' numbers and the clicks' call ids
+# A Moscow mobile (a valid MOBILE number of RU) no other click of this run has used.
+fresh_client = fresh_mobiles("7916", _numbers)
 
 
 @pytest.fixture(scope="module")

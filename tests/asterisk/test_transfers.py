@@ -25,10 +25,10 @@ from agi_bitrix.ami.settings import AmiSettings
 from agi_bitrix.callcard.transfers import TransferFollower
 from agi_bitrix.config import load_config
 from agi_bitrix.testing.ami_calls import CallDriver
-from agi_bitrix.testing.pbx_harness import SAMPLES_DIR, AsteriskBuild, AsteriskPbx, AsteriskUnavailable
+from agi_bitrix.testing.pbx_harness import SAMPLES_DIR, AsteriskBuild, AsteriskPbx
 from tests.test_callcard import Running
 
-from .conftest import STAND_IN_CONTEXTS, TEST_DIALPLAN, TEST_QUEUES, asterisk_unavailable
+from .conftest import STAND_IN_CONTEXTS, TEST_DIALPLAN, TEST_QUEUES, running_pbx
 from .crm import crm_object, fresh_phone
 from .sample_calls import WAIT, is_sample_channel, sample_call
 from .test_callcard import CallCardServer, finished
@@ -63,21 +63,18 @@ NO_SOUNDS = "transferannouncesound =\n"
 MODULES = ("res_timing_timerfd", "codec_ulaw", "format_pcm", "format_wav", "app_senddtmf")
 
 
-@pytest.fixture(scope="module")
-def transfer_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[AsteriskPbx]:
-    pbx = AsteriskPbx(asterisk_root, "transfers", asterisk_build)
-    pbx.write_config(TEST_DIALPLAN + TALKING_PHONES, TEST_QUEUES)
+def sample_features(pbx: AsteriskPbx) -> None:
+    """The sample's features.conf (without announcements) and the MODULES a transfer needs."""
     features = (SAMPLES_DIR / "features.conf").read_text()
     (pbx.etc / "features.conf").write_text(features.replace("[general]\n", "[general]\n" + NO_SOUNDS, 1))
     modules = pbx.etc / "modules.conf"
     modules.write_text(modules.read_text() + "".join(f"load => {name}.so\n" for name in MODULES))
-    try:
-        pbx.start()
-    except AsteriskUnavailable as error:
-        pbx.stop()
-        asterisk_unavailable(str(error))
-    yield pbx
-    pbx.stop()
+
+
+@pytest.fixture(scope="module")
+def transfer_pbx(asterisk_root: Path, asterisk_build: AsteriskBuild) -> Iterator[AsteriskPbx]:
+    yield from running_pbx(asterisk_root, asterisk_build, "transfers", TEST_DIALPLAN + TALKING_PHONES, TEST_QUEUES,
+                           prepare=sample_features)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -141,7 +138,7 @@ async def agents(portal, app_with_transfers):
 
 async def answered_by_agent(calls, app, phone, keys=""):
     """A client of AGENT calls and AGENT answers (and presses `keys`); returns the call, the
-    agent's channel in the bridge and the client's channel."""
+    agent's channel in the bridge, the client's channel and when AGENT answered (time.monotonic())."""
     host, port = app.address
     call = sample_call(calls, "agi-bitrix-incoming", f"agi://{host}:{port}/route", phone,
                        AGI_BITRIX_CALLCARD=f"agi://{host}:{port}",
@@ -149,8 +146,9 @@ async def answered_by_agent(calls, app, phone, keys=""):
                        __AGI_BITRIX_OUTBOUND_CONTEXT="agi-bitrix-test-talking-phones",
                        __TEST_PRESSING=AGENT if keys else "", __TEST_KEYS=keys)
     answered = await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=AGENT)
+    answered_at = time.monotonic()
     client = next(event["Channel"] for event in call.events if is_sample_channel(event))
-    return call, answered["Channel"].replace(";2", ";1"), client
+    return call, answered["Channel"].replace(";2", ";1"), client, answered_at
 
 
 def sequence(requests, app):
@@ -171,56 +169,80 @@ def ran_in(call, context):
     return any(event.event == "Newexten" and event.get("Context") == context for event in call.events)
 
 
-async def test_a_blind_transfer_moves_the_card_and_the_finish_names_the_colleague_with_the_whole_talk(
-        transfer_calls, phone_keys, portal, app_with_transfers, agents):
+def agents_client(portal):
+    """A new client's phone number, whose responsible user is AGENT (at work)."""
     phone = fresh_phone()
     portal.set_client(phone, [crm_object(int(AGENT), "OPENED", extension=AGENT)])
-    await app_with_transfers.app.users.load()
+    return phone
 
-    call, agent, client = await answered_by_agent(transfer_calls, app_with_transfers, phone)
-    answered_at = time.monotonic()
-    await asyncio.sleep(1.0)
-    await phone_keys.send("BlindTransfer", [("Channel", agent), ("Exten", COLLEAGUE),
+
+async def agents_call(calls, app, portal, keys=""):
+    """answered_by_agent for a new client of AGENT's; returns the client's phone number first."""
+    phone = agents_client(portal)
+    return phone, *await answered_by_agent(calls, app, phone, keys)
+
+
+async def blind_transfer(phone_keys, calls, call, agent, number):
+    """The agent's phone transfers the call to `number` (a SIP REFER), which answers."""
+    await phone_keys.send("BlindTransfer", [("Channel", agent), ("Exten", number),
                                             ("Context", "agi-bitrix-transfer")])
-    await transfer_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=COLLEAGUE)
-    await asyncio.sleep(1.0)
-    await transfer_calls.hangup(client)
-    talked = time.monotonic() - answered_at
-    card = await finished(portal, phone)
+    await calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=number)
 
-    requests = call_requests(portal, phone, card.call_id)
-    assert sequence(requests, app_with_transfers) == [LOOKUP, REGISTER, SHOW, HIDE, FINISH], requests
-    assert requests[1][1]["USER_ID"] == AGENT and requests[1][1]["SHOW"] == "1"
+
+async def client_hangs_up(calls, client, answered_at):
+    """The client talks one more second and hangs up; returns how long the client talked."""
+    await asyncio.sleep(1.0)
+    await calls.hangup(client)
+    return time.monotonic() - answered_at
+
+
+async def finished_requests(portal, phone):
+    """The finished card of the call from `phone` and every request of that call, in order."""
+    card = await finished(portal, phone)
+    return card, call_requests(portal, phone, card.call_id)
+
+
+def assert_finished_by(finish, user, talked):
+    """The finish names `user`, with a talk as long as the client's."""
+    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (user, "200")
+    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+
+
+def assert_card_moved_to_colleague(requests, app, card, talked):
+    """The card was shown to COLLEAGUE, hidden from AGENT, and the finish names COLLEAGUE."""
+    assert sequence(requests, app) == [LOOKUP, REGISTER, SHOW, HIDE, FINISH], requests
     assert requests[2][1] == {"CALL_ID": card.call_id, "USER_ID": COLLEAGUE}
     assert requests[3][1] == {"CALL_ID": card.call_id, "USER_ID": AGENT}
-    finish = requests[4][1]
-    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (COLLEAGUE, "200")
-    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+    assert_finished_by(requests[4][1], COLLEAGUE, talked)
+
+
+async def test_a_blind_transfer_moves_the_card_and_the_finish_names_the_colleague_with_the_whole_talk(
+        transfer_calls, phone_keys, portal, app_with_transfers, agents):
+    phone = agents_client(portal)
+    await app_with_transfers.app.users.load()
+
+    call, agent, client, answered_at = await answered_by_agent(transfer_calls, app_with_transfers, phone)
+    await asyncio.sleep(1.0)
+    await blind_transfer(phone_keys, transfer_calls, call, agent, COLLEAGUE)
+    talked = await client_hangs_up(transfer_calls, client, answered_at)
+    card, requests = await finished_requests(portal, phone)
+
+    assert_card_moved_to_colleague(requests, app_with_transfers, card, talked)
+    assert requests[1][1]["USER_ID"] == AGENT and requests[1][1]["SHOW"] == "1"
 
 
 async def test_a_blind_transfer_by_the_hash_key_on_the_agents_phone(
         transfer_calls, phone_keys, portal, app_with_transfers, agents):
     """features.conf's blindxfer (#) allowed by the sample's Dial option t, into the
     TRANSFER_CONTEXT the sample gave the agent's channel."""
-    phone = fresh_phone()
-    portal.set_client(phone, [crm_object(int(AGENT), "OPENED", extension=AGENT)])
-
-    call, _agent, client = await answered_by_agent(transfer_calls, app_with_transfers, phone, keys=f"#{COLLEAGUE}")
-    answered_at = time.monotonic()
+    phone, call, _agent, client, answered_at = await agents_call(transfer_calls, app_with_transfers, portal,
+                                                                 keys=f"#{COLLEAGUE}")
     await transfer_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=COLLEAGUE)
     assert ran_in(call, "agi-bitrix-transfer-extension")
-    await asyncio.sleep(1.0)
-    await transfer_calls.hangup(client)
-    talked = time.monotonic() - answered_at
-    card = await finished(portal, phone)
+    talked = await client_hangs_up(transfer_calls, client, answered_at)
+    card, requests = await finished_requests(portal, phone)
 
-    requests = call_requests(portal, phone, card.call_id)
-    assert sequence(requests, app_with_transfers) == [LOOKUP, REGISTER, SHOW, HIDE, FINISH], requests
-    assert requests[2][1] == {"CALL_ID": card.call_id, "USER_ID": COLLEAGUE}
-    assert requests[3][1] == {"CALL_ID": card.call_id, "USER_ID": AGENT}
-    finish = requests[4][1]
-    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (COLLEAGUE, "200")
-    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+    assert_card_moved_to_colleague(requests, app_with_transfers, card, talked)
 
 
 async def test_a_queue_member_transfers_by_the_hash_key(transfer_pbx, transfer_calls, portal, app_with_transfers,
@@ -231,34 +253,21 @@ async def test_a_queue_member_transfers_by_the_hash_key(transfer_pbx, transfer_c
     member = f"Local/{AGENT}@agi-bitrix-test-talking-phones/n"
     transfer_pbx.cli(f"queue add member {member} to support")
     try:
-        call, _agent, client = await answered_by_agent(transfer_calls, app_with_transfers, phone,
-                                                       keys=f"#{COLLEAGUE}")
-        answered_at = time.monotonic()
+        call, _agent, client, answered_at = await answered_by_agent(transfer_calls, app_with_transfers, phone,
+                                                                    keys=f"#{COLLEAGUE}")
         await transfer_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=COLLEAGUE)
-        await asyncio.sleep(1.0)
-        await transfer_calls.hangup(client)
+        talked = await client_hangs_up(transfer_calls, client, answered_at)
     finally:
         transfer_pbx.cli(f"queue remove member {member} from support")
-    talked = time.monotonic() - answered_at
-    card = await finished(portal, phone)
+    card, requests = await finished_requests(portal, phone)
 
-    requests = call_requests(portal, phone, card.call_id)
     # Register shows the owner the card; the member's ring showed it to AGENT, who is the owner.
-    assert sequence(requests, app_with_transfers) == [LOOKUP, REGISTER, SHOW, HIDE, FINISH], requests
-    assert requests[2][1] == {"CALL_ID": card.call_id, "USER_ID": COLLEAGUE}
-    assert requests[3][1] == {"CALL_ID": card.call_id, "USER_ID": AGENT}
-    finish = requests[4][1]
-    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (COLLEAGUE, "200")
-    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+    assert_card_moved_to_colleague(requests, app_with_transfers, card, talked)
 
 
 async def test_an_attended_transfer_by_the_atxfer_key_moves_the_card_when_the_agent_hangs_up(
         transfer_calls, phone_keys, portal, app_with_transfers, agents):
-    phone = fresh_phone()
-    portal.set_client(phone, [crm_object(int(AGENT), "OPENED", extension=AGENT)])
-
-    call, agent, client = await answered_by_agent(transfer_calls, app_with_transfers, phone)
-    answered_at = time.monotonic()
+    phone, call, agent, client, answered_at = await agents_call(transfer_calls, app_with_transfers, portal)
     # *2 then 332 on the agent's phone, into the TRANSFER_CONTEXT the sample gave the channel.
     await phone_keys.send("Atxfer", [("Channel", agent), ("Exten", COLLEAGUE)])
     await transfer_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=COLLEAGUE)
@@ -269,37 +278,18 @@ async def test_an_attended_transfer_by_the_atxfer_key_moves_the_card_when_the_ag
                    if request.params.get("CALL_ID") == registered[0].get("CALL_ID")), \
         "the card moved before the agent handed the call over"
     await phone_keys.send("Hangup", [("Channel", agent)])  # the agent hangs up: the transfer completes
-    await asyncio.sleep(1.0)
-    await transfer_calls.hangup(client)
-    talked = time.monotonic() - answered_at
-    card = await finished(portal, phone)
+    talked = await client_hangs_up(transfer_calls, client, answered_at)
+    card, requests = await finished_requests(portal, phone)
 
-    requests = call_requests(portal, phone, card.call_id)
-    assert sequence(requests, app_with_transfers) == [LOOKUP, REGISTER, SHOW, HIDE, FINISH], requests
-    assert requests[2][1] == {"CALL_ID": card.call_id, "USER_ID": COLLEAGUE}
-    assert requests[3][1] == {"CALL_ID": card.call_id, "USER_ID": AGENT}
-    finish = requests[4][1]
-    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (COLLEAGUE, "200")
-    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+    assert_card_moved_to_colleague(requests, app_with_transfers, card, talked)
 
 
 async def test_a_transfer_to_a_mobile_keeps_the_card_and_the_finish_with_the_agent(
         transfer_calls, phone_keys, portal, app_with_transfers, agents):
-    phone = fresh_phone()
-    portal.set_client(phone, [crm_object(int(AGENT), "OPENED", extension=AGENT)])
+    phone, call, agent, client, answered_at = await agents_call(transfer_calls, app_with_transfers, portal)
+    await blind_transfer(phone_keys, transfer_calls, call, agent, COLLEAGUE_MOBILE)
+    talked = await client_hangs_up(transfer_calls, client, answered_at)
+    _card, requests = await finished_requests(portal, phone)
 
-    call, agent, client = await answered_by_agent(transfer_calls, app_with_transfers, phone)
-    answered_at = time.monotonic()
-    await phone_keys.send("BlindTransfer", [("Channel", agent), ("Exten", COLLEAGUE_MOBILE),
-                                            ("Context", "agi-bitrix-transfer")])
-    await transfer_calls.wait_for(call, "AgiBitrixTestAnswered", WAIT, Number=COLLEAGUE_MOBILE)
-    await asyncio.sleep(1.0)
-    await transfer_calls.hangup(client)
-    talked = time.monotonic() - answered_at
-    card = await finished(portal, phone)
-
-    requests = call_requests(portal, phone, card.call_id)
     assert sequence(requests, app_with_transfers) == [LOOKUP, REGISTER, FINISH], requests
-    finish = requests[2][1]
-    assert (finish["USER_ID"], finish["STATUS_CODE"]) == (AGENT, "200")
-    assert abs(int(finish["DURATION"]) - talked) <= 1.5, (finish, talked)
+    assert_finished_by(requests[2][1], AGENT, talked)
