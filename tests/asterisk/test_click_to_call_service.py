@@ -188,7 +188,7 @@ async def test_a_reload_that_changes_click_to_call_says_it_needs_a_restart(setup
     try:
         server.process.send_signal(signal.SIGHUP)
         await until(lambda: "config reloaded" in server.log(), WAIT, interval=0.1, what="the reload")
-        assert "the ami, events or clicktocall section changed; it takes effect after a restart" in server.log()
+        assert "clicktocall.ring changed; it takes effect after a restart" in server.log()
         # Still working with what it started with.
         client = fresh_client()
         call_id = await clicks.click("9", client)
